@@ -1,0 +1,69 @@
+"""Errors batchseg raises, each carrying the exit code the CLI turns it into.
+
+    BatchsegError                 exit 1, the root: anything fatal to a run
+    ├── ConfigError               bad option, job file or prompt
+    ├── ModelLoadError            the model folder is incomplete or cannot be loaded
+    ├── OutputError               the output folder cannot be written (read-only, disk full, path too long)
+    ├── ConfigMismatchError       the output folder holds a run with another configuration
+    ├── RunLockedError            another live batchseg run holds the output folder
+    └── StoppedEarly              exit 4: Ctrl-C, deadline or circuit breaker; the run is resumable
+        └── CircuitBreakerTripped the same error repeated on too many images in a row
+
+Per-image problems are never exceptions across the pipe: they become an ItemResult status.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+__all__ = [
+    "BatchsegError",
+    "CircuitBreakerTripped",
+    "ConfigError",
+    "ConfigMismatchError",
+    "ModelLoadError",
+    "OutputError",
+    "RunLockedError",
+    "StoppedEarly",
+    "InvalidImageError",
+]
+
+
+class BatchsegError(Exception):
+    """Root of the errors that end a run; ``exit_code`` is what the CLI exits with."""
+
+    exit_code: ClassVar[int] = 1
+
+
+class ConfigError(BatchsegError):
+    """An option, job file or prompt that cannot be used."""
+
+
+class ModelLoadError(BatchsegError):
+    """The model cannot be found, is incomplete, or fails to load."""
+
+
+class OutputError(BatchsegError):
+    """The output folder cannot be written."""
+
+
+class ConfigMismatchError(BatchsegError):
+    """The output folder holds a run made with another configuration."""
+
+
+class RunLockedError(BatchsegError):
+    """Another live batchseg run holds the output folder."""
+
+
+class StoppedEarly(BatchsegError):
+    """The run stopped before every image was tried; running the same command again resumes it."""
+
+    exit_code: ClassVar[int] = 4
+
+
+class CircuitBreakerTripped(StoppedEarly):
+    """The same failure repeated on too many images in a row."""
+
+
+class InvalidImageError(Exception):
+    """One input file is not a usable image (per-image status ``invalid_input``, never fatal)."""
