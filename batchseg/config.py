@@ -86,5 +86,17 @@ class RunConfig:
         return data
 
     @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """Inverse of ``to_dict`` (a stored configuration); unknown keys are ignored."""
+        known = {k: v for k, v in data.items() if k in cls.option_names()}
+        for key in ("input", "output"):
+            if known.get(key) is not None:
+                known[key] = Path(known[key])
+        for key in ("prompts", "include", "exclude"):
+            if key in known:
+                known[key] = tuple(known[key])
+        return cls(**known)
+
+    @classmethod
     def option_names(cls) -> list[str]:
         return [f.name for f in fields(cls) if f.name != "extra"]

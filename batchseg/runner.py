@@ -1,0 +1,292 @@
+"""The library entry points behind the CLI: ``run`` a folder, ``retry`` failed images, ``demo``.
+
+Data flow: RunConfig -> discover(input) -> checkpoint.plan(items) -> run_pool (workers, watchdog)
+-> checkpoint.record(result) for every result (durable before it counts) -> manifest export
+(periodically and at the end) -> RunSummary with the exit code.
+
+The parent never imports torch: SAM3 lives in the worker processes only.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from . import __version__
+from .checkpoint import Checkpoint
+from .config import RunConfig
+from .discover import discover
+from .engine import EngineSpec
+from .errors import BatchsegError, OutputError, StoppedEarly
+from .lock import RunLock
+from .logs import RunLog
+from .manifest import export_manifest
+from .pool import PoolSettings, run_pool
+from .progress import Progress
+from .records import FINAL_FAILURES, Item, ItemResult, Status
+from .signals import StopRequest
+
+__all__ = ["RunSummary", "run", "retry", "exit_code_for"]
+
+DEFAULT_FACTORY = "batchseg.segment:load_engine"
+#: Seconds between manifest exports during a run, so a dead run still leaves a readable manifest.
+MANIFEST_INTERVAL_S = 300.0
+#: Error types reported by workers that mean the output folder itself is broken: fatal, exit 1.
+OUTPUT_FAILURES = {"OutputError"}
+
+
+@dataclass
+class RunSummary:
+    """What a run did; ``exit_code`` follows design.md (0 ok, 3 some not ok, 4 stopped early)."""
+
+    output_dir: Path
+    counts: dict[str, int]
+    processed: int
+    elapsed_s: float
+    stopped: str | None = None
+    message: str | None = None
+    log_path: Path | None = None
+    collisions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        return exit_code_for(self.counts, self.stopped)
+
+
+def exit_code_for(counts: dict[str, int], stopped: str | None) -> int:
+    if stopped:
+        return StoppedEarly.exit_code
+    failed = sum(counts.get(str(s), 0) for s in FINAL_FAILURES)
+    return 3 if failed else 0
+
+
+def resolve_config(config: RunConfig) -> RunConfig:
+    """Absolute paths (workers and logs must not depend on the working folder) and thread counts."""
+    cores = os.cpu_count() or 1
+    workers = config.workers
+    # Total torch threads never exceed the cores: each worker gets its share.
+    threads = config.threads or max(1, cores // max(1, workers or 1))
+    model = config.model
+    if Path(model).expanduser().exists():
+        model = str(Path(model).expanduser().resolve())
+    return config.with_changes(
+        input=Path(config.input).expanduser().resolve(),
+        output=Path(config.output_dir).expanduser().resolve(),
+        threads=threads,
+        model=model,
+    )
+
+
+def check_output_writable(output_dir: Path) -> None:
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise OutputError(f"output folder {output_dir} is not writable: {exc.strerror or exc}") from exc
+
+
+def run(
+    config: RunConfig,
+    *,
+    factory: str = DEFAULT_FACTORY,
+    retry_statuses: Sequence[Status] | None = None,
+    stream: TextIO | None = None,
+    on_progress: Callable[[str], None] | None = None,
+) -> RunSummary:
+    """Process every pending image of ``config.input``; resumable at any point.
+
+    ``retry_statuses``: rerun the images whose recorded status is one of these (``batchseg retry``).
+    """
+    config = resolve_config(config)
+    output_dir = config.output_dir
+    check_output_writable(output_dir)
+    with RunLock(output_dir), RunLog(output_dir / "logs", keep=config.log_keep) as log:
+        try:
+            return _run_locked(config, factory, retry_statuses, log, stream)
+        except BatchsegError as exc:
+            log.warning(f"run ended: {type(exc).__name__}: {exc}")
+            raise
+
+
+def _run_locked(
+    config: RunConfig,
+    factory: str,
+    retry_statuses: Sequence[Status] | None,
+    log: RunLog,
+    stream: TextIO | None,
+) -> RunSummary:
+    started = time.monotonic()
+    output_dir = config.output_dir
+    log.start(config.to_dict(), {"batchseg": __version__, "pid": os.getpid()})
+    checkpoint = Checkpoint.open(output_dir, config, new_run=config.new_run)
+    try:
+        found = discover(config.input, config.include, config.exclude, with_hash=config.hash)
+        if retry_statuses:
+            checkpoint.reset_for_retry([i.path for i in checkpoint.failed_items(list(retry_statuses))])
+        plan = checkpoint.plan(found.items, use_hash=config.hash)
+        log.info(
+            f"found {len(found.items)} images in {config.input}; {len(plan.pending)} to process"
+        )
+        for path, kept in found.collisions.items():
+            _record_collision(checkpoint, config, path, kept, log)
+        stopped, message, processed = _process(config, factory, checkpoint, plan.pending, log, stream)
+        export_manifest(checkpoint, output_dir)
+        counts = checkpoint.counts()
+    finally:
+        checkpoint.close()
+    summary = RunSummary(
+        output_dir=output_dir,
+        counts=counts,
+        processed=processed,
+        elapsed_s=time.monotonic() - started,
+        stopped=stopped,
+        message=message,
+        log_path=log.path,
+        collisions=dict(found.collisions),
+    )
+    log.summary(counts, summary.elapsed_s, summary.exit_code)
+    return summary
+
+
+def _record_collision(
+    checkpoint: Checkpoint, config: RunConfig, path: str, kept: str, log: RunLog
+) -> None:
+    item = _stat_item(config.input, path)
+    message = (
+        f"its output name clashes with '{kept}' on a case-insensitive disk; rename one of them"
+    )
+    result = ItemResult(path=path, status=Status.INVALID_INPUT, error_type="NameCollision",
+                        error_message=message, started_at=time.time(), finished_at=time.time())
+    checkpoint.record(result, item)
+    log.failure(path, str(Status.INVALID_INPUT), message)
+
+
+def _stat_item(root: Path, rel: str) -> Item:
+    st = (root / rel).stat()
+    return Item(path=rel, size_bytes=st.st_size, mtime_ns=st.st_mtime_ns)
+
+
+def _process(
+    config: RunConfig,
+    factory: str,
+    checkpoint: Checkpoint,
+    pending: list[Item],
+    log: RunLog,
+    stream: TextIO | None,
+) -> tuple[str | None, str | None, int]:
+    """Run the pool over ``pending``; returns (stop reason, message, images processed)."""
+    if not pending:
+        return None, None, 0
+    by_path = {item.path: item for item in pending}
+    progress = Progress(total=len(pending), stream=stream, interval=config.progress_interval)
+    stop_after = _stop_time(config)
+    output_failure: list[ItemResult] = []
+    last_export = time.monotonic()
+    processed = 0
+
+    def on_result(result: ItemResult) -> None:
+        nonlocal last_export, processed
+        try:
+            checkpoint.record(result, by_path[result.path])
+        except OSError as exc:
+            raise _output_error(config.output_dir, exc) from exc
+        processed += 1
+        progress.update(result)
+        if result.status is not Status.OK:
+            log.failure(result.path, str(result.status), _reason(result))
+        if result.error_type in OUTPUT_FAILURES:
+            output_failure.append(result)
+        if time.monotonic() - last_export > MANIFEST_INTERVAL_S:
+            export_manifest(checkpoint, config.output_dir)
+            last_export = time.monotonic()
+            log.progress(progress.line())
+
+    settings = PoolSettings(
+        workers=config.workers,
+        threads=config.threads,
+        batch_size=config.batch_size or 1,
+        timeout=config.timeout,
+        load_timeout=config.load_timeout,
+        max_attempts=config.max_attempts,
+        max_images_per_worker=config.max_images_per_worker,
+        max_consecutive_failures=config.max_consecutive_failures,
+    )
+    with StopRequest() as stop_request:
+
+        def should_stop() -> str | None:
+            if output_failure:
+                return "output_error"
+            if stop_request.reason:
+                return stop_request.reason
+            if stop_after is not None and time.time() >= stop_after:
+                return "deadline"
+            return None
+
+        try:
+            outcome = run_pool(EngineSpec(config=config, factory=factory), pending, settings,
+                               on_result=on_result, should_stop=should_stop)
+        finally:
+            progress.close()
+    if output_failure:
+        first = output_failure[0]
+        raise OutputError(f"cannot write results to {config.output_dir}: {first.error_message}")
+    stopped = outcome.stopped
+    message = outcome.message
+    if stopped:
+        log.warning(f"run stopped early ({stopped}): {message or ''}".strip())
+    return stopped, message, processed
+
+
+def _reason(result: ItemResult) -> str:
+    parts = [p for p in (result.error_type, result.error_message) if p]
+    if result.exit_code is not None:
+        parts.append(f"exit code {result.exit_code}")
+    return ": ".join(parts) if parts else str(result.status)
+
+
+def _output_error(output_dir: Path, exc: OSError) -> OutputError:
+    if exc.errno == errno.ENOSPC:
+        return OutputError(f"the disk holding {output_dir} is full; free space and run again to resume")
+    return OutputError(f"cannot write the checkpoint in {output_dir}: {exc}")
+
+
+def _stop_time(config: RunConfig) -> float | None:
+    """Epoch seconds after which no new image starts (--deadline, --max-runtime)."""
+    candidates: list[float] = []
+    now = time.time()
+    if config.max_runtime is not None:
+        candidates.append(now + config.max_runtime)
+    if config.deadline:
+        hour, minute = (int(x) for x in config.deadline.split(":"))
+        current = _dt.datetime.now()
+        deadline = current.replace(hour=hour, minute=minute, second=0, microsecond=0)
+        if deadline <= current:  # a nightly job started at 22:00 with --deadline 06:00
+            deadline += _dt.timedelta(days=1)
+        candidates.append(deadline.timestamp())
+    return min(candidates) if candidates else None
+
+
+def retry(
+    output_dir: Path,
+    statuses: Sequence[Status] = FINAL_FAILURES,
+    overrides: dict[str, Any] | None = None,
+    *,
+    factory: str = DEFAULT_FACTORY,
+    stream: TextIO | None = None,
+) -> RunSummary:
+    """Rerun the images of ``output_dir`` whose status is one of ``statuses``, with the stored
+    configuration (operational options such as timeout and workers may be overridden)."""
+    from .manifest import stored_run_config
+
+    stored = stored_run_config(output_dir)
+    config = RunConfig.from_dict(stored)
+    config = config.with_changes(output=output_dir, new_run=False, **(overrides or {}))
+    return run(config, factory=factory, retry_statuses=statuses, stream=stream)
