@@ -1,0 +1,182 @@
+"""From raw SAM3 outputs to one uint16 label map per image, in bounded memory.
+
+``Sam3Processor.post_process_instance_segmentation`` upsamples every kept mask to full size as int64
+(20 masks at 4000x3000 took 1.8 GiB). Here the same arithmetic runs in another order:
+
+1. per prompt: score = sigmoid(logit) * sigmoid(presence) (the library's formula, in the model's dtype),
+   keep score > threshold, then the ``max_detections`` best: no mask is touched yet;
+2. all prompts together: detections sorted by descending score (ties: prompt order, then query
+   order) and numbered 1..N; N is the detection's value in the label map and its ``index`` in the
+   manifest, so label 1 is the most confident detection of the image;
+3. masks upsampled in chunks of at most ``chunk_bytes`` (sigmoid, bilinear ``align_corners=False``
+   to the original size, ``> mask_threshold``: exactly the library's operations, so the pixels agree),
+   and painted in label order onto pixels still free: on overlap the higher score wins.
+
+The pixel area of each label is counted on the final map (a detection covered entirely by better ones
+keeps its row with area 0). Boxes are the model's boxes scaled to original pixels like the library's,
+then clipped to the image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "CHUNK_BYTES",
+    "MAX_LABELS",
+    "ImageSegmentation",
+    "Instance",
+    "PromptPrediction",
+    "compose",
+    "postprocess_image",
+    "select",
+    "split_outputs",
+]
+
+#: Upper bound of the float buffer used to upsample masks (per chunk of masks).
+CHUNK_BYTES = 64 * 1024 * 1024
+#: uint16 label map: 0 is background, so at most 65535 detections per image.
+MAX_LABELS = 65535
+
+
+@dataclass
+class PromptPrediction:
+    """The model's raw output for one image and one prompt (tensors on the model's device)."""
+
+    prompt_index: int
+    logits: torch.Tensor  # (Q,)
+    presence: torch.Tensor | None  # (1,) presence logit, or None
+    boxes: torch.Tensor  # (Q, 4) xyxy in [0, 1]
+    masks: torch.Tensor  # (Q, h, w) mask logits
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One kept detection before its mask is painted."""
+
+    prompt_index: int
+    query: int  # index among the model's queries, for tracing back to raw outputs
+    score: float
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in original-image pixels, clipped
+
+
+@dataclass
+class ImageSegmentation:
+    """Result for one image: ``instances[k - 1]`` is the detection drawn with value k in ``labels``."""
+
+    labels: np.ndarray  # uint16 (H, W); 0 = background
+    instances: list[Instance]
+    areas: np.ndarray  # int64 (N,): pixels of label k at areas[k - 1]
+
+
+def split_outputs(outputs: object, prompt_index: int) -> list[PromptPrediction]:
+    """Cut a batched ``Sam3ImageSegmentationOutput`` (one prompt, B images) into one
+    PromptPrediction per image."""
+    logits = outputs.pred_logits  # type: ignore[attr-defined]
+    presence = outputs.presence_logits  # type: ignore[attr-defined]
+    return [
+        PromptPrediction(
+            prompt_index=prompt_index,
+            logits=logits[b],
+            presence=None if presence is None else presence[b],
+            boxes=outputs.pred_boxes[b],  # type: ignore[attr-defined]
+            masks=outputs.pred_masks[b],  # type: ignore[attr-defined]
+        )
+        for b in range(logits.shape[0])
+    ]
+
+
+def select(
+    pred: PromptPrediction, height: int, width: int, threshold: float, max_detections: int
+) -> list[Instance]:
+    """Score filter and top-k of one prompt's predictions, best first. No mask is upsampled."""
+    scores = pred.logits.sigmoid()
+    if pred.presence is not None:
+        scores = scores * pred.presence.sigmoid()
+    # Same operation and dtype as the library's _scale_boxes: (Q, 4) * int64 [w, h, w, h].
+    scale = torch.tensor([width, height, width, height], device=pred.boxes.device)
+    boxes = pred.boxes * scale
+    keep = torch.nonzero(scores > threshold).flatten()
+    order = torch.sort(scores[keep], descending=True, stable=True).indices[: max(max_detections, 0)]
+    keep = keep[order]
+    upper = torch.tensor([width, height, width, height], dtype=torch.float64)
+    kept_boxes = torch.minimum(boxes[keep].double().cpu().clamp(min=0), upper)
+    return [
+        Instance(pred.prompt_index, int(q), float(s), tuple(float(v) for v in box))  # type: ignore[arg-type]
+        for q, s, box in zip(keep.tolist(), scores[keep].tolist(), kept_boxes.tolist(), strict=True)
+    ]
+
+
+def postprocess_image(
+    preds: Sequence[PromptPrediction],
+    height: int,
+    width: int,
+    threshold: float,
+    mask_threshold: float,
+    max_detections: int,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> ImageSegmentation:
+    """Every prompt's predictions for one image -> label map, detections in label order, areas."""
+    by_prompt = {pred.prompt_index: pred for pred in preds}
+    if len(by_prompt) != len(preds):
+        raise ValueError("two predictions for the same prompt of one image")
+    instances = [inst for pred in preds for inst in select(pred, height, width, threshold, max_detections)]
+    # Stable sort on the score alone keeps prompt order, then score order within a prompt, for ties.
+    instances.sort(key=lambda inst: -inst.score)
+    return compose(by_prompt, instances, height, width, mask_threshold, chunk_bytes)
+
+
+def compose(
+    by_prompt: dict[int, PromptPrediction],
+    instances: Sequence[Instance],
+    height: int,
+    width: int,
+    mask_threshold: float,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> ImageSegmentation:
+    """Paint ``instances`` (already in label order) onto a fresh label map: instance i gets value i+1
+    on the pixels of its mask that no earlier instance took."""
+    if len(instances) > MAX_LABELS:
+        raise ValueError(f"{len(instances)} detections do not fit a uint16 label map (at most {MAX_LABELS})")
+    if not instances:
+        return ImageSegmentation(np.zeros((height, width), np.uint16), [], np.zeros(0, np.int64))
+    device = next(iter(by_prompt.values())).masks.device
+    # int32 because torch has few uint16 kernels; converted once at the end.
+    labels = torch.zeros((height, width), dtype=torch.int32, device=device)
+    itemsize = next(iter(by_prompt.values())).masks.element_size()
+    per_chunk = max(1, chunk_bytes // max(1, height * width * itemsize))
+    for start in range(0, len(instances), per_chunk):
+        chunk = instances[start : start + per_chunk]
+        low = torch.stack([by_prompt[inst.prompt_index].masks[inst.query] for inst in chunk])
+        masks = _upsample(low, height, width, mask_threshold)
+        _paint(labels, masks, first_label=start + 1)
+        del masks
+    label_map = labels.cpu().numpy().astype(np.uint16)
+    del labels
+    areas = np.bincount(label_map.ravel(), minlength=len(instances) + 1)[1:].astype(np.int64)
+    return ImageSegmentation(label_map, list(instances), areas)
+
+
+def _upsample(low: torch.Tensor, height: int, width: int, mask_threshold: float) -> torch.Tensor:
+    """(n, h, w) mask logits -> (n, H, W) bool: the library's sigmoid, bilinear resize, threshold."""
+    probs = low.sigmoid().unsqueeze(0)
+    big = F.interpolate(probs, size=(height, width), mode="bilinear", align_corners=False).squeeze(0)
+    return big > mask_threshold
+
+
+def _paint(labels: torch.Tensor, masks: torch.Tensor, first_label: int) -> None:
+    """Give each free pixel the first mask of the chunk that covers it (masks are in label order)."""
+    if masks.shape[0] == 1:
+        labels.masked_fill_(masks[0] & (labels == 0), first_label)
+        return
+    as_bytes = masks.to(torch.uint8)
+    # argmax returns the first maximum: the best-scored mask of the chunk at each pixel.
+    first = torch.argmax(as_bytes, dim=0).to(torch.int32)
+    covered = as_bytes.amax(dim=0).bool()
+    free = covered & (labels == 0)
+    labels[free] = first[free] + first_label
