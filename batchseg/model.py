@@ -244,8 +244,8 @@ def _check_sizes_agree(model: Any, processor: Any, model_id: str) -> None:
     proc_size = (int(size["height"]), int(size["width"]))
     if proc_size != (model_size, model_size):
         raise ModelLoadError(
-            f"model {model_id!r}: the processor resizes images to {proc_size[0]}x{proc_size[1]} but the model "
-            f"takes {model_size}x{model_size}; fix 'size' in its processor_config.json"
+            f"model {model_id!r}: the processor resizes images to {proc_size[0]}x{proc_size[1]} "
+            f"but the model takes {model_size}x{model_size}; fix 'size' in its processor_config.json"
         )
 
 

@@ -30,8 +30,8 @@ def encode_labels(labels: np.ndarray, n_labels: int | None = None) -> dict[int, 
     total = height * width
     flat = np.ascontiguousarray(labels.T).ravel()
     run_labels, run_starts, run_lengths = _runs(flat)
-    foreground = run_labels != 0
-    run_labels, run_starts, run_lengths = run_labels[foreground], run_starts[foreground], run_lengths[foreground]
+    fg = run_labels != 0
+    run_labels, run_starts, run_lengths = run_labels[fg], run_starts[fg], run_lengths[fg]
     # Group runs by label; the stable sort keeps each label's runs in pixel order.
     order = np.argsort(run_labels, kind="stable")
     run_labels, run_starts, run_lengths = run_labels[order], run_starts[order], run_lengths[order]

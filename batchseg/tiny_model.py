@@ -24,6 +24,7 @@ __all__ = ["build_tiny_checkpoint", "build_full_size_checkpoint", "TINY_IMAGE_SI
 TINY_IMAGE_SIZE = 112
 _TINY_WIDTH = 32
 _SEED = 0
+_HEADS_ONLY = {"num_attention_heads": 2}
 #: Words that get a single token each, so prompts in tests look like real ones to the tokenizer.
 WORDS = ("roof", "solar", "panel", "building", "tree", "car", "road", "pool", "house", "water")
 _BOS = "<|startoftext|>"
@@ -66,7 +67,12 @@ def build_full_size_checkpoint(folder: Path, dtype: str = "bfloat16") -> Path:
 
 
 def _build(
-    folder: Path, config: Any, image_size: int, vocab: dict[str, int], merges: list[tuple[str, str]], dtype: str
+    folder: Path,
+    config: Any,
+    image_size: int,
+    vocab: dict[str, int],
+    merges: list[tuple[str, str]],
+    dtype: str,
 ) -> None:
     import torch
     from transformers import CLIPTokenizer, Sam3ImageProcessor, Sam3Model, Sam3Processor
@@ -128,7 +134,7 @@ def _tiny_config(vocab_size: int, vocab: dict[str, int]) -> Any:
         geometry_encoder_config={"model_type": "sam3_geometry_encoder", **heads, "num_layers": 1},
         detr_encoder_config={"model_type": "sam3_detr_encoder", **heads, "num_layers": 1},
         detr_decoder_config={"model_type": "sam3_detr_decoder", **heads, "num_layers": 1, "num_queries": 20},
-        mask_decoder_config={"model_type": "sam3_mask_decoder", "hidden_size": width, "num_attention_heads": 2},
+        mask_decoder_config={"model_type": "sam3_mask_decoder", "hidden_size": width, **_HEADS_ONLY},
     )
 
 
