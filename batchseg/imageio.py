@@ -1,0 +1,292 @@
+"""Reading input images safely and writing the uint16 label maps, plus the output-path rules.
+
+``read_image`` turns every way an input can be bad into ``InvalidImageError`` with one sentence a user
+can act on; the worker records it as status ``invalid_input``. What it guarantees:
+
+* the pixel limit is checked from the header, before any pixel is decoded (decompression bombs);
+* the whole image is decoded (``load()``) with ``ImageFile.LOAD_TRUNCATED_IMAGES`` off, so a truncated
+  file is refused, never silently padded with gray;
+* the result is RGB, 8 bits a channel, with the EXIF orientation applied (so it, and its mask, match
+  what an image viewer shows), and only the first frame of an animated file;
+* transparent pixels are composited onto black: what lies under alpha 0 is undefined, black is not;
+* 16-bit, 32-bit integer and float grayscale are stretched linearly from their own minimum and
+  maximum to 0..255 (12-bit data in a 16-bit container stays visible; nothing is clipped).
+
+This module is imported by the parent process: it must never import torch.
+"""
+
+from __future__ import annotations
+
+import io
+import ntpath
+import os
+import re
+import struct
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .atomic import atomic_write_bytes
+from .errors import InvalidImageError
+
+__all__ = [
+    "WINDOWS_MAX_PATH",
+    "encode_label_png",
+    "mask_relpath",
+    "path_too_long",
+    "read_image",
+    "read_label_map",
+    "safe_output_path",
+    "save_label_map",
+]
+
+#: Windows' classic MAX_PATH counts the terminating NUL: a usable path has at most 259 characters.
+WINDOWS_MAX_PATH = 260
+
+# Label maps are mostly zeros: level 1 with Z_RLE is the fastest setting and compresses them best.
+_LABEL_PNG_LEVEL = 1
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def read_image(path: str | os.PathLike[str], max_pixels: int) -> Image.Image:
+    """Decode ``path`` into an RGB image (rules in the module docstring).
+
+    Raises ``InvalidImageError`` (chained to the underlying error) when the file cannot be read, is
+    empty, is not an image, has more than ``max_pixels`` pixels, is damaged or truncated, or uses a
+    color mode that cannot become RGB. ``MemoryError`` is not an input problem and propagates.
+    """
+    _check_not_empty(path)
+    try:
+        fh = open(path, "rb")  # we own and close it, so Windows never keeps a handle
+    except OSError as exc:
+        raise InvalidImageError(
+            f"The file cannot be opened ({exc.strerror or exc}); check that it exists and is readable."
+        ) from exc
+    with fh, warnings.catch_warnings():
+        # Our max_pixels rules: PIL warns above its limit and raises above twice that, so set its
+        # limit to ours and turn the warning into an error; other PIL warnings (corrupt EXIF) are noise.
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        ImageFile.LOAD_TRUNCATED_IMAGES = False  # a library imported later may have switched it on
+        with _open(fh, max_pixels) as src:
+            _decode_first_frame(src, max_pixels)
+            return _to_rgb(_oriented(src))
+
+
+def _check_not_empty(path: str | os.PathLike[str]) -> None:
+    try:
+        size = os.stat(path).st_size
+    except OSError as exc:
+        raise InvalidImageError(
+            f"The file cannot be read ({exc.strerror or exc}); check that it exists and is readable."
+        ) from exc
+    if size == 0:
+        raise InvalidImageError(
+            "The file is empty (0 bytes), probably from a failed or unfinished copy; copy it again."
+        )
+
+
+def _too_many_pixels(width: int, height: int, max_pixels: int) -> InvalidImageError:
+    return InvalidImageError(
+        f"The image is {width} x {height} = {width * height:,} pixels, more than the limit of "
+        f"{max_pixels:,} (--max-pixels); raise --max-pixels if the image is genuine."
+    )
+
+
+def _bomb(exc: Exception, max_pixels: int) -> InvalidImageError:
+    return InvalidImageError(
+        f"The image has more pixels than the limit of {max_pixels:,} (--max-pixels; Pillow: {exc}); "
+        "raise --max-pixels if the image is genuine."
+    )
+
+
+def _open(fh: io.BufferedReader, max_pixels: int) -> Image.Image:
+    try:
+        src = Image.open(fh)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _bomb(exc, max_pixels) from exc
+    except UnidentifiedImageError as exc:
+        raise InvalidImageError(
+            "The file is not an image Pillow can read (its content matches no known image format); "
+            "check that it really is an image and not a misnamed or partly downloaded file."
+        ) from exc
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise InvalidImageError(
+            f"The image header is damaged ({type(exc).__name__}: {exc}); export or copy the file again."
+        ) from exc
+    width, height = src.size
+    if width * height > max_pixels:
+        src.close()
+        raise _too_many_pixels(width, height, max_pixels)
+    return src
+
+
+def _decode_first_frame(src: Image.Image, max_pixels: int) -> None:
+    """Force a full decode of frame 0, so truncation and corruption surface here and not later."""
+    try:
+        if src.tell() != 0:  # Image.open starts at frame 0; stay there
+            src.seek(0)
+        src.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _bomb(exc, max_pixels) from exc
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise InvalidImageError(
+            f"The image data is damaged or incomplete ({type(exc).__name__}: {exc}); the file may have "
+            "been cut short by an interrupted copy or download, so copy or export it again."
+        ) from exc
+
+
+def _oriented(src: Image.Image) -> Image.Image:
+    """A detached copy of ``src`` turned upright per its EXIF orientation."""
+    try:
+        return ImageOps.exif_transpose(src)
+    except MemoryError:
+        raise
+    except Exception:
+        # Unparseable EXIF: viewers cannot apply it either, so the stored pixel order is what users see.
+        return src.copy()
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB" and "transparency" not in im.info:
+        return im
+    if im.mode in _HIGH_DEPTH_MODES:
+        return Image.fromarray(_stretch_to_uint8(np.asarray(im)), mode="L").convert("RGB")
+    if "A" in im.getbands() or "a" in im.getbands() or "transparency" in im.info:
+        return _composite_on_black(im)
+    try:
+        return im.convert("RGB")
+    except ValueError as exc:
+        raise InvalidImageError(
+            f"The image uses color mode {im.mode}, which cannot be converted to RGB; "
+            "save it as RGB or grayscale first."
+        ) from exc
+
+
+def _composite_on_black(im: Image.Image) -> Image.Image:
+    rgba = im.convert("RGBA")
+    black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+    return Image.alpha_composite(black, rgba).convert("RGB")
+
+
+def _stretch_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Map the finite range [min, max] linearly onto 0..255 (NaN and infinities become 0).
+
+    A constant image keeps its value: 16-bit divided by 257, other types clipped to 0..255.
+    """
+    data = values.astype(np.float32)
+    finite = np.isfinite(data)
+    if not finite.any():
+        return np.zeros(data.shape, np.uint8)
+    all_finite = bool(finite.all())
+    valid = data if all_finite else data[finite]
+    lo, hi = float(valid.min()), float(valid.max())
+    if hi > lo:
+        out = (data - lo) * np.float32(255.0 / (hi - lo))
+    elif values.dtype.itemsize == 2 and values.dtype.kind == "u":
+        out = data / np.float32(257.0)
+    else:
+        out = np.clip(data, 0, 255)
+    if not all_finite:
+        out[~finite] = 0
+    result: np.ndarray = np.rint(out).astype(np.uint8)
+    return result
+
+
+# --- label maps -------------------------------------------------------------------------------
+
+
+def save_label_map(path: str | os.PathLike[str], labels: np.ndarray) -> None:
+    """Write a uint16 HxW label map as a 16-bit grayscale PNG, atomically (temp file + os.replace).
+
+    0 is background and k the detection with index k. Written directly (not through Pillow, whose
+    adaptive filtering costs about 4x more): PNG filter "Up" on every row, then zlib level 1 with the
+    run-length strategy, which suits maps that are mostly zeros with flat blobs.
+    """
+    atomic_write_bytes(path, encode_label_png(labels))
+
+
+def encode_label_png(labels: np.ndarray) -> bytes:
+    """The PNG bytes of a uint16 HxW label map (see ``save_label_map``)."""
+    if labels.ndim != 2 or labels.dtype != np.uint16:
+        raise ValueError(f"A label map must be a 2-D uint16 array, not {labels.ndim}-D {labels.dtype}.")
+    height, width = labels.shape
+    if height == 0 or width == 0:
+        raise ValueError(f"A label map must not be empty, got {height} x {width}.")
+    rows = np.ascontiguousarray(labels, dtype=">u2").view(np.uint8).reshape(height, 2 * width)
+    scanlines = np.empty((height, 1 + 2 * width), np.uint8)
+    scanlines[0, 0] = 0  # filter None: no row above
+    scanlines[1:, 0] = 2  # filter Up: byte minus the byte above, modulo 256
+    scanlines[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=scanlines[1:, 1:])
+    compressor = zlib.compressobj(_LABEL_PNG_LEVEL, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    idat = compressor.compress(scanlines.data) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)  # 16-bit grayscale, no interlace
+    return b"".join([_PNG_SIGNATURE, _chunk(b"IHDR", header), _chunk(b"IDAT", idat), _chunk(b"IEND", b"")])
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def read_label_map(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read a label map written by ``save_label_map`` back as a uint16 HxW array."""
+    with Image.open(path) as image:
+        if image.mode not in ("I;16", "I;16B", "I;16L", "I", "L"):
+            raise ValueError(f"{os.fspath(path)} is a {image.mode} image, not a 16-bit label map.")
+        return np.asarray(image).astype(np.uint16)
+
+
+# --- output paths ------------------------------------------------------------------------------
+
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def mask_relpath(rel: str) -> str:
+    """Where the label map of input ``rel`` goes, relative to the output folder: ``masks/<rel>.png``.
+
+    The full input name is kept (``a.jpg`` -> ``masks/a.jpg.png``) so ``a.jpg`` and ``a.png`` in the
+    same folder never share a mask.
+    """
+    return f"masks/{rel}.png"
+
+
+def safe_output_path(output_dir: str | os.PathLike[str], rel: str) -> Path:
+    """``output_dir / rel``, refusing anything that could land outside ``output_dir``.
+
+    Raises ``ValueError`` for an empty path, an absolute path (``/x``, ``\\x``, UNC), a drive letter
+    (``C:x``), a ``..`` component, a NUL character, or a path whose resolved form (symbolic links
+    followed) is not inside the resolved ``output_dir``.
+    """
+    if not rel or "\x00" in rel:
+        raise ValueError(f"Refusing output path {rel!r}: it is empty or holds a NUL character.")
+    if rel.startswith(("/", "\\")) or _DRIVE.match(rel) or ntpath.isabs(rel):
+        raise ValueError(f"Refusing output path {rel!r}: it is absolute or names a drive.")
+    if ".." in re.split(r"[\\/]", rel):
+        raise ValueError(f"Refusing output path {rel!r}: it has a '..' component.")
+    base = Path(output_dir)
+    target = base / rel
+    if not target.resolve().is_relative_to(base.resolve()):
+        raise ValueError(f"Refusing output path {rel!r}: it resolves outside {os.fspath(base)}.")
+    return target
+
+
+def path_too_long(path: str | os.PathLike[str]) -> bool:
+    """True when the absolute form of ``path`` exceeds Windows' classic 259-character limit.
+
+    A pure check on the string (no file system access beyond the current folder): callers use it to
+    warn or refuse before Windows fails with a confusing error. ``\\\\?\\`` paths have no such limit.
+    """
+    text = os.fspath(path)
+    if text.startswith("\\\\?\\"):
+        return False
+    return len(os.path.abspath(text)) >= WINDOWS_MAX_PATH
