@@ -1,0 +1,243 @@
+"""Nightly runs: a Windows Task Scheduler task or a crontab line that runs ``batchseg run --job FILE``.
+
+On Windows, :func:`task_xml` builds a task definition (Task Scheduler schema 1.2, what
+``schtasks /Create /XML`` takes), :func:`write_task_xml` stores it as UTF-16 with a BOM, and
+:func:`schtasks_commands` gives the command lines that register and remove it. The task:
+
+- starts at HH:MM local time every day, or on the given days of the week;
+- runs the absolute Python path with ``-m batchseg run --job "<absolute job path>"`` in the job's folder;
+- runs while the user is logged on (no password stored), at normal priority;
+- does not start a second copy while one is running (``IgnoreNew``), starts late when the computer was
+  off or asleep at the set time (``StartWhenAvailable``), runs on battery, and is stopped by Task
+  Scheduler after ``time_limit_hours``. Give the job a ``max-runtime`` below that limit so batchseg
+  stops itself cleanly (exit 4, resumable) before Task Scheduler ends it the hard way.
+
+On Linux and macOS :func:`crontab_line` gives the equivalent line for ``crontab -e``.
+
+This module is imported by the parent process: it never imports torch.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import re
+import shlex
+import sys
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from pathlib import Path
+
+from .atomic import atomic_write_bytes
+from .errors import ConfigError
+from .jobfile import parse_hhmm
+
+__all__ = [
+    "TASK_FOLDER",
+    "TASK_NAMESPACE",
+    "crontab_line",
+    "default_task_name",
+    "parse_days",
+    "schtasks_commands",
+    "task_xml",
+    "write_task_xml",
+]
+
+TASK_NAMESPACE = "http://schemas.microsoft.com/windows/2004/02/mit/task"
+#: Task Scheduler folder the tasks are registered under.
+TASK_FOLDER = "batchseg"
+
+#: Week order, as Task Scheduler names the days; cron numbers them from Sunday = 0.
+_DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+_CRON_DAY = {day: (number + 1) % 7 for number, day in enumerate(_DAYS)}
+# Characters Task Scheduler refuses in a task name (the folder separator is added by us).
+_BAD_TASK_NAME = re.compile(r'[\\/:*?"<>|\x00-\x1f]')
+
+
+def parse_days(days: Sequence[str] | str | None) -> list[str] | None:
+    """``["mon", "wed"]`` or ``"mon,wed"`` -> ``["Monday", "Wednesday"]`` in week order; None = daily.
+
+    Takes three-letter or full English day names, any case. All seven days is the same as daily.
+    Raises ConfigError naming a day it does not know.
+    """
+    if days is None:
+        return None
+    words = [days] if isinstance(days, str) else list(days)
+    tokens = [t.strip().lower() for word in words for t in str(word).split(",") if t.strip()]
+    if not tokens:
+        raise ConfigError("--days: no day given; expected days like mon,tue,wed (or leave it out for daily)")
+    chosen: set[str] = set()
+    for token in tokens:
+        day = next((d for d in _DAYS if token in (d.lower(), d[:3].lower())), None)
+        if day is None:
+            raise ConfigError(f"--days: unknown day {token!r}; expected mon, tue, wed, thu, fri, sat or sun")
+        chosen.add(day)
+    if len(chosen) == len(_DAYS):
+        return None
+    return [d for d in _DAYS if d in chosen]
+
+
+def _at(at: str) -> tuple[int, int]:
+    try:
+        return parse_hhmm(at)
+    except ConfigError as exc:
+        raise ConfigError(f"--at: {exc}") from None
+
+
+def _job_path(job: Path) -> Path:
+    path = Path(job).resolve()
+    if '"' in str(path) or any(ord(ch) < 32 for ch in str(path)):
+        raise ConfigError(f"job file path {str(path)!r} contains a quote or a control character")
+    return path
+
+
+def _iso_duration(hours: float) -> str:
+    """12 -> ``PT12H``, 1.5 -> ``PT1H30M``: the xs:duration Task Scheduler expects."""
+    if not math.isfinite(hours) or hours <= 0:
+        raise ConfigError(f"time limit must be more than 0 hours, got {hours}")
+    total_minutes = max(1, round(hours * 60))
+    h, m = divmod(total_minutes, 60)
+    return "PT" + (f"{h}H" if h else "") + (f"{m}M" if m else "")
+
+
+def _sub(parent: ET.Element, tag: str, text: str | None = None) -> ET.Element:
+    element = ET.SubElement(parent, tag)
+    if text is not None:
+        element.text = text
+    return element
+
+
+def task_xml(
+    job: Path,
+    at: str,
+    days: Sequence[str] | None,
+    python: str = sys.executable,
+    time_limit_hours: float = 12,
+    start_date: _dt.date | None = None,
+) -> str:
+    """The Task Scheduler task definition (XML text) that runs the job at ``at`` (HH:MM, local time).
+
+    ``days``: None for every day, else day names (see :func:`parse_days`). ``start_date``: the day the
+    schedule begins (today by default; the time of day is what matters). Raises ConfigError on a bad
+    time, day or limit.
+    """
+    hour, minute = _at(at)
+    week = parse_days(days)
+    limit = _iso_duration(time_limit_hours)
+    job_path = _job_path(job)
+    start = _dt.datetime.combine(start_date or _dt.date.today(), _dt.time(hour, minute))
+
+    # Plain tag names under a default xmlns: the schema's attributes (version, id, Context) are unqualified.
+    task = ET.Element("Task", {"version": "1.2", "xmlns": TASK_NAMESPACE})
+    info = _sub(task, "RegistrationInfo")
+    _sub(info, "Author", "batchseg")
+    _sub(info, "Description", f"batchseg nightly run of {job_path}")
+    _add_trigger(_sub(task, "Triggers"), start, week)
+    principal = _sub(_sub(task, "Principals"), "Principal")
+    principal.set("id", "Author")
+    # InteractiveToken: runs as the registering user while logged on, with no stored password.
+    _sub(principal, "LogonType", "InteractiveToken")
+    _sub(principal, "RunLevel", "LeastPrivilege")
+    _add_settings(_sub(task, "Settings"), limit)
+    actions = _sub(task, "Actions")
+    actions.set("Context", "Author")
+    exec_ = _sub(actions, "Exec")
+    _sub(exec_, "Command", str(python))
+    _sub(exec_, "Arguments", f'-m batchseg run --job "{job_path}"')
+    _sub(exec_, "WorkingDirectory", str(job_path.parent))
+
+    ET.indent(task, space="  ")
+    body = ET.tostring(task, encoding="unicode")
+    return '<?xml version="1.0" encoding="UTF-16"?>\n' + body + "\n"
+
+
+def _add_trigger(triggers: ET.Element, start: _dt.datetime, week: list[str] | None) -> None:
+    trigger = _sub(triggers, "CalendarTrigger")
+    # No UTC offset: the boundary is local time, so the run stays at HH:MM across daylight saving.
+    _sub(trigger, "StartBoundary", start.strftime("%Y-%m-%dT%H:%M:%S"))
+    _sub(trigger, "Enabled", "true")
+    if week is None:
+        _sub(_sub(trigger, "ScheduleByDay"), "DaysInterval", "1")
+        return
+    by_week = _sub(trigger, "ScheduleByWeek")
+    _sub(by_week, "WeeksInterval", "1")
+    days_of_week = _sub(by_week, "DaysOfWeek")
+    for day in week:
+        _sub(days_of_week, day)
+
+
+def _add_settings(settings: ET.Element, limit: str) -> None:
+    for tag, value in (
+        ("MultipleInstancesPolicy", "IgnoreNew"),  # a run still going at the next start continues alone
+        ("DisallowStartIfOnBatteries", "false"),
+        ("StopIfGoingOnBatteries", "false"),
+        ("AllowHardTerminate", "true"),
+        ("StartWhenAvailable", "true"),  # missed because the PC was off: run as soon as it is back
+        ("RunOnlyIfNetworkAvailable", "false"),
+    ):
+        _sub(settings, tag, value)
+    idle = _sub(settings, "IdleSettings")
+    _sub(idle, "StopOnIdleEnd", "false")  # the user coming back must not kill the run
+    _sub(idle, "RestartOnIdle", "false")
+    for tag, value in (
+        ("AllowStartOnDemand", "true"),  # "Run" in the Task Scheduler window, for a test
+        ("Enabled", "true"),
+        ("Hidden", "false"),
+        ("RunOnlyIfIdle", "false"),
+        ("WakeToRun", "false"),
+        ("ExecutionTimeLimit", limit),
+        # The default 7 is below-normal CPU and low I/O and memory priority: too slow for the night's job.
+        ("Priority", "6"),
+    ):
+        _sub(settings, tag, value)
+
+
+def write_task_xml(path: Path, xml: str) -> None:
+    """Write a task definition as UTF-16 with a BOM and CRLF line ends (what schtasks reads), atomically."""
+    text = xml.replace("\r\n", "\n").replace("\n", "\r\n")
+    atomic_write_bytes(Path(path), b"\xff\xfe" + text.encode("utf-16-le"))
+
+
+def default_task_name(job: Path) -> str:
+    """A task name from the job file's name: ``jobs/aerial-nightly.toml`` -> ``aerial-nightly``."""
+    name = _BAD_TASK_NAME.sub("_", Path(job).stem).strip(" .")
+    return name or "job"
+
+
+def schtasks_commands(task_name: str, xml_path: Path) -> tuple[str, str]:
+    """The exact command lines that register the task (replacing one of that name) and delete it."""
+    if not task_name or _BAD_TASK_NAME.search(task_name):
+        raise ConfigError(
+            f"task name {task_name!r} is empty or contains one of \\ / : * ? \" < > | (see default_task_name)"
+        )
+    if '"' in str(xml_path):
+        raise ConfigError(f"task file path {str(xml_path)!r} contains a quote")
+    full_name = f"{TASK_FOLDER}\\{task_name}"
+    create = f'schtasks /Create /TN "{full_name}" /XML "{xml_path}" /F'
+    delete = f'schtasks /Delete /TN "{full_name}" /F'
+    return create, delete
+
+
+def _cron_quote(text: str) -> str:
+    # cron turns an unescaped % into a newline before the shell sees the command.
+    return shlex.quote(text).replace("%", "\\%")
+
+
+def crontab_line(job: Path, at: str, days: Sequence[str] | None, python: str = sys.executable) -> str:
+    """A crontab line running the job at ``at`` local time, in the job's folder.
+
+    The output is appended to ``<job name>.cron.log`` beside the job file (cron mails or drops it
+    otherwise); batchseg's own run log is in OUTPUT/logs. A second start while a run is going is
+    refused by the run lock of the output folder.
+    """
+    hour, minute = _at(at)
+    week = parse_days(days)
+    job_path = _job_path(job)
+    dow = "*" if week is None else ",".join(str(_CRON_DAY[d]) for d in week)
+    log = job_path.with_name(job_path.stem + ".cron.log")
+    command = (
+        f"cd {_cron_quote(str(job_path.parent))} && "
+        f"{_cron_quote(str(python))} -m batchseg run --job {_cron_quote(str(job_path))} "
+        f">> {_cron_quote(str(log))} 2>&1"
+    )
+    return f"{minute} {hour} * * {dow} {command}"
