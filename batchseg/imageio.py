@@ -67,13 +67,18 @@ def read_image(path: str | os.PathLike[str], max_pixels: int) -> Image.Image:
             f"The file cannot be opened ({exc.strerror or exc}); check that it exists and is readable."
         ) from exc
     with fh, warnings.catch_warnings():
-        # Our max_pixels rules: PIL warns above its limit and raises above twice that, so set its
-        # limit to ours and turn the warning into an error; other PIL warnings (corrupt EXIF) are noise.
+        # max_pixels rules, not Pillow's own limit (which warns above it and raises above twice it):
+        # off while the header is read, so our check below sees the size and says it; then ours, as
+        # an error, for what decoding finds (GIF frames, TIFF tiles). Other Pillow warnings are noise.
         warnings.simplefilter("ignore")
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        Image.MAX_IMAGE_PIXELS = max_pixels
         ImageFile.LOAD_TRUNCATED_IMAGES = False  # a library imported later may have switched it on
-        with _open(fh, max_pixels) as src:
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            src = _open(fh, max_pixels)
+        finally:
+            Image.MAX_IMAGE_PIXELS = max_pixels
+        with src:
             _decode_first_frame(src, max_pixels)
             return _to_rgb(_oriented(src))
 
@@ -111,6 +116,11 @@ def _open(fh: io.BufferedReader, max_pixels: int) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise _bomb(exc, max_pixels) from exc
     except UnidentifiedImageError as exc:
+        kind = _signature_format(fh)
+        if kind is not None:
+            raise InvalidImageError(
+                f"The file starts like a {kind} image but its header is damaged; copy or export it again."
+            ) from exc
         raise InvalidImageError(
             "The file is not an image Pillow can read (its content matches no known image format); "
             "check that it really is an image and not a misnamed or partly downloaded file."
@@ -119,13 +129,36 @@ def _open(fh: io.BufferedReader, max_pixels: int) -> Image.Image:
         raise
     except Exception as exc:
         raise InvalidImageError(
-            f"The image header is damaged ({type(exc).__name__}: {exc}); export or copy the file again."
+            f"The image is damaged or incomplete and cannot be decoded ({type(exc).__name__}: {exc}); "
+            "copy or export it again."
         ) from exc
     width, height = src.size
     if width * height > max_pixels:
         src.close()
         raise _too_many_pixels(width, height, max_pixels)
     return src
+
+
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"BM", "BMP"),
+    (b"GIF8", "GIF"),
+)
+
+
+def _signature_format(fh: io.BufferedReader) -> str | None:
+    """The format whose magic bytes open the file, to tell a damaged image from a non-image."""
+    try:
+        fh.seek(0)
+        head = fh.read(12)
+    except OSError:
+        return None
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    return next((kind for magic, kind in _SIGNATURES if head.startswith(magic)), None)
 
 
 def _decode_first_frame(src: Image.Image, max_pixels: int) -> None:

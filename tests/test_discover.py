@@ -39,7 +39,9 @@ needs_symlinks = pytest.mark.skipif(sys.platform == "win32", reason="symlinks ne
 def test_finds_images_recursively_sorted_with_forward_slashes(tmp_path: Path) -> None:
     for rel in ["b.jpg", "a/z.png", "a/b/c.tif", "A0.bmp", "a.webp", "c/d.jpeg", "x.tiff"]:
         touch(tmp_path, rel)
-    assert paths(tmp_path) == sorted(["b.jpg", "a/z.png", "a/b/c.tif", "A0.bmp", "a.webp", "c/d.jpeg", "x.tiff"])
+    assert paths(tmp_path) == sorted(
+        ["b.jpg", "a/z.png", "a/b/c.tif", "A0.bmp", "a.webp", "c/d.jpeg", "x.tiff"]
+    )
 
 
 def test_extensions_match_in_any_case_and_others_are_ignored(tmp_path: Path) -> None:
@@ -166,7 +168,9 @@ def tree(tmp_path: Path) -> Path:
         (("raw\\*",), (), ["raw/a.jpg"]),  # a Windows-style separator works too
     ],
 )
-def test_include_exclude(tree: Path, include: tuple[str, ...], exclude: tuple[str, ...], expected: list[str]) -> None:
+def test_include_exclude(
+    tree: Path, include: tuple[str, ...], exclude: tuple[str, ...], expected: list[str]
+) -> None:
     found = discover(tree, include=include, exclude=exclude)
     assert [i.path for i in found.items] == expected
     assert sorted(found.excluded + expected) == paths(tree)
