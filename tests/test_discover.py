@@ -268,3 +268,25 @@ def test_discover_does_not_import_torch() -> None:
     code = "import sys, batchseg.discover, batchseg.imageio; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.slow
+def test_two_hundred_thousand_files_in_a_couple_of_seconds(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    if "slow" not in request.config.getoption("markexpr") or "not slow" in request.config.getoption(
+        "markexpr"
+    ):
+        pytest.skip("large folder: run with -m slow")
+    import time
+
+    for d in range(1000):
+        folder = tmp_path / f"d{d // 50:03d}" / f"s{d:04d}"
+        folder.mkdir(parents=True)
+        for f in range(200):
+            os.close(os.open(folder / f"img_{f:05d}.{'jpg' if f % 3 else 'PNG'}", os.O_CREAT | os.O_WRONLY))
+    started = time.perf_counter()
+    found = discover(tmp_path)
+    elapsed = time.perf_counter() - started
+    assert len(found.items) == 200_000
+    assert elapsed < 4.0, f"discover took {elapsed:.2f} s for 200,000 files"
