@@ -246,7 +246,11 @@ def _boolean(value: Any, base: Path) -> bool:
 def _device(value: Any, base: Path) -> str:
     if isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
         return value
-    hint = _did_you_mean(value, ["auto", "cpu", "cuda"]) if isinstance(value, str) else ""
+    hint = ""
+    if isinstance(value, str):
+        # "gpu" is closest to "cpu" by spelling, but the user wants the GPU.
+        wants_gpu = "gpu" in value.lower()
+        hint = "; did you mean 'cuda'?" if wants_gpu else _did_you_mean(value, ["auto", "cpu", "cuda"])
     raise _Bad(f"expected one of auto, cpu, cuda, cuda:N (N = 0, 1, ...), {_got(value)}{hint}")
 
 
@@ -384,7 +388,7 @@ def _syntax_message(exc: Exception) -> str:
         message = message[: -len("(at end of document)")].rstrip()
     if message == "Cannot overwrite a value":
         message = "a key is set twice"
-    hint = f" ({_WINDOWS_PATH_HINT})" if "\\" in message or "escape" in message.lower() else ""
+    hint = f" ({_WINDOWS_PATH_HINT})" if "escape" in message.lower() else ""
     return f"{where}: {message[:1].lower()}{message[1:]}{hint}"
 
 
