@@ -19,8 +19,9 @@ then clipped to the image.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,10 +30,13 @@ import torch.nn.functional as F
 __all__ = [
     "CHUNK_BYTES",
     "MAX_LABELS",
+    "Candidates",
     "ImageSegmentation",
     "Instance",
     "PromptPrediction",
     "compose",
+    "iter_masks",
+    "merge",
     "postprocess_image",
     "select",
     "split_outputs",
@@ -66,6 +70,14 @@ class Instance:
 
 
 @dataclass
+class Candidates:
+    """Kept detections with their low-resolution mask logits, row i belonging to ``instances[i]``."""
+
+    instances: list[Instance]
+    masks: torch.Tensor  # (n, h, w) mask logits in the model's dtype and on its device
+
+
+@dataclass
 class ImageSegmentation:
     """Result for one image: ``instances[k - 1]`` is the detection drawn with value k in ``labels``."""
 
@@ -74,26 +86,25 @@ class ImageSegmentation:
     areas: np.ndarray  # int64 (N,): pixels of label k at areas[k - 1]
 
 
-def split_outputs(outputs: object, prompt_index: int) -> list[PromptPrediction]:
+def split_outputs(outputs: Any, prompt_index: int) -> list[PromptPrediction]:
     """Cut a batched ``Sam3ImageSegmentationOutput`` (one prompt, B images) into one
     PromptPrediction per image."""
-    logits = outputs.pred_logits  # type: ignore[attr-defined]
-    presence = outputs.presence_logits  # type: ignore[attr-defined]
+    presence = outputs.presence_logits
     return [
         PromptPrediction(
             prompt_index=prompt_index,
-            logits=logits[b],
+            logits=outputs.pred_logits[b],
             presence=None if presence is None else presence[b],
-            boxes=outputs.pred_boxes[b],  # type: ignore[attr-defined]
-            masks=outputs.pred_masks[b],  # type: ignore[attr-defined]
+            boxes=outputs.pred_boxes[b],
+            masks=outputs.pred_masks[b],
         )
-        for b in range(logits.shape[0])
+        for b in range(outputs.pred_logits.shape[0])
     ]
 
 
 def select(
     pred: PromptPrediction, height: int, width: int, threshold: float, max_detections: int
-) -> list[Instance]:
+) -> Candidates:
     """Score filter and top-k of one prompt's predictions, best first. No mask is upsampled."""
     scores = pred.logits.sigmoid()
     if pred.presence is not None:
@@ -106,10 +117,23 @@ def select(
     keep = keep[order]
     upper = torch.tensor([width, height, width, height], dtype=torch.float64)
     kept_boxes = torch.minimum(boxes[keep].double().cpu().clamp(min=0), upper)
-    return [
-        Instance(pred.prompt_index, int(q), float(s), tuple(float(v) for v in box))  # type: ignore[arg-type]
-        for q, s, box in zip(keep.tolist(), scores[keep].tolist(), kept_boxes.tolist(), strict=True)
+    instances = [
+        Instance(pred.prompt_index, int(q), float(s), (b[0], b[1], b[2], b[3]))
+        for q, s, b in zip(keep.tolist(), scores[keep].tolist(), kept_boxes.tolist(), strict=True)
     ]
+    return Candidates(instances, pred.masks[keep])
+
+
+def merge(parts: Sequence[Candidates]) -> Candidates:
+    """All prompts' candidates of one image in label order: descending score; ties keep the order of
+    ``parts`` (prompt order), then each part's own order."""
+    instances = [inst for part in parts for inst in part.instances]
+    if not parts:
+        raise ValueError("merge needs at least one set of candidates")
+    masks = torch.cat([part.masks for part in parts])
+    order = sorted(range(len(instances)), key=lambda i: -instances[i].score)  # sorted() is stable
+    index = torch.tensor(order, dtype=torch.long, device=masks.device)
+    return Candidates([instances[i] for i in order], masks[index])
 
 
 def postprocess_image(
@@ -122,44 +146,40 @@ def postprocess_image(
     chunk_bytes: int = CHUNK_BYTES,
 ) -> ImageSegmentation:
     """Every prompt's predictions for one image -> label map, detections in label order, areas."""
-    by_prompt = {pred.prompt_index: pred for pred in preds}
-    if len(by_prompt) != len(preds):
-        raise ValueError("two predictions for the same prompt of one image")
-    instances = [inst for pred in preds for inst in select(pred, height, width, threshold, max_detections)]
-    # Stable sort on the score alone keeps prompt order, then score order within a prompt, for ties.
-    instances.sort(key=lambda inst: -inst.score)
-    return compose(by_prompt, instances, height, width, mask_threshold, chunk_bytes)
+    parts = [select(pred, height, width, threshold, max_detections) for pred in preds]
+    return compose(merge(parts), height, width, mask_threshold, chunk_bytes)
 
 
 def compose(
-    by_prompt: dict[int, PromptPrediction],
-    instances: Sequence[Instance],
-    height: int,
-    width: int,
-    mask_threshold: float,
-    chunk_bytes: int = CHUNK_BYTES,
+    candidates: Candidates, height: int, width: int, mask_threshold: float, chunk_bytes: int = CHUNK_BYTES
 ) -> ImageSegmentation:
-    """Paint ``instances`` (already in label order) onto a fresh label map: instance i gets value i+1
-    on the pixels of its mask that no earlier instance took."""
+    """Paint candidates (already in label order) onto a fresh label map: candidate i gets value i+1
+    on the pixels of its mask that no earlier candidate took."""
+    instances = candidates.instances
     if len(instances) > MAX_LABELS:
         raise ValueError(f"{len(instances)} detections do not fit a uint16 label map (at most {MAX_LABELS})")
     if not instances:
         return ImageSegmentation(np.zeros((height, width), np.uint16), [], np.zeros(0, np.int64))
-    device = next(iter(by_prompt.values())).masks.device
     # int32 because torch has few uint16 kernels; converted once at the end.
-    labels = torch.zeros((height, width), dtype=torch.int32, device=device)
-    itemsize = next(iter(by_prompt.values())).masks.element_size()
-    per_chunk = max(1, chunk_bytes // max(1, height * width * itemsize))
-    for start in range(0, len(instances), per_chunk):
-        chunk = instances[start : start + per_chunk]
-        low = torch.stack([by_prompt[inst.prompt_index].masks[inst.query] for inst in chunk])
-        masks = _upsample(low, height, width, mask_threshold)
+    labels = torch.zeros((height, width), dtype=torch.int32, device=candidates.masks.device)
+    for start, masks in iter_masks(candidates.masks, height, width, mask_threshold, chunk_bytes):
         _paint(labels, masks, first_label=start + 1)
         del masks
     label_map = labels.cpu().numpy().astype(np.uint16)
     del labels
     areas = np.bincount(label_map.ravel(), minlength=len(instances) + 1)[1:].astype(np.int64)
     return ImageSegmentation(label_map, list(instances), areas)
+
+
+def iter_masks(
+    low_res: torch.Tensor, height: int, width: int, mask_threshold: float, chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Full-size boolean masks of (n, h, w) mask logits, a chunk at a time: (first row, (c, H, W)).
+
+    A chunk's float buffer stays under ``chunk_bytes`` (one mask at least)."""
+    per_chunk = max(1, chunk_bytes // max(1, height * width * low_res.element_size()))
+    for start in range(0, low_res.shape[0], per_chunk):
+        yield start, _upsample(low_res[start : start + per_chunk], height, width, mask_threshold)
 
 
 def _upsample(low: torch.Tensor, height: int, width: int, mask_threshold: float) -> torch.Tensor:

@@ -1,0 +1,106 @@
+"""COCO RLE of label maps, checked against pycocotools (the reference decoder users will have)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pycocotools import mask as coco_mask
+
+from batchseg.rle import area, decode, encode, encode_labels
+
+# pycocotools' decode trips numpy 2's __array__ copy-keyword deprecation: not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*")
+
+
+def coco_counts(mask: np.ndarray) -> str:
+    return coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"].decode("ascii")
+
+
+def assert_matches_coco(labels: np.ndarray, n_labels: int | None = None) -> dict[int, str]:
+    height, width = labels.shape
+    encoded = encode_labels(labels, n_labels=n_labels)
+    present = set(np.unique(labels[labels > 0]).tolist())
+    expected = present if n_labels is None else set(range(1, n_labels + 1))
+    assert set(encoded) == expected
+    for k, counts in encoded.items():
+        mask = labels == k
+        assert counts == coco_counts(mask), k
+        rle = {"size": [height, width], "counts": counts.encode("ascii")}
+        assert np.array_equal(coco_mask.decode(rle).astype(bool), mask), k
+        assert np.array_equal(decode(counts, height, width), mask), k
+        assert area(counts) == int(mask.sum())
+    return encoded
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (1, 9), (9, 1), (64, 48), (1, 1), (2, 2)])
+def test_random_label_maps_match_pycocotools(shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng(sum(shape))
+    for trial in range(15):
+        labels = rng.integers(0, 5, shape).astype(np.uint16)
+        if trial % 3 == 0:  # sparse maps: long background runs
+            labels[rng.random(shape) < 0.7] = 0
+        assert_matches_coco(labels)
+        assert_matches_coco(labels, n_labels=6)
+
+
+def test_empty_map_has_no_labels_unless_asked() -> None:
+    labels = np.zeros((4, 6), np.uint16)
+    assert encode_labels(labels) == {}
+    encoded = assert_matches_coco(labels, n_labels=2)
+    assert encoded[1] == encoded[2] == coco_counts(np.zeros((4, 6), bool))
+
+
+def test_full_map_starts_with_a_zero_run() -> None:
+    labels = np.full((3, 5), 7, np.uint16)
+    encoded = assert_matches_coco(labels)
+    assert list(encoded) == [7]
+
+
+def test_label_on_first_and_last_pixel() -> None:
+    labels = np.zeros((4, 5), np.uint16)
+    labels[0, 0] = 1  # first pixel in column-major order
+    labels[-1, -1] = 2  # last pixel
+    labels[1, 0] = 2
+    assert_matches_coco(labels)
+
+
+def test_same_label_in_separate_runs_and_columns() -> None:
+    labels = np.zeros((6, 4), np.uint16)
+    labels[0:2, 0] = 3
+    labels[4:6, 0] = 3
+    labels[:, 2] = 3
+    labels[2:4, 1] = 1
+    labels[5, 3] = 1
+    assert_matches_coco(labels)
+
+
+def test_large_counts_beyond_two_to_the_twenty() -> None:
+    labels = np.zeros((1, 3_000_000), np.uint16)
+    labels[0, 2_000_000:2_600_000] = 1
+    labels[0, 2_999_999] = 65535  # the largest label value too
+    encoded = assert_matches_coco(labels)
+    assert area(encoded[1]) == 600_000
+
+
+def test_column_major_order_on_a_tall_map() -> None:
+    labels = np.zeros((1500, 3), np.uint16)
+    labels[1400:, 0] = 1
+    labels[:100, 1] = 1  # continues the run of column 0 in Fortran order
+    assert_matches_coco(labels)
+
+
+def test_encode_single_mask() -> None:
+    mask = np.zeros((3, 4), bool)
+    mask[1, 1:3] = True
+    assert encode(mask) == coco_counts(mask)
+
+
+def test_decode_rejects_counts_of_another_size() -> None:
+    counts = encode_labels(np.ones((2, 2), np.uint16))[1]
+    with pytest.raises(ValueError, match="3x3"):
+        decode(counts, 3, 3)
+
+
+def test_rejects_non_2d() -> None:
+    with pytest.raises(ValueError, match="2-D"):
+        encode_labels(np.zeros((2, 2, 2), np.uint16))
