@@ -128,7 +128,9 @@ def _run_locked(
     log.start(config.to_dict(), {"batchseg": __version__, "pid": os.getpid()})
     checkpoint = Checkpoint.open(output_dir, config, new_run=config.new_run)
     try:
-        found = discover(config.input, config.include, config.exclude, with_hash=config.hash)
+        found = discover(
+            config.input, config.include, config.exclude, with_hash=config.hash, skip=[output_dir]
+        )
         if retry_statuses:
             checkpoint.reset_for_retry([i.path for i in checkpoint.failed_items(list(retry_statuses))])
         plan = checkpoint.plan(found.items, use_hash=config.hash)

@@ -1,0 +1,71 @@
+"""The project documents itself: every command has help with an example, CI runs the README's tests,
+and the parent process never imports torch."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from batchseg.cli import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMANDS = sorted(cli.commands)
+
+
+def test_all_commands_are_there() -> None:
+    assert set(COMMANDS) == {"run", "retry", "status", "schedule", "doctor", "demo"}
+
+
+@pytest.mark.parametrize("command", [[]] + [[c] for c in COMMANDS])
+def test_help_has_an_example(command: list[str]) -> None:
+    result = CliRunner().invoke(cli, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Example" in result.output
+    assert "batchseg " in result.output.split("Example")[-1]
+
+
+@pytest.mark.parametrize("command", ["run", "retry"])
+def test_exit_codes_in_help(command: str) -> None:
+    output = CliRunner().invoke(cli, [command, "--help"]).output
+    for code in ("0 all images ok", "1 fatal", "2 usage", "3 finished", "4 stopped"):
+        assert code in " ".join(output.split())
+
+
+def _readme_test_command() -> str:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    match = re.search(r"<!-- test-command -->\s*```\w*\n(.+?)\n```", readme, re.S)
+    assert match, "README must mark its test command with <!-- test-command -->"
+    return match.group(1).strip()
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    command = _readme_test_command()
+    assert command in ci.splitlines(), f"{command!r} is not a line of .ci/run"
+
+
+def test_every_run_option_is_in_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    options = [opt for p in cli.commands["run"].params for opt in p.opts if opt.startswith("--")]
+    missing = [opt for opt in options if f"`{opt}" not in readme]
+    assert not missing, f"options not documented in README.md: {missing}"
+
+
+def test_parent_modules_do_not_import_torch() -> None:
+    code = (
+        "import sys, batchseg.cli, batchseg.runner, batchseg.pool, batchseg.worker, batchseg.checkpoint, "
+        "batchseg.manifest, batchseg.status, batchseg.jobfile, batchseg.schedule, batchseg.demo; "
+        "bad = [m for m in ('torch', 'transformers', 'torchvision') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_python_dash_m_works() -> None:
+    out = subprocess.run([sys.executable, "-m", "batchseg", "--version"], capture_output=True, text=True, check=True)
+    assert "batchseg" in out.stdout
