@@ -1,0 +1,275 @@
+"""The worker process: loads one Engine, then runs the tasks the supervisor sends it.
+
+A worker is started by ``batchseg.pool`` with the ``spawn`` method and talks to its supervisor over
+one duplex pipe, in small dataclasses only::
+
+    supervisor -> worker   Task(task_id, items) | Shutdown()
+    worker -> supervisor   Ready(pid, device, gpu_count) | LoadFailed(error_type, message, traceback)
+                           Ack(task_id) | Done(task_id, results)
+
+The worker never raises across the pipe: a failed load becomes ``LoadFailed``, a failing image
+becomes an ``error`` result carrying the exception's class, message and traceback. Hangs and hard
+crashes are the supervisor's business (it watches the clock and the process).
+
+This module is imported by the parent too (the messages, the entry point): it must not import torch.
+The engine factory imports it, inside the worker, after the thread limits are in the environment.
+
+A worker never outlives its supervisor: it ignores SIGINT (Ctrl-C reaches the whole process group;
+the supervisor decides between draining and killing), asks Linux to SIGKILL it when the parent dies,
+and a watcher thread exits the process as soon as the parent's sentinel closes or it is re-parented.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+
+from .engine import Engine, EngineSpec, load_factory
+from .records import Item, ItemResult, Status
+
+__all__ = [
+    "Ack",
+    "Done",
+    "LoadFailed",
+    "Ready",
+    "Shutdown",
+    "Task",
+    "THREAD_ENV_VARS",
+    "run_task",
+    "worker_main",
+]
+
+#: Read by OpenMP / MKL / OpenBLAS when torch is imported; set before the engine factory runs.
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+#: Exit status of a worker that noticed its supervisor is gone.
+ORPHAN_EXIT_CODE = 70
+
+_PARENT_POLL_S = 1.0
+
+
+@dataclass(frozen=True)
+class Task:
+    """A batch of one or more items for the engine; the watchdog budget is timeout x len(items)."""
+
+    task_id: int
+    items: tuple[Item, ...]
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Close the engine and exit."""
+
+
+@dataclass(frozen=True)
+class Ready:
+    """The engine loaded; ``device`` is the engine's device string, ``gpu_count`` the CUDA devices seen."""
+
+    pid: int
+    device: str
+    gpu_count: int
+
+
+@dataclass(frozen=True)
+class LoadFailed:
+    """The engine factory raised; the worker exits right after sending this."""
+
+    error_type: str
+    message: str
+    traceback: str
+
+
+@dataclass(frozen=True)
+class Ack:
+    """The worker took the task: the supervisor starts its clock now."""
+
+    task_id: int
+
+
+@dataclass(frozen=True)
+class Done:
+    """One result per item of the task, in order."""
+
+    task_id: int
+    results: list[ItemResult]
+
+
+def worker_main(spec: EngineSpec, slot: int, conn: Connection, threads: int | None) -> None:
+    """Entry point of a worker process: load the engine once, then serve tasks until told to stop."""
+    _detach_from_terminal_signals()
+    _exit_with_parent()
+    if threads:
+        for name in THREAD_ENV_VARS:
+            os.environ[name] = str(threads)
+    engine = _load(spec, slot, conn, threads)
+    if engine is None:
+        return
+    try:
+        _serve(engine, conn)
+    finally:
+        try:
+            engine.close()
+        except Exception:  # noqa: S110 - closing is best effort; the process ends anyway
+            pass
+
+
+def _load(spec: EngineSpec, slot: int, conn: Connection, threads: int | None) -> Engine | None:
+    try:
+        engine: Engine = load_factory(spec)(spec, slot)
+        device = str(engine.device)
+        ready = Ready(os.getpid(), device, _gpu_count(engine, device))
+        _set_torch_threads(threads)
+    except BaseException as exc:  # noqa: BLE001 - whatever the factory raises must reach the supervisor
+        _send_quietly(conn, LoadFailed(type(exc).__name__, str(exc), traceback.format_exc()))
+        return None
+    if not _send_quietly(conn, ready):
+        return None
+    return engine
+
+
+def _serve(engine: Engine, conn: Connection) -> None:
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return  # the supervisor is gone
+        if not isinstance(message, Task):
+            return
+        if not _send_quietly(conn, Ack(message.task_id)):
+            return
+        results = run_task(engine, message.items)
+        if not _send_done(conn, message.task_id, message.items, results):
+            return
+
+
+def run_task(engine: Engine, items: Sequence[Item]) -> list[ItemResult]:
+    """Run the engine on a batch; never raises.
+
+    When ``engine.process`` raises on a batch of several items, each item is run again on its own,
+    so only the image that raises is marked ``error``.
+    """
+    try:
+        return _process(engine, items)
+    except BaseException as exc:  # noqa: BLE001 - the worker never raises across the pipe
+        if len(items) == 1:
+            return [error_result(items[0], exc, engine)]
+    return [run_task(engine, [item])[0] for item in items]
+
+
+def _process(engine: Engine, items: Sequence[Item]) -> list[ItemResult]:
+    started = time.time()
+    results = engine.process(items)
+    finished = time.time()
+    if not isinstance(results, list) or len(results) != len(items):
+        count = len(results) if isinstance(results, list) else type(results).__name__
+        raise TypeError(f"engine returned {count} results for {len(items)} items")
+    device = str(engine.device)
+    pid = os.getpid()
+    for result in results:
+        if not isinstance(result, ItemResult):
+            raise TypeError(f"engine returned a {type(result).__name__}, not an ItemResult")
+        result.worker_pid = result.worker_pid or pid
+        result.device = result.device or device
+        result.started_at = result.started_at if result.started_at is not None else started
+        result.finished_at = result.finished_at if result.finished_at is not None else finished
+    return results
+
+
+def error_result(item: Item, exc: BaseException, engine: Engine | None = None) -> ItemResult:
+    """The ``error`` result of an exception, with its class, message and traceback text."""
+    now = time.time()
+    return ItemResult(
+        path=item.path,
+        status=Status.ERROR,
+        error_type=type(exc).__name__,
+        error_message=str(exc) or repr(exc),
+        traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        started_at=now,
+        finished_at=now,
+        worker_pid=os.getpid(),
+        device=str(getattr(engine, "device", "")) or None,
+    )
+
+
+def _send_done(conn: Connection, task_id: int, items: Sequence[Item], results: list[ItemResult]) -> bool:
+    try:
+        conn.send(Done(task_id, results))
+        return True
+    except (EOFError, OSError):
+        return False
+    except Exception as exc:  # noqa: BLE001 - an unpicklable result must not kill the worker
+        # Pickling happens before any byte is written, so the pipe is still clean here.
+        return _send_quietly(conn, Done(task_id, [error_result(item, exc) for item in items]))
+
+
+def _send_quietly(conn: Connection, message: object) -> bool:
+    try:
+        conn.send(message)
+        return True
+    except (EOFError, OSError):
+        return False
+
+
+def _gpu_count(engine: Engine, device: str) -> int:
+    declared = getattr(engine, "gpu_count", None)
+    if isinstance(declared, int):
+        return declared
+    torch = sys.modules.get("torch")  # only if the engine imported it; never import it here
+    if torch is None or not device.startswith("cuda"):
+        return 0
+    try:
+        return int(torch.cuda.device_count())
+    except Exception:  # noqa: BLE001 - a broken CUDA setup shows up in the engine, not here
+        return 0
+
+
+def _set_torch_threads(threads: int | None) -> None:
+    torch = sys.modules.get("torch")
+    if threads and torch is not None:
+        torch.set_num_threads(threads)
+
+
+def _detach_from_terminal_signals() -> None:
+    # Ctrl-C is delivered to every process of the foreground group; only the supervisor decides.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "SIGBREAK"):
+        signal.signal(signal.SIGBREAK, signal.SIG_IGN)
+
+
+def _exit_with_parent() -> None:
+    parent_pid = os.getppid()
+    _request_parent_death_signal()
+    parent = multiprocessing.parent_process()
+    sentinel = parent.sentinel if parent is not None else None
+
+    def watch() -> None:
+        while True:
+            if sentinel is not None and wait([sentinel], timeout=_PARENT_POLL_S):
+                os._exit(ORPHAN_EXIT_CODE)
+            elif sentinel is None:
+                time.sleep(_PARENT_POLL_S)
+            if os.name != "nt" and os.getppid() != parent_pid:
+                os._exit(ORPHAN_EXIT_CODE)
+
+    threading.Thread(target=watch, name="batchseg-parent-watch", daemon=True).start()
+
+
+def _request_parent_death_signal() -> None:
+    """Linux only: the kernel SIGKILLs this process when its parent dies, even if a C call holds the GIL."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    except Exception:  # noqa: BLE001, S110 - the watcher thread still covers this case
+        pass

@@ -1,0 +1,146 @@
+"""A misbehaving Engine for the pool tests; what it does to an image is chosen by its file name.
+
+The part of the name before the first ``_`` or ``.`` picks the behaviour::
+
+    hang        sleeps forever (only the watchdog ends it)
+    exit        os._exit(3)
+    segv        reads address 0: SIGSEGV
+    raise       raises ValueError("bad pixels in <path>")
+    oom         allocates until MemoryError, under an RLIMIT_AS cap so the machine is safe
+    invalid     returns invalid_input
+    slow        sleeps extra["slow_s"] seconds (default 0.3), then ok
+    flakyexit   os._exit(3) on its first attempt, ok afterwards (a marker file in state_dir)
+    flakyraise  ValueError on its first attempt, ok afterwards
+    anything    ok at once
+
+Loading follows ``spec.config.extra``: ``load`` = "fail" | "hang" | "exit"; ``load_delay`` seconds;
+``ok_loads`` = N: the first N loads succeed, later ones fail; ``device`` = "cuda" pretends to be on
+GPU ``slot`` with ``gpu_count`` GPUs. Every load appends "pid slot" to ``state_dir``/loads.txt.
+
+Module-level factory and no heavy imports, so spawned workers start fast and it pickles by name.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from batchseg.engine import EngineSpec
+from batchseg.records import Item, ItemResult, Status
+
+OOM_HEADROOM = 256 * 1024 * 1024
+
+
+class FaultyEngine:
+    """Engine whose behaviour per image comes from the image's file name."""
+
+    def __init__(self, extra: dict[str, Any], slot: int) -> None:
+        self.extra = extra
+        self.state_dir = Path(extra["state_dir"]) if "state_dir" in extra else None
+        if extra.get("device") == "cuda":
+            self.device = f"cuda:{slot} fake"
+            self.gpu_count = int(extra.get("gpu_count", 1))
+        else:
+            self.device = "cpu fault-engine"
+            self.gpu_count = 0
+
+    def process(self, items: Sequence[Item]) -> list[ItemResult]:
+        return [self._one(item) for item in items]
+
+    def close(self) -> None:
+        pass
+
+    def _one(self, item: Item) -> ItemResult:
+        kind = behaviour(item.path)
+        if kind == "hang":
+            while True:
+                time.sleep(0.05)
+        if kind == "exit" or (kind == "flakyexit" and self._first_attempt(item)):
+            os._exit(3)
+        if kind == "segv":
+            _segfault()
+        if kind == "raise" or (kind == "flakyraise" and self._first_attempt(item)):
+            raise ValueError(f"bad pixels in {item.path}")
+        if kind == "oom":
+            _exhaust_memory()
+        if kind == "invalid":
+            return ItemResult(item.path, Status.INVALID_INPUT, error_type="InvalidImageError",
+                              error_message=f"{item.path} is not an image")
+        if kind == "slow":
+            time.sleep(float(self.extra.get("slow_s", 0.3)))
+        return ItemResult(item.path, Status.OK, width=4, height=3)
+
+    def _first_attempt(self, item: Item) -> bool:
+        assert self.state_dir is not None, "flaky images need extra['state_dir']"
+        marker = self.state_dir / f"tried-{Path(item.path).name}"
+        if marker.exists():
+            return False
+        marker.touch()
+        return True
+
+
+def behaviour(path: str) -> str:
+    name = Path(path).name
+    return name.replace(".", "_").split("_")[0]
+
+
+def load_faulty(spec: EngineSpec, slot: int) -> FaultyEngine:
+    """The factory the pool's workers call (``EngineSpec.factory = "fault_engine:load_faulty"``)."""
+    extra = spec.config.extra
+    loads = _record_load(extra, slot)
+    time.sleep(float(extra.get("load_delay", 0)))
+    mode = extra.get("load")
+    if mode == "fail":
+        raise RuntimeError("weights are corrupt")
+    if mode == "exit":
+        os._exit(5)
+    if mode == "hang":
+        while True:
+            time.sleep(0.05)
+    if "ok_loads" in extra and loads > int(extra["ok_loads"]):
+        raise RuntimeError(f"load {loads}: the model folder vanished")
+    return FaultyEngine(extra, slot)
+
+
+def loads(state_dir: Path) -> list[tuple[int, int]]:
+    """(pid, slot) of every load so far."""
+    path = state_dir / "loads.txt"
+    if not path.exists():
+        return []
+    return [(int(pid), int(slot)) for pid, slot in (line.split() for line in path.read_text().splitlines())]
+
+
+def _record_load(extra: dict[str, Any], slot: int) -> int:
+    if "state_dir" not in extra:
+        return 1
+    path = Path(extra["state_dir"]) / "loads.txt"
+    with path.open("a") as log:  # appends of one short line are atomic enough for these tests
+        log.write(f"{os.getpid()} {slot}\n")
+    return len(path.read_text().splitlines())
+
+
+def _segfault() -> None:
+    import ctypes
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file in the test folder
+    ctypes.string_at(0)
+
+
+def _exhaust_memory() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/statm") as statm:
+        used = int(statm.read().split()[0]) * resource.getpagesize()
+    resource.setrlimit(resource.RLIMIT_AS, (used + OOM_HEADROOM, hard))
+    hog: list[bytearray] = []
+    try:
+        while True:
+            hog.append(bytearray(16 * 1024 * 1024))
+    finally:
+        hog.clear()
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
