@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Check", "FAIL", "OK", "WARNING", "doctor_exit_code", "format_checks", "run_doctor"]
+__all__ = ["Check", "FAIL", "OK", "WARNING", "doctor_exit_code", "format_checks", "gpu_check", "run_doctor"]
 
 OK = "ok"
 WARNING = "warning"
@@ -167,9 +167,15 @@ def _cuda() -> list[Check]:
 def _gpu(index: int) -> Check:
     import torch
 
-    name = torch.cuda.get_device_name(index)
-    major, minor = torch.cuda.get_device_capability(index)
     free, total = torch.cuda.mem_get_info(index)
+    return gpu_check(
+        index, torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index), free, total
+    )
+
+
+def gpu_check(index: int, name: str, capability: tuple[int, int], free: int, total: int) -> Check:
+    """The verdict on one GPU from what torch reports (bytes of free and total memory)."""
+    major, minor = capability
     detail = f"{name}, compute capability {major}.{minor}, {free / _GIB:.1f} of {total / _GIB:.1f} GiB free"
     if free < LOW_VRAM_BYTES:
         return Check(
