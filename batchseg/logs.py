@@ -25,7 +25,7 @@ from types import TracebackType
 from typing import Any, TextIO
 
 from . import __version__
-from .errors import OutputError
+from .errors import BatchsegError, OutputError
 
 __all__ = ["LOG_NAME_RE", "RunLog", "clean", "prune_logs", "safe_echo"]
 
@@ -206,7 +206,11 @@ class RunLog:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc is not None and not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        if isinstance(exc, KeyboardInterrupt):
+            self._logger.warning("run interrupted (Ctrl-C or a stop request); running it again resumes")
+        elif exc is not None and not isinstance(exc, (BatchsegError, SystemExit)):
+            # An unexpected exception is a bug: keep its traceback. BatchsegErrors are expected
+            # outcomes with a message of their own, which the caller reports.
             self._logger.error("run ended by %s: %s", type(exc).__name__, exc, exc_info=exc)
         self.close()
 

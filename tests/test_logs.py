@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from batchseg.errors import OutputError
+from batchseg.errors import OutputError, StoppedEarly
 from batchseg.logs import RunLog, clean, prune_logs, safe_echo
 
 NOW = dt.datetime(2025, 3, 1, 2, 0, 5)
@@ -119,6 +119,17 @@ def test_exception_in_block_is_logged_with_traceback_and_reraised(tmp_path: Path
     content = read_log(log)
     assert "ERROR   run ended by RuntimeError: boom\\x1b[0m" in content
     assert "    | Traceback (most recent call last):" in content
+
+
+def test_expected_errors_and_interrupts_get_one_line_without_traceback(tmp_path: Path) -> None:
+    with pytest.raises(StoppedEarly), RunLog(tmp_path / "a", now=NOW) as stopped:
+        raise StoppedEarly("deadline reached")
+    assert read_log(stopped) == ""  # the caller reports its own errors: no duplicate, no traceback
+    with pytest.raises(KeyboardInterrupt), RunLog(tmp_path / "b", now=NOW) as interrupted:
+        raise KeyboardInterrupt
+    content = read_log(interrupted)
+    assert content.count("\n") == 1
+    assert "WARNING run interrupted (Ctrl-C or a stop request); running it again resumes" in content
 
 
 def test_close_twice_and_writes_after_close_are_dropped(tmp_path: Path) -> None:
