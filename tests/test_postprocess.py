@@ -1,0 +1,208 @@
+"""Post-processing against the library's own post_process_instance_segmentation, on real outputs of
+the tiny SAM3 (threshold 0, so every query is a detection), plus the label map composition rules
+and a memory bound."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from _sam3 import forward, noise_image
+
+from batchseg.model import load_model
+from batchseg.postprocess import (
+    MAX_LABELS,
+    Candidates,
+    Instance,
+    compose,
+    iter_masks,
+    merge,
+    postprocess_image,
+    select,
+    split_outputs,
+)
+
+WIDTH, HEIGHT = 131, 77  # neither the model's size nor its aspect ratio
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def loaded(request: pytest.FixtureRequest, tiny_model: Path) -> tuple[Any, Any]:
+    return load_model(str(tiny_model), "cpu", request.param)
+
+
+def library_result(processor: Any, outputs: Any, sizes: list[list[int]], mask_threshold: float = 0.5) -> Any:
+    return processor.post_process_instance_segmentation(
+        outputs, threshold=0.0, mask_threshold=mask_threshold, target_sizes=sizes
+    )[0]
+
+
+def test_scores_boxes_and_masks_equal_the_library(loaded: tuple[Any, Any]) -> None:
+    model, processor = loaded
+    outputs, sizes = forward(model, processor, noise_image(WIDTH, HEIGHT, 1), "roof")
+    assert sizes == [[HEIGHT, WIDTH]]
+    lib = library_result(processor, outputs, sizes)
+    cands = select(split_outputs(outputs, 0)[0], HEIGHT, WIDTH, threshold=0.0, max_detections=1000)
+    queries = [inst.query for inst in cands.instances]
+    assert sorted(queries) == list(range(outputs.pred_logits.shape[1]))
+    by_query = np.argsort(queries)  # the library keeps query order; ours is best first
+    scores = np.array([inst.score for inst in cands.instances])[by_query]
+    assert np.array_equal(scores, lib["scores"].float().numpy())
+    boxes = np.array([inst.box for inst in cands.instances])[by_query]
+    upper = [WIDTH, HEIGHT, WIDTH, HEIGHT]
+    assert np.array_equal(boxes, np.clip(lib["boxes"].double().numpy(), 0, upper))
+    # Small chunks (one mask each) and one big chunk both give the library's pixels.
+    for chunk_bytes in (1, 1 << 30):
+        chunks = [m for _, m in iter_masks(cands.masks, HEIGHT, WIDTH, 0.5, chunk_bytes)]
+        masks = torch.cat(chunks)[torch.as_tensor(by_query)]
+        assert masks.dtype == torch.bool
+        assert torch.equal(masks, lib["masks"].bool())
+    assert lib["masks"].sum() > 0  # the comparison is not between two empty sets
+
+
+def test_mask_threshold_is_applied_like_the_library(loaded: tuple[Any, Any]) -> None:
+    model, processor = loaded
+    outputs, sizes = forward(model, processor, noise_image(WIDTH, HEIGHT, 2), "tree")
+    lib = library_result(processor, outputs, sizes, mask_threshold=0.3)
+    cands = select(split_outputs(outputs, 0)[0], HEIGHT, WIDTH, 0.0, 1000)
+    by_query = torch.as_tensor(np.argsort([inst.query for inst in cands.instances]))
+    masks = torch.cat([m for _, m in iter_masks(cands.masks, HEIGHT, WIDTH, 0.3)])[by_query]
+    assert torch.equal(masks, lib["masks"].bool())
+
+
+def test_threshold_then_top_k_best_first(loaded: tuple[Any, Any]) -> None:
+    model, processor = loaded
+    outputs, _ = forward(model, processor, noise_image(WIDTH, HEIGHT, 3), "car")
+    pred = split_outputs(outputs, 0)[0]
+    everything = select(pred, HEIGHT, WIDTH, 0.0, 1000).instances
+    all_scores = sorted((inst.score for inst in everything), reverse=True)
+    cut = all_scores[5]
+    kept = select(pred, HEIGHT, WIDTH, threshold=cut, max_detections=1000).instances
+    assert [inst.score for inst in kept] == [s for s in all_scores if s > cut]
+    top3 = select(pred, HEIGHT, WIDTH, threshold=0.0, max_detections=3)
+    assert [inst.score for inst in top3.instances] == all_scores[:3]
+    assert top3.masks.shape[0] == 3
+    assert select(pred, HEIGHT, WIDTH, threshold=1.0, max_detections=10).instances == []
+
+
+def reference_label_map(processor: Any, outputs_by_prompt: list[Any], sizes: list[list[int]]) -> np.ndarray:
+    """The composition rule written the obvious way on the library's full-size masks: highest score
+    first, a pixel belongs to the first detection that covers it."""
+    found = []
+    for p, outputs in enumerate(outputs_by_prompt):
+        lib = library_result(processor, outputs, sizes)
+        for score, mask in zip(lib["scores"].float().tolist(), lib["masks"].bool().numpy(), strict=True):
+            found.append((score, p, mask))
+    found.sort(key=lambda t: -t[0])  # stable: prompt order, then query order on ties
+    labels = np.zeros(found[0][2].shape, np.uint16)
+    for k, (_, _, mask) in enumerate(found, start=1):
+        labels[mask & (labels == 0)] = k
+    return labels
+
+
+def test_label_map_across_prompts_matches_the_obvious_composition(loaded: tuple[Any, Any]) -> None:
+    model, processor = loaded
+    image = noise_image(WIDTH, HEIGHT, 4)
+    runs = [forward(model, processor, image, prompt) for prompt in ("roof", "solar panel", "tree")]
+    sizes = runs[0][1]
+    preds = [split_outputs(outputs, p)[0] for p, (outputs, _) in enumerate(runs)]
+    three_masks = 3 * HEIGHT * WIDTH * 4  # chunks of three masks: exercises the in-chunk painting
+    seg = postprocess_image(preds, HEIGHT, WIDTH, 0.0, 0.5, max_detections=1000, chunk_bytes=three_masks)
+    expected = reference_label_map(processor, [outputs for outputs, _ in runs], sizes)
+    assert seg.labels.dtype == np.uint16 and seg.labels.shape == (HEIGHT, WIDTH)
+    assert np.array_equal(seg.labels, expected)
+    scores = [inst.score for inst in seg.instances]
+    assert scores == sorted(scores, reverse=True)
+    assert {inst.prompt_index for inst in seg.instances} == {0, 1, 2}
+    assert np.array_equal(seg.areas, np.bincount(seg.labels.ravel(), minlength=len(scores) + 1)[1:])
+    assert seg.areas.sum() == (seg.labels > 0).sum() > 0
+
+
+def test_higher_score_wins_on_overlap() -> None:
+    # Hand-made logits: two overlapping squares, the lower-scored one listed first.
+    low = torch.full((2, 8, 8), -10.0)
+    low[0, 1:6, 1:6] = 10.0  # score 0.6
+    low[1, 3:8, 3:8] = 10.0  # score 0.9
+    parts = [
+        Candidates([Instance(0, 0, 0.6, (0, 0, 1, 1))], low[:1]),
+        Candidates([Instance(1, 0, 0.9, (0, 0, 1, 1))], low[1:]),
+    ]
+    seg = compose(merge(parts), 8, 8, mask_threshold=0.5)
+    assert [inst.score for inst in seg.instances] == [0.9, 0.6]
+    assert seg.labels[4, 4] == 1  # in both squares: the 0.9 detection (label 1) has it
+    assert seg.labels[1, 1] == 2 and seg.labels[7, 7] == 1 and seg.labels[0, 7] == 0
+    assert seg.areas.tolist() == [25, 25 - 9]
+
+
+def test_equal_scores_keep_prompt_order() -> None:
+    low = torch.full((1, 4, 4), 10.0)
+    parts = [Candidates([Instance(p, 0, 0.5, (0, 0, 1, 1))], low) for p in (0, 1)]
+    seg = compose(merge(parts), 4, 4, 0.5)
+    assert [inst.prompt_index for inst in seg.instances] == [0, 1]
+    assert seg.areas.tolist() == [16, 0]  # covered entirely, but still a numbered detection
+
+
+def test_no_detection_gives_an_empty_map() -> None:
+    pred = split_outputs(_fake_outputs(q=5), 0)[0]
+    seg = postprocess_image([pred], 30, 40, threshold=1.0, mask_threshold=0.5, max_detections=10)
+    assert seg.labels.shape == (30, 40) and not seg.labels.any()
+    assert seg.instances == [] and seg.areas.size == 0
+
+
+def test_too_many_detections_for_uint16() -> None:
+    cands = Candidates([Instance(0, 0, 0.5, (0, 0, 1, 1))] * (MAX_LABELS + 1), torch.zeros(1, 2, 2))
+    with pytest.raises(ValueError, match="uint16"):
+        compose(cands, 2, 2, 0.5)
+
+
+def _fake_outputs(q: int) -> Any:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        pred_logits=torch.zeros(1, q),
+        presence_logits=torch.zeros(1, 1),
+        pred_boxes=torch.rand(1, q, 4),
+        pred_masks=torch.zeros(1, q, 16, 16),
+    )
+
+
+MEMORY_PROBE = r"""
+import json, resource, sys, numpy as np, torch
+from batchseg.postprocess import PromptPrediction, postprocess_image
+torch.manual_seed(0)
+n, height, width = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+q = 200
+# Blobs of logits so that masks cover real areas (and overlap).
+masks = torch.full((q, 288, 288), -4.0)
+for i in range(q):
+    y, x = torch.randint(0, 240, (2,)).tolist()
+    masks[i, y:y + 48, x:x + 48] = 4.0
+pred = PromptPrediction(0, torch.linspace(4, -4, q), torch.tensor([3.0]), torch.rand(q, 4), masks)
+def rss_mb():
+    with open("/proc/self/status") as fh:
+        return next(int(l.split()[1]) for l in fh if l.startswith("VmHWM")) / 1024
+postprocess_image([pred], 64, 64, 0.0, 0.5, n)  # warm up kernels and allocator
+before = rss_mb()
+seg = postprocess_image([pred], height, width, 0.0, 0.5, n)
+covered = int((seg.labels > 0).sum())
+print(json.dumps({"extra_peak_mb": rss_mb() - before, "n": len(seg.instances), "covered": covered}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
+def test_peak_memory_stays_bounded_on_a_large_image(tmp_path: Path) -> None:
+    # A fresh process: the high-water mark of RSS is only meaningful from a clean start.
+    script = tmp_path / "probe.py"
+    script.write_text(MEMORY_PROBE)
+    done = subprocess.run(
+        [sys.executable, str(script), "8", "3000", "4000"], capture_output=True, text=True, check=True
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["n"] == 8 and result["covered"] > 0
+    # The library's int64 masks would need 8 x 12 Mpx x 8 B = 770 MB here.
+    assert result["extra_peak_mb"] < 300, result
