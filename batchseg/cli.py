@@ -174,6 +174,8 @@ def run(ctx: click.Context, input_: Path | None, job: Path | None, **params: Any
         values = _collect(ctx, params, job_values)
         if input_ is not None:
             values["input"] = input_
+        elif "input" in job_values:  # INPUT is an argument, not an option: _collect skips it
+            values["input"] = job_values["input"]
         values = _normalise(values)
         if "input" not in values:
             raise click.UsageError("missing INPUT folder (give it as an argument or as 'input' in the job file)")
@@ -244,7 +246,7 @@ def schedule(job: Path, at: str, days: str | None, name: str | None, print_only:
     The task runs this Python with `-m batchseg run --job <job>` in the job's folder, never twice at
     once, with a time limit, and starts late after a missed start.
     """
-    from .schedule import crontab_line, schtasks_commands, task_xml, write_task_xml
+    from .schedule import crontab_line, default_task_name, schtasks_commands, task_xml, write_task_xml
 
     job = job.resolve()
     day_list = [d.strip() for d in days.split(",") if d.strip()] if days else None
@@ -252,18 +254,27 @@ def schedule(job: Path, at: str, days: str | None, name: str | None, print_only:
         if cron:
             click.echo(crontab_line(job, at, day_list, sys.executable))
             return
-        xml = task_xml(job, at, day_list, sys.executable)
+        xml = task_xml(job, at, day_list, sys.executable, time_limit_hours=_time_limit_hours(job))
         if print_only:
             click.echo(xml)
             return
         xml_path = job.with_suffix(".task.xml")
         write_task_xml(xml_path, xml)
-        create, delete = schtasks_commands(name or job.stem, xml_path)
+        create, delete = schtasks_commands(name or default_task_name(job), xml_path)
     except BatchsegError as exc:
         _fail(exc)
     safe_echo(f"wrote {xml_path}")
     safe_echo(f"register it:  {create}")
     safe_echo(f"remove it:    {delete}")
+
+
+def _time_limit_hours(job: Path) -> float:
+    """Task Scheduler's limit: the job's own --max-runtime plus an hour for the last images and the
+    manifest, so Windows never kills a run that was about to stop cleanly; 12 h without one."""
+    from .jobfile import load_job_file
+
+    runtime = load_job_file(job).get("max_runtime")
+    return 12.0 if runtime is None else float(runtime) / 3600 + 1.0
 
 
 @cli.command(epilog="Example:\n\n\b\n  batchseg doctor --model ./sam3")
