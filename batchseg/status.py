@@ -1,0 +1,266 @@
+"""``batchseg status OUTPUT``: where a run stands, from its checkpoint or, without one, its manifest.
+
+Reads only: a read-only SQLite connection (safe beside a live run) or the Parquet files. How many
+images are left is only known to a run that walked the input folder: the report gives what the
+output folder knows (``pending`` rows a run discovered but did not finish, ``running`` ones, and the
+images that are not ok).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .checkpoint import (
+    ALL_STATES,
+    CHECKPOINT_NAME,
+    PENDING,
+    RUNNING,
+    RunInfo,
+    connect_readonly,
+    read_run_info,
+)
+from .errors import OutputError
+from .lock import LockInfo, is_locked
+from .manifest import manifest_paths, read_manifest_run
+from .records import FINAL_FAILURES, Status
+
+__all__ = ["ErrorGroup", "StatusReport", "collect_status", "format_status"]
+
+#: Throughput is measured over the images finished in this last stretch of activity.
+RATE_WINDOW_S = 300.0
+TOP_ERRORS = 5
+_FAILURES = tuple(s.value for s in FINAL_FAILURES)
+
+
+@dataclass
+class ErrorGroup:
+    """Images that failed the same way, with one example."""
+
+    status: str
+    error_type: str | None
+    count: int
+    example_path: str
+    example_message: str | None
+
+
+@dataclass
+class StatusReport:
+    """What ``batchseg status`` shows; ``to_json()`` for scripts."""
+
+    output_dir: str
+    source: str  # "checkpoint" or "manifest"
+    run_id: str
+    model_id: str
+    prompts: list[str]
+    config_hash: str
+    created_at: float
+    updated_at: float  # last checkpoint write or manifest export
+    counts: dict[str, int]
+    total: int
+    not_ok: int  # error, timeout, crashed, invalid_input: what `batchseg retry` reruns
+    in_flight: int  # `running` rows: live workers, or a crash (the next run redoes them)
+    pending: int  # discovered by a run that stopped before trying them
+    images_per_s: float | None  # over the last RATE_WINDOW_S seconds of activity
+    duration_p50_s: float | None  # per ok image
+    duration_p95_s: float | None
+    last_finished_at: float | None
+    top_errors: list[ErrorGroup] = field(default_factory=list)
+    live: LockInfo | None = None  # the process holding the folder, if any
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+
+def collect_status(output_dir: Path) -> StatusReport:
+    """Status of the run in ``output_dir``; OutputError when it holds neither checkpoint nor manifest."""
+    output_dir = Path(output_dir)
+    live = is_locked(output_dir)
+    if (output_dir / CHECKPOINT_NAME).is_file():
+        report = _from_checkpoint(output_dir)
+    elif (run := read_manifest_run(output_dir)) is not None:
+        report = _from_manifest(output_dir, run)
+    else:
+        raise OutputError(f"no batchseg run in {output_dir}: neither {CHECKPOINT_NAME} nor manifest/ found")
+    report.live = live
+    return report
+
+
+# ---- from the checkpoint --------------------------------------------------------------------------
+
+
+def _from_checkpoint(output_dir: Path) -> StatusReport:
+    path = output_dir / CHECKPOINT_NAME
+    conn = connect_readonly(path)
+    try:
+        conn.execute("BEGIN")  # one snapshot
+        run = read_run_info(conn, path)
+        if run is None:
+            raise OutputError(f"the checkpoint {path} holds no run yet")
+        counts = dict(conn.execute("SELECT status, count(*) FROM images GROUP BY status").fetchall())
+        durations = [
+            r[0] for r in conn.execute(
+                "SELECT duration_s FROM images WHERE status='ok' AND duration_s IS NOT NULL"
+            )
+        ]
+        rate, last = _rate_sql(conn)
+        errors = _errors_sql(conn)
+        updated = conn.execute("SELECT max(updated_at) FROM images").fetchone()[0]
+        conn.execute("COMMIT")
+    except sqlite3.DatabaseError as exc:
+        raise OutputError(f"cannot read the checkpoint {path}: {exc}") from exc
+    finally:
+        conn.close()
+    return _report(output_dir, "checkpoint", run, counts, durations, rate, last, errors,
+                   max(updated or 0.0, run.updated_at))
+
+
+def _rate_sql(conn: sqlite3.Connection) -> tuple[float | None, float | None]:
+    last = conn.execute("SELECT max(finished_at) FROM images").fetchone()[0]
+    if last is None:
+        return None, None
+    n, first_start = conn.execute(
+        "SELECT count(*), min(coalesce(started_at, finished_at)) FROM images WHERE finished_at >= ?",
+        (last - RATE_WINDOW_S,),
+    ).fetchone()
+    return _rate(n, first_start, last), last
+
+
+def _errors_sql(conn: sqlite3.Connection) -> list[ErrorGroup]:
+    marks = ",".join("?" * len(_FAILURES))
+    groups = conn.execute(
+        f"SELECT status, error_type, count(*), min(path) FROM images WHERE status IN ({marks})"
+        " GROUP BY status, error_type ORDER BY count(*) DESC, status LIMIT ?",
+        (*_FAILURES, TOP_ERRORS),
+    ).fetchall()
+    out = []
+    for status, error_type, count, example in groups:
+        message = conn.execute("SELECT error_message FROM images WHERE path=?", (example,)).fetchone()[0]
+        out.append(ErrorGroup(status, error_type, count, example, message))
+    return out
+
+
+# ---- from the manifest ----------------------------------------------------------------------------
+
+
+def _from_manifest(output_dir: Path, run: RunInfo) -> StatusReport:
+    images_path, _ = manifest_paths(output_dir)
+    columns = ["path", "status", "error_type", "error_message", "started_at", "finished_at", "duration_s"]
+    try:
+        table = pq.read_table(images_path, columns=columns)
+    except (OSError, pa.ArrowException) as exc:
+        raise OutputError(f"cannot read the manifest {images_path}: {exc}") from exc
+    counts = {row["values"]: row["counts"] for row in pc.value_counts(table["status"]).to_pylist()}
+    ok = table.filter(pc.equal(table["status"], Status.OK.value))
+    durations = [d for d in ok["duration_s"].to_pylist() if d is not None]
+    finished = _epoch(table["finished_at"])
+    started = _epoch(table["started_at"])
+    rate, last = _rate_rows(started, finished)
+    failed = table.filter(pc.is_in(table["status"], pa.array(_FAILURES))).sort_by("path").to_pylist()
+    return _report(output_dir, "manifest", run, counts, durations, rate, last, _errors_rows(failed),
+                   run.updated_at)
+
+
+def _epoch(column: pa.ChunkedArray) -> list[float | None]:
+    return [None if m is None else m / 1_000_000 for m in column.cast(pa.int64()).to_pylist()]
+
+
+def _rate_rows(
+    started: list[float | None], finished: list[float | None]
+) -> tuple[float | None, float | None]:
+    done = [(s if s is not None else f, f) for s, f in zip(started, finished, strict=True) if f is not None]
+    if not done:
+        return None, None
+    last = max(f for _, f in done)
+    recent = [s for s, f in done if f >= last - RATE_WINDOW_S]
+    return _rate(len(recent), min(recent), last), last
+
+
+def _errors_rows(failed: list[dict[str, Any]]) -> list[ErrorGroup]:
+    groups: dict[tuple[str, str | None], ErrorGroup] = {}
+    for row in failed:  # sorted by path: the first of a group is its example, as min(path) in SQL
+        key = (row["status"], row["error_type"])
+        if key in groups:
+            groups[key].count += 1
+        else:
+            groups[key] = ErrorGroup(row["status"], row["error_type"], 1, row["path"], row["error_message"])
+    return sorted(groups.values(), key=lambda g: (-g.count, g.status))[:TOP_ERRORS]
+
+
+# ---- shared ---------------------------------------------------------------------------------------
+
+
+def _rate(n: int, first_start: float | None, last: float) -> float | None:
+    if not n or first_start is None or last <= first_start:
+        return None
+    return float(n / (last - first_start))
+
+
+def _percentile(sorted_values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile: a duration that some image really took."""
+    if not sorted_values:
+        return None
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return float(sorted_values[min(rank, len(sorted_values)) - 1])
+
+
+def _report(
+    output_dir: Path, source: str, run: RunInfo, raw_counts: dict[str, int], durations: list[float],
+    rate: float | None, last: float | None, errors: list[ErrorGroup], updated: float,
+) -> StatusReport:
+    counts = dict.fromkeys(ALL_STATES, 0)
+    counts.update(raw_counts)
+    durations.sort()
+    return StatusReport(
+        output_dir=str(output_dir), source=source, run_id=run.run_id, model_id=run.model_id,
+        prompts=list(run.config.get("prompts", [])), config_hash=run.config_hash,
+        created_at=run.created_at, updated_at=updated, counts=counts, total=sum(counts.values()),
+        not_ok=sum(counts[s] for s in _FAILURES), in_flight=counts[RUNNING], pending=counts[PENDING],
+        images_per_s=rate, duration_p50_s=_percentile(durations, 50),
+        duration_p95_s=_percentile(durations, 95), last_finished_at=last, top_errors=errors,
+    )
+
+
+def _when(epoch: float | None) -> str:
+    return "-" if not epoch else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+
+
+def format_status(report: StatusReport) -> str:
+    """The human-readable report, a few lines."""
+    live = (
+        f"running now: batchseg {report.live.describe()}" if report.live else "no run is active"
+    )
+    shown = [s for s in ALL_STATES if report.counts.get(s) or s in (Status.OK.value, PENDING)]
+    lines = [
+        f"{report.output_dir}: run {report.run_id} ({live})",
+        f"model {report.model_id}; prompts: {', '.join(report.prompts) or '-'}",
+        f"images: {report.total:,} - " + ", ".join(f"{s} {report.counts[s]:,}" for s in shown),
+    ]
+    speed = f"{report.images_per_s:.2f} images/s" if report.images_per_s else "no images finished"
+    if report.duration_p50_s is not None and report.duration_p95_s is not None:
+        speed += f"; per ok image p50 {report.duration_p50_s:.2f} s, p95 {report.duration_p95_s:.2f} s"
+    lines.append(f"speed: {speed} (last finished {_when(report.last_finished_at)})")
+    if report.in_flight and not report.live:
+        lines.append(f"{report.in_flight:,} images were in flight when the run stopped (redone next run)")
+    if report.not_ok:
+        lines.append(f"not ok: {report.not_ok:,}; rerun them with: batchseg retry {report.output_dir}")
+        for g in report.top_errors:
+            kind = f"{g.status} {g.error_type}" if g.error_type else g.status
+            message = f": {_shorten(g.example_message)}" if g.example_message else ""
+            lines.append(f"  {kind} x{g.count:,}, e.g. {g.example_path}{message}")
+    lines.append(f"from the {report.source}, updated {_when(report.updated_at)}")
+    return "\n".join(lines)
+
+
+def _shorten(text: str, limit: int = 160) -> str:
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return first if len(first) <= limit else first[: limit - 3] + "..."
