@@ -1,0 +1,561 @@
+"""The supervisor with real spawned workers running a misbehaving engine (tests/fault_engine.py).
+
+Every test checks, through an autouse fixture, that no worker process outlives ``run_pool``.
+Timeouts are small (0.5-2 s) and slack is generous: these tests share two busy cores.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fault_engine
+import psutil
+import pytest
+
+from batchseg.config import RunConfig
+from batchseg.engine import EngineSpec
+from batchseg.errors import ConfigError, ModelLoadError
+from batchseg.pool import PoolEvent, PoolOutcome, PoolSettings, describe_exit, run_pool
+from batchseg.records import Item, ItemResult, Status
+from batchseg.signals import StopRequest
+
+FACTORY = f"{fault_engine.__name__}:load_faulty"
+TESTS_DIR = Path(fault_engine.__file__).resolve().parent
+# Test defaults: short watchdog, quick escalation, quick load retries; loads get room on busy cores.
+DEFAULTS: dict[str, Any] = dict(timeout=2.0, load_timeout=30.0, stop_grace=1.0, load_backoff=0.1)
+
+
+def _children() -> list[psutil.Process]:
+    """Child processes of this test process, less multiprocessing's shared resource tracker."""
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if any("resource_tracker" in part for part in child.cmdline()):
+                continue
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            pass
+        found.append(child)
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_orphans() -> Iterator[None]:
+    before = {p.pid for p in _children()}
+    yield
+    left = [p for p in _children() if p.pid not in before]
+    assert not left, f"processes left behind: {left}"
+
+
+def make_spec(tmp_path: Path, **extra: Any) -> EngineSpec:
+    config = RunConfig(input=tmp_path, prompts=("roof",), extra={"state_dir": str(tmp_path), **extra})
+    return EngineSpec(config, factory=FACTORY)
+
+
+def items(*names: str) -> list[Item]:
+    return [Item(f"{name}.jpg", 100, 1) for name in names]
+
+
+@dataclass
+class Run:
+    outcome: PoolOutcome
+    results: dict[str, ItemResult]
+    events: list[PoolEvent]
+    elapsed: float
+    order: list[str] = field(default_factory=list)
+
+    def kinds(self, kind: str) -> list[PoolEvent]:
+        return [event for event in self.events if event.kind == kind]
+
+
+def run(
+    spec: EngineSpec,
+    todo: list[Item],
+    should_stop: Callable[[], str | None] = lambda: None,
+    on_result: Callable[[ItemResult], None] | None = None,
+    on_event: Callable[[PoolEvent], None] | None = None,
+    **settings: Any,
+) -> Run:
+    results: dict[str, ItemResult] = {}
+    order: list[str] = []
+    events: list[PoolEvent] = []
+
+    def record(result: ItemResult) -> None:
+        assert result.path not in results, f"{result.path} reported twice"
+        results[result.path] = result
+        order.append(result.path)
+        if on_result is not None:
+            on_result(result)
+
+    def note(event: PoolEvent) -> None:
+        events.append(event)
+        if on_event is not None:
+            on_event(event)
+
+    started = time.monotonic()
+    outcome = run_pool(spec, todo, PoolSettings(**{**DEFAULTS, **settings}), record, should_stop, note)
+    return Run(outcome, results, events, time.monotonic() - started, order)
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+# -- normal runs -------------------------------------------------------------------------------------
+
+
+def test_every_item_reported_once_with_its_worker(tmp_path: Path) -> None:
+    todo = items(*(f"ok_{k}" for k in range(7)))
+    done = run(make_spec(tmp_path), todo, workers=2, batch_size=3)
+    assert set(done.results) == {item.path for item in todo}
+    assert done.outcome == PoolOutcome(None, "", {"ok": 7}, "cpu fault-engine", done.outcome.workers_started)
+    started = {event.pid for event in done.kinds("worker_started")}
+    for result in done.results.values():
+        assert result.status is Status.OK and result.attempts == 1
+        assert result.worker_pid in started and result.device == "cpu fault-engine"
+        assert result.duration_s is not None and result.duration_s >= 0
+
+
+def test_items_are_consumed_lazily(tmp_path: Path) -> None:
+    pulled: list[str] = []
+
+    def stream() -> Iterator[Item]:
+        for item in items(*(f"ok_{k}" for k in range(5))):
+            pulled.append(item.path)
+            yield item
+
+    done = run(make_spec(tmp_path), stream(), on_result=lambda r: pulled.append(f"done {r.path}"), workers=1)
+    assert len(done.results) == 5
+    # The third item is pulled only after the first is done: no copy of the whole input up front.
+    assert pulled.index("done ok_0.jpg") < pulled.index("ok_2.jpg")
+
+
+def test_nothing_to_do_starts_no_worker(tmp_path: Path) -> None:
+    done = run(make_spec(tmp_path), [])
+    assert done.outcome.workers_started == 0 and done.results == {}
+
+
+def test_pool_modules_never_import_torch() -> None:
+    code = (
+        "import sys, batchseg.pool, batchseg.worker, batchseg.progress, batchseg.signals; "
+        "heavy = {'torch', 'transformers'} & set(sys.modules); assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bad_settings_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="batch-size must be greater than 0"):
+        PoolSettings(batch_size=0)
+    with pytest.raises(ConfigError, match="timeout"):
+        PoolSettings(timeout=0)
+
+
+def test_settings_from_run_config(tmp_path: Path) -> None:
+    config = RunConfig(input=tmp_path, prompts=("roof",), workers=3, timeout=9.0, max_images_per_worker=50)
+    settings = PoolSettings.from_config(config, standby=True)
+    assert (settings.workers, settings.timeout, settings.batch_size) == (3, 9.0, 1)
+    assert settings.max_images_per_worker == 50 and settings.standby
+
+
+# -- one status per kind of failure ---------------------------------------------------------------
+
+
+def test_hang_times_out_and_the_run_goes_on(tmp_path: Path) -> None:
+    done = run(make_spec(tmp_path), items("ok_1", "hang_1", "ok_2", "ok_3"), workers=1, timeout=1.0)
+    hang = done.results["hang_1.jpg"]
+    assert hang.status is Status.TIMEOUT and hang.attempts == 2
+    assert hang.exit_code is None and "no result within 1 s" in (hang.error_message or "")
+    assert hang.duration_s is not None and 1.0 <= hang.duration_s < 2.5  # the clock is the worker's Ack
+    assert all(done.results[f"ok_{k}.jpg"].status is Status.OK for k in (1, 2, 3))
+    assert len(done.kinds("worker_timeout")) == 2
+    # Recovery is bounded: two 1 s attempts plus a replacement start each.
+    assert done.elapsed < 2 * 1.0 + 10
+    assert gone(hang.worker_pid or 0)
+
+
+def test_exit_is_crashed_with_exit_code_and_pid(tmp_path: Path) -> None:
+    done = run(make_spec(tmp_path), items("exit_1", "ok_1"), workers=1, max_attempts=1)
+    crash = done.results["exit_1.jpg"]
+    assert crash.status is Status.CRASHED and crash.exit_code == 3 and crash.attempts == 1
+    assert crash.error_message == f"worker process {crash.worker_pid} exited with code 3"
+    assert done.results["ok_1.jpg"].status is Status.OK
+    assert done.results["ok_1.jpg"].worker_pid != crash.worker_pid
+
+
+def test_segfault_is_crashed_with_the_signal(tmp_path: Path) -> None:
+    done = run(make_spec(tmp_path), items("segv_1", "ok_1"), workers=1, max_attempts=1)
+    crash = done.results["segv_1.jpg"]
+    assert crash.status is Status.CRASHED and crash.exit_code == -signal.SIGSEGV
+    assert "killed by signal 11 (SIGSEGV)" in (crash.error_message or "")
+    assert done.results["ok_1.jpg"].status is Status.OK
+
+
+def test_exception_is_error_with_type_message_traceback(tmp_path: Path) -> None:
+    done = run(make_spec(tmp_path), items("raise_1", "ok_1"), workers=1)
+    error = done.results["raise_1.jpg"]
+    assert error.status is Status.ERROR and error.attempts == 2
+    assert (error.error_type, error.error_message) == ("ValueError", "bad pixels in raise_1.jpg")
+    assert error.traceback and "fault_engine.py" in error.traceback and "ValueError" in error.traceback
+    # The retry ran on a fresh worker process: with one worker, the one that failed was recycled.
+    (failed,) = done.kinds("attempt_failed")
+    assert failed.result is not None and failed.result.worker_pid != error.worker_pid
+    assert done.results["ok_1.jpg"].status is Status.OK
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS cap and /proc are Linux's")
+def test_memory_error_is_error_and_the_worker_survives(tmp_path: Path) -> None:
+    done = run(make_spec(tmp_path), items("oom_1", "ok_1", "ok_2"), workers=1, max_attempts=1)
+    oom = done.results["oom_1.jpg"]
+    assert oom.status is Status.ERROR and oom.error_type == "MemoryError"
+    assert {done.results[p].worker_pid for p in ("ok_1.jpg", "ok_2.jpg", "oom_1.jpg")} == {oom.worker_pid}
+
+
+def test_invalid_input_is_final_at_once(tmp_path: Path) -> None:
+    done = run(make_spec(tmp_path), items("invalid_1"), workers=1)
+    assert done.results["invalid_1.jpg"].status is Status.INVALID_INPUT
+    assert done.results["invalid_1.jpg"].attempts == 1
+
+
+# -- attempts ----------------------------------------------------------------------------------------
+
+
+def test_a_crash_then_success_is_ok_on_the_second_attempt(tmp_path: Path) -> None:
+    done = run(make_spec(tmp_path), items("flakyexit_1", "ok_1"), workers=1)
+    assert done.results["flakyexit_1.jpg"].status is Status.OK
+    assert done.results["flakyexit_1.jpg"].attempts == 2
+    (failed,) = done.kinds("attempt_failed")
+    assert failed.result is not None and failed.result.status is Status.CRASHED
+
+
+def test_an_error_then_success_with_two_workers_reloads_nothing(tmp_path: Path) -> None:
+    done = run(make_spec(tmp_path), items("flakyraise_1", *(f"slow_{k}" for k in range(4))), workers=2)
+    flaky = done.results["flakyraise_1.jpg"]
+    assert flaky.status is Status.OK and flaky.attempts == 2
+    (failed,) = done.kinds("attempt_failed")
+    assert failed.result is not None and failed.result.worker_pid != flaky.worker_pid
+    assert not done.kinds("recycle")  # the other worker took the retry
+    assert len(fault_engine.loads(tmp_path)) == 2
+
+
+@pytest.mark.parametrize("attempts", [1, 3])
+def test_max_attempts_bounds_the_tries(tmp_path: Path, attempts: int) -> None:
+    done = run(make_spec(tmp_path), items("hang_1"), workers=1, timeout=0.5, max_attempts=attempts)
+    assert done.results["hang_1.jpg"].status is Status.TIMEOUT
+    assert done.results["hang_1.jpg"].attempts == attempts
+    assert len(done.kinds("worker_timeout")) == attempts
+
+
+def test_an_all_hang_run_takes_images_x_attempts_x_timeout_over_workers(tmp_path: Path) -> None:
+    todo = items(*(f"hang_{k}" for k in range(4)))
+    done = run(make_spec(tmp_path), todo, workers=2, timeout=1.0, max_attempts=2)
+    assert [r.status for r in done.results.values()] == [Status.TIMEOUT] * 4
+    expected = 4 * 2 * 1.0 / 2
+    # Each worker sees 4 timeouts, each followed by a replacement start (well under 1 s each).
+    assert expected - 0.5 < done.elapsed < expected + 4 * 1.5
+
+
+# -- batches -----------------------------------------------------------------------------------------
+
+
+def test_a_failed_batch_is_retried_one_by_one(tmp_path: Path) -> None:
+    todo = items("ok_1", "hang_1", "ok_2", "segv_1", "ok_3", "ok_4")
+    done = run(make_spec(tmp_path), todo, workers=1, batch_size=3, timeout=0.5, max_attempts=1)
+    assert done.results["hang_1.jpg"].status is Status.TIMEOUT
+    assert done.results["segv_1.jpg"].status is Status.CRASHED
+    for name in ("ok_1", "ok_2", "ok_3", "ok_4"):
+        assert done.results[f"{name}.jpg"].status is Status.OK
+        assert done.results[f"{name}.jpg"].attempts == 1  # the failed batch was not charged to them
+    assert len(done.kinds("batch_split")) == 2
+    assert "1.5 s" in done.kinds("worker_timeout")[0].message  # the budget is timeout x items
+
+
+def test_an_exception_in_a_batch_marks_only_its_image(tmp_path: Path) -> None:
+    done = run(make_spec(tmp_path), items("ok_1", "raise_1", "ok_2"), workers=1, batch_size=3, max_attempts=1)
+    assert done.results["raise_1.jpg"].status is Status.ERROR
+    assert done.results["ok_1.jpg"].status is Status.OK and done.results["ok_2.jpg"].status is Status.OK
+    assert not done.kinds("batch_split")  # the worker reran the items itself, no process was lost
+
+
+# -- worker lifecycle --------------------------------------------------------------------------------
+
+
+def test_workers_are_recycled_after_max_images(tmp_path: Path) -> None:
+    todo = items(*(f"ok_{k}" for k in range(5)))
+    done = run(make_spec(tmp_path), todo, workers=1, batch_size=2, max_images_per_worker=2)
+    per_pid: dict[int | None, int] = {}
+    for result in done.results.values():
+        per_pid[result.worker_pid] = per_pid.get(result.worker_pid, 0) + 1
+    assert sorted(per_pid.values()) == [1, 2, 2]
+    assert len(done.kinds("recycle")) == 2  # the third worker is closed at the end, not recycled
+    assert len(fault_engine.loads(tmp_path)) == 3
+
+
+def test_the_pool_grows_to_one_worker_per_gpu(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path, device="cuda", gpu_count=2, slow_s=0.2)
+    done = run(spec, items(*(f"slow_{k}" for k in range(8))), workers=None)
+    assert {r.device for r in done.results.values()} == {"cuda:0 fake", "cuda:1 fake"}
+    assert sorted(slot for _pid, slot in fault_engine.loads(tmp_path)) == [0, 1]
+
+
+def test_a_pinned_gpu_gets_one_worker(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path, device="cuda", gpu_count=2)
+    spec = EngineSpec(spec.config.with_changes(device="cuda:1"), FACTORY)
+    done = run(spec, items("ok_1", "ok_2"), workers=None)
+    assert done.outcome.workers_started == 1
+
+
+def test_a_replacement_loading_does_not_stall_the_other_worker(tmp_path: Path) -> None:
+    todo = items("hang_1", *(f"slow_{k}" for k in range(12)))
+    spec = make_spec(tmp_path, load_delay=1.5, slow_s=0.2)
+    done = run(spec, todo, workers=2, timeout=1.0, max_attempts=1)
+    assert done.results["hang_1.jpg"].status is Status.TIMEOUT
+    (timeout,) = done.kinds("worker_timeout")
+    replacement_ready = next(
+        e for e in done.kinds("worker_ready") if e.time > timeout.time and e.slot == timeout.slot
+    )
+    finished = [r.finished_at or 0 for r in done.results.values()]
+    during = [moment for moment in finished if timeout.time < moment < replacement_ready.time]
+    assert len(during) >= 3, "the healthy worker kept taking tasks while the replacement loaded"
+
+
+def test_a_standby_worker_replaces_a_timed_out_one_without_a_load_wait(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path, load_delay=1.0)
+    done = run(spec, items("hang_1", "ok_1"), workers=1, standby=True, timeout=2.5, max_attempts=1)
+    hang, ok = done.results["hang_1.jpg"], done.results["ok_1.jpg"]
+    assert hang.status is Status.TIMEOUT and ok.status is Status.OK
+    assert len(done.kinds("standby_promoted")) == 1
+    # Without the spare, ok_1 would wait for a fresh 1 s load after the timeout.
+    assert (ok.finished_at or 0) - (hang.finished_at or 0) < 0.9
+
+
+# -- load failures -----------------------------------------------------------------------------------
+
+
+def test_a_model_that_fails_to_load_is_fatal_before_any_image(tmp_path: Path) -> None:
+    seen: list[ItemResult] = []
+    events: list[PoolEvent] = []
+    started = time.monotonic()
+    with pytest.raises(ModelLoadError, match="RuntimeError: weights are corrupt"):
+        run_pool(make_spec(tmp_path, load="fail"), items("ok_1"), PoolSettings(**DEFAULTS), seen.append,
+                 on_event=events.append)
+    assert seen == [] and time.monotonic() - started < 10
+    assert len(fault_engine.loads(tmp_path)) == 1  # no respawn loop
+    (failed,) = [e for e in events if e.kind == "load_failed"]
+    assert failed.traceback and "weights are corrupt" in failed.traceback
+
+
+def test_a_worker_dying_while_loading_is_fatal(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="exited with code 5 while loading"):
+        run(make_spec(tmp_path, load="exit"), items("ok_1"), workers=2)
+
+
+def test_a_load_past_load_timeout_is_fatal(tmp_path: Path) -> None:
+    started = time.monotonic()
+    with pytest.raises(ModelLoadError, match="did not load within 1 s"):
+        run(make_spec(tmp_path, load="hang"), items("ok_1"), load_timeout=1.0)
+    assert time.monotonic() - started < 1.0 + 5
+
+
+def test_replacements_that_keep_failing_to_load_end_the_run(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path, ok_loads=1)
+    with pytest.raises(ModelLoadError, match="failed to load the model 3 times in a row"):
+        run(spec, items("hang_1", "ok_1", "ok_2"), workers=1, timeout=0.5, load_retries=2)
+    assert len(fault_engine.loads(tmp_path)) == 4  # the first load, then three failed ones
+
+
+# -- circuit breaker ---------------------------------------------------------------------------------
+
+
+def test_the_same_error_on_consecutive_images_trips_the_breaker(tmp_path: Path) -> None:
+    todo = items(*(f"raise_{k}" for k in range(10)))
+    done = run(make_spec(tmp_path), todo, workers=1, max_attempts=1, max_consecutive_failures=3)
+    assert done.outcome.stopped == "circuit_breaker"
+    assert "3 images in a row failed with ValueError" in done.outcome.message
+    assert "raise_2.jpg" in done.outcome.message
+    assert len(done.results) == 3
+
+
+def test_invalid_input_neither_trips_nor_resets_the_breaker(tmp_path: Path) -> None:
+    only_bad_files = run(make_spec(tmp_path), items(*(f"invalid_{k}" for k in range(5))), workers=1,
+                         max_consecutive_failures=2)
+    assert only_bad_files.outcome.stopped is None
+    assert only_bad_files.outcome.counts == {"invalid_input": 5}
+
+    mixed = items("raise_1", "invalid_1", "raise_2", "ok_1", "ok_2")
+    done = run(make_spec(tmp_path), mixed, workers=1, max_attempts=1, max_consecutive_failures=2)
+    assert done.outcome.stopped == "circuit_breaker"
+    assert "ok_1.jpg" not in done.results
+
+
+def test_an_ok_result_resets_the_breaker(tmp_path: Path) -> None:
+    todo = items("exit_1", "ok_1", "exit_2", "ok_2", "exit_3")
+    done = run(make_spec(tmp_path), todo, workers=1, max_attempts=1, max_consecutive_failures=2)
+    assert done.outcome.stopped is None and len(done.results) == 5
+
+
+# -- stopping and orphans ----------------------------------------------------------------------------
+
+
+def test_should_stop_drains_the_tasks_in_flight(tmp_path: Path) -> None:
+    ready_at: list[float] = []
+
+    def should_stop() -> str | None:
+        return "deadline" if ready_at and time.monotonic() - ready_at[0] > 0.3 else None
+
+    def on_event(event: PoolEvent) -> None:
+        if event.kind == "worker_ready":
+            ready_at.append(time.monotonic())
+
+    spec = make_spec(tmp_path, slow_s=1.0)
+    done = run(spec, items(*(f"slow_{k}" for k in range(5))), should_stop, on_event=on_event, workers=1)
+    assert done.outcome.stopped == "deadline"
+    (finished,) = done.results.values()  # the image in progress finished; no new one started
+    assert finished.status is Status.OK and (finished.duration_s or 0) >= 1.0
+
+
+@pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()])
+def test_an_exception_in_on_result_stops_every_worker(tmp_path: Path, error: BaseException) -> None:
+    def on_result(result: ItemResult) -> None:
+        raise error
+
+    todo = items("ok_1", *(f"hang_{k}" for k in range(3)))
+    with pytest.raises(type(error)):
+        run(make_spec(tmp_path), todo, on_result=on_result, workers=2, timeout=30.0)
+    # the autouse fixture checks that no worker is left
+
+
+PARENT_SCRIPT = """
+import sys, time
+from pathlib import Path
+from batchseg.config import RunConfig
+from batchseg.engine import EngineSpec
+from batchseg.pool import PoolSettings, run_pool
+from batchseg.records import Item
+from batchseg.signals import StopRequest
+
+def main():
+    state = sys.argv[1]
+    config = RunConfig(input=Path(state), prompts=("roof",), extra={"state_dir": state, "slow_s": 1.5})
+    spec = EngineSpec(config, factory="fault_engine:load_faulty")
+    todo = [Item(f"{sys.argv[2]}_{k}.jpg", 1, 1) for k in range(20)]
+
+    def on_event(event):
+        if event.kind == "worker_ready":
+            print("READY", event.pid, flush=True)
+        if event.kind == "stopping":
+            print("DRAINING", event.message.split("finishing ")[1].split()[0], flush=True)
+
+    with StopRequest() as stop:
+        outcome = run_pool(spec, todo, PoolSettings(workers=2, timeout=60), lambda r: print("RESULT", r.path),
+                           stop, on_event)
+    print("STOPPED", outcome.stopped, flush=True)
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def start_parent(tmp_path: Path, kind: str) -> tuple[subprocess.Popen[str], list[int]]:
+    """A real parent process running a pool (a SIGKILL or a signal must hit a whole process)."""
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
+    parent = subprocess.Popen([sys.executable, str(script), str(tmp_path), kind], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env)
+    assert parent.stdout is not None
+    pids = []
+    while len(pids) < 2:
+        line = parent.stdout.readline()
+        assert line, f"parent ended early: {parent.stderr.read() if parent.stderr else ''}"
+        if line.startswith("READY"):
+            pids.append(int(line.split()[1]))
+    time.sleep(0.3)  # let both workers take a task
+    return parent, pids
+
+
+def wait_gone(pids: list[int], limit: float) -> bool:
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        if all(gone(pid) for pid in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_sigkilled_parent_leaves_no_worker_behind(tmp_path: Path) -> None:
+    parent, pids = start_parent(tmp_path, "hang")
+    parent.kill()
+    parent.communicate()
+    assert wait_gone(pids, 5.0), f"workers {pids} outlived their SIGKILLed parent"
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
+def test_first_signal_drains_second_kills(tmp_path: Path) -> None:
+    parent, pids = start_parent(tmp_path, "slow")
+    parent.send_signal(signal.SIGTERM)
+    out, err = parent.communicate(timeout=20)
+    assert parent.returncode == 0, err
+    assert "STOPPED interrupted" in out
+    in_flight = int(out.split("DRAINING ")[1].split()[0])
+    assert in_flight >= 1 and out.split("DRAINING")[1].count("RESULT") == in_flight  # they finished
+    assert wait_gone(pids, 2.0)
+
+    parent, pids = start_parent(tmp_path, "hang")
+    parent.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    parent.send_signal(signal.SIGINT)
+    out, err = parent.communicate(timeout=20)
+    assert "KeyboardInterrupt" in err and "STOPPED" not in out
+    assert wait_gone(pids, 2.0)
+
+
+# -- signals -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(os.name == "nt", reason="os.kill with POSIX signals")
+def test_stop_request_drains_then_interrupts_then_restores_handlers() -> None:
+    before = signal.getsignal(signal.SIGINT)
+    notices: list[str] = []
+    with StopRequest(notice=notices.append) as stop:
+        assert stop() is None
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert stop() == "interrupted" and stop.signal_name == "SIGINT"
+        assert "send it again to stop at once" in notices[0]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.5)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_stop_request_outside_the_main_thread_installs_nothing() -> None:
+    before = signal.getsignal(signal.SIGINT)
+    seen: list[object] = []
+
+    def body() -> None:
+        with StopRequest() as stop:
+            seen.append(signal.getsignal(signal.SIGINT))
+            stop.request("deadline")
+            stop.request("later reason")
+            seen.append(stop())
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    assert seen == [before, "deadline"]
+
+
+def test_describe_exit() -> None:
+    assert describe_exit(3) == "exited with code 3"
+    assert describe_exit(-9) == "was killed by signal 9 (SIGKILL; the out-of-memory killer does this)"
