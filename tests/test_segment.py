@@ -1,0 +1,171 @@
+"""The SAM3 engine end to end on the tiny model: real files in, label maps and results out.
+
+threshold 0 so the random model yields detections; float32 on CPU so runs are reproducible."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from _sam3 import save_noise_image
+
+from batchseg import imageio
+from batchseg.config import RunConfig
+from batchseg.engine import EngineSpec
+from batchseg.errors import ConfigError
+from batchseg.records import Item, ItemResult, Status
+from batchseg.rle import area, decode
+from batchseg.segment import Sam3Engine, load_engine, pick_device
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    root = tmp_path / "in"
+    save_noise_image(root / "a.png", 131, 77, seed=1)
+    save_noise_image(root / "sub" / "b.jpg", 50, 64, seed=2)
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    return root
+
+
+def engine_for(
+    tiny_model: Path, images: Path, out: Path, prompts: tuple[str, ...], **options: Any
+) -> Sam3Engine:
+    config = RunConfig(
+        input=images, prompts=prompts, model=str(tiny_model), output=out,
+        device="cpu", dtype="float32", threshold=0.0, threads=1, **options,
+    )
+    return load_engine(EngineSpec(config), slot=0)
+
+
+def items(*paths: str) -> list[Item]:
+    return [Item(path, 0, 0) for path in paths]
+
+
+def check_consistent(result: ItemResult, out: Path) -> np.ndarray:
+    """Label map file, RLE, areas and boxes all tell the same story; returns the label map."""
+    assert result.status is Status.OK, result.traceback
+    assert result.mask_path == imageio.mask_relpath(result.path)
+    labels = imageio.read_label_map(out / result.mask_path)
+    assert labels.shape == (result.height, result.width)
+    assert [d.index for d in result.detections] == list(range(1, len(result.detections) + 1))
+    scores = [d.score for d in result.detections]
+    assert scores == sorted(scores, reverse=True)
+    assert labels.max() <= len(result.detections)
+    for d in result.detections:
+        mask = decode(d.mask_rle, result.height, result.width)
+        assert np.array_equal(mask, labels == d.index)
+        assert d.area_px == area(d.mask_rle) == int(mask.sum())
+        x0, y0, x1, y1 = d.box
+        assert 0 <= x0 <= x1 <= result.width and 0 <= y0 <= y1 <= result.height
+    return labels
+
+
+def test_results_files_and_detections_agree(tiny_model: Path, images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    engine = engine_for(tiny_model, images, out, ("roof", "solar panel"), max_detections=7)
+    assert engine.device == "cpu float32"
+    [a, b] = engine.process(items("a.png", "sub/b.jpg"))
+    assert (a.width, a.height, b.width, b.height) == (131, 77, 50, 64)
+    for result in (a, b):
+        labels = check_consistent(result, out)
+        assert labels.any()
+        assert len(result.detections) == 14  # 7 per prompt (threshold 0 keeps every query)
+        assert {d.prompt for d in result.detections} == {"roof", "solar panel"}
+        assert result.worker_pid == os.getpid() and result.device == "cpu float32"
+        assert result.started_at is not None and result.finished_at is not None
+        assert result.started_at <= result.finished_at
+    assert (out / "masks" / "sub" / "b.jpg.png").is_file()
+
+
+def test_several_prompts_equal_separate_single_prompt_runs(
+    tiny_model: Path, images: Path, tmp_path: Path
+) -> None:
+    both = engine_for(tiny_model, images, tmp_path / "both", ("roof", "tree"))
+    [joint] = both.process(items("a.png"))
+    singles = {}
+    for prompt in ("roof", "tree"):
+        engine = engine_for(tiny_model, images, tmp_path / prompt, (prompt,))
+        [singles[prompt]] = engine.process(items("a.png"))
+    for prompt, single in singles.items():
+        mine = [(d.score, d.box) for d in joint.detections if d.prompt == prompt]
+        assert mine == [(d.score, d.box) for d in single.detections]
+    joint_labels = check_consistent(joint, tmp_path / "both")
+    single_labels = {p: check_consistent(r, tmp_path / p) for p, r in singles.items()}
+    # A pixel is background in the joint map exactly when it is in every single-prompt map...
+    assert np.array_equal(joint_labels == 0, (single_labels["roof"] == 0) & (single_labels["tree"] == 0))
+    # ...and a pixel a detection holds in the joint map, it holds in its own prompt's map too.
+    for d in joint.detections:
+        twin = next(s for s in singles[d.prompt].detections if (s.score, s.box) == (d.score, d.box))
+        held = joint_labels == d.index
+        assert (single_labels[d.prompt][held] == twin.index).all()
+
+
+def test_processor_gets_the_original_image(tiny_model: Path, images: Path, tmp_path: Path) -> None:
+    engine = engine_for(tiny_model, images, tmp_path / "out", ("roof",))
+    seen: list[tuple[int, int]] = []
+    real_call = engine.processor.__call__
+
+    def spy(*args: Any, **kwargs: Any) -> Any:  # records, then runs the real processor
+        seen.extend(image.size for image in kwargs.get("images") or [])
+        return real_call(*args, **kwargs)
+
+    engine.processor = type("Spy", (), {"__call__": staticmethod(spy)})()
+    [result] = engine.process(items("a.png"))
+    assert result.status is Status.OK
+    assert seen == [(131, 77)]
+    encoded = Sam3Engine.encode_images(engine, [imageio.read_image(images / "a.png", 10**8)])
+    assert encoded.sizes == [(77, 131)]
+
+
+def test_bad_image_then_good_ones(tiny_model: Path, images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    engine = engine_for(tiny_model, images, out, ("roof",))
+    broken, after = engine.process(items("broken.jpg", "a.png"))
+    assert broken.status is Status.INVALID_INPUT and broken.error_type == "InvalidImageError"
+    assert broken.error_message and broken.mask_path is None
+    check_consistent(after, out)
+    [alone] = engine.process(items("sub/b.jpg"))
+    check_consistent(alone, out)
+    [missing] = engine.process(items("gone.png"))
+    assert missing.status is Status.INVALID_INPUT
+
+
+def test_batch_matches_one_by_one(tiny_model: Path, images: Path, tmp_path: Path) -> None:
+    engine = engine_for(tiny_model, images, tmp_path / "out", ("roof", "car"))
+    batched = engine.process(items("a.png", "sub/b.jpg"))
+    alone = [engine.process(items(path))[0] for path in ("a.png", "sub/b.jpg")]
+    for x, y in zip(batched, alone, strict=True):
+        assert [d.prompt for d in x.detections] == [d.prompt for d in y.detections]
+        assert np.allclose([d.score for d in x.detections], [d.score for d in y.detections], atol=1e-5)
+        assert np.allclose([d.box for d in x.detections], [d.box for d in y.detections], atol=1e-3)
+
+
+def test_unwritable_output_is_an_output_error(tiny_model: Path, images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "masks").write_text("a file where the masks folder should be")
+    engine = engine_for(tiny_model, images, out, ("roof",))
+    [result] = engine.process(items("a.png"))
+    assert result.status is Status.ERROR and result.error_type == "OutputError"
+    assert "Traceback" in (result.traceback or "")
+
+
+def test_zero_detections_still_writes_an_empty_map(tiny_model: Path, images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    engine = engine_for(tiny_model, images, out, ("roof",))
+    engine.config = engine.config.with_changes(threshold=1.0)
+    [result] = engine.process(items("a.png"))
+    assert result.status is Status.OK and result.detections == []
+    assert not imageio.read_label_map(out / result.mask_path).any()
+
+
+def test_too_long_prompt_fails_at_load(tiny_model: Path, images: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="tokens long"):
+        engine_for(tiny_model, images, tmp_path / "out", ("roof", " ".join(["tree"] * 40)))
+
+
+def test_cpu_device_pick() -> None:
+    assert pick_device("cpu", slot=3) == "cpu"
