@@ -278,8 +278,11 @@ class Checkpoint:
     # ---- reading -------------------------------------------------------------------------------
 
     def run_info(self) -> RunInfo:
-        row = read_run_info(self._conn, self.path)
-        assert row is not None  # opening checked it
+        """The run row: id, fingerprint, latest config, version, model."""
+        with self._guard():
+            row = read_run_info(self._conn, self.path)
+        if row is None:
+            raise OutputError(f"the checkpoint {self.path} holds no run")
         return row
 
     def stored_config(self) -> dict[str, Any]:
@@ -393,13 +396,18 @@ class Checkpoint:
         self.record_many([(result, item)])
 
     def record_many(self, pairs: Sequence[tuple[ItemResult, Item]]) -> None:
-        """Store several results in one transaction (one fsync): durable when this returns."""
+        """Store several results in one transaction (one fsync): durable when this returns.
+
+        Raises ValueError, writing nothing, for a result that does not match its item or repeats a
+        detection index.
+        """
         now = time.time()
+        rows = [(self._image_row(r, i, now), self._detection_rows(r)) for r, i in pairs]
         with self._write() as conn:
-            for result, item in pairs:
-                conn.execute(_IMAGE_UPSERT, self._image_row(result, item, now))
-                conn.execute("DELETE FROM detections WHERE path=?", (result.path,))
-                conn.executemany(_DETECTION_INSERT, self._detection_rows(result))
+            for image_row, detection_rows in rows:
+                conn.execute(_IMAGE_UPSERT, image_row)
+                conn.execute("DELETE FROM detections WHERE path=?", (image_row[0],))
+                conn.executemany(_DETECTION_INSERT, detection_rows)
 
     def reset_for_retry(self, paths: Iterable[str]) -> int:
         """Make these rows ``pending`` again, keeping their attempts; returns how many changed."""
@@ -428,13 +436,19 @@ class Checkpoint:
             result.device, self.run_id, now,
         )
 
-    def _detection_rows(self, result: ItemResult) -> Iterator[tuple[Any, ...]]:
-        for d in result.detections:
-            x0, y0, x1, y1 = d.box
-            yield (
-                result.path, d.prompt, d.index, float(d.score), float(x0), float(y0), float(x1),
-                float(y1), int(d.area_px), d.mask_rle, result.height, result.width, self.run_id,
+    def _detection_rows(self, result: ItemResult) -> list[tuple[Any, ...]]:
+        indexes = [d.index for d in result.detections]
+        if len(set(indexes)) != len(indexes):
+            # Checked before writing: a broken result must not pass for a damaged checkpoint.
+            raise ValueError(f"result for {result.path!r} repeats a detection index: {indexes}")
+        return [
+            (
+                result.path, d.prompt, d.index, float(d.score), float(d.box[0]), float(d.box[1]),
+                float(d.box[2]), float(d.box[3]), int(d.area_px), d.mask_rle, result.height, result.width,
+                self.run_id,
             )
+            for d in result.detections
+        ]
 
     @contextmanager
     def _guard(self) -> Iterator[None]:

@@ -147,7 +147,7 @@ def export_manifest(checkpoint: Checkpoint, output_dir: Path | None = None) -> M
             conn.execute("COMMIT")
     except sqlite3.DatabaseError as exc:
         raise OutputError(f"cannot read the checkpoint {checkpoint.path} for the manifest: {exc}") from exc
-    except OSError as exc:
+    except (OSError, pa.ArrowException) as exc:
         raise OutputError(f"cannot write the manifest in {images_path.parent}: {exc}") from exc
     return ManifestCounts(n_images, n_detections, dict(by_status), images_path, detections_path)
 

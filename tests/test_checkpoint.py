@@ -312,3 +312,15 @@ def test_plan_reads_the_checkpoint_with_one_select_whatever_the_size(tmp_path: P
 def test_plan_of_200k_items_takes_under_two_seconds(tmp_path: Path) -> None:
     # Setup (190,000 mask files and rows) takes ~15 s; plan() itself ~0.6 s on a quiet machine.
     assert _plan_timing(tmp_path, 200_000, 190_000) < 2.0
+
+
+def test_a_broken_result_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    a, b = make_items(2)
+    twice = ok_result(b, tmp_path, n_det=2)
+    twice.detections[1] = twice.detections[0]
+    with Checkpoint.open(tmp_path, make_config()) as cp:
+        with pytest.raises(ValueError, match="repeats a detection index"):
+            cp.record_many([(ok_result(a, tmp_path), a), (twice, b)])
+        with pytest.raises(ValueError, match="recorded with item"):
+            cp.record(ok_result(a, tmp_path), b)
+        assert cp.counts()["ok"] == 0
