@@ -324,3 +324,16 @@ def test_a_broken_result_is_refused_before_anything_is_written(tmp_path: Path) -
         with pytest.raises(ValueError, match="recorded with item"):
             cp.record(ok_result(a, tmp_path), b)
         assert cp.counts()["ok"] == 0
+
+
+@pytest.mark.slow
+def test_record_rate_with_a_commit_per_result(tmp_path: Path) -> None:
+    # One fsync per record(): this measures the disk under the output folder.
+    items = make_items(1_000)
+    with Checkpoint.open(tmp_path, make_config()) as cp:
+        start = time.perf_counter()
+        for item in items:
+            cp.record(ok_result(item, n_det=10), item)
+        rate = len(items) / (time.perf_counter() - start)
+    print(f"record(): {rate:,.0f} results/s (10 detections each, synchronous=FULL)", file=sys.stderr)
+    assert rate > 50  # far above what a pool of SAM3 workers produces
