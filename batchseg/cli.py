@@ -132,7 +132,7 @@ def _report(summary: Any) -> None:
         safe_echo(f"some images are not ok: see the manifest, or rerun them with: batchseg retry {summary.output_dir}", err=True)
 
 
-def _run_library(call: Callable[[], Any]) -> None:
+def _run_library(call: Callable[[], Any], note: str | None = None) -> None:
     try:
         summary = call()
     except KeyboardInterrupt:
@@ -141,6 +141,8 @@ def _run_library(call: Callable[[], Any]) -> None:
     except BatchsegError as exc:
         _fail(exc)
     _report(summary)
+    if note:
+        safe_echo(note)
     sys.exit(summary.exit_code)
 
 
@@ -298,12 +300,8 @@ def demo(output: Path) -> None:
     """
     from .demo import run_demo
 
-    def call() -> Any:
-        summary = run_demo(output, stream=sys.stderr)
-        safe_echo("the demo model has random weights: its masks are meaningless, the pipeline is real")
-        return summary
-
-    _run_library(call)
+    _run_library(lambda: run_demo(output, stream=sys.stderr),
+                 note="the demo model has random weights: its masks are meaningless; the pipeline is real")
 
 
 def main() -> None:

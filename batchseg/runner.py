@@ -28,7 +28,7 @@ from .errors import BatchsegError, OutputError, StoppedEarly
 from .lock import RunLock
 from .logs import RunLog
 from .manifest import export_manifest
-from .pool import PoolSettings, run_pool
+from .pool import PoolEvent, PoolSettings, run_pool
 from .progress import Progress
 from .records import FINAL_FAILURES, Item, ItemResult, Status
 from .signals import StopRequest
@@ -40,6 +40,8 @@ DEFAULT_FACTORY = "batchseg.segment:load_engine"
 MANIFEST_INTERVAL_S = 300.0
 #: Error types reported by workers that mean the output folder itself is broken: fatal, exit 1.
 OUTPUT_FAILURES = {"OutputError"}
+#: Pool events too frequent to log one line each (a recycled worker every N images is routine).
+QUIET_EVENTS = {"worker_started"}
 
 
 @dataclass
@@ -125,7 +127,8 @@ def _run_locked(
 ) -> RunSummary:
     started = time.monotonic()
     output_dir = config.output_dir
-    log.start(config.to_dict(), {"batchseg": __version__, "pid": os.getpid()})
+    log.start(config.to_dict(), {"batchseg": __version__, "pid": os.getpid(),
+                                 "devices": "reported by each worker when it is ready"})
     checkpoint = Checkpoint.open(output_dir, config, new_run=config.new_run)
     try:
         found = discover(
@@ -232,9 +235,18 @@ def _process(
                 return "deadline"
             return None
 
+        def on_event(event: PoolEvent) -> None:
+            if event.kind in QUIET_EVENTS:
+                return
+            text = f"{event.kind}: {event.message}"
+            if event.kind in ("attempt_failed", "worker_timeout", "worker_lost", "load_failed"):
+                log.warning(text)
+            else:
+                log.info(text)
+
         try:
             outcome = run_pool(EngineSpec(config=config, factory=factory), pending, settings,
-                               on_result=on_result, should_stop=should_stop)
+                               on_result=on_result, should_stop=should_stop, on_event=on_event)
         finally:
             progress.close()
     if output_failure:
@@ -276,6 +288,23 @@ def _stop_time(config: RunConfig) -> float | None:
     return min(candidates) if candidates else None
 
 
+def _stored_config(output_dir: Path) -> dict[str, Any]:
+    """The configuration of the run in ``output_dir``: from the checkpoint, else the manifest."""
+    from .manifest import read_manifest_run
+
+    try:
+        checkpoint = Checkpoint.open_existing(output_dir, read_only=True)
+    except BatchsegError:
+        run_info = read_manifest_run(output_dir)
+        if run_info is None:
+            raise OutputError(f"{output_dir} holds no batchseg run (no checkpoint, no manifest)") from None
+        return run_info.config
+    try:
+        return checkpoint.stored_config()
+    finally:
+        checkpoint.close()
+
+
 def retry(
     output_dir: Path,
     statuses: Sequence[Status] = FINAL_FAILURES,
@@ -286,9 +315,6 @@ def retry(
 ) -> RunSummary:
     """Rerun the images of ``output_dir`` whose status is one of ``statuses``, with the stored
     configuration (operational options such as timeout and workers may be overridden)."""
-    from .manifest import stored_run_config
-
-    stored = stored_run_config(output_dir)
-    config = RunConfig.from_dict(stored)
+    config = RunConfig.from_dict(_stored_config(output_dir))
     config = config.with_changes(output=output_dir, new_run=False, **(overrides or {}))
     return run(config, factory=factory, retry_statuses=statuses, stream=stream)
