@@ -31,7 +31,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -469,10 +469,18 @@ class Checkpoint:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
+                conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                _rollback(conn)
                 raise
-            conn.execute("COMMIT")
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Undo an open transaction without hiding the error that got here: SQLite has already rolled
+    back after some errors (a full disk), and a failing ROLLBACK must not replace the cause."""
+    if conn.in_transaction:
+        with suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
 
 
 class _Planner:
@@ -595,6 +603,8 @@ def _connect_writer(path: Path) -> sqlite3.Connection:
 
 def _database_error(path: Path, exc: sqlite3.DatabaseError) -> OutputError:
     text = str(exc)
+    if "disk is full" in text:
+        return OutputError(f"the disk holding {path.parent} is full; free space and run again to resume")
     if isinstance(exc, sqlite3.OperationalError) and "malformed" not in text:
         return OutputError(f"cannot use the checkpoint {path}: {text}")
     manifest = path.parent / "manifest" / "images.parquet"
@@ -667,10 +677,10 @@ def _init_run(conn: sqlite3.Connection, path: Path, config: RunConfig) -> str:
                 _check_fingerprint(path.parent, run.fingerprint, config)
                 run_id = run.run_id
                 _store_session_config(conn, path, config)
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            _rollback(conn)
             raise
-        conn.execute("COMMIT")
     except sqlite3.DatabaseError as exc:
         raise _database_error(path, exc) from exc
     return run_id

@@ -277,6 +277,15 @@ class _ManifestSeed:
     fingerprint: dict[str, Any]
 
     def load(self, conn: sqlite3.Connection) -> None:
+        try:
+            self._load(conn)
+        except (OSError, pa.ArrowException, KeyError) as exc:
+            raise OutputError(
+                f"cannot rebuild the checkpoint from the manifest {self.source}: {exc}. Move manifest/"
+                " away to start over, or pass --new-run."
+            ) from exc
+
+    def _load(self, conn: sqlite3.Connection) -> None:
         images_path, detections_path = manifest_paths(self.source.parent.parent)
         now = time.time()
         for batch in pq.ParquetFile(images_path).iter_batches(BATCH_ROWS, columns=_SEED_IMAGE_COLUMNS):

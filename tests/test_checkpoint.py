@@ -337,3 +337,16 @@ def test_record_rate_with_a_commit_per_result(tmp_path: Path) -> None:
         rate = len(items) / (time.perf_counter() - start)
     print(f"record(): {rate:,.0f} results/s (10 detections each, synchronous=FULL)", file=sys.stderr)
     assert rate > 50  # far above what a pool of SAM3 workers produces
+
+
+def test_a_full_disk_is_an_output_error_that_says_so(tmp_path: Path) -> None:
+    items = make_items(200)
+    with Checkpoint.open(tmp_path, make_config()) as cp:
+        # SQLite's own page limit gives the same SQLITE_FULL a full disk gives.
+        pages = cp._conn.execute("PRAGMA page_count").fetchone()[0]
+        cp._conn.execute(f"PRAGMA max_page_count={pages}")
+        with pytest.raises(OutputError, match="is full; free space and run again"):
+            for item in items:
+                cp.record(ok_result(item, n_det=20), item)
+        cp._conn.execute("PRAGMA max_page_count=1073741823")
+        cp.record(ok_result(items[0], n_det=1), items[0])  # usable again once there is room
