@@ -76,6 +76,7 @@ class StatusReport:
     last_finished_at: float | None
     top_errors: list[ErrorGroup] = field(default_factory=list)
     live: LockInfo | None = None  # the process holding the folder, if any
+    note: str | None = None  # why the checkpoint could not be read, when the manifest stood in
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -85,13 +86,22 @@ def collect_status(output_dir: Path) -> StatusReport:
     """Status of the run in ``output_dir``; OutputError when it holds neither checkpoint nor manifest."""
     output_dir = Path(output_dir)
     live = is_locked(output_dir)
+    problem: OutputError | None = None
     if (output_dir / CHECKPOINT_NAME).is_file():
-        report = _from_checkpoint(output_dir)
-    elif (run := read_manifest_run(output_dir)) is not None:
-        report = _from_manifest(output_dir, run)
-    else:
+        try:
+            report = _from_checkpoint(output_dir)
+            report.live = live
+            return report
+        except OutputError as exc:  # damaged, or holds no run: the manifest may still tell
+            problem = exc
+    run = read_manifest_run(output_dir)
+    if run is None:
+        if problem is not None:
+            raise problem
         raise OutputError(f"no batchseg run in {output_dir}: neither {CHECKPOINT_NAME} nor manifest/ found")
+    report = _from_manifest(output_dir, run)
     report.live = live
+    report.note = str(problem) if problem is not None else None
     return report
 
 
@@ -258,6 +268,8 @@ def format_status(report: StatusReport) -> str:
             message = f": {_shorten(g.example_message)}" if g.example_message else ""
             lines.append(f"  {kind} x{g.count:,}, e.g. {g.example_path}{message}")
     lines.append(f"from the {report.source}, updated {_when(report.updated_at)}")
+    if report.note:
+        lines.append(f"note: {report.note}")
     return "\n".join(lines)
 
 

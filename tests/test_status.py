@@ -105,3 +105,15 @@ def test_storage_modules_never_import_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_manifest_and_says_why(tmp_path: Path) -> None:
+    build_run(tmp_path)
+    (tmp_path / CHECKPOINT_NAME).write_bytes(b"garbage" * 1000)
+    report = collect_status(tmp_path)
+    assert report.source == "manifest" and report.counts["ok"] == 20
+    assert report.note is not None and "damaged" in report.note
+    assert "note: the checkpoint" in format_status(report)
+    (tmp_path / "manifest" / "images.parquet").unlink()
+    with pytest.raises(OutputError, match="damaged"):
+        collect_status(tmp_path)
