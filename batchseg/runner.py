@@ -142,6 +142,7 @@ def _run_locked(
         )
         for path, kept in found.collisions.items():
             _record_collision(checkpoint, config, path, kept, log)
+        _record_skipped(checkpoint, config.input, found.excluded)
         stopped, message, processed = _process(config, factory, checkpoint, plan.pending, log, stream)
         export_manifest(checkpoint, output_dir)
         counts = checkpoint.counts()
@@ -174,6 +175,16 @@ def _record_collision(
     log.failure(path, str(Status.INVALID_INPUT), message)
 
 
+def _record_skipped(checkpoint: Checkpoint, root: Path, paths: Sequence[str]) -> None:
+    """Images left out by --include/--exclude get a ``skipped`` row, so the manifest lists every image
+    of the folder; one transaction for all of them."""
+    now = time.time()
+    pairs = [(ItemResult(path=p, status=Status.SKIPPED, attempts=0, started_at=now, finished_at=now),
+              _stat_item(root, p)) for p in paths]
+    if pairs:
+        checkpoint.record_many(pairs)
+
+
 def _stat_item(root: Path, rel: str) -> Item:
     st = (root / rel).stat()
     return Item(path=rel, size_bytes=st.st_size, mtime_ns=st.st_mtime_ns)
@@ -199,10 +210,17 @@ def _process(
 
     def on_result(result: ItemResult) -> None:
         nonlocal last_export, processed
+        item = by_path[result.path]
         try:
-            checkpoint.record(result, by_path[result.path])
+            checkpoint.record(result, item)
         except OSError as exc:
             raise _output_error(config.output_dir, exc) from exc
+        except ValueError as exc:  # a malformed result (engine bug): that image fails, the run goes on
+            result = ItemResult(path=result.path, status=Status.ERROR, attempts=result.attempts,
+                                error_type="InvalidResult", error_message=str(exc),
+                                started_at=result.started_at, finished_at=result.finished_at,
+                                worker_pid=result.worker_pid, device=result.device)
+            checkpoint.record(result, item)
         processed += 1
         progress.update(result)
         if result.status is not Status.OK:

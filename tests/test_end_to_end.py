@@ -125,3 +125,14 @@ def test_fatal_errors_exit_1_or_2(case: str, image_folder: Path, tmp_path: Path)
                         "--model", broken, "--device", "cpu", "--load-timeout", "60")
         assert result.exit_code == 1
         assert "config.json" in result.output
+
+
+def test_filtered_images_are_listed_as_skipped(image_folder: Path, tiny_model: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    result = invoke(*run_args(image_folder, output, tiny_model, "--prompt", "roof", "--exclude", "sub/**"))
+    assert result.exit_code == 0, result.output
+    images, _ = read_manifests(output)
+    status = {r["path"]: r["status"] for r in images}
+    assert status == {"a.jpg": "ok", "b.png": "ok", "sub/c.jpg": "skipped", "sub/d.png": "skipped",
+                      "sub/deeper/e.jpg": "skipped"}
+    assert not (output / "masks" / "sub").exists()
