@@ -230,7 +230,6 @@ def _process(
         if time.monotonic() - last_export > MANIFEST_INTERVAL_S:
             export_manifest(checkpoint, config.output_dir)
             last_export = time.monotonic()
-            log.progress(progress.line())
 
     settings = PoolSettings(
         workers=config.workers,
@@ -244,7 +243,14 @@ def _process(
     )
     with StopRequest() as stop_request:
 
+        last_log_line = time.monotonic()
+
         def should_stop() -> str | None:
+            nonlocal last_log_line
+            progress.tick()  # images can take minutes: keep the plain progress lines coming
+            if time.monotonic() - last_log_line >= config.progress_interval:
+                log.progress(progress.line())
+                last_log_line = time.monotonic()
             if output_failure:
                 return "output_error"
             if stop_request.reason:
