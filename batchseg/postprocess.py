@@ -194,9 +194,9 @@ def _paint(labels: torch.Tensor, masks: torch.Tensor, first_label: int) -> None:
     if masks.shape[0] == 1:
         labels.masked_fill_(masks[0] & (labels == 0), first_label)
         return
-    as_bytes = masks.to(torch.uint8)
-    # argmax returns the first maximum: the best-scored mask of the chunk at each pixel.
-    first = torch.argmax(as_bytes, dim=0).to(torch.int32)
-    covered = as_bytes.amax(dim=0).bool()
-    free = covered & (labels == 0)
-    labels[free] = first[free] + first_label
+    # Claims written from the last mask to the first, so the first (best) mask's claim stays:
+    # one pass per mask, and no reliance on how a reduction breaks ties.
+    claim = torch.zeros_like(labels)
+    for i in range(masks.shape[0] - 1, -1, -1):
+        claim.masked_fill_(masks[i], first_label + i)
+    torch.where(labels == 0, claim, labels, out=labels)

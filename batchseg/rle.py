@@ -28,8 +28,7 @@ def encode_labels(labels: np.ndarray, n_labels: int | None = None) -> dict[int, 
         raise ValueError(f"label map must be 2-D, got shape {labels.shape}")
     height, width = labels.shape
     total = height * width
-    flat = np.ascontiguousarray(labels.T).ravel()
-    run_labels, run_starts, run_lengths = _runs(flat)
+    run_labels, run_starts, run_lengths = _column_major_runs(labels)
     fg = run_labels != 0
     run_labels, run_starts, run_lengths = run_labels[fg], run_starts[fg], run_lengths[fg]
     # Group runs by label; the stable sort keeps each label's runs in pixel order.
@@ -50,15 +49,24 @@ def encode(mask: np.ndarray) -> str:
     return encode_labels(np.asarray(mask, dtype=bool).astype(np.uint8), n_labels=1)[1]
 
 
-def _runs(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Maximal runs of equal values: (value, start, length) of each, in order."""
-    if flat.size == 0:
+def _column_major_runs(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Maximal runs of equal values in column-major order: (value, start, length) of each.
+
+    Found without transposing the map (a strided copy of every pixel): changes down each column
+    come from one contiguous comparison, changes across column boundaries from another, and only
+    the change positions (far fewer than pixels) are sorted into column-major order."""
+    height, width = labels.shape
+    total = height * width
+    if total == 0:
         empty = np.zeros(0, np.int64)
-        return flat[:0], empty, empty
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+        return labels.ravel(), empty, empty
+    rows, cols = np.nonzero(labels[1:, :] != labels[:-1, :])
+    down = cols.astype(np.int64) * height + rows.astype(np.int64) + 1
+    across = (np.flatnonzero(labels[0, 1:] != labels[-1, :-1]).astype(np.int64) + 1) * height
+    change = np.sort(np.concatenate((down, across)))
     starts = np.concatenate(([0], change)).astype(np.int64)
-    ends = np.concatenate((change, [flat.size])).astype(np.int64)
-    return flat[starts], starts, ends - starts
+    ends = np.concatenate((change, [total])).astype(np.int64)
+    return labels[starts % height, starts // height], starts, ends - starts
 
 
 def _label_counts(
@@ -101,13 +109,15 @@ def _to_strings(counts: np.ndarray, counts_per_label: np.ndarray) -> list[str]:
     values = counts.copy()
     delta = position > 2
     values[delta] -= counts[np.flatnonzero(delta) - 2]
-    shifts = 5 * np.arange(_MAX_GROUPS, dtype=np.int64)
+    # Only as many 5-bit groups as the largest value needs (plus its sign bit).
+    n_groups = min(_MAX_GROUPS, max(1, (int(np.abs(values).max()).bit_length() + 5) // 5))
+    shifts = 5 * np.arange(n_groups, dtype=np.int64)
     groups = (values[:, None] >> shifts[None, :]) & 0x1F  # arithmetic shift: negatives stay negative
     rest = values[:, None] >> (shifts[None, :] + 5)
     last = np.where(groups & 0x10, rest == -1, rest == 0)
     n_chars = np.argmax(last, axis=1) + 1
-    used = np.arange(_MAX_GROUPS)[None, :] < n_chars[:, None]
-    more = np.arange(_MAX_GROUPS)[None, :] < (n_chars[:, None] - 1)
+    used = np.arange(n_groups)[None, :] < n_chars[:, None]
+    more = np.arange(n_groups)[None, :] < (n_chars[:, None] - 1)
     chars = (groups | np.where(more, 0x20, 0)) + 48
     text = chars[used].astype(np.uint8).tobytes().decode("ascii")
     chars_per_label = np.add.reduceat(n_chars, label_start)

@@ -206,3 +206,24 @@ def test_peak_memory_stays_bounded_on_a_large_image(tmp_path: Path) -> None:
     assert result["n"] == 8 and result["covered"] > 0
     # The library's int64 masks would need 8 x 12 Mpx x 8 B = 770 MB here.
     assert result["extra_peak_mb"] < 300, result
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_equal_to_the_library_on_cuda(tiny_model: Path) -> None:
+    model, processor = load_model(str(tiny_model), "cuda:0", "bfloat16")
+    inputs = processor(images=noise_image(WIDTH, HEIGHT, 5), text="roof", return_tensors="pt").to("cuda:0")
+    with torch.inference_mode():
+        outputs = model(
+            pixel_values=inputs["pixel_values"].to(model.dtype),
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+        )
+    sizes = inputs["original_sizes"].tolist()
+    lib = library_result(processor, outputs, sizes)
+    cands = select(split_outputs(outputs, 0)[0], HEIGHT, WIDTH, 0.0, 1000)
+    by_query = np.argsort([inst.query for inst in cands.instances])
+    scores = np.array([inst.score for inst in cands.instances])[by_query]
+    assert np.array_equal(scores, lib["scores"].float().cpu().numpy())
+    masks = torch.cat([m for _, m in iter_masks(cands.masks, HEIGHT, WIDTH, 0.5, 1)])
+    assert masks.device.type == "cuda"
+    assert torch.equal(masks[torch.as_tensor(by_query, device="cuda:0")], lib["masks"].bool())

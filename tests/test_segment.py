@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from _sam3 import save_noise_image
 
 from batchseg import imageio
@@ -19,6 +20,8 @@ from batchseg.errors import ConfigError
 from batchseg.records import Item, ItemResult, Status
 from batchseg.rle import area, decode
 from batchseg.segment import Sam3Engine, load_engine, pick_device
+
+HAS_CUDA = torch.cuda.is_available()
 
 
 @pytest.fixture
@@ -33,10 +36,9 @@ def images(tmp_path: Path) -> Path:
 def engine_for(
     tiny_model: Path, images: Path, out: Path, prompts: tuple[str, ...], **options: Any
 ) -> Sam3Engine:
-    config = RunConfig(
-        input=images, prompts=prompts, model=str(tiny_model), output=out,
-        device="cpu", dtype="float32", threshold=0.0, threads=1, **options,
-    )
+    settings: dict[str, Any] = {"device": "cpu", "dtype": "float32", "threshold": 0.0, "threads": 1}
+    settings.update(options)
+    config = RunConfig(input=images, prompts=prompts, model=str(tiny_model), output=out, **settings)
     return load_engine(EngineSpec(config), slot=0)
 
 
@@ -169,3 +171,28 @@ def test_too_long_prompt_fails_at_load(tiny_model: Path, images: Path, tmp_path:
 
 def test_cpu_device_pick() -> None:
     assert pick_device("cpu", slot=3) == "cpu"
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_engine_agrees_with_cpu(tiny_model: Path, images: Path, tmp_path: Path) -> None:
+    gpu = engine_for(tiny_model, images, tmp_path / "gpu", ("roof", "tree"), device="cuda")
+    assert gpu.device.startswith("cuda:0 ") and gpu.device.endswith(" float32")
+    cpu = engine_for(tiny_model, images, tmp_path / "cpu", ("roof", "tree"))
+    on_gpu = gpu.process(items("a.png", "sub/b.jpg", "broken.jpg"))
+    on_cpu = cpu.process(items("a.png", "sub/b.jpg", "broken.jpg"))
+    assert on_gpu[2].status is Status.INVALID_INPUT
+    for x, y in zip(on_gpu[:2], on_cpu[:2], strict=True):
+        check_consistent(x, tmp_path / "gpu")
+        assert [d.prompt for d in x.detections] == [d.prompt for d in y.detections]
+        assert np.allclose([d.score for d in x.detections], [d.score for d in y.detections], atol=1e-3)
+    auto = engine_for(tiny_model, images, tmp_path / "auto", ("roof",), device="cuda", dtype="auto")
+    check_consistent(auto.process(items("a.png"))[0], tmp_path / "auto")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_unindexed_cuda_spreads_workers_over_gpus() -> None:
+    count = torch.cuda.device_count()
+    assert [pick_device("cuda", slot) for slot in range(count + 1)] == [
+        f"cuda:{i % count}" for i in range(count + 1)
+    ]
+    assert pick_device("cuda:0", slot=5) == "cuda:0"
