@@ -717,6 +717,8 @@ class _Pool:
         self.emit(PoolEvent("load_failed", message, worker.slot, worker.pid, traceback=trace))
         if self.kind is None:
             raise ModelLoadError(f"the model could not be loaded: {detail}")
+        if self.draining:
+            return  # no replacement is needed any more
         self.load_failures += 1
         if self.load_failures > self.settings.load_retries:
             raise ModelLoadError(

@@ -496,8 +496,16 @@ def wait_gone(pids: list[int], limit: float) -> bool:
 def test_a_sigkilled_parent_leaves_no_worker_behind(tmp_path: Path) -> None:
     parent, pids = start_parent(tmp_path, "hang")
     parent.kill()
-    parent.communicate()
-    assert wait_gone(pids, 5.0), f"workers {pids} outlived their SIGKILLed parent"
+    parent.wait()
+    for pipe in (parent.stdout, parent.stderr):  # not communicate(): an orphan would hold them open
+        if pipe is not None:
+            pipe.close()
+    try:
+        assert wait_gone(pids, 5.0), f"workers {pids} outlived their SIGKILLed parent"
+    finally:
+        for pid in pids:  # so a failure here leaves nothing running
+            if not gone(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
