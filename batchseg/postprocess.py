@@ -9,8 +9,14 @@
    order) and numbered 1..N; N is the detection's value in the label map and its ``index`` in the
    manifest, so label 1 is the most confident detection of the image;
 3. masks upsampled in chunks of at most ``chunk_bytes`` (sigmoid, bilinear ``align_corners=False``
-   to the original size, ``> mask_threshold``: exactly the library's operations, so the pixels agree),
-   and painted in label order onto pixels still free: on overlap the higher score wins.
+   to the original size, ``> mask_threshold``: exactly the library's operations), and painted in
+   label order onto pixels still free: on overlap the higher score wins.
+
+On CPU each mask is upsampled on its own: PyTorch's CPU bilinear kernel can round a pixel
+differently depending on how many masks one call holds (seen on an Intel Xeon with one thread: 4
+pixels of 10,000 flipped at the threshold with 3 masks a call), and one mask a call gave the
+library's pixels on every machine tried. CUDA computes each output pixel alone, so chunks are
+safe there.
 
 The pixel area of each label is counted on the final map (a detection covered entirely by better ones
 keeps its row with area 0). Boxes are the model's boxes scaled to original pixels like the library's,
@@ -151,10 +157,16 @@ def postprocess_image(
 
 
 def compose(
-    candidates: Candidates, height: int, width: int, mask_threshold: float, chunk_bytes: int = CHUNK_BYTES
+    candidates: Candidates,
+    height: int,
+    width: int,
+    mask_threshold: float,
+    chunk_bytes: int = CHUNK_BYTES,
+    max_masks: int | None = None,
 ) -> ImageSegmentation:
     """Paint candidates (already in label order) onto a fresh label map: candidate i gets value i+1
-    on the pixels of its mask that no earlier candidate took."""
+    on the pixels of its mask that no earlier candidate took. ``max_masks`` caps the masks of one
+    upsampling call (default: 1 on CPU, see the module docstring; no cap on CUDA)."""
     instances = candidates.instances
     if len(instances) > MAX_LABELS:
         raise ValueError(f"{len(instances)} detections do not fit a uint16 label map (at most {MAX_LABELS})")
@@ -162,7 +174,8 @@ def compose(
         return ImageSegmentation(np.zeros((height, width), np.uint16), [], np.zeros(0, np.int64))
     # int32 because torch has few uint16 kernels; converted once at the end.
     labels = torch.zeros((height, width), dtype=torch.int32, device=candidates.masks.device)
-    for start, masks in iter_masks(candidates.masks, height, width, mask_threshold, chunk_bytes):
+    chunks = iter_masks(candidates.masks, height, width, mask_threshold, chunk_bytes, max_masks)
+    for start, masks in chunks:
         _paint(labels, masks, first_label=start + 1)
         del masks
     label_map = labels.cpu().numpy().astype(np.uint16)
@@ -172,12 +185,20 @@ def compose(
 
 
 def iter_masks(
-    low_res: torch.Tensor, height: int, width: int, mask_threshold: float, chunk_bytes: int = CHUNK_BYTES
+    low_res: torch.Tensor,
+    height: int,
+    width: int,
+    mask_threshold: float,
+    chunk_bytes: int = CHUNK_BYTES,
+    max_masks: int | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Full-size boolean masks of (n, h, w) mask logits, a chunk at a time: (first row, (c, H, W)).
 
-    A chunk's float buffer stays under ``chunk_bytes`` (one mask at least)."""
-    per_chunk = max(1, chunk_bytes // max(1, height * width * low_res.element_size()))
+    A chunk's float buffer stays under ``chunk_bytes`` (one mask at least) and holds at most
+    ``max_masks`` masks (default: 1 on CPU, unlimited on CUDA)."""
+    if max_masks is None:
+        max_masks = 1 if low_res.device.type == "cpu" else low_res.shape[0]
+    per_chunk = max(1, min(max_masks, chunk_bytes // max(1, height * width * low_res.element_size())))
     for start in range(0, low_res.shape[0], per_chunk):
         yield start, _upsample(low_res[start : start + per_chunk], height, width, mask_threshold)
 

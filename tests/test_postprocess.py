@@ -56,12 +56,11 @@ def test_scores_boxes_and_masks_equal_the_library(loaded: tuple[Any, Any]) -> No
     boxes = np.array([inst.box for inst in cands.instances])[by_query]
     upper = [WIDTH, HEIGHT, WIDTH, HEIGHT]
     assert np.array_equal(boxes, np.clip(lib["boxes"].double().numpy(), 0, upper))
-    # Small chunks (one mask each) and one big chunk both give the library's pixels.
-    for chunk_bytes in (1, 1 << 30):
-        chunks = [m for _, m in iter_masks(cands.masks, HEIGHT, WIDTH, 0.5, chunk_bytes)]
-        masks = torch.cat(chunks)[torch.as_tensor(by_query)]
-        assert masks.dtype == torch.bool
-        assert torch.equal(masks, lib["masks"].bool())
+    chunks = list(iter_masks(cands.masks, HEIGHT, WIDTH, 0.5))
+    assert len(chunks) == len(queries)  # one mask per call on CPU
+    masks = torch.cat([m for _, m in chunks])[torch.as_tensor(by_query)]
+    assert masks.dtype == torch.bool
+    assert torch.equal(masks, lib["masks"].bool())
     assert lib["masks"].sum() > 0  # the comparison is not between two empty sets
 
 
@@ -96,7 +95,8 @@ def reference_label_map(processor: Any, outputs_by_prompt: list[Any], sizes: lis
     found = []
     for p, outputs in enumerate(outputs_by_prompt):
         lib = library_result(processor, outputs, sizes)
-        for score, mask in zip(lib["scores"].float().tolist(), lib["masks"].bool().numpy(), strict=True):
+        masks = lib["masks"].bool().cpu().numpy()
+        for score, mask in zip(lib["scores"].float().tolist(), masks, strict=True):
             found.append((score, p, mask))
     found.sort(key=lambda t: -t[0])  # stable: prompt order, then query order on ties
     labels = np.zeros(found[0][2].shape, np.uint16)
@@ -111,8 +111,7 @@ def test_label_map_across_prompts_matches_the_obvious_composition(loaded: tuple[
     runs = [forward(model, processor, image, prompt) for prompt in ("roof", "solar panel", "tree")]
     sizes = runs[0][1]
     preds = [split_outputs(outputs, p)[0] for p, (outputs, _) in enumerate(runs)]
-    three_masks = 3 * HEIGHT * WIDTH * 4  # chunks of three masks: exercises the in-chunk painting
-    seg = postprocess_image(preds, HEIGHT, WIDTH, 0.0, 0.5, max_detections=1000, chunk_bytes=three_masks)
+    seg = postprocess_image(preds, HEIGHT, WIDTH, 0.0, 0.5, max_detections=1000)
     expected = reference_label_map(processor, [outputs for outputs, _ in runs], sizes)
     assert seg.labels.dtype == np.uint16 and seg.labels.shape == (HEIGHT, WIDTH)
     assert np.array_equal(seg.labels, expected)
@@ -132,7 +131,9 @@ def test_higher_score_wins_on_overlap() -> None:
         Candidates([Instance(0, 0, 0.6, (0, 0, 1, 1))], low[:1]),
         Candidates([Instance(1, 0, 0.9, (0, 0, 1, 1))], low[1:]),
     ]
-    seg = compose(merge(parts), 8, 8, mask_threshold=0.5)
+    for max_masks in (1, 2):  # painted one by one, and both in one chunk
+        seg = compose(merge(parts), 8, 8, mask_threshold=0.5, max_masks=max_masks)
+        assert seg.labels[4, 4] == 1  # in both squares: the 0.9 detection (label 1) has it
     assert [inst.score for inst in seg.instances] == [0.9, 0.6]
     assert seg.labels[4, 4] == 1  # in both squares: the 0.9 detection (label 1) has it
     assert seg.labels[1, 1] == 2 and seg.labels[7, 7] == 1 and seg.labels[0, 7] == 0
@@ -224,6 +225,11 @@ def test_equal_to_the_library_on_cuda(tiny_model: Path) -> None:
     by_query = np.argsort([inst.query for inst in cands.instances])
     scores = np.array([inst.score for inst in cands.instances])[by_query]
     assert np.array_equal(scores, lib["scores"].float().cpu().numpy())
-    masks = torch.cat([m for _, m in iter_masks(cands.masks, HEIGHT, WIDTH, 0.5, 1)])
+    chunks = list(iter_masks(cands.masks, HEIGHT, WIDTH, 0.5, chunk_bytes=3 * HEIGHT * WIDTH * 2))
+    assert len(chunks) == -(-len(cands.instances) // 3)  # three masks a call on CUDA
+    masks = torch.cat([m for _, m in chunks])
     assert masks.device.type == "cuda"
     assert torch.equal(masks[torch.as_tensor(by_query, device="cuda:0")], lib["masks"].bool())
+    # Composition with several masks painted per chunk, on the GPU, against the obvious rule.
+    seg = postprocess_image(split_outputs(outputs, 0), HEIGHT, WIDTH, 0.0, 0.5, 1000, 3 * HEIGHT * WIDTH * 2)
+    assert np.array_equal(seg.labels, reference_label_map(processor, [outputs], sizes))
