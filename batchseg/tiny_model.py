@@ -57,7 +57,7 @@ def build_full_size_checkpoint(folder: Path, dtype: str = "bfloat16") -> Path:
     if (folder / _DONE_MARKER).exists():
         return folder
     vocab, merges = _byte_level_vocab()
-    config = Sam3Config()
+    config: Any = Sam3Config()
     # The default text vocabulary (49408) is larger than ours; our ids all fall inside it.
     config.text_config.bos_token_id = vocab[_BOS]
     config.text_config.eos_token_id = vocab[_EOS]
@@ -85,10 +85,11 @@ def _build(
         # Fork the RNG so building a checkpoint never disturbs the caller's random stream.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_SEED)
-            model = Sam3Model(config).eval()
+            model: Any = Sam3Model(config).eval()  # type: ignore[no-untyped-call]
         model = model.to(getattr(torch, dtype))
         model.save_pretrained(staging, safe_serialization=True)
-        tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
+        # The BPE model takes merges as pairs; the annotation only names the text forms.
+        tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)  # type: ignore[arg-type]
         image_processor = Sam3ImageProcessor(size={"height": image_size, "width": image_size})
         Sam3Processor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(staging)
         for path in staging.iterdir():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -224,3 +226,12 @@ def test_check_prompts(tiny_model: Path) -> None:
 def test_check_prompts_on_a_missing_model(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="does not exist"):
         check_prompts(str(tmp_path / "nope"), ["roof"])
+
+
+def test_importing_model_rle_and_tiny_model_leaves_torch_out() -> None:
+    # The parent process validates model folders; it must not pay for (or depend on) torch.
+    code = (
+        "import sys, batchseg.model, batchseg.rle, batchseg.tiny_model; "
+        "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
