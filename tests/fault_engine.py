@@ -13,9 +13,10 @@ The part of the name before the first ``_`` or ``.`` picks the behaviour::
     flakyraise  ValueError on its first attempt, ok afterwards
     anything    ok at once
 
-Loading follows ``spec.config.extra``: ``load`` = "fail" | "hang" | "exit"; ``load_delay`` seconds;
-``ok_loads`` = N: the first N loads succeed, later ones fail; ``device`` = "cuda" pretends to be on
-GPU ``slot`` with ``gpu_count`` GPUs. Every load appends "pid slot" to ``state_dir``/loads.txt.
+Loading follows ``spec.config.extra``: ``load`` = "fail" | "hang" | "exit"; ``load_delay`` seconds
+(after the first ``fast_loads`` loads); ``ok_loads`` = N: the first N loads succeed, later ones
+fail; ``device`` = "cuda" pretends to be on GPU ``slot`` with ``gpu_count`` GPUs. Every load appends
+"pid slot" to ``state_dir``/loads.txt.
 
 Module-level factory and no heavy imports, so spawned workers start fast and it pickles by name.
 """
@@ -91,7 +92,8 @@ def load_faulty(spec: EngineSpec, slot: int) -> FaultyEngine:
     """The factory the pool's workers call (``EngineSpec.factory = "fault_engine:load_faulty"``)."""
     extra = spec.config.extra
     loads = _record_load(extra, slot)
-    time.sleep(float(extra.get("load_delay", 0)))
+    if loads > int(extra.get("fast_loads", 0)):
+        time.sleep(float(extra.get("load_delay", 0)))
     mode = extra.get("load")
     if mode == "fail":
         raise RuntimeError("weights are corrupt")
