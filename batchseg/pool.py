@@ -16,7 +16,8 @@ Process model
 
 Watchdog
     A task is one item, or ``batch_size`` items; its budget is ``timeout x len(items)`` and its clock
-    starts at the worker's ``Ack``. Past the budget the worker is terminated, killed ``stop_grace``
+    starts at the worker's ``Ack`` (a worker that never acknowledges gets the same budget from the
+    send). Past the budget the worker is terminated, killed ``stop_grace``
     seconds later if still alive, and replaced. A worker that dies makes its task ``crashed`` with the
     exit code (negative = signal number) and pid. A batch of several items that times out or crashes
     is not charged to its items: they are run again one at a time, so only the poison image is marked.
