@@ -37,33 +37,130 @@ DTYPE_CHOICES = click.Choice(["auto", "float32", "bfloat16", "float16"])
 # are fixed by the configuration fingerprint.
 OPERATIONAL_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (("--device",), dict(help=f"Device: {DEVICE_HELP} [default: auto]")),
-    (("--workers",), dict(type=click.IntRange(min=1), help="Worker processes [default: 1 on CPU, one per GPU].")),
-    (("--threads",), dict(type=click.IntRange(min=1), help="Torch threads per worker [default: cores / workers].")),
+    (
+        ("--workers",),
+        dict(type=click.IntRange(min=1), help="Worker processes [default: 1 on CPU, one per GPU]."),
+    ),
+    (
+        ("--threads",),
+        dict(type=click.IntRange(min=1), help="Torch threads per worker [default: cores / workers]."),
+    ),
     (("--batch-size",), dict(type=click.IntRange(min=1), help="Images per forward pass [default: 1].")),
-    (("--timeout",), dict(type=click.FloatRange(min=0, min_open=True), help="Seconds one image may take before its worker is killed [default: 300].")),
-    (("--load-timeout",), dict(type=click.FloatRange(min=0, min_open=True), help="Seconds a worker may take to load the model [default: 600].")),
-    (("--max-attempts",), dict(type=click.IntRange(min=1), help="Tries per image, each on a fresh worker after a failure [default: 2].")),
-    (("--max-images-per-worker",), dict(type=click.IntRange(min=1), help="Recycle a worker after this many images, to bound leaks [default: never].")),
-    (("--max-consecutive-failures",), dict(type=click.IntRange(min=1), help="Stop (exit 4) when the same error repeats on this many images in a row [default: 20].")),
-    (("--deadline",), dict(metavar="HH:MM", help="Local time after which no new image starts; exits 4, resumable.")),
+    (
+        ("--timeout",),
+        dict(
+            type=click.FloatRange(min=0, min_open=True),
+            help="Seconds one image may take before its worker is killed [default: 300].",
+        ),
+    ),
+    (
+        ("--load-timeout",),
+        dict(
+            type=click.FloatRange(min=0, min_open=True),
+            help="Seconds a worker may take to load the model [default: 600].",
+        ),
+    ),
+    (
+        ("--max-attempts",),
+        dict(
+            type=click.IntRange(min=1),
+            help="Tries per image, each on a fresh worker after a failure [default: 2].",
+        ),
+    ),
+    (
+        ("--max-images-per-worker",),
+        dict(
+            type=click.IntRange(min=1),
+            help="Recycle a worker after this many images, to bound leaks [default: never].",
+        ),
+    ),
+    (
+        ("--max-consecutive-failures",),
+        dict(
+            type=click.IntRange(min=1),
+            help="Stop (exit 4) when the same error repeats on this many images in a row [default: 20].",
+        ),
+    ),
+    (
+        ("--deadline",),
+        dict(metavar="HH:MM", help="Local time after which no new image starts; exits 4, resumable."),
+    ),
     (("--max-runtime",), dict(metavar="DURATION", help="Like --deadline, as a duration: 6h, 90m, 1h30m.")),
     (("--log-keep",), dict(type=click.IntRange(min=1), help="Log files kept in OUTPUT/logs [default: 30].")),
-    (("--progress-interval",), dict(type=click.FloatRange(min=0.1), help="Seconds between progress lines when not on a terminal [default: 60].")),
+    (
+        ("--progress-interval",),
+        dict(
+            type=click.FloatRange(min=0.1),
+            help="Seconds between progress lines when not on a terminal [default: 60].",
+        ),
+    ),
 ]
 
 OUTPUT_DEFINING_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
-    (("--prompt", "prompts"), dict(multiple=True, help="Text prompt; repeat for several (each image is encoded once).")),
-    (("--model",), dict(help="Local SAM3 folder (config.json, tokenizer files, model.safetensors) or hub id [default: facebook/sam3].")),
-    (("--output",), dict(type=click.Path(path_type=Path), help="Output folder [default: output/<input folder name>].")),
-    (("--dtype",), dict(type=DTYPE_CHOICES, help="auto: bfloat16 on recent GPUs, float16 on older ones, measured best on CPU [default: auto].")),
+    (
+        ("--prompt", "prompts"),
+        dict(multiple=True, help="Text prompt; repeat for several (each image is encoded once)."),
+    ),
+    (
+        ("--model",),
+        dict(
+            help="Local SAM3 folder (config.json, tokenizer files, model.safetensors) or hub id "
+            "[default: facebook/sam3]."
+        ),
+    ),
+    (
+        ("--output",),
+        dict(type=click.Path(path_type=Path), help="Output folder [default: output/<input folder name>]."),
+    ),
+    (
+        ("--dtype",),
+        dict(
+            type=DTYPE_CHOICES,
+            help="auto: bfloat16 on recent GPUs, float16 on older ones, measured best on CPU "
+            "[default: auto].",
+        ),
+    ),
     (("--threshold",), dict(type=click.FloatRange(0, 1), help="Minimum detection score [default: 0.3].")),
-    (("--mask-threshold",), dict(type=click.FloatRange(0, 1), help="Mask probability threshold [default: 0.5].")),
-    (("--max-detections",), dict(type=click.IntRange(min=1), help="Detections kept per prompt and image [default: 100].")),
-    (("--max-pixels",), dict(type=click.IntRange(min=1), help="Images with more pixels are refused as invalid_input [default: 250000000].")),
-    (("--include",), dict(multiple=True, metavar="GLOB", help="Only paths matching this glob (relative, forward slashes); repeatable.")),
+    (
+        ("--mask-threshold",),
+        dict(type=click.FloatRange(0, 1), help="Mask probability threshold [default: 0.5]."),
+    ),
+    (
+        ("--max-detections",),
+        dict(type=click.IntRange(min=1), help="Detections kept per prompt and image [default: 100]."),
+    ),
+    (
+        ("--max-pixels",),
+        dict(
+            type=click.IntRange(min=1),
+            help="Images with more pixels are refused as invalid_input [default: 250000000].",
+        ),
+    ),
+    (
+        ("--include",),
+        dict(
+            multiple=True,
+            metavar="GLOB",
+            help="Only paths matching this glob (relative, forward slashes); repeatable.",
+        ),
+    ),
     (("--exclude",), dict(multiple=True, metavar="GLOB", help="Skip paths matching this glob; repeatable.")),
-    (("--hash",), dict(is_flag=True, default=None, help="Detect changed images by content hash as well as size and mtime.")),
-    (("--new-run",), dict(is_flag=True, default=None, help="Start a fresh run in OUTPUT; the old run's files are moved to OUTPUT/previous-runs/.")),
+    (
+        ("--hash",),
+        dict(
+            is_flag=True,
+            default=None,
+            help="Detect changed images by content hash as well as size and mtime.",
+        ),
+    ),
+    (
+        ("--new-run",),
+        dict(
+            is_flag=True,
+            default=None,
+            help="Start a fresh run in OUTPUT; the old run's files are moved to OUTPUT/previous-runs/.",
+        ),
+    ),
 ]
 
 
@@ -125,11 +222,21 @@ def _report(summary: Any) -> None:
     if summary.log_path:
         safe_echo(f"log:      {summary.log_path}")
     for path, kept in summary.collisions.items():
-        safe_echo(f"warning: '{path}' clashes with '{kept}' on a case-insensitive disk (invalid_input)", err=True)
+        safe_echo(
+            f"warning: '{path}' clashes with '{kept}' on a case-insensitive disk (invalid_input)", err=True
+        )
     if summary.stopped:
-        safe_echo(f"stopped early ({summary.stopped}): {summary.message or ''} - run the same command again to resume", err=True)
+        safe_echo(
+            f"stopped early ({summary.stopped}): {summary.message or ''} - "
+            "run the same command again to resume",
+            err=True,
+        )
     elif summary.exit_code == 3:
-        safe_echo(f"some images are not ok: see the manifest, or rerun them with: batchseg retry {summary.output_dir}", err=True)
+        safe_echo(
+            "some images are not ok: see the manifest, or rerun them with: "
+            f"batchseg retry {summary.output_dir}",
+            err=True,
+        )
 
 
 def _run_library(call: Callable[[], Any], note: str | None = None) -> None:
@@ -157,9 +264,18 @@ def cli() -> None:
     """
 
 
-@cli.command(epilog=EXIT_CODES_HELP + "\n\nExample:\n\n\b\n  batchseg run ./aerial --prompt roof --prompt \"solar panel\" --model ./sam3\n  batchseg run --job jobs/aerial-nightly.toml --deadline 06:30")
+@cli.command(
+    epilog=EXIT_CODES_HELP
+    + '\n\nExample:\n\n\b\n  batchseg run ./aerial --prompt roof --prompt "solar panel" --model ./sam3'
+    + "\n  batchseg run --job jobs/aerial-nightly.toml --deadline 06:30"
+)
 @click.argument("input_", metavar="INPUT", required=False, type=click.Path(path_type=Path))
-@click.option("--job", type=click.Path(path_type=Path, dir_okay=False), envvar="BATCHSEG_JOB", help="TOML job file holding any of these options; flags override it.")
+@click.option(
+    "--job",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="BATCHSEG_JOB",
+    help="TOML job file holding any of these options; flags override it.",
+)
 @_add_options(OUTPUT_DEFINING_OPTIONS)
 @_add_options(OPERATIONAL_OPTIONS)
 @click.pass_context
@@ -180,7 +296,9 @@ def run(ctx: click.Context, input_: Path | None, job: Path | None, **params: Any
             values["input"] = job_values["input"]
         values = _normalise(values)
         if "input" not in values:
-            raise click.UsageError("missing INPUT folder (give it as an argument or as 'input' in the job file)")
+            raise click.UsageError(
+                "missing INPUT folder (give it as an argument or as 'input' in the job file)"
+            )
         if not values.get("prompts"):
             raise click.UsageError("give at least one --prompt (or 'prompt' in the job file)")
         config = RunConfig(**values)
@@ -197,10 +315,18 @@ def _load_job(job: Path | None) -> dict[str, Any]:
     return load_job_file(job)
 
 
-@cli.command(epilog=EXIT_CODES_HELP + "\n\nExample:\n\n\b\n  batchseg retry output/aerial --status timeout --timeout 900")
+@cli.command(
+    epilog=EXIT_CODES_HELP
+    + "\n\nExample:\n\n\b\n  batchseg retry output/aerial --status timeout --timeout 900"
+)
 @click.argument("output", type=click.Path(path_type=Path, file_okay=False, exists=True))
-@click.option("--status", "statuses", multiple=True, type=click.Choice([str(s) for s in FINAL_FAILURES]),
-              help="Only images with this status; repeatable [default: every status that is not ok].")
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    type=click.Choice([str(s) for s in FINAL_FAILURES]),
+    help="Only images with this status; repeatable [default: every status that is not ok].",
+)
 @_add_options(OPERATIONAL_OPTIONS)
 @click.pass_context
 def retry(ctx: click.Context, output: Path, statuses: tuple[str, ...], **params: Any) -> None:
@@ -235,8 +361,16 @@ def status(output: Path, as_json: bool) -> None:
         safe_echo(format_status(report))
 
 
-@cli.command(epilog="Example:\n\n\b\n  batchseg schedule --job jobs/aerial-nightly.toml --at 02:00 --days mon,tue,wed,thu,fri")
-@click.option("--job", type=click.Path(path_type=Path, dir_okay=False, exists=True), required=True, help="Job file the task runs.")
+@cli.command(
+    epilog="Example:\n\n\b\n"
+    "  batchseg schedule --job jobs/aerial-nightly.toml --at 02:00 --days mon,tue,wed,thu,fri"
+)
+@click.option(
+    "--job",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    required=True,
+    help="Job file the task runs.",
+)
 @click.option("--at", "at", required=True, metavar="HH:MM", help="Start time, local.")
 @click.option("--days", default=None, help="Comma-separated days (mon,tue,...) [default: every day].")
 @click.option("--name", default=None, help="Task name [default: the job file's name].")
@@ -291,8 +425,13 @@ def doctor(model: str | None) -> None:
 
 
 @cli.command(epilog="Example:\n\n\b\n  batchseg demo\n  batchseg demo --output /tmp/demo")
-@click.option("--output", type=click.Path(path_type=Path), default=Path("output"), show_default=True,
-              help="Folder under which demo-model/, demo-images/ and demo/ are made.")
+@click.option(
+    "--output",
+    type=click.Path(path_type=Path),
+    default=Path("output"),
+    show_default=True,
+    help="Folder under which demo-model/, demo-images/ and demo/ are made.",
+)
 def demo(output: Path) -> None:
     """Run the whole pipeline on a tiny random SAM3 and generated images (no download needed).
 
@@ -300,8 +439,10 @@ def demo(output: Path) -> None:
     """
     from .demo import run_demo
 
-    _run_library(lambda: run_demo(output, stream=sys.stderr),
-                 note="the demo model has random weights: its masks are meaningless; the pipeline is real")
+    _run_library(
+        lambda: run_demo(output, stream=sys.stderr),
+        note="the demo model has random weights: its masks are meaningless; the pipeline is real",
+    )
 
 
 def main() -> None:

@@ -127,8 +127,10 @@ def _run_locked(
 ) -> RunSummary:
     started = time.monotonic()
     output_dir = config.output_dir
-    log.start(config.to_dict(), {"batchseg": __version__, "pid": os.getpid(),
-                                 "devices": "reported by each worker when it is ready"})
+    log.start(
+        config.to_dict(),
+        {"batchseg": __version__, "pid": os.getpid(), "devices": "reported by each worker when it is ready"},
+    )
     checkpoint = Checkpoint.open(output_dir, config, new_run=config.new_run)
     try:
         found = discover(
@@ -137,9 +139,7 @@ def _run_locked(
         if retry_statuses:
             checkpoint.reset_for_retry([i.path for i in checkpoint.failed_items(list(retry_statuses))])
         plan = checkpoint.plan(found.items, use_hash=config.hash)
-        log.info(
-            f"found {len(found.items)} images in {config.input}; {len(plan.pending)} to process"
-        )
+        log.info(f"found {len(found.items)} images in {config.input}; {len(plan.pending)} to process")
         for path, kept in found.collisions.items():
             _record_collision(checkpoint, config, path, kept, log)
         _record_skipped(checkpoint, config.input, found.excluded)
@@ -162,15 +162,17 @@ def _run_locked(
     return summary
 
 
-def _record_collision(
-    checkpoint: Checkpoint, config: RunConfig, path: str, kept: str, log: RunLog
-) -> None:
+def _record_collision(checkpoint: Checkpoint, config: RunConfig, path: str, kept: str, log: RunLog) -> None:
     item = _stat_item(config.input, path)
-    message = (
-        f"its output name clashes with '{kept}' on a case-insensitive disk; rename one of them"
+    message = f"its output name clashes with '{kept}' on a case-insensitive disk; rename one of them"
+    result = ItemResult(
+        path=path,
+        status=Status.INVALID_INPUT,
+        error_type="NameCollision",
+        error_message=message,
+        started_at=time.time(),
+        finished_at=time.time(),
     )
-    result = ItemResult(path=path, status=Status.INVALID_INPUT, error_type="NameCollision",
-                        error_message=message, started_at=time.time(), finished_at=time.time())
     checkpoint.record(result, item)
     log.failure(path, str(Status.INVALID_INPUT), message)
 
@@ -179,8 +181,13 @@ def _record_skipped(checkpoint: Checkpoint, root: Path, paths: Sequence[str]) ->
     """Images left out by --include/--exclude get a ``skipped`` row, so the manifest lists every image
     of the folder; one transaction for all of them."""
     now = time.time()
-    pairs = [(ItemResult(path=p, status=Status.SKIPPED, attempts=0, started_at=now, finished_at=now),
-              _stat_item(root, p)) for p in paths]
+    pairs = [
+        (
+            ItemResult(path=p, status=Status.SKIPPED, attempts=0, started_at=now, finished_at=now),
+            _stat_item(root, p),
+        )
+        for p in paths
+    ]
     if pairs:
         checkpoint.record_many(pairs)
 
@@ -216,10 +223,17 @@ def _process(
         except OSError as exc:
             raise _output_error(config.output_dir, exc) from exc
         except ValueError as exc:  # a malformed result (engine bug): that image fails, the run goes on
-            result = ItemResult(path=result.path, status=Status.ERROR, attempts=result.attempts,
-                                error_type="InvalidResult", error_message=str(exc),
-                                started_at=result.started_at, finished_at=result.finished_at,
-                                worker_pid=result.worker_pid, device=result.device)
+            result = ItemResult(
+                path=result.path,
+                status=Status.ERROR,
+                attempts=result.attempts,
+                error_type="InvalidResult",
+                error_message=str(exc),
+                started_at=result.started_at,
+                finished_at=result.finished_at,
+                worker_pid=result.worker_pid,
+                device=result.device,
+            )
             checkpoint.record(result, item)
         processed += 1
         progress.update(result)
@@ -231,18 +245,8 @@ def _process(
             export_manifest(checkpoint, config.output_dir)
             last_export = time.monotonic()
 
-    settings = PoolSettings(
-        workers=config.workers,
-        threads=config.threads,
-        batch_size=config.batch_size or 1,
-        timeout=config.timeout,
-        load_timeout=config.load_timeout,
-        max_attempts=config.max_attempts,
-        max_images_per_worker=config.max_images_per_worker,
-        max_consecutive_failures=config.max_consecutive_failures,
-    )
+    settings = PoolSettings.from_config(config)
     with StopRequest() as stop_request:
-
         last_log_line = time.monotonic()
 
         def should_stop() -> str | None:
@@ -269,8 +273,14 @@ def _process(
                 log.info(text)
 
         try:
-            outcome = run_pool(EngineSpec(config=config, factory=factory), pending, settings,
-                               on_result=on_result, should_stop=should_stop, on_event=on_event)
+            outcome = run_pool(
+                EngineSpec(config=config, factory=factory),
+                pending,
+                settings,
+                on_result=on_result,
+                should_stop=should_stop,
+                on_event=on_event,
+            )
         finally:
             progress.close()
     if output_failure:

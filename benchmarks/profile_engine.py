@@ -1,7 +1,7 @@
 """Where a batch's time goes inside one SAM3 engine: read, pre-process + vision, prompts, post, write.
 
-    python benchmarks/profile_engine.py --model-dir .bench/models/full-bf16 --images-dir .bench/images-2048x1536 \
-        --device cuda --batch-size 16 --batches 5
+    python benchmarks/profile_engine.py --model-dir .bench/models/full-bf16 \
+        --images-dir .bench/images-2048x1536 --device cuda --batch-size 16 --batches 5
 
 Prints milliseconds per image for each step (median over batches, after one warm-up batch).
 """
@@ -36,9 +36,16 @@ def main() -> None:
     from batchseg.segment import load_engine
 
     out = Path("/tmp/profile-out")
-    config = RunConfig(input=args.images_dir.resolve(), prompts=("roof",), model=str(args.model_dir),
-                       output=out, device=args.device, dtype=args.dtype, threshold=args.threshold,
-                       batch_size=args.batch_size)
+    config = RunConfig(
+        input=args.images_dir.resolve(),
+        prompts=("roof",),
+        model=str(args.model_dir),
+        output=out,
+        device=args.device,
+        dtype=args.dtype,
+        threshold=args.threshold,
+        batch_size=args.batch_size,
+    )
     engine = load_engine(EngineSpec(config=config), 0)
     paths = sorted(args.images_dir.glob("*.jpg"))
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
@@ -52,15 +59,24 @@ def main() -> None:
         steps.setdefault(name, []).append((time.perf_counter() - start) * 1000 / args.batch_size)
         return value
 
+    def read_all(chunk):  # type: ignore[no-untyped-def]
+        return [imageio.read_image(p, 10**9) for p in chunk]
+
+    def post_all(parts, sizes):  # type: ignore[no-untyped-def]
+        return [engine.postprocess(p, s) for p, s in zip(parts, sizes, strict=True)]
+
+    def write_all(items, segs):  # type: ignore[no-untyped-def]
+        return [engine.write(i, s) for i, s in zip(items, segs, strict=True)]
+
     for b in range(args.batches + 1):
-        chunk = paths[b * args.batch_size:(b + 1) * args.batch_size]
+        chunk = paths[b * args.batch_size : (b + 1) * args.batch_size]
         items = [Item(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in chunk]
-        images = timed("read", lambda: [imageio.read_image(p, 10**9) for p in chunk])
+        images = timed("read", read_all, chunk)
         encoded = timed("preprocess+vision", engine.encode_images, images)
         sizes = encoded.sizes
         parts = timed("prompts", engine.decode_prompts, encoded)
-        segs = timed("postprocess", lambda: [engine.postprocess(p, s) for p, s in zip(parts, sizes)])
-        timed("write", lambda: [engine.write(i, s) for i, s in zip(items, segs)])
+        segs = timed("postprocess", post_all, parts, sizes)
+        timed("write", write_all, items, segs)
         if b == 0:
             steps.clear()
     report = {k: float(np.median(v)) for k, v in steps.items()}

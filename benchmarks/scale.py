@@ -44,26 +44,44 @@ def make_checkpoint(images: Path, output: Path, model: Path, done: int) -> None:
     from batchseg.imageio import mask_relpath
     from batchseg.records import ItemResult, Status
 
-    config = RunConfig(input=images.resolve(), prompts=("roof",), model=str(model.resolve()),
-                       output=output.resolve(), device="cpu")
+    config = RunConfig(
+        input=images.resolve(),
+        prompts=("roof",),
+        model=str(model.resolve()),
+        output=output.resolve(),
+        device="cpu",
+    )
     items = discover(images).items[:done]
     with Checkpoint.open(output.resolve(), config) as checkpoint:
         checkpoint.plan(items, use_hash=False)
         for start in range(0, len(items), 10_000):
             pairs = []
-            for item in items[start:start + 10_000]:
+            for item in items[start : start + 10_000]:
                 mask = output / mask_relpath(item.path)
                 mask.parent.mkdir(parents=True, exist_ok=True)
                 mask.write_bytes(PNG_1PX)
                 now = time.time()
-                pairs.append((ItemResult(item.path, Status.OK, width=1, height=1,
-                                         mask_path=mask_relpath(item.path), started_at=now,
-                                         finished_at=now), item))
+                pairs.append(
+                    (
+                        ItemResult(
+                            item.path,
+                            Status.OK,
+                            width=1,
+                            height=1,
+                            mask_path=mask_relpath(item.path),
+                            started_at=now,
+                            finished_at=now,
+                        ),
+                        item,
+                    )
+                )
             checkpoint.record_many(pairs)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--files", type=int, default=200_000)
     parser.add_argument("--done", type=int, default=190_000)
     parser.add_argument("--work", type=Path, default=Path(".bench/scale"))
@@ -86,9 +104,25 @@ def main() -> None:
         db.execute("DELETE FROM images WHERE status != 'ok'")
         db.execute("DELETE FROM detections WHERE path NOT IN (SELECT path FROM images)")
 
-    command = [sys.executable, "-m", "batchseg", "run", str(images), "--prompt", "roof",
-               "--model", str(model), "--output", str(output), "--device", "cpu",
-               "--max-runtime", "25s", "--progress-interval", "5"]
+    command = [
+        sys.executable,
+        "-m",
+        "batchseg",
+        "run",
+        str(images),
+        "--prompt",
+        "roof",
+        "--model",
+        str(model),
+        "--output",
+        str(output),
+        "--device",
+        "cpu",
+        "--max-runtime",
+        "25s",
+        "--progress-interval",
+        "5",
+    ]
     start = time.time()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     parent = psutil.Process(proc.pid)
@@ -101,12 +135,16 @@ def main() -> None:
         time.sleep(0.05)
     out, err = proc.communicate()
     with sqlite3.connect(output / "checkpoint.sqlite") as db:
-        first = db.execute("SELECT MIN(started_at), COUNT(*) FROM images WHERE status = 'ok' "
-                           "AND started_at > ?", (start,)).fetchone()
+        first = db.execute(
+            "SELECT MIN(started_at), COUNT(*) FROM images WHERE status = 'ok' AND started_at > ?", (start,)
+        ).fetchone()
     report = {
-        "files": args.files, "done_before": args.done, "exit_code": proc.returncode,
+        "files": args.files,
+        "done_before": args.done,
+        "exit_code": proc.returncode,
         "first_image_started_after_s": None if first[0] is None else first[0] - start,
-        "processed_in_run": first[1], "parent_peak_rss_mb": peak / 2**20,
+        "processed_in_run": first[1],
+        "parent_peak_rss_mb": peak / 2**20,
     }
     print(json.dumps(report, indent=2))
     if proc.returncode not in (0, 3, 4):

@@ -54,8 +54,10 @@ def make_images(folder: Path, count: int, size: tuple[int, int], seed: int = 0) 
         draw = ImageDraw.Draw(img)
         for _ in range(30):
             x, y = int(rng.integers(0, width - 200)), int(rng.integers(0, height - 200))
-            draw.rectangle([x, y, x + int(rng.integers(40, 200)), y + int(rng.integers(40, 200))],
-                           fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+            draw.rectangle(
+                [x, y, x + int(rng.integers(40, 200)), y + int(rng.integers(40, 200))],
+                fill=tuple(int(v) for v in rng.integers(0, 255, 3)),
+            )
         img.save(folder / f"img_{i:05d}.jpg", quality=90)
     return folder
 
@@ -97,8 +99,11 @@ def phase_model_only(args: argparse.Namespace) -> dict[str, Any]:
     dtype, _ = resolve_dtype(args.device, args.dtype)
     model, processor = load_model(str(args.model_dir), args.device, dtype)
     first = sorted(Path(args.images_dir).glob("*.jpg"))[0]
-    batch = processor(images=[Image.open(first).convert("RGB")] * args.batch_size,
-                      text=[PROMPT] * args.batch_size, return_tensors="pt")
+    batch = processor(
+        images=[Image.open(first).convert("RGB")] * args.batch_size,
+        text=[PROMPT] * args.batch_size,
+        return_tensors="pt",
+    )
     pixels = batch["pixel_values"].to(args.device, getattr(torch, dtype))
     ids = batch["input_ids"].to(args.device)
     mask = batch["attention_mask"].to(args.device)
@@ -112,19 +117,45 @@ def phase_model_only(args: argparse.Namespace) -> dict[str, Any]:
             if i >= args.warmup:
                 times.append(time.perf_counter() - start)
     per_batch = float(np.median(times))
-    return {"img_per_s": args.batch_size / per_batch, "ms_per_img": 1000 * per_batch / args.batch_size,
-            "batch_size": args.batch_size, "dtype": dtype, "peak_gib": _peak_gib(args.device)}
+    return {
+        "img_per_s": args.batch_size / per_batch,
+        "ms_per_img": 1000 * per_batch / args.batch_size,
+        "batch_size": args.batch_size,
+        "dtype": dtype,
+        "peak_gib": _peak_gib(args.device),
+    }
 
 
 def phase_end_to_end(args: argparse.Namespace) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     output = Path(args.work) / f"e2e-{time.time_ns()}"
-    command = [sys.executable, "-m", "batchseg", "run", str(args.images_dir), "--prompt", PROMPT,
-               "--model", str(args.model_dir), "--output", str(output), "--device", args.device,
-               "--dtype", args.dtype, "--timeout", "600", "--progress-interval", "30"]
-    for flag, value in (("--batch-size", args.batch_size), ("--threads", args.threads),
-                        ("--workers", args.workers)):
+    command = [
+        sys.executable,
+        "-m",
+        "batchseg",
+        "run",
+        str(args.images_dir),
+        "--prompt",
+        PROMPT,
+        "--model",
+        str(args.model_dir),
+        "--output",
+        str(output),
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--timeout",
+        "600",
+        "--progress-interval",
+        "30",
+    ]
+    for flag, value in (
+        ("--batch-size", args.batch_size),
+        ("--threads", args.threads),
+        ("--workers", args.workers),
+    ):
         if value:
             command += [flag, str(value)]
     start = time.perf_counter()
@@ -137,9 +168,15 @@ def phase_end_to_end(args: argparse.Namespace) -> dict[str, Any]:
     assert set(table["status"]) == {"ok"}, set(table["status"])
     started = min(t.timestamp() for t in table["started_at"])
     finished = max(t.timestamp() for t in table["finished_at"])
-    return {"img_per_s": n / (finished - started), "ms_per_img": 1000 * (finished - started) / n,
-            "wall_s": wall, "wall_img_per_s": n / wall, "images": n, "device": table["device"][0],
-            "batch_size": args.batch_size}
+    return {
+        "img_per_s": n / (finished - started),
+        "ms_per_img": 1000 * (finished - started) / n,
+        "wall_s": wall,
+        "wall_img_per_s": n / wall,
+        "images": n,
+        "device": table["device"][0],
+        "batch_size": args.batch_size,
+    }
 
 
 def phase_naive(args: argparse.Namespace) -> dict[str, Any]:
@@ -162,16 +199,23 @@ def phase_naive(args: argparse.Namespace) -> dict[str, Any]:
         with torch.inference_mode():
             outputs = model(**inputs)
         result = processor.post_process_instance_segmentation(
-            outputs, threshold=args.threshold, mask_threshold=0.5,
-            target_sizes=inputs["original_sizes"].tolist())[0]
+            outputs,
+            threshold=args.threshold,
+            mask_threshold=0.5,
+            target_sizes=inputs["original_sizes"].tolist(),
+        )[0]
         labels = np.zeros(image.size[::-1], dtype=np.uint16)
         for k, m in enumerate(result["masks"].cpu().numpy(), start=1):
             labels[m > 0] = k
         Image.fromarray(labels).save(out / f"{path.name}.png")
     _sync(args.device)
     elapsed = time.perf_counter() - start
-    return {"img_per_s": len(paths) / elapsed, "ms_per_img": 1000 * elapsed / len(paths),
-            "images": len(paths), "dtype": "float32"}
+    return {
+        "img_per_s": len(paths) / elapsed,
+        "ms_per_img": 1000 * elapsed / len(paths),
+        "images": len(paths),
+        "dtype": "float32",
+    }
 
 
 PHASES = {"model_only": phase_model_only, "end_to_end": phase_end_to_end, "naive": phase_naive}
@@ -181,10 +225,29 @@ PHASES = {"model_only": phase_model_only, "end_to_end": phase_end_to_end, "naive
 
 
 def run_phase(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--phase", name, "--model-dir", str(args.model_dir),
-               "--images-dir", str(args.images_dir), "--work", str(args.work)]
-    for key in ("device", "dtype", "batch_size", "threads", "workers", "iters", "warmup",
-                "naive_images", "threshold"):
+    command = [
+        sys.executable,
+        __file__,
+        "--phase",
+        name,
+        "--model-dir",
+        str(args.model_dir),
+        "--images-dir",
+        str(args.images_dir),
+        "--work",
+        str(args.work),
+    ]
+    for key in (
+        "device",
+        "dtype",
+        "batch_size",
+        "threads",
+        "workers",
+        "iters",
+        "warmup",
+        "naive_images",
+        "threshold",
+    ):
         value = getattr(args, key)
         if value is not None:
             command += [f"--{key.replace('_', '-')}", str(value)]
@@ -201,8 +264,11 @@ def run_phase(name: str, args: argparse.Namespace) -> dict[str, Any]:
 def hardware(device: str) -> str:
     cpu = f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})"
     if device.startswith("cuda"):
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+        )
         return f"{out.stdout.strip().splitlines()[0] if out.stdout else 'CUDA GPU'}; {cpu}"
     return cpu
 
@@ -226,18 +292,25 @@ def to_markdown(report: dict[str, Any]) -> str:
             continue
         notes = []
         if "wall_s" in r:
-            notes.append(f"wall {r['wall_s']:.1f}s incl. start and model load ({r['wall_img_per_s']:.2f} img/s)")
+            notes.append(
+                f"wall {r['wall_s']:.1f}s incl. start and model load ({r['wall_img_per_s']:.2f} img/s)"
+            )
         if r.get("peak_gib") is not None:
             notes.append(f"peak {r['peak_gib']:.1f} GiB")
         lines.append(f"| {name} | {r['img_per_s']:.2f} | {r['ms_per_img']:.1f} | {'; '.join(notes)} |")
     ratios = report["ratios"]
-    lines += ["", f"end to end / model-only: {ratios.get('e2e_over_model', float('nan')):.3f}; "
-                  f"end to end / naive: {ratios.get('e2e_over_naive', float('nan')):.2f}"]
+    lines += [
+        "",
+        f"end to end / model-only: {ratios.get('e2e_over_model', float('nan')):.3f}; "
+        f"end to end / naive: {ratios.get('e2e_over_naive', float('nan')):.2f}",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="tiny", help="tiny, full (full-size, random weights) or a folder")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto")
@@ -266,9 +339,15 @@ def main() -> None:
     args.model_dir = build_model(args.model, args.work / "models")
     args.batch_size = args.batch_size or 1
     args.naive_images = args.naive_images or args.images
-    report: dict[str, Any] = {"hardware": hardware(args.device), "model": args.model, "images": args.images,
-                              "image_size": args.image_size, "batch_size": args.batch_size,
-                              "dtype": args.dtype, "device": args.device}
+    report: dict[str, Any] = {
+        "hardware": hardware(args.device),
+        "model": args.model,
+        "images": args.images,
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "dtype": args.dtype,
+        "device": args.device,
+    }
     for name in ("model_only", "end_to_end", "naive"):
         report[name] = run_phase(name, args) if name in args.phases.split(",") else {"error": "not run"}
     ratios = {}

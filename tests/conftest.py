@@ -17,7 +17,10 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Built in a child process so the test process (the parent of every run) never imports torch.
     """
     folder = tmp_path_factory.mktemp("tiny-sam3")
-    code = "import sys, pathlib; from batchseg.tiny_model import build_tiny_checkpoint as b; b(pathlib.Path(sys.argv[1]))"
+    code = (
+        "import sys, pathlib; from batchseg.tiny_model import build_tiny_checkpoint as b; "
+        "b(pathlib.Path(sys.argv[1]))"
+    )
     subprocess.run([sys.executable, "-c", code, str(folder)], check=True)
     return folder
 

@@ -67,5 +67,7 @@ def test_parent_modules_do_not_import_torch() -> None:
 
 
 def test_python_dash_m_works() -> None:
-    out = subprocess.run([sys.executable, "-m", "batchseg", "--version"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "batchseg", "--version"], capture_output=True, text=True, check=True
+    )
     assert "batchseg" in out.stdout

@@ -12,12 +12,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner, Result
+from conftest import make_image
 from pycocotools import mask as mask_utils
 
 from batchseg.cli import cli
 from batchseg.imageio import read_label_map
-
-from conftest import make_image
 
 
 def invoke(*args: str | Path) -> Result:
@@ -25,8 +24,23 @@ def invoke(*args: str | Path) -> Result:
 
 
 def run_args(folder: Path, output: Path, model: Path, *extra: str) -> list[str | Path]:
-    return ["run", folder, "--model", model, "--output", output, "--device", "cpu",
-            "--threshold", "0", "--max-detections", "4", "--timeout", "60", *extra]
+    return [
+        "run",
+        folder,
+        "--model",
+        model,
+        "--output",
+        output,
+        "--device",
+        "cpu",
+        "--threshold",
+        "0",
+        "--max-detections",
+        "4",
+        "--timeout",
+        "60",
+        *extra,
+    ]
 
 
 def read_manifests(output: Path) -> tuple[list[dict], list[dict]]:
@@ -62,7 +76,9 @@ def check_masks_match_detections(output: Path, images: list[dict], detections: l
 
 def test_run_writes_masks_and_manifests(image_folder: Path, tiny_model: Path, tmp_path: Path) -> None:
     output = tmp_path / "out"
-    result = invoke(*run_args(image_folder, output, tiny_model, "--prompt", "roof", "--prompt", "solar panel"))
+    result = invoke(
+        *run_args(image_folder, output, tiny_model, "--prompt", "roof", "--prompt", "solar panel")
+    )
     assert result.exit_code == 0, result.output
     images, detections = read_manifests(output)
     assert [r["path"] for r in images] == ["a.jpg", "b.png", "sub/c.jpg", "sub/d.png", "sub/deeper/e.jpg"]
@@ -100,8 +116,13 @@ def test_bad_inputs_get_a_status_and_the_run_finishes(tiny_model: Path, tmp_path
     assert result.exit_code == 3, result.output
     images, detections = read_manifests(output)
     status = {r["path"]: r["status"] for r in images}
-    assert status == {"cut.jpg": "invalid_input", "empty.jpg": "invalid_input", "good.jpg": "ok",
-                      "huge.png": "invalid_input", "notes.png": "invalid_input"}
+    assert status == {
+        "cut.jpg": "invalid_input",
+        "empty.jpg": "invalid_input",
+        "good.jpg": "ok",
+        "huge.png": "invalid_input",
+        "notes.png": "invalid_input",
+    }
     messages = {r["path"]: r["error_message"] for r in images}
     assert "empty" in messages["empty.jpg"].lower() or "0 bytes" in messages["empty.jpg"]
     assert "100000" in messages["huge.png"].replace(",", "")
@@ -121,8 +142,20 @@ def test_fatal_errors_exit_1_or_2(case: str, image_folder: Path, tmp_path: Path)
         broken = tmp_path / "broken-model"
         broken.mkdir()
         (broken / "model.safetensors").write_bytes(b"")
-        result = invoke("run", image_folder, "--prompt", "roof", "--output", tmp_path / "o",
-                        "--model", broken, "--device", "cpu", "--load-timeout", "60")
+        result = invoke(
+            "run",
+            image_folder,
+            "--prompt",
+            "roof",
+            "--output",
+            tmp_path / "o",
+            "--model",
+            broken,
+            "--device",
+            "cpu",
+            "--load-timeout",
+            "60",
+        )
         assert result.exit_code == 1
         assert "config.json" in result.output
 
@@ -133,6 +166,11 @@ def test_filtered_images_are_listed_as_skipped(image_folder: Path, tiny_model: P
     assert result.exit_code == 0, result.output
     images, _ = read_manifests(output)
     status = {r["path"]: r["status"] for r in images}
-    assert status == {"a.jpg": "ok", "b.png": "ok", "sub/c.jpg": "skipped", "sub/d.png": "skipped",
-                      "sub/deeper/e.jpg": "skipped"}
+    assert status == {
+        "a.jpg": "ok",
+        "b.png": "ok",
+        "sub/c.jpg": "skipped",
+        "sub/d.png": "skipped",
+        "sub/deeper/e.jpg": "skipped",
+    }
     assert not (output / "masks" / "sub").exists()
