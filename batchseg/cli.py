@@ -6,7 +6,6 @@ Exit codes: 0 all ok · 1 fatal error · 2 usage error · 3 finished, some image
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -356,7 +355,7 @@ def status(output: Path, as_json: bool) -> None:
     except BatchsegError as exc:
         _fail(exc)
     if as_json:
-        click.echo(json.dumps(report.to_json(), indent=2, sort_keys=True))
+        click.echo(report.to_json())  # already JSON text: dumping it again printed one string
     else:
         safe_echo(format_status(report))
 

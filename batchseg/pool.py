@@ -99,7 +99,7 @@ class PoolSettings:
 
     workers: int | None = None  # None: one per GPU on CUDA, one on CPU
     threads: int | None = None  # torch threads per worker; None: usable cores / workers
-    batch_size: int = 1  # items per task
+    batch_size: int | None = 1  # items per task; None: what each worker's engine suggests
     timeout: float = 300.0  # seconds per item, from the worker's Ack
     load_timeout: float = 600.0  # seconds for a worker to load the engine
     max_attempts: int = 2
@@ -127,11 +127,11 @@ class PoolSettings:
 
     @classmethod
     def from_config(cls, config: RunConfig, **overrides: object) -> PoolSettings:
-        """The pool settings of a RunConfig (``batch_size=None`` becomes 1)."""
+        """The pool settings of a RunConfig (``batch_size=None``: the engine's suggestion)."""
         values: dict[str, object] = {
             "workers": config.workers,
             "threads": config.threads,
-            "batch_size": config.batch_size or 1,
+            "batch_size": config.batch_size,
             "timeout": config.timeout,
             "load_timeout": config.load_timeout,
             "max_attempts": config.max_attempts,
@@ -341,6 +341,7 @@ class _Worker:
     state: str = "loading"
     deadline: float | None = None  # monotonic: end of the load, the task budget or the stop stage
     device: str | None = None
+    batch_size: int = 1  # the engine's suggestion, from its Ready
     images: int = 0
     task: _Task | None = None
     acked_wall: float | None = None  # epoch seconds of the task's Ack
@@ -490,7 +491,7 @@ class _Pool:
         return any(all(wid in entry.tried for wid in regulars) for entry in self.ledger.retries)
 
     def _batch_size(self, worker: _Worker) -> int:
-        size = self.settings.batch_size
+        size = self.settings.batch_size or worker.batch_size
         if self.settings.max_images_per_worker:
             size = min(size, self.settings.max_images_per_worker - worker.images)
         return max(1, size)
@@ -541,6 +542,10 @@ class _Pool:
         if isinstance(message, Ready):
             self._on_ready(worker, message)
         elif isinstance(message, LoadFailed):
+            if message.error_type == "ConfigError" and self.kind is None:
+                # e.g. a prompt longer than the model reads: the user's to fix, not the model's.
+                self._stop(worker, graceful=False)
+                raise ConfigError(message.message)
             detail = message.message if message.error_type == "ModelLoadError" else (
                 f"{message.error_type}: {message.message}"
             )
@@ -555,6 +560,7 @@ class _Pool:
         worker.state = "idle"
         worker.deadline = None
         worker.device = ready.device
+        worker.batch_size = ready.batch_size
         self.load_failures = 0
         self.emit(PoolEvent("worker_ready", f"{worker.name} ready on {ready.device}", worker.slot, ready.pid))
         if self.kind is None:
@@ -568,8 +574,9 @@ class _Pool:
         if self.settings.workers:
             return self.settings.workers
         pinned = ":" in self.spec.config.device  # the user named one GPU
-        if self.kind == "cuda" and not pinned:
-            return max(1, ready.gpu_count)
+        if self.kind == "cuda":
+            # Several workers per GPU overlap one's decoding and writing with another's forward pass.
+            return max(1, 1 if pinned else ready.gpu_count) * ready.workers_per_gpu
         return 1
 
     def _on_done(self, worker: _Worker, task: _Task, results: list[ItemResult]) -> None:

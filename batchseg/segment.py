@@ -17,7 +17,9 @@ from __future__ import annotations
 import os
 import time
 import traceback
+import warnings
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,17 @@ from .model import load_model, max_prompt_tokens, resolve_device, resolve_dtype,
 from .postprocess import Candidates, ImageSegmentation, compose, merge, select, split_outputs
 from .records import Detection, Item, ItemResult, Status
 
-__all__ = ["EncodedImages", "PromptText", "Sam3Engine", "load_engine", "pick_device"]
+__all__ = ["EncodedImages", "PromptText", "Sam3Engine", "load_engine", "pick_device", "plan_gpu_use"]
+
+#: Threads reading images and writing masks beside the forward pass (PIL and zlib release the GIL).
+IO_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))
+#: GPU memory of a forward pass beyond the weights, in GiB: GIB_BASE + GIB_PER_IMAGE x batch
+#: (H100, bf16, 1008 px: 2.6 GiB peak at batch 1 and 7.1 GiB at batch 16 with 1.7 GiB of weights).
+GIB_BASE = 0.55
+GIB_PER_IMAGE = 0.36
+MAX_AUTO_BATCH = 16
+#: Fraction of the free memory a worker plans to use; CUDA out-of-memory halves the batch anyway.
+GPU_MEMORY_HEADROOM = 0.7
 
 
 def load_engine(spec: EngineSpec, slot: int) -> Sam3Engine:
@@ -44,6 +56,25 @@ def load_engine(spec: EngineSpec, slot: int) -> Sam3Engine:
     dtype, reason = resolve_dtype(device, config.dtype)
     model, processor = load_model(config.model, device, dtype)
     return Sam3Engine(model, processor, config, device, dtype, reason)
+
+
+def plan_gpu_use(device: torch.device) -> tuple[int, int]:
+    """(images per forward pass, worker processes per GPU) for the free memory of ``device``.
+
+    Measured on an H100 (full-size SAM3, 1008 px, bf16): a forward pass takes about
+    ``GIB_BASE + GIB_PER_IMAGE x batch`` beyond the weights. A second worker process on the same GPU
+    overlaps one's image decoding and mask writing with the other's forward pass; it costs a second
+    copy of the weights, so only cards with room for both (and their batches) get one.
+    """
+    if device.type != "cuda":
+        return 1, 1
+    free, _total = torch.cuda.mem_get_info(device)
+    weights = torch.cuda.memory_allocated(device)
+    free_gib, weights_gib = free / 2**30, weights / 2**30
+    workers = 2 if free_gib >= 2 * weights_gib + 2 * (GIB_BASE + GIB_PER_IMAGE * MAX_AUTO_BATCH) else 1
+    share = (free_gib - (workers - 1) * weights_gib) / workers * GPU_MEMORY_HEADROOM
+    batch = int((share - GIB_BASE) / GIB_PER_IMAGE)
+    return max(1, min(MAX_AUTO_BATCH, batch)), workers
 
 
 def pick_device(device: str, slot: int) -> str:
@@ -87,6 +118,10 @@ class Sam3Engine:
         self.input_root = Path(config.input)
         self.output_dir = Path(config.output_dir)
         self.prompts = self.encode_prompts(config.prompts)
+        self.preferred_batch_size, self.workers_per_gpu = plan_gpu_use(self.torch_device)
+        # Sub-batch limit of one forward pass; halved for good after a CUDA out-of-memory error.
+        self.max_batch = self.preferred_batch_size if self.torch_device.type == "cuda" else 64
+        self._io = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="batchseg-io")
 
     # --- the steps ---------------------------------------------------------------------------
 
@@ -99,8 +134,10 @@ class Sam3Engine:
             tokens = self.processor(text=prompt, return_tensors="pt")
             n_tokens = int(tokens["attention_mask"].sum())
             if tokens["input_ids"].shape[-1] > limit:
-                raise ConfigError(f"prompt {prompt!r} is {n_tokens} tokens long (start and end tokens "
-                                  f"included) but the model reads at most {limit}: shorten it")
+                raise ConfigError(
+                    f"prompt {prompt!r} is {n_tokens} tokens long (start and end tokens "
+                    f"included) but the model reads at most {limit}: shorten it"
+                )
             input_ids = tokens["input_ids"].to(self.torch_device)
             mask = tokens["attention_mask"].to(self.torch_device)
             with torch.inference_mode():
@@ -146,12 +183,14 @@ class Sam3Engine:
         """One image's candidates of every prompt -> its label map, detections in label order."""
         return compose(merge(parts), size[0], size[1], self.config.mask_threshold)
 
-    def segment(self, images: Sequence[Image.Image]) -> list[ImageSegmentation]:
+    def segment(self, images: Sequence[Image.Image], post_on_cpu: bool = False) -> list[ImageSegmentation]:
         """Encode, decode every prompt, post-process: the whole model side for a batch of images."""
         encoded = self.encode_images(images)
         parts = self.decode_prompts(encoded)
         sizes = encoded.sizes
         del encoded  # the vision features are the largest tensors: free them before upsampling
+        if post_on_cpu:
+            parts = [[Candidates(c.instances, c.masks.cpu()) for c in image_parts] for image_parts in parts]
         return [self.postprocess(p, size) for p, size in zip(parts, sizes, strict=True)]
 
     def write(self, item: Item, seg: ImageSegmentation) -> tuple[str, list[Detection]]:
@@ -179,41 +218,90 @@ class Sam3Engine:
     # --- the Engine protocol -----------------------------------------------------------------
 
     def process(self, items: Sequence[Item]) -> list[ItemResult]:
-        """One result per item, in order. Readable images go through the model together."""
+        """One result per item, in order. Images are read in parallel threads, go through the model
+        in sub-batches of at most ``max_batch``, and are written in threads while the next
+        sub-batch is on the device."""
         started = time.time()
         results: dict[int, ItemResult] = {}
         images: dict[int, Image.Image] = {}
-        for i, item in enumerate(items):
+        for i, read in enumerate(self._io.map(self._read, items)):
+            if isinstance(read, ItemResult):
+                results[i] = read
+            else:
+                images[i] = read
+        positions = list(images)
+        writes: dict[int, Future[ItemResult]] = {}
+        done = 0
+        while done < len(positions):
+            chunk = positions[done : done + self.max_batch]
             try:
-                images[i] = imageio.read_image(self.input_root / item.path, self.config.max_pixels)
-            except InvalidImageError as exc:
-                results[i] = self._failure(item, exc, started, Status.INVALID_INPUT)
-            except Exception as exc:  # noqa: BLE001 - any per-image failure is that image's result
-                results[i] = self._failure(item, exc, started)
-        if images:
-            results.update(self._run_images([items[i] for i in images], list(images.values()), started,
-                                            list(images)))
+                segs = self._segment_guarded([images[i] for i in chunk])
+            except torch.cuda.OutOfMemoryError:
+                if len(chunk) > 1:
+                    self._shrink_batch(len(chunk))
+                    continue  # the same images again, in smaller sub-batches
+                segs = [self._last_try(items[chunk[0]], images[chunk[0]], started)]
+            except Exception:  # noqa: BLE001 - one bad image must not fail its neighbours
+                segs = [self._one(items[i], images[i], started) for i in chunk]
+            for i, seg in zip(chunk, segs, strict=True):
+                if isinstance(seg, ItemResult):
+                    results[i] = seg
+                else:
+                    writes[i] = self._io.submit(self._finish, items[i], images[i], seg, started)
+            done += len(chunk)
+        results.update({i: future.result() for i, future in writes.items()})
         return [results[i] for i in range(len(items))]
 
-    def _run_images(
-        self, items: Sequence[Item], images: Sequence[Image.Image], started: float, positions: Sequence[int]
-    ) -> dict[int, ItemResult]:
+    def _read(self, item: Item) -> Image.Image | ItemResult:
+        started = time.time()
         try:
-            segs = self.segment(images)
-        except Exception as exc:  # noqa: BLE001 - see below
-            if len(images) == 1:
-                self._release_memory()
-                return {positions[0]: self._failure(items[0], exc, started)}
-            # One bad image (or memory) failing a whole batch: try each image alone.
+            return imageio.read_image(self.input_root / item.path, self.config.max_pixels)
+        except InvalidImageError as exc:
+            return self._failure(item, exc, started, Status.INVALID_INPUT)
+        except Exception as exc:  # noqa: BLE001 - any per-image failure is that image's result
+            return self._failure(item, exc, started)
+
+    def _segment_guarded(
+        self, images: Sequence[Image.Image], post_on_cpu: bool = False
+    ) -> list[ImageSegmentation]:
+        try:
+            return self.segment(images, post_on_cpu=post_on_cpu)
+        except BaseException:
             self._release_memory()
-            out: dict[int, ItemResult] = {}
-            for item, image, pos in zip(items, images, positions, strict=True):
-                out.update(self._run_images([item], [image], started, [pos]))
-            return out
-        out = {}
-        for item, image, seg, pos in zip(items, images, segs, positions, strict=True):
-            out[pos] = self._finish(item, image, seg, started)
-        return out
+            raise
+
+    def _one(self, item: Item, image: Image.Image, started: float) -> ImageSegmentation | ItemResult:
+        """An image alone, after its batch failed: its own error, or its segmentation."""
+        try:
+            return self._segment_guarded([image])[0]
+        except torch.cuda.OutOfMemoryError:
+            return self._last_try(item, image, started)
+        except Exception as exc:  # noqa: BLE001
+            return self._failure(item, exc, started)
+
+    def _last_try(self, item: Item, image: Image.Image, started: float) -> ImageSegmentation | ItemResult:
+        """An image that alone ran out of GPU memory: once more with the masks upsampled and painted
+        on the CPU (the forward pass stays on the GPU), then a clear error."""
+        try:
+            return self._segment_guarded([image], post_on_cpu=True)[0]
+        except torch.cuda.OutOfMemoryError as exc:
+            failure = self._failure(item, exc, started)
+            failure.error_message = (
+                f"out of GPU memory even alone and with post-processing on the CPU ({image.width}x"
+                f"{image.height}); try --dtype float16, a lower --max-detections, or --device cpu"
+            )
+            return failure
+        except Exception as exc:  # noqa: BLE001
+            return self._failure(item, exc, started)
+
+    def _shrink_batch(self, tried: int) -> None:
+        """CUDA ran out of memory on ``tried`` images: halve, and keep the smaller size from now on."""
+        self.max_batch = max(1, tried // 2)
+        warnings.warn(
+            f"out of GPU memory at batch {tried}; continuing with batch {self.max_batch}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     def _finish(self, item: Item, image: Image.Image, seg: ImageSegmentation, started: float) -> ItemResult:
         try:
@@ -254,6 +342,7 @@ class Sam3Engine:
 
     def close(self) -> None:
         """Drop the model; on CUDA hand the cached memory back."""
+        self._io.shutdown(wait=True)
         self.model = None
         self.prompts = []
         self._release_memory()
@@ -274,4 +363,3 @@ def _describe_device(device: str, dtype: str) -> str:
     if device.startswith("cuda"):
         return f"{device} {torch.cuda.get_device_name(device)} {dtype}"
     return f"{device} {dtype}"
-

@@ -71,11 +71,17 @@ class Shutdown:
 
 @dataclass(frozen=True)
 class Ready:
-    """The engine loaded; ``device`` is the engine's device string, ``gpu_count`` the CUDA devices seen."""
+    """The engine loaded; ``device`` is the engine's device string, ``gpu_count`` the CUDA devices seen.
+
+    ``batch_size`` and ``workers_per_gpu`` are the engine's suggestions (``preferred_batch_size`` and
+    ``workers_per_gpu`` attributes, e.g. from free GPU memory), used where the user set none.
+    """
 
     pid: int
     device: str
     gpu_count: int
+    batch_size: int = 1
+    workers_per_gpu: int = 1
 
 
 @dataclass(frozen=True)
@@ -125,7 +131,13 @@ def _load(spec: EngineSpec, slot: int, conn: Connection, threads: int | None) ->
     try:
         engine: Engine = load_factory(spec)(spec, slot)
         device = str(engine.device)
-        ready = Ready(os.getpid(), device, _gpu_count(engine, device))
+        ready = Ready(
+            os.getpid(),
+            device,
+            _gpu_count(engine, device),
+            batch_size=_positive_attr(engine, "preferred_batch_size"),
+            workers_per_gpu=_positive_attr(engine, "workers_per_gpu"),
+        )
         _set_torch_threads(threads)
     except BaseException as exc:  # noqa: BLE001 - whatever the factory raises must reach the supervisor
         _send_quietly(conn, LoadFailed(type(exc).__name__, str(exc), traceback.format_exc()))
@@ -216,6 +228,11 @@ def _send_quietly(conn: Connection, message: object) -> bool:
         return True
     except (EOFError, OSError):
         return False
+
+
+def _positive_attr(engine: Engine, name: str) -> int:
+    value = getattr(engine, name, 1)
+    return value if isinstance(value, int) and value >= 1 else 1
 
 
 def _gpu_count(engine: Engine, device: str) -> int:

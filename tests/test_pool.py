@@ -164,7 +164,8 @@ def test_bad_settings_are_config_errors() -> None:
 def test_settings_from_run_config(tmp_path: Path) -> None:
     config = RunConfig(input=tmp_path, prompts=("roof",), workers=3, timeout=9.0, max_images_per_worker=50)
     settings = PoolSettings.from_config(config, standby=True)
-    assert (settings.workers, settings.timeout, settings.batch_size) == (3, 9.0, 1)
+    # No --batch-size: the pool takes each engine's suggestion (see the test below).
+    assert (settings.workers, settings.timeout, settings.batch_size) == (3, 9.0, None)
     assert settings.max_images_per_worker == 50 and settings.standby
 
 
@@ -306,6 +307,15 @@ def test_the_pool_grows_to_one_worker_per_gpu(tmp_path: Path) -> None:
     done = run(spec, items(*(f"slow_{k}" for k in range(8))), workers=None)
     assert {r.device for r in done.results.values()} == {"cuda:0 fake", "cuda:1 fake"}
     assert sorted(slot for _pid, slot in fault_engine.loads(tmp_path)) == [0, 1]
+
+
+def test_engine_suggestions_set_batch_size_and_workers_per_gpu(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path, device="cuda", gpu_count=1, preferred_batch_size=3, workers_per_gpu=2,
+                     slow_s=0.05)
+    done = run(spec, items(*(f"slow_{k}" for k in range(12))), workers=None, batch_size=None)
+    assert done.outcome.workers_started == 2
+    assert sorted(slot for _pid, slot in fault_engine.loads(tmp_path)) == [0, 1]
+    assert {r.width for r in done.results.values()} == {3}, "items travel in the engine's batch size"
 
 
 def test_a_pinned_gpu_gets_one_worker(tmp_path: Path) -> None:
