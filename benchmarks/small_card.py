@@ -1,0 +1,54 @@
+"""Does full-size SAM3 run in float16 at batch 1 on a 4 GiB card (our users' GTX 1050 Ti)?
+
+Caps this process at 4 GiB of the GPU with torch.cuda.set_per_process_memory_fraction, loads the
+full-size model through batchseg's engine in float16, and segments 2048x1536 JPEGs one at a time with
+threshold 0 (the densest case: max_detections masks per image). Prints the peak memory.
+
+    python benchmarks/small_card.py --model-dir .bench/models/full-bf16 --images-dir .bench/images-2048x1536
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from batchseg.config import RunConfig
+from batchseg.engine import EngineSpec
+from batchseg.records import Item
+from batchseg.segment import load_engine
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument("--images-dir", type=Path, required=True)
+    parser.add_argument("--gib", type=float, default=4.0)
+    parser.add_argument("--images", type=int, default=4)
+    args = parser.parse_args()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(args.gib * 2**30 / total, 0)
+    config = RunConfig(input=args.images_dir.resolve(), prompts=("roof",), model=str(args.model_dir),
+                       output=Path("/tmp/small-card-out"), device="cuda:0", dtype="float16",
+                       threshold=0.0, batch_size=1)
+    engine = load_engine(EngineSpec(config=config), 0)
+    engine.max_batch = 1
+    results = []
+    for path in sorted(args.images_dir.glob("*.jpg"))[: args.images]:
+        item = Item(path.name, path.stat().st_size, path.stat().st_mtime_ns)
+        results.append(engine.process([item])[0])
+    print(json.dumps({
+        "cap_gib": args.gib,
+        "statuses": [str(r.status) for r in results],
+        "detections": [len(r.detections) for r in results],
+        "errors": [r.error_message for r in results if r.error_message],
+        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+        "device": engine.device,
+    }))
+
+
+if __name__ == "__main__":
+    main()
