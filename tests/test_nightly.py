@@ -207,7 +207,7 @@ def test_run_log_and_status_of_a_finished_run(tiny_model: Path, tmp_path: Path) 
 
 def test_ctrl_c_drains_exits_4_and_the_resume_completes(tiny_model: Path, tmp_path: Path) -> None:
     folder = tmp_path / "photos"
-    for i in range(80):
+    for i in range(40):
         make_image(folder / f"p{i:02d}.png", (64, 48), i)
     output = tmp_path / "out"
     args = run_args(folder, output, tiny_model)
@@ -233,16 +233,16 @@ def test_ctrl_c_drains_exits_4_and_the_resume_completes(tiny_model: Path, tmp_pa
     rows = checkpoint_rows(output)
     done = {p: r for p, r in rows.items() if r["status"] == "ok"}
     assert {n[: -len(".png")] for n in names(output / "masks")} == set(done)
-    assert 3 <= len(done) < 80
+    assert 3 <= len(done) < 40
     assert {p for p, r in manifest_rows(output).items() if r["status"] == "ok"} == set(done)
     after_stop = json.loads(invoke("status", output, "--json").output)
     assert after_stop["live"] is None and after_stop["counts"]["ok"] == len(done)
 
     resumed = invoke(*args)
     assert resumed.exit_code == 0, resumed.output
-    assert f"processed {80 - len(done)} images" in resumed.output
+    assert f"processed {40 - len(done)} images" in resumed.output
     after = checkpoint_rows(output)
-    assert len(after) == 80 and {r["status"] for r in after.values()} == {"ok"}
+    assert len(after) == 40 and {r["status"] for r in after.values()} == {"ok"}
     for path, row in done.items():
         assert after[path] == row, f"{path} was redone"
     check_masks(output, *read_manifests(output))
