@@ -586,11 +586,14 @@ class _Pool:
         worker.images += len(task.entries)
         if len(results) != len(task.entries):  # the worker guards this; never trust a pipe blindly
             results = [_missing_result(entry.item, worker) for entry in task.entries]
-        for entry, result in zip(task.entries, results, strict=True):
-            self.ledger.settle(entry, result, worker.wid)
         limit = self.settings.max_images_per_worker
         if limit and worker.images >= limit:
             self._retire(worker, f"recycled after {worker.images} images")
+        elif not any(r.status in _RETRYABLE for r in results):
+            # Next task first: recording results (a durable commit each) must not idle the worker.
+            self._dispatch()
+        for entry, result in zip(task.entries, results, strict=True):
+            self.ledger.settle(entry, result, worker.wid)
 
     def _on_exit(self, worker: _Worker) -> None:
         self._read(worker)  # words sent just before the end (Done, LoadFailed)

@@ -40,6 +40,10 @@ DEFAULT_FACTORY = "batchseg.segment:load_engine"
 MANIFEST_INTERVAL_S = 300.0
 #: Error types reported by workers that mean the output folder itself is broken: fatal, exit 1.
 OUTPUT_FAILURES = {"OutputError"}
+#: Results are committed together at most this long after the first of a group arrived...
+COMMIT_WINDOW_S = 0.5
+#: ...or as soon as this many are waiting.
+COMMIT_GROUP = 64
 #: Pool events too frequent to log one line each (a recycled worker every N images is routine).
 QUIET_EVENTS = {"worker_started"}
 
@@ -197,6 +201,63 @@ def _stat_item(root: Path, rel: str) -> Item:
     return Item(path=rel, size_bytes=st.st_size, mtime_ns=st.st_mtime_ns)
 
 
+class _Recorder:
+    """Makes final results durable in the checkpoint, in small groups bounded in time.
+
+    One commit (one fsync) per result costs tens of milliseconds on slow disks and would cap a GPU
+    run; results are therefore committed together at most ``COMMIT_WINDOW_S`` after the first of a
+    group arrived (or once ``COMMIT_GROUP`` are waiting). A result waiting for its commit is not
+    done yet: if the process dies then, the image is simply processed again on resume.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, by_path: dict[str, Item], output_dir: Path) -> None:
+        self.checkpoint = checkpoint
+        self.by_path = by_path
+        self.output_dir = output_dir
+        self.waiting: list[tuple[ItemResult, Item]] = []
+        self.first_wait = 0.0
+
+    def add(self, result: ItemResult) -> None:
+        if not self.waiting:
+            self.first_wait = time.monotonic()
+        self.waiting.append((result, self.by_path[result.path]))
+        if len(self.waiting) >= COMMIT_GROUP:
+            self.flush()
+
+    def flush_if_due(self) -> None:
+        if self.waiting and time.monotonic() - self.first_wait >= COMMIT_WINDOW_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.waiting:
+            return
+        pairs, self.waiting = self.waiting, []
+        try:
+            self.checkpoint.record_many(pairs)
+        except OSError as exc:
+            raise _output_error(self.output_dir, exc) from exc
+        except ValueError:  # a malformed result (engine bug): find it; that image fails, not the run
+            for result, item in pairs:
+                self._record_one(result, item)
+
+    def _record_one(self, result: ItemResult, item: Item) -> None:
+        try:
+            self.checkpoint.record(result, item)
+        except ValueError as exc:
+            broken = ItemResult(
+                path=result.path,
+                status=Status.ERROR,
+                attempts=result.attempts,
+                error_type="InvalidResult",
+                error_message=str(exc),
+                started_at=result.started_at,
+                finished_at=result.finished_at,
+                worker_pid=result.worker_pid,
+                device=result.device,
+            )
+            self.checkpoint.record(broken, item)
+
+
 def _process(
     config: RunConfig,
     factory: str,
@@ -208,49 +269,40 @@ def _process(
     """Run the pool over ``pending``; returns (stop reason, message, images processed)."""
     if not pending:
         return None, None, 0
-    by_path = {item.path: item for item in pending}
+    recorder = _Recorder(checkpoint, {item.path: item for item in pending}, config.output_dir)
     progress = Progress(total=len(pending), stream=stream, interval=config.progress_interval)
     stop_after = _stop_time(config)
     output_failure: list[ItemResult] = []
     last_export = time.monotonic()
-    processed = 0
+    last_log_line = time.monotonic()
 
     def on_result(result: ItemResult) -> None:
-        nonlocal last_export, processed
-        item = by_path[result.path]
-        try:
-            checkpoint.record(result, item)
-        except OSError as exc:
-            raise _output_error(config.output_dir, exc) from exc
-        except ValueError as exc:  # a malformed result (engine bug): that image fails, the run goes on
-            result = ItemResult(
-                path=result.path,
-                status=Status.ERROR,
-                attempts=result.attempts,
-                error_type="InvalidResult",
-                error_message=str(exc),
-                started_at=result.started_at,
-                finished_at=result.finished_at,
-                worker_pid=result.worker_pid,
-                device=result.device,
-            )
-            checkpoint.record(result, item)
-        processed += 1
+        nonlocal last_export
+        recorder.add(result)
         progress.update(result)
         if result.status is not Status.OK:
             log.failure(result.path, str(result.status), _reason(result))
         if result.error_type in OUTPUT_FAILURES:
             output_failure.append(result)
         if time.monotonic() - last_export > MANIFEST_INTERVAL_S:
+            recorder.flush()
             export_manifest(checkpoint, config.output_dir)
             last_export = time.monotonic()
 
-    settings = PoolSettings.from_config(config)
+    def on_event(event: PoolEvent) -> None:
+        if event.kind in QUIET_EVENTS:
+            return
+        text = f"{event.kind}: {event.message}"
+        if event.kind in ("attempt_failed", "worker_timeout", "worker_lost", "load_failed"):
+            log.warning(text)
+        else:
+            log.info(text)
+
     with StopRequest() as stop_request:
-        last_log_line = time.monotonic()
 
         def should_stop() -> str | None:
             nonlocal last_log_line
+            recorder.flush_if_due()
             progress.tick()  # images can take minutes: keep the plain progress lines coming
             if time.monotonic() - last_log_line >= config.progress_interval:
                 log.progress(progress.line())
@@ -263,34 +315,26 @@ def _process(
                 return "deadline"
             return None
 
-        def on_event(event: PoolEvent) -> None:
-            if event.kind in QUIET_EVENTS:
-                return
-            text = f"{event.kind}: {event.message}"
-            if event.kind in ("attempt_failed", "worker_timeout", "worker_lost", "load_failed"):
-                log.warning(text)
-            else:
-                log.info(text)
-
+        spec = EngineSpec(config=config, factory=factory)
         try:
             outcome = run_pool(
-                EngineSpec(config=config, factory=factory),
+                spec,
                 pending,
-                settings,
+                PoolSettings.from_config(config),
                 on_result=on_result,
                 should_stop=should_stop,
                 on_event=on_event,
             )
         finally:
+            # Whatever ended the pool (even Ctrl-C twice), results already received are kept.
+            recorder.flush()
             progress.close()
     if output_failure:
         first = output_failure[0]
         raise OutputError(f"cannot write results to {config.output_dir}: {first.error_message}")
-    stopped = outcome.stopped
-    message = outcome.message
-    if stopped:
-        log.warning(f"run stopped early ({stopped}): {message or ''}".strip())
-    return stopped, message, processed
+    if outcome.stopped:
+        log.warning(f"run stopped early ({outcome.stopped}): {outcome.message or ''}".strip())
+    return outcome.stopped, outcome.message, progress.done
 
 
 def _reason(result: ItemResult) -> str:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -150,8 +151,13 @@ class Sam3Engine:
         """Vision features of the images, each resized by the processor from its original size."""
         # On a GPU the processor's resize runs there too: a large image is resized in a
         # millisecond instead of tens on the CPU that also feeds the next image.
-        options = {"device": self.torch_device} if self.torch_device.type == "cuda" else {}
-        batch = self.processor(images=list(images), return_tensors="pt", **options)
+        if self.torch_device.type == "cuda":
+            # uint8 pixels go to the GPU from the I/O threads, several at once; the processor then
+            # resizes and normalises there.
+            pixels_in: list[Any] = list(self._io.map(self._to_device, images))
+            batch = self.processor(images=pixels_in, return_tensors="pt", device=self.torch_device)
+        else:
+            batch = self.processor(images=list(images), return_tensors="pt")
         sizes = [(int(h), int(w)) for h, w in batch["original_sizes"].tolist()]
         if sizes != _sizes(images):
             raise RuntimeError(f"the processor saw sizes {sizes}, the images are {_sizes(images)}")
@@ -159,6 +165,11 @@ class Sam3Engine:
         with torch.inference_mode():
             vision = self.model.get_vision_features(pixel_values=pixels)
         return EncodedImages(vision, sizes)
+
+    def _to_device(self, image: Image.Image) -> torch.Tensor:
+        """An RGB image as a (3, H, W) uint8 tensor on the engine's device."""
+        array = np.asarray(image)
+        return torch.from_numpy(array).permute(2, 0, 1).to(self.torch_device)
 
     def decode_prompts(self, encoded: EncodedImages) -> list[list[Candidates]]:
         """Every prompt on the shared vision features; per image, per prompt, the kept candidates
