@@ -87,6 +87,13 @@ OPERATIONAL_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (("--max-runtime",), dict(metavar="DURATION", help="Like --deadline, as a duration: 6h, 90m, 1h30m.")),
     (("--log-keep",), dict(type=click.IntRange(min=1), help="Log files kept in OUTPUT/logs [default: 30].")),
     (
+        ("--manifest-interval",),
+        dict(
+            type=click.FloatRange(min=1),
+            help="Seconds between manifest exports during a run [default: 300].",
+        ),
+    ),
+    (
         ("--progress-interval",),
         dict(
             type=click.FloatRange(min=0.1),

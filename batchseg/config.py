@@ -48,6 +48,7 @@ class RunConfig:
     new_run: bool = False
     log_keep: int = 30  # log files kept in OUTPUT/logs
     progress_interval: float = 60.0  # seconds between plain progress lines when not on a TTY
+    manifest_interval: float = 300.0  # seconds between manifest exports during a run
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property

@@ -20,7 +20,7 @@ Paths in a job file
     (``facebook/sam3``) is kept as written. Write ``./models/sam3`` to mean a local folder for sure.
 
 Time values
-    ``timeout``, ``load-timeout``, ``max-runtime`` and ``progress-interval`` take seconds (a number)
+    ``timeout``, ``load-timeout``, ``max-runtime``, ``progress-interval`` and ``manifest-interval`` take seconds (a number)
     or a duration string (``"90m"``, ``"1h30m"``); ``deadline`` takes ``"HH:MM"`` or a TOML local
     time (``06:30:00``). ``workers``, ``threads`` and ``batch-size`` also take ``"auto"``.
 
@@ -320,6 +320,7 @@ _CHECKS: dict[str, Checker] = {
     "new_run": _boolean,
     "log_keep": _int_min(1),
     "progress_interval": _seconds,
+    "manifest_interval": _seconds,
 }
 #: Keys a job file may spell differently from the RunConfig field.
 _ALIASES = {"prompt": "prompts"}

@@ -9,6 +9,7 @@ The parent never imports torch: SAM3 lives in the worker processes only.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import errno
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import __version__
+from .atomic import TEMP_SUFFIX
 from .checkpoint import Checkpoint
 from .config import RunConfig
 from .discover import discover
@@ -36,8 +38,6 @@ from .signals import StopRequest
 __all__ = ["RunSummary", "run", "retry", "exit_code_for"]
 
 DEFAULT_FACTORY = "batchseg.segment:load_engine"
-#: Seconds between manifest exports during a run, so a dead run still leaves a readable manifest.
-MANIFEST_INTERVAL_S = 300.0
 #: Error types reported by workers that mean the output folder itself is broken: fatal, exit 1.
 OUTPUT_FAILURES = {"OutputError"}
 #: Results are committed together at most this long after the first of a group arrived...
@@ -135,6 +135,9 @@ def _run_locked(
         config.to_dict(),
         {"batchseg": __version__, "pid": os.getpid(), "devices": "reported by each worker when it is ready"},
     )
+    removed = remove_stale_temp_files(output_dir)
+    if removed:
+        log.info(f"removed {removed} unfinished temp file(s) left by an interrupted run")
     checkpoint = Checkpoint.open(output_dir, config, new_run=config.new_run)
     try:
         found = discover(
@@ -164,6 +167,24 @@ def _run_locked(
     )
     log.summary(counts, summary.elapsed_s, summary.exit_code)
     return summary
+
+
+def remove_stale_temp_files(output_dir: Path) -> int:
+    """Delete the temp files an interrupted run left (a killed mask write or manifest export).
+
+    Safe only while holding the run lock: no other batchseg process is writing here. Earlier runs
+    moved to previous-runs/ are left as they are.
+    """
+    removed = 0
+    for folder, dirs, files in os.walk(output_dir):
+        if Path(folder) == output_dir and "previous-runs" in dirs:
+            dirs.remove("previous-runs")
+        for name in files:
+            if name.endswith(TEMP_SUFFIX):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(folder, name))
+                    removed += 1
+    return removed
 
 
 def _record_collision(checkpoint: Checkpoint, config: RunConfig, path: str, kept: str, log: RunLog) -> None:
@@ -278,18 +299,22 @@ def _process(
 
     def on_result(result: ItemResult) -> None:
         nonlocal last_export
+        if result.error_type in OUTPUT_FAILURES:
+            # The output folder failed, not the image: left pending, so a rerun does it.
+            output_failure.append(result)
+            return
         recorder.add(result)
         progress.update(result)
         if result.status is not Status.OK:
             log.failure(result.path, str(result.status), _reason(result))
-        if result.error_type in OUTPUT_FAILURES:
-            output_failure.append(result)
-        if time.monotonic() - last_export > MANIFEST_INTERVAL_S:
+        if time.monotonic() - last_export > config.manifest_interval:
             recorder.flush()
             export_manifest(checkpoint, config.output_dir)
             last_export = time.monotonic()
 
     def on_event(event: PoolEvent) -> None:
+        if event.result is not None and event.result.error_type in OUTPUT_FAILURES:
+            output_failure.append(event.result)  # stop now: a retry on a fresh worker cannot help
         if event.kind in QUIET_EVENTS:
             return
         text = f"{event.kind}: {event.message}"
