@@ -40,9 +40,9 @@ __all__ = ["RunSummary", "run", "retry", "exit_code_for"]
 DEFAULT_FACTORY = "batchseg.segment:load_engine"
 #: Error types reported by workers that mean the output folder itself is broken: fatal, exit 1.
 OUTPUT_FAILURES = {"OutputError"}
-#: Results are committed together at most this long after the first of a group arrived...
+#: Longest a received result waits for its commit (one turn of the pool's loop, see _Recorder)...
 COMMIT_WINDOW_S = 0.5
-#: ...or as soon as this many are waiting.
+#: ...or until this many are waiting.
 COMMIT_GROUP = 64
 #: Pool events too frequent to log one line each (a recycled worker every N images is routine).
 QUIET_EVENTS = {"worker_started"}
@@ -226,9 +226,11 @@ class _Recorder:
     """Makes final results durable in the checkpoint, in small groups bounded in time.
 
     One commit (one fsync) per result costs tens of milliseconds on slow disks and would cap a GPU
-    run; results are therefore committed together at most ``COMMIT_WINDOW_S`` after the first of a
-    group arrived (or once ``COMMIT_GROUP`` are waiting). A result waiting for its commit is not
-    done yet: if the process dies then, the image is simply processed again on resume.
+    run. The pool hands over every result its loop received (a whole batch at once) before it
+    asks ``should_stop``, where they are committed together: a result waits at most one turn of
+    the pool's loop (well under ``COMMIT_WINDOW_S``), or until ``COMMIT_GROUP`` are waiting. A result
+    waiting for its commit is not done yet: if the process dies then, the image is simply
+    processed again on resume.
     """
 
     def __init__(self, checkpoint: Checkpoint, by_path: dict[str, Item], output_dir: Path) -> None:
@@ -236,17 +238,10 @@ class _Recorder:
         self.by_path = by_path
         self.output_dir = output_dir
         self.waiting: list[tuple[ItemResult, Item]] = []
-        self.first_wait = 0.0
 
     def add(self, result: ItemResult) -> None:
-        if not self.waiting:
-            self.first_wait = time.monotonic()
         self.waiting.append((result, self.by_path[result.path]))
         if len(self.waiting) >= COMMIT_GROUP:
-            self.flush()
-
-    def flush_if_due(self) -> None:
-        if self.waiting and time.monotonic() - self.first_wait >= COMMIT_WINDOW_S:
             self.flush()
 
     def flush(self) -> None:
@@ -327,7 +322,7 @@ def _process(
 
         def should_stop() -> str | None:
             nonlocal last_log_line
-            recorder.flush_if_due()
+            recorder.flush()
             progress.tick()  # images can take minutes: keep the plain progress lines coming
             if time.monotonic() - last_log_line >= config.progress_interval:
                 log.progress(progress.line())
