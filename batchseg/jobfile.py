@@ -22,7 +22,8 @@ Paths in a job file
 Time values
     ``timeout``, ``load-timeout``, ``max-runtime``, ``progress-interval`` and ``manifest-interval``
     take seconds (a number) or a duration string (``"90m"``, ``"1h30m"``); ``deadline`` takes
-    ``"HH:MM"`` or a TOML local time (``06:30:00``). ``workers``, ``threads`` and ``batch-size`` also take ``"auto"``.
+    ``"HH:MM"`` or a TOML local time (``06:30:00``). ``workers``, ``threads`` and ``batch-size``
+    also take ``"auto"``.
 
 This module is imported by the parent process: it never imports torch.
 """
