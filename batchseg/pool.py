@@ -84,7 +84,7 @@ from .config import RunConfig
 from .engine import EngineSpec
 from .errors import ConfigError, ModelLoadError
 from .records import Item, ItemResult, Status
-from .worker import Ack, Done, LoadFailed, Ready, Shutdown, Task, worker_main
+from .worker import Ack, Done, Heartbeat, LoadFailed, Ready, Shutdown, Task, worker_main
 
 __all__ = ["PoolEvent", "PoolOutcome", "PoolSettings", "describe_exit", "run_pool"]
 
@@ -341,7 +341,8 @@ class _Worker:
     state: str = "loading"
     deadline: float | None = None  # monotonic: end of the load, the task budget or the stop stage
     device: str | None = None
-    batch_size: int = 1  # the engine's suggestion, from its Ready
+    batch_size: int = 1  # items per task the engine suggested in its Ready
+    heartbeat_every: int = 0  # items between the engine's heartbeats (0: none)
     images: int = 0
     task: _Task | None = None
     acked_wall: float | None = None  # epoch seconds of the task's Ack
@@ -508,8 +509,12 @@ class _Pool:
         except OSError:
             pass  # the worker died; its exit settles the task
 
-    def _budget(self, task: _Task) -> float:
-        return self.settings.timeout * len(task.entries)
+    def _budget(self, task: _Task, worker: _Worker | None = None) -> float:
+        """timeout x the items the worker may finish before it next reports (Done or Heartbeat)."""
+        items = len(task.entries)
+        if worker is not None and worker.heartbeat_every:
+            items = min(items, worker.heartbeat_every)
+        return self.settings.timeout * items
 
     # -- messages and exits -----------------------------------------------------------------------
 
@@ -552,7 +557,9 @@ class _Pool:
             self._on_load_failure(worker, detail, message.traceback)
         elif isinstance(message, Ack) and task is not None and message.task_id == task.task_id:
             worker.acked_wall = time.time()
-            worker.deadline = time.monotonic() + self._budget(task)
+            worker.deadline = time.monotonic() + self._budget(task, worker)
+        elif isinstance(message, Heartbeat) and task is not None and message.task_id == task.task_id:
+            worker.deadline = time.monotonic() + self._budget(task, worker)
         elif isinstance(message, Done) and task is not None and message.task_id == task.task_id:
             self._on_done(worker, task, message.results)
 
@@ -560,7 +567,8 @@ class _Pool:
         worker.state = "idle"
         worker.deadline = None
         worker.device = ready.device
-        worker.batch_size = ready.batch_size
+        worker.batch_size = ready.task_size
+        worker.heartbeat_every = ready.heartbeat_every
         self.load_failures = 0
         self.emit(PoolEvent("worker_ready", f"{worker.name} ready on {ready.device}", worker.slot, ready.pid))
         if self.kind is None:
@@ -574,9 +582,8 @@ class _Pool:
         if self.settings.workers:
             return self.settings.workers
         pinned = ":" in self.spec.config.device  # the user named one GPU
-        if self.kind == "cuda":
-            # Several workers per GPU overlap one's decoding and writing with another's forward pass.
-            return max(1, 1 if pinned else ready.gpu_count) * ready.workers_per_gpu
+        if self.kind == "cuda" and not pinned:
+            return max(1, ready.gpu_count)
         return 1
 
     def _on_done(self, worker: _Worker, task: _Task, results: list[ItemResult]) -> None:
@@ -625,7 +632,7 @@ class _Pool:
                 self.emit(
                     PoolEvent(
                         "worker_timeout",
-                        f"{worker.name}: no result within {self._budget(task):g} s; stopping it",
+                        f"{worker.name}: no result within {self._budget(task, worker):g} s; stopping it",
                         worker.slot,
                         worker.pid,
                     )
@@ -651,7 +658,8 @@ class _Pool:
                 self.ledger.requeue(entry)
             return
         if status is Status.TIMEOUT:
-            message = f"no result within {self._budget(task):g} s; worker process {worker.pid} was stopped"
+            budget = self._budget(task, worker)
+            message = f"no result within {budget:g} s; worker process {worker.pid} was stopped"
         else:
             message = f"worker process {worker.pid} {describe_exit(code)}"
         result = ItemResult(

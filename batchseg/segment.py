@@ -18,7 +18,7 @@ import os
 import time
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +45,9 @@ IO_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))
 GIB_BASE = 0.55
 GIB_PER_IMAGE = 0.36
 MAX_AUTO_BATCH = 16
+#: Sub-batches in one task on a GPU: the reads of the first and the writes of the last are the
+#: only I/O not hidden behind a forward pass.
+SUB_BATCHES_PER_TASK = 8
 #: Fraction of the free memory a worker plans to use; CUDA out-of-memory halves the batch anyway.
 GPU_MEMORY_HEADROOM = 0.7
 
@@ -59,23 +62,13 @@ def load_engine(spec: EngineSpec, slot: int) -> Sam3Engine:
     return Sam3Engine(model, processor, config, device, dtype, reason)
 
 
-def plan_gpu_use(device: torch.device) -> tuple[int, int]:
-    """(images per forward pass, worker processes per GPU) for the free memory of ``device``.
-
-    Measured on an H100 (full-size SAM3, 1008 px, bf16): a forward pass takes about
-    ``GIB_BASE + GIB_PER_IMAGE x batch`` beyond the weights. A second worker process on the same GPU
-    overlaps one's image decoding and mask writing with the other's forward pass; it costs a second
-    copy of the weights, so only cards with room for both (and their batches) get one.
-    """
-    if device.type != "cuda":
-        return 1, 1
+def plan_gpu_use(device: torch.device) -> int:
+    """Images per forward pass that the free memory of ``device`` allows (at least 1, at most
+    ``MAX_AUTO_BATCH``): a forward pass takes about ``GIB_BASE + GIB_PER_IMAGE x batch`` beyond the
+    weights (measured on an H100, full-size SAM3, 1008 px, bf16)."""
     free, _total = torch.cuda.mem_get_info(device)
-    weights = torch.cuda.memory_allocated(device)
-    free_gib, weights_gib = free / 2**30, weights / 2**30
-    workers = 2 if free_gib >= 2 * weights_gib + 2 * (GIB_BASE + GIB_PER_IMAGE * MAX_AUTO_BATCH) else 1
-    share = (free_gib - (workers - 1) * weights_gib) / workers * GPU_MEMORY_HEADROOM
-    batch = int((share - GIB_BASE) / GIB_PER_IMAGE)
-    return max(1, min(MAX_AUTO_BATCH, batch)), workers
+    share = free / 2**30 * GPU_MEMORY_HEADROOM
+    return max(1, min(MAX_AUTO_BATCH, int((share - GIB_BASE) / GIB_PER_IMAGE)))
 
 
 def pick_device(device: str, slot: int) -> str:
@@ -119,9 +112,15 @@ class Sam3Engine:
         self.input_root = Path(config.input)
         self.output_dir = Path(config.output_dir)
         self.prompts = self.encode_prompts(config.prompts)
-        self.preferred_batch_size, self.workers_per_gpu = plan_gpu_use(self.torch_device)
-        # Sub-batch limit of one forward pass; halved for good after a CUDA out-of-memory error.
-        self.max_batch = self.preferred_batch_size if self.torch_device.type == "cuda" else 64
+        cuda = self.torch_device.type == "cuda"
+        # Images per forward pass: --batch-size, else 1 on CPU (a batch of 2 was slower than two
+        # singles there) and what free memory allows on a GPU; halved for good after CUDA OOM.
+        self.max_batch = config.batch_size or (plan_gpu_use(self.torch_device) if cuda else 1)
+        # Suggestions for the pool (see batchseg.worker.Ready): a task of several sub-batches keeps
+        # the GPU busy while the I/O threads read the next sub-batch and write the last one.
+        self.preferred_task_size = self.max_batch * (SUB_BATCHES_PER_TASK if cuda else 1)
+        self.heartbeat_every = self.max_batch
+        self._on_device: dict[int, torch.Tensor] = {}  # uint8 pixels copied to the GPU by _read
         self._io = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="batchseg-io")
 
     # --- the steps ---------------------------------------------------------------------------
@@ -154,7 +153,11 @@ class Sam3Engine:
         if self.torch_device.type == "cuda":
             # uint8 pixels go to the GPU from the I/O threads, several at once; the processor then
             # resizes and normalises there.
-            pixels_in: list[Any] = list(self._io.map(self._to_device, images))
+            cached = [self._on_device.pop(id(image), None) for image in images]
+            pixels_in: list[Any] = [
+                self._to_device(image) if pixels is None else pixels
+                for image, pixels in zip(images, cached, strict=True)
+            ]
             batch = self.processor(images=pixels_in, return_tensors="pt", device=self.torch_device)
         else:
             batch = self.processor(images=list(images), return_tensors="pt")
@@ -228,45 +231,74 @@ class Sam3Engine:
 
     # --- the Engine protocol -----------------------------------------------------------------
 
-    def process(self, items: Sequence[Item]) -> list[ItemResult]:
-        """One result per item, in order. Images are read in parallel threads, go through the model
-        in sub-batches of at most ``max_batch``, and are written in threads while the next
-        sub-batch is on the device."""
+    def process(self, items: Sequence[Item], heartbeat: Callable[[], None] | None = None) -> list[ItemResult]:
+        """One result per item, in order, as a pipeline: images are read (and on a GPU copied there)
+        by I/O threads one sub-batch ahead, go through the model ``max_batch`` at a time, and are
+        written by I/O threads while the next sub-batch is on the device. ``heartbeat`` is called
+        after each sub-batch, so a watchdog can give each sub-batch its own time budget."""
         started = time.time()
         results: dict[int, ItemResult] = {}
-        images: dict[int, Image.Image] = {}
-        for i, read in enumerate(self._io.map(self._read, items)):
-            if isinstance(read, ItemResult):
-                results[i] = read
-            else:
-                images[i] = read
-        positions = list(images)
+        loads: dict[int, Future[Image.Image | ItemResult]] = {}
         writes: dict[int, Future[ItemResult]] = {}
+
+        def read_ahead(upto: int) -> None:
+            for i in range(len(loads), min(upto, len(items))):
+                loads[i] = self._io.submit(self._read, items[i])
+
         done = 0
-        while done < len(positions):
-            chunk = positions[done : done + self.max_batch]
+        while done < len(items):
+            chunk = list(range(done, min(done + self.max_batch, len(items))))
+            read_ahead(chunk[-1] + 1 + self.max_batch)
+            images: dict[int, Image.Image] = {}
+            for i in chunk:
+                loaded = loads[i].result()
+                if isinstance(loaded, ItemResult):
+                    results[i] = loaded
+                else:
+                    images[i] = loaded
             try:
-                segs = self._segment_guarded([images[i] for i in chunk])
+                segs = self._segment_images(items, images, started)
             except torch.cuda.OutOfMemoryError:
-                if len(chunk) > 1:
-                    self._shrink_batch(len(chunk))
-                    continue  # the same images again, in smaller sub-batches
-                segs = [self._last_try(items[chunk[0]], images[chunk[0]], started)]
-            except Exception:  # noqa: BLE001 - one bad image must not fail its neighbours
-                segs = [self._one(items[i], images[i], started) for i in chunk]
-            for i, seg in zip(chunk, segs, strict=True):
+                self._shrink_batch(len(images))
+                continue  # the same images again, in smaller sub-batches
+            for i, seg in segs.items():
                 if isinstance(seg, ItemResult):
                     results[i] = seg
                 else:
                     writes[i] = self._io.submit(self._finish, items[i], images[i], seg, started)
             done += len(chunk)
+            if heartbeat is not None:
+                heartbeat()
         results.update({i: future.result() for i, future in writes.items()})
         return [results[i] for i in range(len(items))]
+
+    def _segment_images(
+        self, items: Sequence[Item], images: dict[int, Image.Image], started: float
+    ) -> dict[int, ImageSegmentation | ItemResult]:
+        """One sub-batch through the model. Raises CUDA out-of-memory only for several images (the
+        caller halves the batch); any other failure is retried image by image."""
+        positions = list(images)
+        if not positions:
+            return {}
+        try:
+            segs: list[ImageSegmentation | ItemResult] = list(
+                self._segment_guarded([images[i] for i in positions])
+            )
+        except torch.cuda.OutOfMemoryError:
+            if len(positions) > 1:
+                raise
+            segs = [self._last_try(items[positions[0]], images[positions[0]], started)]
+        except Exception:  # noqa: BLE001 - one bad image must not fail its neighbours
+            segs = [self._one(items[i], images[i], started) for i in positions]
+        return dict(zip(positions, segs, strict=True))
 
     def _read(self, item: Item) -> Image.Image | ItemResult:
         started = time.time()
         try:
-            return imageio.read_image(self.input_root / item.path, self.config.max_pixels)
+            image = imageio.read_image(self.input_root / item.path, self.config.max_pixels)
+            if self.torch_device.type == "cuda":
+                self._on_device[id(image)] = self._to_device(image)
+            return image
         except InvalidImageError as exc:
             return self._failure(item, exc, started, Status.INVALID_INPUT)
         except Exception as exc:  # noqa: BLE001 - any per-image failure is that image's result

@@ -5,7 +5,7 @@ one duplex pipe, in small dataclasses only::
 
     supervisor -> worker   Task(task_id, items) | Shutdown()
     worker -> supervisor   Ready(pid, device, gpu_count) | LoadFailed(error_type, message, traceback)
-                           Ack(task_id) | Done(task_id, results)
+                           Ack(task_id) | Heartbeat(task_id) | Done(task_id, results)
 
 The worker never raises across the pipe: a failed load becomes ``LoadFailed``, a failing image
 becomes an ``error`` result carrying the exception's class, message and traceback. Hangs and hard
@@ -21,6 +21,7 @@ and a watcher thread exits the process as soon as the parent's sentinel closes o
 
 from __future__ import annotations
 
+import inspect
 import multiprocessing
 import os
 import signal
@@ -28,7 +29,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
@@ -38,6 +39,7 @@ from .records import Item, ItemResult, Status
 __all__ = [
     "Ack",
     "Done",
+    "Heartbeat",
     "LoadFailed",
     "Ready",
     "Shutdown",
@@ -73,15 +75,17 @@ class Shutdown:
 class Ready:
     """The engine loaded; ``device`` is the engine's device string, ``gpu_count`` the CUDA devices seen.
 
-    ``batch_size`` and ``workers_per_gpu`` are the engine's suggestions (``preferred_batch_size`` and
-    ``workers_per_gpu`` attributes, e.g. from free GPU memory), used where the user set none.
+    ``task_size`` is the engine's suggested number of items per task (its ``preferred_task_size``,
+    e.g. from free GPU memory), used where the user set none. ``heartbeat_every``: the engine sends
+    a Heartbeat after every that many items of a task (its ``heartbeat_every``; 0 = never), so the
+    watchdog budget covers that many items instead of the whole task.
     """
 
     pid: int
     device: str
     gpu_count: int
-    batch_size: int = 1
-    workers_per_gpu: int = 1
+    task_size: int = 1
+    heartbeat_every: int = 0
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,13 @@ class LoadFailed:
 @dataclass(frozen=True)
 class Ack:
     """The worker took the task: the supervisor starts its clock now."""
+
+    task_id: int
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Part of the task is done (``Ready.heartbeat_every`` more items): the clock starts again."""
 
     task_id: int
 
@@ -135,8 +146,8 @@ def _load(spec: EngineSpec, slot: int, conn: Connection, threads: int | None) ->
             os.getpid(),
             device,
             _gpu_count(engine, device),
-            batch_size=_positive_attr(engine, "preferred_batch_size"),
-            workers_per_gpu=_positive_attr(engine, "workers_per_gpu"),
+            task_size=_positive_attr(engine, "preferred_task_size"),
+            heartbeat_every=_positive_attr(engine, "heartbeat_every") if _takes_heartbeat(engine) else 0,
         )
         _set_torch_threads(threads)
     except BaseException as exc:  # noqa: BLE001 - whatever the factory raises must reach the supervisor
@@ -157,28 +168,33 @@ def _serve(engine: Engine, conn: Connection) -> None:
             return
         if not _send_quietly(conn, Ack(message.task_id)):
             return
-        results = run_task(engine, message.items)
+        beat = _heartbeat(conn, message.task_id) if _takes_heartbeat(engine) else None
+        results = run_task(engine, message.items, beat)
         if not _send_done(conn, message.task_id, message.items, results):
             return
 
 
-def run_task(engine: Engine, items: Sequence[Item]) -> list[ItemResult]:
+def run_task(
+    engine: Engine, items: Sequence[Item], heartbeat: Callable[[], object] | None = None
+) -> list[ItemResult]:
     """Run the engine on a batch; never raises.
 
     When ``engine.process`` raises on a batch of several items, each item is run again on its own,
     so only the image that raises is marked ``error``.
     """
     try:
-        return _process(engine, items)
+        return _process(engine, items, heartbeat)
     except BaseException as exc:  # noqa: BLE001 - the worker never raises across the pipe
         if len(items) == 1:
             return [error_result(items[0], exc, engine)]
-    return [run_task(engine, [item])[0] for item in items]
+    return [run_task(engine, [item], heartbeat)[0] for item in items]
 
 
-def _process(engine: Engine, items: Sequence[Item]) -> list[ItemResult]:
+def _process(
+    engine: Engine, items: Sequence[Item], heartbeat: Callable[[], object] | None
+) -> list[ItemResult]:
     started = time.time()
-    results = engine.process(items)
+    results = engine.process(items, heartbeat=heartbeat) if heartbeat else engine.process(items)
     finished = time.time()
     if not isinstance(results, list) or len(results) != len(items):
         count = len(results) if isinstance(results, list) else type(results).__name__
@@ -227,6 +243,17 @@ def _send_quietly(conn: Connection, message: object) -> bool:
         conn.send(message)
         return True
     except (EOFError, OSError):
+        return False
+
+
+def _heartbeat(conn: Connection, task_id: int) -> Callable[[], object]:
+    return lambda: _send_quietly(conn, Heartbeat(task_id))
+
+
+def _takes_heartbeat(engine: Engine) -> bool:
+    try:
+        return "heartbeat" in inspect.signature(engine.process).parameters
+    except (TypeError, ValueError):
         return False
 
 

@@ -47,9 +47,8 @@ class FaultyEngine:
         else:
             self.device = "cpu fault-engine"
             self.gpu_count = 0
-        # Suggestions a real engine derives from free GPU memory.
-        self.preferred_batch_size = int(extra.get("preferred_batch_size", 1))
-        self.workers_per_gpu = int(extra.get("workers_per_gpu", 1))
+        # Suggestion a real engine derives from free GPU memory.
+        self.preferred_task_size = int(extra.get("preferred_task_size", 1))
 
     def process(self, items: Sequence[Item]) -> list[ItemResult]:
         results = [self._one(item) for item in items]
@@ -153,3 +152,22 @@ def _exhaust_memory() -> None:
     finally:
         hog.clear()
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+class HeartbeatEngine(FaultyEngine):
+    """Like FaultyEngine, but reports after every item, as the SAM3 engine does per sub-batch."""
+
+    heartbeat_every = 1
+
+    def process(self, items: Sequence[Item], heartbeat: Any = None) -> list[ItemResult]:
+        results = []
+        for item in items:
+            results.extend(super().process([item]))
+            if heartbeat is not None:
+                heartbeat()
+        return results
+
+
+def load_heartbeat(spec: EngineSpec, slot: int) -> HeartbeatEngine:
+    _record_load(spec.config.extra, slot)
+    return HeartbeatEngine(spec.config.extra, slot)

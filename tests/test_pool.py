@@ -309,13 +309,23 @@ def test_the_pool_grows_to_one_worker_per_gpu(tmp_path: Path) -> None:
     assert sorted(slot for _pid, slot in fault_engine.loads(tmp_path)) == [0, 1]
 
 
-def test_engine_suggestions_set_batch_size_and_workers_per_gpu(tmp_path: Path) -> None:
-    spec = make_spec(tmp_path, device="cuda", gpu_count=1, preferred_batch_size=3, workers_per_gpu=2,
-                     slow_s=0.05)
-    done = run(spec, items(*(f"slow_{k}" for k in range(12))), workers=None, batch_size=None)
-    assert done.outcome.workers_started == 2
-    assert sorted(slot for _pid, slot in fault_engine.loads(tmp_path)) == [0, 1]
-    assert {r.width for r in done.results.values()} == {3}, "items travel in the engine's batch size"
+def test_the_engine_suggests_the_task_size(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path, preferred_task_size=3, slow_s=0.05)
+    done = run(spec, items(*(f"slow_{k}" for k in range(12))), workers=1, batch_size=None)
+    assert {r.width for r in done.results.values()} == {3}, "items travel in the engine's task size"
+
+
+def test_heartbeats_give_each_part_of_a_task_its_own_budget(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path, slow_s=0.6)
+    spec = EngineSpec(spec.config, "fault_engine:load_heartbeat")
+    todo = items("slow_1", "slow_2", "slow_3", "hang_1")
+    done = run(spec, todo, workers=1, batch_size=4, timeout=1.0, max_attempts=1)
+    # Without heartbeats the task's budget would be 4 x 1 s from the Ack and nothing would time out
+    # before 4 s; each heartbeat restarts a 1 s clock, so the hang is caught 1 s after the last one.
+    timeouts = done.kinds("worker_timeout")  # the batch, then hang_1 alone after the batch split
+    assert timeouts and all("within 1 s" in t.message for t in timeouts)
+    assert done.results["hang_1.jpg"].status is Status.TIMEOUT
+    assert all(done.results[f"slow_{k}.jpg"].status is Status.OK for k in (1, 2, 3))
 
 
 def test_a_pinned_gpu_gets_one_worker(tmp_path: Path) -> None:
