@@ -131,7 +131,8 @@ class PoolSettings:
         values: dict[str, object] = {
             "workers": config.workers,
             "threads": config.threads,
-            "batch_size": config.batch_size,
+            # --batch-size is the engine's forward batch; it suggests the task size from it.
+            "batch_size": None,
             "timeout": config.timeout,
             "load_timeout": config.load_timeout,
             "max_attempts": config.max_attempts,

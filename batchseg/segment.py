@@ -39,7 +39,7 @@ from .records import Detection, Item, ItemResult, Status
 __all__ = ["EncodedImages", "PromptText", "Sam3Engine", "load_engine", "pick_device", "plan_gpu_use"]
 
 #: Threads reading images and writing masks beside the forward pass (PIL and zlib release the GIL).
-IO_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))
+IO_THREADS = int(os.environ.get("BATCHSEG_IO_THREADS", 0)) or max(1, min(8, (os.cpu_count() or 2) // 2))
 #: GPU memory of a forward pass beyond the weights, in GiB: GIB_BASE + GIB_PER_IMAGE x batch
 #: (H100, bf16, 1008 px: 2.6 GiB peak at batch 1 and 7.1 GiB at batch 16 with 1.7 GiB of weights).
 GIB_BASE = 0.55
@@ -120,7 +120,7 @@ class Sam3Engine:
         # the GPU busy while the I/O threads read the next sub-batch and write the last one.
         self.preferred_task_size = self.max_batch * (SUB_BATCHES_PER_TASK if cuda else 1)
         self.heartbeat_every = self.max_batch
-        self._on_device: dict[int, torch.Tensor] = {}  # uint8 pixels copied to the GPU by _read
+        self._pinned_pixels: dict[int, torch.Tensor] = {}  # uint8 pixels _read left in pinned memory
         self._io = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="batchseg-io")
 
     # --- the steps ---------------------------------------------------------------------------
@@ -153,10 +153,10 @@ class Sam3Engine:
         if self.torch_device.type == "cuda":
             # uint8 pixels go to the GPU from the I/O threads, several at once; the processor then
             # resizes and normalises there.
-            cached = [self._on_device.pop(id(image), None) for image in images]
+            pinned = [self._pinned_pixels.pop(id(image), None) for image in images]
             pixels_in: list[Any] = [
-                self._to_device(image) if pixels is None else pixels
-                for image, pixels in zip(images, cached, strict=True)
+                self._to_device(image) if pixels is None else pixels.to(self.torch_device, non_blocking=True)
+                for image, pixels in zip(images, pinned, strict=True)
             ]
             batch = self.processor(images=pixels_in, return_tensors="pt", device=self.torch_device)
         else:
@@ -171,8 +171,14 @@ class Sam3Engine:
 
     def _to_device(self, image: Image.Image) -> torch.Tensor:
         """An RGB image as a (3, H, W) uint8 tensor on the engine's device."""
-        array = np.asarray(image)
-        return torch.from_numpy(array).permute(2, 0, 1).to(self.torch_device)
+        return self._pinned(image).to(self.torch_device, non_blocking=True)
+
+    @staticmethod
+    def _pinned(image: Image.Image) -> torch.Tensor:
+        """An RGB image as a (3, H, W) uint8 tensor in pinned host memory, ready for an asynchronous
+        copy. Done in the I/O threads; the copy itself is queued by the thread running the model,
+        so no other thread ever waits on (or stalls) the GPU's queue."""
+        return torch.from_numpy(np.asarray(image)).permute(2, 0, 1).pin_memory()
 
     def decode_prompts(self, encoded: EncodedImages) -> list[list[Candidates]]:
         """Every prompt on the shared vision features; per image, per prompt, the kept candidates
@@ -297,7 +303,7 @@ class Sam3Engine:
         try:
             image = imageio.read_image(self.input_root / item.path, self.config.max_pixels)
             if self.torch_device.type == "cuda":
-                self._on_device[id(image)] = self._to_device(image)
+                self._pinned_pixels[id(image)] = self._pinned(image)
             return image
         except InvalidImageError as exc:
             return self._failure(item, exc, started, Status.INVALID_INPUT)
