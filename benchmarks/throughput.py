@@ -38,14 +38,23 @@ PROMPT = "roof"
 # ---- inputs ---------------------------------------------------------------------------------------
 
 
+UNIQUE_IMAGES = 64
+
+
 def make_images(folder: Path, count: int, size: tuple[int, int], seed: int = 0) -> Path:
-    """JPEGs with texture and shapes, so they decode and compress like photographs."""
+    """JPEGs with texture and shapes, so they decode and compress like photographs. Past
+    ``UNIQUE_IMAGES`` the files are hard links to the first ones: every file is still opened and
+    decoded on its own, and a long run needs no long generation."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     width, height = size
     base = rng.integers(0, 255, size=(height // 16, width // 16, 3), dtype=np.uint8)
     for i in range(count):
-        if (folder / f"img_{i:05d}.jpg").exists():
+        target = folder / f"img_{i:05d}.jpg"
+        if target.exists():
+            continue
+        if i >= UNIQUE_IMAGES:
+            os.link(folder / f"img_{i % UNIQUE_IMAGES:05d}.jpg", target)
             continue
         small = np.roll(base, i * 7, axis=1)
         img = Image.fromarray(small).resize((width, height), Image.BILINEAR)
