@@ -159,6 +159,8 @@ def phase_end_to_end(args: argparse.Namespace) -> dict[str, Any]:
         "600",
         "--progress-interval",
         "30",
+        "--threshold",
+        str(args.threshold),
     ]
     for flag, value in (
         ("--batch-size", args.batch_size),
