@@ -5,12 +5,14 @@ full-size model through batchseg's engine in float16, and segments 2048x1536 JPE
 threshold 0 (the densest case: max_detections masks per image). Prints the peak memory.
 
     python benchmarks/small_card.py --model-dir .bench/models/full-bf16 --images-dir .bench/images-2048x1536
+    python benchmarks/small_card.py ... --batch 16 --images 16   # OOM halving: 16 does not fit in 4 GiB
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,27 +29,43 @@ def main() -> None:
     parser.add_argument("--images-dir", type=Path, required=True)
     parser.add_argument("--gib", type=float, default=4.0)
     parser.add_argument("--images", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=1, help="images per forward pass to start with")
     args = parser.parse_args()
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(args.gib * 2**30 / total, 0)
-    config = RunConfig(input=args.images_dir.resolve(), prompts=("roof",), model=str(args.model_dir),
-                       output=Path("/tmp/small-card-out"), device="cuda:0", dtype="float16",
-                       threshold=0.0, batch_size=1)
+    config = RunConfig(
+        input=args.images_dir.resolve(),
+        prompts=("roof",),
+        model=str(args.model_dir),
+        output=Path("/tmp/small-card-out"),
+        device="cuda:0",
+        dtype="float16",
+        threshold=0.0,
+        batch_size=args.batch,
+    )
     engine = load_engine(EngineSpec(config=config), 0)
-    engine.max_batch = 1
-    results = []
-    for path in sorted(args.images_dir.glob("*.jpg"))[: args.images]:
-        item = Item(path.name, path.stat().st_size, path.stat().st_mtime_ns)
-        results.append(engine.process([item])[0])
-    print(json.dumps({
-        "cap_gib": args.gib,
-        "statuses": [str(r.status) for r in results],
-        "detections": [len(r.detections) for r in results],
-        "errors": [r.error_message for r in results if r.error_message],
-        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
-        "device": engine.device,
-    }))
+    paths = sorted(args.images_dir.glob("*.jpg"))[: args.images]
+    items = [Item(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # One task of all images: a batch that does not fit is halved until it does (CUDA OOM).
+        results = engine.process(items)
+    print(
+        json.dumps(
+            {
+                "cap_gib": args.gib,
+                "statuses": [str(r.status) for r in results],
+                "detections": [len(r.detections) for r in results],
+                "errors": [r.error_message for r in results if r.error_message],
+                "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+                "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+                "device": engine.device,
+                "batch_started": args.batch,
+                "batch_after": engine.max_batch,
+                "warnings": [str(w.message) for w in caught],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
