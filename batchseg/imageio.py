@@ -52,8 +52,26 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
-def read_image(path: str | os.PathLike[str], max_pixels: int) -> Image.Image:
+#: ``image.info`` key holding (width, height) of the upright full-size image when the JPEG was
+#: decoded at a reduced scale (``draft_side``); absent when the image is at full size.
+ORIGINAL_SIZE = "batchseg_original_size"
+
+
+def original_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of the upright image at full size, also for a draft-decoded JPEG."""
+    size = image.info.get(ORIGINAL_SIZE, image.size)
+    return int(size[0]), int(size[1])
+
+
+def read_image(
+    path: str | os.PathLike[str], max_pixels: int, *, draft_side: int | None = None
+) -> Image.Image:
     """Decode ``path`` into an RGB image (rules in the module docstring).
+
+    ``draft_side``: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, several
+    times faster) as long as both sides stay at least this long: for a model that resizes to that
+    square anyway, the result differs by about a grey level. ``original_size(image)`` still tells
+    the full size, which masks are made at.
 
     Raises ``InvalidImageError`` (chained to the underlying error) when the file cannot be read, is
     empty, is not an image, has more than ``max_pixels`` pixels, is damaged or truncated, or uses a
@@ -79,8 +97,24 @@ def read_image(path: str | os.PathLike[str], max_pixels: int) -> Image.Image:
         finally:
             Image.MAX_IMAGE_PIXELS = max_pixels
         with src:
+            full_size = _upright_size(src)
+            if draft_side and src.format == "JPEG":
+                src.draft(None, (draft_side, draft_side))  # type: ignore[arg-type]
             _decode_first_frame(src, max_pixels)
-            return _to_rgb(_oriented(src))
+            image = _to_rgb(_oriented(src))
+    if image.size != full_size:
+        image.info[ORIGINAL_SIZE] = full_size
+    return image
+
+
+def _upright_size(src: Image.Image) -> tuple[int, int]:
+    """Full size after EXIF orientation (orientations 5 to 8 swap width and height)."""
+    width, height = src.size
+    try:
+        orientation = src.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - unreadable EXIF is ignored, as _oriented does
+        orientation = None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 def _check_not_empty(path: str | os.PathLike[str]) -> None:

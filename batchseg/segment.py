@@ -120,6 +120,11 @@ class Sam3Engine:
         # the GPU busy while the I/O threads read the next sub-batch and write the last one.
         self.preferred_task_size = self.max_batch * (SUB_BATCHES_PER_TASK if cuda else 1)
         self.heartbeat_every = self.max_batch
+        # A JPEG may be decoded at 1/2 to 1/8 scale while it stays twice the model's input side:
+        # 3x faster for small inputs, within 3 grey levels after the processor's resize (measured).
+        self.draft_side = 2 * max(
+            self.processor.image_processor.size["height"], self.processor.image_processor.size["width"]
+        )
         self._pinned_pixels: dict[int, torch.Tensor] = {}  # uint8 pixels _read left in pinned memory
         self._io = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="batchseg-io")
 
@@ -161,13 +166,15 @@ class Sam3Engine:
             batch = self.processor(images=pixels_in, return_tensors="pt", device=self.torch_device)
         else:
             batch = self.processor(images=list(images), return_tensors="pt")
-        sizes = [(int(h), int(w)) for h, w in batch["original_sizes"].tolist()]
-        if sizes != _sizes(images):
-            raise RuntimeError(f"the processor saw sizes {sizes}, the images are {_sizes(images)}")
+        seen = [(int(h), int(w)) for h, w in batch["original_sizes"].tolist()]
+        if seen != _sizes(images):
+            raise RuntimeError(f"the processor saw sizes {seen}, the images are {_sizes(images)}")
         pixels = batch["pixel_values"].to(self.torch_device, self.dtype)
         with torch.inference_mode():
             vision = self.model.get_vision_features(pixel_values=pixels)
-        return EncodedImages(vision, sizes)
+        # Masks and boxes are made at the full size, also for a JPEG decoded at a reduced scale.
+        full = [imageio.original_size(image)[::-1] for image in images]
+        return EncodedImages(vision, full)
 
     def _to_device(self, image: Image.Image) -> torch.Tensor:
         """An RGB image as a (3, H, W) uint8 tensor on the engine's device."""
@@ -301,7 +308,9 @@ class Sam3Engine:
     def _read(self, item: Item) -> Image.Image | ItemResult:
         started = time.time()
         try:
-            image = imageio.read_image(self.input_root / item.path, self.config.max_pixels)
+            image = imageio.read_image(
+                self.input_root / item.path, self.config.max_pixels, draft_side=self.draft_side
+            )
             if self.torch_device.type == "cuda":
                 self._pinned_pixels[id(image)] = self._pinned(image)
             return image
@@ -360,8 +369,8 @@ class Sam3Engine:
         return ItemResult(
             path=item.path,
             status=Status.OK,
-            width=image.width,
-            height=image.height,
+            width=imageio.original_size(image)[0],
+            height=imageio.original_size(image)[1],
             detections=detections,
             mask_path=mask_rel,
             started_at=started,

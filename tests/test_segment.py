@@ -217,3 +217,45 @@ def test_gpu_preprocessing_matches_the_cpu_processor() -> None:
     # Measured on an H100: max 1 step, 16% of values differ (rounding of the antialiased resize).
     assert float(levels.max()) <= 1, stats
     assert float((levels > 0).float().mean()) < 0.25, stats
+
+
+def _rotated_photo(path: Path) -> Path:
+    """A 1600x1200 JPEG stored sideways with EXIF orientation 6 (upright it is 1200x1600)."""
+    rng = np.random.default_rng(3)
+    small = rng.integers(0, 255, size=(60, 80, 3), dtype=np.uint8)
+    image = Image.fromarray(small).resize((1600, 1200), Image.BILINEAR)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, quality=90, exif=exif)
+    return path
+
+
+def test_draft_decoded_jpeg_gives_full_size_masks(tiny_model: Path, tmp_path: Path) -> None:
+    """The tiny model reads 112 px: the JPEG is decoded at a reduced scale, but the label map, boxes
+    and recorded size are the upright full size."""
+    _rotated_photo(tmp_path / "in" / "side.jpg")
+    engine = engine_for(tiny_model, tmp_path / "in", tmp_path / "out", ("roof",))
+    drafted = imageio.read_image(tmp_path / "in" / "side.jpg", 10**9, draft_side=engine.draft_side)
+    assert drafted.size[0] < 1200 and imageio.original_size(drafted) == (1200, 1600)
+    (result,) = engine.process(items("side.jpg"))
+    assert (result.width, result.height) == (1200, 1600)
+    check_consistent(result, tmp_path / "out")
+    assert result.detections and all(d.box[2] <= 1200 and d.box[3] <= 1600 for d in result.detections)
+
+
+def test_draft_decoding_is_exact_enough_for_the_processor(tiny_model: Path, tmp_path: Path) -> None:
+    """What the model sees from a draft-decoded JPEG is within 3 grey levels of the full decode
+    (measured: at most 3, 0.2 on average, for 2048x1536 photos and the 112 px tiny model)."""
+    from transformers import Sam3Processor
+
+    path = _rotated_photo(tmp_path / "side.jpg")
+    processor = Sam3Processor.from_pretrained(tiny_model)
+    side = processor.image_processor.size["height"]
+    full = imageio.read_image(path, 10**9)
+    drafted = imageio.read_image(path, 10**9, draft_side=2 * side)
+    assert drafted.size != full.size
+    a = processor(images=[full], return_tensors="pt")["pixel_values"]
+    b = processor(images=[drafted], return_tensors="pt")["pixel_values"]
+    levels = (a - b).abs() * 127.5
+    assert float(levels.max()) <= 4 and float(levels.mean()) <= 0.5
