@@ -1,8 +1,9 @@
 """The library entry points behind the CLI: ``run`` a folder, ``retry`` failed images, ``demo``.
 
-Data flow: RunConfig -> discover(input) -> checkpoint.plan(items) -> run_pool (workers, watchdog)
--> checkpoint.record(result) for every result (durable before it counts) -> manifest export
-(periodically and at the end) -> RunSummary with the exit code.
+Data flow: RunConfig -> lock -> checkpoint.open -> discover(input) -> checkpoint.plan(items)
+-> run_pool (workers, watchdog) -> checkpoint.record_many(results) (durable before an image counts
+as done) -> manifest export (every --manifest-interval and at the end) -> RunSummary with the exit
+code.
 
 The parent never imports torch: SAM3 lives in the worker processes only.
 """
@@ -15,7 +16,7 @@ import errno
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -105,7 +106,6 @@ def run(
     factory: str = DEFAULT_FACTORY,
     retry_statuses: Sequence[Status] | None = None,
     stream: TextIO | None = None,
-    on_progress: Callable[[str], None] | None = None,
 ) -> RunSummary:
     """Process every pending image of ``config.input``; resumable at any point.
 

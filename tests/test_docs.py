@@ -71,3 +71,11 @@ def test_python_dash_m_works() -> None:
         [sys.executable, "-m", "batchseg", "--version"], capture_output=True, text=True, check=True
     )
     assert "batchseg" in out.stdout
+
+
+def test_public_api_is_exported() -> None:
+    import batchseg
+
+    for name in batchseg.__all__:
+        assert getattr(batchseg, name) is not None, name
+    assert batchseg.run.__module__ == "batchseg.runner"
