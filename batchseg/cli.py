@@ -46,6 +46,14 @@ OPERATIONAL_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     ),
     (("--batch-size",), dict(type=click.IntRange(min=1), help="Images per forward pass [default: 1].")),
     (
+        ("--compile",),
+        dict(
+            is_flag=True,
+            default=None,
+            help="CUDA: torch.compile the vision backbone (about a minute per worker, then ~1.5x faster).",
+        ),
+    ),
+    (
         ("--timeout",),
         dict(
             type=click.FloatRange(min=0, min_open=True),

@@ -35,6 +35,7 @@ class RunConfig:
     workers: int | None = None  # None: one per GPU on CUDA, measured best on CPU
     threads: int | None = None  # torch threads per worker; None: cores / workers
     batch_size: int | None = None  # None: chosen from the device
+    compile: bool = False  # torch.compile the ViT backbone on CUDA (faster after ~1 min per worker)
     timeout: float = 300.0  # seconds per image, from the worker's acknowledgement
     load_timeout: float = 600.0  # seconds for a worker to load the model
     max_attempts: int = 2

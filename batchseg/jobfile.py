@@ -318,6 +318,7 @@ _CHECKS: dict[str, Checker] = {
     "include": _string_list("glob patterns"),
     "exclude": _string_list("glob patterns"),
     "hash": _boolean,
+    "compile": _boolean,
     "new_run": _boolean,
     "log_keep": _int_min(1),
     "progress_interval": _seconds,

@@ -122,6 +122,10 @@ class Sam3Engine:
         self.heartbeat_every = self.max_batch
         # A JPEG may be decoded at 1/2 to 1/8 scale while it stays twice the model's input side:
         # 3x faster for small inputs, within 3 grey levels after the processor's resize (measured).
+        self._compiled: FixedBatchBackbone | None = None
+        if config.compile and cuda:
+            self._compiled = FixedBatchBackbone(model.vision_encoder.backbone, self.max_batch)
+            model.vision_encoder.backbone = self._compiled
         self.draft_side = 2 * max(
             self.processor.image_processor.size["height"], self.processor.image_processor.size["width"]
         )
@@ -355,6 +359,8 @@ class Sam3Engine:
     def _shrink_batch(self, tried: int) -> None:
         """CUDA ran out of memory on ``tried`` images: halve, and keep the smaller size from now on."""
         self.max_batch = max(1, tried // 2)
+        if self._compiled is not None:
+            self._compiled.batch = self.max_batch  # one recompilation for the new size
         warnings.warn(
             f"out of GPU memory at batch {tried}; continuing with batch {self.max_batch}",
             RuntimeWarning,
@@ -404,6 +410,32 @@ class Sam3Engine:
         self.model = None
         self.prompts = []
         self._release_memory()
+
+
+class FixedBatchBackbone(torch.nn.Module):
+    """The ViT backbone compiled with ``torch.compile`` (measured on an H100 at batch 16 in bf16:
+    model forward 37 -> 55 img/s, about a minute of compilation per worker). It always runs at one
+    batch size, so a short last batch pads with zeros and cuts the output back instead of compiling
+    again for every size."""
+
+    def __init__(self, backbone: torch.nn.Module, batch: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.compiled = torch.compile(backbone)
+        self.batch = batch
+
+    def get_input_embeddings(self) -> Any:
+        return self.backbone.get_input_embeddings()
+
+    def forward(self, pixel_values: torch.Tensor, **kwargs: Any) -> Any:
+        n = pixel_values.shape[0]
+        if n < self.batch:
+            pad = pixel_values.new_zeros((self.batch - n, *pixel_values.shape[1:]))
+            pixel_values = torch.cat([pixel_values, pad])
+        out = self.compiled(pixel_values, **kwargs)
+        if n < self.batch:
+            out.last_hidden_state = out.last_hidden_state[:n]
+        return out
 
 
 class _TextEmbeds:

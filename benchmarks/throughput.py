@@ -107,6 +107,10 @@ def phase_model_only(args: argparse.Namespace) -> dict[str, Any]:
     set_threads(args.threads)
     dtype, _ = resolve_dtype(args.device, args.dtype)
     model, processor = load_model(str(args.model_dir), args.device, dtype)
+    if args.compile:
+        from batchseg.segment import FixedBatchBackbone
+
+        model.vision_encoder.backbone = FixedBatchBackbone(model.vision_encoder.backbone, args.batch_size)
     first = sorted(Path(args.images_dir).glob("*.jpg"))[0]
     batch = processor(
         images=[Image.open(first).convert("RGB")] * args.batch_size,
@@ -162,6 +166,8 @@ def phase_end_to_end(args: argparse.Namespace) -> dict[str, Any]:
         "--threshold",
         str(args.threshold),
     ]
+    if args.compile:
+        command.append("--compile")
     for flag, value in (
         ("--batch-size", args.batch_size),
         ("--threads", args.threads),
@@ -262,6 +268,8 @@ def run_phase(name: str, args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, key)
         if value is not None:
             command += [f"--{key.replace('_', '-')}", str(value)]
+    if args.compile:
+        command.append("--compile")
     print(f"== {name}", flush=True)
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -334,6 +342,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--naive-images", type=int, default=None, help="images for the naive loop [all]")
     parser.add_argument("--threshold", type=float, default=0.3)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the backbone (CUDA)")
     parser.add_argument("--phases", default="model_only,end_to_end,naive")
     parser.add_argument("--work", type=Path, default=Path(".bench"))
     parser.add_argument("--out", type=Path, default=None, help="folder for throughput.json/.md [--work]")

@@ -259,3 +259,17 @@ def test_draft_decoding_is_exact_enough_for_the_processor(tiny_model: Path, tmp_
     b = processor(images=[drafted], return_tensors="pt")["pixel_values"]
     levels = (a - b).abs() * 127.5
     assert float(levels.max()) <= 4 and float(levels.mean()) <= 0.5
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_compiled_backbone_pads_short_batches(tiny_model: Path, images: Path, tmp_path: Path) -> None:
+    """--compile: the backbone runs at one batch size; a short last batch is padded and cut back,
+    and the results match the eager engine's."""
+    plain = engine_for(tiny_model, images, tmp_path / "plain", ("roof",), device="cuda", batch_size=2)
+    fast = engine_for(
+        tiny_model, images, tmp_path / "fast", ("roof",), device="cuda", batch_size=2, compile=True
+    )
+    todo = items("a.png", "sub/b.jpg", "a.png")  # batches of 2, then 1 (padded)
+    for x, y in zip(fast.process(todo), plain.process(todo), strict=True):
+        check_consistent(x, tmp_path / "fast")
+        assert np.allclose([d.score for d in x.detections], [d.score for d in y.detections], atol=1e-3)
