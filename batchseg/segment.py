@@ -126,6 +126,7 @@ class Sam3Engine:
         if config.compile and cuda:
             self._compiled = FixedBatchBackbone(model.vision_encoder.backbone, self.max_batch)
             model.vision_encoder.backbone = self._compiled
+            self._warm_up()  # compile during the load (its own timeout), not in the first image's
         self.draft_side = 2 * max(
             self.processor.image_processor.size["height"], self.processor.image_processor.size["width"]
         )
@@ -355,6 +356,14 @@ class Sam3Engine:
             return failure
         except Exception as exc:  # noqa: BLE001
             return self._failure(item, exc, started)
+
+    def _warm_up(self) -> None:
+        size = self.processor.image_processor.size
+        pixels = torch.zeros(
+            (self.max_batch, 3, size["height"], size["width"]), dtype=self.dtype, device=self.torch_device
+        )
+        with torch.inference_mode():
+            self.model.get_vision_features(pixel_values=pixels)
 
     def _shrink_batch(self, tried: int) -> None:
         """CUDA ran out of memory on ``tried`` images: halve, and keep the smaller size from now on."""
