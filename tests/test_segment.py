@@ -264,6 +264,7 @@ def test_draft_decoding_is_exact_enough_for_the_processor(tiny_model: Path, tmp_
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own internals
 @pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.filterwarnings("ignore::UserWarning")  # inductor: TF32 available but off (float32 here)
 def test_compiled_backbone_pads_short_batches(tiny_model: Path, images: Path, tmp_path: Path) -> None:
     """--compile: the backbone runs at one batch size; a short last batch is padded and cut back,
     and the results match the eager engine's."""
