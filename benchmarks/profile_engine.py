@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def main() -> None:
     from batchseg.records import Item
     from batchseg.segment import load_engine
 
-    out = Path("/tmp/profile-out")
+    out = Path(tempfile.mkdtemp(prefix="batchseg-profile-"))
     config = RunConfig(
         input=args.images_dir.resolve(),
         prompts=("roof",),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def main() -> None:
         input=args.images_dir.resolve(),
         prompts=("roof",),
         model=str(args.model_dir),
-        output=Path("/tmp/small-card-out"),
+        output=Path(tempfile.mkdtemp(prefix="batchseg-small-card-")),
         device="cuda:0",
         dtype="float16",
         threshold=0.0,
