@@ -96,6 +96,8 @@ def collect_status(output_dir: Path) -> StatusReport:
             problem = exc
     run = read_manifest_run(output_dir)
     if run is None:
+        if live is not None:
+            return _starting(output_dir, live)  # a run holds the folder and has recorded nothing yet
         if problem is not None:
             raise problem
         raise OutputError(f"no batchseg run in {output_dir}: neither {CHECKPOINT_NAME} nor manifest/ found")
@@ -103,6 +105,17 @@ def collect_status(output_dir: Path) -> StatusReport:
     report.live = live
     report.note = str(problem) if problem is not None else None
     return report
+
+
+def _starting(output_dir: Path, live: LockInfo) -> StatusReport:
+    return StatusReport(
+        output_dir=str(output_dir), source="checkpoint", run_id="", model_id="", prompts=[],
+        config_hash="", created_at=live.started_at, updated_at=live.started_at,
+        counts=dict.fromkeys(ALL_STATES, 0), total=0,
+        not_ok=0, in_flight=0, pending=0, images_per_s=None, duration_p50_s=None,
+        duration_p95_s=None, last_finished_at=None, live=live,
+        note="a run is starting: nothing recorded yet",
+    )
 
 
 # ---- from the checkpoint --------------------------------------------------------------------------

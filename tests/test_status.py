@@ -85,6 +85,16 @@ def test_status_names_the_live_run(tmp_path: Path) -> None:
         assert "in flight when the run stopped" not in text
 
 
+def test_status_of_a_run_that_is_only_starting(tmp_path: Path) -> None:
+    """Lock taken, checkpoint not written yet: a live run starting, not an error."""
+    with RunLock(tmp_path):
+        (tmp_path / "checkpoint.sqlite").write_bytes(b"")  # created, no run row yet
+        report = collect_status(tmp_path)
+        assert report.live is not None and report.live.pid == os.getpid()
+        assert report.total == 0 and "starting" in (report.note or "")
+        assert f"running now: batchseg pid {os.getpid()}" in format_status(report)
+
+
 def test_status_of_a_folder_without_a_run(tmp_path: Path) -> None:
     with pytest.raises(OutputError, match="no batchseg run"):
         collect_status(tmp_path)
