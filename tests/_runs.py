@@ -170,8 +170,13 @@ def names(folder: Path, suffix: str = ".png") -> set[str]:
 
 
 def written_after(folder: Path, since_ns: int) -> list[Path]:
-    """Files under ``folder`` modified after ``since_ns`` (epoch ns)."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.stat().st_mtime_ns > since_ns)
+    """Finished files under ``folder`` modified after ``since_ns`` (epoch ns). Temp files are left
+    out: a write already under way when the parent died may land a moment later (the kernel's
+    parent-death signal is not instant), but it never becomes a mask, and the next run deletes it."""
+    return sorted(
+        p for p in folder.rglob("*")
+        if p.is_file() and not p.name.endswith(TEMP_SUFFIX) and p.stat().st_mtime_ns > since_ns
+    )
 
 
 def temp_files(output: Path) -> list[Path]:

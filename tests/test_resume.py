@@ -158,6 +158,7 @@ def _check_after_kill(
     durable.update(now_ok)
 
 
+@pytest.mark.slow  # timing-dependent (20 real kills): run it with -m slow; see the README
 def test_sigkill_at_20_points_resumes_without_losing_or_repeating_work(
     tiny_model: Path, tmp_path: Path
 ) -> None:
