@@ -44,7 +44,13 @@ OPERATIONAL_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
         ("--threads",),
         dict(type=click.IntRange(min=1), help="Torch threads per worker [default: cores / workers]."),
     ),
-    (("--batch-size",), dict(type=click.IntRange(min=1), help="Images per forward pass [default: 1].")),
+    (
+        ("--batch-size",),
+        dict(
+            type=click.IntRange(min=1),
+            help="Images per forward pass [default: 1 on CPU, from free memory on a GPU].",
+        ),
+    ),
     (
         ("--compile",),
         dict(

@@ -288,6 +288,8 @@ class Sam3Engine:
             if heartbeat is not None:
                 heartbeat()
         results.update({i: future.result() for i, future in writes.items()})
+        # Pinned pixels are keyed by id(image): none may outlive its image (an id can be reused).
+        self._pinned_pixels.clear()
         return [results[i] for i in range(len(items))]
 
     def _segment_images(
@@ -381,11 +383,12 @@ class Sam3Engine:
             mask_rel, detections = self.write(item, seg)
         except Exception as exc:  # noqa: BLE001 - OutputError included: the runner decides if it is fatal
             return self._failure(item, exc, started)
+        width, height = imageio.original_size(image)
         return ItemResult(
             path=item.path,
             status=Status.OK,
-            width=imageio.original_size(image)[0],
-            height=imageio.original_size(image)[1],
+            width=width,
+            height=height,
             detections=detections,
             mask_path=mask_rel,
             started_at=started,
