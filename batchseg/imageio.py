@@ -22,6 +22,7 @@ import ntpath
 import os
 import re
 import struct
+import threading
 import warnings
 import zlib
 from pathlib import Path
@@ -34,6 +35,7 @@ from .errors import InvalidImageError
 
 __all__ = [
     "WINDOWS_MAX_PATH",
+    "configure_pillow",
     "encode_label_png",
     "mask_relpath",
     "path_too_long",
@@ -43,6 +45,8 @@ __all__ = [
     "save_label_map",
 ]
 
+#: Held while Pillow's process-wide pixel limit is switched off to read a header (see ``_open``).
+_PILLOW_LIMIT_LOCK = threading.Lock()
 #: Windows' classic MAX_PATH counts the terminating NUL: a usable path has at most 259 characters.
 WINDOWS_MAX_PATH = 260
 
@@ -84,18 +88,9 @@ def read_image(
         raise InvalidImageError(
             f"The file cannot be opened ({exc.strerror or exc}); check that it exists and is readable."
         ) from exc
-    with fh, warnings.catch_warnings():
-        # max_pixels rules, not Pillow's own limit (which warns above it and raises above twice it):
-        # off while the header is read, so our check below sees the size and says it; then ours, as
-        # an error, for what decoding finds (GIF frames, TIFF tiles). Other Pillow warnings are noise.
-        warnings.simplefilter("ignore")
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+    with fh:
         ImageFile.LOAD_TRUNCATED_IMAGES = False  # a library imported later may have switched it on
-        Image.MAX_IMAGE_PIXELS = None
-        try:
-            src = _open(fh, max_pixels)
-        finally:
-            Image.MAX_IMAGE_PIXELS = max_pixels
+        src = _open(fh, max_pixels)
         with src:
             full_size = _upright_size(src)
             if draft_side and src.format == "JPEG":
@@ -105,6 +100,16 @@ def read_image(
     if image.size != full_size:
         image.info[ORIGINAL_SIZE] = full_size
     return image
+
+
+def configure_pillow(max_pixels: int) -> None:
+    """Process-wide Pillow settings for a process that reads images for a run (a worker): Pillow's
+    own pixel limit set to ours and its decompression-bomb warning made an error, for what only
+    decoding finds (GIF frames, TIFF tiles); Pillow's other warnings (odd EXIF, palette
+    transparency...) are noise for a batch run and ignored. Set once, before any thread reads."""
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
+    warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
 
 def _upright_size(src: Image.Image) -> tuple[int, int]:
@@ -146,7 +151,16 @@ def _bomb(exc: Exception, max_pixels: int) -> InvalidImageError:
 
 def _open(fh: io.BufferedReader, max_pixels: int) -> Image.Image:
     try:
-        src = Image.open(fh)
+        # max_pixels rules, not Pillow's own limit (which warns above it and raises above twice it):
+        # off while the header is read, so the check below sees the size and says it. Pillow's limit
+        # is a process global and images are read by several threads at once: hence the lock, and
+        # no warnings filters here (changing those is never safe from a thread).
+        with _PILLOW_LIMIT_LOCK:
+            limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                src = Image.open(fh)
+            finally:
+                Image.MAX_IMAGE_PIXELS = limit
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise _bomb(exc, max_pixels) from exc
     except UnidentifiedImageError as exc:

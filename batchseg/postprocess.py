@@ -40,10 +40,13 @@ __all__ = [
     "ImageSegmentation",
     "Instance",
     "PromptPrediction",
+    "Scored",
+    "choose",
     "compose",
     "iter_masks",
     "merge",
     "postprocess_image",
+    "score_outputs",
     "select",
     "split_outputs",
 ]
@@ -108,26 +111,86 @@ def split_outputs(outputs: Any, prompt_index: int) -> list[PromptPrediction]:
     ]
 
 
+@dataclass
+class Scored:
+    """One prompt's scores and boxes for a batch of images (``score_outputs``), row b for image b.
+    On a GPU, ``scores`` and ``boxes`` are copies in pinned host memory that are complete once
+    ``ready`` (a CUDA event) has passed; ``masks`` stay on the device."""
+
+    prompt_index: int
+    scores: torch.Tensor  # (B, Q) in the model's dtype
+    above: torch.Tensor  # (B, Q) bool: score > threshold, compared where the model ran
+    boxes: torch.Tensor  # (B, Q, 4) xyxy in original-image pixels, not yet clipped
+    masks: torch.Tensor  # (B, Q, h, w) mask logits
+    ready: Any = None  # torch.cuda.Event, or None when the tensors are usable at once
+
+
+def score_outputs(
+    outputs: Any, prompt_index: int, sizes: Sequence[tuple[int, int]], threshold: float
+) -> Scored:
+    """Scores, threshold test and scaled boxes of a batched ``Sam3ImageSegmentationOutput`` (one
+    prompt, B images of original (height, width) ``sizes``), computed where the outputs are, with
+    the library's operations and dtypes (a CPU and a CUDA comparison of a bfloat16 score with the
+    threshold can differ, so it is made on the model's device). On CUDA the small tensors are
+    then copied to pinned host memory without waiting: nothing here stalls the GPU."""
+    scores = outputs.pred_logits.sigmoid()
+    if outputs.presence_logits is not None:
+        scores = scores * outputs.presence_logits.sigmoid()  # (B, Q) * (B, 1)
+    # Same operation and dtype as the library's _scale_boxes: (Q, 4) * int64 [w, h, w, h].
+    scale = torch.tensor([[w, h, w, h] for h, w in sizes])
+    if outputs.pred_boxes.device.type == "cuda":  # a plain copy would make the host wait
+        scale = scale.pin_memory().to(outputs.pred_boxes.device, non_blocking=True)
+    boxes = outputs.pred_boxes * scale[:, None, :]
+    scored = Scored(prompt_index, scores, scores > threshold, boxes, outputs.pred_masks)
+    if scores.device.type == "cuda":
+        scored.scores, scored.above, scored.boxes = (
+            _to_pinned(t) for t in (scored.scores, scored.above, scored.boxes)
+        )
+        scored.ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        scored.ready.record()
+    return scored
+
+
+def _to_pinned(tensor: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
+
+
+def choose(scored: Scored, b: int, height: int, width: int, max_detections: int) -> Candidates:
+    """Score filter and top-k of image ``b``, best first, decided on the host copies; only the
+    kept rows of the low-resolution masks are gathered (on the current stream)."""
+    if scored.ready is not None:
+        scored.ready.synchronize()  # waits for this batch's outputs only, not for later work
+    scores = scored.scores[b]
+    keep = torch.nonzero(scored.above[b]).flatten()
+    order = torch.sort(scores[keep], descending=True, stable=True).indices[: max(max_detections, 0)]
+    keep = keep[order]
+    upper = torch.tensor([width, height, width, height], dtype=torch.float64)
+    kept_boxes = torch.minimum(scored.boxes[b][keep].double().clamp(min=0), upper)
+    instances = [
+        Instance(scored.prompt_index, int(q), float(s), (bx[0], bx[1], bx[2], bx[3]))
+        for q, s, bx in zip(keep.tolist(), scores[keep].tolist(), kept_boxes.tolist(), strict=True)
+    ]
+    masks = scored.masks[b]
+    return Candidates(instances, masks[keep.to(masks.device)])
+
+
 def select(
     pred: PromptPrediction, height: int, width: int, threshold: float, max_detections: int
 ) -> Candidates:
     """Score filter and top-k of one prompt's predictions, best first. No mask is upsampled."""
-    scores = pred.logits.sigmoid()
-    if pred.presence is not None:
-        scores = scores * pred.presence.sigmoid()
-    # Same operation and dtype as the library's _scale_boxes: (Q, 4) * int64 [w, h, w, h].
-    scale = torch.tensor([width, height, width, height], device=pred.boxes.device)
-    boxes = pred.boxes * scale
-    keep = torch.nonzero(scores > threshold).flatten()
-    order = torch.sort(scores[keep], descending=True, stable=True).indices[: max(max_detections, 0)]
-    keep = keep[order]
-    upper = torch.tensor([width, height, width, height], dtype=torch.float64)
-    kept_boxes = torch.minimum(boxes[keep].double().cpu().clamp(min=0), upper)
-    instances = [
-        Instance(pred.prompt_index, int(q), float(s), (b[0], b[1], b[2], b[3]))
-        for q, s, b in zip(keep.tolist(), scores[keep].tolist(), kept_boxes.tolist(), strict=True)
-    ]
-    return Candidates(instances, pred.masks[keep])
+    scored = score_outputs(_Batch1(pred), pred.prompt_index, [(height, width)], threshold)
+    return choose(scored, 0, height, width, max_detections)
+
+
+class _Batch1:
+    """One image's PromptPrediction seen as a batched output of one image."""
+
+    def __init__(self, pred: PromptPrediction) -> None:
+        self.pred_logits = pred.logits[None]
+        self.presence_logits = None if pred.presence is None else pred.presence[None]
+        self.pred_boxes = pred.boxes[None]
+        self.pred_masks = pred.masks[None]
 
 
 def merge(parts: Sequence[Candidates]) -> Candidates:

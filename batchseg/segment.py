@@ -20,6 +20,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from .config import RunConfig
 from .engine import EngineSpec
 from .errors import ConfigError, InvalidImageError, OutputError
 from .model import load_model, max_prompt_tokens, resolve_device, resolve_dtype, set_threads
-from .postprocess import Candidates, ImageSegmentation, compose, merge, select, split_outputs
+from .postprocess import Candidates, ImageSegmentation, Scored, choose, compose, merge, score_outputs
 from .records import Detection, Item, ItemResult, Status
 
 __all__ = ["EncodedImages", "PromptText", "Sam3Engine", "load_engine", "pick_device", "plan_gpu_use"]
@@ -56,6 +57,7 @@ def load_engine(spec: EngineSpec, slot: int) -> Sam3Engine:
     """Factory called once per worker: model on its device, prompts encoded, ready to process."""
     config = spec.config
     set_threads(config.threads)
+    imageio.configure_pillow(config.max_pixels)
     device = pick_device(config.device, slot)
     dtype, reason = resolve_dtype(device, config.dtype)
     model, processor = load_model(config.model, device, dtype)
@@ -94,6 +96,15 @@ class EncodedImages:
 
     vision: Any  # Sam3VisionEncoderOutput
     sizes: list[tuple[int, int]]
+    done: Any = None  # torch.cuda.Event recorded after the vision encoder's work, on a GPU
+
+
+@dataclass
+class _Flight:
+    """A sub-batch encoded (its vision encoder queued on the device) and not yet decoded."""
+
+    positions: list[int]  # in the task
+    encoded: EncodedImages
 
 
 class Sam3Engine:
@@ -131,6 +142,12 @@ class Sam3Engine:
             self.processor.image_processor.size["height"], self.processor.image_processor.size["width"]
         )
         self._pinned_pixels: dict[int, torch.Tensor] = {}  # uint8 pixels _read left in pinned memory
+        # On a GPU the vision encoder runs on the current stream, the prompts' decoders and the
+        # post-processing on streams of their own: the decoders hold a blocking copy (a host wait
+        # for their stream) and post-processing waits for its results, and neither may leave the
+        # device without queued work (see ``process``).
+        self._decode_stream = _stream(self.torch_device) if cuda else None
+        self._post_stream = _stream(self.torch_device) if cuda else None
         self._io = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="batchseg-io")
 
     # --- the steps ---------------------------------------------------------------------------
@@ -179,7 +196,11 @@ class Sam3Engine:
             vision = self.model.get_vision_features(pixel_values=pixels)
         # Masks and boxes are made at the full size, also for a JPEG decoded at a reduced scale.
         full = [imageio.original_size(image)[::-1] for image in images]
-        return EncodedImages(vision, full)
+        encoded = EncodedImages(vision, full)
+        if self._decode_stream is not None:
+            encoded.done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            encoded.done.record()
+        return encoded
 
     def _to_device(self, image: Image.Image) -> torch.Tensor:
         """An RGB image as a (3, H, W) uint8 tensor on the engine's device."""
@@ -190,40 +211,74 @@ class Sam3Engine:
         """An RGB image as a (3, H, W) uint8 tensor in pinned host memory, ready for an asynchronous
         copy. Done in the I/O threads; the copy itself is queued by the thread running the model,
         so no other thread ever waits on (or stalls) the GPU's queue."""
-        return torch.from_numpy(np.asarray(image)).permute(2, 0, 1).pin_memory()
+        pixels = torch.empty((image.height, image.width, 3), dtype=torch.uint8, pin_memory=True)
+        pixels.numpy()[...] = np.asarray(image)  # PIL's array is read-only: copied, not wrapped
+        return pixels.permute(2, 0, 1)
+
+    def launch_prompts(self, encoded: EncodedImages) -> list[Scored]:
+        """Every prompt on the shared vision features, one ``Scored`` per prompt. On a GPU this runs
+        on the decoder stream after the encoder's work; the host waits there only for that stream.
+        ``encoded`` must stay referenced until the results are ``ready``."""
+        stream = self._decode_stream
+        batch = len(encoded.sizes)
+        scored = []
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            if stream is not None:
+                stream.wait_event(encoded.done)
+            for index, text in enumerate(self.prompts):
+                with torch.inference_mode():
+                    outputs = self.model(
+                        vision_embeds=encoded.vision,
+                        text_embeds=_TextEmbeds(text.features.expand(batch, -1, -1)),
+                        attention_mask=text.attention_mask.expand(batch, -1),
+                    )
+                    scored.append(score_outputs(outputs, index, encoded.sizes, self.config.threshold))
+                del outputs
+        return scored
+
+    def select(self, scored: Sequence[Scored], sizes: Sequence[tuple[int, int]]) -> list[list[Candidates]]:
+        """Per image, per prompt, the kept candidates (score filter and top-k done, so only their
+        low-resolution masks stay on the device)."""
+        limit = self.config.max_detections
+        return [[choose(s, b, h, w, limit) for s in scored] for b, (h, w) in enumerate(sizes)]
 
     def decode_prompts(self, encoded: EncodedImages) -> list[list[Candidates]]:
-        """Every prompt on the shared vision features; per image, per prompt, the kept candidates
-        (score filter and top-k done, so only their low-resolution masks stay in memory)."""
-        config = self.config
-        batch = len(encoded.sizes)
-        per_image: list[list[Candidates]] = [[] for _ in range(batch)]
-        for index, text in enumerate(self.prompts):
-            with torch.inference_mode():
-                outputs = self.model(
-                    vision_embeds=encoded.vision,
-                    text_embeds=_TextEmbeds(text.features.expand(batch, -1, -1)),
-                    attention_mask=text.attention_mask.expand(batch, -1),
-                )
-            for b, pred in enumerate(split_outputs(outputs, index)):
-                height, width = encoded.sizes[b]
-                per_image[b].append(select(pred, height, width, config.threshold, config.max_detections))
-            del outputs
-        return per_image
+        """``launch_prompts`` then ``select``: the kept candidates of every image and prompt."""
+        return self.select(self.launch_prompts(encoded), encoded.sizes)
 
     def postprocess(self, parts: Sequence[Candidates], size: tuple[int, int]) -> ImageSegmentation:
         """One image's candidates of every prompt -> its label map, detections in label order."""
         return compose(merge(parts), size[0], size[1], self.config.mask_threshold)
 
+    def land(
+        self, scored: Sequence[Scored], sizes: Sequence[tuple[int, int]], post_on_cpu: bool = False
+    ) -> list[ImageSegmentation]:
+        """Post-process launched forward passes: select, upsample, paint. On a GPU this runs on the
+        post-processing stream, so a sub-batch queued after this one keeps the device busy."""
+        stream = self._post_stream
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            if stream is not None:
+                for s in scored:
+                    stream.wait_event(s.ready)
+            parts = self.select(scored, sizes)
+            if post_on_cpu:
+                parts = [[Candidates(c.instances, c.masks.cpu()) for c in part] for part in parts]
+            segs = [self.postprocess(p, size) for p, size in zip(parts, sizes, strict=True)]
+            del parts
+            if stream is not None:
+                # The outputs were made on the model's stream: none may be freed (and its memory
+                # reused there) while this stream still reads it.
+                stream.synchronize()
+        return segs
+
     def segment(self, images: Sequence[Image.Image], post_on_cpu: bool = False) -> list[ImageSegmentation]:
         """Encode, decode every prompt, post-process: the whole model side for a batch of images."""
-        encoded = self.encode_images(images)
-        parts = self.decode_prompts(encoded)
-        sizes = encoded.sizes
-        del encoded  # the vision features are the largest tensors: free them before upsampling
-        if post_on_cpu:
-            parts = [[Candidates(c.instances, c.masks.cpu()) for c in image_parts] for image_parts in parts]
-        return [self.postprocess(p, size) for p, size in zip(parts, sizes, strict=True)]
+        return self.decode(self.encode_images(images), post_on_cpu)
+
+    def decode(self, encoded: EncodedImages, post_on_cpu: bool = False) -> list[ImageSegmentation]:
+        """Decode every prompt on encoded images and post-process them."""
+        scored = self.launch_prompts(encoded)
+        return self.land(scored, encoded.sizes, post_on_cpu=post_on_cpu)
 
     def write(self, item: Item, seg: ImageSegmentation) -> tuple[str, list[Detection]]:
         """Save the label map atomically and describe each detection (RLE, area, box, score)."""
@@ -250,67 +305,126 @@ class Sam3Engine:
     # --- the Engine protocol -----------------------------------------------------------------
 
     def process(self, items: Sequence[Item], heartbeat: Callable[[], None] | None = None) -> list[ItemResult]:
-        """One result per item, in order, as a pipeline: images are read (and on a GPU copied there)
-        by I/O threads one sub-batch ahead, go through the model ``max_batch`` at a time, and are
-        written by I/O threads while the next sub-batch is on the device. ``heartbeat`` is called
-        after each sub-batch, so a watchdog can give each sub-batch its own time budget."""
+        """One result per item, in order, as a pipeline. I/O threads read (and on a GPU pin) images
+        one sub-batch ahead and write results behind. Each turn queues the vision encoder of
+        sub-batch k, then decodes and post-processes sub-batch k-1: on a GPU the host's waits
+        (the decoders' blocking copy, the post-processing) fall while sub-batch k's encoder runs,
+        so the device is not left idle. ``heartbeat`` is called after each finished sub-batch, so
+        a watchdog can give each sub-batch its own time budget."""
         started = time.time()
         results: dict[int, ItemResult] = {}
         loads: dict[int, Future[Image.Image | ItemResult]] = {}
         writes: dict[int, Future[ItemResult]] = {}
+        held: dict[int, Image.Image] = {}  # images read and not yet handed to a write
+        pending: _Flight | None = None
 
         def read_ahead(upto: int) -> None:
             for i in range(len(loads), min(upto, len(items))):
                 loads[i] = self._io.submit(self._read, items[i])
 
+        def settle(segs: dict[int, ImageSegmentation | ItemResult]) -> None:
+            for i, seg in segs.items():
+                image = held.pop(i)
+                if isinstance(seg, ItemResult):
+                    results[i] = seg
+                else:
+                    writes[i] = self._io.submit(self._finish, items[i], image, seg, started)
+            if heartbeat is not None:
+                heartbeat()
+
+        def decode_pending() -> None:
+            nonlocal pending
+            if pending is not None:
+                flight, pending = pending, None
+                settle(self._decode_flight(items, held, flight, started))
+
         done = 0
         while done < len(items):
-            chunk = list(range(done, min(done + self.max_batch, len(items))))
+            chunk = range(done, min(done + self.max_batch, len(items)))
             read_ahead(chunk[-1] + 1 + self.max_batch)
-            images: dict[int, Image.Image] = {}
             for i in chunk:
                 loaded = loads[i].result()
                 if isinstance(loaded, ItemResult):
                     results[i] = loaded
                 else:
-                    images[i] = loaded
-            try:
-                segs = self._segment_images(items, images, started)
-            except torch.cuda.OutOfMemoryError:
-                self._shrink_batch(len(images))
-                continue  # the same images again, in smaller sub-batches
-            for i, seg in segs.items():
-                if isinstance(seg, ItemResult):
-                    results[i] = seg
-                else:
-                    writes[i] = self._io.submit(self._finish, items[i], images[i], seg, started)
-            done += len(chunk)
-            if heartbeat is not None:
-                heartbeat()
+                    held[i] = loaded
+            positions = [i for i in chunk if i in held]
+            if positions:
+                # Failures are handled after the except blocks: a live exception's traceback
+                # would keep the failed encoder's GPU memory in use while the images go again.
+                failure: str | None = None
+                encoded: _Flight | None = None
+                try:
+                    encoded = _Flight(positions, self.encode_images([held[i] for i in positions]))
+                except torch.cuda.OutOfMemoryError:
+                    failure = "out of memory"
+                except Exception:  # noqa: BLE001 - one bad image must not fail its neighbours
+                    failure = "error"
+                decode_pending()  # sub-batch k-1, while sub-batch k's encoder runs
+                pending, encoded = encoded, None
+                if failure is not None:
+                    self._release_memory()
+                    if failure == "out of memory" and len(positions) > 1:
+                        self._shrink_batch(len(positions))
+                        continue  # the same images again, in smaller sub-batches
+                    settle(self._in_sub_batches(items, held, positions, started, size=1))
+            done = chunk[-1] + 1
+        decode_pending()
         results.update({i: future.result() for i, future in writes.items()})
         # Pinned pixels are keyed by id(image): none may outlive its image (an id can be reused).
         self._pinned_pixels.clear()
         return [results[i] for i in range(len(items))]
 
-    def _segment_images(
-        self, items: Sequence[Item], images: dict[int, Image.Image], started: float
+    def _decode_flight(
+        self, items: Sequence[Item], images: dict[int, Image.Image], flight: _Flight, started: float
     ) -> dict[int, ImageSegmentation | ItemResult]:
-        """One sub-batch through the model. Raises CUDA out-of-memory only for several images (the
-        caller halves the batch); any other failure is retried image by image."""
-        positions = list(images)
-        if not positions:
-            return {}
+        """An encoded sub-batch decoded and post-processed; on failure its images again without
+        the pipeline (smaller sub-batches after out-of-memory, one by one after another error)."""
+        positions = flight.positions
         try:
-            segs: list[ImageSegmentation | ItemResult] = list(
-                self._segment_guarded([images[i] for i in positions])
-            )
+            return dict(zip(flight.positions, self.decode(flight.encoded), strict=True))
         except torch.cuda.OutOfMemoryError:
-            if len(positions) > 1:
-                raise
-            segs = [self._last_try(items[positions[0]], images[positions[0]], started)]
+            out_of_memory = True
         except Exception:  # noqa: BLE001 - one bad image must not fail its neighbours
-            segs = [self._one(items[i], images[i], started) for i in positions]
-        return dict(zip(positions, segs, strict=True))
+            out_of_memory = False
+        del flight  # the caller holds no other reference: the vision features go now
+        self._release_memory()
+        size = None if out_of_memory else 1
+        return self._in_sub_batches(items, images, positions, started, size, out_of_memory)
+
+    def _in_sub_batches(
+        self,
+        items: Sequence[Item],
+        images: dict[int, Image.Image],
+        positions: list[int],
+        started: float,
+        size: int | None = None,
+        out_of_memory: bool = False,
+    ) -> dict[int, ImageSegmentation | ItemResult]:
+        """Images segmented ``size`` (default ``max_batch``) at a time, each sub-batch done before
+        the next: the way back after a failure. ``out_of_memory``: ``positions`` ran out of GPU
+        memory together, so the batch is halved first. CUDA out-of-memory halves it again; one
+        image alone gets ``_last_try``; any other error is the image's own (``_one``)."""
+        if out_of_memory and len(positions) > 1:
+            self._shrink_batch(len(positions))
+        segs: dict[int, ImageSegmentation | ItemResult] = {}
+        step = size or self.max_batch
+        for start in range(0, len(positions), step):
+            part = positions[start : start + step]
+            if len(part) == 1:
+                segs[part[0]] = self._one(items[part[0]], images[part[0]], started)
+                continue
+            try:
+                segs.update(zip(part, self._segment_guarded([images[i] for i in part]), strict=True))
+                continue
+            except torch.cuda.OutOfMemoryError:
+                out_of_memory = True
+            except Exception:  # noqa: BLE001
+                out_of_memory = False
+            # Outside the except blocks, so the failed attempt's memory is free for the next.
+            size = None if out_of_memory else 1
+            segs.update(self._in_sub_batches(items, images, part, started, size, out_of_memory))
+        return segs
 
     def _read(self, item: Item) -> Image.Image | ItemResult:
         started = time.time()
@@ -340,9 +454,11 @@ class Sam3Engine:
         try:
             return self._segment_guarded([image])[0]
         except torch.cuda.OutOfMemoryError:
-            return self._last_try(item, image, started)
+            pass  # the last try comes after this block, once the failed attempt's memory is free
         except Exception as exc:  # noqa: BLE001
             return self._failure(item, exc, started)
+        self._release_memory()
+        return self._last_try(item, image, started)
 
     def _last_try(self, item: Item, image: Image.Image, started: float) -> ImageSegmentation | ItemResult:
         """An image that alone ran out of GPU memory: once more with the masks upsampled and painted
@@ -368,7 +484,10 @@ class Sam3Engine:
             self.model.get_vision_features(pixel_values=pixels)
 
     def _shrink_batch(self, tried: int) -> None:
-        """CUDA ran out of memory on ``tried`` images: halve, and keep the smaller size from now on."""
+        """CUDA ran out of memory on ``tried`` images: halve, and keep the smaller size from now on.
+        A sub-batch made before an earlier halving (larger than ``max_batch``) changes nothing."""
+        if tried > self.max_batch:
+            return
         self.max_batch = max(1, tried // 2)
         if self._compiled is not None:
             self._compiled.batch = self.max_batch  # one recompilation for the new size
@@ -455,6 +574,10 @@ class _TextEmbeds:
 
     def __init__(self, pooler_output: torch.Tensor) -> None:
         self.pooler_output = pooler_output
+
+
+def _stream(device: torch.device) -> Any:
+    return torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
 
 
 def _sizes(images: Sequence[Image.Image]) -> list[tuple[int, int]]:

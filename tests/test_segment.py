@@ -185,8 +185,13 @@ def test_cuda_engine_agrees_with_cpu(tiny_model: Path, images: Path, tmp_path: P
     assert on_gpu[2].status is Status.INVALID_INPUT
     for x, y in zip(on_gpu[:2], on_cpu[:2], strict=True):
         check_consistent(x, tmp_path / "gpu")
-        assert [d.prompt for d in x.detections] == [d.prompt for d in y.detections]
-        assert np.allclose([d.score for d in x.detections], [d.score for d in y.detections], atol=1e-3)
+        # Threshold 0 keeps every query; near-equal scores of two prompts may swap places between
+        # devices, so each prompt's scores are compared as a sorted list.
+        for prompt in ("roof", "tree"):
+            gpu_scores = sorted(d.score for d in x.detections if d.prompt == prompt)
+            cpu_scores = sorted(d.score for d in y.detections if d.prompt == prompt)
+            assert len(gpu_scores) == len(cpu_scores) > 0
+            assert np.allclose(gpu_scores, cpu_scores, atol=1e-3)
     auto = engine_for(tiny_model, images, tmp_path / "auto", ("roof",), device="cuda", dtype="auto")
     check_consistent(auto.process(items("a.png"))[0], tmp_path / "auto")
 

@@ -1,0 +1,193 @@
+"""Where the GPU waits inside ``Sam3Engine.process``: a torch.profiler trace of whole tasks.
+
+    python benchmarks/trace_engine.py --model-dir .bench/models/full-bf16 \
+        --images-dir .bench/images-2048x1536 --batch-size 16 --tasks 2
+
+Runs one warm-up task, then profiles ``--tasks`` tasks of the engine's preferred size (reads, forward
+passes, post-processing and writes as in a real run, without the pool). Prints the task's wall time,
+the time the GPU ran kernels, and the GPU's idle time split by what the thread running the model was
+doing meanwhile (each engine step is wrapped in a ``record_function`` label). ``--trace FILE`` also
+writes the Chrome trace (open it in ui.perfetto.dev).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+#: Engine methods whose time on the model's thread is attributed to GPU gaps.
+STEPS = ("process", "encode_images", "launch_prompts", "land", "postprocess", "_finish", "_read")
+
+
+DURATIONS: dict[str, list[float]] = defaultdict(list)
+
+
+def _label(engine: Any, name: str) -> None:
+    import torch
+
+    method = getattr(engine, name, None)
+    if method is None:
+        return
+
+    @functools.wraps(method)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            with torch.profiler.record_function(f"step:{name}"):
+                return method(*args, **kwargs)
+        finally:
+            DURATIONS[name].append(time.perf_counter() - start)
+
+    setattr(engine, name, wrapped)
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def analyse(prof: Any) -> dict[str, Any]:
+    """GPU busy time and the GPU's gaps attributed to the innermost step label on the main thread."""
+    from torch.autograd import DeviceType
+
+    events = prof.events()
+    outer = next(e for e in events if e.name == "tasks")
+    lo, hi, main_tid = outer.time_range.start, outer.time_range.end, outer.thread
+    kernels, labels, launches = [], [], []
+    by_kernel: dict[str, float] = defaultdict(float)
+    for event in events:
+        start, end = event.time_range.start, event.time_range.end
+        annotation = event.name.startswith("step:") or event.name == "tasks"
+        if event.device_type == DeviceType.CUDA and not annotation:
+            if lo <= start < hi:
+                kernels.append((start, end))
+                by_kernel[event.name[:70]] += (end - start) / 1000
+        elif annotation and event.device_type == DeviceType.CPU:
+            labels.append((start, end, event.name[5:], event.thread))
+        elif event.thread == main_tid and event.self_device_time_total > 0 and lo <= start < hi:
+            launches.append((start, event.self_device_time_total / 1000))
+    busy = _union([(max(s, lo), min(e, hi)) for s, e in kernels if e > lo and s < hi])
+    gaps, cursor = [], lo
+    for start, end in busy:
+        if start > cursor:
+            gaps.append((cursor, start))
+        cursor = max(cursor, end)
+    if cursor < hi:
+        gaps.append((cursor, hi))
+    main = sorted((s, e, n) for s, e, n, t in labels if t == main_tid)
+    by_step: dict[str, float] = defaultdict(float)
+    for g0, g1 in gaps:
+        # Split each gap by the main thread's innermost label covering each microsecond slice.
+        points = sorted({g0, g1, *[p for s, e, _ in main for p in (s, e) if g0 < p < g1]})
+        for a, b in zip(points, points[1:], strict=False):
+            mid = (a + b) / 2
+            inner = [(e - s, n) for s, e, n in main if s <= mid < e]
+            by_step[min(inner)[1] if inner else "(no step)"] += (b - a) / 1000
+    gpu_by_step: dict[str, float] = defaultdict(float)
+    for start, ms in launches:
+        inner = [(e - s, n) for s, e, n in main if s <= start < e]
+        gpu_by_step[min(inner)[1] if inner else "(no step)"] += ms
+    wall = (hi - lo) / 1000
+    busy_ms = sum(e - s for s, e in busy) / 1000
+    return {
+        "wall_ms": round(wall, 1),
+        "gpu_busy_ms": round(busy_ms, 1),
+        "gpu_busy_pct": round(100 * busy_ms / wall, 1),
+        "gpu_idle_ms_by_main_thread_step": {
+            k: round(v, 1) for k, v in sorted(by_step.items(), key=lambda kv: -kv[1])
+        },
+        "gaps_over_1ms": sum(1 for a, b in gaps if b - a > 1000),
+        "step_ms_mean": {k: round(1000 * sum(v) / len(v), 2) for k, v in DURATIONS.items()},
+        "gpu_ms_by_launching_step": {
+            k: round(v, 1) for k, v in sorted(gpu_by_step.items(), key=lambda kv: -kv[1])
+        },
+        "top_gpu_events_ms": {
+            k: round(v, 1) for k, v in sorted(by_kernel.items(), key=lambda kv: -kv[1])[:25]
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument("--images-dir", type=Path, required=True)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--threshold", type=float, default=0.3)
+    parser.add_argument("--tasks", type=int, default=1)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--trace", type=Path, default=None)
+    parser.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval (s)")
+    args = parser.parse_args()
+
+    import sys
+
+    import torch
+
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
+
+    from batchseg.config import RunConfig
+    from batchseg.engine import EngineSpec
+    from batchseg.records import Item
+    from batchseg.segment import load_engine
+
+    config = RunConfig(
+        input=args.images_dir.resolve(),
+        prompts=("roof",),
+        model=str(args.model_dir),
+        output=Path(tempfile.mkdtemp(prefix="batchseg-trace-")),
+        device=args.device,
+        dtype=args.dtype,
+        threshold=args.threshold,
+        batch_size=args.batch_size,
+    )
+    engine = load_engine(EngineSpec(config=config), 0)
+    for name in STEPS:
+        _label(engine, name)
+    paths = sorted(args.images_dir.glob("*.jpg"))
+    size = engine.preferred_task_size
+    tasks = [
+        [Item(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in paths[i * size : (i + 1) * size]]
+        for i in range(args.tasks + 1)
+    ]
+    engine.process(tasks[0])  # warm-up: allocator, cuDNN/cuBLAS choices
+    DURATIONS.clear()
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    sync()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        with torch.profiler.record_function("tasks"):
+            start = time.perf_counter()
+            results = [r for task in tasks[1:] for r in engine.process(task)]
+            sync()
+            seconds = time.perf_counter() - start
+    report = analyse(prof)
+    images = sum(len(t) for t in tasks[1:])
+    detections = sum(len(r.detections) for r in results) / max(1, len(results))
+    report.update(
+        images=images,
+        detections_per_image=round(detections, 1),
+        img_per_s_profiled=round(images / seconds, 1),
+        batch_size=engine.max_batch,
+    )
+    print(json.dumps(report, indent=1))
+    if args.trace:
+        prof.export_chrome_trace(str(args.trace))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""The engine's pipeline over several sub-batches (sub-batch k+1 encoded before sub-batch k is
+post-processed), and its recovery paths, on the real tiny SAM3: out of memory while queuing halves the
+batch, a failure while post-processing reruns that sub-batch image by image, an image that breaks
+its sub-batch fails alone. The failures are injected by wrapping one engine method; everything else
+is the real code path."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from _sam3 import save_noise_image
+
+from batchseg.config import RunConfig
+from batchseg.engine import EngineSpec
+from batchseg.records import Item, ItemResult, Status
+from batchseg.segment import Sam3Engine, load_engine
+
+SIZES = [(131, 77), (50, 64), (90, 90), (64, 48), (120, 80), (77, 131), (40, 40)]
+POISON = "img_3.png"  # 64x48
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("in")
+    for k, (w, h) in enumerate(SIZES):
+        save_noise_image(root / f"img_{k}.png", w, h, seed=k)
+    return root
+
+
+@pytest.fixture(scope="module")
+def task() -> list[Item]:
+    return [Item(f"img_{k}.png", 0, 0) for k in range(len(SIZES))]
+
+
+def make_engine(tiny_model: Path, folder: Path, out: Path, batch_size: int) -> Sam3Engine:
+    config = RunConfig(
+        input=folder,
+        prompts=("roof", "car"),
+        model=str(tiny_model),
+        output=out,
+        device="cpu",
+        dtype="float32",
+        threshold=0.0,
+        threads=1,
+        batch_size=batch_size,
+    )
+    return load_engine(EngineSpec(config), slot=0)
+
+
+@pytest.fixture(scope="module")
+def reference(
+    tiny_model: Path, folder: Path, task: list[Item], tmp_path_factory: pytest.TempPathFactory
+) -> list[ItemResult]:
+    """Every image alone: no pipeline at all."""
+    engine = make_engine(tiny_model, folder, tmp_path_factory.mktemp("ref"), batch_size=1)
+    return [engine.process([item])[0] for item in task]
+
+
+def assert_same(results: list[ItemResult], reference: list[ItemResult], skip: tuple[str, ...] = ()) -> None:
+    assert [r.path for r in results] == [r.path for r in reference]
+    for got, want in zip(results, reference, strict=True):
+        if got.path in skip:
+            continue
+        assert got.status is Status.OK, got.traceback
+        assert (got.width, got.height) == (want.width, want.height)
+        assert [d.prompt for d in got.detections] == [d.prompt for d in want.detections]
+        assert np.allclose([d.score for d in got.detections], [d.score for d in want.detections], atol=1e-5)
+        assert np.allclose([d.box for d in got.detections], [d.box for d in want.detections], atol=1e-3)
+
+
+def wrap(engine: Sam3Engine, name: str, before: Callable[..., None]) -> None:
+    """Call ``before(*args)`` ahead of the engine's own method ``name`` (it may raise)."""
+    method = getattr(engine, name)
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        before(*args)
+        return method(*args, **kwargs)
+
+    setattr(engine, name, wrapped)
+
+
+def test_sub_batches_equal_images_alone_and_beat_once_each(
+    tiny_model: Path, folder: Path, task: list[Item], reference: list[ItemResult], tmp_path: Path
+) -> None:
+    engine = make_engine(tiny_model, folder, tmp_path, batch_size=3)
+    beats: list[int] = []
+    results = engine.process(task, heartbeat=lambda: beats.append(1))
+    assert_same(results, reference)
+    assert len(beats) == 3  # 7 images in sub-batches of 3, 3, 1
+
+
+def test_out_of_memory_while_queuing_halves_the_batch_for_good(
+    tiny_model: Path, folder: Path, task: list[Item], reference: list[ItemResult], tmp_path: Path
+) -> None:
+    engine = make_engine(tiny_model, folder, tmp_path, batch_size=4)
+    seen: list[int] = []
+
+    def no_room_for_four(encoded: Any) -> None:
+        seen.append(len(encoded.sizes))
+        if len(encoded.sizes) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+
+    wrap(engine, "launch_prompts", no_room_for_four)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = engine.process(task)
+    assert_same(results, reference)
+    # 4 fails and goes again as 2 + 2; the 3 encoded meanwhile fail too and go as 2 + 1.
+    assert engine.max_batch == 2 and seen == [4, 2, 2, 3, 2, 1]
+    assert any("continuing with batch 2" in str(w.message) for w in caught)
+    # The smaller size is kept for the next task.
+    seen.clear()
+    assert_same(engine.process(task), reference)
+    assert seen == [2, 2, 2, 1]
+
+
+def test_out_of_memory_while_post_processing_reruns_that_sub_batch_smaller(
+    tiny_model: Path, folder: Path, task: list[Item], reference: list[ItemResult], tmp_path: Path
+) -> None:
+    engine = make_engine(tiny_model, folder, tmp_path, batch_size=3)
+    landed: list[int] = []
+
+    def only_one_fits(scored: Any, sizes: Any, *rest: Any) -> None:
+        landed.append(len(sizes))
+        if len(sizes) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+
+    wrap(engine, "land", only_one_fits)
+    with pytest.warns(RuntimeWarning, match="at batch 3; continuing with batch 1"):
+        results = engine.process(task)
+    assert_same(results, reference)
+    # A sub-batch of 3 out of memory goes again in sub-batches of 1 (3 // 2 would not fit either):
+    # the first and the second (encoded before the first failed) alike; the last holds 1 image.
+    assert landed == [3, 1, 1, 1, 3, 1, 1, 1, 1]
+    assert engine.max_batch == 1
+
+
+@pytest.mark.parametrize("stage", ["encode_images", "launch_prompts"])
+def test_an_image_that_breaks_its_sub_batch_fails_alone(
+    tiny_model: Path, folder: Path, task: list[Item], reference: list[ItemResult], tmp_path: Path, stage: str
+) -> None:
+    engine = make_engine(tiny_model, folder, tmp_path, batch_size=3)
+    width, height = SIZES[3]
+
+    def poison(batch: Any) -> None:
+        sizes = batch.sizes if stage == "launch_prompts" else [(i.height, i.width) for i in batch]
+        if (height, width) in sizes:
+            raise ValueError("this image breaks the model (injected)")
+
+    wrap(engine, stage, poison)
+    results = engine.process(task)
+    assert_same(results, reference, skip=(POISON,))
+    bad = results[3]
+    assert bad.path == POISON and bad.status is Status.ERROR
+    assert bad.error_type == "ValueError" and "injected" in (bad.error_message or "")
