@@ -9,14 +9,17 @@ backend feeds the same Engine.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from .config import RunConfig
 from .records import Item, ItemResult
 
-__all__ = ["Engine", "EngineSpec", "load_factory"]
+__all__ = ["Engine", "EngineSpec", "HeartbeatFn", "load_factory"]
+
+#: ``heartbeat(finished, reached)``: see ``Engine.process``.
+HeartbeatFn = Callable[[Sequence[tuple[int, ItemResult]], "int | None"], None]
 
 
 class Engine(Protocol):
@@ -25,9 +28,14 @@ class Engine(Protocol):
     #: e.g. "cuda:0 NVIDIA H100 80GB HBM3 bfloat16" or "cpu float32"; goes into the manifest.
     device: str
 
-    def process(self, items: Sequence[Item]) -> list[ItemResult]:
+    def process(self, items: Sequence[Item], heartbeat: HeartbeatFn | None = None) -> list[ItemResult]:
         """One result per item, in order. Per-image problems are results, not exceptions;
-        an exception here marks every item of the call ``error``."""
+        an exception here marks every item of the call not yet reported ``error``.
+
+        ``heartbeat`` (an engine may leave the parameter out): call it after each
+        ``heartbeat_every`` items (the engine's attribute) to restart the watchdog's clock, with
+        the results finished since the last call as (index in ``items``, result) and ``reached``,
+        the index no item at or after which has been touched yet: call it before going further."""
         ...
 
     def close(self) -> None: ...

@@ -228,6 +228,7 @@ class _Ledger:
         emit: Callable[[PoolEvent], None],
     ) -> None:
         self._source: Iterator[Item] = iter(items)
+        self._returned: deque[_Entry] = deque()  # never started (a task ended before them): first
         self._lookahead: Item | None = None
         self._exhausted = False
         self.retries: deque[_Entry] = deque()
@@ -239,6 +240,8 @@ class _Ledger:
         self.tripped: str | None = None
 
     def has_fresh(self) -> bool:
+        if self._returned:
+            return True
         if self._lookahead is None and not self._exhausted:
             try:
                 self._lookahead = next(self._source)
@@ -251,6 +254,8 @@ class _Ledger:
 
     def take_fresh(self, count: int) -> list[_Entry]:
         entries: list[_Entry] = []
+        while len(entries) < count and self._returned:
+            entries.append(self._returned.popleft())
         while len(entries) < count and self.has_fresh():
             assert self._lookahead is not None
             entries.append(_Entry(self._lookahead))
@@ -268,6 +273,10 @@ class _Ledger:
     def requeue(self, entry: _Entry) -> None:
         """Run again without charging an attempt (an item of a failed batch)."""
         self.retries.append(entry)
+
+    def give_back(self, entries: list[_Entry]) -> None:
+        """Items of a failed task that the engine never touched: fresh work again, batched as any."""
+        self._returned.extendleft(reversed(entries))
 
     def settle(self, entry: _Entry, result: ItemResult, wid: int) -> None:
         """Count one attempt: queue a retry, or report the final result."""
@@ -329,6 +338,11 @@ def _failure_text(result: ItemResult) -> str:
 class _Task:
     task_id: int
     entries: list[_Entry]
+    settled: set[int] = field(default_factory=set)  # indices whose result came in a Heartbeat
+    reached: int | None = None  # no entry from this index on was touched (None: any may have been)
+
+    def unsettled(self) -> list[tuple[int, _Entry]]:
+        return [(k, entry) for k, entry in enumerate(self.entries) if k not in self.settled]
 
 
 @dataclass(eq=False)
@@ -561,6 +575,12 @@ class _Pool:
             worker.deadline = time.monotonic() + self._budget(task, worker)
         elif isinstance(message, Heartbeat) and task is not None and message.task_id == task.task_id:
             worker.deadline = time.monotonic() + self._budget(task, worker)
+            if message.reached is not None:
+                task.reached = max(task.reached or 0, message.reached)
+            for index, result in message.results:
+                if 0 <= index < len(task.entries) and index not in task.settled:
+                    task.settled.add(index)
+                    self.ledger.settle(task.entries[index], result, worker.wid)
         elif isinstance(message, Done) and task is not None and message.task_id == task.task_id:
             self._on_done(worker, task, message.results)
 
@@ -600,8 +620,8 @@ class _Pool:
         elif not any(r.status in _RETRYABLE for r in results):
             # Next task first: recording results (a durable commit each) must not idle the worker.
             self._dispatch()
-        for entry, result in zip(task.entries, results, strict=True):
-            self.ledger.settle(entry, result, worker.wid)
+        for index, entry in task.unsettled():
+            self.ledger.settle(entry, results[index], worker.wid)
 
     def _on_exit(self, worker: _Worker) -> None:
         self._read(worker)  # words sent just before the end (Done, LoadFailed)
@@ -644,18 +664,27 @@ class _Pool:
                 self._escalate(worker)
 
     def _fail_task(self, worker: _Worker, task: _Task, status: Status, code: int | None) -> None:
+        """A task ended by a timeout or a crash: results already reported stand; items the engine
+        never touched go back as fresh work; the others are suspects, rerun one at a time (a lone
+        suspect takes the failure)."""
         worker.task = None
-        if len(task.entries) > 1:
+        reached = len(task.entries) if task.reached is None else task.reached
+        unsettled = task.unsettled()
+        self.ledger.give_back([entry for k, entry in unsettled if k >= reached])
+        suspects = [entry for k, entry in unsettled if k < reached]
+        if not suspects:
+            return
+        if len(suspects) > 1:
             self.emit(
                 PoolEvent(
                     "batch_split",
                     f"a batch of {len(task.entries)} images ended {status.value} on {worker.name}; "
-                    "running them again one at a time",
+                    f"running the {len(suspects)} unfinished ones it had started again one at a time",
                     worker.slot,
                     worker.pid,
                 )
             )
-            for entry in task.entries:
+            for entry in suspects:
                 self.ledger.requeue(entry)
             return
         if status is Status.TIMEOUT:
@@ -664,7 +693,7 @@ class _Pool:
         else:
             message = f"worker process {worker.pid} {describe_exit(code)}"
         result = ItemResult(
-            path=task.entries[0].item.path,
+            path=suspects[0].item.path,
             status=status,
             error_message=message,
             exit_code=code,
@@ -673,7 +702,7 @@ class _Pool:
             worker_pid=worker.pid,
             device=worker.device,
         )
-        self.ledger.settle(task.entries[0], result, worker.wid)
+        self.ledger.settle(suspects[0], result, worker.wid)
 
     # -- lifecycle --------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import os
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -31,7 +31,7 @@ from PIL import Image
 
 from . import imageio, rle
 from .config import RunConfig
-from .engine import EngineSpec
+from .engine import EngineSpec, HeartbeatFn
 from .errors import ConfigError, InvalidImageError, OutputError
 from .model import load_model, max_prompt_tokens, resolve_device, resolve_dtype, set_threads
 from .postprocess import Candidates, ImageSegmentation, Scored, choose, compose, merge, score_outputs
@@ -47,8 +47,9 @@ GIB_BASE = 0.55
 GIB_PER_IMAGE = 0.36
 MAX_AUTO_BATCH = 16
 #: Sub-batches in one task on a GPU: the reads of the first and the writes of the last are the
-#: only I/O not hidden behind a forward pass.
-SUB_BATCHES_PER_TASK = 8
+#: only I/O not hidden behind a forward pass. Results travel after each sub-batch (heartbeats), so
+#: a long task delays no checkpoint and a crash reruns only what was in flight.
+SUB_BATCHES_PER_TASK = 32
 #: Fraction of the free memory a worker plans to use; CUDA out-of-memory halves the batch anyway.
 GPU_MEMORY_HEADROOM = 0.7
 
@@ -304,22 +305,36 @@ class Sam3Engine:
 
     # --- the Engine protocol -----------------------------------------------------------------
 
-    def process(self, items: Sequence[Item], heartbeat: Callable[[], None] | None = None) -> list[ItemResult]:
+    def process(self, items: Sequence[Item], heartbeat: HeartbeatFn | None = None) -> list[ItemResult]:
         """One result per item, in order, as a pipeline. I/O threads read (and on a GPU pin) images
         one sub-batch ahead and write results behind. Each turn queues the vision encoder of
         sub-batch k, then decodes and post-processes sub-batch k-1: on a GPU the host's waits
         (the decoders' blocking copy, the post-processing) fall while sub-batch k's encoder runs,
-        so the device is not left idle. ``heartbeat`` is called after each finished sub-batch, so
-        a watchdog can give each sub-batch its own time budget."""
+        so the device is not left idle. ``heartbeat`` (see ``Engine.process``) is called after
+        each finished sub-batch, with the results written since, so a watchdog can give each
+        sub-batch its own time budget and a crash later in the task loses none of them; and
+        before reads go further than already said."""
         started = time.time()
         results: dict[int, ItemResult] = {}
         loads: dict[int, Future[Image.Image | ItemResult]] = {}
         writes: dict[int, Future[ItemResult]] = {}
         held: dict[int, Image.Image] = {}  # images read and not yet handed to a write
         pending: _Flight | None = None
+        reported: set[int] = set()
+
+        def beat(reached: int | None = None) -> None:
+            if heartbeat is None:
+                return
+            finished = [(i, r) for i, r in results.items() if i not in reported]
+            finished += [(i, f.result()) for i, f in writes.items() if i not in reported and f.done()]
+            reported.update(i for i, _ in finished)
+            heartbeat(finished, reached)
 
         def read_ahead(upto: int) -> None:
-            for i in range(len(loads), min(upto, len(items))):
+            upto = min(upto, len(items))
+            if upto > len(loads):
+                beat(reached=upto)  # said before any of these items is touched
+            for i in range(len(loads), upto):
                 loads[i] = self._io.submit(self._read, items[i])
 
         def settle(segs: dict[int, ImageSegmentation | ItemResult]) -> None:
@@ -329,8 +344,7 @@ class Sam3Engine:
                     results[i] = seg
                 else:
                     writes[i] = self._io.submit(self._finish, items[i], image, seg, started)
-            if heartbeat is not None:
-                heartbeat()
+            beat()
 
         def decode_pending() -> None:
             nonlocal pending

@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
@@ -106,9 +106,16 @@ class Ack:
 
 @dataclass(frozen=True)
 class Heartbeat:
-    """Part of the task is done (``Ready.heartbeat_every`` more items): the clock starts again."""
+    """Part of the task is done (``Ready.heartbeat_every`` more items): the clock starts again.
+
+    ``results``: items finished since the last message, as (index in the task, result); the
+    supervisor records them at once, so a crash later in the task costs none of them.
+    ``reached``: the engine has touched no item at or past this index (None: it does not say), so
+    after a crash those go back to the queue as fresh work instead of being suspects."""
 
     task_id: int
+    results: tuple[tuple[int, ItemResult], ...] = ()
+    reached: int | None = None
 
 
 @dataclass(frozen=True)
@@ -168,47 +175,81 @@ def _serve(engine: Engine, conn: Connection) -> None:
             return
         if not _send_quietly(conn, Ack(message.task_id)):
             return
-        beat = _heartbeat(conn, message.task_id) if _takes_heartbeat(engine) else None
+        beat = _Beat(conn, message.task_id, engine) if _takes_heartbeat(engine) else None
         results = run_task(engine, message.items, beat)
         if not _send_done(conn, message.task_id, message.items, results):
             return
 
 
-def run_task(
-    engine: Engine, items: Sequence[Item], heartbeat: Callable[[], object] | None = None
-) -> list[ItemResult]:
+def run_task(engine: Engine, items: Sequence[Item], heartbeat: _Beat | None = None) -> list[ItemResult]:
     """Run the engine on a batch; never raises.
 
-    When ``engine.process`` raises on a batch of several items, each item is run again on its own,
-    so only the image that raises is marked ``error``.
+    When ``engine.process`` raises on a batch of several items, each item it has not already
+    reported through ``heartbeat`` is run again on its own, so only the image that raises is
+    marked ``error``.
     """
     try:
         return _process(engine, items, heartbeat)
     except BaseException as exc:  # noqa: BLE001 - the worker never raises across the pipe
         if len(items) == 1:
             return [error_result(items[0], exc, engine)]
-    return [run_task(engine, [item], heartbeat)[0] for item in items]
+    streamed = heartbeat.sent if heartbeat is not None else {}
+    return [
+        streamed[k] if k in streamed else run_task(engine, [item], heartbeat and heartbeat.shifted(k))[0]
+        for k, item in enumerate(items)
+    ]
 
 
-def _process(
-    engine: Engine, items: Sequence[Item], heartbeat: Callable[[], object] | None
-) -> list[ItemResult]:
+def _process(engine: Engine, items: Sequence[Item], heartbeat: _Beat | None) -> list[ItemResult]:
     started = time.time()
     results = engine.process(items, heartbeat=heartbeat) if heartbeat else engine.process(items)
     finished = time.time()
     if not isinstance(results, list) or len(results) != len(items):
         count = len(results) if isinstance(results, list) else type(results).__name__
         raise TypeError(f"engine returned {count} results for {len(items)} items")
-    device = str(engine.device)
-    pid = os.getpid()
     for result in results:
-        if not isinstance(result, ItemResult):
-            raise TypeError(f"engine returned a {type(result).__name__}, not an ItemResult")
-        result.worker_pid = result.worker_pid or pid
-        result.device = result.device or device
-        result.started_at = result.started_at if result.started_at is not None else started
-        result.finished_at = result.finished_at if result.finished_at is not None else finished
+        _stamp(result, engine, started, finished)
     return results
+
+
+def _stamp(result: object, engine: Engine, started: float, finished: float) -> None:
+    """Check a result and fill in what the engine left out (worker, device, times)."""
+    if not isinstance(result, ItemResult):
+        raise TypeError(f"engine returned a {type(result).__name__}, not an ItemResult")
+    result.worker_pid = result.worker_pid or os.getpid()
+    result.device = result.device or str(engine.device)
+    result.started_at = result.started_at if result.started_at is not None else started
+    result.finished_at = result.finished_at if result.finished_at is not None else finished
+
+
+class _Beat:
+    """The ``heartbeat`` an engine's ``process`` gets: ``beat(finished=(), reached=None)`` sends a
+    Heartbeat with the results finished since the last one (index in the task, result). Remembers
+    what it sent, so a task that fails later reruns none of those items."""
+
+    def __init__(self, conn: Connection, task_id: int, engine: Engine, offset: int = 0) -> None:
+        self.conn, self.task_id, self.engine, self.offset = conn, task_id, engine, offset
+        self.started = time.time()
+        self.sent: dict[int, ItemResult] = {}  # by index in the call to process
+
+    def __call__(self, finished: Sequence[tuple[int, ItemResult]] = (), reached: int | None = None) -> None:
+        now = time.time()
+        for _index, result in finished:
+            _stamp(result, self.engine, self.started, now)
+        results = tuple((self.offset + index, result) for index, result in finished)
+        where = None if reached is None else self.offset + reached
+        try:
+            self.conn.send(Heartbeat(self.task_id, results, where))
+        except (EOFError, OSError):
+            return  # the supervisor is gone; the worker ends at its next receive
+        except Exception:  # noqa: BLE001 - an unpicklable result: it will travel in Done instead
+            _send_quietly(self.conn, Heartbeat(self.task_id, (), where))
+            return
+        self.sent.update(finished)
+
+    def shifted(self, offset: int) -> _Beat:
+        """The heartbeat for item ``offset`` of this task run on its own."""
+        return _Beat(self.conn, self.task_id, self.engine, self.offset + offset)
 
 
 def error_result(item: Item, exc: BaseException, engine: Engine | None = None) -> ItemResult:
@@ -244,10 +285,6 @@ def _send_quietly(conn: Connection, message: object) -> bool:
         return True
     except (EOFError, OSError):
         return False
-
-
-def _heartbeat(conn: Connection, task_id: int) -> Callable[[], object]:
-    return lambda: _send_quietly(conn, Heartbeat(task_id))
 
 
 def _takes_heartbeat(engine: Engine) -> bool:

@@ -74,8 +74,12 @@ class FaultyEngine:
         if kind == "oom":
             _exhaust_memory()
         if kind == "invalid":
-            return ItemResult(item.path, Status.INVALID_INPUT, error_type="InvalidImageError",
-                              error_message=f"{item.path} is not an image")
+            return ItemResult(
+                item.path,
+                Status.INVALID_INPUT,
+                error_type="InvalidImageError",
+                error_message=f"{item.path} is not an image",
+            )
         if kind == "slow":
             time.sleep(float(self.extra.get("slow_s", 0.3)))
         return ItemResult(item.path, Status.OK, width=4, height=3)
@@ -171,3 +175,32 @@ class HeartbeatEngine(FaultyEngine):
 def load_heartbeat(spec: EngineSpec, slot: int) -> HeartbeatEngine:
     _record_load(spec.config.extra, slot)
     return HeartbeatEngine(spec.config.extra, slot)
+
+
+class StreamingEngine(FaultyEngine):
+    """Reports like the SAM3 engine: how far it will go before touching an item, and each result
+    as soon as it is done. Every item it starts is logged to ``state_dir``/started.txt."""
+
+    heartbeat_every = 1
+
+    def process(self, items: Sequence[Item], heartbeat: Any = None) -> list[ItemResult]:
+        results = []
+        for k, item in enumerate(items):
+            heartbeat((), k + 1)
+            if self.state_dir is not None:
+                with (self.state_dir / "started.txt").open("a") as log:
+                    log.write(f"{item.path}\n")
+            results.extend(super().process([item]))
+            heartbeat([(k, results[-1])])
+        return results
+
+
+def load_streaming(spec: EngineSpec, slot: int) -> StreamingEngine:
+    _record_load(spec.config.extra, slot)
+    return StreamingEngine(spec.config.extra, slot)
+
+
+def started(state_dir: Path) -> list[str]:
+    """Paths the streaming engine started, in order, over every worker."""
+    path = state_dir / "started.txt"
+    return path.read_text().splitlines() if path.exists() else []

@@ -85,14 +85,28 @@ def wrap(engine: Sam3Engine, name: str, before: Callable[..., None]) -> None:
     setattr(engine, name, wrapped)
 
 
-def test_sub_batches_equal_images_alone_and_beat_once_each(
+def test_sub_batches_equal_images_alone_and_report_as_they_go(
     tiny_model: Path, folder: Path, task: list[Item], reference: list[ItemResult], tmp_path: Path
 ) -> None:
     engine = make_engine(tiny_model, folder, tmp_path, batch_size=3)
-    beats: list[int] = []
-    results = engine.process(task, heartbeat=lambda: beats.append(1))
+    beats: list[tuple[list[tuple[int, ItemResult]], int | None]] = []
+    furthest = 0
+
+    def heartbeat(finished: list[tuple[int, ItemResult]], reached: int | None) -> None:
+        nonlocal furthest
+        beats.append((list(finished), reached))
+        assert all(index < furthest for index, _ in finished), "a result before its read was announced"
+        furthest = max(furthest, reached or 0)
+
+    results = engine.process(task, heartbeat=heartbeat)
     assert_same(results, reference)
-    assert len(beats) == 3  # 7 images in sub-batches of 3, 3, 1
+    # 7 images in sub-batches of 3, 3, 1: a beat after each, and one before each new read-ahead.
+    assert len([b for b in beats if b[1] is None]) == 3
+    assert [reached for _, reached in beats if reached is not None] == [6, 7]
+    reported = [index for finished, _ in beats for index, _ in finished]
+    assert len(reported) == len(set(reported)) and reported == sorted(reported)
+    for index, result in (pair for finished, _ in beats for pair in finished):
+        assert result is results[index]
 
 
 def test_out_of_memory_while_queuing_halves_the_batch_for_good(

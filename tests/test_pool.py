@@ -367,8 +367,13 @@ def test_a_model_that_fails_to_load_is_fatal_before_any_image(tmp_path: Path) ->
     events: list[PoolEvent] = []
     started = time.monotonic()
     with pytest.raises(ModelLoadError, match="RuntimeError: weights are corrupt"):
-        run_pool(make_spec(tmp_path, load="fail"), items("ok_1"), PoolSettings(**DEFAULTS), seen.append,
-                 on_event=events.append)
+        run_pool(
+            make_spec(tmp_path, load="fail"),
+            items("ok_1"),
+            PoolSettings(**DEFAULTS),
+            seen.append,
+            on_event=events.append,
+        )
     assert seen == [] and time.monotonic() - started < 10
     assert len(fault_engine.loads(tmp_path)) == 1  # no respawn loop
     (failed,) = [e for e in events if e.kind == "load_failed"]
@@ -407,8 +412,9 @@ def test_the_same_error_on_consecutive_images_trips_the_breaker(tmp_path: Path) 
 
 
 def test_invalid_input_neither_trips_nor_resets_the_breaker(tmp_path: Path) -> None:
-    only_bad_files = run(make_spec(tmp_path), items(*(f"invalid_{k}" for k in range(5))), workers=1,
-                         max_consecutive_failures=2)
+    only_bad_files = run(
+        make_spec(tmp_path), items(*(f"invalid_{k}" for k in range(5))), workers=1, max_consecutive_failures=2
+    )
     assert only_bad_files.outcome.stopped is None
     assert only_bad_files.outcome.counts == {"invalid_input": 5}
 
@@ -491,8 +497,13 @@ def start_parent(tmp_path: Path, kind: str) -> tuple[subprocess.Popen[str], list
     script = tmp_path / "parent.py"
     script.write_text(PARENT_SCRIPT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
-    parent = subprocess.Popen([sys.executable, str(script), str(tmp_path), kind], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env)
+    parent = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path), kind],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     assert parent.stdout is not None
     pids = []
     while len(pids) < 2:
@@ -587,3 +598,52 @@ def test_stop_request_outside_the_main_thread_installs_nothing() -> None:
 def test_describe_exit() -> None:
     assert describe_exit(3) == "exited with code 3"
     assert describe_exit(-9) == "was killed by signal 9 (SIGKILL; the out-of-memory killer does this)"
+
+
+# -- results reported during a task ------------------------------------------------------------------
+
+STREAMING = f"{fault_engine.__name__}:load_streaming"
+
+
+@pytest.mark.parametrize("fault", ["hang", "exit"])
+def test_a_failure_late_in_a_task_keeps_what_was_reported(tmp_path: Path, fault: str) -> None:
+    spec = EngineSpec(make_spec(tmp_path).config, STREAMING)
+    names = ["ok_0", "ok_1", "ok_2", f"{fault}_1", "ok_3", "ok_4", "ok_5"]
+    done = run(spec, items(*names), workers=1, batch_size=7, timeout=1.0, max_attempts=1)
+    assert done.results[f"{fault}_1.jpg"].status is (Status.TIMEOUT if fault == "hang" else Status.CRASHED)
+    assert all(done.results[f"ok_{k}.jpg"].status is Status.OK for k in range(6))
+    # The three before the fault were recorded as they finished; the engine said it had not
+    # touched the three after it, so they went back to the queue: the fault was the lone suspect
+    # (no batch split) and every image was started exactly once.
+    assert not done.kinds("batch_split")
+    assert fault_engine.started(tmp_path) == [f"{name}.jpg" for name in names]
+    assert done.order[:3] == ["ok_0.jpg", "ok_1.jpg", "ok_2.jpg"]
+
+
+def test_results_reported_during_a_task_are_recorded_at_once_and_once(tmp_path: Path) -> None:
+    spec = EngineSpec(make_spec(tmp_path, slow_s=0.2).config, STREAMING)
+    recorded: dict[str, float] = {}
+    todo = items(*(f"slow_{k}" for k in range(5)))
+    done = run(
+        spec, todo, workers=1, batch_size=5, on_result=lambda r: recorded.setdefault(r.path, time.time())
+    )
+    assert set(done.results) == {item.path for item in todo}  # run() fails on a second report
+    assert all(r.status is Status.OK for r in done.results.values())
+    # One task of five 0.2 s items: the first is recorded while the last is still to come.
+    assert recorded["slow_0.jpg"] < (done.results["slow_4.jpg"].finished_at or 0) - 0.5
+
+
+def test_an_engine_that_raises_reruns_only_what_it_had_not_reported(tmp_path: Path) -> None:
+    spec = EngineSpec(make_spec(tmp_path).config, STREAMING)
+    names = ["ok_0", "ok_1", "raise_1", "ok_2"]
+    done = run(spec, items(*names), workers=1, batch_size=4, max_attempts=1)
+    assert done.results["raise_1.jpg"].status is Status.ERROR
+    assert all(done.results[f"ok_{k}.jpg"].status is Status.OK for k in range(3))
+    # First pass: ok_0, ok_1 (reported), raise_1 raises; then each unreported item alone.
+    assert fault_engine.started(tmp_path) == [
+        "ok_0.jpg",
+        "ok_1.jpg",
+        "raise_1.jpg",
+        "raise_1.jpg",
+        "ok_2.jpg",
+    ]
