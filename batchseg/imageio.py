@@ -17,6 +17,7 @@ This module is imported by the parent process: it must never import torch.
 
 from __future__ import annotations
 
+import functools
 import io
 import ntpath
 import os
@@ -303,6 +304,18 @@ def encode_label_png(labels: np.ndarray) -> bytes:
     height, width = labels.shape
     if height == 0 or width == 0:
         raise ValueError(f"A label map must not be empty, got {height} x {width}.")
+    if not labels.any():
+        return _background_png(height, width)  # an image without detections: same bytes, cached
+    return _encode_label_png(labels)
+
+
+@functools.lru_cache(maxsize=8)
+def _background_png(height: int, width: int) -> bytes:
+    return _encode_label_png(np.zeros((height, width), np.uint16))
+
+
+def _encode_label_png(labels: np.ndarray) -> bytes:
+    height, width = labels.shape
     rows = np.ascontiguousarray(labels, dtype=">u2").view(np.uint8).reshape(height, 2 * width)
     scanlines = np.empty((height, 1 + 2 * width), np.uint8)
     scanlines[0, 0] = 0  # filter None: no row above

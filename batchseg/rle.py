@@ -26,6 +26,8 @@ def encode_labels(labels: np.ndarray, n_labels: int | None = None) -> dict[int, 
     one run of zeros); without, only the labels present."""
     if labels.ndim != 2:
         raise ValueError(f"label map must be 2-D, got shape {labels.shape}")
+    if n_labels == 0:
+        return {}  # nothing to encode: the common image without detections costs nothing here
     height, width = labels.shape
     total = height * width
     run_labels, run_starts, run_lengths = _column_major_runs(labels)

@@ -130,7 +130,7 @@ class Sam3Engine:
         self.max_batch = config.batch_size or (plan_gpu_use(self.torch_device) if cuda else 1)
         # Suggestions for the pool (see batchseg.worker.Ready): a task of several sub-batches keeps
         # the GPU busy while the I/O threads read the next sub-batch and write the last one.
-        self.preferred_task_size = self.max_batch * (SUB_BATCHES_PER_TASK if cuda else 1)
+        self.preferred_task_size = self.max_batch * SUB_BATCHES_PER_TASK
         self.heartbeat_every = self.max_batch
         # A JPEG may be decoded at 1/2 to 1/8 scale while it stays twice the model's input side:
         # 3x faster for small inputs, within 3 grey levels after the processor's resize (measured).
@@ -148,6 +148,9 @@ class Sam3Engine:
         # for their stream) and post-processing waits for its results, and neither may leave the
         # device without queued work (see ``process``).
         self._decode_stream = _stream(self.torch_device) if cuda else None
+        # Decode sub-batch k-1 after queuing sub-batch k's encoder (see ``process``). A CPU has no
+        # queue to keep full, so there each sub-batch is decoded at once: one in memory, not two.
+        self.overlap = cuda
         self._post_stream = _stream(self.torch_device) if cuda else None
         self._io = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="batchseg-io")
 
@@ -376,6 +379,8 @@ class Sam3Engine:
                     failure = "error"
                 decode_pending()  # sub-batch k-1, while sub-batch k's encoder runs
                 pending, encoded = encoded, None
+                if not self.overlap:
+                    decode_pending()
                 if failure is not None:
                     self._release_memory()
                     if failure == "out of memory" and len(positions) > 1:

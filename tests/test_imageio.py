@@ -269,6 +269,19 @@ def test_label_map_sparse_blobs_compress_well(tmp_path: Path) -> None:
     assert np.array_equal(read_label_map(tmp_path / "m.png"), labels)
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (37, 53), (1536, 2048)])
+def test_an_empty_label_map_is_a_valid_png_of_zeros(tmp_path: Path, shape: tuple[int, int]) -> None:
+    # Maps without detections come from a cache: the same reader must see the same zeros.
+    for _ in range(2):
+        save_label_map(tmp_path / "e.png", np.zeros(shape, np.uint16))
+        back = read_label_map(tmp_path / "e.png")
+        assert back.shape == shape and not back.any()
+    one = np.zeros(shape, np.uint16)
+    one[-1, -1] = 3  # not empty: encoded, not cached
+    save_label_map(tmp_path / "o.png", one)
+    assert np.array_equal(read_label_map(tmp_path / "o.png"), one)
+
+
 def test_label_map_replaces_atomically(tmp_path: Path) -> None:
     path = tmp_path / "m.png"
     save_label_map(path, np.ones((4, 4), np.uint16))

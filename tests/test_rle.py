@@ -46,6 +46,7 @@ def test_random_label_maps_match_pycocotools(shape: tuple[int, int]) -> None:
 def test_empty_map_has_no_labels_unless_asked() -> None:
     labels = np.zeros((4, 6), np.uint16)
     assert encode_labels(labels) == {}
+    assert encode_labels(labels, n_labels=0) == {}
     encoded = assert_matches_coco(labels, n_labels=2)
     assert encoded[1] == encoded[2] == coco_counts(np.zeros((4, 6), bool))
 
