@@ -105,7 +105,7 @@ class _Flight:
     """A sub-batch encoded (its vision encoder queued on the device) and not yet decoded."""
 
     positions: list[int]  # in the task
-    encoded: EncodedImages
+    encoded: EncodedImages | None  # None once decoded or failed: the vision features are freed
 
 
 class Sam3Engine:
@@ -260,20 +260,25 @@ class Sam3Engine:
         """Post-process launched forward passes: select, upsample, paint. On a GPU this runs on the
         post-processing stream, so a sub-batch queued after this one keeps the device busy."""
         stream = self._post_stream
-        with torch.cuda.stream(stream) if stream is not None else nullcontext():
-            if stream is not None:
-                for s in scored:
-                    stream.wait_event(s.ready)
-            parts = self.select(scored, sizes)
-            if post_on_cpu:
-                parts = [[Candidates(c.instances, c.masks.cpu()) for c in part] for part in parts]
-            segs = [self.postprocess(p, size) for p, size in zip(parts, sizes, strict=True)]
-            del parts
-            if stream is not None:
-                # The outputs were made on the model's stream: none may be freed (and its memory
-                # reused there) while this stream still reads it.
+        if stream is None:
+            return self._land(scored, sizes, post_on_cpu)
+        with torch.cuda.stream(stream):
+            for s in scored:
+                stream.wait_event(s.ready)
+            try:
+                return self._land(scored, sizes, post_on_cpu)
+            finally:
+                # The outputs were made on the decoders' stream: none may be freed (and its memory
+                # reused there) while this stream still reads it, also after a failure.
                 stream.synchronize()
-        return segs
+
+    def _land(
+        self, scored: Sequence[Scored], sizes: Sequence[tuple[int, int]], post_on_cpu: bool
+    ) -> list[ImageSegmentation]:
+        parts = self.select(scored, sizes)
+        if post_on_cpu:
+            parts = [[Candidates(c.instances, c.masks.cpu()) for c in part] for part in parts]
+        return [self.postprocess(p, size) for p, size in zip(parts, sizes, strict=True)]
 
     def segment(self, images: Sequence[Image.Image], post_on_cpu: bool = False) -> list[ImageSegmentation]:
         """Encode, decode every prompt, post-process: the whole model side for a batch of images."""
@@ -370,15 +375,15 @@ class Sam3Engine:
                 # Failures are handled after the except blocks: a live exception's traceback
                 # would keep the failed encoder's GPU memory in use while the images go again.
                 failure: str | None = None
-                encoded: _Flight | None = None
+                queued: _Flight | None = None
                 try:
-                    encoded = _Flight(positions, self.encode_images([held[i] for i in positions]))
+                    queued = _Flight(positions, self.encode_images([held[i] for i in positions]))
                 except torch.cuda.OutOfMemoryError:
                     failure = "out of memory"
                 except Exception:  # noqa: BLE001 - one bad image must not fail its neighbours
                     failure = "error"
                 decode_pending()  # sub-batch k-1, while sub-batch k's encoder runs
-                pending, encoded = encoded, None
+                pending, queued = queued, None
                 if not self.overlap:
                     decode_pending()
                 if failure is not None:
@@ -399,14 +404,16 @@ class Sam3Engine:
     ) -> dict[int, ImageSegmentation | ItemResult]:
         """An encoded sub-batch decoded and post-processed; on failure its images again without
         the pipeline (smaller sub-batches after out-of-memory, one by one after another error)."""
-        positions = flight.positions
+        positions, encoded = flight.positions, flight.encoded
+        flight.encoded = None  # whoever still holds the flight, its features die with ``encoded``
+        assert encoded is not None, "a sub-batch is decoded once"
         try:
-            return dict(zip(flight.positions, self.decode(flight.encoded), strict=True))
+            return dict(zip(positions, self.decode(encoded), strict=True))
         except torch.cuda.OutOfMemoryError:
             out_of_memory = True
         except Exception:  # noqa: BLE001 - one bad image must not fail its neighbours
             out_of_memory = False
-        del flight  # the caller holds no other reference: the vision features go now
+        del encoded  # the vision features go before the images go again
         self._release_memory()
         size = None if out_of_memory else 1
         return self._in_sub_batches(items, images, positions, started, size, out_of_memory)
