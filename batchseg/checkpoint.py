@@ -387,6 +387,14 @@ class Checkpoint:
                 ((when, now, p) for p in paths),
             )
 
+    def release_running(self) -> None:
+        """``running`` rows back to ``pending``: called when a run ends, so that only a manifest
+        exported while a run is live shows ``running`` (a crash leaves them to ``plan``)."""
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE images SET status='pending', updated_at=? WHERE status='running'", (time.time(),)
+            )
+
     def record(self, result: ItemResult, item: Item) -> None:
         """Store one result durably: the image row and its detections in one committed transaction.
 

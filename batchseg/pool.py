@@ -75,7 +75,7 @@ import os
 import signal
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -149,7 +149,8 @@ class PoolEvent:
 
     ``kind`` is one of: worker_started, worker_ready, worker_exited, worker_timeout, worker_lost,
     load_failed, recycle, standby_promoted, pool_size, attempt_failed (an attempt that will be
-    retried; final results go to ``on_result``), batch_split, stopping, circuit_breaker.
+    retried; final results go to ``on_result``), batch_split, stopping, circuit_breaker, and
+    task_started (a worker took a task: ``paths`` are its items).
     """
 
     kind: str
@@ -158,6 +159,7 @@ class PoolEvent:
     pid: int | None = None
     result: ItemResult | None = None
     traceback: str | None = None
+    paths: tuple[str, ...] = ()
     time: float = field(default_factory=time.time)
 
 
@@ -227,6 +229,9 @@ class _Ledger:
         on_result: Callable[[ItemResult], None],
         emit: Callable[[PoolEvent], None],
     ) -> None:
+        # Items not yet taken from ``items``, where its length is known (a list): lets tasks
+        # shrink near the end so several workers finish together.
+        self._untaken: int | None = len(items) if isinstance(items, Sized) else None
         self._source: Iterator[Item] = iter(items)
         self._returned: deque[_Entry] = deque()  # never started (a task ended before them): first
         self._lookahead: Item | None = None
@@ -259,6 +264,8 @@ class _Ledger:
         while len(entries) < count and self.has_fresh():
             assert self._lookahead is not None
             entries.append(_Entry(self._lookahead))
+            if self._untaken is not None:
+                self._untaken -= 1
             self._lookahead = None
         return entries
 
@@ -273,6 +280,10 @@ class _Ledger:
     def requeue(self, entry: _Entry) -> None:
         """Run again without charging an attempt (an item of a failed batch)."""
         self.retries.append(entry)
+
+    def fresh_left(self) -> int | None:
+        """Fresh items still to hand out (None: unknown, the source has no length)."""
+        return None if self._untaken is None else self._untaken + len(self._returned)
 
     def give_back(self, entries: list[_Entry]) -> None:
         """Items of a failed task that the engine never touched: fresh work again, batched as any."""
@@ -508,6 +519,12 @@ class _Pool:
 
     def _batch_size(self, worker: _Worker) -> int:
         size = self.settings.batch_size or worker.batch_size
+        left = self.ledger.fresh_left()
+        if self.settings.batch_size is None and self.target > 1 and left is not None:
+            # The engine's long tasks, cut near the end to a fair share of what is left, so one
+            # GPU does not finish a whole task alone while the others wait (never below one of
+            # the engine's sub-batches).
+            size = min(size, max(worker.heartbeat_every or 1, -(-left // self.target)))
         if self.settings.max_images_per_worker:
             size = min(size, self.settings.max_images_per_worker - worker.images)
         return max(1, size)
@@ -573,6 +590,9 @@ class _Pool:
         elif isinstance(message, Ack) and task is not None and message.task_id == task.task_id:
             worker.acked_wall = time.time()
             worker.deadline = time.monotonic() + self._budget(task, worker)
+            paths = tuple(entry.item.path for entry in task.entries)
+            text = f"{worker.name} took {len(paths)} image(s)"
+            self.emit(PoolEvent("task_started", text, worker.slot, worker.pid, paths=paths))
         elif isinstance(message, Heartbeat) and task is not None and message.task_id == task.task_id:
             worker.deadline = time.monotonic() + self._budget(task, worker)
             if message.reached is not None:

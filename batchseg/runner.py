@@ -46,7 +46,7 @@ COMMIT_WINDOW_S = 0.5
 #: ...or until this many are waiting.
 COMMIT_GROUP = 64
 #: Pool events too frequent to log one line each (a recycled worker every N images is routine).
-QUIET_EVENTS = {"worker_started"}
+QUIET_EVENTS = {"worker_started", "task_started"}
 
 
 @dataclass
@@ -308,6 +308,8 @@ def _process(
             last_export = time.monotonic()
 
     def on_event(event: PoolEvent) -> None:
+        if event.kind == "task_started":
+            checkpoint.mark_started(event.paths)  # `batchseg status` shows what is in flight
         if event.result is not None and event.result.error_type in OUTPUT_FAILURES:
             output_failure.append(event.result)  # stop now: a retry on a fresh worker cannot help
         if event.kind in QUIET_EVENTS:
@@ -348,6 +350,10 @@ def _process(
         finally:
             # Whatever ended the pool (even Ctrl-C twice), results already received are kept.
             recorder.flush()
+            # Left running, they would be pending again at the next start anyway (plan): a
+            # failure here must not hide the one that ended the pool.
+            with contextlib.suppress(BatchsegError):
+                checkpoint.release_running()
             progress.close()
     if output_failure:
         first = output_failure[0]

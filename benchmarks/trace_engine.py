@@ -1,10 +1,11 @@
 """Where the GPU waits inside ``Sam3Engine.process``: a torch.profiler trace of whole tasks.
 
     python benchmarks/trace_engine.py --model-dir .bench/models/full-bf16 \
-        --images-dir .bench/images-2048x1536 --batch-size 16 --tasks 2
+        --images-dir .bench/images-2048x1536 --batch-size 16 --tasks 1 [--task-size 128]
 
-Runs one warm-up task, then profiles ``--tasks`` tasks of the engine's preferred size (reads, forward
-passes, post-processing and writes as in a real run, without the pool). Prints the task's wall time,
+Runs one warm-up task, then profiles ``--tasks`` tasks of the engine's preferred size (or
+``--task-size`` images: a 512-image trace is large) with reads, forward passes, post-processing and
+writes as in a real run, without the pool. Prints the task's wall time,
 the time the GPU ran kernels, and the GPU's idle time split by what the thread running the model was
 doing meanwhile (each engine step is wrapped in a ``record_function`` label). ``--trace FILE`` also
 writes the Chrome trace (open it in ui.perfetto.dev).
@@ -128,6 +129,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--threshold", type=float, default=0.3)
     parser.add_argument("--tasks", type=int, default=1)
+    parser.add_argument("--task-size", type=int, default=None, help="images per task [the engine's]")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--trace", type=Path, default=None)
     parser.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval (s)")
@@ -159,7 +161,7 @@ def main() -> None:
     for name in STEPS:
         _label(engine, name)
     paths = sorted(args.images_dir.glob("*.jpg"))
-    size = engine.preferred_task_size
+    size = args.task_size or engine.preferred_task_size
     tasks = [
         [Item(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in paths[i * size : (i + 1) * size]]
         for i in range(args.tasks + 1)

@@ -309,6 +309,16 @@ def test_the_pool_grows_to_one_worker_per_gpu(tmp_path: Path) -> None:
     assert sorted(slot for _pid, slot in fault_engine.loads(tmp_path)) == [0, 1]
 
 
+def test_near_the_end_tasks_shrink_to_a_fair_share_of_what_is_left(tmp_path: Path) -> None:
+    # Two GPUs, an engine that asks for tasks of 8, and 10 images: 8 + 2 would leave one GPU
+    # working alone; fair shares are 5 + 5 (or smaller, as what is left shrinks).
+    spec = make_spec(tmp_path, device="cuda", gpu_count=2, preferred_task_size=8, slow_s=0.1)
+    done = run(spec, items(*(f"slow_{k}" for k in range(10))), workers=None, batch_size=None)
+    assert all(r.status is Status.OK for r in done.results.values())
+    assert max(r.width or 0 for r in done.results.values()) == 5
+    assert {r.device for r in done.results.values()} == {"cuda:0 fake", "cuda:1 fake"}
+
+
 def test_the_engine_suggests_the_task_size(tmp_path: Path) -> None:
     spec = make_spec(tmp_path, preferred_task_size=3, slow_s=0.05)
     done = run(spec, items(*(f"slow_{k}" for k in range(12))), workers=1, batch_size=None)

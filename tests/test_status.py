@@ -127,3 +127,50 @@ def test_a_damaged_checkpoint_falls_back_to_the_manifest_and_says_why(tmp_path: 
     (tmp_path / "manifest" / "images.parquet").unlink()
     with pytest.raises(OutputError, match="damaged"):
         collect_status(tmp_path)
+
+
+def test_a_live_run_shows_its_task_as_running_and_leaves_none(tmp_path: Path) -> None:
+    """A real run (fault engine, 0.4 s an image, tasks of 3): while it runs, status counts the
+    images of the task in flight as running; when it ends, no row is left running."""
+    import threading
+    import time
+
+    from batchseg.config import RunConfig
+    from batchseg.runner import run
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for k in range(6):
+        (folder / f"slow_{k}.jpg").write_bytes(b"not decoded by the fault engine")
+    state = tmp_path / "state"
+    state.mkdir()
+    config = RunConfig(
+        input=folder,
+        prompts=("roof",),
+        output=tmp_path / "out",
+        workers=1,
+        progress_interval=60,
+        extra={"state_dir": str(state), "slow_s": 0.4, "preferred_task_size": 3},
+    )
+    seen: list[int] = []
+    finished = threading.Event()
+
+    def watch() -> None:
+        while not finished.is_set():
+            try:
+                seen.append(collect_status(tmp_path / "out").counts.get("running", 0))
+            except Exception:  # noqa: BLE001, S112 - the checkpoint may not exist yet
+                pass
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        summary = run(config, factory="fault_engine:load_faulty")
+    finally:
+        finished.set()
+        watcher.join()
+    assert summary.counts["ok"] == 6
+    assert max(seen) == 3, seen  # a whole task of 3, marked when the worker took it
+    final = collect_status(tmp_path / "out")
+    assert final.counts.get("running", 0) == 0 and final.counts["ok"] == 6
