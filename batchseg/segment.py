@@ -50,6 +50,9 @@ MAX_AUTO_BATCH = 16
 #: only I/O not hidden behind a forward pass. Results travel after each sub-batch (heartbeats), so
 #: a long task delays no checkpoint and a crash reruns only what was in flight.
 SUB_BATCHES_PER_TASK = 32
+#: The same on a CPU, where one full-size image takes seconds: a drain (Ctrl-C, --deadline) waits
+#: for the task in flight, so it stays short; 4 already hide most reads and writes of small models.
+CPU_SUB_BATCHES_PER_TASK = 4
 #: Fraction of the free memory a worker plans to use; CUDA out-of-memory halves the batch anyway.
 GPU_MEMORY_HEADROOM = 0.7
 
@@ -130,7 +133,8 @@ class Sam3Engine:
         self.max_batch = config.batch_size or (plan_gpu_use(self.torch_device) if cuda else 1)
         # Suggestions for the pool (see batchseg.worker.Ready): a task of several sub-batches keeps
         # the GPU busy while the I/O threads read the next sub-batch and write the last one.
-        self.preferred_task_size = self.max_batch * SUB_BATCHES_PER_TASK
+        per_task = SUB_BATCHES_PER_TASK if cuda else CPU_SUB_BATCHES_PER_TASK
+        self.preferred_task_size = self.max_batch * per_task
         self.heartbeat_every = self.max_batch
         # A JPEG may be decoded at 1/2 to 1/8 scale while it stays twice the model's input side:
         # 3x faster for small inputs, within 3 grey levels after the processor's resize (measured).
