@@ -50,6 +50,8 @@ N_IMAGES = 48
 SEED = 20260509
 #: Workers notice a dead parent within a second (they poll it); a little slack for busy cores.
 ORPHAN_GRACE_S = 5.0
+#: How long after kill() a worker's write may still land (the parent's exit, then the signal).
+PARENT_EXIT_GRACE_NS = 200_000_000
 
 
 @dataclass
@@ -125,8 +127,10 @@ def _check_after_kill(
     assert not left, f"{kill.trigger} kill: processes outlived the killed run:\n{describe(left)}"
     if run.killed_ns is not None:
         # A worker whose parent died stops at once (Linux: parent-death signal): it must not go on
-        # to write the mask of the image it had, racing the run that resumes.
-        late = written_after(output / "masks", run.killed_ns)
+        # to write the masks of the images it had, racing the run that resumes. "At once" is the
+        # kernel's: the signal is sent when the parent has finished exiting, which takes a moment
+        # after kill() (a write completing then is harmless: not committed, redone on resume).
+        late = written_after(output / "masks", run.killed_ns + PARENT_EXIT_GRACE_NS)
         assert not late, f"{kill.trigger} kill: written after the parent was killed: {late}"
     rows = checkpoint_rows(output)
     for path, row in durable.items():
