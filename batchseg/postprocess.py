@@ -114,7 +114,7 @@ def split_outputs(outputs: Any, prompt_index: int) -> list[PromptPrediction]:
 @dataclass
 class Scored:
     """One prompt's scores and boxes for a batch of images (``score_outputs``), row b for image b.
-    On a GPU, ``scores`` and ``boxes`` are copies in pinned host memory that are complete once
+    On a GPU, ``scores``, ``above`` and ``boxes`` are copies in pinned host memory, complete once
     ``ready`` (a CUDA event) has passed; ``masks`` stay on the device."""
 
     prompt_index: int
