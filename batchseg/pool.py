@@ -149,8 +149,9 @@ class PoolEvent:
 
     ``kind`` is one of: worker_started, worker_ready, worker_exited, worker_timeout, worker_lost,
     load_failed, recycle, standby_promoted, pool_size, attempt_failed (an attempt that will be
-    retried; final results go to ``on_result``), batch_split, stopping, circuit_breaker, and
-    task_started (a worker took a task: ``paths`` are its items).
+    retried; final results go to ``on_result``), batch_split, stopping, circuit_breaker,
+    worker_warning (a warning shown in a worker), and task_started (a worker took a task: ``paths``
+    are its items).
     """
 
     kind: str
@@ -576,6 +577,8 @@ class _Pool:
 
     def _on_message(self, worker: _Worker, message: object) -> None:
         task = worker.task
+        for note in getattr(message, "notes", ()):
+            self.emit(PoolEvent("worker_warning", f"{worker.name}: {note}", worker.slot, worker.pid))
         if isinstance(message, Ready):
             self._on_ready(worker, message)
         elif isinstance(message, LoadFailed):

@@ -315,7 +315,7 @@ def _process(
         if event.kind in QUIET_EVENTS:
             return
         text = f"{event.kind}: {event.message}"
-        if event.kind in ("attempt_failed", "worker_timeout", "worker_lost", "load_failed"):
+        if event.kind in ("attempt_failed", "worker_timeout", "worker_lost", "load_failed", "worker_warning"):
             log.warning(text)
         else:
             log.info(text)

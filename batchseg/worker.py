@@ -29,7 +29,8 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
@@ -116,6 +117,7 @@ class Heartbeat:
     task_id: int
     results: tuple[tuple[int, ItemResult], ...] = ()
     reached: int | None = None
+    notes: tuple[str, ...] = ()  # warnings raised in the worker since its last message
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,7 @@ class Done:
 
     task_id: int
     results: list[ItemResult]
+    notes: tuple[str, ...] = ()  # warnings raised in the worker since its last message
 
 
 def worker_main(spec: EngineSpec, slot: int, conn: Connection, threads: int | None) -> None:
@@ -136,9 +139,13 @@ def worker_main(spec: EngineSpec, slot: int, conn: Connection, threads: int | No
     engine = _load(spec, slot, conn, threads)
     if engine is None:
         return
+    # While serving tasks, warnings go to the supervisor (the run log); while loading and closing,
+    # with no message to carry them, to stderr as usual.
+    show = _collect_warnings()
     try:
         _serve(engine, conn)
     finally:
+        warnings.showwarning = show
         try:
             engine.close()
         except Exception:  # noqa: S110 - closing is best effort; the process ends anyway
@@ -238,12 +245,13 @@ class _Beat:
             _stamp(result, self.engine, self.started, now)
         results = tuple((self.offset + index, result) for index, result in finished)
         where = None if reached is None else self.offset + reached
+        notes = _take_notes()
         try:
-            self.conn.send(Heartbeat(self.task_id, results, where))
+            self.conn.send(Heartbeat(self.task_id, results, where, notes))
         except (EOFError, OSError):
             return  # the supervisor is gone; the worker ends at its next receive
         except Exception:  # noqa: BLE001 - an unpicklable result: it will travel in Done instead
-            _send_quietly(self.conn, Heartbeat(self.task_id, (), where))
+            _send_quietly(self.conn, Heartbeat(self.task_id, (), where, notes))
             return
         self.sent.update(finished)
 
@@ -269,14 +277,38 @@ def error_result(item: Item, exc: BaseException, engine: Engine | None = None) -
 
 
 def _send_done(conn: Connection, task_id: int, items: Sequence[Item], results: list[ItemResult]) -> bool:
+    notes = _take_notes()
     try:
-        conn.send(Done(task_id, results))
+        conn.send(Done(task_id, results, notes))
         return True
     except (EOFError, OSError):
         return False
     except Exception as exc:  # noqa: BLE001 - an unpicklable result must not kill the worker
         # Pickling happens before any byte is written, so the pipe is still clean here.
-        return _send_quietly(conn, Done(task_id, [error_result(item, exc) for item in items]))
+        return _send_quietly(conn, Done(task_id, [error_result(item, exc) for item in items], notes))
+
+
+#: Warnings shown in this worker (by any thread), sent with its next Heartbeat or Done, so they
+#: reach the run log instead of a console nobody reads at night.
+_NOTES: list[str] = []
+
+
+def _collect_warnings() -> Callable[..., None]:
+    """Keep shown warnings for the next message; returns the ``showwarning`` it replaced."""
+
+    def keep(message: Warning | str, category: type[Warning], *_where: object, **_kw: object) -> None:
+        _NOTES.append(f"{category.__name__}: {message}")  # list.append is atomic: any thread
+
+    previous = warnings.showwarning
+    warnings.showwarning = keep  # the filters still decide what is shown (once per place, ...)
+    return previous
+
+
+def _take_notes() -> tuple[str, ...]:
+    count = len(_NOTES)  # only these: another thread may append meanwhile
+    taken = tuple(_NOTES[:count])
+    del _NOTES[:count]
+    return taken
 
 
 def _send_quietly(conn: Connection, message: object) -> bool:

@@ -9,6 +9,7 @@ The part of the name before the first ``_`` or ``.`` picks the behaviour::
     oom         allocates until MemoryError, under an RLIMIT_AS cap so the machine is safe
     invalid     returns invalid_input
     slow        sleeps extra["slow_s"] seconds (default 0.3), then ok
+    warn        warns (RuntimeWarning naming the image), then ok
     flakyexit   os._exit(3) on its first attempt, ok afterwards (a marker file in state_dir)
     flakyraise  ValueError on its first attempt, ok afterwards
     anything    ok at once
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -82,6 +84,8 @@ class FaultyEngine:
             )
         if kind == "slow":
             time.sleep(float(self.extra.get("slow_s", 0.3)))
+        if kind == "warn":
+            warnings.warn(f"something to know about {item.path}", RuntimeWarning, stacklevel=1)
         return ItemResult(item.path, Status.OK, width=4, height=3)
 
     def _first_attempt(self, item: Item) -> bool:

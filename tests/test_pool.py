@@ -657,3 +657,14 @@ def test_an_engine_that_raises_reruns_only_what_it_had_not_reported(tmp_path: Pa
         "raise_1.jpg",
         "ok_2.jpg",
     ]
+
+
+@pytest.mark.parametrize("factory", [FACTORY, STREAMING])
+def test_a_warning_in_a_worker_reaches_the_supervisor(tmp_path: Path, factory: str) -> None:
+    # e.g. the engine halving its batch after CUDA ran out of memory: it belongs in the run log.
+    spec = EngineSpec(make_spec(tmp_path).config, factory)
+    done = run(spec, items("ok_1", "warn_1", "ok_2"), workers=1, batch_size=3)
+    assert all(r.status is Status.OK for r in done.results.values())
+    (warning,) = done.kinds("worker_warning")
+    assert "RuntimeWarning: something to know about warn_1.jpg" in warning.message
+    assert warning.pid == done.results["warn_1.jpg"].worker_pid

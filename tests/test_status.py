@@ -131,7 +131,8 @@ def test_a_damaged_checkpoint_falls_back_to_the_manifest_and_says_why(tmp_path: 
 
 def test_a_live_run_shows_its_task_as_running_and_leaves_none(tmp_path: Path) -> None:
     """A real run (fault engine, 0.4 s an image, tasks of 3): while it runs, status counts the
-    images of the task in flight as running; when it ends, no row is left running."""
+    images of the task in flight as running; when it ends, no row is left running; a warning in
+    the worker reaches the run log."""
     import threading
     import time
 
@@ -140,8 +141,8 @@ def test_a_live_run_shows_its_task_as_running_and_leaves_none(tmp_path: Path) ->
 
     folder = tmp_path / "in"
     folder.mkdir()
-    for k in range(6):
-        (folder / f"slow_{k}.jpg").write_bytes(b"not decoded by the fault engine")
+    for name in [f"slow_{k}" for k in range(5)] + ["warn_0"]:
+        (folder / f"{name}.jpg").write_bytes(b"not decoded by the fault engine")
     state = tmp_path / "state"
     state.mkdir()
     config = RunConfig(
@@ -174,3 +175,6 @@ def test_a_live_run_shows_its_task_as_running_and_leaves_none(tmp_path: Path) ->
     assert max(seen) == 3, seen  # a whole task of 3, marked when the worker took it
     final = collect_status(tmp_path / "out")
     assert final.counts.get("running", 0) == 0 and final.counts["ok"] == 6
+    # A warning shown in the worker is in the run log, not only on a console.
+    log = "".join(p.read_text(encoding="utf-8") for p in (tmp_path / "out" / "logs").glob("*.log"))
+    assert "worker_warning" in log and "something to know about warn_0.jpg" in log
