@@ -6,16 +6,20 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from _storage import failed_result, make_config, make_items, ok_result
 
 from batchseg.checkpoint import CHECKPOINT_NAME, Checkpoint
+from batchseg.config import RunConfig
 from batchseg.errors import OutputError
 from batchseg.lock import RunLock
 from batchseg.manifest import export_manifest
 from batchseg.records import Status
+from batchseg.runner import run
 from batchseg.status import collect_status, format_status
 
 T0 = 1_700_000_000.0
@@ -133,12 +137,6 @@ def test_a_live_run_shows_its_task_as_running_and_leaves_none(tmp_path: Path) ->
     """A real run (fault engine, 0.4 s an image, tasks of 3): while it runs, status counts the
     images of the task in flight as running; when it ends, no row is left running; a warning in
     the worker reaches the run log."""
-    import threading
-    import time
-
-    from batchseg.config import RunConfig
-    from batchseg.runner import run
-
     folder = tmp_path / "in"
     folder.mkdir()
     for name in [f"slow_{k}" for k in range(5)] + ["warn_0"]:
