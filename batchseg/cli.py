@@ -60,6 +60,21 @@ OPERATIONAL_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
         ),
     ),
     (
+        ("--cuda-graphs/--no-cuda-graphs",),
+        dict(
+            default=None,
+            help="CUDA: replay the vision backbone as a CUDA graph (one launch per batch) [default: on].",
+        ),
+    ),
+    (
+        ("--fuse-rope/--no-fuse-rope",),
+        dict(
+            default=None,
+            help="CUDA: the backbone's rotary embedding as one compiled kernel (seconds to compile) "
+            "[default: on where Triton runs].",
+        ),
+    ),
+    (
         ("--timeout",),
         dict(
             type=click.FloatRange(min=0, min_open=True),

@@ -36,6 +36,8 @@ class RunConfig:
     threads: int | None = None  # torch threads per worker; None: cores / workers
     batch_size: int | None = None  # None: chosen from the device
     compile: bool = False  # torch.compile the ViT backbone on CUDA (faster after ~1 min per worker)
+    cuda_graphs: bool = True  # replay the ViT backbone as a CUDA graph on CUDA (no launch cost)
+    fuse_rope: bool = True  # CUDA: the ViT's rotary embedding as one fused kernel (torch.compile)
     timeout: float = 300.0  # seconds per image, from the worker's acknowledgement
     load_timeout: float = 600.0  # seconds for a worker to load the model
     max_attempts: int = 2

@@ -319,6 +319,8 @@ _CHECKS: dict[str, Checker] = {
     "exclude": _string_list("glob patterns"),
     "hash": _boolean,
     "compile": _boolean,
+    "cuda_graphs": _boolean,
+    "fuse_rope": _boolean,
     "new_run": _boolean,
     "log_keep": _int_min(1),
     "progress_interval": _seconds,

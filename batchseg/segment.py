@@ -33,6 +33,7 @@ from . import imageio, rle
 from .config import RunConfig
 from .engine import EngineSpec, HeartbeatFn
 from .errors import ConfigError, InvalidImageError, OutputError
+from .fused import fuse_rope, restore_rope
 from .model import load_model, max_prompt_tokens, resolve_device, resolve_dtype, set_threads
 from .postprocess import Candidates, ImageSegmentation, Scored, choose, compose, merge, score_outputs
 from .records import Detection, Item, ItemResult, Status
@@ -138,11 +139,17 @@ class Sam3Engine:
         self.heartbeat_every = self.max_batch
         # A JPEG may be decoded at 1/2 to 1/8 scale while it stays twice the model's input side:
         # 3x faster for small inputs, within 3 grey levels after the processor's resize (measured).
+        # The rotary embedding is a function of transformers' module, shared by the process.
+        restore_rope()
+        self.fused_rope = config.fuse_rope and not config.compile and fuse_rope(self.torch_device) is None
         self._compiled: FixedBatchBackbone | None = None
-        if config.compile and cuda:
-            self._compiled = FixedBatchBackbone(model.vision_encoder.backbone, self.max_batch)
+        if cuda and (config.compile or config.cuda_graphs):
+            self._compiled = FixedBatchBackbone(
+                model.vision_encoder.backbone, self.max_batch, config.compile, config.cuda_graphs
+            )
             model.vision_encoder.backbone = self._compiled
-            self._warm_up()  # compile during the load (its own timeout), not in the first image's
+            # Compile and capture during the load (its own timeout), not in the first image's.
+            self._warm_up()
         self.draft_side = 2 * max(
             self.processor.image_processor.size["height"], self.processor.image_processor.size["width"]
         )
@@ -520,7 +527,7 @@ class Sam3Engine:
             return
         self.max_batch = max(1, tried // 2)
         if self._compiled is not None:
-            self._compiled.batch = self.max_batch  # one recompilation for the new size
+            self._compiled.batch = self.max_batch  # compiled and captured again at the new size
         warnings.warn(
             f"out of GPU memory at batch {tried}; continuing with batch {self.max_batch}",
             RuntimeWarning,
@@ -574,29 +581,91 @@ class Sam3Engine:
 
 
 class FixedBatchBackbone(torch.nn.Module):
-    """The ViT backbone compiled with ``torch.compile`` (measured on an H100 at batch 16 in bf16:
-    model forward 37 -> 55 img/s, about a minute of compilation per worker). It always runs at one
-    batch size, so a short last batch pads with zeros and cuts the output back instead of compiling
-    again for every size."""
+    """The ViT backbone run at one batch size, so that it can be compiled once and captured once: a
+    short last batch is padded and its output cut back.
 
-    def __init__(self, backbone: torch.nn.Module, batch: int) -> None:
+    ``compile``: ``torch.compile`` (H100, batch 16, bf16: model forward 37 -> 55 img/s, about a
+    minute of compilation per worker). ``graph``: the backbone's kernels are captured once as a CUDA
+    graph and replayed with one launch, so the thread that runs the model spends no time launching
+    its several hundred kernels per sub-batch and is free to decode and post-process the previous
+    sub-batch meanwhile (it shares the GIL with the I/O threads). The graph keeps its own memory for
+    the backbone's activations; a failed capture (out of memory, an operation graphs do not allow)
+    warns and falls back to launching as usual."""
+
+    def __init__(
+        self, backbone: torch.nn.Module, batch: int, compile: bool = False, graph: bool = False
+    ) -> None:
         super().__init__()
         self.backbone = backbone
-        self.compiled = torch.compile(backbone)
-        self.batch = batch
+        self.run = torch.compile(backbone) if compile else backbone
+        self.graph = graph
+        self._batch = batch
+        self._captured: tuple[torch.cuda.CUDAGraph, torch.Tensor, Any] | None = None
+
+    @property
+    def batch(self) -> int:
+        return self._batch
+
+    @batch.setter
+    def batch(self, batch: int) -> None:
+        # A new size: compiled again (once) and captured again on the next call.
+        self._batch = batch
+        self._captured = None
 
     def get_input_embeddings(self) -> Any:
         return self.backbone.get_input_embeddings()
 
     def forward(self, pixel_values: torch.Tensor, **kwargs: Any) -> Any:
         n = pixel_values.shape[0]
-        if n < self.batch:
-            pad = pixel_values.new_zeros((self.batch - n, *pixel_values.shape[1:]))
+        if n > self._batch:  # a sub-batch made before the batch was halved: as it comes
+            return self.run(pixel_values, **kwargs)
+        if self.graph and not kwargs:
+            if self._captured is None:
+                self._capture(pixel_values)
+            if self._captured is not None:
+                return self._replay(pixel_values)
+        if n < self._batch:
+            pad = pixel_values.new_zeros((self._batch - n, *pixel_values.shape[1:]))
             pixel_values = torch.cat([pixel_values, pad])
-        out = self.compiled(pixel_values, **kwargs)
-        if n < self.batch:
+        out = self.run(pixel_values, **kwargs)
+        if n < self._batch:
             out.last_hidden_state = out.last_hidden_state[:n]
         return out
+
+    def _replay(self, pixel_values: torch.Tensor) -> Any:
+        graph, static_in, static_out = self._captured  # type: ignore[misc]
+        n = pixel_values.shape[0]
+        # Images are independent in the ViT: rows past n (a short batch) only cost their compute.
+        static_in[:n].copy_(pixel_values)
+        graph.replay()
+        # The next replay overwrites the graph's output while this sub-batch waits to be decoded.
+        return type(static_out)(last_hidden_state=static_out.last_hidden_state[:n].clone())
+
+    def _capture(self, like: torch.Tensor) -> None:
+        static_in = torch.zeros((self._batch, *like.shape[1:]), dtype=like.dtype, device=like.device)
+        try:
+            # Lazy initialisations (and compilation) must happen before the capture, on a side stream.
+            side = torch.cuda.Stream(like.device)  # type: ignore[no-untyped-call]
+            side.wait_stream(torch.cuda.current_stream(like.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self.run(static_in)
+            torch.cuda.current_stream(like.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()  # type: ignore[no-untyped-call]
+            # thread_local: the I/O threads may pin host memory while the model's thread captures.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                static_out = self.run(static_in)
+        except Exception as exc:  # noqa: BLE001 - graphs are an optimisation: launch as usual instead
+            self.graph = False
+            torch.cuda.empty_cache()
+            warnings.warn(
+                f"CUDA graph capture of the vision backbone failed ({type(exc).__name__}: {exc}); "
+                "launching its kernels one by one instead",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return
+        self._captured = (graph, static_in, static_out)
 
 
 class _TextEmbeds:

@@ -107,10 +107,18 @@ def phase_model_only(args: argparse.Namespace) -> dict[str, Any]:
     set_threads(args.threads)
     dtype, _ = resolve_dtype(args.device, args.dtype)
     model, processor = load_model(str(args.model_dir), args.device, dtype)
-    if args.compile:
+    graphs = args.device.startswith("cuda") and not args.no_cuda_graphs
+    if not args.compile and not args.no_fuse_rope:
+        from batchseg.fused import fuse_rope
+
+        fuse_rope(torch.device(args.device))
+    if args.device.startswith("cuda") and (args.compile or graphs):
+        # The backbone as batchseg runs it (the model-only limit is the model as it is run).
         from batchseg.segment import FixedBatchBackbone
 
-        model.vision_encoder.backbone = FixedBatchBackbone(model.vision_encoder.backbone, args.batch_size)
+        model.vision_encoder.backbone = FixedBatchBackbone(
+            model.vision_encoder.backbone, args.batch_size, args.compile, graphs
+        )
     first = sorted(Path(args.images_dir).glob("*.jpg"))[0]
     batch = processor(
         images=[Image.open(first).convert("RGB")] * args.batch_size,
@@ -168,6 +176,10 @@ def phase_end_to_end(args: argparse.Namespace) -> dict[str, Any]:
     ]
     if args.compile:
         command.append("--compile")
+    if args.no_cuda_graphs:
+        command.append("--no-cuda-graphs")
+    if args.no_fuse_rope:
+        command.append("--no-fuse-rope")
     for flag, value in (
         ("--batch-size", args.batch_size),
         ("--threads", args.threads),
@@ -270,6 +282,10 @@ def run_phase(name: str, args: argparse.Namespace) -> dict[str, Any]:
             command += [f"--{key.replace('_', '-')}", str(value)]
     if args.compile:
         command.append("--compile")
+    if args.no_cuda_graphs:
+        command.append("--no-cuda-graphs")
+    if args.no_fuse_rope:
+        command.append("--no-fuse-rope")
     print(f"== {name}", flush=True)
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -300,7 +316,9 @@ def to_markdown(report: dict[str, Any]) -> str:
     ]
     lines = [
         f"Hardware: {report['hardware']}; model: {report['model']}; images: {report['images']} "
-        f"JPEG {report['image_size']}; batch size {report['batch_size']}; dtype {report['dtype']}",
+        f"JPEG {report['image_size']}; batch size {report['batch_size']}; dtype {report['dtype']}; "
+        f"compile {report.get('compile')}; CUDA graphs {report.get('cuda_graphs')}; "
+        f"fused RoPE {report.get('fuse_rope')}",
         "",
         "| what | img/s | ms/img | notes |",
         "| --- | ---: | ---: | --- |",
@@ -343,6 +361,12 @@ def main() -> None:
     parser.add_argument("--naive-images", type=int, default=None, help="images for the naive loop [all]")
     parser.add_argument("--threshold", type=float, default=0.3)
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbone (CUDA)")
+    parser.add_argument(
+        "--no-cuda-graphs", action="store_true", help="launch the backbone's kernels one by one (CUDA)"
+    )
+    parser.add_argument(
+        "--no-fuse-rope", action="store_true", help="transformers' own rotary embedding (CUDA)"
+    )
     parser.add_argument("--phases", default="model_only,end_to_end,naive")
     parser.add_argument("--work", type=Path, default=Path(".bench"))
     parser.add_argument("--out", type=Path, default=None, help="folder for throughput.json/.md [--work]")
@@ -367,6 +391,9 @@ def main() -> None:
         "batch_size": args.batch_size,
         "dtype": args.dtype,
         "device": args.device,
+        "compile": args.compile,
+        "cuda_graphs": args.device.startswith("cuda") and not args.no_cuda_graphs,
+        "fuse_rope": args.device.startswith("cuda") and not (args.no_fuse_rope or args.compile),
     }
     for name in ("model_only", "end_to_end", "naive"):
         report[name] = run_phase(name, args) if name in args.phases.split(",") else {"error": "not run"}

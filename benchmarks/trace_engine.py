@@ -119,6 +119,16 @@ def analyse(prof: Any) -> dict[str, Any]:
     }
 
 
+def top_ops(prof: Any, n: int) -> dict[str, float]:
+    """The ``n`` operators (with their input shapes) whose own kernels ran longest on the GPU."""
+    rows = [
+        (row.self_device_time_total / 1000, f"{row.key} {row.input_shapes}"[:160])
+        for row in prof.key_averages(group_by_input_shape=True)
+        if row.self_device_time_total > 0
+    ]
+    return {name: round(ms, 1) for ms, name in sorted(rows, reverse=True)[:n]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -132,6 +142,10 @@ def main() -> None:
     parser.add_argument("--task-size", type=int, default=None, help="images per task [the engine's]")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--trace", type=Path, default=None)
+    parser.add_argument("--ops", type=int, default=0, help="also list the N ops with most GPU time")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the backbone")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="launch the backbone's kernels")
+    parser.add_argument("--no-fuse-rope", action="store_true", help="transformers' own rotary embedding")
     parser.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval (s)")
     args = parser.parse_args()
 
@@ -156,6 +170,9 @@ def main() -> None:
         dtype=args.dtype,
         threshold=args.threshold,
         batch_size=args.batch_size,
+        compile=args.compile,
+        cuda_graphs=not args.no_cuda_graphs,
+        fuse_rope=not args.no_fuse_rope,
     )
     engine = load_engine(EngineSpec(config=config), 0)
     for name in STEPS:
@@ -171,13 +188,15 @@ def main() -> None:
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     sync()
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as prof:
+    with torch.profiler.profile(activities=activities, record_shapes=bool(args.ops)) as prof:
         with torch.profiler.record_function("tasks"):
             start = time.perf_counter()
             results = [r for task in tasks[1:] for r in engine.process(task)]
             sync()
             seconds = time.perf_counter() - start
     report = analyse(prof)
+    if args.ops:
+        report["top_ops_self_gpu_ms"] = top_ops(prof, args.ops)
     images = sum(len(t) for t in tasks[1:])
     detections = sum(len(r.detections) for r in results) / max(1, len(results))
     report.update(

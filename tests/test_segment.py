@@ -283,3 +283,56 @@ def test_compiled_backbone_pads_short_batches(tiny_model: Path, images: Path, tm
     for x, y in zip(fast.process(todo), plain.process(todo), strict=True):
         check_consistent(x, tmp_path / "fast")
         assert np.allclose([d.score for d in x.detections], [d.score for d in y.detections], atol=1e-3)
+
+
+def _scores(results: list[ItemResult]) -> list[list[float]]:
+    return [[d.score for d in r.detections] for r in results]
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_graph_backbone_matches_launching_its_kernels(
+    tiny_model: Path, images: Path, tmp_path: Path
+) -> None:
+    """The backbone replayed as a CUDA graph gives the eager results: for full and short (padded)
+    batches, with sub-batch k-1 still waiting to be decoded while k replays (the graph's output is
+    overwritten then), and captured again after CUDA out-of-memory halves the batch."""
+    for i in range(5):
+        save_noise_image(images / f"more{i}.png", 90 + 7 * i, 60 + 5 * i, seed=10 + i)
+    todo = items("a.png", "sub/b.jpg", *[f"more{i}.png" for i in range(5)])  # 2, 2, 2, then 1
+    prompts = ("roof", "car")
+    plain = engine_for(
+        tiny_model, images, tmp_path / "plain", prompts, device="cuda", batch_size=2, cuda_graphs=False
+    )
+    graphed = engine_for(tiny_model, images, tmp_path / "graph", prompts, device="cuda", batch_size=2)
+    assert graphed._compiled is not None and graphed._compiled._captured is not None  # captured at load
+    expected = plain.process(todo)
+    got = graphed.process(todo)
+    for result in got:
+        check_consistent(result, tmp_path / "graph")
+    for x, y in zip(_scores(got), _scores(expected), strict=True):
+        assert np.allclose(x, y, atol=1e-4)
+    with pytest.warns(RuntimeWarning, match="batch 1"):
+        graphed._shrink_batch(2)
+    assert graphed._compiled._captured is None
+    again = graphed.process(todo)
+    assert graphed._compiled._captured is not None and graphed._compiled.batch == 1
+    for x, y in zip(_scores(again), _scores(expected), strict=True):
+        assert np.allclose(x, y, atol=1e-4)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_failed_graph_capture_warns_and_launches_as_usual(
+    tiny_model: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A capture that fails (here: CUDA graphs refused) is not fatal: a warning, then the plain path."""
+
+    class Refused:
+        def __init__(self) -> None:
+            raise RuntimeError("graphs not supported here")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Refused)
+    with pytest.warns(RuntimeWarning, match="CUDA graph capture of the vision backbone failed"):
+        engine = engine_for(tiny_model, images, tmp_path / "out", ("roof",), device="cuda", batch_size=2)
+    assert engine._compiled is not None and not engine._compiled.graph
+    for result in engine.process(items("a.png", "sub/b.jpg")):
+        check_consistent(result, tmp_path / "out")

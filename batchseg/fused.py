@@ -1,0 +1,89 @@
+"""A fused kernel for the one hot spot of SAM3's eager forward pass that is pure memory traffic.
+
+The ViT's rotary position embedding (transformers' ``apply_rotary_pos_emb_2d``) upcasts the
+queries and keys to float32 and runs about ten elementwise passes over them (upcast, rotate, two
+multiplies, add, downcast) in each of the 32 layers. On an H100 at batch 16 in bfloat16 these
+passes took about a third of the GPU's time (``benchmarks/trace_engine.py --ops 40``).
+``torch.compile`` of that one function fuses them into one read and one write per tensor, with the
+same float32 arithmetic; it compiles in seconds, where compiling the whole backbone (``--compile``)
+takes about a minute.
+
+Only on CUDA devices Triton can compile for (compute capability 7.0 and newer, Triton installed);
+anywhere else, or if the fused function does not match the original, SAM3 keeps the original.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+#: The largest difference allowed between the fused and the original rotary embedding, in
+#: bfloat16 units of the result's magnitude: both compute in float32 and round once.
+TOLERANCE = 1e-2
+
+
+def _sam3_module() -> Any:
+    from transformers.models.sam3 import modeling_sam3
+
+    return modeling_sam3
+
+
+def fuse_rope(device: torch.device) -> str | None:
+    """Route SAM3's ViT rotary embedding through a fused kernel, process-wide (a worker holds one
+    model). Returns None when done, else why not; a mismatch or a compile failure also warns.
+    Call ``restore_rope`` first where an earlier model in the process may have fused it."""
+    module = _sam3_module()
+    original: Callable[..., Any] | None = getattr(module, "apply_rotary_pos_emb_2d", None)
+    if original is None:
+        return "this transformers has no apply_rotary_pos_emb_2d"
+    original = getattr(original, "batchseg_original", original)
+    if device.type != "cuda":
+        return "fused kernels are for CUDA"
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    if torch.cuda.get_device_capability(device) < (7, 0):
+        return "Triton needs compute capability 7.0 or newer"
+    fused = torch.compile(original)  # shapes: windowed and global layers, then dynamic
+    fused.batchseg_original = original  # type: ignore[attr-defined]
+    try:
+        error = _mismatch(original, fused, device)
+    except Exception as exc:  # noqa: BLE001 - an optimisation: the original stays
+        error = f"{type(exc).__name__}: {exc}"
+    if error is not None:
+        module.apply_rotary_pos_emb_2d = original
+        reason = f"the fused rotary embedding failed its check ({error}); using the original"
+        warnings.warn(reason, RuntimeWarning, stacklevel=2)
+        return reason
+    module.apply_rotary_pos_emb_2d = fused
+    return None
+
+
+def restore_rope() -> None:
+    """Put transformers' own rotary embedding back (tests)."""
+    module = _sam3_module()
+    current = module.apply_rotary_pos_emb_2d
+    module.apply_rotary_pos_emb_2d = getattr(current, "batchseg_original", current)
+
+
+def _mismatch(original: Callable[..., Any], fused: Callable[..., Any], device: torch.device) -> str | None:
+    """Both versions on random bfloat16 queries and keys shaped like a window of the ViT."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    q, k = (
+        torch.randn((2, 4, 64, 32), generator=generator, device=device).to(torch.bfloat16) for _ in range(2)
+    )
+    angles = torch.rand((64, 32), generator=generator, device=device) * 6.3
+    cos, sin = angles.cos(), angles.sin()
+    with torch.inference_mode():
+        want = original(q, k, cos, sin)
+        got = fused(q, k, cos, sin)
+    for name, a, b in zip("qk", want, got, strict=True):
+        if a.dtype != b.dtype or a.shape != b.shape:
+            return f"{name}: {b.dtype} {tuple(b.shape)} instead of {a.dtype} {tuple(a.shape)}"
+        worst = float((a.float() - b.float()).abs().max())
+        if worst > TOLERANCE * max(1.0, float(a.float().abs().max())):
+            return f"{name} differs by {worst:.3g}"
+    return None
