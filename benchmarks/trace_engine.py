@@ -27,6 +27,15 @@ STEPS = ("process", "encode_images", "launch_prompts", "land", "postprocess", "_
 
 
 DURATIONS: dict[str, list[float]] = defaultdict(list)
+#: CUDA runtime calls in which the model's thread may wait for the device.
+HOST_WAITS = {
+    "cudaStreamSynchronize",
+    "cudaEventSynchronize",
+    "cudaDeviceSynchronize",
+    "cudaMemcpyAsync",
+    "cudaMemcpy",
+    "cudaStreamWaitEvent",
+}
 
 
 def _label(engine: Any, name: str) -> None:
@@ -65,7 +74,7 @@ def analyse(prof: Any) -> dict[str, Any]:
     events = prof.events()
     outer = next(e for e in events if e.name == "tasks")
     lo, hi, main_tid = outer.time_range.start, outer.time_range.end, outer.thread
-    kernels, labels, launches = [], [], []
+    kernels, labels, launches, waits = [], [], [], []
     by_kernel: dict[str, float] = defaultdict(float)
     for event in events:
         start, end = event.time_range.start, event.time_range.end
@@ -78,6 +87,8 @@ def analyse(prof: Any) -> dict[str, Any]:
             labels.append((start, end, event.name[5:], event.thread))
         elif event.thread == main_tid and event.self_device_time_total > 0 and lo <= start < hi:
             launches.append((start, event.self_device_time_total / 1000))
+        if event.thread == main_tid and event.name in HOST_WAITS and lo <= start < hi:
+            waits.append((start, (end - start) / 1000))
     busy = _union([(max(s, lo), min(e, hi)) for s, e in kernels if e > lo and s < hi])
     gaps, cursor = [], lo
     for start, end in busy:
@@ -99,6 +110,10 @@ def analyse(prof: Any) -> dict[str, Any]:
     for start, ms in launches:
         inner = [(e - s, n) for s, e, n in main if s <= start < e]
         gpu_by_step[min(inner)[1] if inner else "(no step)"] += ms
+    wait_by_step: dict[str, float] = defaultdict(float)
+    for start, ms in waits:
+        inner = [(e - s, n) for s, e, n in main if s <= start < e]
+        wait_by_step[min(inner)[1] if inner else "(no step)"] += ms
     wall = (hi - lo) / 1000
     busy_ms = sum(e - s for s, e in busy) / 1000
     return {
@@ -107,6 +122,9 @@ def analyse(prof: Any) -> dict[str, Any]:
         "gpu_busy_pct": round(100 * busy_ms / wall, 1),
         "gpu_idle_ms_by_main_thread_step": {
             k: round(v, 1) for k, v in sorted(by_step.items(), key=lambda kv: -kv[1])
+        },
+        "host_waits_ms_by_step": {
+            k: round(v, 1) for k, v in sorted(wait_by_step.items(), key=lambda kv: -kv[1])
         },
         "gaps_over_1ms": sum(1 for a, b in gaps if b - a > 1000),
         "step_ms_mean": {k: round(1000 * sum(v) / len(v), 2) for k, v in DURATIONS.items()},
@@ -142,6 +160,7 @@ def main() -> None:
     parser.add_argument("--task-size", type=int, default=None, help="images per task [the engine's]")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--trace", type=Path, default=None)
+    parser.add_argument("--no-priority", action="store_true", help="decoder streams at normal priority")
     parser.add_argument("--ops", type=int, default=0, help="also list the N ops with most GPU time")
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbone")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="launch the backbone's kernels")
@@ -155,6 +174,11 @@ def main() -> None:
 
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
+    if args.no_priority:
+        import batchseg.segment
+
+        # The decoders' and post-processing's streams at the default priority (the comparison).
+        batchseg.segment._stream = lambda device: torch.cuda.Stream(device)
 
     from batchseg.config import RunConfig
     from batchseg.engine import EngineSpec
