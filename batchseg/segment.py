@@ -513,12 +513,24 @@ class Sam3Engine:
             return self._failure(item, exc, started)
 
     def _warm_up(self) -> None:
+        """The backbone once at full batch (compiled and captured here); out of memory halves the
+        batch until it fits (at batch 1 the images' own fallbacks take over)."""
         size = self.processor.image_processor.size
-        pixels = torch.zeros(
-            (self.max_batch, 3, size["height"], size["width"]), dtype=self.dtype, device=self.torch_device
-        )
-        with torch.inference_mode():
-            self.model.get_vision_features(pixel_values=pixels)
+        pixels: torch.Tensor | None = None
+        while True:
+            shape = (self.max_batch, 3, size["height"], size["width"])
+            try:
+                with torch.inference_mode():
+                    pixels = torch.zeros(shape, dtype=self.dtype, device=self.torch_device)
+                    self.model.get_vision_features(pixel_values=pixels)
+                return
+            except torch.cuda.OutOfMemoryError:
+                pass  # retried outside the except block, once the failed attempt's memory is free
+            pixels = None
+            self._release_memory()
+            if self.max_batch == 1:
+                return
+            self._shrink_batch(self.max_batch)
 
     def _shrink_batch(self, tried: int) -> None:
         """CUDA ran out of memory on ``tried`` images: halve, and keep the smaller size from now on.
@@ -655,6 +667,11 @@ class FixedBatchBackbone(torch.nn.Module):
             # thread_local: the I/O threads may pin host memory while the model's thread captures.
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 static_out = self.run(static_in)
+        except torch.cuda.OutOfMemoryError:
+            # The engine halves the batch, which captures again at the smaller size.
+            del static_in
+            torch.cuda.empty_cache()
+            raise
         except Exception as exc:  # noqa: BLE001 - graphs are an optimisation: launch as usual instead
             self.graph = False
             torch.cuda.empty_cache()

@@ -192,3 +192,27 @@ def test_an_image_that_breaks_its_sub_batch_fails_alone(
     bad = results[3]
     assert bad.path == POISON and bad.status is Status.ERROR
     assert bad.error_type == "ValueError" and "injected" in (bad.error_message or "")
+
+
+def test_out_of_memory_in_the_warm_up_halves_the_batch_until_it_fits(
+    tiny_model: Path, folder: Path, task: list[Item], reference: list[ItemResult], tmp_path: Path
+) -> None:
+    """On a GPU the backbone runs once at load (compiled and captured then): a batch whose
+    backbone does not fit is halved there, instead of failing the worker's load."""
+    engine = make_engine(tiny_model, folder, tmp_path, batch_size=8)
+    tried: list[int] = []
+    vision = engine.model.get_vision_features
+
+    def no_room_above_two(pixel_values: torch.Tensor, **kwargs: Any) -> Any:
+        tried.append(pixel_values.shape[0])
+        if pixel_values.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return vision(pixel_values=pixel_values, **kwargs)
+
+    engine.model.get_vision_features = no_room_above_two
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine._warm_up()
+    assert tried == [8, 4, 2] and engine.max_batch == 2
+    assert [str(w.message)[-23:] for w in caught] == ["continuing with batch 4", "continuing with batch 2"]
+    assert_same(engine.process(task), reference)
