@@ -47,6 +47,11 @@ def fuse_rope(device: torch.device) -> str | None:
         return "Triton is not installed"
     if torch.cuda.get_device_capability(device) < (7, 0):
         return "Triton needs compute capability 7.0 or newer"
+    import torch._inductor.config as inductor_config
+
+    # A few small kernels: compiled in this process, rather than in a pool of compiler processes
+    # started for them (more children for the watchdog's kills to leave behind).
+    inductor_config.compile_threads = 1
     fused = torch.compile(original)  # shapes: windowed and global layers, then dynamic
     fused.batchseg_original = original  # type: ignore[attr-defined]
     try:

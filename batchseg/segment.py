@@ -137,8 +137,6 @@ class Sam3Engine:
         per_task = SUB_BATCHES_PER_TASK if cuda else CPU_SUB_BATCHES_PER_TASK
         self.preferred_task_size = self.max_batch * per_task
         self.heartbeat_every = self.max_batch
-        # A JPEG may be decoded at 1/2 to 1/8 scale while it stays twice the model's input side:
-        # 3x faster for small inputs, within 3 grey levels after the processor's resize (measured).
         # The rotary embedding is a function of transformers' module, shared by the process.
         restore_rope()
         self.fused_rope = config.fuse_rope and not config.compile and fuse_rope(self.torch_device) is None
@@ -150,6 +148,8 @@ class Sam3Engine:
             model.vision_encoder.backbone = self._compiled
             # Compile and capture during the load (its own timeout), not in the first image's.
             self._warm_up()
+        # A JPEG may be decoded at 1/2 to 1/8 scale while it stays twice the model's input side:
+        # 3x faster for small inputs, within 3 grey levels after the processor's resize (measured).
         self.draft_side = 2 * max(
             self.processor.image_processor.size["height"], self.processor.image_processor.size["width"]
         )

@@ -668,3 +668,17 @@ def test_a_warning_in_a_worker_reaches_the_supervisor(tmp_path: Path, factory: s
     (warning,) = done.kinds("worker_warning")
     assert "RuntimeWarning: something to know about warn_1.jpg" in warning.message
     assert warning.pid == done.results["warn_1.jpg"].worker_pid
+
+
+def test_workers_let_idle_openmp_threads_sleep_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spinning OpenMP thread takes the core an I/O thread needs (see configure_openmp)."""
+    from batchseg.worker import THREAD_ENV_VARS, configure_openmp
+
+    for name in (*THREAD_ENV_VARS, "OMP_WAIT_POLICY"):
+        monkeypatch.delenv(name, raising=False)
+    configure_openmp(3)
+    assert [os.environ[name] for name in THREAD_ENV_VARS] == ["3"] * len(THREAD_ENV_VARS)
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    configure_openmp(None)
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
