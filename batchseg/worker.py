@@ -347,9 +347,10 @@ def configure_openmp(threads: int | None) -> None:
     """OpenMP's settings for this worker, made before torch is imported (they are read then).
 
     ``OMP_WAIT_POLICY=PASSIVE`` unless the environment says otherwise: an idle OpenMP thread sleeps
-    instead of spinning on a core an I/O thread needs. Measured on 2 cores: the tiny model end to
-    end 60 -> 86 img/s (2048x1536 JPEGs); the full-size model's forward unchanged (14.5 s against
-    14.9 s per image, three runs each)."""
+    instead of spinning on a core an I/O thread needs. Measured on 2 cores: the full-size model's
+    forward unchanged (14.5 s against 14.9 s per image, three runs each); the tiny test model end
+    to end 60 -> 77-86 img/s on 2048x1536 JPEGs, but 104-125 -> 74-78 on 640x480 ones, where
+    waking the threads for each of its tiny operations costs more than the decoding they slowed."""
     if threads:
         for name in THREAD_ENV_VARS:
             os.environ[name] = str(threads)

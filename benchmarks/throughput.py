@@ -71,6 +71,18 @@ def make_images(folder: Path, count: int, size: tuple[int, int], seed: int = 0) 
     return folder
 
 
+def exactly(generated: Path, count: int) -> Path:
+    """A folder of the first ``count`` generated images (hard links): ``batchseg run`` takes a
+    whole folder, and the cache may hold more from an earlier, larger run."""
+    folder = generated.with_name(f"{generated.name}-n{count}")
+    folder.mkdir(exist_ok=True)
+    for i in range(count):
+        name = f"img_{i:05d}.jpg"
+        if not (folder / name).exists():
+            os.link(generated / name, folder / name)
+    return folder
+
+
 def build_model(kind: str, cache: Path) -> Path:
     from batchseg.tiny_model import build_full_size_checkpoint, build_tiny_checkpoint
 
@@ -379,7 +391,8 @@ def main() -> None:
         return
     args.work.mkdir(parents=True, exist_ok=True)
     width, height = (int(v) for v in args.image_size.split("x"))
-    args.images_dir = make_images(args.work / f"images-{args.image_size}", args.images, (width, height))
+    generated = make_images(args.work / f"images-{args.image_size}", args.images, (width, height))
+    args.images_dir = exactly(generated, args.images)
     args.model_dir = build_model(args.model, args.work / "models")
     args.batch_size = args.batch_size or 1
     args.naive_images = args.naive_images or args.images
