@@ -594,7 +594,7 @@ class Sam3Engine:
 
 class FixedBatchBackbone(torch.nn.Module):
     """The ViT backbone run at one batch size, so that it can be compiled once and captured once: a
-    short last batch is padded and its output cut back.
+    short batch is padded and its output cut back when compiled, and runs as it comes otherwise.
 
     ``compile``: ``torch.compile`` of the whole backbone (H100, batch 16, bf16, end to end: 48 -> 53
     img/s over the fused rotary embedding alone; about a minute of compilation per worker).
@@ -611,6 +611,7 @@ class FixedBatchBackbone(torch.nn.Module):
     ) -> None:
         super().__init__()
         self.backbone = backbone
+        self.compiled = compile
         self.run = torch.compile(backbone) if compile else backbone
         self.graph = graph
         self._batch = batch
@@ -631,7 +632,9 @@ class FixedBatchBackbone(torch.nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, **kwargs: Any) -> Any:
         n = pixel_values.shape[0]
-        if n > self._batch:  # a sub-batch made before the batch was halved: as it comes
+        if n > self._batch or (n < self._batch and not self.compiled):
+            # As it comes: a sub-batch made before the batch was halved, or a short one without
+            # compilation (an image retried alone costs one image, not a padded batch).
             return self.run(pixel_values, **kwargs)
         if self.graph and not kwargs:
             if self._captured is None:
@@ -649,7 +652,7 @@ class FixedBatchBackbone(torch.nn.Module):
     def _replay(self, pixel_values: torch.Tensor) -> Any:
         graph, static_in, static_out = self._captured  # type: ignore[misc]
         n = pixel_values.shape[0]
-        # Images are independent in the ViT: rows past n (a short batch) only cost their compute.
+        # Images are independent in the ViT: rows past n (a short compiled batch) only cost time.
         static_in[:n].copy_(pixel_values)
         graph.replay()
         # The next replay overwrites the graph's output while this sub-batch waits to be decoded.

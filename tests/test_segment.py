@@ -293,9 +293,10 @@ def _scores(results: list[ItemResult]) -> list[list[float]]:
 def test_cuda_graph_backbone_matches_launching_its_kernels(
     tiny_model: Path, images: Path, tmp_path: Path
 ) -> None:
-    """The backbone replayed as a CUDA graph gives the eager results: for full and short (padded)
-    batches, with sub-batch k-1 still waiting to be decoded while k replays (the graph's output is
-    overwritten then), and captured again after CUDA out-of-memory halves the batch."""
+    """The backbone replayed as a CUDA graph gives the eager results: for full and short batches
+    (the short one runs as it comes), with sub-batch k-1 still waiting to be decoded while k
+    replays (the graph's output is overwritten then), and captured again after CUDA out-of-memory
+    halves the batch."""
     for i in range(5):
         save_noise_image(images / f"more{i}.png", 90 + 7 * i, 60 + 5 * i, seed=10 + i)
     todo = items("a.png", "sub/b.jpg", *[f"more{i}.png" for i in range(5)])  # 2, 2, 2, then 1
