@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-#: The largest difference allowed between the fused and the original rotary embedding, in
-#: bfloat16 units of the result's magnitude: both compute in float32 and round once.
+#: The largest difference allowed between the fused and the original rotary embedding, relative
+#: to the result's magnitude: about one bfloat16 step (both compute in float32 and round once).
 TOLERANCE = 1e-2
 
 

@@ -8,7 +8,9 @@ Runs one warm-up task, then profiles ``--tasks`` tasks of the engine's preferred
 writes as in a real run, without the pool. Prints the task's wall time,
 the time the GPU ran kernels, and the GPU's idle time split by what the thread running the model was
 doing meanwhile (each engine step is wrapped in a ``record_function`` label). ``--trace FILE`` also
-writes the Chrome trace (open it in ui.perfetto.dev).
+writes the Chrome trace (open it in ui.perfetto.dev). ``--ops N`` lists the N operators with the
+most GPU time (run it with ``--no-cuda-graphs``: a replayed graph hides its operators), and
+``--no-cuda-graphs``, ``--no-fuse-rope``, ``--no-priority`` and ``--compile`` compare settings.
 """
 
 from __future__ import annotations
