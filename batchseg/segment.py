@@ -38,7 +38,15 @@ from .model import load_model, max_prompt_tokens, resolve_device, resolve_dtype,
 from .postprocess import Candidates, ImageSegmentation, Scored, choose, compose, merge, score_outputs
 from .records import Detection, Item, ItemResult, Status
 
-__all__ = ["EncodedImages", "PromptText", "Sam3Engine", "load_engine", "pick_device", "plan_gpu_use"]
+__all__ = [
+    "EncodedImages",
+    "PromptText",
+    "Sam3Engine",
+    "load_engine",
+    "pick_device",
+    "plan_gpu_use",
+    "speed_up",
+]
 
 #: Threads reading images and writing masks beside the forward pass (PIL and zlib release the GIL).
 IO_THREADS = int(os.environ.get("BATCHSEG_IO_THREADS", 0)) or max(1, min(8, (os.cpu_count() or 2) // 2))
@@ -76,6 +84,22 @@ def plan_gpu_use(device: torch.device) -> int:
     free, _total = torch.cuda.mem_get_info(device)
     share = free / 2**30 * GPU_MEMORY_HEADROOM
     return max(1, min(MAX_AUTO_BATCH, int((share - GIB_BASE) / GIB_PER_IMAGE)))
+
+
+def speed_up(
+    model: Any, device: torch.device, batch: int, *, compile: bool, cuda_graphs: bool, fuse: bool
+) -> tuple[FixedBatchBackbone | None, bool]:
+    """The CUDA speed-ups applied to ``model`` as batchseg runs it (the engine, and the model-only
+    benchmark): the backbone wrapped at one batch size when compiled or captured, and the rotary
+    embedding fused (not with ``compile``, which fuses it anyway). Returns the wrapper, if any, and
+    whether the fused rotary embedding is in use."""
+    restore_rope()  # a function of transformers' module, shared by the process
+    fused = fuse and not compile and fuse_rope(device) is None
+    if device.type != "cuda" or not (compile or cuda_graphs):
+        return None, fused
+    backbone = FixedBatchBackbone(model.vision_encoder.backbone, batch, compile, cuda_graphs)
+    model.vision_encoder.backbone = backbone
+    return backbone, fused
 
 
 def pick_device(device: str, slot: int) -> str:
@@ -137,15 +161,15 @@ class Sam3Engine:
         per_task = SUB_BATCHES_PER_TASK if cuda else CPU_SUB_BATCHES_PER_TASK
         self.preferred_task_size = self.max_batch * per_task
         self.heartbeat_every = self.max_batch
-        # The rotary embedding is a function of transformers' module, shared by the process.
-        restore_rope()
-        self.fused_rope = config.fuse_rope and not config.compile and fuse_rope(self.torch_device) is None
-        self._compiled: FixedBatchBackbone | None = None
-        if cuda and (config.compile or config.cuda_graphs):
-            self._compiled = FixedBatchBackbone(
-                model.vision_encoder.backbone, self.max_batch, config.compile, config.cuda_graphs
-            )
-            model.vision_encoder.backbone = self._compiled
+        self._backbone, self.fused_rope = speed_up(
+            model,
+            self.torch_device,
+            self.max_batch,
+            compile=config.compile,
+            cuda_graphs=config.cuda_graphs,
+            fuse=config.fuse_rope,
+        )
+        if self._backbone is not None:
             # Compile and capture during the load (its own timeout), not in the first image's.
             self._warm_up()
         # A JPEG may be decoded at 1/2 to 1/8 scale while it stays twice the model's input side:
@@ -538,8 +562,8 @@ class Sam3Engine:
         if tried > self.max_batch:
             return
         self.max_batch = max(1, tried // 2)
-        if self._compiled is not None:
-            self._compiled.batch = self.max_batch  # compiled and captured again at the new size
+        if self._backbone is not None:
+            self._backbone.batch = self.max_batch  # compiled and captured again at the new size
         warnings.warn(
             f"out of GPU memory at batch {tried}; continuing with batch {self.max_batch}",
             RuntimeWarning,

@@ -119,18 +119,17 @@ def phase_model_only(args: argparse.Namespace) -> dict[str, Any]:
     set_threads(args.threads)
     dtype, _ = resolve_dtype(args.device, args.dtype)
     model, processor = load_model(str(args.model_dir), args.device, dtype)
-    graphs = args.device.startswith("cuda") and not args.no_cuda_graphs
-    if not args.compile and not args.no_fuse_rope:
-        from batchseg.fused import fuse_rope
+    # The model as batchseg runs it: the model-only limit is the model as it is run.
+    from batchseg.segment import speed_up
 
-        fuse_rope(torch.device(args.device))
-    if args.device.startswith("cuda") and (args.compile or graphs):
-        # The backbone as batchseg runs it (the model-only limit is the model as it is run).
-        from batchseg.segment import FixedBatchBackbone
-
-        model.vision_encoder.backbone = FixedBatchBackbone(
-            model.vision_encoder.backbone, args.batch_size, args.compile, graphs
-        )
+    speed_up(
+        model,
+        torch.device(args.device),
+        args.batch_size,
+        compile=args.compile,
+        cuda_graphs=not args.no_cuda_graphs,
+        fuse=not args.no_fuse_rope,
+    )
     first = sorted(Path(args.images_dir).glob("*.jpg"))[0]
     batch = processor(
         images=[Image.open(first).convert("RGB")] * args.batch_size,

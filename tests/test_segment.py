@@ -305,7 +305,7 @@ def test_cuda_graph_backbone_matches_launching_its_kernels(
         tiny_model, images, tmp_path / "plain", prompts, device="cuda", batch_size=2, cuda_graphs=False
     )
     graphed = engine_for(tiny_model, images, tmp_path / "graph", prompts, device="cuda", batch_size=2)
-    assert graphed._compiled is not None and graphed._compiled._captured is not None  # captured at load
+    assert graphed._backbone is not None and graphed._backbone._captured is not None  # captured at load
     expected = plain.process(todo)
     got = graphed.process(todo)
     for result in got:
@@ -314,9 +314,9 @@ def test_cuda_graph_backbone_matches_launching_its_kernels(
         assert np.allclose(x, y, atol=1e-4)
     with pytest.warns(RuntimeWarning, match="batch 1"):
         graphed._shrink_batch(2)
-    assert graphed._compiled._captured is None
+    assert graphed._backbone._captured is None
     again = graphed.process(todo)
-    assert graphed._compiled._captured is not None and graphed._compiled.batch == 1
+    assert graphed._backbone._captured is not None and graphed._backbone.batch == 1
     for x, y in zip(_scores(again), _scores(expected), strict=True):
         assert np.allclose(x, y, atol=1e-4)
 
@@ -334,6 +334,6 @@ def test_failed_graph_capture_warns_and_launches_as_usual(
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Refused)
     with pytest.warns(RuntimeWarning, match="CUDA graph capture of the vision backbone failed"):
         engine = engine_for(tiny_model, images, tmp_path / "out", ("roof",), device="cuda", batch_size=2)
-    assert engine._compiled is not None and not engine._compiled.graph
+    assert engine._backbone is not None and not engine._backbone.graph
     for result in engine.process(items("a.png", "sub/b.jpg")):
         check_consistent(result, tmp_path / "out")
