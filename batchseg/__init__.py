@@ -2,7 +2,7 @@
 
 The package's public API; the CLI (``batchseg.cli``) is one client of it. Importing batchseg never
 imports torch (only the worker processes do), and names are loaded on first use so that a worker
-process importing ``batchseg.segment`` does not load the parent's machinery.
+process importing ``batchseg.engines.sam3.engine`` does not load the parent's machinery.
 
     from batchseg import RunConfig, run
     summary = run(RunConfig(input=Path("aerial"), prompts=("roof",), model="models/sam3"))

@@ -188,7 +188,7 @@ def gpu_check(index: int, name: str, capability: tuple[int, int], free: int, tot
 
 
 def _dtype_auto() -> list[Check]:
-    from .model import resolve_device, resolve_dtype
+    from .engines.sam3.model import resolve_device, resolve_dtype
 
     device = resolve_device("auto")
     dtype, reason = resolve_dtype(device, "auto")
@@ -211,7 +211,7 @@ def _threads() -> list[Check]:
 
 def _model(model: str | None) -> list[Check]:
     from .config import DEFAULT_MODEL
-    from .model import looks_like_path
+    from .engines.sam3.model import looks_like_path
 
     if model is None:
         return [
@@ -228,8 +228,8 @@ def _model(model: str | None) -> list[Check]:
 
 
 def _local_model(model: str, folder: Path) -> list[Check]:
+    from .engines.sam3.model import validate_model_folder
     from .errors import ModelLoadError
-    from .model import validate_model_folder
 
     try:
         validate_model_folder(folder)
@@ -265,8 +265,8 @@ def _hub_cache_has(model: str) -> bool:
 
 def _load(model: str) -> Check:
     """Load the model for real (CPU, float32): the only check that proves the weights are usable."""
+    from .engines.sam3.model import load_model
     from .errors import BatchsegError
-    from .model import load_model
 
     started = time.perf_counter()
     try:

@@ -15,7 +15,8 @@ Paths in a job file
 ``model``: local folder or hub id
     A hub id is ``owner/name``: exactly one ``/`` and nothing else path-like. ``model`` is a local
     folder when it is not of that shape (absolute; starts with ``.``, ``~`` or ``\\``; has a drive
-    letter, a backslash, no ``/`` or several: the rule of :func:`batchseg.model.looks_like_path`), or
+    letter, a backslash, no ``/`` or several: the rule of
+    :func:`batchseg.engines.sam3.model.looks_like_path`), or
     when it names a folder that exists relative to the job file (``models/sam3``). Anything else
     (``facebook/sam3``) is kept as written. Write ``./models/sam3`` to mean a local folder for sure.
 
@@ -125,7 +126,7 @@ def _is_absolute(value: str) -> bool:
 
 def is_local_model_path(value: str, base: Path | None = None) -> bool:
     """Whether a ``model`` value names a local folder rather than a hub id (rule in the module doc)."""
-    from .model import looks_like_path  # the loader's own rule, so both agree
+    from .engines.sam3.model import looks_like_path  # the loader's own rule, so both agree
 
     if looks_like_path(value):
         return True

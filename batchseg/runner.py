@@ -23,22 +23,22 @@ from typing import Any, TextIO
 
 from . import __version__
 from .atomic import TEMP_SUFFIX
-from .checkpoint import Checkpoint
 from .config import RunConfig
 from .discover import discover
-from .engine import EngineSpec
 from .errors import BatchsegError, OutputError, StoppedEarly
 from .lock import RunLock
 from .logs import RunLog
-from .manifest import export_manifest
-from .pool import PoolEvent, PoolSettings, run_pool
 from .progress import Progress
 from .records import FINAL_FAILURES, Item, ItemResult, Status
 from .signals import StopRequest
+from .store.checkpoint import Checkpoint
+from .store.manifest import export_manifest
+from .supervise.contract import EngineSpec
+from .supervise.pool import PoolEvent, PoolSettings, run_pool
 
 __all__ = ["RunSummary", "run", "retry", "exit_code_for"]
 
-DEFAULT_FACTORY = "batchseg.segment:load_engine"
+DEFAULT_FACTORY = "batchseg.engines.sam3.engine:load_engine"
 #: Error types reported by workers that mean the output folder itself is broken: fatal, exit 1.
 OUTPUT_FAILURES = {"OutputError"}
 #: Longest a received result waits for its commit (one turn of the pool's loop, see _Recorder)...
@@ -394,7 +394,7 @@ def _stop_time(config: RunConfig) -> float | None:
 
 def _stored_config(output_dir: Path) -> dict[str, Any]:
     """The configuration of the run in ``output_dir``: from the checkpoint, else the manifest."""
-    from .manifest import read_manifest_run
+    from .store.manifest import read_manifest_run
 
     try:
         checkpoint = Checkpoint.open_existing(output_dir, read_only=True)

@@ -208,7 +208,7 @@ def schtasks_commands(task_name: str, xml_path: Path) -> tuple[str, str]:
     """The exact command lines that register the task (replacing one of that name) and delete it."""
     if not task_name or _BAD_TASK_NAME.search(task_name):
         raise ConfigError(
-            f"task name {task_name!r} is empty or contains one of \\ / : * ? \" < > | (see default_task_name)"
+            f'task name {task_name!r} is empty or contains one of \\ / : * ? " < > | (see default_task_name)'
         )
     if '"' in str(xml_path):
         raise ConfigError(f"task file path {str(xml_path)!r} contains a quote")

@@ -20,7 +20,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .checkpoint import (
+from .errors import OutputError
+from .lock import LockInfo, is_locked
+from .records import FINAL_FAILURES, Status
+from .store.checkpoint import (
     ALL_STATES,
     CHECKPOINT_NAME,
     PENDING,
@@ -29,10 +32,7 @@ from .checkpoint import (
     connect_readonly,
     read_run_info,
 )
-from .errors import OutputError
-from .lock import LockInfo, is_locked
-from .manifest import manifest_paths, read_manifest_run
-from .records import FINAL_FAILURES, Status
+from .store.manifest import manifest_paths, read_manifest_run
 
 __all__ = ["ErrorGroup", "StatusReport", "collect_status", "format_status"]
 
@@ -109,11 +109,24 @@ def collect_status(output_dir: Path) -> StatusReport:
 
 def _starting(output_dir: Path, live: LockInfo) -> StatusReport:
     return StatusReport(
-        output_dir=str(output_dir), source="checkpoint", run_id="", model_id="", prompts=[],
-        config_hash="", created_at=live.started_at, updated_at=live.started_at,
-        counts=dict.fromkeys(ALL_STATES, 0), total=0,
-        not_ok=0, in_flight=0, pending=0, images_per_s=None, duration_p50_s=None,
-        duration_p95_s=None, last_finished_at=None, live=live,
+        output_dir=str(output_dir),
+        source="checkpoint",
+        run_id="",
+        model_id="",
+        prompts=[],
+        config_hash="",
+        created_at=live.started_at,
+        updated_at=live.started_at,
+        counts=dict.fromkeys(ALL_STATES, 0),
+        total=0,
+        not_ok=0,
+        in_flight=0,
+        pending=0,
+        images_per_s=None,
+        duration_p50_s=None,
+        duration_p95_s=None,
+        last_finished_at=None,
+        live=live,
         note="a run is starting: nothing recorded yet",
     )
 
@@ -131,7 +144,8 @@ def _from_checkpoint(output_dir: Path) -> StatusReport:
             raise OutputError(f"the checkpoint {path} holds no run yet")
         counts = dict(conn.execute("SELECT status, count(*) FROM images GROUP BY status").fetchall())
         durations = [
-            r[0] for r in conn.execute(
+            r[0]
+            for r in conn.execute(
                 "SELECT duration_s FROM images WHERE status='ok' AND duration_s IS NOT NULL"
             )
         ]
@@ -143,8 +157,17 @@ def _from_checkpoint(output_dir: Path) -> StatusReport:
         raise OutputError(f"cannot read the checkpoint {path}: {exc}") from exc
     finally:
         conn.close()
-    return _report(output_dir, "checkpoint", run, counts, durations, rate, last, errors,
-                   max(updated or 0.0, run.updated_at))
+    return _report(
+        output_dir,
+        "checkpoint",
+        run,
+        counts,
+        durations,
+        rate,
+        last,
+        errors,
+        max(updated or 0.0, run.updated_at),
+    )
 
 
 def _rate_sql(conn: sqlite3.Connection) -> tuple[float | None, float | None]:
@@ -189,8 +212,9 @@ def _from_manifest(output_dir: Path, run: RunInfo) -> StatusReport:
     started = _epoch(table["started_at"])
     rate, last = _rate_rows(started, finished)
     failed = table.filter(pc.is_in(table["status"], pa.array(_FAILURES))).sort_by("path").to_pylist()
-    return _report(output_dir, "manifest", run, counts, durations, rate, last, _errors_rows(failed),
-                   run.updated_at)
+    return _report(
+        output_dir, "manifest", run, counts, durations, rate, last, _errors_rows(failed), run.updated_at
+    )
 
 
 def _epoch(column: pa.ChunkedArray) -> list[float | None]:
@@ -237,19 +261,38 @@ def _percentile(sorted_values: list[float], q: float) -> float | None:
 
 
 def _report(
-    output_dir: Path, source: str, run: RunInfo, raw_counts: dict[str, int], durations: list[float],
-    rate: float | None, last: float | None, errors: list[ErrorGroup], updated: float,
+    output_dir: Path,
+    source: str,
+    run: RunInfo,
+    raw_counts: dict[str, int],
+    durations: list[float],
+    rate: float | None,
+    last: float | None,
+    errors: list[ErrorGroup],
+    updated: float,
 ) -> StatusReport:
     counts = dict.fromkeys(ALL_STATES, 0)
     counts.update(raw_counts)
     durations.sort()
     return StatusReport(
-        output_dir=str(output_dir), source=source, run_id=run.run_id, model_id=run.model_id,
-        prompts=list(run.config.get("prompts", [])), config_hash=run.config_hash,
-        created_at=run.created_at, updated_at=updated, counts=counts, total=sum(counts.values()),
-        not_ok=sum(counts[s] for s in _FAILURES), in_flight=counts[RUNNING], pending=counts[PENDING],
-        images_per_s=rate, duration_p50_s=_percentile(durations, 50),
-        duration_p95_s=_percentile(durations, 95), last_finished_at=last, top_errors=errors,
+        output_dir=str(output_dir),
+        source=source,
+        run_id=run.run_id,
+        model_id=run.model_id,
+        prompts=list(run.config.get("prompts", [])),
+        config_hash=run.config_hash,
+        created_at=run.created_at,
+        updated_at=updated,
+        counts=counts,
+        total=sum(counts.values()),
+        not_ok=sum(counts[s] for s in _FAILURES),
+        in_flight=counts[RUNNING],
+        pending=counts[PENDING],
+        images_per_s=rate,
+        duration_p50_s=_percentile(durations, 50),
+        duration_p95_s=_percentile(durations, 95),
+        last_finished_at=last,
+        top_errors=errors,
     )
 
 
@@ -259,9 +302,7 @@ def _when(epoch: float | None) -> str:
 
 def format_status(report: StatusReport) -> str:
     """The human-readable report, a few lines."""
-    live = (
-        f"running now: batchseg {report.live.describe()}" if report.live else "no run is active"
-    )
+    live = f"running now: batchseg {report.live.describe()}" if report.live else "no run is active"
     shown = [s for s in ALL_STATES if report.counts.get(s) or s in (Status.OK.value, PENDING)]
     lines = [
         f"{report.output_dir}: run {report.run_id} ({live})",

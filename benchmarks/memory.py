@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 from throughput import make_images
 
-from batchseg.tiny_model import build_tiny_checkpoint
+from batchseg.engines.sam3.tiny_model import build_tiny_checkpoint
 
 
 def done_count(output: Path) -> int:
@@ -41,9 +41,27 @@ def main() -> None:
     images = make_images(args.work / f"images-{args.image_size}", args.images, (width, height))
     model = build_tiny_checkpoint(args.work / "tiny")
     output = args.work / f"out-{time.time_ns()}"
-    command = [sys.executable, "-m", "batchseg", "run", str(images), "--prompt", "roof", "--prompt", "car",
-               "--model", str(model), "--output", str(output), "--device", "cpu", "--threshold", "0",
-               "--progress-interval", "30"]
+    command = [
+        sys.executable,
+        "-m",
+        "batchseg",
+        "run",
+        str(images),
+        "--prompt",
+        "roof",
+        "--prompt",
+        "car",
+        "--model",
+        str(model),
+        "--output",
+        str(output),
+        "--device",
+        "cpu",
+        "--threshold",
+        "0",
+        "--progress-interval",
+        "30",
+    ]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parent = psutil.Process(proc.pid)
     samples: list[tuple[int, int, int]] = []  # (images done, worker pid, worker rss)
@@ -60,9 +78,13 @@ def main() -> None:
     warm = next(s for s in samples if s[0] >= args.images // 10)
     last = [s for s in samples if s[1] == warm[1]][-1]
     report = {
-        "images": args.images, "exit_code": proc.returncode, "worker_pid": warm[1],
-        "rss_mb_after_10pct": warm[2] / 2**20, "images_at_first_sample": warm[0],
-        "rss_mb_at_end": last[2] / 2**20, "images_at_last_sample": last[0],
+        "images": args.images,
+        "exit_code": proc.returncode,
+        "worker_pid": warm[1],
+        "rss_mb_after_10pct": warm[2] / 2**20,
+        "images_at_first_sample": warm[0],
+        "rss_mb_at_end": last[2] / 2**20,
+        "images_at_last_sample": last[0],
         "growth_pct": 100 * (last[2] - warm[2]) / warm[2],
         "peak_rss_mb": max(s[2] for s in samples) / 2**20,
     }

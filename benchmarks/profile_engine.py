@@ -32,9 +32,9 @@ def main() -> None:
 
     from batchseg import imageio
     from batchseg.config import RunConfig
-    from batchseg.engine import EngineSpec
+    from batchseg.engines.sam3.engine import load_engine
     from batchseg.records import Item
-    from batchseg.segment import load_engine
+    from batchseg.supervise.contract import EngineSpec
 
     out = Path(tempfile.mkdtemp(prefix="batchseg-profile-"))
     config = RunConfig(

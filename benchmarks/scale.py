@@ -38,11 +38,11 @@ def make_folder(root: Path, files: int) -> None:
 
 
 def make_checkpoint(images: Path, output: Path, model: Path, done: int) -> None:
-    from batchseg.checkpoint import Checkpoint
     from batchseg.config import RunConfig
     from batchseg.discover import discover
     from batchseg.imageio import mask_relpath
     from batchseg.records import ItemResult, Status
+    from batchseg.store.checkpoint import Checkpoint
 
     config = RunConfig(
         input=images.resolve(),
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(".bench/scale"))
     args = parser.parse_args()
 
-    from batchseg.tiny_model import build_tiny_checkpoint
+    from batchseg.engines.sam3.tiny_model import build_tiny_checkpoint
 
     images, output = args.work / "images", args.work / "output"
     model = build_tiny_checkpoint(args.work / "tiny-model")

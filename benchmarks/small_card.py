@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from batchseg.config import RunConfig
-from batchseg.engine import EngineSpec
+from batchseg.engines.sam3.engine import load_engine
 from batchseg.records import Item
-from batchseg.segment import load_engine
+from batchseg.supervise.contract import EngineSpec
 
 
 def main() -> None:

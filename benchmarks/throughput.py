@@ -84,7 +84,7 @@ def exactly(generated: Path, count: int) -> Path:
 
 
 def build_model(kind: str, cache: Path) -> Path:
-    from batchseg.tiny_model import build_full_size_checkpoint, build_tiny_checkpoint
+    from batchseg.engines.sam3.tiny_model import build_full_size_checkpoint, build_tiny_checkpoint
 
     if kind == "tiny":
         return build_tiny_checkpoint(cache / "tiny")
@@ -114,13 +114,13 @@ def _peak_gib(device: str) -> float | None:
 def phase_model_only(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from batchseg.model import load_model, resolve_dtype, set_threads
+    from batchseg.engines.sam3.model import load_model, resolve_dtype, set_threads
 
     set_threads(args.threads)
     dtype, _ = resolve_dtype(args.device, args.dtype)
     model, processor = load_model(str(args.model_dir), args.device, dtype)
     # The model as batchseg runs it: the model-only limit is the model as it is run.
-    from batchseg.segment import speed_up
+    from batchseg.engines.sam3.engine import speed_up
 
     speed_up(
         model,
@@ -223,7 +223,7 @@ def phase_naive(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import Sam3Model, Sam3Processor
 
-    from batchseg.model import set_threads
+    from batchseg.engines.sam3.model import set_threads
 
     set_threads(args.threads)
     model = Sam3Model.from_pretrained(str(args.model_dir), dtype=torch.float32).to(args.device).eval()

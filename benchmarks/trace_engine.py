@@ -177,15 +177,15 @@ def main() -> None:
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
     if args.no_priority:
-        import batchseg.segment
+        import batchseg.engines.sam3.engine
 
         # The decoders' and post-processing's streams at the default priority (the comparison).
-        batchseg.segment._stream = lambda device: torch.cuda.Stream(device)
+        batchseg.engines.sam3.engine._stream = lambda device: torch.cuda.Stream(device)
 
     from batchseg.config import RunConfig
-    from batchseg.engine import EngineSpec
+    from batchseg.engines.sam3.engine import load_engine
     from batchseg.records import Item
-    from batchseg.segment import load_engine
+    from batchseg.supervise.contract import EngineSpec
 
     config = RunConfig(
         input=args.images_dir.resolve(),

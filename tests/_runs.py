@@ -29,8 +29,8 @@ import pyarrow.parquet as pq
 from pycocotools import mask as mask_utils
 
 from batchseg.atomic import TEMP_SUFFIX
-from batchseg.checkpoint import CHECKPOINT_NAME, connect_readonly
 from batchseg.imageio import read_label_map
+from batchseg.store.checkpoint import CHECKPOINT_NAME, connect_readonly
 
 TAG_ENV = "BATCHSEG_TEST_TAG"
 
@@ -40,9 +40,27 @@ ROW_COLUMNS = ("status", "attempts", "started_at", "finished_at", "worker_pid", 
 
 def run_args(folder: Path, output: Path, model: Path, *extra: str | Path) -> list[str]:
     """``batchseg run`` on the tiny model: CPU, every detection kept, a generous watchdog."""
-    args: list[str | Path] = ["run", folder, "--model", model, "--output", output, "--device", "cpu",
-                              "--prompt", "roof", "--threshold", "0", "--max-detections", "4",
-                              "--timeout", "60", "--workers", "1", *extra]
+    args: list[str | Path] = [
+        "run",
+        folder,
+        "--model",
+        model,
+        "--output",
+        output,
+        "--device",
+        "cpu",
+        "--prompt",
+        "roof",
+        "--threshold",
+        "0",
+        "--max-detections",
+        "4",
+        "--timeout",
+        "60",
+        "--workers",
+        "1",
+        *extra,
+    ]
     return [str(a) for a in args]
 
 
@@ -86,8 +104,14 @@ class LiveRun:
         return self.console.read_text(encoding="utf-8", errors="replace")
 
 
-def start_run(args: Sequence[str | Path], console: Path, *, cwd: Path, tag: str | None = None,
-              env: dict[str, str] | None = None) -> LiveRun:
+def start_run(
+    args: Sequence[str | Path],
+    console: Path,
+    *,
+    cwd: Path,
+    tag: str | None = None,
+    env: dict[str, str] | None = None,
+) -> LiveRun:
     """Start ``python -m batchseg ARGS`` in its own session (so a group SIGINT reaches only it)."""
     tag = tag or uuid.uuid4().hex
     full_env = {**os.environ, TAG_ENV: tag, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
@@ -95,7 +119,11 @@ def start_run(args: Sequence[str | Path], console: Path, *, cwd: Path, tag: str 
     with open(console, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "batchseg", *[str(a) for a in args]],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd, env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=cwd,
+            env=full_env,
             start_new_session=True,
         )
     return LiveRun(proc, tag, started, console)
@@ -148,8 +176,9 @@ def worker_pids(tag: str) -> set[int]:
     return pids
 
 
-def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.05,
-               while_alive: LiveRun | None = None) -> bool:
+def wait_until(
+    condition: Callable[[], bool], timeout: float, interval: float = 0.05, while_alive: LiveRun | None = None
+) -> bool:
     """Poll ``condition``; False on timeout or when ``while_alive`` ended first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -174,7 +203,8 @@ def written_after(folder: Path, since_ns: int) -> list[Path]:
     out: a write already under way when the parent died may land a moment later (the kernel's
     parent-death signal is not instant), but it never becomes a mask, and the next run deletes it."""
     return sorted(
-        p for p in folder.rglob("*")
+        p
+        for p in folder.rglob("*")
         if p.is_file() and not p.name.endswith(TEMP_SUFFIX) and p.stat().st_mtime_ns > since_ns
     )
 

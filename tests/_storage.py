@@ -42,19 +42,40 @@ def ok_result(
         (output_dir / mask).write_bytes(b"png")
     end = time.time() if finished is None else finished
     return ItemResult(
-        item.path, Status.OK, attempts=1, width=64, height=48, detections=detections(n_det),
-        mask_path=mask, started_at=end - duration, finished_at=end, worker_pid=4242, device="cpu float32",
+        item.path,
+        Status.OK,
+        attempts=1,
+        width=64,
+        height=48,
+        detections=detections(n_det),
+        mask_path=mask,
+        started_at=end - duration,
+        finished_at=end,
+        worker_pid=4242,
+        device="cpu float32",
     )
 
 
-def failed_result(item: Item, status: Status = Status.ERROR, error_type: str | None = "ValueError",
-                  message: str = "cannot decode", attempts: int = 1) -> ItemResult:
+def failed_result(
+    item: Item,
+    status: Status = Status.ERROR,
+    error_type: str | None = "ValueError",
+    message: str = "cannot decode",
+    attempts: int = 1,
+) -> ItemResult:
     end = time.time()
     return ItemResult(
-        item.path, status, attempts=attempts, error_type=error_type, error_message=message,
+        item.path,
+        status,
+        attempts=attempts,
+        error_type=error_type,
+        error_message=message,
         traceback="Traceback (most recent call last):\n  ...",
         exit_code=-9 if status is Status.CRASHED else None,
-        started_at=end - 0.5, finished_at=end, worker_pid=4243, device="cpu float32",
+        started_at=end - 0.5,
+        finished_at=end,
+        worker_pid=4243,
+        device="cpu float32",
     )
 
 

@@ -31,8 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from batchseg.engine import EngineSpec
 from batchseg.records import Item, ItemResult, Status
+from batchseg.supervise.contract import EngineSpec
 
 OOM_HEADROOM = 256 * 1024 * 1024
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from _storage import failed_result, make_config, make_items, ok_result, python
 
-from batchseg.checkpoint import CHECKPOINT_NAME, Checkpoint
 from batchseg.errors import ConfigMismatchError, OutputError
-from batchseg.manifest import export_manifest
 from batchseg.records import FINAL_FAILURES, Item, Status
+from batchseg.store.checkpoint import CHECKPOINT_NAME, Checkpoint
+from batchseg.store.manifest import export_manifest
 
 TESTS = str(Path(__file__).parent)
 
@@ -88,8 +88,16 @@ def test_plan_sorts_new_changed_removed_and_failed_items(tmp_path: Path) -> None
         plan = cp.plan([f, a, b2, c2, e], use_hash=False)
     assert [i.path for i in plan.pending] == [f.path, b.path, c.path]  # input order
     assert plan.counts == {
-        "done": 2, "failed": 1, "new": 1, "changed": 2, "resumed": 0, "in_flight_reset": 0,
-        "mask_missing": 0, "restored": 0, "missing": 1, "pending": 3,
+        "done": 2,
+        "failed": 1,
+        "new": 1,
+        "changed": 2,
+        "resumed": 0,
+        "in_flight_reset": 0,
+        "mask_missing": 0,
+        "restored": 0,
+        "missing": 1,
+        "pending": 3,
     }
     state = rows(tmp_path)
     assert state[d.path][0] == "missing" and (tmp_path / f"masks/{d.path}.png").is_file()
@@ -194,7 +202,7 @@ import sys
 sys.path.insert(0, {TESTS!r})
 from pathlib import Path
 from _storage import make_config, make_items, ok_result
-from batchseg.checkpoint import Checkpoint
+from batchseg.store.checkpoint import Checkpoint
 cp = Checkpoint.open(Path(sys.argv[1]), make_config())
 for item in make_items(1_000_000):
     cp.record(ok_result(item, n_det=3), item)

@@ -81,7 +81,9 @@ def test_good_model_folder_is_complete_and_loads(
 ) -> None:
     checks = by_name(reports["good"])
     assert checks["model folder"] == {
-        "name": "model folder", "level": OK, "detail": f"{tiny_model.resolve()} is complete"
+        "name": "model folder",
+        "level": OK,
+        "detail": f"{tiny_model.resolve()} is complete",
     }
     assert checks["model load"]["level"] == OK
     assert checks["model load"]["detail"].startswith("loaded on cpu in float32 in ")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_segment import _scores, engine_for, items
 
-from batchseg import fused
+from batchseg.engines.sam3 import fused
 
 HAS_CUDA = torch.cuda.is_available()
 

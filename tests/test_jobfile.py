@@ -94,8 +94,8 @@ def test_prompts_list_include_exclude_and_auto(tmp_path: Path) -> None:
 def test_numbers_durations_and_times(tmp_path: Path) -> None:
     options = load_text(
         tmp_path,
-        "threshold = 0\nmask-threshold = 1\ntimeout = 90\nload-timeout = \"1h30m\"\n"
-        "max-runtime = 7200.5\nprogress-interval = \"45s\"\ndeadline = 06:05:00\n",
+        'threshold = 0\nmask-threshold = 1\ntimeout = 90\nload-timeout = "1h30m"\n'
+        'max-runtime = 7200.5\nprogress-interval = "45s"\ndeadline = 06:05:00\n',
     )
     assert options == {
         "threshold": 0.0,
@@ -253,21 +253,21 @@ BAD_VALUES = [
     ("dtype = 16", "key 'dtype': expected one of auto, float32, bfloat16, float16, got 16 (integer)"),
     (
         "timeout = -1",
-        "key 'timeout': expected seconds > 0 or a duration like \"90m\" or \"1h30m\", got -1 (integer)",
+        'key \'timeout\': expected seconds > 0 or a duration like "90m" or "1h30m", got -1 (integer)',
     ),
     (
         'max-runtime = "six hours"',
-        "key 'max-runtime': expected seconds > 0 or a duration like \"90m\" or \"1h30m\", "
+        'key \'max-runtime\': expected seconds > 0 or a duration like "90m" or "1h30m", '
         'got "six hours" (string)',
     ),
     (
         'deadline = "25:00"',
-        "key 'deadline': expected a time of day \"HH:MM\" on the 24-hour clock (e.g. \"06:30\"), "
+        'key \'deadline\': expected a time of day "HH:MM" on the 24-hour clock (e.g. "06:30"), '
         'got "25:00" (string)',
     ),
     (
         "deadline = 06:30:15",
-        "key 'deadline': expected a time of day \"HH:MM\" on the 24-hour clock (e.g. \"06:30\"), "
+        'key \'deadline\': expected a time of day "HH:MM" on the 24-hour clock (e.g. "06:30"), '
         "got 06:30:15 (date/time)",
     ),
     (
@@ -284,8 +284,11 @@ BAD_VALUES = [
         "key 'prompt': expected a non-empty string or a list of non-empty strings (prompts), "
         'got "  " (string)',
     ),
-    ("include = 5", "key 'include': expected a non-empty string or a list of non-empty strings "
-     "(glob patterns), got 5 (integer)"),
+    (
+        "include = 5",
+        "key 'include': expected a non-empty string or a list of non-empty strings "
+        "(glob patterns), got 5 (integer)",
+    ),
     ("input = 42", "key 'input': expected a non-empty string, got 42 (integer)"),
     ("[input]\npath = 'x'", "key 'input': expected a non-empty string, got {...} (table)"),
     ('model = ""', "key 'model': expected a non-empty string, got \"\" (string)"),
@@ -321,7 +324,7 @@ def test_error_names_the_file_as_given(tmp_path: Path, monkeypatch: pytest.Monke
     with pytest.raises(ConfigError) as info:
         load_job_file(Path("jobs/x.toml"))
     assert str(info.value) == (
-        f"{Path('jobs/x.toml')}: key 'workers': expected an integer >= 1 or \"auto\", got \"two\" (string)"
+        f'{Path("jobs/x.toml")}: key \'workers\': expected an integer >= 1 or "auto", got "two" (string)'
     )
 
 
@@ -330,9 +333,11 @@ def test_error_names_the_file_as_given(tmp_path: Path, monkeypatch: pytest.Monke
     [
         ("prompt = 'roof'\nworkers = \n", "line 2, column 11: TOML syntax error: invalid value"),
         ('prompt = "roof\nworkers = 1\n', "line 1, column 15: TOML syntax error: illegal character '\\n'"),
-        ("prompt = 'roof\n", "at the end of the file: TOML syntax error: expected \"'\""),
-        ("deadline = 06:30\n", "line 1, column 13: TOML syntax error: expected newline or end of document "
-         "after a statement"),
+        ("prompt = 'roof\n", 'at the end of the file: TOML syntax error: expected "\'"'),
+        (
+            "deadline = 06:30\n",
+            "line 1, column 13: TOML syntax error: expected newline or end of document after a statement",
+        ),
         ("workers = 1\nworkers = 2\n", "line 2, column 12: TOML syntax error: a key is set twice"),
     ],
 )
@@ -354,8 +359,18 @@ def test_missing_and_undecodable_files(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "text, seconds",
-    [("6h", 21600.0), ("90m", 5400.0), ("45s", 45.0), ("1h30m", 5400.0), ("1h30m15s", 5415.0),
-     ("2d", 172800.0), ("1.5h", 5400.0), ("3600", 3600.0), (" 10M ", 600.0), ("0.5", 0.5)],
+    [
+        ("6h", 21600.0),
+        ("90m", 5400.0),
+        ("45s", 45.0),
+        ("1h30m", 5400.0),
+        ("1h30m15s", 5415.0),
+        ("2d", 172800.0),
+        ("1.5h", 5400.0),
+        ("3600", 3600.0),
+        (" 10M ", 600.0),
+        ("0.5", 0.5),
+    ],
 )
 def test_duration_seconds(text: str, seconds: float) -> None:
     assert duration_seconds(text) == seconds
@@ -366,7 +381,7 @@ def test_bad_durations(text: str) -> None:
     with pytest.raises(ConfigError) as info:
         duration_seconds(text)
     assert str(info.value) == (
-        f"expected a duration like 6h, 90m, 45s or 1h30m (more than zero), got \"{text}\""
+        f'expected a duration like 6h, 90m, 45s or 1h30m (more than zero), got "{text}"'
     )
 
 

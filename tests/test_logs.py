@@ -104,8 +104,8 @@ def test_package_logger_records_land_in_the_file_while_open(tmp_path: Path) -> N
     root_handlers_before = list(logging.getLogger().handlers)
     level_before = package.level
     with RunLog(tmp_path / "logs", now=NOW) as log:
-        logging.getLogger("batchseg.pool").info("worker %d started on %s", 3, "x\ry.jpg")
-    logging.getLogger("batchseg.pool").warning("after close")
+        logging.getLogger("batchseg.supervise.pool").info("worker %d started on %s", 3, "x\ry.jpg")
+    logging.getLogger("batchseg.supervise.pool").warning("after close")
     content = read_log(log)
     assert "worker 3 started on x\\ry.jpg" in content
     assert "after close" not in content

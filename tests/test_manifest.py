@@ -12,18 +12,19 @@ import pyarrow.parquet as pq
 import pytest
 from _storage import failed_result, make_config, make_items, ok_result, python
 
-from batchseg import __version__, manifest
+from batchseg import __version__
 from batchseg.atomic import TEMP_SUFFIX
-from batchseg.checkpoint import CHECKPOINT_NAME, Checkpoint
 from batchseg.errors import OutputError
-from batchseg.manifest import (
+from batchseg.records import FINAL_FAILURES, Status
+from batchseg.store import manifest
+from batchseg.store.checkpoint import CHECKPOINT_NAME, Checkpoint
+from batchseg.store.manifest import (
     DETECTIONS_SCHEMA,
     IMAGES_SCHEMA,
     export_manifest,
     manifest_paths,
     read_manifest_items,
 )
-from batchseg.records import FINAL_FAILURES, Status
 
 TESTS = str(Path(__file__).parent)
 
@@ -96,7 +97,7 @@ import sys
 sys.path.insert(0, {TESTS!r})
 from pathlib import Path
 from _storage import make_config, make_items, ok_result
-from batchseg.checkpoint import Checkpoint
+from batchseg.store.checkpoint import Checkpoint
 cp = Checkpoint.open(Path(sys.argv[1]), make_config())
 for n, item in enumerate(make_items(1_000_000)):
     cp.record(ok_result(item, n_det=n % 4), item)

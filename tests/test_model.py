@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from batchseg.errors import ConfigError, ModelLoadError
-from batchseg.model import (
+from batchseg.engines.sam3.model import (
     check_prompts,
     load_model,
     looks_like_path,
@@ -22,6 +21,7 @@ from batchseg.model import (
     set_threads,
     validate_model_folder,
 )
+from batchseg.errors import ConfigError, ModelLoadError
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -231,7 +231,7 @@ def test_check_prompts_on_a_missing_model(tmp_path: Path) -> None:
 def test_importing_model_rle_and_tiny_model_leaves_torch_out() -> None:
     # The parent process validates model folders; it must not pay for (or depend on) torch.
     code = (
-        "import sys, batchseg.model, batchseg.rle, batchseg.tiny_model; "
+        "import sys, batchseg.engines.sam3.model, batchseg.rle, batchseg.engines.sam3.tiny_model; "
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -28,8 +28,8 @@ from _runs import (
 from click.testing import CliRunner, Result
 from conftest import make_image
 
-from batchseg.checkpoint import Checkpoint
 from batchseg.cli import cli
+from batchseg.store.checkpoint import Checkpoint
 
 
 def invoke(*args: str | Path, env: dict[str, str] | None = None) -> Result:
@@ -76,8 +76,9 @@ def test_job_file_precedence_and_a_second_night_doing_only_new_images(
     photos = tmp_path / "photos"
     make_image(photos / "a.png", (96, 72), 1)
     make_image(photos / "b.png", (96, 72), 2)
-    job = write_job(tmp_path / "jobs" / "night.toml", tiny_model,
-                    timeout='"2m"', max_attempts="3", progress_interval="7")
+    job = write_job(
+        tmp_path / "jobs" / "night.toml", tiny_model, timeout='"2m"', max_attempts="3", progress_interval="7"
+    )
     output = tmp_path / "segmented"
     elsewhere = tmp_path / "elsewhere"  # the scheduler starts in some other folder
     elsewhere.mkdir()
@@ -104,8 +105,10 @@ def test_job_file_precedence_and_a_second_night_doing_only_new_images(
     assert config["max_consecutive_failures"] == 20
 
     # An output-defining value from a flag or the environment also beats the job file: refused.
-    for refused in (invoke("run", "--job", job, "--threshold", "0.5"),
-                    invoke("run", "--job", job, env={"BATCHSEG_THRESHOLD": "0.5"})):
+    for refused in (
+        invoke("run", "--job", job, "--threshold", "0.5"),
+        invoke("run", "--job", job, env={"BATCHSEG_THRESHOLD": "0.5"}),
+    ):
         assert refused.exit_code == 1, refused.output
         assert "threshold" in refused.output and "0.5" in refused.output
 
@@ -133,8 +136,9 @@ def test_max_runtime_stops_early_with_exit_4_and_a_resume_finishes(tiny_model: P
     output = tmp_path / "out"
     # One image per worker process makes every image cost a model load (seconds on any machine), so
     # a 10 s budget always ends after the first image and well before the tenth.
-    stopped = invoke(*run_args(folder, output, tiny_model, "--max-runtime", "10s",
-                               "--max-images-per-worker", "1"))
+    stopped = invoke(
+        *run_args(folder, output, tiny_model, "--max-runtime", "10s", "--max-images-per-worker", "1")
+    )
     assert stopped.exit_code == 4, stopped.output
     assert "stopped early (deadline)" in stopped.output and "resume" in stopped.output
     rows = checkpoint_rows(output)
@@ -215,8 +219,9 @@ def test_ctrl_c_drains_exits_4_and_the_resume_completes(tiny_model: Path, tmp_pa
     live = start_run(args, tmp_path / "console.txt", cwd=tmp_path)
     try:
         lock_info = output / ".batchseg.lock.json"
-        assert wait_until(lambda: lock_info.exists() and f'"pid": {live.pid}' in lock_info.read_text(),
-                          60, while_alive=live), live.output()
+        assert wait_until(
+            lambda: lock_info.exists() and f'"pid": {live.pid}' in lock_info.read_text(), 60, while_alive=live
+        ), live.output()
         report = json.loads(invoke("status", output, "--json").output)
         assert isinstance(report, dict), "status --json must print an object"
         assert report["live"] and report["live"]["pid"] == live.pid, report

@@ -17,9 +17,9 @@ import torch
 from _sam3 import save_noise_image
 
 from batchseg.config import RunConfig
-from batchseg.engine import EngineSpec
+from batchseg.engines.sam3.engine import Sam3Engine, load_engine
 from batchseg.records import Item, ItemResult, Status
-from batchseg.segment import Sam3Engine, load_engine
+from batchseg.supervise.contract import EngineSpec
 
 SIZES = [(131, 77), (50, 64), (90, 90), (64, 48), (120, 80), (77, 131), (40, 40)]
 POISON = "img_3.png"  # 64x48

@@ -22,11 +22,11 @@ import psutil
 import pytest
 
 from batchseg.config import RunConfig
-from batchseg.engine import EngineSpec
 from batchseg.errors import ConfigError, ModelLoadError
-from batchseg.pool import PoolEvent, PoolOutcome, PoolSettings, describe_exit, run_pool
 from batchseg.records import Item, ItemResult, Status
 from batchseg.signals import StopRequest
+from batchseg.supervise.contract import EngineSpec
+from batchseg.supervise.pool import PoolEvent, PoolOutcome, PoolSettings, describe_exit, run_pool
 
 FACTORY = f"{fault_engine.__name__}:load_faulty"
 TESTS_DIR = Path(fault_engine.__file__).resolve().parent
@@ -148,7 +148,8 @@ def test_nothing_to_do_starts_no_worker(tmp_path: Path) -> None:
 
 def test_pool_modules_never_import_torch() -> None:
     code = (
-        "import sys, batchseg.pool, batchseg.worker, batchseg.progress, batchseg.signals; "
+        "import sys, batchseg.supervise.pool, batchseg.supervise.worker, batchseg.progress, "
+        "batchseg.signals; "
         "heavy = {'torch', 'transformers'} & set(sys.modules); assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -475,8 +476,8 @@ PARENT_SCRIPT = """
 import sys, time
 from pathlib import Path
 from batchseg.config import RunConfig
-from batchseg.engine import EngineSpec
-from batchseg.pool import PoolSettings, run_pool
+from batchseg.supervise.contract import EngineSpec
+from batchseg.supervise.pool import PoolSettings, run_pool
 from batchseg.records import Item
 from batchseg.signals import StopRequest
 
@@ -672,7 +673,7 @@ def test_a_warning_in_a_worker_reaches_the_supervisor(tmp_path: Path, factory: s
 
 def test_workers_let_idle_openmp_threads_sleep_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
     """A spinning OpenMP thread takes the core an I/O thread needs (see configure_openmp)."""
-    from batchseg.worker import THREAD_ENV_VARS, configure_openmp
+    from batchseg.supervise.worker import THREAD_ENV_VARS, configure_openmp
 
     for name in (*THREAD_ENV_VARS, "OMP_WAIT_POLICY"):
         monkeypatch.delenv(name, raising=False)

@@ -15,8 +15,8 @@ import pytest
 import torch
 from _sam3 import forward, noise_image
 
-from batchseg.model import load_model
-from batchseg.postprocess import (
+from batchseg.engines.sam3.model import load_model
+from batchseg.engines.sam3.postprocess import (
     MAX_LABELS,
     Candidates,
     Instance,
@@ -174,7 +174,7 @@ def _fake_outputs(q: int) -> Any:
 
 MEMORY_PROBE = r"""
 import json, resource, sys, numpy as np, torch
-from batchseg.postprocess import PromptPrediction, postprocess_image
+from batchseg.engines.sam3.postprocess import PromptPrediction, postprocess_image
 torch.manual_seed(0)
 n, height, width = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 q = 200

@@ -41,8 +41,8 @@ from conftest import make_image
 
 from batchseg.atomic import TEMP_SUFFIX
 from batchseg.cli import cli
+from batchseg.engines.sam3.engine import CPU_SUB_BATCHES_PER_TASK
 from batchseg.runner import COMMIT_WINDOW_S
-from batchseg.segment import CPU_SUB_BATCHES_PER_TASK
 
 # ---- kill -9 at 20 points, resume each time -------------------------------------------------------
 
@@ -141,7 +141,8 @@ def _check_after_kill(
     for path, row in now_ok.items():
         assert (output / row["mask_path"]).is_file(), f"{path} is ok in the checkpoint without its mask"
     written = {
-        p.name[: -len(".png")] for p in (output / "masks").glob("*.png")
+        p.name[: -len(".png")]
+        for p in (output / "masks").glob("*.png")
         if p.stat().st_mtime_ns >= run.started_ns
     }
     kill.uncommitted = sorted(written - set(now_ok))
@@ -249,8 +250,10 @@ def test_config_change_is_refused_naming_the_field_and_new_run_starts_afresh(
     before = checkpoint_rows(output)
     old_run_id = manifest_rows(output)["a.png"]["run_id"]
 
-    for flag, value, field_name in (("--threshold", "0.5", "threshold"),
-                                    ("--max-detections", "7", "max_detections")):
+    for flag, value, field_name in (
+        ("--threshold", "0.5", "threshold"),
+        ("--max-detections", "7", "max_detections"),
+    ):
         refused = invoke(*run_args(folder, output, tiny_model), flag, value)
         assert refused.exit_code == 1, refused.output
         assert field_name in refused.output and value in refused.output, refused.output
@@ -468,8 +471,9 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     """A 4 MB tmpfs (needs root and mount rights; skipped elsewhere)."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)],
-                             capture_output=True, check=False)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True, check=False
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode(errors='replace').strip()}")
     try:

@@ -214,7 +214,16 @@ def test_crontab_line_days_quoting_and_percent(tmp_path: Path) -> None:
     assert "%" not in command.replace("\\%", "")
     words = shlex.split(command.replace("\\%", "%"))
     assert words == [
-        "cd", str(folder.resolve()), "&&",
-        "/opt/py env/bin/python", "-m", "batchseg", "run", "--job", str(job.resolve()),
-        ">>", str(folder.resolve() / "roofs 100%.cron.log"), "2>&1",
+        "cd",
+        str(folder.resolve()),
+        "&&",
+        "/opt/py env/bin/python",
+        "-m",
+        "batchseg",
+        "run",
+        "--job",
+        str(job.resolve()),
+        ">>",
+        str(folder.resolve() / "roofs 100%.cron.log"),
+        "2>&1",
     ]

@@ -17,11 +17,11 @@ from PIL import Image
 
 from batchseg import imageio
 from batchseg.config import RunConfig
-from batchseg.engine import EngineSpec
+from batchseg.engines.sam3.engine import Sam3Engine, load_engine, pick_device
 from batchseg.errors import ConfigError
 from batchseg.records import Item, ItemResult, Status
 from batchseg.rle import area, decode
-from batchseg.segment import Sam3Engine, load_engine, pick_device
+from batchseg.supervise.contract import EngineSpec
 
 HAS_CUDA = torch.cuda.is_available()
 

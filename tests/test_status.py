@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 from _storage import failed_result, make_config, make_items, ok_result
 
-from batchseg.checkpoint import CHECKPOINT_NAME, Checkpoint
 from batchseg.config import RunConfig
 from batchseg.errors import OutputError
 from batchseg.lock import RunLock
-from batchseg.manifest import export_manifest
 from batchseg.records import Status
 from batchseg.runner import run
 from batchseg.status import collect_status, format_status
+from batchseg.store.checkpoint import CHECKPOINT_NAME, Checkpoint
+from batchseg.store.manifest import export_manifest
 
 T0 = 1_700_000_000.0
 
@@ -114,7 +114,7 @@ def test_a_fresh_run_reports_no_speed(tmp_path: Path) -> None:
 def test_storage_modules_never_import_torch() -> None:
     # A fresh interpreter: the test session itself may have torch loaded by other tests.
     code = (
-        "import sys, batchseg.checkpoint, batchseg.manifest, batchseg.lock, batchseg.status;"
+        "import sys, batchseg.store.checkpoint, batchseg.store.manifest, batchseg.lock, batchseg.status;"
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -62,7 +62,7 @@ Stopping
     are not reported; a resumed run does them. No worker process survives ``run_pool``: every exit
     path (normal end, an exception from a callback, KeyboardInterrupt) goes through a ``finally`` that
     terminates, kills and joins; workers are daemons; and a worker exits by itself when its parent
-    dies (see ``batchseg.worker``).
+    dies (see ``batchseg.supervise.worker``).
 
 This module must not import torch: it runs in the parent.
 """
@@ -80,10 +80,10 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 
-from .config import RunConfig
-from .engine import EngineSpec
-from .errors import ConfigError, ModelLoadError
-from .records import Item, ItemResult, Status
+from ..config import RunConfig
+from ..errors import ConfigError, ModelLoadError
+from ..records import Item, ItemResult, Status
+from .contract import EngineSpec
 from .worker import Ack, Done, Heartbeat, LoadFailed, Ready, Shutdown, Task, worker_main
 
 __all__ = ["PoolEvent", "PoolOutcome", "PoolSettings", "describe_exit", "run_pool"]
@@ -586,8 +586,10 @@ class _Pool:
                 # e.g. a prompt longer than the model reads: the user's to fix, not the model's.
                 self._stop(worker, graceful=False)
                 raise ConfigError(message.message)
-            detail = message.message if message.error_type == "ModelLoadError" else (
-                f"{message.error_type}: {message.message}"
+            detail = (
+                message.message
+                if message.error_type == "ModelLoadError"
+                else (f"{message.error_type}: {message.message}")
             )
             self._on_load_failure(worker, detail, message.traceback)
         elif isinstance(message, Ack) and task is not None and message.task_id == task.task_id:

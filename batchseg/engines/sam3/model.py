@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, ModelLoadError
+from ...errors import ConfigError, ModelLoadError
 
 __all__ = [
     "DTYPES",
@@ -56,8 +56,10 @@ def validate_model_folder(path: Path) -> None:
     if not path.exists():
         raise ModelLoadError(f"model folder {path} does not exist")
     if not path.is_dir():
-        raise ModelLoadError(f"model path {path} is not a folder (expected a folder with config.json, "
-                             "model.safetensors and tokenizer files)")
+        raise ModelLoadError(
+            f"model path {path} is not a folder (expected a folder with config.json, "
+            "model.safetensors and tokenizer files)"
+        )
     missing = []
     if not (path / "config.json").is_file():
         missing.append("config.json")
@@ -171,8 +173,10 @@ def _cuda_dtype(device: str, dtype: str) -> tuple[str, str]:
     major, minor = torch.cuda.get_device_capability(device)
     capability = f"compute capability {major}.{minor}"
     if dtype == "bfloat16" and major < 8:
-        raise ConfigError(f"dtype bfloat16 needs a GPU of compute capability 8.0 or newer ({device} has "
-                          f"{capability}): use float16 or float32")
+        raise ConfigError(
+            f"dtype bfloat16 needs a GPU of compute capability 8.0 or newer ({device} has "
+            f"{capability}): use float16 or float32"
+        )
     if dtype != "auto":
         return dtype, f"{dtype} asked for"
     if major >= 8:
@@ -218,8 +222,9 @@ def load_model(model_id: str, device: str, dtype: str) -> tuple[Any, Any]:
         model = model.to(device).eval()
         processor = Sam3Processor.from_pretrained(source, local_files_only=local)
     except Exception as exc:  # any transformers/torch/OS error: the caller needs one error type
-        raise ModelLoadError(f"cannot load SAM3 model {_describe(model_id, local)}: "
-                             f"{type(exc).__name__}: {exc}") from exc
+        raise ModelLoadError(
+            f"cannot load SAM3 model {_describe(model_id, local)}: {type(exc).__name__}: {exc}"
+        ) from exc
     _check_sizes_agree(model, processor, model_id)
     return model, processor
 
@@ -291,6 +296,7 @@ def _load_tokenizer_and_limit(model_id: str) -> tuple[Any, int]:
         else:
             limit = max_prompt_tokens(AutoConfig.from_pretrained(source))
     except Exception as exc:  # transformers, hub or JSON errors: one error type for the caller
-        raise ModelLoadError(f"cannot load the tokenizer of model {_describe(model_id, local)}: "
-                             f"{type(exc).__name__}: {exc}") from exc
+        raise ModelLoadError(
+            f"cannot load the tokenizer of model {_describe(model_id, local)}: {type(exc).__name__}: {exc}"
+        ) from exc
     return tokenizer, limit

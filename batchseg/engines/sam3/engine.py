@@ -29,14 +29,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import imageio, rle
-from .config import RunConfig
-from .engine import EngineSpec, HeartbeatFn
-from .errors import ConfigError, InvalidImageError, OutputError
+from ... import imageio, rle
+from ...config import RunConfig
+from ...errors import ConfigError, InvalidImageError, OutputError
+from ...records import Detection, Item, ItemResult, Status
+from ...supervise.contract import EngineSpec, HeartbeatFn
 from .fused import fuse_rope, restore_rope
 from .model import load_model, max_prompt_tokens, resolve_device, resolve_dtype, set_threads
 from .postprocess import Candidates, ImageSegmentation, Scored, choose, compose, merge, score_outputs
-from .records import Detection, Item, ItemResult, Status
 
 __all__ = [
     "EncodedImages",
@@ -156,7 +156,7 @@ class Sam3Engine:
         # Images per forward pass: --batch-size, else 1 on CPU (a batch of 2 was slower than two
         # singles there) and what free memory allows on a GPU; halved for good after CUDA OOM.
         self.max_batch = config.batch_size or (plan_gpu_use(self.torch_device) if cuda else 1)
-        # Suggestions for the pool (see batchseg.worker.Ready): a task of several sub-batches keeps
+        # Suggestions for the pool (see batchseg.supervise.worker.Ready): a task of several sub-batches keeps
         # the GPU busy while the I/O threads read the next sub-batch and write the last one.
         per_task = SUB_BATCHES_PER_TASK if cuda else CPU_SUB_BATCHES_PER_TASK
         self.preferred_task_size = self.max_batch * per_task

@@ -26,11 +26,11 @@ from typing import Any, NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import __version__
-from .atomic import atomic_path
+from .. import __version__
+from ..atomic import atomic_path
+from ..errors import OutputError
+from ..records import FINAL_FAILURES, Item, Status
 from .checkpoint import PENDING, RUNNING, Checkpoint, RunInfo, read_run_info
-from .errors import OutputError
-from .records import FINAL_FAILURES, Item, Status
 
 __all__ = [
     "DETECTIONS_SCHEMA",
@@ -50,47 +50,51 @@ BATCH_ROWS = 10_000
 
 _UTC_US = pa.timestamp("us", tz="UTC")
 
-IMAGES_SCHEMA = pa.schema([
-    ("path", pa.string()),
-    ("size_bytes", pa.int64()),
-    ("mtime_ns", pa.int64()),
-    ("content_hash", pa.string()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("status", pa.string()),
-    ("attempts", pa.int32()),
-    ("error_type", pa.string()),
-    ("error_message", pa.string()),
-    ("traceback", pa.string()),
-    ("exit_code", pa.int32()),
-    ("n_detections", pa.int32()),
-    ("mask_path", pa.string()),
-    ("started_at", _UTC_US),
-    ("finished_at", _UTC_US),
-    ("duration_s", pa.float64()),
-    ("worker_pid", pa.int64()),
-    ("device", pa.string()),
-    ("run_id", pa.string()),
-    ("config_hash", pa.string()),
-    ("model_id", pa.string()),
-    ("batchseg_version", pa.string()),
-])
+IMAGES_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("size_bytes", pa.int64()),
+        ("mtime_ns", pa.int64()),
+        ("content_hash", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("status", pa.string()),
+        ("attempts", pa.int32()),
+        ("error_type", pa.string()),
+        ("error_message", pa.string()),
+        ("traceback", pa.string()),
+        ("exit_code", pa.int32()),
+        ("n_detections", pa.int32()),
+        ("mask_path", pa.string()),
+        ("started_at", _UTC_US),
+        ("finished_at", _UTC_US),
+        ("duration_s", pa.float64()),
+        ("worker_pid", pa.int64()),
+        ("device", pa.string()),
+        ("run_id", pa.string()),
+        ("config_hash", pa.string()),
+        ("model_id", pa.string()),
+        ("batchseg_version", pa.string()),
+    ]
+)
 
-DETECTIONS_SCHEMA = pa.schema([
-    ("path", pa.string()),
-    ("prompt", pa.string()),
-    ("index", pa.int32()),
-    ("score", pa.float64()),
-    ("box_x0", pa.float64()),
-    ("box_y0", pa.float64()),
-    ("box_x1", pa.float64()),
-    ("box_y1", pa.float64()),
-    ("area_px", pa.int64()),
-    ("mask_rle", pa.string()),
-    ("mask_height", pa.int32()),
-    ("mask_width", pa.int32()),
-    ("run_id", pa.string()),
-])
+DETECTIONS_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("prompt", pa.string()),
+        ("index", pa.int32()),
+        ("score", pa.float64()),
+        ("box_x0", pa.float64()),
+        ("box_y0", pa.float64()),
+        ("box_x1", pa.float64()),
+        ("box_y1", pa.float64()),
+        ("area_px", pa.int64()),
+        ("mask_rle", pa.string()),
+        ("mask_height", pa.int32()),
+        ("mask_width", pa.int32()),
+        ("run_id", pa.string()),
+    ]
+)
 
 # Columns read from SQLite, in schema order; the last three images columns are per run.
 _IMAGE_SQL = (
@@ -225,23 +229,28 @@ def read_manifest_run(output_dir: Path) -> RunInfo | None:
         meta = pq.read_schema(images_path).metadata or {}
     except (OSError, pa.ArrowException):
         return None
-    values = {k.decode()[len(_META_PREFIX):]: v.decode() for k, v in meta.items()
-              if k.decode().startswith(_META_PREFIX)}
+    values = {
+        k.decode()[len(_META_PREFIX) :]: v.decode()
+        for k, v in meta.items()
+        if k.decode().startswith(_META_PREFIX)
+    }
     if "run_id" not in values or "config" not in values:
         return None
     created = float(values.get("created_at", "0"))
     exported = float(values.get("exported_at", "0"))
     return RunInfo(
-        run_id=values["run_id"], created_at=created, updated_at=exported,
-        fingerprint=json.loads(values.get("fingerprint", "{}")), config_hash=values.get("config_hash", ""),
-        config=json.loads(values["config"]), batchseg_version=values.get("version", ""),
+        run_id=values["run_id"],
+        created_at=created,
+        updated_at=exported,
+        fingerprint=json.loads(values.get("fingerprint", "{}")),
+        config_hash=values.get("config_hash", ""),
+        config=json.loads(values["config"]),
+        batchseg_version=values.get("version", ""),
         model_id=values.get("model_id", ""),
     )
 
 
-def read_manifest_items(
-    output_dir: Path, statuses: Sequence[Status | str] = FINAL_FAILURES
-) -> ManifestItems:
+def read_manifest_items(output_dir: Path, statuses: Sequence[Status | str] = FINAL_FAILURES) -> ManifestItems:
     """Items with one of ``statuses`` in images.parquet, and the stored run config (for retry
     when the checkpoint is gone)."""
     images_path, _ = manifest_paths(output_dir)
@@ -251,7 +260,8 @@ def read_manifest_items(
     wanted = [str(s) for s in statuses]
     try:
         table = pq.read_table(
-            images_path, columns=["path", "size_bytes", "mtime_ns", "content_hash", "status"],
+            images_path,
+            columns=["path", "size_bytes", "mtime_ns", "content_hash", "status"],
             filters=[("status", "in", wanted)] if wanted else None,
         )
     except (OSError, pa.ArrowException) as exc:
@@ -314,7 +324,7 @@ _STATUS_POS = _SEED_IMAGE_COLUMNS.index("status")
 
 def _unfinished_to_pending(row: tuple[Any, ...]) -> tuple[Any, ...]:
     if row[_STATUS_POS] == RUNNING:
-        return row[:_STATUS_POS] + (PENDING,) + row[_STATUS_POS + 1:]
+        return row[:_STATUS_POS] + (PENDING,) + row[_STATUS_POS + 1 :]
     return row
 
 

@@ -36,11 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .atomic import replace_with_retry
-from .config import RunConfig
-from .errors import ConfigMismatchError, OutputError
-from .records import Item, ItemResult, Status
+from .. import __version__
+from ..atomic import replace_with_retry
+from ..config import RunConfig
+from ..errors import ConfigMismatchError, OutputError
+from ..records import Item, ItemResult, Status
 
 __all__ = [
     "ALL_STATES",
@@ -195,8 +195,11 @@ def connect_readonly(path: Path) -> sqlite3.Connection:
     if not path.is_file():
         raise OutputError(f"no checkpoint at {path}")
     conn = sqlite3.connect(
-        f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None,
-        timeout=_BUSY_TIMEOUT_S, check_same_thread=False,
+        f"{path.resolve().as_uri()}?mode=ro",
+        uri=True,
+        isolation_level=None,
+        timeout=_BUSY_TIMEOUT_S,
+        check_same_thread=False,
     )
     try:
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
@@ -307,7 +310,8 @@ class Checkpoint:
         with self._guard():
             rows = self._conn.execute(
                 f"SELECT path, size_bytes, mtime_ns, content_hash FROM images WHERE status IN ({marks})"
-                " ORDER BY path", wanted,
+                " ORDER BY path",
+                wanted,
             ).fetchall()
         return [Item(path, size, mtime, digest) for path, size, mtime, digest in rows]
 
@@ -437,11 +441,27 @@ class Checkpoint:
         if result.path != item.path:
             raise ValueError(f"result for {result.path!r} recorded with item {item.path!r}")
         return (
-            item.path, item.size_bytes, item.mtime_ns, item.content_hash, result.width, result.height,
-            str(result.status), result.attempts, result.error_type, result.error_message,
-            result.traceback, result.exit_code, len(result.detections), result.mask_path,
-            result.started_at, result.finished_at, result.duration_s, result.worker_pid,
-            result.device, self.run_id, now,
+            item.path,
+            item.size_bytes,
+            item.mtime_ns,
+            item.content_hash,
+            result.width,
+            result.height,
+            str(result.status),
+            result.attempts,
+            result.error_type,
+            result.error_message,
+            result.traceback,
+            result.exit_code,
+            len(result.detections),
+            result.mask_path,
+            result.started_at,
+            result.finished_at,
+            result.duration_s,
+            result.worker_pid,
+            result.device,
+            self.run_id,
+            now,
         )
 
     def _detection_rows(self, result: ItemResult) -> list[tuple[Any, ...]]:
@@ -451,8 +471,18 @@ class Checkpoint:
             raise ValueError(f"result for {result.path!r} repeats a detection index: {indexes}")
         return [
             (
-                result.path, d.prompt, d.index, float(d.score), float(d.box[0]), float(d.box[1]),
-                float(d.box[2]), float(d.box[3]), int(d.area_px), d.mask_rle, result.height, result.width,
+                result.path,
+                d.prompt,
+                d.index,
+                float(d.score),
+                float(d.box[0]),
+                float(d.box[1]),
+                float(d.box[2]),
+                float(d.box[3]),
+                int(d.area_px),
+                d.mask_rle,
+                result.height,
+                result.width,
                 self.run_id,
             )
             for d in result.detections
@@ -507,8 +537,19 @@ class _Planner:
         self.restore: list[tuple[str, str]] = []
         self.missing: list[str] = []
         self.counts = dict.fromkeys(
-            ("done", "failed", "new", "changed", "resumed", "in_flight_reset", "mask_missing",
-             "restored", "missing", "pending"), 0,
+            (
+                "done",
+                "failed",
+                "new",
+                "changed",
+                "resumed",
+                "in_flight_reset",
+                "mask_missing",
+                "restored",
+                "missing",
+                "pending",
+            ),
+            0,
         )
 
     def add(self, item: Item) -> None:
@@ -652,8 +693,14 @@ def read_run_info(conn: sqlite3.Connection, path: Path) -> RunInfo | None:
         return None
     run_id, created, updated, fingerprint, config_hash, config, version_text, model_id = row
     return RunInfo(
-        run_id, created, updated, json.loads(fingerprint), config_hash, json.loads(config),
-        version_text, model_id,
+        run_id,
+        created,
+        updated,
+        json.loads(fingerprint),
+        config_hash,
+        json.loads(config),
+        version_text,
+        model_id,
     )
 
 
@@ -703,8 +750,14 @@ def _insert_run(conn: sqlite3.Connection, run_id: str, config: RunConfig, seed: 
         "INSERT INTO run (run_id, created_at, updated_at, fingerprint, config_hash, config,"
         " batchseg_version, model_id) VALUES (?,?,?,?,?,?,?,?)",
         (
-            run_id, created, now, json.dumps(config.fingerprint_fields(), sort_keys=True),
-            config.fingerprint(), _config_json(config), __version__, config.model,
+            run_id,
+            created,
+            now,
+            json.dumps(config.fingerprint_fields(), sort_keys=True),
+            config.fingerprint(),
+            _config_json(config),
+            __version__,
+            config.model,
         ),
     )
 
@@ -752,8 +805,11 @@ def _archive_previous_run(output_dir: Path) -> Path | None:
     target.mkdir(parents=True, exist_ok=True)
     # The checkpoint goes last: a crash half-way leaves it with rows whose masks moved, which the
     # next plan() redoes, rather than masks without the rows that explain them.
-    db_files = [n for n in (CHECKPOINT_NAME + "-wal", CHECKPOINT_NAME + "-shm", CHECKPOINT_NAME)
-                if (output_dir / n).exists()]
+    db_files = [
+        n
+        for n in (CHECKPOINT_NAME + "-wal", CHECKPOINT_NAME + "-shm", CHECKPOINT_NAME)
+        if (output_dir / n).exists()
+    ]
     for name in names + db_files:
         dst = target / name
         if dst.exists():

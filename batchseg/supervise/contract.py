@@ -2,7 +2,7 @@
 
 The pool knows nothing of SAM3: a worker process imports ``EngineSpec.factory`` ("module:function"),
 calls it once with the spec to load an Engine, then feeds it items. The real factory is
-``batchseg.segment:load_engine``; tests register misbehaving engines the same way. A future Ray
+``batchseg.engines.sam3.engine:load_engine``; tests register misbehaving engines the same way. A future Ray
 backend feeds the same Engine.
 """
 
@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from .config import RunConfig
-from .records import Item, ItemResult
+from ..config import RunConfig
+from ..records import Item, ItemResult
 
 __all__ = ["Engine", "EngineSpec", "HeartbeatFn", "load_factory"]
 
@@ -46,7 +46,7 @@ class EngineSpec:
     """Picklable recipe for an Engine: sent to each spawned worker."""
 
     config: RunConfig
-    factory: str = "batchseg.segment:load_engine"
+    factory: str = "batchseg.engines.sam3.engine:load_engine"
 
 
 def load_factory(spec: EngineSpec):  # type: ignore[no-untyped-def]

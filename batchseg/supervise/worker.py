@@ -1,6 +1,6 @@
 """The worker process: loads one Engine, then runs the tasks the supervisor sends it.
 
-A worker is started by ``batchseg.pool`` with the ``spawn`` method and talks to its supervisor over
+A worker is started by ``batchseg.supervise.pool`` with the ``spawn`` method and talks to its supervisor over
 one duplex pipe, in small dataclasses only::
 
     supervisor -> worker   Task(task_id, items) | Shutdown()
@@ -34,8 +34,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
-from .engine import Engine, EngineSpec, load_factory
-from .records import Item, ItemResult, Status
+from ..records import Item, ItemResult, Status
+from .contract import Engine, EngineSpec, load_factory
 
 __all__ = [
     "Ack",
