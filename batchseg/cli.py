@@ -144,6 +144,14 @@ OUTPUT_DEFINING_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
         ),
     ),
     (
+        ("--engine",),
+        dict(
+            metavar="MODULE:FUNCTION",
+            help="Engine factory loaded in each worker (see README, 'Bring your own engine') "
+            "[default: batchseg.engines.sam3.engine:load_engine].",
+        ),
+    ),
+    (
         ("--output",),
         dict(type=click.Path(path_type=Path), help="Output folder [default: output/<input folder name>]."),
     ),

@@ -13,9 +13,15 @@ from typing import Any
 
 from .records import OUTPUT_FORMAT_VERSION
 
-__all__ = ["RunConfig", "DEFAULT_MODEL"]
+__all__ = ["RunConfig", "DEFAULT_MODEL", "DEFAULT_ENGINE", "upgrade_fingerprint"]
 
 DEFAULT_MODEL = "facebook/sam3"
+#: The engine factory (``MODULE:FUNCTION``) a run uses unless ``--engine`` names another.
+DEFAULT_ENGINE = "batchseg.engines.sam3.engine:load_engine"
+
+#: Fingerprint fields added after the first release, with the value that means what earlier
+#: versions did: a stored fingerprint that lacks one reads as this, so old output folders resume.
+FINGERPRINT_UPGRADES: dict[str, Any] = {"engine": DEFAULT_ENGINE}
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,7 @@ class RunConfig:
     input: Path
     prompts: tuple[str, ...]
     model: str = DEFAULT_MODEL
+    engine: str = DEFAULT_ENGINE  # MODULE:FUNCTION that loads the engine in each worker
     output: Path | None = None  # None: output/<input folder name>/
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
@@ -67,6 +74,7 @@ class RunConfig:
         """What decides the content of the outputs: a change here needs --new-run."""
         return {
             "model": self.model,
+            "engine": self.engine,
             "prompts": list(self.prompts),
             "threshold": self.threshold,
             "mask_threshold": self.mask_threshold,
@@ -104,3 +112,8 @@ class RunConfig:
     @classmethod
     def option_names(cls) -> list[str]:
         return [f.name for f in fields(cls) if f.name != "extra"]
+
+
+def upgrade_fingerprint(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored fingerprint with the fields later versions added, as the version that wrote it behaved."""
+    return {**FINGERPRINT_UPGRADES, **stored}

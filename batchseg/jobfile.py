@@ -256,6 +256,12 @@ def _device(value: Any, base: Path) -> str:
     raise _Bad(f"expected one of auto, cpu, cuda, cuda:N (N = 0, 1, ...), {_got(value)}{hint}")
 
 
+def _engine(value: Any, base: Path) -> str:
+    if isinstance(value, str) and re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value.strip()):
+        return value.strip()
+    raise _Bad(f"expected MODULE:FUNCTION (e.g. batchseg.engines.threshold:load), {_got(value)}")
+
+
 def _dtype(value: Any, base: Path) -> str:
     if isinstance(value, str) and value in DTYPE_CHOICES:
         return value
@@ -299,6 +305,7 @@ _CHECKS: dict[str, Checker] = {
     "input": _path,
     "prompts": _string_list("prompts"),
     "model": _model,
+    "engine": _engine,
     "output": _path,
     "device": _device,
     "dtype": _dtype,

@@ -38,7 +38,6 @@ from .supervise.pool import PoolEvent, PoolSettings, run_pool
 
 __all__ = ["RunSummary", "run", "retry", "exit_code_for"]
 
-DEFAULT_FACTORY = "batchseg.engines.sam3.engine:load_engine"
 #: Error types reported by workers that mean the output folder itself is broken: fatal, exit 1.
 OUTPUT_FAILURES = {"OutputError"}
 #: Longest a received result waits for its commit (one turn of the pool's loop, see _Recorder)...
@@ -103,15 +102,17 @@ def check_output_writable(output_dir: Path) -> None:
 def run(
     config: RunConfig,
     *,
-    factory: str = DEFAULT_FACTORY,
+    factory: str | None = None,
     retry_statuses: Sequence[Status] | None = None,
     stream: TextIO | None = None,
 ) -> RunSummary:
     """Process every pending image of ``config.input``; resumable at any point.
 
     ``retry_statuses``: rerun the images whose recorded status is one of these (``batchseg retry``).
+    ``factory`` overrides ``config.engine`` for this run only (it is not stored).
     """
     config = resolve_config(config)
+    factory = factory or config.engine
     output_dir = config.output_dir
     check_output_writable(output_dir)
     with RunLock(output_dir), RunLog(output_dir / "logs", keep=config.log_keep) as log:
@@ -414,7 +415,7 @@ def retry(
     statuses: Sequence[Status] = FINAL_FAILURES,
     overrides: dict[str, Any] | None = None,
     *,
-    factory: str = DEFAULT_FACTORY,
+    factory: str | None = None,
     stream: TextIO | None = None,
 ) -> RunSummary:
     """Rerun the images of ``output_dir`` whose status is one of ``statuses``, with the stored

@@ -358,3 +358,16 @@ def test_a_full_disk_is_an_output_error_that_says_so(tmp_path: Path) -> None:
                 cp.record(ok_result(item, n_det=20), item)
         cp._conn.execute("PRAGMA max_page_count=1073741823")
         cp.record(ok_result(items[0], n_det=1), items[0])  # usable again once there is room
+
+
+def test_an_output_folder_made_before_the_engine_option_resumes(tmp_path: Path) -> None:
+    """tests/data/run-made-by-0.1.0 was written by batchseg 0.1.0 before `engine` joined the
+    fingerprint (tests/_storage.make_config, one image ok): it must resume without --new-run."""
+    import shutil
+
+    folder = tmp_path / "run"
+    shutil.copytree(Path(__file__).parent / "data" / "run-made-by-0.1.0", folder)
+    with Checkpoint.open(folder, make_config()) as cp:
+        assert cp.counts()["ok"] == 1
+    with pytest.raises(ConfigMismatchError, match="engine"):
+        Checkpoint.open(folder, make_config(engine="batchseg.engines.threshold:load"))

@@ -38,7 +38,7 @@ from typing import Any
 
 from .. import __version__
 from ..atomic import replace_with_retry
-from ..config import RunConfig
+from ..config import RunConfig, upgrade_fingerprint
 from ..errors import ConfigMismatchError, OutputError
 from ..records import Item, ItemResult, Status
 
@@ -779,7 +779,7 @@ def _config_json(config: RunConfig) -> str:
 def _check_fingerprint(folder: Path, stored: dict[str, Any], config: RunConfig) -> None:
     # Compare through JSON so tuples/lists and ints/floats read back the same way.
     current = json.loads(json.dumps(config.fingerprint_fields(), sort_keys=True))
-    changes = describe_fingerprint_change(stored, current)
+    changes = describe_fingerprint_change(upgrade_fingerprint(stored), current)
     if changes:
         raise ConfigMismatchError(
             f"the output folder {folder} holds a run made with other settings:\n  "
