@@ -36,7 +36,16 @@ from ...records import Detection, Item, ItemResult, Status
 from ...supervise.contract import EngineSpec, HeartbeatFn
 from .fused import fuse_rope, restore_rope
 from .model import load_model, max_prompt_tokens, resolve_device, resolve_dtype, set_threads
-from .postprocess import Candidates, ImageSegmentation, Scored, choose, compose, merge, score_outputs
+from .postprocess import (
+    Candidates,
+    ImageSegmentation,
+    Scored,
+    choose,
+    compose,
+    compose_many,
+    merge,
+    score_outputs,
+)
 
 __all__ = [
     "EncodedImages",
@@ -313,7 +322,7 @@ class Sam3Engine:
         parts = self.select(scored, sizes)
         if post_on_cpu:
             parts = [[Candidates(c.instances, c.masks.cpu()) for c in part] for part in parts]
-        return [self.postprocess(p, size) for p, size in zip(parts, sizes, strict=True)]
+        return compose_many([merge(p) for p in parts], sizes, self.config.mask_threshold)
 
     def segment(self, images: Sequence[Image.Image], post_on_cpu: bool = False) -> list[ImageSegmentation]:
         """Encode, decode every prompt, post-process: the whole model side for a batch of images."""

@@ -43,6 +43,7 @@ __all__ = [
     "Scored",
     "choose",
     "compose",
+    "compose_many",
     "iter_masks",
     "merge",
     "postprocess_image",
@@ -53,6 +54,8 @@ __all__ = [
 
 #: Upper bound of the float buffer used to upsample masks (per chunk of masks).
 CHUNK_BYTES = 64 * 1024 * 1024
+#: The same on CUDA: fewer, larger chunks (four times fewer kernel launches per image).
+CUDA_CHUNK_BYTES = 256 * 1024 * 1024
 #: uint16 label map: 0 is background, so at most 65535 detections per image.
 MAX_LABELS = 65535
 
@@ -224,27 +227,85 @@ def compose(
     height: int,
     width: int,
     mask_threshold: float,
-    chunk_bytes: int = CHUNK_BYTES,
+    chunk_bytes: int | None = None,
     max_masks: int | None = None,
 ) -> ImageSegmentation:
     """Paint candidates (already in label order) onto a fresh label map: candidate i gets value i+1
     on the pixels of its mask that no earlier candidate took. ``max_masks`` caps the masks of one
     upsampling call (default: 1 on CPU, see the module docstring; no cap on CUDA)."""
-    instances = candidates.instances
+    return compose_many([candidates], [(height, width)], mask_threshold, chunk_bytes, max_masks)[0]
+
+
+def compose_many(
+    candidates: Sequence[Candidates],
+    sizes: Sequence[tuple[int, int]],
+    mask_threshold: float,
+    chunk_bytes: int | None = None,
+    max_masks: int | None = None,
+) -> list[ImageSegmentation]:
+    """``compose`` for several images: every image's work is queued before the one wait for all of
+    their label maps, so on a GPU the host neither waits per image nor leaves the device idle."""
+    painted = [
+        _paint_image(c, h, w, mask_threshold, chunk_bytes, max_masks)
+        for c, (h, w) in zip(candidates, sizes, strict=True)
+    ]
+    if any(p.ready is not None for p in painted):
+        for p in painted:
+            if p.ready is not None:
+                p.ready.synchronize()
+    return [p.landed() for p in painted]
+
+
+@dataclass
+class _Painted:
+    """One image's label map and areas on their way to the host (``ready``: the copy's event)."""
+
+    instances: list[Instance]
+    labels: torch.Tensor
+    areas: torch.Tensor
+    ready: Any = None
+
+    def landed(self) -> ImageSegmentation:
+        labels = self.labels.numpy()
+        # int16 on the way (half the bytes of int32): the same bits as uint16 up to 32767 labels.
+        label_map = labels.view(np.uint16) if labels.dtype == np.int16 else labels.astype(np.uint16)
+        return ImageSegmentation(label_map, self.instances, self.areas.numpy().astype(np.int64))
+
+
+def _paint_image(
+    candidates: Candidates,
+    height: int,
+    width: int,
+    mask_threshold: float,
+    chunk_bytes: int | None,
+    max_masks: int | None,
+) -> _Painted:
+    instances = list(candidates.instances)
     if len(instances) > MAX_LABELS:
         raise ValueError(f"{len(instances)} detections do not fit a uint16 label map (at most {MAX_LABELS})")
     if not instances:
-        return ImageSegmentation(np.zeros((height, width), np.uint16), [], np.zeros(0, np.int64))
-    # int32 because torch has few uint16 kernels; converted once at the end.
-    labels = torch.zeros((height, width), dtype=torch.int32, device=candidates.masks.device)
+        return _Painted(
+            [], torch.zeros((height, width), dtype=torch.int16), torch.zeros(0, dtype=torch.int64)
+        )
+    device = candidates.masks.device
+    if chunk_bytes is None:
+        chunk_bytes = CUDA_CHUNK_BYTES if device.type == "cuda" else CHUNK_BYTES
+    # int32 because torch has few uint16 kernels; narrowed once at the end.
+    labels = torch.zeros((height, width), dtype=torch.int32, device=device)
     chunks = iter_masks(candidates.masks, height, width, mask_threshold, chunk_bytes, max_masks)
     for start, masks in chunks:
         _paint(labels, masks, first_label=start + 1)
         del masks
-    label_map = labels.cpu().numpy().astype(np.uint16)
-    del labels
-    areas = np.bincount(label_map.ravel(), minlength=len(instances) + 1)[1:].astype(np.int64)
-    return ImageSegmentation(label_map, list(instances), areas)
+    # Areas counted where the map is: on a GPU a host pass over every pixel would hold the thread
+    # that keeps the device fed (docs/performance.md, dense case).
+    areas = torch.bincount(labels.view(-1), minlength=len(instances) + 1)[1:]
+    narrow = labels.to(torch.int16) if len(instances) <= 32767 else labels
+    if device.type != "cuda":
+        return _Painted(instances, narrow, areas)
+    host_labels, host_areas = _to_pinned(narrow), _to_pinned(areas)
+    ready = torch.cuda.Event()
+    ready.record()
+    return _Painted(instances, host_labels, host_areas, ready)
 
 
 def iter_masks(
@@ -278,9 +339,9 @@ def _paint(labels: torch.Tensor, masks: torch.Tensor, first_label: int) -> None:
     if masks.shape[0] == 1:
         labels.masked_fill_(masks[0] & (labels == 0), first_label)
         return
-    # Claims written from the last mask to the first, so the first (best) mask's claim stays:
-    # one pass per mask, and no reliance on how a reduction breaks ties.
-    claim = torch.zeros_like(labels)
-    for i in range(masks.shape[0] - 1, -1, -1):
-        claim.masked_fill_(masks[i], first_label + i)
-    torch.where(labels == 0, claim, labels, out=labels)
+    # One reduction for the whole chunk instead of a pass per mask: argmax returns the index of
+    # the FIRST maximal value (documented), i.e. the best mask covering the pixel.
+    as_bytes = masks.view(torch.uint8)
+    first = as_bytes.argmax(dim=0).to(torch.int32) + first_label
+    free = (labels == 0) & as_bytes.amax(dim=0).bool()
+    torch.where(free, first, labels, out=labels)
