@@ -6,6 +6,7 @@ is the real code path."""
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -217,3 +218,24 @@ def test_out_of_memory_in_the_warm_up_halves_the_batch_until_it_fits(
     assert tried == [8, 4, 2] and engine.max_batch == 2
     assert [str(w.message)[-23:] for w in caught] == ["continuing with batch 4", "continuing with batch 2"]
     assert_same(engine.process(task, quiet), reference)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_each_image_is_timed_by_its_own_sub_batch(
+    tiny_model: Path, folder: Path, task: list[Item], tmp_path: Path, overlap: bool
+) -> None:
+    """started_at is the image's sub-batch's start, finished_at the end of its own write: the first
+    image's duration holds none of the later sub-batches (a task's start was every image's)."""
+    engine = make_engine(tiny_model, folder, tmp_path, batch_size=2, overlap=overlap)
+    before = time.time()
+    results = engine.process(task, quiet)  # sub-batches 0-1, 2-3, 4-5, 6
+    after = time.time()
+    starts = [r.started_at for r in results]
+    assert all(r.status is Status.OK for r in results)
+    assert all(s is not None and before <= s for s in starts)
+    assert starts[0] == starts[1] < starts[2] == starts[3] < starts[4] == starts[5] < starts[6]
+    for result in results:
+        assert result.started_at is not None and result.finished_at is not None
+        assert result.started_at < result.finished_at <= after
+    first = results[0]
+    assert first.finished_at is not None and first.finished_at < results[6].started_at  # type: ignore[operator]
