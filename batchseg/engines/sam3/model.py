@@ -129,10 +129,8 @@ def resolve_dtype(device: str, dtype: str) -> tuple[str, str]:
 
     ``auto``: bfloat16 on CUDA GPUs of compute capability 8.0 or newer; float16 on older ones
     (Pascal, Volta, Turing have no fast bfloat16); on CPU bfloat16 where the processor has native
-    bfloat16 instructions (AVX512-BF16 or AMX), else float32. Measured on an AVX512-BF16 CPU, one
-    thread, the full-size model at 1008 px: 30 s bfloat16 against 99 s float32 a forward, 2.8 against
-    5.7 GB of memory. (The tiny test model is the exception, overhead-bound: 5 ms against 4 ms.)
-    An explicit dtype the device cannot run raises ConfigError.
+    bfloat16 instructions (AVX512-BF16 or AMX), else float32 (docs/performance.md has the
+    comparison). An explicit dtype the device cannot run raises ConfigError.
     """
     dtype = dtype.strip().lower()
     if dtype not in (*DTYPES, "auto"):
