@@ -76,7 +76,8 @@ class FixedBatchBackbone(torch.nn.Module):
         self._captured = None
 
     def get_input_embeddings(self) -> Any:
-        return self.backbone.get_input_embeddings()
+        backbone: Any = self.backbone  # a transformers model: nn.Module's typing does not know it
+        return backbone.get_input_embeddings()
 
     def forward(self, pixel_values: torch.Tensor, **kwargs: Any) -> Any:
         n = pixel_values.shape[0]
@@ -116,7 +117,7 @@ class FixedBatchBackbone(torch.nn.Module):
                 for _ in range(2):
                     self.run(static_in)
             torch.cuda.current_stream(like.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()  # type: ignore[no-untyped-call]
+            graph = torch.cuda.CUDAGraph()  # type: ignore[no-untyped-call, unused-ignore]
             # thread_local: the I/O threads may pin host memory while the model's thread captures.
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 static_out = self.run(static_in)
