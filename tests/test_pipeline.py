@@ -20,8 +20,9 @@ from _sam3 import quiet, save_noise_image
 from batchseg.config import RunConfig
 from batchseg.engines.sam3.engine import load_engine
 from batchseg.engines.sam3.pipeline import Sam3Engine
+from batchseg.engines.sam3.sizing import batch_for_free_memory, task_size
 from batchseg.records import Item, ItemResult, Status
-from batchseg.supervise.contract import EngineSpec
+from batchseg.supervise.contract import Capabilities, EngineSpec
 
 SIZES = [(131, 77), (50, 64), (90, 90), (64, 48), (120, 80), (77, 131), (40, 40)]
 POISON = "img_3.png"  # 64x48
@@ -239,3 +240,18 @@ def test_each_image_is_timed_by_its_own_sub_batch(
         assert result.started_at < result.finished_at <= after
     first = results[0]
     assert first.finished_at is not None and first.finished_at < results[6].started_at  # type: ignore[operator]
+
+
+def test_capabilities_say_what_the_pool_needs(tiny_model: Path, folder: Path, tmp_path: Path) -> None:
+    engine = make_engine(tiny_model, folder, tmp_path, batch_size=3, overlap=False)
+    # On a CPU: 4 sub-batches a task, a heartbeat after each, no GPU.
+    assert engine.capabilities == Capabilities("cpu float32", task_size=12, heartbeat_every=3, gpu_count=0)
+    assert (engine.device, engine.preferred_task_size, engine.heartbeat_every) == ("cpu float32", 12, 3)
+
+
+def test_the_batch_planned_from_free_gpu_memory() -> None:
+    gib = 2**30
+    assert batch_for_free_memory(80 * gib) == 16  # capped
+    assert batch_for_free_memory(4 * gib) == 6  # 4 x 0.7 = 2.8 GiB: (2.8 - 0.55) / 0.36
+    assert batch_for_free_memory(gib // 2) == 1  # never below one image
+    assert task_size(6, cuda=True) == 6 * 32 and task_size(1, cuda=False) == 4
