@@ -11,21 +11,46 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
 
 from ...records import Item, ItemResult
 from ...supervise.contract import HeartbeatFn
-from .ladder import Failure, Outcome
-
-if TYPE_CHECKING:
-    from .pipeline import EncodedImages, Sam3Engine
+from .ladder import Failure, Outcome, OutOfMemoryLadder
+from .postprocess import ImageSegmentation
 
 __all__ = ["Task"]
+
+
+class _Engine(Protocol):
+    """The steps of ``pipeline.Sam3Engine`` a task runs."""
+
+    overlap: bool
+    io: ThreadPoolExecutor
+    ladder: OutOfMemoryLadder
+
+    @property
+    def max_batch(self) -> int: ...
+
+    def read(self, item: Item) -> Image.Image | ItemResult: ...
+
+    def encode_images(self, images: Sequence[Image.Image]) -> Any: ...
+
+    def decode(self, encoded: Any) -> list[ImageSegmentation]: ...
+
+    def finish(
+        self, item: Item, image: Image.Image, seg: ImageSegmentation, started: float
+    ) -> ItemResult: ...
+
+    def failure(self, item: Item, exc: BaseException, started: float) -> ItemResult: ...
+
+    def release_memory(self) -> None: ...
+
+    def forget_pinned(self) -> None: ...
 
 
 @dataclass
@@ -33,7 +58,7 @@ class _Flight:
     """A sub-batch encoded (its vision encoder queued on the device) and not yet decoded."""
 
     positions: list[int]  # in the task
-    encoded: EncodedImages | None  # None once decoded or failed: the vision features are freed
+    encoded: Any  # pipeline.EncodedImages; None once decoded or failed: the vision features are freed
 
 
 class Task:
@@ -45,7 +70,7 @@ class Task:
     task loses none of them; and before reads go further than already said. Each image's
     ``started_at`` is its sub-batch's start, ``finished_at`` the end of its own write."""
 
-    def __init__(self, engine: Sam3Engine, items: Sequence[Item], heartbeat: HeartbeatFn) -> None:
+    def __init__(self, engine: _Engine, items: Sequence[Item], heartbeat: HeartbeatFn) -> None:
         self.engine = engine
         self.items = items
         self.heartbeat = heartbeat
