@@ -16,10 +16,20 @@ from typing import Protocol
 from ..config import RunConfig
 from ..records import Item, ItemResult
 
-__all__ = ["Engine", "EngineSpec", "HeartbeatFn", "load_factory"]
+__all__ = ["Capabilities", "Engine", "EngineSpec", "HeartbeatFn", "load_factory"]
 
 #: ``heartbeat(finished, reached)``: see ``Engine.process``.
 HeartbeatFn = Callable[[Sequence[tuple[int, ItemResult]], "int | None"], None]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a loaded engine tells the pool, once, in Ready."""
+
+    device: str  # e.g. "cuda:0 NVIDIA H200 bfloat16", "cpu float32"; goes into the manifest
+    task_size: int = 1  # preferred items per task (e.g. from free GPU memory)
+    heartbeat_every: int = 0  # the engine calls heartbeat after at most this many items (0: never)
+    gpu_count: int = 0  # CUDA devices this worker sees (the pool sizes itself from it)
 
 
 class Engine(Protocol):
