@@ -25,6 +25,7 @@ from batchseg.config import RunConfig
 from batchseg.errors import ConfigError, ModelLoadError
 from batchseg.records import Item, ItemResult, Status
 from batchseg.signals import StopRequest
+from batchseg.supervise import pool as pool_module
 from batchseg.supervise.contract import EngineSpec
 from batchseg.supervise.pool import PoolEvent, PoolOutcome, PoolSettings, describe_exit, run_pool
 
@@ -164,10 +165,10 @@ def test_bad_settings_are_config_errors() -> None:
 
 def test_settings_from_run_config(tmp_path: Path) -> None:
     config = RunConfig(input=tmp_path, prompts=("roof",), workers=3, timeout=9.0, max_images_per_worker=50)
-    settings = PoolSettings.from_config(config, standby=True)
+    settings = PoolSettings.from_config(config, stop_grace=0.5)
     # No --batch-size: the pool takes each engine's suggestion (see the test below).
     assert (settings.workers, settings.timeout, settings.batch_size) == (3, 9.0, None)
-    assert settings.max_images_per_worker == 50 and settings.standby
+    assert settings.max_images_per_worker == 50 and settings.stop_grace == 0.5
 
 
 # -- one status per kind of failure ---------------------------------------------------------------
@@ -310,6 +311,20 @@ def test_the_pool_grows_to_one_worker_per_gpu(tmp_path: Path) -> None:
     assert sorted(slot for _pid, slot in fault_engine.loads(tmp_path)) == [0, 1]
 
 
+@pytest.mark.parametrize(("workers", "gpus", "each"), [(None, 2, 4), (3, 0, 2), (None, 0, 8)])
+def test_threads_are_shared_out_so_the_total_never_exceeds_the_cores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int | None, gpus: int, each: int
+) -> None:
+    # 8 cores: with --workers unset on two GPUs the first worker loads before the pool knows its
+    # size (with all 8) and is then told its share; the engine sees what the worker uses.
+    monkeypatch.setattr(pool_module, "usable_cores", lambda: 8)
+    extra: dict[str, Any] = dict(device="cuda", gpu_count=gpus) if gpus else {}
+    spec = make_spec(tmp_path, slow_s=0.2, **extra)
+    done = run(spec, items(*(f"threads_{k}" for k in range(8))), workers=workers)
+    used = {r.worker_pid: r.height for r in done.results.values()}
+    assert set(used.values()) == {each} and len(used) == (workers or max(1, gpus))
+
+
 def test_near_the_end_tasks_shrink_to_a_fair_share_of_what_is_left(tmp_path: Path) -> None:
     # Two GPUs, an engine that asks for tasks of 8, and 10 images: 8 + 2 would leave one GPU
     # working alone; fair shares are 5 + 5 (or smaller, as what is left shrinks).
@@ -358,16 +373,6 @@ def test_a_replacement_loading_does_not_stall_the_other_worker(tmp_path: Path) -
     finished = [r.finished_at or 0 for r in done.results.values()]
     during = [moment for moment in finished if timeout.time < moment < replacement_ready.time]
     assert len(during) >= 5, "the healthy worker kept taking tasks while the replacement loaded"
-
-
-def test_a_standby_worker_replaces_a_timed_out_one_without_a_load_wait(tmp_path: Path) -> None:
-    spec = make_spec(tmp_path, fast_loads=1, load_delay=1.5)  # the spare and any fresh worker load slowly
-    done = run(spec, items("hang_1", "ok_1"), workers=1, standby=True, timeout=3.0, max_attempts=1)
-    hang, ok = done.results["hang_1.jpg"], done.results["ok_1.jpg"]
-    assert hang.status is Status.TIMEOUT and ok.status is Status.OK
-    assert len(done.kinds("standby_promoted")) == 1
-    # Without the spare, ok_1 would wait for a fresh 1.5 s load after the timeout.
-    assert (ok.finished_at or 0) - (hang.finished_at or 0) < 1.0
 
 
 # -- load failures -----------------------------------------------------------------------------------
