@@ -198,9 +198,9 @@ class Pool:
         return any(all(wid in entry.tried for wid in live) for entry in self.ledger.retries)
 
     def _task_size(self, worker: WorkerHandle) -> int:
-        size = self.settings.batch_size or worker.task_size
+        size = self.settings.task_size or worker.task_size
         left = self.ledger.fresh_left()
-        if self.settings.batch_size is None and self.target > 1 and left is not None:
+        if self.settings.task_size is None and self.target > 1 and left is not None:
             # The engine's long tasks, cut near the end to a fair share of what is left, so one
             # GPU does not finish a whole task alone while the others wait (never below one of
             # the engine's sub-batches).

@@ -21,7 +21,7 @@ class PoolSettings:
 
     workers: int | None = None  # None: one per GPU on CUDA, one on CPU
     threads: int | None = None  # torch threads per worker; None: usable cores / workers
-    batch_size: int | None = 1  # items per task; None: what each worker's engine suggests
+    task_size: int | None = 1  # items per task; None: what each worker's engine suggests
     timeout: float = 300.0  # seconds per item, from the worker's Ack
     load_timeout: float = 600.0  # seconds for a worker to load the engine
     max_attempts: int = 2
@@ -36,7 +36,7 @@ class PoolSettings:
         positive = {
             "workers": self.workers,
             "threads": self.threads,
-            "batch_size": self.batch_size,
+            "task_size": self.task_size,
             "max_attempts": self.max_attempts,
             "max_images_per_worker": self.max_images_per_worker,
             "timeout": self.timeout,
@@ -48,12 +48,13 @@ class PoolSettings:
 
     @classmethod
     def from_config(cls, config: RunConfig, **overrides: object) -> PoolSettings:
-        """The pool settings of a RunConfig (``batch_size=None``: the engine's suggestion)."""
+        """The pool settings of a RunConfig (``task_size=None``: the engine's suggestion)."""
         values: dict[str, object] = {
             "workers": config.workers,
             "threads": config.threads,
-            # --batch-size is the engine's forward batch; it suggests the task size from it.
-            "batch_size": None,
+            # --batch-size is the engine's forward batch, not the task size: the engine suggests
+            # that (from its batch) in its Capabilities.
+            "task_size": None,
             "timeout": config.timeout,
             "load_timeout": config.load_timeout,
             "max_attempts": config.max_attempts,

@@ -75,8 +75,7 @@ def _load(
 
 
 def _capabilities(engine: Engine) -> Capabilities:
-    # LEGACY: after the merge, plain ``engine.capabilities``.
-    capabilities = engine.capabilities if hasattr(engine, "capabilities") else _legacy_capabilities(engine)
+    capabilities = _legacy_capabilities(engine)  # LEGACY: after the merge, ``engine.capabilities``
     if not isinstance(capabilities, Capabilities):
         raise TypeError(f"the engine's capabilities is a {type(capabilities).__name__}, not a Capabilities")
     return capabilities
@@ -214,7 +213,10 @@ def _send_done(
 
 
 def _legacy_capabilities(engine: Any) -> Capabilities:
-    """Capabilities of an engine written before the contract had them, from today's attributes."""
+    """The engine's ``capabilities``; for an engine written before the contract had them (today's
+    SAM3 engine), made from the attributes it has instead."""
+    if hasattr(engine, "capabilities"):
+        return engine.capabilities  # type: ignore[no-any-return]
     device = str(engine.device)
     gpu_count = getattr(engine, "gpu_count", None)
     if gpu_count is None:
