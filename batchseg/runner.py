@@ -29,7 +29,7 @@ from .errors import BatchsegError, OutputError, StoppedEarly
 from .lock import RunLock
 from .logs import RunLog
 from .progress import Progress
-from .records import FINAL_FAILURES, Item, ItemResult, Status
+from .records import FINAL_FAILURES, FailureCategory, Item, ItemResult, Status, failure_result
 from .signals import StopRequest
 from .store.checkpoint import Checkpoint
 from .store.manifest import export_manifest
@@ -38,8 +38,6 @@ from .supervise.pool import PoolEvent, PoolSettings, run_pool
 
 __all__ = ["RunSummary", "run", "retry", "exit_code_for"]
 
-#: Error types reported by workers that mean the output folder itself is broken: fatal, exit 1.
-OUTPUT_FAILURES = {"OutputError"}
 #: Longest a received result waits for its commit (one turn of the pool's loop, see _Recorder)...
 COMMIT_WINDOW_S = 0.5
 #: ...or until this many are waiting.
@@ -74,18 +72,14 @@ def exit_code_for(counts: dict[str, int], stopped: str | None) -> int:
 
 
 def resolve_config(config: RunConfig) -> RunConfig:
-    """Absolute paths (workers and logs must not depend on the working folder) and thread counts."""
-    cores = os.cpu_count() or 1
-    workers = config.workers
-    # Total torch threads never exceed the cores: each worker gets its share.
-    threads = config.threads or max(1, cores // max(1, workers or 1))
+    """Absolute paths: workers and logs must not depend on the working folder. (Threads are the
+    pool's to share out: only it knows how many workers there are.)"""
     model = config.model
     if Path(model).expanduser().exists():
         model = str(Path(model).expanduser().resolve())
     return config.with_changes(
         input=Path(config.input).expanduser().resolve(),
         output=Path(config.output_dir).expanduser().resolve(),
-        threads=threads,
         model=model,
     )
 
@@ -191,14 +185,8 @@ def remove_stale_temp_files(output_dir: Path) -> int:
 def _record_collision(checkpoint: Checkpoint, config: RunConfig, path: str, kept: str, log: RunLog) -> None:
     item = _stat_item(config.input, path)
     message = f"its output name clashes with '{kept}' on a case-insensitive disk; rename one of them"
-    result = ItemResult(
-        path=path,
-        status=Status.INVALID_INPUT,
-        error_type="NameCollision",
-        error_message=message,
-        started_at=time.time(),
-        finished_at=time.time(),
-    )
+    result = failure_result(item, Status.INVALID_INPUT, error_type="NameCollision", message=message)
+    result.worker_pid = None  # decided here, in no worker
     checkpoint.record(result, item)
     log.failure(path, str(Status.INVALID_INPUT), message)
 
@@ -261,17 +249,16 @@ class _Recorder:
         try:
             self.checkpoint.record(result, item)
         except ValueError as exc:
-            broken = ItemResult(
-                path=result.path,
-                status=Status.ERROR,
-                attempts=result.attempts,
+            broken = failure_result(
+                item,
+                Status.ERROR,
                 error_type="InvalidResult",
-                error_message=str(exc),
+                message=str(exc),
+                device=result.device,
                 started_at=result.started_at,
                 finished_at=result.finished_at,
-                worker_pid=result.worker_pid,
-                device=result.device,
             )
+            broken.attempts, broken.worker_pid = result.attempts, result.worker_pid
             self.checkpoint.record(broken, item)
 
 
@@ -295,8 +282,9 @@ def _process(
 
     def on_result(result: ItemResult) -> None:
         nonlocal last_export
-        if result.error_type in OUTPUT_FAILURES:
-            # The output folder failed, not the image: left pending, so a rerun does it.
+        if result.category is FailureCategory.OUTPUT:
+            # The output folder failed, not the image (the pool never retries it): left
+            # pending, so a rerun does it.
             output_failure.append(result)
             return
         recorder.add(result)
@@ -311,8 +299,6 @@ def _process(
     def on_event(event: PoolEvent) -> None:
         if event.kind == "task_started":
             checkpoint.mark_started(event.paths)  # `batchseg status` shows what is in flight
-        if event.result is not None and event.result.error_type in OUTPUT_FAILURES:
-            output_failure.append(event.result)  # stop now: a retry on a fresh worker cannot help
         if event.kind in QUIET_EVENTS:
             return
         text = f"{event.kind}: {event.message}"

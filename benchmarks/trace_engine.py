@@ -208,7 +208,7 @@ def main() -> None:
     for name in STEPS:
         _label(engine, name)
     paths = sorted(args.images_dir.glob("*.jpg"))
-    size = args.task_size or engine.preferred_task_size
+    size = args.task_size or engine.capabilities.task_size
     tasks = [
         [Item(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in paths[i * size : (i + 1) * size]]
         for i in range(args.tasks + 1)

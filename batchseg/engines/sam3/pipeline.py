@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import time
-import traceback
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -29,7 +28,7 @@ from PIL import Image
 from ... import imageio, rle
 from ...config import RunConfig
 from ...errors import ConfigError, InvalidImageError, OutputError
-from ...records import Detection, Item, ItemResult, Status
+from ...records import Detection, FailureCategory, Item, ItemResult, Status, failure_result
 from ...supervise.contract import Capabilities, HeartbeatFn
 from .ladder import OutOfMemoryLadder
 from .model import max_prompt_tokens, resolve_device
@@ -345,17 +344,11 @@ class Sam3Engine:
     def failure(
         self, item: Item, exc: BaseException, started: float, status: Status = Status.ERROR
     ) -> ItemResult:
-        """The failure result of ``item``, with the exception's class, message and traceback."""
-        return ItemResult(
-            path=item.path,
-            status=status,
-            error_type=type(exc).__name__,
-            error_message=str(exc) or repr(exc),
-            traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-            started_at=started,
-            finished_at=time.time(),
-            worker_pid=os.getpid(),
-            device=self.device,
+        """The failure result of ``item``: an unwritable output folder is the run's failure
+        (``output``: the run stops, the image stays pending), anything else the image's."""
+        category = FailureCategory.OUTPUT if isinstance(exc, OutputError) else FailureCategory.IMAGE
+        return failure_result(
+            item, status, exc=exc, category=category, device=self.device, started_at=started
         )
 
     # --- device memory ------------------------------------------------------------------------
