@@ -95,9 +95,9 @@ def _parameters(options: Iterable[Option], retrying: bool = False) -> Callable[[
     return decorate
 
 
-def _given(values: dict[str, Any]) -> dict[str, Any]:
-    """The option values given by a flag, a variable or the job file (click's default is None)."""
-    return {name: value for name, value in values.items() if value is not None and value != ()}
+def _given(ctx: click.Context, names: Iterable[str]) -> dict[str, Any]:
+    """The values given by a flag, a variable or the job file; ``auto`` (None) counts as given."""
+    return {n: ctx.params[n] for n in names if ctx.get_parameter_source(n) is not ParameterSource.DEFAULT}
 
 
 def _use_job_file(ctx: click.Context, param: click.Parameter, job: Path | None) -> None:
@@ -189,12 +189,17 @@ def run(**values: Any) -> None:
     """
     from .runner import run as run_folder
 
-    given = _given(values)
+    _finish(run_folder(run_config(click.get_current_context()), stream=sys.stderr))
+
+
+def run_config(ctx: click.Context) -> RunConfig:
+    """The RunConfig of ``run``'s parsed options: flags > BATCHSEG_* > job file > defaults."""
+    given = _given(ctx, (o.name for o in OPTIONS))
     if "input" not in given:
         raise click.UsageError("missing INPUT folder (give it as an argument or as 'input' in the job file)")
     if not given.get("prompts"):
         raise click.UsageError("give at least one --prompt (or 'prompt' in the job file)")
-    _finish(run_folder(RunConfig(**given), stream=sys.stderr))
+    return RunConfig(**given)
 
 
 @cli.command(
@@ -219,7 +224,8 @@ def retry(output: Path, statuses: tuple[str, ...], **values: Any) -> None:
     from .runner import retry as retry_failed
 
     chosen = tuple(Status(s) for s in statuses) or FINAL_FAILURES
-    _finish(retry_failed(output, chosen, _given(values), stream=sys.stderr))
+    overrides = _given(click.get_current_context(), (o.name for o in retry_options()))
+    _finish(retry_failed(output, chosen, overrides, stream=sys.stderr))
 
 
 @cli.command(epilog="Example:\n\n\b\n  batchseg status output/aerial\n  batchseg status output/aerial --json")
