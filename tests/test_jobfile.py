@@ -42,10 +42,9 @@ def test_job_options_cover_every_run_option() -> None:
 
 
 @pytest.mark.parametrize("job", EXAMPLE_JOBS, ids=lambda p: p.name)
-def test_example_job_sets_every_option_and_builds_a_config(job: Path) -> None:
+def test_example_job_is_valid_and_builds_a_config(job: Path) -> None:
     options = load_job_file(job)
-    if job.name == "aerial-nightly.toml":  # the reference example shows every option
-        assert set(options) == set(JOB_OPTIONS)
+    assert set(options) <= set(JOB_OPTIONS)
     config = RunConfig(**options)
     assert config.prompts
     assert Path(config.input).is_absolute()

@@ -22,7 +22,7 @@ from conftest import make_image
 from batchseg.cli import Commands, cli, run_config
 from batchseg.config import FINGERPRINT_UPGRADES, RunConfig, upgrade_fingerprint
 from batchseg.errors import CircuitBreakerTripped, ConfigError, ExitCode, OutputError, StoppedEarly
-from batchseg.options import DEFAULT_ENGINE, OPTIONS, Option, Reader, fingerprint_options, retry_options
+from batchseg.options import DEFAULT_ENGINE, OPTIONS, Option, Reader, fingerprint_options
 from batchseg.store.checkpoint import Checkpoint
 from batchseg.values import (
     BOOL_WORDS,
@@ -160,7 +160,7 @@ def test_flag_words_are_clicks() -> None:
     assert set(BOOL_WORDS) == {w for w in click.types.BoolParamType.bool_states if w}
 
 
-# ----------------------------------------------------------------------------- every option reaches every place
+# ----------------------------------------------------------------------------- every option, every place
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -248,7 +248,7 @@ def test_the_stored_configuration_round_trips(tmp_path: Path) -> None:
     assert stored["output"] == str(tmp_path) and stored["include"] == ["*.jpg"]
 
 
-# ----------------------------------------------------------------------------- refusals and the error boundary
+# ----------------------------------------------------------------------------- refusals, error boundary
 
 
 def invoke(*args: str, env: dict[str, str] | None = None) -> Any:
@@ -282,7 +282,8 @@ def test_retry_refuses_options_fixed_by_the_fingerprint(tmp_path: Path) -> None:
     result = invoke("retry", str(tmp_path), "--threshold", "0.5")
     assert result.exit_code == 2 and "No such option '--threshold'" in result.output
     missing = invoke("retry", str(tmp_path))
-    assert missing.exit_code == 1 and missing.output.startswith("error: ") and "holds no batchseg run" in missing.output
+    assert missing.exit_code == 1
+    assert missing.output.startswith("error: ") and "holds no batchseg run" in missing.output
 
 
 @pytest.mark.parametrize(
@@ -324,4 +325,11 @@ def test_a_run_through_the_cli_stores_the_same_values_from_each_source(tmp_path:
         stored = checkpoint.stored_config()
         assert checkpoint.counts()["ok"] == 1
     assert stored["timeout"] == stored["load_timeout"] == stored["max_runtime"] == 5400.0
-    assert stored["engine"] == "fault_engine:load_faulty"
+    assert stored["engine"] == "fault_engine:load_faulty" and stored["workers"] == 1
+
+    # retry: a value given (even "auto") replaces the stored one; the rest stays as stored.
+    again = invoke("retry", str(output), "--workers", "auto", env={"BATCHSEG_TIMEOUT": "1h"})
+    assert again.exit_code == ExitCode.OK, again.output
+    with Checkpoint.open_existing(output, read_only=True) as checkpoint:
+        stored = checkpoint.stored_config()
+    assert stored["workers"] is None and stored["timeout"] == 3600.0 and stored["load_timeout"] == 5400.0
