@@ -52,13 +52,24 @@ class KindType(_ParamType):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if not isinstance(value, str):
             return value
+        source = None
         if ctx is not None and param is not None and param.name is not None:
-            if ctx.get_parameter_source(param.name) is ParameterSource.DEFAULT_MAP:
+            source = ctx.get_parameter_source(param.name)
+            if source is ParameterSource.DEFAULT_MAP:
                 return value  # from the job file: already read by the same kind
         try:
             return self.kind.from_text(value)
         except BatchsegError as exc:
-            self.fail(str(exc), param, ctx)
+            where = _variable_of(param) if source is ParameterSource.ENVIRONMENT else ""
+            self.fail(f"{exc}{where}", param, ctx)
+
+
+def _variable_of(param: click.Parameter | None) -> str:
+    """`` (from BATCHSEG_X)``: a bad value from the environment names its variable."""
+    names = [] if param is None or param.envvar is None else param.envvar
+    names = [names] if isinstance(names, str) else list(names)
+    found = next((n for n in names if os.environ.get(n)), None)
+    return f" (from {found})" if found else ""
 
 
 def _help(opt: Option, retrying: bool) -> str:
@@ -181,7 +192,7 @@ def cli() -> None:
     help="TOML job file holding any of these options; flags and BATCHSEG_* variables override it.",
 )
 @_parameters(OPTIONS)
-def run(**values: Any) -> None:
+def run(**_: Any) -> None:
     """Segment every image of INPUT (a folder, walked recursively) with the given prompts.
 
     Running the same command again on the same output folder resumes: finished images are skipped,
@@ -215,7 +226,7 @@ def run_config(ctx: click.Context) -> RunConfig:
     help="Only images with this status; repeatable [default: every status that is not ok].",
 )
 @_parameters(retry_options(), retrying=True)
-def retry(output: Path, statuses: tuple[str, ...], **values: Any) -> None:
+def retry(output: Path, statuses: tuple[str, ...], **_: Any) -> None:
     """Rerun the images of OUTPUT whose status is not ok, with the configuration stored there.
 
     Works from the manifest alone when the checkpoint is gone. Only the options that may change

@@ -262,6 +262,8 @@ def test_a_bad_value_is_a_usage_error_naming_the_option_from_a_flag_or_a_variabl
     for result in (flag, variable):
         assert result.exit_code == ExitCode.USAGE == click.UsageError.exit_code
         assert f"Invalid value for '--timeout': {expected}" in result.output
+    assert f"{expected} (from BATCHSEG_TIMEOUT)" in variable.output
+    assert "(from" not in flag.output
     gpu = invoke("run", str(tmp_path), "--prompt", "p", "--device", "gpu")
     assert gpu.exit_code == 2 and "got \"gpu\"; did you mean 'cuda'?" in gpu.output
 
