@@ -50,6 +50,24 @@ def test_example_job_is_valid_and_builds_a_config(job: Path) -> None:
     assert Path(config.input).is_absolute()
 
 
+def test_example_marks_the_keys_fixed_by_the_fingerprint() -> None:
+    from batchseg.jobfile import option_for_key
+
+    marked, fixed, section_fixed = set(), set(), False
+    for line in (REPO / "jobs" / "aerial-nightly.toml").read_text(encoding="utf-8").splitlines():
+        if line.startswith("# ---"):
+            section_fixed = "(all fixed)" in line
+        if "=" not in line or line.startswith("#"):
+            continue
+        found = option_for_key(line.split("=", 1)[0].strip())
+        assert found is not None, line
+        if section_fixed or "# fixed" in line:
+            marked.add(found.name)
+        if found.fingerprint:
+            fixed.add(found.name)
+    assert marked == fixed
+
+
 def test_example_values_are_converted(tmp_path: Path) -> None:
     options = load_job_file(REPO / "jobs" / "aerial-nightly.toml")
     jobs = (REPO / "jobs").resolve()

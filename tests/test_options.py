@@ -35,7 +35,9 @@ from batchseg.values import (
     Fraction,
     ModelRef,
     ModuleFunction,
+    Number,
     PathValue,
+    Text,
     TextList,
     TimeOfDay,
 )
@@ -69,7 +71,10 @@ def example(opt: Option, folder: Path) -> tuple[list[str], str, str, Any]:
         ModelRef: ("owner/name", "owner/name"),
         ModuleFunction: ("some.module:load", "some.module:load"),
         PathValue: (str(folder / "there"), folder / "there"),
+        Text: ("some text", "some text"),
     }.get(type(kind), (None, None))
+    if isinstance(kind, Number):
+        text, expected = str(kind.minimum + 1.5), kind.minimum + 1.5
     if isinstance(kind, (Count, CountOrAuto)):
         minimum = kind.minimum if isinstance(kind, Count) else kind.count.minimum
         return [flag, str(minimum + 2)], str(minimum + 2), str(minimum + 2), minimum + 2
@@ -77,7 +82,7 @@ def example(opt: Option, folder: Path) -> tuple[list[str], str, str, Any]:
         text, expected = kind.choices[-1], kind.choices[-1]
     assert text is not None, f"no example for {type(kind).__name__}: add one here"
     flags = [text] if opt.argument else [flag, text]
-    return flags, text, text if isinstance(kind, Fraction) else json.dumps(text), expected
+    return flags, text, text if isinstance(kind, (Fraction, Number)) else json.dumps(text), expected
 
 
 def base_args(opt: Option, folder: Path) -> list[str]:
