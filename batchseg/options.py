@@ -9,12 +9,14 @@ a subclass), the fingerprint fields and upgrades, and the README check (tests/te
 
 Adding an option is one field here and one row in the README's table of run options:
 
-    tile_overlap: float = option(Fraction(), 0.25, help="...", reader=ENGINE, fingerprint=True,
-                                 upgrade=0.0)
+    previews: bool = option(Flag(), False, help="Write overlay previews.", reader=RUNNER, retry=True)
+    tile_overlap: float = option(Fraction(), 0.0, help="Overlap of neighbouring tiles.",
+                                 reader=ENGINE, fingerprint=True, upgrade=0.0)
 
 A fingerprint option needs ``upgrade``: the value that means what batchseg did before the option
-existed, so that an output folder made by an earlier version still resumes without --new-run.
-Torch-free: imported by the parent process.
+existed. A stored fingerprint without the field reads as that value, so an output folder made by an
+earlier version resumes without --new-run as long as the run's value equals it (keep the default
+there when you can). A new kind of value goes in batchseg.values. Torch-free.
 """
 
 from __future__ import annotations

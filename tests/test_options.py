@@ -8,6 +8,7 @@ test runs a whole run through the CLI with the fault engine of tests/.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 from pathlib import Path
@@ -63,24 +64,27 @@ def example(opt: Option, folder: Path) -> tuple[list[str], str, str, Any]:
         return flags, "yes" if value else "off", json.dumps(value), value
     if isinstance(kind, TextList):
         return [flag, "a b", flag, "*.c"], "a b;*.c", '["a b", "*.c"]', ("a b", "*.c")
-    text, expected = {
-        Duration: ("90m", 5400.0),
-        TimeOfDay: ("6:30", "06:30"),
-        Fraction: ("0.25", 0.25),
-        Device: ("cuda:1", "cuda:1"),
-        ModelRef: ("owner/name", "owner/name"),
-        ModuleFunction: ("some.module:load", "some.module:load"),
-        PathValue: (str(folder / "there"), folder / "there"),
-        Text: ("some text", "some text"),
-    }.get(type(kind), (None, None))
+    candidates: list[tuple[str, Any]] = {
+        Duration: [("90m", 5400.0), ("1h30m15s", 5415.0)],
+        TimeOfDay: [("6:30", "06:30"), ("7:45", "07:45")],
+        Fraction: [("0.25", 0.25), ("0.75", 0.75)],
+        Device: [("cuda:1", "cuda:1"), ("cpu", "cpu")],
+        ModelRef: [("owner/name", "owner/name"), ("other/name", "other/name")],
+        ModuleFunction: [("some.module:load", "some.module:load"), ("other:load", "other:load")],
+        PathValue: [(str(folder / "there"), folder / "there"), (str(folder / "else"), folder / "else")],
+        Text: [("some text", "some text"), ("other text", "other text")],
+    }.get(type(kind), [])
     if isinstance(kind, Number):
-        text, expected = str(kind.minimum + 1.5), kind.minimum + 1.5
+        candidates = [(str(kind.minimum + x), kind.minimum + x) for x in (1.5, 2.5)]
     if isinstance(kind, (Count, CountOrAuto)):
         minimum = kind.minimum if isinstance(kind, Count) else kind.count.minimum
-        return [flag, str(minimum + 2)], str(minimum + 2), str(minimum + 2), minimum + 2
+        candidates = [(str(minimum + x), minimum + x) for x in (2, 3)]
     if isinstance(kind, Choice):
-        text, expected = kind.choices[-1], kind.choices[-1]
-    assert text is not None, f"no example for {type(kind).__name__}: add one here"
+        candidates = [(c, c) for c in kind.choices]
+    assert candidates, f"no example for {type(kind).__name__}: add one here"
+    text, expected = next((t, e) for t, e in candidates if e != opt.default)
+    if isinstance(kind, (Count, CountOrAuto)):
+        return [flag, text], text, text, expected
     flags = [text] if opt.argument else [flag, text]
     return flags, text, text if isinstance(kind, (Fraction, Number)) else json.dumps(text), expected
 
@@ -198,7 +202,8 @@ def test_every_default_reads_back_through_its_kind(name: str) -> None:
 
 def test_the_registry_is_consistent() -> None:
     assert [o.name for o in OPTIONS] == RunConfig.option_names()
-    assert {o.name for o in fingerprint_options()} == {
+    # An option never leaves the fingerprint: stored fingerprints hold it, and would then differ.
+    assert {o.name for o in fingerprint_options()} >= {
         "model", "engine", "prompts", "threshold", "mask_threshold", "max_detections", "dtype", "max_pixels"
     }  # fmt: skip
     for opt in OPTIONS:
@@ -220,7 +225,8 @@ def test_pool_options_reach_the_pool(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- the fingerprint
 
 #: RunConfig.fingerprint_fields() of tests/_storage.make_config(), as batchseg wrote it before the
-#: registry: a change here means every existing output folder refuses to resume.
+#: registry, and its hash: a change in these fields means existing output folders refuse to resume.
+#: Fields added later (with an upgrade value) come on top of these.
 FINGERPRINT_JSON = (
     '{"dtype": "auto", "engine": "batchseg.engines.sam3.engine:load_engine", "mask_threshold": 0.5, '
     '"max_detections": 100, "max_pixels": 250000000, "model": "models/sam3", "output_format": 1, '
@@ -228,12 +234,18 @@ FINGERPRINT_JSON = (
 )
 
 
+def existing_fields(config: RunConfig) -> str:
+    fields = config.fingerprint_fields()
+    return json.dumps({k: fields[k] for k in json.loads(FINGERPRINT_JSON)}, sort_keys=True)
+
+
 def test_the_fingerprint_of_existing_options_is_byte_identical() -> None:
-    config = make_config()
-    assert json.dumps(config.fingerprint_fields(), sort_keys=True) == FINGERPRINT_JSON
-    assert config.fingerprint() == "950521dfe6a043c6"
+    assert existing_fields(make_config()) == FINGERPRINT_JSON
+    assert hashlib.sha256(FINGERPRINT_JSON.encode()).hexdigest()[:16] == "950521dfe6a043c6"
+    blob = json.dumps(make_config().fingerprint_fields(), sort_keys=True).encode()
+    assert make_config().fingerprint() == hashlib.sha256(blob).hexdigest()[:16]  # hashed the same way
     other = make_config(prompts=("roof", "solar panel"), threshold=0.0, max_detections=7, dtype="float16")
-    assert other.fingerprint() == "32a46143708ebf16"
+    assert hashlib.sha256(existing_fields(other).encode()).hexdigest()[:16] == "32a46143708ebf16"
 
 
 def test_a_fingerprint_written_by_0_1_0_reads_as_today_and_every_later_option_declares_an_upgrade() -> None:
