@@ -254,7 +254,7 @@ def test_a_fingerprint_written_by_0_1_0_reads_as_today_and_every_later_option_de
     current = make_config().fingerprint_fields()
     assert set(current) - set(stored) == set(FINGERPRINT_UPGRADES)  # a new option without upgrade fails
     assert upgrade_fingerprint(stored) == current
-    assert FINGERPRINT_UPGRADES == {"engine": DEFAULT_ENGINE}
+    assert FINGERPRINT_UPGRADES["engine"] == DEFAULT_ENGINE
 
 
 def test_the_stored_configuration_round_trips(tmp_path: Path) -> None:
