@@ -25,7 +25,7 @@ from . import __version__
 from .atomic import TEMP_SUFFIX
 from .config import RunConfig
 from .discover import discover
-from .errors import BatchsegError, OutputError, StoppedEarly
+from .errors import BatchsegError, ExitCode, OutputError, StoppedEarly
 from .lock import RunLock
 from .logs import RunLog
 from .progress import Progress
@@ -68,7 +68,7 @@ def exit_code_for(counts: dict[str, int], stopped: str | None) -> int:
     if stopped:
         return StoppedEarly.exit_code
     failed = sum(counts.get(str(s), 0) for s in FINAL_FAILURES)
-    return 3 if failed else 0
+    return ExitCode.NOT_ALL_OK if failed else ExitCode.OK
 
 
 def resolve_config(config: RunConfig) -> RunConfig:
