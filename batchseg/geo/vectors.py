@@ -93,7 +93,9 @@ def label_shapes(labels: Labels, window: int = WINDOW, simplify: float = 0.0) ->
             parts.setdefault(int(value), []).append(shape(geojson))
     merged = {}
     for value, pieces in parts.items():
-        geom = pieces[0] if len(pieces) == 1 else shapely.union_all(pieces)
+        # union_all leaves the vertices where a seam crossed an edge; simplify(0) drops exactly those
+        # (collinear on integer coordinates), so a traced window size never shows in the output.
+        geom = pieces[0] if len(pieces) == 1 else shapely.union_all(pieces).simplify(0.0)
         merged[value] = geom.simplify(simplify, preserve_topology=True) if simplify > 0 else geom
     return merged
 
