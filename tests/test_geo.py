@@ -19,9 +19,14 @@ from rasterio.crs import CRS
 from batchseg.errors import ConfigError
 from batchseg.geo import GeoreferenceError
 from batchseg.geo.bands import PERCENTILES, parse_bands, plan_bands, read_rgb
-from batchseg.geo.georef import parse_world_file, read_georef, world_file_for, world_file_text
+from batchseg.geo.georef import (
+    ground_pixel_size,
+    parse_world_file,
+    read_georef,
+    world_file_for,
+    world_file_text,
+)
 from batchseg.geo.raster import label_dtype, open_label_geotiff, write_label_geotiff, write_png_sidecars
-
 
 __all__ = ["UTM", "UTM_GRID", "WGS84", "WGS84_GRID", "make_geotiff", "rgb"]
 
@@ -69,7 +74,9 @@ def rgb(height: int = 64, width: int = 80, seed: int = 0) -> np.ndarray:
 @pytest.mark.parametrize(
     ("crs", "transform", "epsg"), [(UTM, UTM_GRID, 32633), (WGS84, WGS84_GRID, 4326), (UTM, ROTATED, 32633)]
 )
-def test_geotiff_georeference_is_read_exactly(tmp_path: Path, crs: object, transform: Affine, epsg: int) -> None:
+def test_geotiff_georeference_is_read_exactly(
+    tmp_path: Path, crs: object, transform: Affine, epsg: int
+) -> None:
     path = make_geotiff(tmp_path / "a.tif", rgb(), crs=crs, transform=transform)  # type: ignore[arg-type]
     geo = read_georef(path)
     assert geo is not None
@@ -77,9 +84,33 @@ def test_geotiff_georeference_is_read_exactly(tmp_path: Path, crs: object, trans
     assert geo.epsg == epsg and geo.source == "internal"
     assert (geo.width, geo.height, geo.count, geo.dtype) == (80, 64, 3, "uint8")
     assert geo.rotated == (transform is ROTATED)
-    assert geo.pixel_size == pytest.approx((abs(transform.a), abs(transform.e)) if transform is not ROTATED else (0.5, 0.5))
+    assert geo.pixel_size == pytest.approx(
+        (abs(transform.a), abs(transform.e)) if transform is not ROTATED else (0.5, 0.5)
+    )
     assert pickle.loads(pickle.dumps(geo)) == geo
     assert ProjCRS.from_wkt(geo.crs_wkt).to_epsg() == epsg  # type: ignore[arg-type]
+
+
+def test_ground_pixel_size_in_metres(tmp_path: Path) -> None:
+    utm = read_georef(make_geotiff(tmp_path / "utm.tif", rgb()))
+    rotated = read_georef(make_geotiff(tmp_path / "rot.tif", rgb(), transform=ROTATED))
+    wgs = read_georef(make_geotiff(tmp_path / "wgs.tif", rgb(), crs=WGS84, transform=WGS84_GRID))
+    feet = read_georef(make_geotiff(tmp_path / "ft.tif", rgb(), crs=CRS.from_epsg(2263), transform=UTM_GRID))
+    assert utm is not None and rotated is not None and wgs is not None and feet is not None
+    assert ground_pixel_size(utm) == pytest.approx(0.5) and ground_pixel_size(rotated) == pytest.approx(0.5)
+    assert ground_pixel_size(wgs) == pytest.approx(1.11, rel=0.01)  # 1e-5 degree at the equator
+    assert ground_pixel_size(feet) == pytest.approx(0.5 * 0.3048006, rel=1e-6)  # US survey feet
+
+
+def test_gcp_only_tiff_is_refused(tmp_path: Path) -> None:
+    from rasterio.control import GroundControlPoint
+
+    gcps = [GroundControlPoint(r, c, 500000.0 + c, 4100000.0 - r) for r, c in ((0, 0), (0, 79), (63, 0))]
+    path = make_geotiff(tmp_path / "gcp.tif", rgb(), crs=None)
+    with rasterio.open(path, "r+") as dst:
+        dst.gcps = (gcps, UTM)
+    with pytest.raises(GeoreferenceError, match="ground control points"):
+        read_georef(path)
 
 
 def test_plain_images_have_no_georeference(tmp_path: Path) -> None:

@@ -19,7 +19,8 @@ from affine import Affine
 from click.testing import CliRunner
 from rasterio.crs import CRS
 from rasterio.features import rasterize
-from shapely.geometry import Point, box
+from shapely.geometry import Point
+from test_geo import UTM, UTM_GRID, WGS84, WGS84_GRID, make_geotiff
 
 from batchseg.cli import cli
 from batchseg.errors import ConfigError
@@ -27,11 +28,14 @@ from batchseg.geo.export import export_polygons
 from batchseg.geo.georef import Georef, read_georef
 from batchseg.geo.raster import write_label_geotiff
 from batchseg.geo.vectors import DetectionInfo, PolygonRow, image_polygons, label_shapes, write_polygons
-from test_geo import UTM, UTM_GRID, WGS84, WGS84_GRID, make_geotiff
 
 ROTATED = UTM_GRID @ Affine.rotation(30.0)
 SIZE = 200  # pixels per side of the test grids
-DETECTIONS = [DetectionInfo(1, "roof", 0.9), DetectionInfo(2, "field", 0.8, tiles=4), DetectionInfo(3, "car", 0.7)]
+DETECTIONS = [
+    DetectionInfo(1, "roof", 0.9),
+    DetectionInfo(2, "field", 0.8, tiles=4),
+    DetectionInfo(3, "car", 0.7),
+]
 
 
 def drawn_shapes(t: Affine) -> dict[int, shapely.Geometry]:
@@ -47,7 +51,10 @@ def drawn_shapes(t: Affine) -> dict[int, shapely.Geometry]:
     hole = Point(at(0.25, 0.25)).buffer(0.4 * radius, 64)
     field = shapely.Polygon([at(0.55, 0.05), at(0.95, 0.05), at(0.95, 0.9), at(0.55, 0.9)])
     cars = shapely.MultiPolygon(
-        [shapely.Polygon([at(u, 0.9), at(u + 0.05, 0.9), at(u + 0.05, 0.95), at(u, 0.95)]) for u in (0.05, 0.25)]
+        [
+            shapely.Polygon([at(u, 0.9), at(u + 0.05, 0.9), at(u + 0.05, 0.95), at(u, 0.95)])
+            for u in (0.05, 0.25)
+        ]
     )
     return {1: ring.difference(hole), 2: field, 3: cars}
 
@@ -57,12 +64,16 @@ def label_map(tmp_path: Path, crs: CRS, t: Affine) -> tuple[Path, Georef, dict[i
     georef = read_georef(image)
     assert georef is not None
     shapes = drawn_shapes(t)
-    labels = rasterize([(g, v) for v, g in shapes.items()], out_shape=(SIZE, SIZE), transform=t, dtype="uint16")
+    labels = rasterize(
+        [(g, v) for v, g in shapes.items()], out_shape=(SIZE, SIZE), transform=t, dtype="uint16"
+    )
     write_label_geotiff(tmp_path / "labels.tif", georef, labels)
     return tmp_path / "labels.tif", georef, shapes
 
 
-@pytest.mark.parametrize(("crs", "t"), [(UTM, UTM_GRID), (WGS84, WGS84_GRID), (UTM, ROTATED)], ids=["utm", "wgs84", "rotated"])
+@pytest.mark.parametrize(
+    ("crs", "t"), [(UTM, UTM_GRID), (WGS84, WGS84_GRID), (UTM, ROTATED)], ids=["utm", "wgs84", "rotated"]
+)
 def test_polygons_come_back_at_their_map_coordinates(tmp_path: Path, crs: CRS, t: Affine) -> None:
     labels, georef, drawn = label_map(tmp_path, crs, t)
     rows = image_polygons("scene.tif", labels, georef, DETECTIONS, run_id="r1", model="m", window=64)
@@ -106,8 +117,12 @@ def test_pixel_space_polygons_and_simplification() -> None:
 def utm_and_wgs84_rows(tmp_path: Path) -> tuple[list[PolygonRow], list[PolygonRow]]:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    utm = image_polygons("a.tif", *label_map(tmp_path / "a", UTM, UTM_GRID)[:2], DETECTIONS, run_id="r", model="m")
-    wgs = image_polygons("b.tif", *label_map(tmp_path / "b", WGS84, WGS84_GRID)[:2], DETECTIONS, run_id="r", model="m")
+    utm = image_polygons(
+        "a.tif", *label_map(tmp_path / "a", UTM, UTM_GRID)[:2], DETECTIONS, run_id="r", model="m"
+    )
+    wgs = image_polygons(
+        "b.tif", *label_map(tmp_path / "b", WGS84, WGS84_GRID)[:2], DETECTIONS, run_id="r", model="m"
+    )
     return utm, wgs
 
 
@@ -119,7 +134,9 @@ def spatial_extension() -> Path:
             "DuckDB's spatial extension is not installed (the duckdb-extension-spatial wheel is Linux "
             "x86_64 only; INSTALL spatial would need the internet)"
         )
-    return next(pathlib.Path(duckdb_extension_spatial.__file__).parent.glob("extensions/*/spatial.duckdb_extension"))
+    return next(
+        pathlib.Path(duckdb_extension_spatial.__file__).parent.glob("extensions/*/spatial.duckdb_extension")
+    )
 
 
 def test_geoparquet_read_by_geopandas_and_duckdb(tmp_path: Path) -> None:
@@ -140,8 +157,14 @@ def test_geoparquet_read_by_geopandas_and_duckdb(tmp_path: Path) -> None:
     assert {"path", "prompt", "index", "score", "area", "tiles", "run_id", "model"} <= set(frame.columns)
     con = duckdb.connect()
     con.execute(f"LOAD '{spatial_extension()}'")
-    found = con.execute(f"SELECT ST_CRS(geometry), ST_Area(geometry), area, prompt FROM '{out}' ORDER BY index").fetchall()
-    assert [(c, p) for c, _, _, p in found] == [("EPSG:32633", "roof"), ("EPSG:32633", "field"), ("EPSG:32633", "car")]
+    found = con.execute(
+        f"SELECT ST_CRS(geometry), ST_Area(geometry), area, prompt FROM '{out}' ORDER BY index"
+    ).fetchall()
+    assert [(c, p) for c, _, _, p in found] == [
+        ("EPSG:32633", "roof"),
+        ("EPSG:32633", "field"),
+        ("EPSG:32633", "car"),
+    ]
     assert all(a == pytest.approx(b) for _, a, b, _ in found)
 
 
@@ -173,7 +196,9 @@ def test_export_is_read_back_by_pyogrio(tmp_path: Path, fmt: str, suffix: str) -
     assert info["features"] == 3 and info["geometry_type"] == ("Polygon" if fmt == "shp" else "MultiPolygon")
     assert CRS.from_user_input(info["crs"]).to_epsg() == 32633
     frame = pyogrio.read_dataframe(done.path)
-    assert frame["prompt"].tolist() == ["roof", "field", "car"] and frame["score"].iloc[0] == pytest.approx(0.9)
+    assert frame["prompt"].tolist() == ["roof", "field", "car"] and frame["score"].iloc[0] == pytest.approx(
+        0.9
+    )
     for row, geom in zip(utm, frame.geometry, strict=True):
         assert geom.area == pytest.approx(shapely.from_wkb(row.geometry).area)
     assert not list(done.path.parent.glob("*batchseg-tmp*")) and not list(done.path.parent.glob(".*"))
@@ -199,7 +224,9 @@ def test_export_command(tmp_path: Path) -> None:
     output = run_folder(tmp_path, utm + wgs)
     result = CliRunner().invoke(cli, ["export", str(output), "--format", "shp"])
     assert result.exit_code == 1 and "--to-crs" in result.output
-    result = CliRunner().invoke(cli, ["export", str(output), "--to-crs", "EPSG:3857", "--dest", str(tmp_path / "x.gpkg")])
+    result = CliRunner().invoke(
+        cli, ["export", str(output), "--to-crs", "EPSG:3857", "--dest", str(tmp_path / "x.gpkg")]
+    )
     assert result.exit_code == 0, result.output
     assert "wrote 6 polygon(s)" in result.output and "EPSG:3857" in result.output
     assert pyogrio.read_info(tmp_path / "x.gpkg")["features"] == 6

@@ -6,7 +6,14 @@ import importlib
 
 from ..errors import ConfigError, InvalidImageError
 
-__all__ = ["EXTRA_HINT", "GeoExtraMissing", "GeoreferenceError", "geo_versions", "missing_extra", "require_geo"]
+__all__ = [
+    "EXTRA_HINT",
+    "GeoExtraMissing",
+    "GeoreferenceError",
+    "geo_versions",
+    "missing_extra",
+    "require_geo",
+]
 
 EXTRA_HINT = "pip install 'batchseg[geo]'"
 
@@ -23,7 +30,9 @@ class GeoreferenceError(InvalidImageError):
     pixels): a per-image ``invalid_input`` status, never fatal to the run."""
 
 
-def missing_extra(exc: ImportError | None = None, what: str = "georeferenced input and output") -> GeoExtraMissing:
+def missing_extra(
+    exc: ImportError | None = None, what: str = "georeferenced input and output"
+) -> GeoExtraMissing:
     """The error for a missing extra; ``exc`` names the module that failed to import."""
     detail = f" ({exc})" if exc is not None else ""
     return GeoExtraMissing(f"{what} needs the geo extra{detail}: {EXTRA_HINT}")

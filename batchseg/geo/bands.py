@@ -73,7 +73,9 @@ def plan_bands(path: str | Path, requested: Sequence[int] | None = None) -> Band
 def _choose(src: rasterio.DatasetReader, requested: Sequence[int] | None, name: str) -> tuple[int, int, int]:
     if requested:
         if max(requested) > src.count:
-            raise GeoreferenceError(f"{name} has {src.count} band(s): --bands {list(requested)} is out of range")
+            raise GeoreferenceError(
+                f"{name} has {src.count} band(s): --bands {list(requested)} is out of range"
+            )
         r = tuple(requested)
         return (r[0], r[0], r[0]) if len(r) == 1 else (r[0], r[1], r[2])
     interp = list(src.colorinterp)
@@ -96,7 +98,9 @@ def _decimated(src: rasterio.DatasetReader, bands: tuple[int, ...]) -> tuple[np.
     return np.stack([by_band[b] for b in bands]), valid
 
 
-def _stretch(src: rasterio.DatasetReader, bands: tuple[int, int, int], name: str) -> tuple[tuple[float, float], ...]:
+def _stretch(
+    src: rasterio.DatasetReader, bands: tuple[int, int, int], name: str
+) -> tuple[tuple[float, float], ...]:
     data, valid = _decimated(src, bands)
     if not valid.any():
         raise GeoreferenceError(f"{name}: every pixel is nodata")

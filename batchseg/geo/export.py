@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..atomic import atomic_path
@@ -60,7 +59,9 @@ def export_polygons(output: Path, fmt: str, to_crs: str | None = None, dest: Pat
     geoms, crs = _one_crs(geoms, crs_values, to_crs)
     driver, suffix = FORMATS[fmt]
     dest = dest or source.with_suffix(suffix)
-    multi = np.array([shapely.multipolygons([g]) if g.geom_type == "Polygon" else g for g in geoms], dtype=object)
+    multi = np.array(
+        [shapely.multipolygons([g]) if g.geom_type == "Polygon" else g for g in geoms], dtype=object
+    )
     fields = table.drop_columns([c for c in ("geometry", "bbox", "crs") if c in table.column_names])
     fields = fields.append_column("geometry", pa.array(shapely.to_wkb(multi), pa.binary()))
     with atomic_path(dest) as tmp:
@@ -81,11 +82,17 @@ def _one_crs(
     distinct = sorted({c for c in crs_values if c is not None})
     if to_crs is None:
         if len(distinct) > 1 or (distinct and None in crs_values):
-            kinds = ", ".join(_short(c) for c in distinct) + (", no georeference" if None in crs_values else "")
-            raise ConfigError(f"the polygons are in several CRSs ({kinds}): give --to-crs EPSG:XXXX for one file")
+            kinds = ", ".join(_short(c) for c in distinct) + (
+                ", no georeference" if None in crs_values else ""
+            )
+            raise ConfigError(
+                f"the polygons are in several CRSs ({kinds}): give --to-crs EPSG:XXXX for one file"
+            )
         return geoms, distinct[0] if distinct else None
     if None in crs_values:
-        raise ConfigError("some polygons are in pixel coordinates (images without georeference): they cannot be reprojected")
+        raise ConfigError(
+            "some polygons are in pixel coordinates (images without georeference): they cannot be reprojected"
+        )
     try:
         target = pyproj.CRS.from_user_input(to_crs)
     except pyproj.exceptions.CRSError as exc:
@@ -95,7 +102,9 @@ def _one_crs(
     for source in distinct:
         rows = values == source
         transformer = pyproj.Transformer.from_crs(pyproj.CRS.from_user_input(source), target, always_xy=True)
-        out[rows] = shapely.transform(geoms[rows], lambda xy, t=transformer: np.column_stack(t.transform(xy[:, 0], xy[:, 1])))
+        out[rows] = shapely.transform(
+            geoms[rows], lambda xy, t=transformer: np.column_stack(t.transform(xy[:, 0], xy[:, 1]))
+        )
     return out, to_crs
 
 

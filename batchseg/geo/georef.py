@@ -29,6 +29,7 @@ except ImportError as _exc:  # pragma: no cover - exercised in a subprocess with
 
 __all__ = [
     "Georef",
+    "ground_pixel_size",
     "parse_world_file",
     "read_georef",
     "world_file_for",
@@ -77,6 +78,25 @@ class Georef:
         return math.hypot(a, d), math.hypot(b, e)
 
 
+def ground_pixel_size(georef: Georef) -> float | None:
+    """Metres on the ground per pixel (geometric mean of both grid axes), for ``--gsd``; at the
+    image centre for a geographic CRS; None without a CRS."""
+    if georef.crs_wkt is None:
+        return None
+    crs = pyproj.CRS.from_wkt(georef.crs_wkt)
+    t = georef.affine
+    if crs.is_geographic:
+        geod = crs.get_geod() or pyproj.Geod(ellps="WGS84")
+        cx, cy = georef.width / 2, georef.height / 2
+        x0, y0 = t.a * cx + t.b * cy + t.c, t.d * cx + t.e * cy + t.f
+        along_col = geod.line_length([x0, x0 + t.a], [y0, y0 + t.d])
+        along_row = geod.line_length([x0, x0 + t.b], [y0, y0 + t.e])
+        return math.sqrt(along_col * along_row)
+    factor = crs.axis_info[0].unit_conversion_factor if crs.axis_info else 1.0
+    col, row = georef.pixel_size
+    return math.sqrt(col * row) * factor
+
+
 def read_georef(path: str | Path) -> Georef | None:
     """The georeference of ``path``, or None when it has none (a plain photo).
 
@@ -98,7 +118,11 @@ def read_georef(path: str | Path) -> Georef | None:
         world = world_file_for(path)
         if world is None:
             return None
-        transform, crs, source = parse_world_file(world.read_text(encoding="utf-8")), _sidecar_crs(path), world.name
+        transform, crs, source = (
+            parse_world_file(world.read_text(encoding="utf-8")),
+            _sidecar_crs(path),
+            world.name,
+        )
     return _record(path, transform, crs, source, info, interp)
 
 
@@ -109,6 +133,13 @@ def _internal(src: rasterio.DatasetReader) -> tuple[Affine, CRS | None] | None:
     if src.driver != "GTiff" or from_world:
         return None
     if src.crs is None and src.transform == Affine.identity():
+        if src.gcps[0]:
+            # Ground control points locate the image only after a warp: tracing pixels onto them
+            # would need a model of the terrain we do not have.
+            raise GeoreferenceError(
+                f"{Path(src.name).name} is georeferenced by ground control points only: "
+                "warp it to a grid first (gdalwarp) or use it without georeference"
+            )
         return None
     return src.transform, src.crs
 

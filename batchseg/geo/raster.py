@@ -16,8 +16,8 @@ import numpy as np
 import numpy.typing as npt
 
 from ..atomic import atomic_path, atomic_write_bytes
-from .georef import Georef, world_file_text
 from ._extra import missing_extra
+from .georef import Georef, world_file_text
 
 try:
     import pyproj

@@ -173,7 +173,7 @@ def _area_function(georef: Georef | None) -> Any:
         return lambda pix, geom: (float(geom.area), "crs_unit2")
     crs = pyproj.CRS.from_wkt(georef.crs_wkt)
     if crs.is_geographic:
-        geod = crs.get_geod()
+        geod = crs.get_geod() or pyproj.Geod(ellps="WGS84")
         # Geodesic area on the CRS's own ellipsoid; shapely's ring orientation gives the sign.
         return lambda pix, geom: (abs(float(geod.geometry_area_perimeter(geom)[0])), "m2")
     factor = crs.axis_info[0].unit_conversion_factor if crs.axis_info else 1.0
@@ -207,7 +207,18 @@ def polygons_table(rows: Sequence[PolygonRow]) -> pa.Table:
     """The rows as an Arrow table carrying GeoParquet 1.1 ``geo`` metadata."""
     columns: dict[str, list[Any]] = {name: [] for name in _SCHEMA.names}
     for row in rows:
-        for name in ("path", "prompt", "index", "score", "area", "area_unit", "tiles", "crs", "run_id", "model"):
+        for name in (
+            "path",
+            "prompt",
+            "index",
+            "score",
+            "area",
+            "area_unit",
+            "tiles",
+            "crs",
+            "run_id",
+            "model",
+        ):
             columns[name].append(getattr(row, name))
         columns["geometry"].append(row.geometry)
         columns["bbox"].append(dict(zip(("xmin", "ymin", "xmax", "ymax"), row.bbox, strict=True)))
@@ -217,7 +228,9 @@ def polygons_table(rows: Sequence[PolygonRow]) -> pa.Table:
 
 def _geo_metadata(rows: Sequence[PolygonRow]) -> dict[str, Any]:
     crss = {row.crs for row in rows}
-    crs_json = pyproj.CRS.from_user_input(crss.pop()).to_json_dict() if len(crss) == 1 and None not in crss else None
+    crs_json = (
+        pyproj.CRS.from_user_input(crss.pop()).to_json_dict() if len(crss) == 1 and None not in crss else None
+    )
     column: dict[str, Any] = {
         "encoding": "WKB",
         "geometry_types": sorted({row.geometry_type for row in rows}),
@@ -235,4 +248,4 @@ def write_polygons(path: str | Path, rows: Sequence[PolygonRow]) -> int:
     table = polygons_table(rows)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd", write_statistics=True)
-    return table.num_rows
+    return int(table.num_rows)
