@@ -3,6 +3,7 @@ DuckDB's spatial extension, the export to GeoPackage/GeoJSON/Shapefile, and the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import subprocess
@@ -14,6 +15,7 @@ import pyarrow.parquet as pq
 import pyogrio
 import pyproj
 import pytest
+import rasterio
 import shapely
 from affine import Affine
 from click.testing import CliRunner
@@ -24,6 +26,7 @@ from test_geo import UTM, UTM_GRID, WGS84, WGS84_GRID, make_geotiff
 
 from batchseg.cli import cli
 from batchseg.errors import ConfigError
+from batchseg.geo import vectors
 from batchseg.geo.export import export_polygons
 from batchseg.geo.georef import Georef, read_georef
 from batchseg.geo.raster import write_label_geotiff
@@ -98,6 +101,29 @@ def test_polygons_come_back_at_their_map_coordinates(tmp_path: Path, crs: CRS, t
     whole = image_polygons("scene.tif", labels, georef, DETECTIONS, run_id="r1", model="m", window=4096)
     for a, b in zip(rows, whole, strict=True):  # seams dissolve exactly: same outline as one window
         assert shapely.from_wkb(a.geometry).symmetric_difference(shapely.from_wkb(b.geometry)).area == 0
+
+
+def test_tracing_inside_boxes_gives_the_same_polygons(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Boxes pay off on large sparse scenes only; here every box is traced whatever it costs.
+    monkeypatch.setattr(vectors, "BOX_COST_PIXELS", 0)
+    labels, georef, _ = label_map(tmp_path, UTM, UTM_GRID)
+    with rasterio.open(labels) as src:
+        array = src.read(1)
+    boxed = []
+    for det in DETECTIONS:
+        ys, xs = np.nonzero(array == det.index)
+        box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+        boxed.append(dataclasses.replace(det, box=box, area_px=int(xs.size)))
+    boxed[1] = dataclasses.replace(boxed[1], box=(120.0, 20.0, 150.0, 60.0))  # too small: cut the field
+    boxed[2] = dataclasses.replace(boxed[2], box=(0.0, 0.0, 0.0, 0.0))  # empty: traced over the map
+    plain = image_polygons("s", labels, georef, DETECTIONS, run_id="r", model="m")
+    fast = image_polygons("s", labels, georef, boxed, run_id="r", model="m", window=64)
+    for a, b in zip(plain, fast, strict=True):
+        assert shapely.from_wkb(a.geometry).symmetric_difference(shapely.from_wkb(b.geometry)).area == 0
+    gone = [dataclasses.replace(boxed[0], index=9, area_px=0)]  # lost every pixel to higher scores
+    assert image_polygons("s", labels, georef, gone, run_id="r", model="m") == []
 
 
 def test_pixel_space_polygons_and_simplification() -> None:

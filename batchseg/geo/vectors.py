@@ -15,7 +15,8 @@ GeoParquet spec) when they do not, so no reader mistakes mixed rows for one CRS.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,17 +54,28 @@ __all__ = [
 GEOPARQUET_VERSION = "1.1.0"
 WINDOW = 4096  # pixels per side of a traced window: bounds memory at ~16 M labels at a time
 
+#: Fixed cost of one polygonize call, in pixels of tracing (see _boxes_pay).
+BOX_COST_PIXELS = 25_000
+
 Labels = str | Path | npt.NDArray[np.integer[Any]]
 
 
 @dataclass(frozen=True)
 class DetectionInfo:
-    """What the manifest says about one label value of an image."""
+    """What the manifest says about one label value of an image.
+
+    With ``box`` (pixels, x0 y0 x1 y1) and ``area_px`` (its pixel count in the label map) only that
+    box is traced; the traced area must equal ``area_px`` (an outline on pixel corners has exactly
+    the pixel count as area), otherwise the label is traced over the whole map: a box that is too
+    small costs time, never a clipped polygon.
+    """
 
     index: int
     prompt: str
     score: float
     tiles: int = 1  # tiles the instance was seen in (1 for an untiled image)
+    box: tuple[float, float, float, float] | None = None
+    area_px: int | None = None
 
 
 @dataclass(frozen=True)
@@ -88,30 +100,96 @@ class PolygonRow:
 def label_shapes(labels: Labels, window: int = WINDOW, simplify: float = 0.0) -> dict[int, shapely.Geometry]:
     """Label value -> its outline in pixel coordinates (x right, y down, corners on integers)."""
     parts: dict[int, list[shapely.Geometry]] = {}
-    for x0, y0, block in _windows(labels, window):
-        for geojson, value in shapes(block, mask=block > 0, transform=Affine.translation(x0, y0)):
-            parts.setdefault(int(value), []).append(shape(geojson))
-    merged = {}
-    for value, pieces in parts.items():
-        # union_all leaves the vertices where a seam crossed an edge; simplify(0) drops exactly those
-        # (collinear on integer coordinates), so a traced window size never shows in the output.
-        geom = pieces[0] if len(pieces) == 1 else shapely.union_all(pieces).simplify(0.0)
-        merged[value] = geom.simplify(simplify, preserve_topology=True) if simplify > 0 else geom
-    return merged
+    with _LabelReader(labels) as reader:
+        for y0 in range(0, reader.height, window):
+            for x0 in range(0, reader.width, window):
+                block = reader.read(x0, y0, x0 + window, y0 + window)
+                for geojson, value in shapes(block, mask=block > 0, transform=Affine.translation(x0, y0)):
+                    parts.setdefault(int(value), []).append(shape(geojson))
+    return {value: _finish(pieces, simplify) for value, pieces in parts.items()}
 
 
-def _windows(labels: Labels, size: int) -> Iterator[tuple[int, int, npt.NDArray[Any]]]:
-    if isinstance(labels, np.ndarray):
-        height, width = labels.shape
-        for y0 in range(0, height, size):
-            for x0 in range(0, width, size):
-                yield x0, y0, _shapes_dtype(labels[y0 : y0 + size, x0 : x0 + size])
-        return
-    with rasterio.open(labels) as src:
-        for y0 in range(0, src.height, size):
-            for x0 in range(0, src.width, size):
-                win = Window(x0, y0, min(size, src.width - x0), min(size, src.height - y0))
-                yield x0, y0, _shapes_dtype(src.read(1, window=win))
+def _finish(pieces: list[shapely.Geometry], simplify: float) -> shapely.Geometry:
+    # union_all leaves the vertices where a seam crossed an edge; simplify(0) drops exactly those
+    # (collinear on integer coordinates), so a traced window size never shows in the output.
+    geom = pieces[0] if len(pieces) == 1 else shapely.union_all(pieces).simplify(0.0)
+    return geom.simplify(simplify, preserve_topology=True) if simplify > 0 else geom
+
+
+def _boxed_shapes(
+    labels: Labels, detections: Sequence[DetectionInfo], window: int, simplify: float
+) -> dict[int, shapely.Geometry]:
+    """Trace each detection inside its box (GDAL's polygonize costs per pixel: boxes are usually a
+    small part of the image); labels whose box did not hold them all are traced over the whole map."""
+    found: dict[int, shapely.Geometry] = {}
+    retrace = False
+    with rasterio.Env(), _LabelReader(labels) as reader:
+        if not _boxes_pay(reader, detections):
+            return label_shapes(labels, window, simplify)
+        for det in detections:
+            geom = _trace_box(reader, det, window)
+            if geom is not None:
+                found[det.index] = geom.simplify(simplify, preserve_topology=True) if simplify > 0 else geom
+            elif det.area_px != 0:  # a label with no pixels left has no polygon: nothing to retrace
+                retrace = True
+    if retrace:
+        everything = label_shapes(labels, window, simplify)
+        found.update({i: g for i, g in everything.items() if i not in found})
+    return found
+
+
+def _boxes_pay(reader: _LabelReader, detections: Sequence[DetectionInfo]) -> bool:
+    """Whether tracing box by box beats one pass over the map: each call of rasterio's polygonize
+    has a fixed cost of about ``BOX_COST_PIXELS`` pixels' worth of tracing (measured on a 2-core
+    machine: ~1.5 ms per call against ~60 ns per pixel), so boxes win for sparse scenes only."""
+    if not detections or any(d.box is None or d.area_px is None for d in detections):
+        return False
+    boxes = [d.box for d in detections if d.box is not None]
+    boxed = sum((x1 - x0 + 2) * (y1 - y0 + 2) for x0, y0, x1, y1 in boxes)
+    return bool(len(detections) * BOX_COST_PIXELS + boxed < 0.8 * reader.width * reader.height)
+
+
+def _trace_box(reader: _LabelReader, det: DetectionInfo, window: int) -> shapely.Geometry | None:
+    """The label's outline from inside its box, or None when the box is missing, too large or
+    did not hold every pixel of the label."""
+    if det.box is None or det.area_px is None:
+        return None
+    bx0, by0, bx1, by1 = det.box
+    x0, y0 = max(0, math.floor(bx0) - 1), max(0, math.floor(by0) - 1)
+    x1, y1 = min(reader.width, math.ceil(bx1) + 1), min(reader.height, math.ceil(by1) + 1)
+    if x1 <= x0 or y1 <= y0 or (x1 - x0) * (y1 - y0) > window * window:
+        return None
+    inside = (reader.read(x0, y0, x1, y1) == det.index).astype(np.uint8)
+    traced = shapes(inside, mask=inside > 0, transform=Affine.translation(x0, y0))
+    pieces = [shape(g) for g, _ in traced]
+    geom = _finish(pieces, 0.0) if pieces else None
+    return geom if geom is not None and geom.area == det.area_px else None
+
+
+class _LabelReader:
+    """Windows of a label map held in memory or in a raster file (GeoTIFF or PNG)."""
+
+    def __init__(self, labels: Labels) -> None:
+        self._array = labels if isinstance(labels, np.ndarray) else None
+        self._path = None if isinstance(labels, np.ndarray) else labels
+        self._src: Any = None
+        self.height, self.width = labels.shape if isinstance(labels, np.ndarray) else (0, 0)
+
+    def __enter__(self) -> _LabelReader:
+        if self._path is not None:
+            self._src = rasterio.open(self._path)
+            self.height, self.width = self._src.height, self._src.width
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._src is not None:
+            self._src.close()
+
+    def read(self, x0: int, y0: int, x1: int, y1: int) -> npt.NDArray[Any]:
+        x1, y1 = min(x1, self.width), min(y1, self.height)
+        if self._array is not None:
+            return _shapes_dtype(self._array[y0:y1, x0:x1])
+        return _shapes_dtype(self._src.read(1, window=Window(x0, y0, x1 - x0, y1 - y0)))
 
 
 def _shapes_dtype(block: npt.NDArray[Any]) -> npt.NDArray[Any]:
@@ -131,7 +209,7 @@ def image_polygons(
     window: int = WINDOW,
 ) -> list[PolygonRow]:
     """The rows of one image, in the order of ``detections``; a label absent from the map has none."""
-    outlines = label_shapes(labels, window, simplify)
+    outlines = _boxed_shapes(labels, detections, window, simplify)
     crs = _crs_text(georef)
     area_of = _area_function(georef)
     rows = []
