@@ -209,14 +209,14 @@ def _threads() -> list[Check]:
 
 def _geo() -> list[Check]:
     """The optional batchseg[geo] extra: GeoTIFF/world-file inputs, --vectors and export need it."""
-    from .geo import EXTRA_HINT, GeoExtraMissing, geo_versions
+    from .geo import GeoExtraMissing, geo_versions
 
     try:
         v = geo_versions()
     except GeoExtraMissing as exc:
         return [Check("geo", WARNING, f"not installed (georeferenced inputs and polygons need it): {exc}")]
     detail = f"GDAL {v['gdal']} (rasterio {v['rasterio']}), shapely {v['shapely']}, pyproj {v['pyproj']}"
-    return [Check("geo", OK, f"{detail}, pyogrio {v['pyogrio']}; extra: {EXTRA_HINT}")]
+    return [Check("geo", OK, f"{detail}, pyogrio {v['pyogrio']} (GDAL {v['gdal_pyogrio']})")]
 
 
 # ------------------------------------------------------------------------------ model

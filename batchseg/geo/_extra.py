@@ -39,7 +39,8 @@ def missing_extra(
 
 
 def geo_versions() -> dict[str, str]:
-    """Installed versions of the extra's packages plus ``gdal`` (rasterio's); raises GeoExtraMissing."""
+    """Installed versions of the extra's packages plus ``gdal`` (rasterio's) and ``gdal_pyogrio``;
+    raises GeoExtraMissing."""
     versions: dict[str, str] = {}
     for name in _MODULES:
         try:
@@ -47,9 +48,12 @@ def geo_versions() -> dict[str, str]:
         except ImportError as exc:
             raise missing_extra(exc) from exc
         versions[name] = str(getattr(module, "__version__", "?"))
+    import pyogrio
     import rasterio
 
     versions["gdal"] = str(rasterio.__gdal_version__)
+    # pyogrio's wheels carry a GDAL of their own (the export uses it).
+    versions["gdal_pyogrio"] = str(pyogrio.__gdal_version_string__)
     return versions
 
 
