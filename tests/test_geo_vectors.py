@@ -30,7 +30,14 @@ from batchseg.geo import vectors
 from batchseg.geo.export import export_polygons
 from batchseg.geo.georef import Georef, read_georef
 from batchseg.geo.raster import write_label_geotiff
-from batchseg.geo.vectors import DetectionInfo, PolygonRow, image_polygons, label_shapes, write_polygons
+from batchseg.geo.vectors import (
+    DetectionInfo,
+    PolygonRow,
+    combine_polygon_files,
+    image_polygons,
+    label_shapes,
+    write_polygons,
+)
 
 ROTATED = UTM_GRID @ Affine.rotation(30.0)
 SIZE = 200  # pixels per side of the test grids
@@ -206,6 +213,24 @@ def test_mixed_crs_rows_keep_their_own_crs(tmp_path: Path) -> None:
     assert geopandas.read_parquet(out).crs is None
     write_polygons(out, [])  # an empty run still writes a readable file
     assert pq.read_table(out).num_rows == 0
+    # Per-image files combined into the manifest get metadata true for all their rows.
+    write_polygons(tmp_path / "a.parquet", utm)
+    write_polygons(tmp_path / "b.parquet", wgs[:1])
+    assert json.loads(pq.read_schema(tmp_path / "a.parquet").metadata[b"geo"])["columns"]["geometry"]["crs"]
+    assert combine_polygon_files([tmp_path / "a.parquet", tmp_path / "b.parquet"], out) == 4
+    column = json.loads(pq.read_schema(out).metadata[b"geo"])["columns"]["geometry"]
+    assert column["crs"] is None and column["geometry_types"] == ["MultiPolygon", "Polygon"]
+    assert combine_polygon_files([tmp_path / "a.parquet"], out) == 3
+    assert geopandas.read_parquet(out).crs.to_epsg() == 32633
+    assert json.loads(pq.read_schema(out).metadata[b"geo"])["columns"]["geometry"]["bbox"] == pytest.approx(
+        [
+            min(r.bbox[0] for r in utm),
+            min(r.bbox[1] for r in utm),
+            max(r.bbox[2] for r in utm),
+            max(r.bbox[3] for r in utm),
+        ]
+    )
+    assert combine_polygon_files([], out) == 0
 
 
 def run_folder(tmp_path: Path, rows: list[PolygonRow]) -> Path:

@@ -48,6 +48,8 @@ __all__ = [
     "image_polygons",
     "label_shapes",
     "polygons_table",
+    "combine_polygon_files",
+    "with_geo_metadata",
     "write_polygons",
 ]
 
@@ -281,49 +283,52 @@ _SCHEMA = pa.schema(
 )
 
 
+_TYPE_NAMES = {3: "Polygon", 6: "MultiPolygon"}  # shapely type ids of what outlines can be
+_FIELDS = ("path", "prompt", "index", "score", "area", "area_unit", "tiles", "crs", "run_id", "model")
+
+
 def polygons_table(rows: Sequence[PolygonRow]) -> pa.Table:
     """The rows as an Arrow table carrying GeoParquet 1.1 ``geo`` metadata."""
-    columns: dict[str, list[Any]] = {name: [] for name in _SCHEMA.names}
-    for row in rows:
-        for name in (
-            "path",
-            "prompt",
-            "index",
-            "score",
-            "area",
-            "area_unit",
-            "tiles",
-            "crs",
-            "run_id",
-            "model",
-        ):
-            columns[name].append(getattr(row, name))
-        columns["geometry"].append(row.geometry)
-        columns["bbox"].append(dict(zip(("xmin", "ymin", "xmax", "ymax"), row.bbox, strict=True)))
-    table = pa.table(columns, schema=_SCHEMA)
-    return table.replace_schema_metadata({b"geo": json.dumps(_geo_metadata(rows)).encode()})
+    columns: dict[str, list[Any]] = {name: [getattr(row, name) for row in rows] for name in _FIELDS}
+    columns["geometry"] = [row.geometry for row in rows]
+    columns["bbox"] = [dict(zip(("xmin", "ymin", "xmax", "ymax"), row.bbox, strict=True)) for row in rows]
+    return with_geo_metadata(pa.table(columns, schema=_SCHEMA))
 
 
-def _geo_metadata(rows: Sequence[PolygonRow]) -> dict[str, Any]:
-    crss = {row.crs for row in rows}
-    crs_json = (
-        pyproj.CRS.from_user_input(crss.pop()).to_json_dict() if len(crss) == 1 and None not in crss else None
-    )
+def with_geo_metadata(table: pa.Table) -> pa.Table:
+    """``table`` (the polygons schema) with its ``geo`` metadata computed from its own columns, so
+    per-image tables concatenated for the manifest get metadata true for all their rows."""
+    table = table.select(_SCHEMA.names).cast(_SCHEMA)
+    crss = set(table.column("crs").to_pylist())
+    one = len(crss) == 1 and None not in crss
+    crs_json = pyproj.CRS.from_user_input(crss.pop()).to_json_dict() if one else None
+    geoms = shapely.from_wkb(table.column("geometry").to_numpy(zero_copy_only=False))
     column: dict[str, Any] = {
         "encoding": "WKB",
-        "geometry_types": sorted({row.geometry_type for row in rows}),
+        "geometry_types": sorted({_TYPE_NAMES[int(i)] for i in np.unique(shapely.get_type_id(geoms))}),
         "crs": crs_json,  # explicit null = unknown; leaving it out would mean OGC:CRS84
         "covering": {"bbox": {k: ["bbox", k] for k in ("xmin", "ymin", "xmax", "ymax")}},
     }
-    if rows and crs_json is not None:
-        boxes = np.array([row.bbox for row in rows])
-        column["bbox"] = [*boxes[:, :2].min(axis=0).tolist(), *boxes[:, 2:].max(axis=0).tolist()]
-    return {"version": GEOPARQUET_VERSION, "primary_column": "geometry", "columns": {"geometry": column}}
+    if table.num_rows and crs_json is not None:
+        bbox = table.column("bbox").combine_chunks()
+        low = [min(bbox.field(k).to_pylist()) for k in ("xmin", "ymin")]
+        high = [max(bbox.field(k).to_pylist()) for k in ("xmax", "ymax")]
+        column["bbox"] = [*low, *high]
+    geo = {"version": GEOPARQUET_VERSION, "primary_column": "geometry", "columns": {"geometry": column}}
+    return table.replace_schema_metadata({b"geo": json.dumps(geo).encode()})
 
 
-def write_polygons(path: str | Path, rows: Sequence[PolygonRow]) -> int:
-    """Write ``polygons.parquet`` atomically; returns the number of rows."""
-    table = polygons_table(rows)
+def write_polygons(path: str | Path, rows: Sequence[PolygonRow] | pa.Table) -> int:
+    """Write ``polygons.parquet`` atomically from rows or from a polygons table (for example the
+    concatenation of per-image tables); returns the number of rows."""
+    table = with_geo_metadata(rows) if isinstance(rows, pa.Table) else polygons_table(rows)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd", write_statistics=True)
     return int(table.num_rows)
+
+
+def combine_polygon_files(parts: Sequence[str | Path], path: str | Path) -> int:
+    """One ``polygons.parquet`` from per-image files written by ``write_polygons``."""
+    tables = [pq.read_table(part) for part in parts]
+    table = pa.concat_tables(tables) if tables else polygons_table([])
+    return write_polygons(path, table)
