@@ -345,3 +345,34 @@ def main() -> None:
                 pass
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cli(prog_name="batchseg")
+
+
+@cli.command(
+    epilog="Example:\n\n\b\n  batchseg export output/aerial --format gpkg\n"
+    "  batchseg export output/aerial --format geojson --to-crs EPSG:4326"
+)
+@click.argument("output", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.option(
+    "--format", "fmt", type=click.Choice(["gpkg", "geojson", "shp"]), default="gpkg", show_default=True,
+    help="GeoPackage, GeoJSON or Shapefile.",
+)  # fmt: skip
+@click.option(
+    "--to-crs", default=None, metavar="CRS",
+    help="Reproject to this CRS (EPSG:XXXX); needed when the images are in different CRSs.",
+)  # fmt: skip
+@click.option(
+    "--dest", type=click.Path(path_type=Path, dir_okay=False), default=None,
+    help="File to write [default: OUTPUT/manifest/polygons.<format>].",
+)  # fmt: skip
+def export(output: Path, fmt: str, to_crs: str | None, dest: Path | None) -> None:
+    """Write the polygons of a run made with --vectors to one file QGIS opens (needs batchseg[geo]).
+
+    Nothing is reprojected unless --to-crs is given.
+    """
+    try:
+        from .geo.export import export_polygons  # GeoExtraMissing (a ConfigError) names the extra
+
+        done = export_polygons(output, fmt, to_crs, dest)
+    except BatchsegError as exc:
+        _fail(exc)
+    safe_echo(f"wrote {done.count} polygon(s) to {done.path} (CRS: {done.crs or 'none, pixel coordinates'})")
