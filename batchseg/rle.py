@@ -190,7 +190,9 @@ def column_runs(counts: str, height: int, width: int) -> tuple[np.ndarray, np.nd
     return split_columns(starts[keep], ends[keep], height)
 
 
-def split_columns(starts: np.ndarray, ends: np.ndarray, height: int) -> tuple[np.ndarray, ...]:
+def split_columns(
+    starts: np.ndarray, ends: np.ndarray, height: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Column-major runs [start, end) of a mask ``height`` rows high as (column, row0, row1) pieces."""
     first_col, last_col = starts // height, (ends - 1) // height
     pieces = last_col - first_col + 1

@@ -6,7 +6,6 @@ splitting them into connected pieces, as the threshold engine does. No full-size
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from _tile_shapes import Found, Shape, tile_detections
 
@@ -128,13 +127,3 @@ def test_match_threshold_is_checked() -> None:
 
 def test_an_image_without_detections_merges_to_nothing() -> None:
     assert merge_tiles(plan_tiles(5000, 5000, 1008, 252), {}) == []
-
-
-def test_merge_works_without_a_full_size_array() -> None:
-    """Masks stay runs: a 20000x15000 object's mask costs memory per column, not per pixel."""
-    plan = plan_tiles(20000, 15000, 1008, 252)
-    shape = Shape("rect", 10000.0, 7500.0, 9000.0, 7000.0)
-    mask = shape.sparse(20000, 15000)
-    assert mask.starts.nbytes + mask.ends.nbytes < 20000 * 16 + 1
-    assert np.all(mask.ends > mask.starts)
-    assert plan.tile(0, 0).id == "r000c000"
