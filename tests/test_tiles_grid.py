@@ -91,3 +91,24 @@ def test_which_images_are_tiled() -> None:
     assert auto.side_for(limit + 1, 10, 1008) == 1008
     assert off.side_for(100_000, 100_000, 1008) is None
     assert fixed.side_for(512, 512, 1008) is None and fixed.side_for(513, 100, 1008) == 512
+
+
+@pytest.mark.parametrize(("side", "overlap"), [(1008, 252), (512, 64)])
+def test_objects_up_to_overlap_minus_one_are_whole_in_some_tile(side: int, overlap: int) -> None:
+    """The documented capacity of an overlap: checked at every position along a row of tiles."""
+    plan = plan_tiles(5 * side, side, side, overlap)
+
+    def whole_somewhere(a: int, w: int) -> bool:
+        for tile in plan.tiles:
+            left, _, right, _ = plan.interior_edges(tile)
+            if (
+                tile.x0 <= a
+                and a + w <= tile.x1
+                and not (left and a == tile.x0)
+                and not (right and a + w == tile.x1)
+            ):
+                return True
+        return False
+
+    assert all(whole_somewhere(a, overlap - 1) for a in range(0, plan.width - overlap + 2))
+    assert not all(whole_somewhere(a, overlap) for a in range(0, plan.width - overlap + 1))

@@ -254,3 +254,16 @@ def test_a_30000x30000_tiled_tiff_is_read_by_window_in_bounded_memory(big_tiff: 
             for bx in range(x0 // _BLOCK, (x1 - 1) // _BLOCK + 1)
         )
         assert total == expected, tile_id
+
+
+def test_a_rotated_tiff_is_not_read_by_window(tmp_path: Path) -> None:
+    """Windows are in the upright image: a TIFF with an Orientation tag is decoded whole (turned
+    upright as any image), within --max-pixels."""
+    pixels = np.zeros((40, 60, 3), np.uint8)
+    pixels[:10, :] = 255
+    tifffile.imwrite(
+        tmp_path / "r.tif", pixels, photometric="rgb", tile=(16, 16), extratags=[(274, 3, 1, 3, True)]
+    )
+    source = open_source(tmp_path / "r.tif", max_pixels=10**6)
+    assert isinstance(source, WholeSource)
+    assert (source.read((0, 30, 60, 40)) == 255).all()  # rotated 180 degrees: the white band is at the bottom

@@ -69,8 +69,10 @@ def parse_tile(text: str | int) -> TileSetting:
 
 
 def default_overlap(side: int) -> int:
-    """A quarter of the side (252 px for 1008): objects up to ``overlap - 2`` px across come out of
-    one tile whole; larger ones are joined across the seams they cross."""
+    """A quarter of the side (252 px for 1008). An object up to ``overlap - 1`` px across in both
+    directions lies, wherever it is, inside some tile without touching that tile's interior edges
+    (the grid's step is ``side - overlap``), so one tile holds it whole; larger ones are joined
+    across the seams they cross."""
     return side // 4
 
 

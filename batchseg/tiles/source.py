@@ -175,7 +175,10 @@ def open_source(
                 f"The image is {source.width} x {source.height} = {pixels:,} pixels, more than the limit "
                 f"of {max_tiled_pixels:,} for images read by window (--max-tiled-pixels)."
             )
-        if source.chunk_bytes <= MAX_CHUNK_BYTES and planar_ok:
+        # An Orientation tag other than top-left would make windows of the stored pixels differ
+        # from windows of the upright image: such a file is decoded whole like a JPEG.
+        upright = int(getattr(source._page.tags.get(274), "value", 1)) == 1
+        if source.chunk_bytes <= MAX_CHUNK_BYTES and planar_ok and upright:
             return source
         source.close()
     return _whole(path, max_pixels)
