@@ -38,6 +38,8 @@ __all__ = ["DEFAULT_MATCH", "MergedDetection", "TileDetection", "merge_tiles"]
 
 #: Intersection over the smaller mask inside the overlap above which two tiles saw one object.
 DEFAULT_MATCH = 0.5
+#: Grid cell (pixels) used to find the better-scored objects that may overlap an object.
+_CELL = 256
 
 
 class TileDetection(Protocol):
@@ -220,23 +222,32 @@ def _edge_distance(part: _Part) -> int:
 def _number(plan: TilePlan, objects: list[_Object]) -> list[MergedDetection]:
     """Rule 5: order, indices, and the visible mask of each object (better scores own overlaps)."""
     objects.sort(key=lambda o: (-o.score, _bbox(o)[1], _bbox(o)[0], o.prompt))
-    cell = plan.side
-    buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
+    boxes = [_bbox(o) for o in objects]
+    buckets: dict[tuple[int, int], list[int]] = defaultdict(list)  # grid cell -> objects so far
     out = []
-    for k, obj in enumerate(objects):
-        x0, y0, x1, y1 = _bbox(obj)
+    for k, (obj, box) in enumerate(zip(objects, boxes, strict=True)):
+        x0, y0, x1, y1 = box
         cells = [
             (cx, cy)
-            for cx in range(x0 // cell, (x1 - 1) // cell + 1)
-            for cy in range(y0 // cell, (y1 - 1) // cell + 1)
+            for cx in range(x0 // _CELL, (x1 - 1) // _CELL + 1)
+            for cy in range(y0 // _CELL, (y1 - 1) // _CELL + 1)
         ]
-        earlier = sorted({j for c in cells for j in buckets[c]})
-        covering = [objects[j].mask for j in earlier if _boxes_meet(_bbox(objects[j]), (x0, y0, x1, y1))]
+        earlier = {j for c in cells for j in buckets[c]}
+        covering = [objects[j].mask for j in sorted(earlier) if _boxes_meet(boxes[j], box)]
         visible = obj.mask.minus(covering[0].union(*covering[1:])) if covering else obj.mask
         for c in cells:
             buckets[c].append(k)
-        box = (float(x0), float(y0), float(x1), float(y1))
-        out.append(MergedDetection(k + 1, obj.prompt, obj.score, box, visible.area, len(obj.tiles), visible))
+        out.append(
+            MergedDetection(
+                k + 1,
+                obj.prompt,
+                obj.score,
+                (float(x0), float(y0), float(x1), float(y1)),
+                visible.area,
+                len(obj.tiles),
+                visible,
+            )
+        )
     return out
 
 
