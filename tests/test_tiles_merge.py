@@ -127,3 +127,61 @@ def test_match_threshold_is_checked() -> None:
 
 def test_an_image_without_detections_merges_to_nothing() -> None:
     assert merge_tiles(plan_tiles(5000, 5000, 1008, 252), {}) == []
+
+
+def _window_rle(plan: TilePlan, tile_id: str, shape: Shape, *, erode: int = 0) -> str:
+    """RLE over a tile's window of a shape (optionally shrunk, as a model's second view may be)."""
+    tile = plan.by_id(tile_id)
+    smaller = Shape(shape.kind, shape.cx, shape.cy, shape.rx - erode, shape.ry - erode, shape.inner)
+    return rle.encode(smaller.raster(tile.window))
+
+
+def test_views_that_disagree_slightly_still_make_one_detection_with_the_best_score() -> None:
+    plan = plan_tiles(1800, 1000, 1000, 200)  # two tiles, overlapping on x = 800..1000
+    disc = Shape("disc", 900.0, 500.0, 60.0, 60.0)  # whole in both tiles
+    results = {
+        "r000c000": [Found("roof", 0.7, _window_rle(plan, "r000c000", disc))],
+        "r000c001": [Found("roof", 0.9, _window_rle(plan, "r000c001", disc, erode=3))],
+    }
+    merged = merge_tiles(plan, results)
+    assert len(merged) == 1 and merged[0].score == 0.9 and merged[0].tiles == 2
+    # Both views are 100+ px from their tile's edges; the left one is farther: its mask is kept,
+    # not the union (which would inflate the shape) nor the eroded one.
+    assert merged[0].area_px == disc.sparse(1800, 1000).area
+
+
+def test_no_merging_across_prompts_or_below_the_threshold() -> None:
+    plan = plan_tiles(1800, 1000, 1000, 200)
+    disc = Shape("disc", 900.0, 500.0, 60.0, 60.0)
+    shifted = Shape("disc", 960.0, 500.0, 60.0, 60.0)  # overlaps the disc by about a third
+    results = {
+        "r000c000": [Found("roof", 0.7, _window_rle(plan, "r000c000", disc))],
+        "r000c001": [
+            Found("tree", 0.9, _window_rle(plan, "r000c001", disc)),
+            Found("roof", 0.8, _window_rle(plan, "r000c001", shifted)),
+        ],
+    }
+    merged = merge_tiles(plan, results)
+    assert sorted((d.prompt, d.score) for d in merged) == [("roof", 0.7), ("roof", 0.8), ("tree", 0.9)]
+    assert len(merge_tiles(plan, results, match=0.2)) == 2  # a looser threshold joins the roofs
+
+
+def test_two_objects_of_one_tile_stay_two_when_a_neighbour_sees_them_as_one() -> None:
+    """A model may return one mask in one tile for what it splits into two in another: the two
+    detections of the same tile are never folded into each other."""
+    plan = plan_tiles(1800, 1000, 1000, 200)
+    left = Shape("rect", 880.0, 500.0, 30.0, 40.0)
+    right = Shape("rect", 940.0, 500.0, 30.0, 40.0)
+    both = Shape("rect", 910.0, 500.0, 60.0, 40.0)
+    results = {
+        "r000c000": [
+            Found("p", 0.9, _window_rle(plan, "r000c000", left)),
+            Found("p", 0.8, _window_rle(plan, "r000c000", right)),
+        ],
+        "r000c001": [Found("p", 0.7, _window_rle(plan, "r000c001", both))],
+    }
+    merged = merge_tiles(plan, results)
+    # The wide view is folded into the best detection it matches; the other one stays.
+    assert [(d.score, d.tiles) for d in merged] == [(0.9, 2), (0.8, 1)]
+    assert merged[0].area_px == left.sparse(1800, 1000).area
+    assert merged[1].area_px == right.sparse(1800, 1000).area
