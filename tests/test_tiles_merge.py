@@ -138,15 +138,15 @@ def _window_rle(plan: TilePlan, tile_id: str, shape: Shape, *, erode: int = 0) -
 
 def test_views_that_disagree_slightly_still_make_one_detection_with_the_best_score() -> None:
     plan = plan_tiles(1800, 1000, 1000, 200)  # two tiles, overlapping on x = 800..1000
-    disc = Shape("disc", 900.0, 500.0, 60.0, 60.0)  # whole in both tiles
+    disc = Shape("disc", 880.0, 500.0, 60.0, 60.0)  # whole in both tiles, 59 px from the left tile's edge
     results = {
         "r000c000": [Found("roof", 0.7, _window_rle(plan, "r000c000", disc))],
         "r000c001": [Found("roof", 0.9, _window_rle(plan, "r000c001", disc, erode=3))],
     }
     merged = merge_tiles(plan, results)
     assert len(merged) == 1 and merged[0].score == 0.9 and merged[0].tiles == 2
-    # Both views are 100+ px from their tile's edges; the left one is farther: its mask is kept,
-    # not the union (which would inflate the shape) nor the eroded one.
+    # The left view is farther from its tile's inner edge (59 px against 20): its mask is kept, not
+    # the union of the views (which would inflate the shape).
     assert merged[0].area_px == disc.sparse(1800, 1000).area
 
 

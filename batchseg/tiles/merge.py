@@ -205,18 +205,20 @@ def _objects(plan: TilePlan, group: list[_Part]) -> list[_Object]:
         members[int(np.argmax(ratios))].append(part)
     out = []
     for (best, views), parts in zip(objects, members, strict=True):
-        central = min(views, key=lambda v: (_edge_distance(v), -v.score, v.key))
+        central = min(views, key=lambda v: (-_edge_distance(plan, v), -v.score, v.key))
         out.append(
             _Object(best.prompt, max(p.score for p in parts), central.mask, {p.tile.id for p in parts})
         )
     return out
 
 
-def _edge_distance(part: _Part) -> int:
-    """Pixels between the part's box and the nearest edge of its tile."""
+def _edge_distance(plan: TilePlan, part: _Part) -> int:
+    """Pixels between the part's box and the nearest edge of its tile inside the image (where a
+    model's view is least reliable); image borders do not count."""
     x0, y0, x1, y1 = part.bbox
     t = part.tile
-    return min(x0 - t.x0, y0 - t.y0, t.x1 - x1, t.y1 - y1)
+    gaps = zip(plan.interior_edges(t), (x0 - t.x0, y0 - t.y0, t.x1 - x1, t.y1 - y1), strict=True)
+    return min((gap for inner, gap in gaps if inner), default=plan.side)
 
 
 def _number(plan: TilePlan, objects: list[_Object]) -> list[MergedDetection]:
