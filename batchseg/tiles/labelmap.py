@@ -5,11 +5,14 @@ horizontal predictor, uint16 (uint32 past 65535 detections), BigTIFF when the un
 would pass 2 GiB. Each 512 x 512 block is painted from the detections' runs and handed to tifffile
 as it is made, so memory grows with the detections, never with the image. An image processed whole
 keeps ``masks/<rel>.png`` (16-bit PNG, ``imageio.save_label_map``). Both are written atomically.
+tifffile lays out the file (IFDs, tile offsets, BigTIFF); the blocks are compressed here, so that
+the many empty blocks of a label map are compressed once.
 """
 
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -54,8 +57,8 @@ class _Runs:
         self.ends = (np.concatenate(ends) if ends else np.zeros(0, np.int64))[order]
         self.labels = (np.concatenate(labels) if labels else np.zeros(0, np.int64))[order]
 
-    def paint(self, out: np.ndarray, x0: int, y0: int) -> None:
-        """Paint the runs falling inside the window at (x0, y0) of ``out``'s size."""
+    def paint(self, out: np.ndarray, x0: int, y0: int) -> bool:
+        """Paint the runs falling inside the window at (x0, y0) of ``out``'s size; False if none."""
         h, w = out.shape
         lo, hi = np.searchsorted(self.starts, [x0 * self.height, (x0 + w) * self.height])
         col = self.starts[lo:hi] // self.height
@@ -69,6 +72,7 @@ class _Runs:
             np.minimum(row1[keep], y0 + h) - y0,
             self.labels[lo:hi][keep],
         )
+        return bool(keep.any())
 
 
 def write_label_map(
@@ -86,12 +90,16 @@ def write_label_map(
         imageio.save_label_map(path, labels)
         return
 
-    def blocks() -> Iterator[np.ndarray]:
+    empty = _encode_block(np.zeros((BLOCK, BLOCK), dtype))
+
+    def blocks() -> Iterator[bytes]:
         for y in range(0, height, BLOCK):
             for x in range(0, width, BLOCK):
                 block = np.zeros((BLOCK, BLOCK), dtype)  # edge blocks are padded, as TIFF tiles are
-                runs.paint(block, x, y)
-                yield block
+                if runs.paint(block, x, y):
+                    yield _encode_block(block)
+                else:
+                    yield empty  # most blocks of a label map: compressed once
 
     bigtiff = width * height * np.dtype(dtype).itemsize >= _BIGTIFF_FROM
     with atomic_path(path) as tmp:
@@ -101,6 +109,7 @@ def write_label_map(
             shape=(height, width),
             dtype=dtype,
             tile=(BLOCK, BLOCK),
+            byteorder="<",
             compression="zlib",
             predictor=True,
             bigtiff=bigtiff,
@@ -108,6 +117,17 @@ def write_label_map(
             metadata=None,
         )
         _fsync(tmp)
+
+
+def _encode_block(block: np.ndarray) -> bytes:
+    """One TIFF tile as tifffile would store it, but faster: the horizontal predictor (differences
+    along each row, modulo the type's range), then DEFLATE level 1 with the run-length strategy,
+    which suits label maps (zeros and flat blobs) and costs about half of tifffile's level 6."""
+    little = block.astype(block.dtype.newbyteorder("<"), copy=False)
+    diff = little.copy()
+    np.subtract(little[:, 1:], little[:, :-1], out=diff[:, 1:])
+    deflate = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    return deflate.compress(diff.tobytes()) + deflate.flush()
 
 
 def _fsync(path: Path) -> None:
