@@ -267,3 +267,30 @@ def test_a_rotated_tiff_is_not_read_by_window(tmp_path: Path) -> None:
     source = open_source(tmp_path / "r.tif", max_pixels=10**6)
     assert isinstance(source, WholeSource)
     assert (source.read((0, 30, 60, 40)) == 255).all()  # rotated 180 degrees: the white band is at the bottom
+
+
+def test_a_tiff_whose_compression_cannot_be_decoded_says_what_to_install(tmp_path: Path) -> None:
+    path = tmp_path / "c.tif"
+    tifffile.imwrite(path, np.zeros((64, 64), np.uint8), tile=(32, 32), compression="zlib")
+    data = path.read_bytes()
+    entry = b"\x03\x01\x03\x00\x01\x00\x00\x00\x08\x00"  # Compression (259) = 8, DEFLATE
+    assert data.count(entry) == 1
+    path.write_bytes(data.replace(entry, b"\x03\x01\x03\x00\x01\x00\x00\x00\x05\x00"))  # 5: LZW
+    try:
+        import imagecodecs  # noqa: F401
+    except ImportError:
+        with pytest.raises(InvalidImageError, match="pip install imagecodecs"):
+            open_source(path, max_pixels=10**6)
+    else:  # with the codecs installed the zlib data is not valid LZW: still an input problem
+        with pytest.raises(InvalidImageError, match="cannot be decoded"):
+            open_source(path, max_pixels=10**6)
+
+
+def test_16_bit_rgb_keeps_its_colours_with_one_range_for_all_channels(tmp_path: Path) -> None:
+    pixels = np.zeros((100, 100, 3), np.uint16)
+    pixels[..., 0] = 4000
+    pixels[..., 2] = 2000
+    tifffile.imwrite(tmp_path / "c.tif", pixels, photometric="rgb", tile=(32, 32))
+    source = open_source(tmp_path / "c.tif", max_pixels=10**6)
+    assert source.read((50, 50, 51, 51)).tolist() == [[[255, 0, 128]]]
+    source.close()

@@ -118,16 +118,21 @@ class TiffSource:
             out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = seg[sy0 - cy : sy1 - cy, sx0 - cx : sx1 - cx]
         return out
 
+    @property
+    def _colour(self) -> int:
+        """Colour samples per pixel (grey 1 or RGB 3); a 2nd or 4th sample is alpha."""
+        return 3 if int(self._page.samplesperpixel) >= 3 else 1
+
     def value_range(self) -> tuple[float, float]:
-        """Finite minimum and maximum of the whole image, one chunk at a time (cached)."""
+        """Finite minimum and maximum of the colour samples of the whole image, one chunk at a
+        time (cached): one range for all channels, as for whole images, so colours keep their balance."""
         if self._range is None:
             lo, hi = math.inf, -math.inf
             for y in range(0, self.height, self._ch):
                 for x in range(0, self.width, self._cw):
-                    raw = self.read_samples(
-                        (x, y, min(x + self._cw, self.width), min(y + self._ch, self.height))
-                    )
-                    finite = raw[..., :1][np.isfinite(raw[..., :1])]
+                    window = (x, y, min(x + self._cw, self.width), min(y + self._ch, self.height))
+                    colour = self.read_samples(window)[..., : self._colour]
+                    finite = colour[np.isfinite(colour)]
                     if finite.size:
                         lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
             self._range = (lo, hi) if lo <= hi else (0.0, 0.0)
@@ -135,20 +140,17 @@ class TiffSource:
 
     def read(self, window: tuple[int, int, int, int]) -> np.ndarray:
         raw = self.read_samples(window)
-        samples = raw.shape[2]
+        colour = raw[..., : self._colour]
         if raw.dtype != np.uint8:
             lo, hi = self.value_range()
-            grey = raw[..., 0].astype(np.float32)
-            scaled = (grey - lo) * np.float32(255.0 / (hi - lo)) if hi > lo else np.clip(grey, 0, 255)
-            raw = np.rint(np.nan_to_num(scaled, nan=0.0, posinf=0.0, neginf=0.0)).astype(np.uint8)[..., None]
-            samples = 1
-        if samples in (1, 2):
-            rgb = np.repeat(raw[..., :1], 3, axis=2)
-        else:
-            rgb = raw[..., :3]
-        if samples in (2, 4):  # alpha: composite on black, as for whole images
-            alpha = raw[..., -1:].astype(np.uint16)
-            rgb = ((rgb.astype(np.uint16) * alpha + 127) // 255).astype(np.uint8)
+            values = colour.astype(np.float32)
+            scaled = (values - lo) * np.float32(255.0 / (hi - lo)) if hi > lo else np.clip(values, 0, 255)
+            colour = np.rint(np.nan_to_num(scaled, nan=0.0, posinf=0.0, neginf=0.0)).astype(np.uint8)
+        rgb = np.repeat(colour, 3, axis=2) if self._colour == 1 else colour
+        if raw.shape[2] in (2, 4):  # alpha: composite on black, as for whole images
+            full = float(np.iinfo(raw.dtype).max) if raw.dtype.kind in "ui" else 1.0
+            alpha = np.clip(raw[..., -1:].astype(np.float32) / np.float32(full), 0, 1)
+            rgb = np.rint(rgb.astype(np.float32) * alpha).astype(np.uint8)
         return np.ascontiguousarray(rgb)
 
     def close(self) -> None:
@@ -179,9 +181,24 @@ def open_source(
         # from windows of the upright image: such a file is decoded whole like a JPEG.
         upright = int(getattr(source._page.tags.get(274), "value", 1)) == 1
         if source.chunk_bytes <= MAX_CHUNK_BYTES and planar_ok and upright:
+            _check_decodable(source)
             return source
         source.close()
     return _whole(path, max_pixels)
+
+
+def _check_decodable(source: TiffSource) -> None:
+    """Decode one chunk now, so that a compression this installation cannot decode (JPEG, LZW,
+    WebP... need the ``imagecodecs`` package) is an input problem with a remedy, found up front."""
+    try:
+        source.read_samples((0, 0, 1, 1))
+    except Exception as exc:  # noqa: BLE001 - every decoding failure is the same input problem
+        source.close()
+        compression = getattr(source._page.compression, "name", source._page.compression)
+        raise InvalidImageError(
+            f"The TIFF's pixels ({compression} compression) cannot be decoded ({type(exc).__name__}: "
+            f"{exc}); `pip install imagecodecs` adds the codecs, or {CONVERT_HINT}."
+        ) from exc
 
 
 def _whole(path: str | os.PathLike[str], max_pixels: int) -> ImageSource:
