@@ -185,3 +185,21 @@ def test_two_objects_of_one_tile_stay_two_when_a_neighbour_sees_them_as_one() ->
     assert [(d.score, d.tiles) for d in merged] == [(0.9, 2), (0.8, 1)]
     assert merged[0].area_px == left.sparse(1800, 1000).area
     assert merged[1].area_px == right.sparse(1800, 1000).area
+
+
+def test_one_view_per_tile_is_folded_into_an_object() -> None:
+    """When a tile holds two detections matching one object of its neighbour (a model that sees a
+    roof once in one tile and twice in another), only the better-overlapping one is folded in."""
+    plan = plan_tiles(1800, 1000, 1000, 200)
+    big = Shape("rect", 900.0, 500.0, 60.0, 40.0)
+    part = Shape("rect", 900.0, 500.0, 60.0, 30.0)  # inside big, 3/4 of it
+    sliver = Shape("rect", 870.0, 500.0, 20.0, 10.0)  # inside big too, a small part
+    results = {
+        "r000c000": [Found("p", 0.9, _window_rle(plan, "r000c000", big))],
+        "r000c001": [
+            Found("p", 0.8, _window_rle(plan, "r000c001", part)),
+            Found("p", 0.6, _window_rle(plan, "r000c001", sliver)),
+        ],
+    }
+    merged = merge_tiles(plan, results)
+    assert [(d.score, d.tiles) for d in merged] == [(0.9, 2), (0.6, 1)]

@@ -195,7 +195,12 @@ def _objects(plan: TilePlan, group: list[_Part]) -> list[_Object]:
     objects: list[tuple[_Part, list[_Part]]] = []
     while wholes:
         best = wholes.pop(0)
-        views = [best] + [w for w in wholes if w.key in best.links and w.tile is not best.tile]
+        # At most one view per other tile: the one overlapping ``best`` most.
+        per_tile: dict[str, _Part] = {}
+        linked = (w for w in wholes if w.key in best.links and w.tile is not best.tile)
+        for w in sorted(linked, key=lambda w: -best.links[w.key]):
+            per_tile.setdefault(w.tile.id, w)
+        views = [best, *per_tile.values()]
         wholes = [w for w in wholes if w not in views]
         objects.append((best, views))
     members: list[list[_Part]] = [list(views) for _, views in objects]
