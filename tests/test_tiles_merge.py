@@ -6,8 +6,9 @@ splitting them into connected pieces, as the threshold engine does. No full-size
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
-from _tile_shapes import Found, Shape, tile_detections
+from _tile_shapes import Found, Shape, components, tile_detections
 
 from batchseg import rle
 from batchseg.tiles.grid import TilePlan, plan_tiles
@@ -203,3 +204,46 @@ def test_one_view_per_tile_is_folded_into_an_object() -> None:
     }
     merged = merge_tiles(plan, results)
     assert [(d.score, d.tiles) for d in merged] == [(0.9, 2), (0.6, 1)]
+
+
+def _rects(plan: TilePlan, tile_id: str, rects: list[tuple[int, int, int, int]]) -> list[Found]:
+    """The threshold engine's detections of a union of rectangles (x0, y0, x1, y1) in one tile."""
+    tile = plan.by_id(tile_id)
+    canvas = np.zeros((tile.y1 - tile.y0, tile.x1 - tile.x0), bool)
+    for x0, y0, x1, y1 in rects:
+        canvas[max(y0 - tile.y0, 0) : max(y1 - tile.y0, 0), max(x0 - tile.x0, 0) : max(x1 - tile.x0, 0)] = (
+            True
+        )
+    return [Found("p", 0.9, rle.encode(piece)) for piece in components(canvas)]
+
+
+def test_a_shape_that_two_tiles_split_differently_in_the_overlap_is_still_one() -> None:
+    """In the overlap (x 800..1000) the shape has three pieces: the left tile joins the first two
+    (through x < 800), the right tile joins the last two (through x >= 1000). Whole masks share only
+    the thin middle piece; piece by piece they match."""
+    plan = plan_tiles(1800, 1000, 1000, 200)
+    rects = [
+        (700, 100, 790, 510),  # left bar, outside the overlap
+        (790, 100, 900, 300),  # first piece
+        (790, 500, 1010, 510),  # thin middle piece, across the whole overlap
+        (900, 700, 1010, 900),  # last piece
+        (1010, 500, 1100, 900),  # right bar, outside the overlap
+    ]
+    results = {tile_id: _rects(plan, tile_id, rects) for tile_id in ("r000c000", "r000c001")}
+    assert [len(v) for v in results.values()] == [2, 2]
+    merged = merge_tiles(plan, results)
+    assert len(merged) == 1 and merged[0].tiles == 2
+    assert merged[0].area_px == sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in rects)
+
+
+def test_components_of_a_sparse_mask() -> None:
+    canvas = np.zeros((50, 60), bool)
+    canvas[5:10, 5:20] = True  # a bar
+    canvas[10:30, 18:20] = True  # touching it below: same piece
+    canvas[40:45, 30:50] = True  # apart
+    canvas[0:3, 55:60] = True  # apart, at the top
+    canvas[3, 54] = True  # diagonal to the last one only: a piece of its own (4-connected)
+    mask = SparseMask.from_rle(rle.encode(canvas), (0, 0, 60, 50), 50)
+    pieces = mask.components()
+    assert sorted(p.area for p in pieces) == sorted([15 * 5 + 20 * 2, 100, 15, 1])
+    assert SparseMask.empty(50).union(*pieces).to_rle(60) == mask.to_rle(60)

@@ -8,7 +8,9 @@ per-tile masks are the object cut to the window (the colour-threshold engine):
    *whole* otherwise (image borders do not cut).
 2. Two detections of the same prompt in overlapping tiles *match* when, inside the overlap of the
    two windows, their intersection covers at least ``match`` (default 0.5) of the smaller of the
-   two masks there; boxes are compared first so most pairs cost nothing.
+   two masks there; boxes are compared first so most pairs cost nothing. Two cut detections that
+   share pixels but fall short are compared again piece by piece (connected pieces inside the
+   overlap), since two tiles may split a large object differently there.
 3. Matches link detections into groups. A group with a whole detection is an object some tile
    held whole: its cut detections are dropped (they are the same object seen through a
    neighbour's edge) and whole duplicates are folded into the best-scoring one, keeping the mask
@@ -146,8 +148,29 @@ def _link(ours: list[_Part], theirs: list[_Part], a: Tile, b: Tile, match: float
             continue
         mp, mq = inside(p), inside(q)
         smaller = min(mp.area, mq.area)
-        if smaller and (ratio := mp.intersection_area(mq) / smaller) >= match:
+        if not smaller:
+            continue
+        shared_px = mp.intersection_area(mq)
+        ratio = shared_px / smaller
+        if ratio < match and shared_px and p.cut and q.cut:
+            ratio = _piecewise_ratio(mp, mq)
+        if ratio >= match:
             p.links[q.key] = q.links[p.key] = ratio
+
+
+def _piecewise_ratio(a: SparseMask, b: SparseMask) -> float:
+    """Best intersection over the smaller between the connected pieces of two masks inside an
+    overlap. Two tiles can split one large object differently there (a piece joined outside the
+    overlap in one tile is two pieces in the other), so whole masks may share only a little while
+    some piece of one is exactly a piece of the other."""
+    best = 0.0
+    pieces_b = b.components()
+    for piece_a in a.components():
+        for piece_b in pieces_b:
+            if piece_a.bbox and piece_b.bbox and _boxes_meet(piece_a.bbox, piece_b.bbox):
+                shared = piece_a.intersection_area(piece_b)
+                best = max(best, shared / min(piece_a.area, piece_b.area))
+    return best
 
 
 def _groups(parts: list[_Part]) -> list[list[_Part]]:

@@ -92,6 +92,34 @@ class SparseMask:
     def minus(self, other: SparseMask) -> SparseMask:
         return _combine([self, other], lambda cover: (cover & 1).astype(bool) & (cover < 2), weights=(1, 2))
 
+    def components(self) -> list[SparseMask]:
+        """4-connected components, each a mask of its own, in order of their first run.
+
+        Runs in neighbouring columns that share a row are joined; for each run the runs of the
+        next column that it touches form one index range (runs are sorted), found by search."""
+        h = self.height
+        lo = np.searchsorted(self.ends, self.starts + h, side="right")
+        hi = np.searchsorted(self.starts, self.ends + h, side="left")
+        count = np.maximum(hi - lo, 0)
+        left = np.repeat(np.arange(self.starts.size), count)
+        right = np.repeat(lo, count) + (np.arange(left.size) - np.repeat(np.cumsum(count) - count, count))
+        parent = list(range(self.starts.size))
+
+        def find(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        for a, b in zip(left.tolist(), right.tolist(), strict=True):
+            ra, rb = find(a), find(b)
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+        roots = np.array([find(i) for i in range(self.starts.size)], np.int64)
+        return [
+            SparseMask(self.starts[roots == root], self.ends[roots == root], h) for root in np.unique(roots)
+        ]
+
     def to_rle(self, width: int) -> str:
         """COCO RLE counts of this mask over the whole (height, width) image."""
         return rle.encode_runs(self.starts, self.ends, self.height, width)
