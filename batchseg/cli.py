@@ -499,3 +499,34 @@ def main() -> None:
                 pass
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cli(prog_name="batchseg")
+
+
+@cli.command(
+    epilog="Example:\n\n\b\n  batchseg report output/aerial\n  batchseg report output/aerial --previews"
+)
+@click.argument("output", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.option("--previews", is_flag=True, help="First make the overlay previews that are missing.")
+@click.option(
+    "--preview-size",
+    type=click.IntRange(min=64),
+    default=1024,
+    show_default=True,
+    help="Long side of a preview, pixels.",
+)
+@click.option("--redo", is_flag=True, help="With --previews: remake every preview, not only missing ones.")
+def report(output: Path, previews: bool, preview_size: int, redo: bool) -> None:
+    """Write OUTPUT/report.html: summary, failures, detections per prompt, a gallery of previews.
+
+    A static page (no server, nothing from the internet) that opens from a file share.
+    """
+    from .report import make_missing_previews, write_report
+
+    try:
+        if previews:
+            made, failed = make_missing_previews(output, preview_size, redo=redo, stream=sys.stderr)
+            safe_echo(
+                f"previews: {made} made" + (f", {failed} could not be made (see above)" if failed else "")
+            )
+        safe_echo(f"report: {write_report(output)}")
+    except BatchsegError as exc:
+        _fail(exc)

@@ -59,6 +59,8 @@ class RunConfig:
     log_keep: int = 30  # log files kept in OUTPUT/logs
     progress_interval: float = 60.0  # seconds between plain progress lines when not on a TTY
     manifest_interval: float = 300.0  # seconds between manifest exports during a run
+    previews: bool = False  # overlay JPEGs in OUTPUT/previews/ and report.html at the end
+    preview_size: int = 1024  # long side of a preview, pixels
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property
