@@ -419,32 +419,54 @@ def status(output: Path, as_json: bool) -> None:
 @click.option("--name", default=None, help="Task name [default: the job file's name].")
 @click.option("--print", "print_only", is_flag=True, help="Print the task XML instead of writing it.")
 @click.option("--cron", is_flag=True, help="Print a crontab line (Linux/macOS) instead.")
-def schedule(job: Path, at: str, days: str | None, name: str | None, print_only: bool, cron: bool) -> None:
+@click.option("--wake", is_flag=True, help="Wake the computer from sleep to run (WakeToRun).")
+@click.option(
+    "--logon",
+    type=click.Choice(["interactive", "s4u", "password"]),
+    default="interactive",
+    show_default=True,
+    help="interactive: only while you are logged on; s4u: also logged off, local disks only; "
+    "password: also logged off, with network shares (schtasks asks for the password).",
+)
+@click.option("--user", default=None, help="Account of an s4u or password task [default: you].")
+def schedule(
+    job: Path,
+    at: str,
+    days: str | None,
+    name: str | None,
+    print_only: bool,
+    cron: bool,
+    wake: bool,
+    logon: str,
+    user: str | None,
+) -> None:
     """Write a Windows Task Scheduler task that runs a job file nightly, and print how to register it.
 
     The task runs this Python with `-m batchseg run --job <job>` in the job's folder, never twice at
-    once, with a time limit, and starts late after a missed start.
+    once, with a time limit, and starts late after a missed start. Pick --logon by where your files
+    are (see README, 'Nightly runs'); --wake for a PC that sleeps at night.
     """
-    from .schedule import crontab_line, default_task_name, schtasks_commands, task_xml, write_task_xml
+    from .schedule import crontab_line, task_xml, write_task
 
     job = job.resolve()
     day_list = [d.strip() for d in days.split(",") if d.strip()] if days else None
     try:
         if cron:
+            if wake or logon != "interactive":
+                raise click.UsageError("--wake and --logon are Task Scheduler settings; cron has neither")
             click.echo(crontab_line(job, at, day_list, sys.executable))
             return
-        xml = task_xml(job, at, day_list, sys.executable, time_limit_hours=_time_limit_hours(job))
+        options: dict[str, Any] = dict(
+            time_limit_hours=_time_limit_hours(job), wake=wake, logon=logon, user=user
+        )
         if print_only:
-            click.echo(xml)
+            click.echo(task_xml(job, at, day_list, sys.executable, **options))
             return
-        xml_path = job.with_suffix(".task.xml")
-        write_task_xml(xml_path, xml)
-        create, delete = schtasks_commands(name or default_task_name(job), xml_path)
+        lines = write_task(job, at, day_list, sys.executable, name=name, **options)
     except BatchsegError as exc:
         _fail(exc)
-    safe_echo(f"wrote {xml_path}")
-    safe_echo(f"register it:  {create}")
-    safe_echo(f"remove it:    {delete}")
+    for line in lines:
+        safe_echo(line)
 
 
 def _time_limit_hours(job: Path) -> float:
