@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..atomic import atomic_path
 from ..config import RunConfig
-from ..imageio import original_size, read_image, read_label_map, safe_output_path
+from ..imageio import original_size, read_image, safe_output_path
 from ..records import ItemResult, Status
 
 __all__ = [
@@ -114,12 +114,13 @@ def read_label_map_small(path: Path, size: tuple[int, int]) -> np.ndarray:
     Samples are taken at the preview pixels' centres, so no label is ever blended with another.
     Today masks are 16-bit PNGs (decoded whole: 2 bytes a pixel); a tiled format reads windows here.
     """
-    labels = read_label_map(path)
-    height, width = labels.shape
-    ys = ((np.arange(size[1]) + 0.5) * height / size[1]).astype(np.intp)
-    xs = ((np.arange(size[0]) + 0.5) * width / size[0]).astype(np.intp)
-    small: np.ndarray = labels[np.minimum(ys, height - 1)[:, None], np.minimum(xs, width - 1)[None, :]]
-    return small
+    with Image.open(path) as image:
+        if image.mode not in ("I;16", "I;16B", "I;16L", "I", "L"):
+            raise ValueError(f"{path} is a {image.mode} image, not a 16-bit label map.")
+        # Pillow's nearest neighbour samples at the output pixels' centres, in its own memory.
+        small = image.resize(size, Image.Resampling.NEAREST) if image.size != size else image
+        labels: np.ndarray = np.asarray(small).astype(np.uint16, copy=False)
+    return labels
 
 
 # ---- compositing ----------------------------------------------------------------------------------
