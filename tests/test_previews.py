@@ -159,7 +159,9 @@ def test_exif_rotated_image_is_previewed_upright(tmp_path: Path) -> None:
     labels = np.zeros((200, 100), np.uint16)
     labels[0:50, :] = 1  # the upright image's top quarter
     save_label_map(out / "masks/turned.jpg.png", labels)
-    preview = render_preview(PreviewSpec(src, out, PROMPTS), "turned.jpg", "masks/turned.jpg.png", [("roof", 1)])
+    preview = render_preview(
+        PreviewSpec(src, out, PROMPTS), "turned.jpg", "masks/turned.jpg.png", [("roof", 1)]
+    )
     assert preview.size == (100, 200 + LEGEND_HEIGHT)
     got = np.asarray(preview).astype(int)
     upright = np.asarray(stored.transpose(Image.Transpose.ROTATE_270)).astype(int)

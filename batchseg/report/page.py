@@ -252,8 +252,9 @@ def _gallery_json(d: ReportData) -> str:
         key: [{"path": it.path, "href": _href(it.preview), "caption": it.caption} for it in items]
         for key, items in d.gallery.items()
     }
-    # "</" inside a script element would end it: escape the slash.
-    return json.dumps(data, ensure_ascii=True).replace("</", "<\\/")
+    # Inside a script element "</script" or "<!--" would change how the page parses: no < > & at all.
+    text = json.dumps(data, ensure_ascii=True)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def _files(d: ReportData) -> str:
