@@ -14,6 +14,7 @@ from batchseg.atomic import TEMP_SUFFIX
 from batchseg.config import RunConfig
 from batchseg.imageio import save_label_map
 from batchseg.records import Detection, ItemResult, Status
+from batchseg.report import previews
 from batchseg.report.previews import (
     LEGEND_HEIGHT,
     PreviewMaker,
@@ -193,3 +194,14 @@ def test_preview_maker_skips_what_it_cannot_make(tmp_path: Path, caplog: pytest.
     with PreviewMaker.for_run(config.with_changes(previews=False)) as off:
         off.submit(results[0])
     assert off.made == 0
+
+
+def test_a_long_backlog_is_left_to_the_end_of_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, out = _folders(tmp_path)
+    monkeypatch.setattr(previews, "MAX_QUEUED", 0)
+    config = RunConfig(input=src, prompts=PROMPTS, output=out, previews=True)
+    with PreviewMaker.for_run(config) as maker:
+        maker.submit(ItemResult("a.png", Status.OK, mask_path="masks/a.png.png"))
+    assert (maker.made, maker.failed, maker.deferred) == (0, 0, 1)

@@ -101,6 +101,8 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> 
     assert summary.log_path is not None
     last = summary.log_path.read_text(encoding="utf-8").splitlines()[-1]
     assert last.endswith(f"INFO    report: {summary.output_dir / REPORT_NAME}")  # the log names it
+    # Every preview was made while the run went on: none was left to the pass at its end.
+    assert "previews made after the run" not in summary.log_path.read_text(encoding="utf-8")
     return summary.output_dir
 
 

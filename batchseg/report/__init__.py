@@ -9,6 +9,7 @@ Torch-free: Pillow, numpy and pyarrow only.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -104,10 +105,11 @@ def make_missing_previews(
         detections = _detections_by_path(detections_path)
     except (OSError, pa.ArrowException) as exc:
         raise OutputError(f"cannot read the manifest in {images_path.parent}: {exc}") from exc
+    existing = set() if redo else _existing_previews(output_dir)
     jobs = [
         (row["path"], row["mask_path"], detections.get(row["path"], []))
         for row in images.to_pylist()
-        if redo or not (output_dir / preview_relpath(row["path"])).is_file()
+        if preview_relpath(row["path"]) not in existing
     ]
     spec = PreviewSpec(
         input_dir=input_dir,
@@ -125,6 +127,16 @@ def make_missing_previews(
                 stream.write(f"previews: {len(jobs) - maker.pending():,} of {len(jobs):,}\n")
                 last = time.monotonic()
     return maker.made, maker.failed
+
+
+def _existing_previews(output_dir: Path) -> set[str]:
+    """Relative paths of the previews there (one listing per folder: few round trips on a share)."""
+    found: set[str] = set()
+    top = output_dir / "previews"
+    for folder, _, files in os.walk(top):
+        rel = Path(folder).relative_to(output_dir).as_posix()
+        found.update(f"{rel}/{name}" for name in files)
+    return found
 
 
 def _detections_by_path(path: Path) -> dict[str, list[tuple[str, int]]]:
