@@ -205,3 +205,18 @@ def test_a_long_backlog_is_left_to_the_end_of_the_run(
     with PreviewMaker.for_run(config) as maker:
         maker.submit(ItemResult("a.png", Status.OK, mask_path="masks/a.png.png"))
     assert (maker.made, maker.failed, maker.deferred) == (0, 0, 1)
+
+
+def test_pillows_own_pixel_limit_does_not_apply(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """max_pixels decides, as for the workers: Pillow's process-wide limit (here 1,000 pixels) would
+    call both the image and its label map decompression bombs."""
+    src, out = _folders(tmp_path)
+    Image.fromarray(_gradient(64, 48)).save(src / "a.png")
+    save_label_map(out / "masks/a.png.png", np.ones((48, 64), np.uint16))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    spec = PreviewSpec(src, out, PROMPTS)
+    assert render_preview(spec, "a.png", "masks/a.png.png", [("roof", 1)]).size == (64, 48 + LEGEND_HEIGHT)
+    assert render_preview(spec, "a.png", None, []).size == (64, 48 + LEGEND_HEIGHT)
+    assert Image.MAX_IMAGE_PIXELS == 1000
+    with pytest.raises(ValueError, match="more than --max-pixels"):
+        render_preview(PreviewSpec(src, out, PROMPTS, max_pixels=1000), "a.png", None, [])

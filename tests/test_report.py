@@ -263,3 +263,17 @@ def test_big_manifest_opens_fast(tmp_path: Path, browser: Any) -> None:
     print(f"100,000 rows: written in {written_s:.2f} s, opened in {opened.load_s:.2f} s")
     opened.page.close()
     shutil.rmtree(output)
+
+
+def test_report_after_run_only_when_asked_and_never_raises(tmp_path: Path) -> None:
+    from batchseg.logs import RunLog
+    from batchseg.report import report_after_run
+
+    config = RunConfig(input=tmp_path, prompts=("roof",), output=tmp_path / "out")
+    with RunLog(tmp_path / "logs") as log:
+        assert report_after_run(config, log, retried=False) is None  # no previews, no retry: no page
+        assert report_after_run(config, log, retried=True) is None  # no manifest: a warning, no raise
+    assert not (tmp_path / "out" / REPORT_NAME).exists()
+    assert log.path is not None
+    last = log.path.read_text(encoding="utf-8").splitlines()[-1]
+    assert "WARNING no report written: OutputError: no readable batchseg manifest" in last

@@ -121,7 +121,7 @@ def _summary(d: ReportData) -> str:
         ("started", _e(_when(session.started if session else d.first_started)), "started"),
         ("ended", _e(_when(session.ended if session else d.last_finished)), "ended"),
         ("wall time", _e(session.elapsed if session and session.elapsed else "-"), "wall-time"),
-        ("images per second", _e(_n(d.images_per_s, 2)), "images-per-s"),
+        ("images per second of wall time", _e(_n(d.images_per_s, 2)), "images-per-s"),
         ("device", _e("; ".join(d.devices) or "-"), "device"),
         ("model", _e(d.model_id), "model"),
         ("prompts", prompts, "prompts"),

@@ -14,10 +14,11 @@ off the model's path; ``batchseg report --previews`` makes the missing ones afte
 from __future__ import annotations
 
 import colorsys
+import contextlib
 import logging
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..atomic import atomic_path
 from ..config import RunConfig
-from ..imageio import original_size, read_image, safe_output_path
+from ..imageio import _PILLOW_LIMIT_LOCK, original_size, read_image, safe_output_path
 from ..records import ItemResult, Status
 
 __all__ = [
@@ -111,15 +112,29 @@ def preview_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+@contextlib.contextmanager
+def _label_map(path: Path) -> Iterator[Image.Image]:
+    """Open a label map (ours: trusted) with Pillow's pixel limit lifted for the header, under the
+    lock imageio holds while it does the same, so a 200-megapixel mask is not a "decompression bomb"."""
+    with _PILLOW_LIMIT_LOCK:
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            image = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+    with image:
+        if image.mode not in ("I;16", "I;16B", "I;16L", "I", "L"):
+            raise ValueError(f"{path} is a {image.mode} image, not a 16-bit label map.")
+        yield image
+
+
 def read_label_map_small(path: Path, size: tuple[int, int]) -> np.ndarray:
     """The label map at ``path`` sampled nearest-neighbour to ``size`` (width, height), uint16.
 
     Samples are taken at the preview pixels' centres, so no label is ever blended with another.
     Today masks are 16-bit PNGs (decoded whole: 2 bytes a pixel); a tiled format reads windows here.
     """
-    with Image.open(path) as image:
-        if image.mode not in ("I;16", "I;16B", "I;16L", "I", "L"):
-            raise ValueError(f"{path} is a {image.mode} image, not a 16-bit label map.")
+    with _label_map(path) as image:
         # Pillow's nearest neighbour samples at the output pixels' centres, in its own memory.
         small = image.resize(size, Image.Resampling.NEAREST) if image.size != size else image
         labels: np.ndarray = np.asarray(small).astype(np.uint16, copy=False)
@@ -186,16 +201,32 @@ class PreviewSpec:
     max_pixels: int = 250_000_000
 
 
+def _stored_size(path: Path, max_pixels: int) -> tuple[int, int]:
+    with _PILLOW_LIMIT_LOCK:  # imageio's rule: max_pixels decides, not Pillow's own limit
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            with Image.open(path) as probe:
+                width, height = probe.size
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+    if width * height > max_pixels:
+        raise ValueError(f"{path} has {width * height:,} pixels, more than --max-pixels")
+    return width, height
+
+
 def render_preview(
     spec: PreviewSpec, rel: str, mask_path: str | None, detections: Sequence[tuple[str, int]]
 ) -> Image.Image:
     """The preview of input ``rel`` (image, overlay of ``mask_path`` if given, legend strip)."""
     source = spec.input_dir / rel
     labels_path = spec.output_dir / mask_path if mask_path else None
-    # Header only: the size decides the draft scale. The label map's is the upright size; the
-    # image's stored one may be turned by EXIF, which leaves its short side the same.
-    with Image.open(labels_path if labels_path is not None else source) as probe:
-        full = probe.size
+    # Header only: the size decides the draft scale. The label map's is the upright size; without
+    # one, the image's stored size may be turned by EXIF, which leaves its short side the same.
+    if labels_path is not None:
+        with _label_map(labels_path) as probe:
+            full = probe.size
+    else:
+        full = _stored_size(source, spec.max_pixels)
     size = preview_size(full[0], full[1], spec.max_side)
     image = read_image(source, spec.max_pixels, draft_side=max(1, min(size)))
     if labels_path is None:
