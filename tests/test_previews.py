@@ -220,3 +220,10 @@ def test_pillows_own_pixel_limit_does_not_apply(tmp_path: Path, monkeypatch: pyt
     assert Image.MAX_IMAGE_PIXELS == 1000
     with pytest.raises(ValueError, match="more than --max-pixels"):
         render_preview(PreviewSpec(src, out, PROMPTS, max_pixels=1000), "a.png", None, [])
+
+
+def test_previews_are_readable_by_everyone(tmp_path: Path) -> None:
+    src, out = _folders(tmp_path)
+    Image.fromarray(_gradient(32, 24)).save(src / "a.png")
+    path = write_preview(PreviewSpec(src, out, PROMPTS), "a.png", None, [])
+    assert path.stat().st_mode & 0o777 == 0o644  # temp files start private (0600)

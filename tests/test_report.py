@@ -115,6 +115,7 @@ def test_run_with_previews_writes_previews_and_report(finished_run: Path) -> Non
         with Image.open(preview) as jpeg:
             assert jpeg.format == "JPEG" and max(jpeg.size) <= 200
     assert not (finished_run / "previews" / "broken.jpg.jpg").exists()
+    assert (finished_run / REPORT_NAME).stat().st_mode & 0o777 == 0o644  # for whoever opens the share
     text = (finished_run / REPORT_NAME).read_text(encoding="utf-8")
     assert "http://" not in text and "https://" not in text  # nothing fetched from anywhere
     assert "<b>&'x'" not in text  # names are escaped (in HTML and in the gallery's JSON)

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..atomic import atomic_write_bytes
+from ..atomic import atomic_path
 from ..config import RunConfig
 from ..errors import OutputError
 from ..logs import RunLog
@@ -32,6 +32,7 @@ from .previews import (
     PreviewMaker,
     PreviewSpec,
     preview_relpath,
+    readable_by_all,
 )
 
 __all__ = [
@@ -52,7 +53,12 @@ def write_report(output_dir: Path) -> Path:
     page = render_page(collect_report(output_dir))
     target = output_dir / REPORT_NAME
     try:
-        atomic_write_bytes(target, page.encode("utf-8"))
+        with atomic_path(target) as tmp:
+            with open(tmp, "wb") as fh:
+                fh.write(page.encode("utf-8"))
+                fh.flush()
+                os.fsync(fh.fileno())  # the rename must not reach the disk before the page
+            readable_by_all(tmp)
     except OSError as exc:
         raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from exc
     return target
