@@ -168,7 +168,7 @@ def _run_locked(
         collisions=dict(found.collisions),
     )
     log.summary(counts, summary.elapsed_s, summary.exit_code)
-    report_after_run(config, log, retried=retry_statuses is not None)
+    report_after_run(config, log, retried=retry_statuses is not None, stopped=summary.stopped)
     return summary
 
 

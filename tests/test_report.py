@@ -278,3 +278,22 @@ def test_report_after_run_only_when_asked_and_never_raises(tmp_path: Path) -> No
     assert log.path is not None
     last = log.path.read_text(encoding="utf-8").splitlines()[-1]
     assert "WARNING no report written: OutputError: no readable batchseg manifest" in last
+
+
+def test_end_of_run_makes_missing_previews_unless_stopped_early(finished_run: Path, tmp_path: Path) -> None:
+    from batchseg.logs import RunLog
+    from batchseg.report import report_after_run
+    from batchseg.store.manifest import read_manifest_run
+
+    stored = read_manifest_run(finished_run)
+    assert stored is not None
+    config = RunConfig.from_dict(stored.config).with_changes(previews=True)
+    gone = finished_run / "previews" / "c.jpg.jpg"
+    gone.unlink()
+    with RunLog(tmp_path / "logs") as log:
+        assert report_after_run(config, log, retried=False, stopped="deadline") == finished_run / REPORT_NAME
+        assert not gone.exists()  # a run stopped at its deadline ends now
+        report_after_run(config, log, retried=False)
+        assert gone.is_file()
+    assert log.path is not None
+    assert "previews made after the run: 1; could not be made: 0" in log.path.read_text(encoding="utf-8")

@@ -64,16 +64,20 @@ def write_report(output_dir: Path) -> Path:
     return target
 
 
-def report_after_run(config: RunConfig, log: RunLog, *, retried: bool) -> Path | None:
+def report_after_run(
+    config: RunConfig, log: RunLog, *, retried: bool, stopped: str | None = None
+) -> Path | None:
     """The end of a run with previews (or of a retry): the previews still missing (those queued when
-    an earlier session was killed), then report.html, whose path is the log's last line.
+    an earlier session was killed, or left by a long backlog), then report.html, whose path is the
+    log's last line. A run stopped early (deadline, Ctrl-C) leaves the missing previews for the
+    next run: it must end now.
 
     Never raises: the run's results are durable already and its exit code stands.
     """
     if not (config.previews or retried):
         return None
     try:
-        if config.previews:
+        if config.previews and not stopped:
             made, failed = make_missing_previews(config.output_dir, config.preview_size)
             if made or failed:
                 log.info(f"previews made after the run: {made}; could not be made: {failed}")

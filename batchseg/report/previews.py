@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import colorsys
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -175,10 +176,15 @@ def composite(image: Image.Image, labels: np.ndarray, colours: dict[int, tuple[i
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    return ImageFont.load_default()
+
+
 def _legend(width: int, prompts: Sequence[str], counts: dict[str, int]) -> Image.Image:
     strip = Image.new("RGB", (width, LEGEND_HEIGHT), (24, 24, 24))
     draw = ImageDraw.Draw(strip)
-    font = ImageFont.load_default()
+    font = _font()
     x = 4
     for k, prompt in enumerate(prompts):
         if x > width - 20:
