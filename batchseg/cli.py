@@ -406,7 +406,8 @@ def status(output: Path, as_json: bool) -> None:
 
 @cli.command(
     epilog="Example:\n\n\b\n"
-    "  batchseg schedule --job jobs/aerial-nightly.toml --at 02:00 --days mon,tue,wed,thu,fri"
+    "  batchseg schedule --job jobs/aerial-nightly.toml --at 02:00 --days mon,tue,wed,thu,fri\n"
+    "  batchseg schedule --job jobs/aerial-nightly.toml --at 02:00 --logon password --wake"
 )
 @click.option(
     "--job",
