@@ -234,7 +234,8 @@ def big_run(folder: Path, n: int) -> Path:
     ]
     pq.write_table(pa.Table.from_arrays(det_arrays, schema=det_schema), detections_path)
     jpeg = make_image(folder / "small.jpg", (64, 48))
-    for j in range(3, 4 * 60, 4):  # images with the most detections, so that the gallery shows them
+    # The images with the most detections, and three that failed with an error (a plain preview).
+    for j in [*range(3, 4 * 60, 4), 0, 1, 60]:
         target = output / "previews" / f"{paths[j]}.jpg"
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(jpeg, target)
@@ -252,15 +253,27 @@ def test_big_manifest_opens_fast(tmp_path: Path, browser: Any) -> None:
     opened = Opened(browser, page_path)
     assert opened.load_s < 2.0, f"opened in {opened.load_s:.2f} s"
     assert opened.errors == [] and opened.failed == []
-    images = pq.read_table(output / "manifest/images.parquet", columns=["status"])
+    images = pq.read_table(output / "manifest/images.parquet", columns=["status", "error_type"])
     for row in pc.value_counts(images["status"]).to_pylist():
         assert opened.number(f"#count-{row['values']}") == row["counts"]
+    failed = images.filter(pc.is_in(images["status"], pa.array(["error", "timeout", "invalid_input"])))
+    expected = {
+        (r["status"], r["error_type"] or "(no type)"): r["status_count"]
+        for r in failed.group_by(["status", "error_type"]).aggregate([("status", "count")]).to_pylist()
+    }
+    shown = opened.page.eval_on_selector_all(
+        "details.failure-group", "els => els.map(e => [e.dataset.status, e.dataset.type, +e.dataset.count])"
+    )
+    assert {(s, t): n for s, t, n in shown} == expected
+    assert opened.number("#failure-total") == failed.num_rows
+    assert opened.page.inner_text("#gallery-failures .page-info") == "page 1 of 1 (3 images)"
+    assert "error: OutOfMemoryError" in opened.page.inner_text("#gallery-failures")
     info = opened.page.locator("#gallery-most .page-info")
     assert info.inner_text() == "page 1 of 2 (48 images)"
     opened.page.click("#gallery-most .next")
     assert info.inner_text() == "page 2 of 2 (48 images)"
     count, broken = opened.images_ok()
-    assert broken == [] and count == 24  # the second page of "most detections"; no sample has a preview
+    assert broken == [] and count == 24 + 3  # page 2 of "most detections", the failures; no sample
     print(f"100,000 rows: written in {written_s:.2f} s, opened in {opened.load_s:.2f} s")
     opened.page.close()
     shutil.rmtree(output)
