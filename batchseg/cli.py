@@ -255,7 +255,8 @@ def status(output: Path, as_json: bool) -> None:
 
 @cli.command(
     epilog="Example:\n\n\b\n"
-    "  batchseg schedule --job jobs/aerial-nightly.toml --at 02:00 --days mon,tue,wed,thu,fri"
+    "  batchseg schedule --job jobs/aerial-nightly.toml --at 02:00 --days mon,tue,wed,thu,fri\n"
+    "  batchseg schedule --job jobs/aerial-nightly.toml --at 02:00 --logon password --wake"
 )
 @click.option(
     "--job",
@@ -268,29 +269,49 @@ def status(output: Path, as_json: bool) -> None:
 @click.option("--name", default=None, help="Task name [default: the job file's name].")
 @click.option("--print", "print_only", is_flag=True, help="Print the task XML instead of writing it.")
 @click.option("--cron", is_flag=True, help="Print a crontab line (Linux/macOS) instead.")
-def schedule(job: Path, at: str, days: str | None, name: str | None, print_only: bool, cron: bool) -> None:
+@click.option("--wake", is_flag=True, help="Wake the computer from sleep to run (WakeToRun).")
+@click.option(
+    "--logon",
+    type=click.Choice(["interactive", "s4u", "password"]),
+    default="interactive",
+    show_default=True,
+    help="interactive: only while you are logged on; s4u: also logged off, local disks only; "
+    "password: also logged off, with network shares (schtasks asks for the password).",
+)
+@click.option("--user", default=None, help="Account of an s4u or password task [default: you].")
+def schedule(
+    job: Path,
+    at: str,
+    days: str | None,
+    name: str | None,
+    print_only: bool,
+    cron: bool,
+    wake: bool,
+    logon: str,
+    user: str | None,
+) -> None:
     """Write a Windows Task Scheduler task that runs a job file nightly, and print how to register it.
 
     The task runs this Python with `-m batchseg run --job <job>` in the job's folder, never twice at
-    once, with a time limit, and starts late after a missed start.
+    once, with a time limit, and starts late after a missed start. Pick --logon by where your files
+    are (see README, 'Nightly runs'); --wake for a PC that sleeps at night.
     """
-    from .schedule import crontab_line, default_task_name, schtasks_commands, task_xml, write_task_xml
+    from .schedule import crontab_line, task_xml, write_task
 
     job = job.resolve()
     day_list = [d.strip() for d in days.split(",") if d.strip()] if days else None
     if cron:
+        if wake or logon != "interactive":
+            raise click.UsageError("--wake and --logon are Task Scheduler settings; cron has neither")
         click.echo(crontab_line(job, at, day_list, sys.executable))
         return
-    xml = task_xml(job, at, day_list, sys.executable, time_limit_hours=_time_limit_hours(job))
+    options: dict[str, Any] = dict(time_limit_hours=_time_limit_hours(job), wake=wake, logon=logon, user=user)
     if print_only:
-        click.echo(xml)
+        click.echo(task_xml(job, at, day_list, sys.executable, **options))
         return
-    xml_path = job.with_suffix(".task.xml")
-    write_task_xml(xml_path, xml)
-    create, delete = schtasks_commands(name or default_task_name(job), xml_path)
-    safe_echo(f"wrote {xml_path}")
-    safe_echo(f"register it:  {create}")
-    safe_echo(f"remove it:    {delete}")
+    lines = write_task(job, at, day_list, sys.executable, name=name, **options)
+    for line in lines:
+        safe_echo(line)
 
 
 def _time_limit_hours(job: Path) -> float:
@@ -369,10 +390,33 @@ def export(output: Path, fmt: str, to_crs: str | None, dest: Path | None) -> Non
 
     Nothing is reprojected unless --to-crs is given.
     """
-    try:
-        from .geo.export import export_polygons  # GeoExtraMissing (a ConfigError) names the extra
+    from .geo.export import export_polygons  # GeoExtraMissing (a ConfigError) names the extra
 
-        done = export_polygons(output, fmt, to_crs, dest)
-    except BatchsegError as exc:
-        _fail(exc)
+    done = export_polygons(output, fmt, to_crs, dest)
     safe_echo(f"wrote {done.count} polygon(s) to {done.path} (CRS: {done.crs or 'none, pixel coordinates'})")
+
+
+@cli.command(
+    epilog="Example:\n\n\b\n  batchseg report output/aerial\n  batchseg report output/aerial --previews"
+)
+@click.argument("output", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.option("--previews", is_flag=True, help="First make the overlay previews that are missing.")
+@click.option(
+    "--preview-size",
+    type=click.IntRange(min=64),
+    default=1024,
+    show_default=True,
+    help="Long side of a preview, pixels.",
+)
+@click.option("--redo", is_flag=True, help="With --previews: remake every preview, not only missing ones.")
+def report(output: Path, previews: bool, preview_size: int, redo: bool) -> None:
+    """Write OUTPUT/report.html: summary, failures, detections per prompt, a gallery of previews.
+
+    A static page (no server, nothing from the internet) that opens from a file share.
+    """
+    from .report import make_missing_previews, write_report
+
+    if previews:
+        made, failed = make_missing_previews(output, preview_size, redo=redo, stream=sys.stderr)
+        safe_echo(f"previews: {made} made" + (f", {failed} could not be made (see above)" if failed else ""))
+    safe_echo(f"report: {write_report(output)}")

@@ -363,6 +363,17 @@ class RunOptions:
         reader=RUNNER,
         retry=True,
     )
+    # --- what a person looks at in the morning -----------------------------------------------------
+    previews: bool = option(
+        Flag(),
+        False,
+        help="Overlay JPEGs in OUTPUT/previews/ and OUTPUT/report.html at the end of the run.",
+        reader=RUNNER,
+        retry=True,
+    )
+    preview_size: int = option(
+        Count(64), 1024, help="Long side of a preview, pixels.", reader=RUNNER, retry=True
+    )
 
 
 def _declared() -> tuple[Option, ...]:

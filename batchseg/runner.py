@@ -30,6 +30,7 @@ from .lock import RunLock
 from .logs import RunLog
 from .progress import Progress
 from .records import FINAL_FAILURES, FailureCategory, Item, ItemResult, Status, failure_result
+from .report import PreviewMaker, report_after_run
 from .signals import StopRequest
 from .store.checkpoint import Checkpoint
 from .store.manifest import export_manifest
@@ -161,6 +162,7 @@ def _run_locked(
         collisions=dict(found.collisions),
     )
     log.summary(counts, summary.elapsed_s, summary.exit_code)
+    report_after_run(config, log, retried=retry_statuses is not None, stopped=summary.stopped)
     return summary
 
 
@@ -288,6 +290,7 @@ def _process(
             output_failure.append(result)
             return
         recorder.add(result)
+        previews.submit(result)  # made on the maker's threads, off the pool's loop
         progress.update(result)
         if result.status is not Status.OK:
             log.failure(result.path, str(result.status), _reason(result))
@@ -307,7 +310,7 @@ def _process(
         else:
             log.info(text)
 
-    with StopRequest() as stop_request:
+    with StopRequest() as stop_request, PreviewMaker.for_run(config) as previews:
 
         def should_stop() -> str | None:
             nonlocal last_log_line
