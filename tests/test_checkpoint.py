@@ -16,6 +16,7 @@ from batchseg.errors import ConfigMismatchError, OutputError
 from batchseg.records import FINAL_FAILURES, Item, Status
 from batchseg.store.checkpoint import CHECKPOINT_NAME, Checkpoint
 from batchseg.store.manifest import export_manifest
+from batchseg.store.rebuild import open_run
 
 TESTS = str(Path(__file__).parent)
 
@@ -60,7 +61,7 @@ def test_new_run_moves_the_earlier_run_aside(tmp_path: Path) -> None:
         cp.record(ok_result(item, tmp_path), item)
         export_manifest(cp, tmp_path)
         old_id = cp.run_id
-    with Checkpoint.open(tmp_path, make_config(threshold=0.6), new_run=True) as cp:
+    with open_run(tmp_path, make_config(threshold=0.6), new_run=True) as cp:
         assert cp.run_id != old_id
         assert sum(cp.counts().values()) == 0
         assert cp.plan([item], use_hash=False).counts["new"] == 1
@@ -98,6 +99,7 @@ def test_plan_sorts_new_changed_removed_and_failed_items(tmp_path: Path) -> None
         "restored": 0,
         "missing": 1,
         "pending": 3,
+        "orphan_masks": 0,
     }
     state = rows(tmp_path)
     assert state[d.path][0] == "missing" and (tmp_path / f"masks/{d.path}.png").is_file()
@@ -245,7 +247,7 @@ def test_a_damaged_checkpoint_error_points_at_the_manifest(tmp_path: Path) -> No
     with pytest.raises(OutputError, match="manifest.*rebuild the checkpoint"):
         Checkpoint.open(tmp_path, make_config())
     # --new-run moves the damaged file aside and starts clean
-    with Checkpoint.open(tmp_path, make_config(), new_run=True) as cp:
+    with open_run(tmp_path, make_config(), new_run=True) as cp:
         assert cp.counts()["ok"] == 0
     assert list((tmp_path / "previous-runs").glob(f"*/{CHECKPOINT_NAME}"))
 
@@ -261,8 +263,8 @@ def test_a_lost_checkpoint_is_rebuilt_from_the_manifest(tmp_path: Path) -> None:
         run_id = cp.run_id
     (tmp_path / CHECKPOINT_NAME).unlink()
     with pytest.raises(ConfigMismatchError, match="threshold"):
-        Checkpoint.open(tmp_path, make_config(threshold=0.9))
-    with Checkpoint.open(tmp_path, make_config()) as cp:
+        open_run(tmp_path, make_config(threshold=0.9))
+    with open_run(tmp_path, make_config()) as cp:
         assert cp.run_id == run_id
         assert cp.counts()["ok"] == 1 and cp.counts()["error"] == 1
         plan = cp.plan([a, b, c], use_hash=False)
