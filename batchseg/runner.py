@@ -144,6 +144,8 @@ def _run_locked(
             checkpoint.reset_for_retry([i.path for i in checkpoint.failed_items(list(retry_statuses))])
         plan = checkpoint.plan(found.items, use_hash=config.hash)
         log.info(f"found {len(found.items)} images in {config.input}; {len(plan.pending)} to process")
+        if plan.counts["orphan_masks"]:
+            log.info(f"removed {plan.counts['orphan_masks']} mask file(s) whose result was never recorded")
         for path, kept in found.collisions.items():
             _record_collision(checkpoint, config, path, kept, log)
         _record_skipped(checkpoint, config.input, found.excluded)

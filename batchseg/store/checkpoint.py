@@ -337,7 +337,9 @@ class Checkpoint:
             "run_id": self.run_id,
             "updated_at": now,
         }
-        return tuple(values[c] if c in values else getattr(result, c) for c in _WRITTEN)
+        row = (values[c] if c in values else getattr(result, c) for c in _WRITTEN)
+        # An error message or traceback may quote an undecodable name: SQLite takes only UTF-8.
+        return tuple(path_text(v) if isinstance(v, str) else v for v in row)
 
     def _detection_rows(self, result: ItemResult) -> list[tuple[Any, ...]]:
         indexes = [d.index for d in result.detections]
