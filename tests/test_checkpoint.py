@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sqlite3
 import sys
@@ -365,11 +366,41 @@ def test_a_full_disk_is_an_output_error_that_says_so(tmp_path: Path) -> None:
 def test_an_output_folder_made_before_the_engine_option_resumes(tmp_path: Path) -> None:
     """tests/data/run-made-by-0.1.0 was written by batchseg 0.1.0 before `engine` joined the
     fingerprint (tests/_storage.make_config, one image ok): it must resume without --new-run."""
-    import shutil
-
     folder = tmp_path / "run"
     shutil.copytree(Path(__file__).parent / "data" / "run-made-by-0.1.0", folder)
     with Checkpoint.open(folder, make_config()) as cp:
         assert cp.counts()["ok"] == 1
     with pytest.raises(ConfigMismatchError, match="engine"):
         Checkpoint.open(folder, make_config(engine="batchseg.engines.threshold:load"))
+
+
+def test_a_mask_written_but_never_recorded_is_removed_at_resume(tmp_path: Path) -> None:
+    a, b, c = make_items(3)
+    with Checkpoint.open(tmp_path, make_config()) as cp:
+        cp.plan([a, b, c], use_hash=False)
+        cp.record(ok_result(a, tmp_path), a)
+        ok_result(b, tmp_path)  # the worker wrote b's mask; the process died before the commit
+    with Checkpoint.open(tmp_path, make_config()) as cp:
+        plan = cp.plan([a, b, c], use_hash=False)
+    assert plan.counts["orphan_masks"] == 1 and [i.path for i in plan.pending] == [b.path, c.path]
+    assert (tmp_path / f"masks/{a.path}.png").is_file()
+    assert not (tmp_path / f"masks/{b.path}.png").exists()
+
+
+def test_an_output_folder_of_schema_1_gains_the_new_column_and_rebuilds_from_its_manifest(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "old"
+    shutil.copytree(Path(TESTS) / "data" / "run-made-by-0.1.0", folder)
+    with sqlite3.connect(folder / CHECKPOINT_NAME) as conn:
+        assert "path_raw" not in {r[1] for r in conn.execute("PRAGMA table_info(images)")}
+        known = [Item(*row) for row in conn.execute("SELECT path, size_bytes, mtime_ns FROM images")]
+    odd = Item(os.fsdecode(b"caf\xe9.jpg"), 5, 6)
+    with Checkpoint.open(folder, make_config()) as cp:
+        plan = cp.plan([*known, odd], use_hash=False)
+        assert plan.counts["done"] == 1 and plan.pending == [known[1], odd]
+        cp.record(failed_result(odd), odd)
+        assert cp.failed_items(FINAL_FAILURES) == [odd]
+    (folder / CHECKPOINT_NAME).unlink()  # the 0.1.0 manifest has neither path_raw nor an export id
+    with open_run(folder, make_config()) as cp:
+        assert cp.counts()["ok"] == 1
