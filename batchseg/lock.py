@@ -3,7 +3,8 @@
 The lock itself is the operating system's (flock on Unix, LockFileEx on Windows, through the filelock
 package), so it dies with its process: a lock left by a killed run is simply taken over. Beside it,
 ``OUTPUT/.batchseg.lock.json`` tells who holds it (pid, host, start time) for error messages and
-``batchseg status``; a stale one is overwritten by the next holder.
+``batchseg status``; a stale one is overwritten by the next holder. ``is_locked`` (status) reads who
+holds the lock without ever taking it, so it can never refuse a run that is starting.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def is_locked(output_dir: Path) -> LockInfo | None:
     the lock is only read: on Linux from ``/proc/locks`` (the kernel's table of held locks), elsewhere
     from the info file with a check that its process is alive (a holder on another host, seen over
     a network share, is taken at its word). When the holder has not written its info file yet, the
-    returned info has pid 0 (or the holder's pid, where the kernel tells it).
+    returned info has the kernel's pid for it and start time 0.
     """
     output_dir = Path(output_dir)
     try:
@@ -131,9 +132,8 @@ def is_locked(output_dir: Path) -> LockInfo | None:
     if not holders:
         # /proc/locks lists the locks of this machine only: a holder elsewhere, on a share
         return info if info is not None and info.hostname != socket.gethostname() else None
-    if info is not None and info.pid in holders:
-        return info
-    return LockInfo(next(iter(holders)), socket.gethostname(), 0.0)
+    # Someone holds it: the info file names them (the kernel's pid may be another namespace's).
+    return info or LockInfo(min(holders), socket.gethostname(), 0.0)
 
 
 def _kernel_lock_holders(inode: int) -> set[int] | None:

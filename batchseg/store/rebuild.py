@@ -19,7 +19,7 @@ from ..config import RunConfig
 from ..errors import OutputError
 from ..records import Status
 from .checkpoint import Checkpoint, Seed
-from .folder import archive_previous_run, check_output_writable
+from .folder import archive_previous_run
 from .manifest import BATCH_ROWS, manifest_pair_matches, manifest_paths, read_manifest_run
 from .tables import DETECTIONS, PENDING, RESULT_COLUMNS, TIME_COLUMNS
 
@@ -34,7 +34,6 @@ def open_run(output_dir: Path, config: RunConfig, *, new_run: bool = False) -> C
     the checkpoint is rebuilt from the manifest (read only when the checkpoint holds no run).
     """
     output_dir = Path(output_dir)
-    check_output_writable(output_dir)
     if new_run:
         archive_previous_run(output_dir, _manifest_run_id)
     return Checkpoint.open(output_dir, config, seed=lambda: manifest_seed(output_dir))
