@@ -80,3 +80,17 @@ class ItemResult:
         if self.started_at is None or self.finished_at is None:
             return None
         return self.finished_at - self.started_at
+
+
+class RowState(str, enum.Enum):
+    """States a stored image row holds before it has a Status: found, and handed to a worker."""
+
+    PENDING = "pending"  # discovered, not tried yet (or to be redone)
+    RUNNING = "running"  # handed to a worker; a crash leaves it, and the next run redoes it
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: Every state an image row can hold, for zero-filled counts.
+ALL_STATES = tuple(s.value for s in Status) + tuple(s.value for s in RowState)

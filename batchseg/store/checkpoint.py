@@ -68,6 +68,22 @@ _IMAGE_UPSERT = (
     + ", prior_status=NULL"
 )
 _DETECTION_COLUMNS = tuple(c.name for c in DETECTIONS.stored)
+# A changed input starts over: every result column of its row back to NULL.
+_KEPT_ON_CHANGE = (
+    "path",
+    "path_raw",
+    "size_bytes",
+    "mtime_ns",
+    "content_hash",
+    "status",
+    "attempts",
+    "run_id",
+)
+_RESET_CHANGED = (
+    "UPDATE images SET size_bytes=?, mtime_ns=?, content_hash=?, status='pending', attempts=0, "
+    + "".join(f"{c}=NULL, " for c in (*_WRITTEN, "prior_status") if c not in (*_KEPT_ON_CHANGE, "updated_at"))
+    + "updated_at=? WHERE path=?"
+)
 _DETECTION_INSERT = DETECTIONS.insert()
 
 
@@ -241,11 +257,7 @@ class Checkpoint:
                 ),
             )
             conn.executemany(
-                "UPDATE images SET size_bytes=?, mtime_ns=?, content_hash=?, status='pending', attempts=0,"
-                " width=NULL, height=NULL, error_type=NULL, error_message=NULL, traceback=NULL,"
-                " exit_code=NULL, n_detections=NULL, mask_path=NULL, started_at=NULL, finished_at=NULL,"
-                " duration_s=NULL, worker_pid=NULL, device=NULL, prior_status=NULL, updated_at=?"
-                " WHERE path=?",
+                _RESET_CHANGED,
                 ((i.size_bytes, i.mtime_ns, i.content_hash, now, key(i.path)) for i in planner.changed),
             )
             conn.executemany("DELETE FROM detections WHERE path=?", ((key(i.path),) for i in planner.changed))

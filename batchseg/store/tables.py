@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from ..records import Status
+from ..records import ALL_STATES, RowState, Status
 
 __all__ = [
     "ALL_STATES",
@@ -35,11 +35,9 @@ MASKS_DIR = "masks"
 MANIFEST_DIR = "manifest"
 PREVIOUS_RUNS = "previous-runs"
 
-#: Row states that are not a Status: discovered but not tried, and handed to a worker.
-PENDING = "pending"
-RUNNING = "running"
-#: Every row state, for zero-filled counts.
-ALL_STATES = tuple(s.value for s in Status) + (PENDING, RUNNING)
+#: Row states that are not a Status (records.RowState), as stored.
+PENDING = RowState.PENDING.value
+RUNNING = RowState.RUNNING.value
 #: Final statuses: a row in one of these for an unchanged input is not redone on a plain resume.
 DONE_STATUSES = frozenset(
     s.value for s in (Status.OK, Status.ERROR, Status.TIMEOUT, Status.CRASHED, Status.INVALID_INPUT)
