@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..atomic import TEMP_SUFFIX, replace_with_retry
+from ..discover import IMAGE_EXTENSIONS
 from ..errors import OutputError
 from ..lock import LOCK_NAME
 from .tables import CHECKPOINT_NAME, MASKS_DIR, PREVIOUS_RUNS, path_text
@@ -86,13 +87,20 @@ def mask_files(output_dir: Path) -> dict[str, str]:
 
 def remove_orphan_masks(files: dict[str, str], recorded: set[str]) -> int:
     """Delete the mask files (of ``files``) that no row names: written by a worker whose result was
-    not committed when the process died. Their image is pending and is redone, writing it again."""
+    not committed when the process died. Their image is pending and is redone, writing it again.
+    Only names batchseg gives a mask (``<image name>.png``) are touched: any other file was put
+    there by someone else."""
     removed = 0
-    for rel in sorted(set(files) - recorded):
+    for rel in sorted(rel for rel in set(files) - recorded if _is_mask_name(rel)):
         with contextlib.suppress(FileNotFoundError, PermissionError):
             os.unlink(files[rel])
             removed += 1
     return removed
+
+
+def _is_mask_name(rel: str) -> bool:
+    stem = rel.lower().removesuffix(".png")
+    return stem != rel.lower() and stem.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS
 
 
 def archive_previous_run(output_dir: Path, manifest_run_id: Callable[[Path], str | None]) -> Path | None:
