@@ -232,11 +232,11 @@ class Checkpoint:
             }
         recorded = {row[4] for row in known.values() if row[4] is not None}
         masks = mask_files(self.output_dir)
-        planner = Planner(known, masks.__contains__, use_hash)
+        planner = Planner(known, masks.names.__contains__, use_hash)
         for item in items:
             planner.add(item, path_text(item.path))
         planner.finish()
-        planner.counts["orphan_masks"] = remove_orphan_masks(masks, recorded)
+        planner.counts["orphan_masks"] = remove_orphan_masks(self.output_dir, masks, recorded)
         now = time.time()
         key = path_text
         with self._write() as conn:

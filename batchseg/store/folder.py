@@ -13,6 +13,7 @@ import sqlite3
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import TEMP_SUFFIX, replace_with_retry
@@ -24,6 +25,7 @@ from .tables import CHECKPOINT_NAME, MASKS_DIR, PREVIOUS_RUNS, path_text
 __all__ = [
     "archive_previous_run",
     "check_output_writable",
+    "MaskFiles",
     "mask_files",
     "remove_orphan_masks",
     "remove_stale_temp_files",
@@ -71,29 +73,46 @@ def remove_stale_temp_files(output_dir: Path) -> int:
     return removed
 
 
-def mask_files(output_dir: Path) -> dict[str, str]:
-    """The files under masks/: their stored form (``path_text`` of the path relative to the output
-    folder, forward slashes) -> where they are. One scandir walk, much cheaper than a stat per image
-    on large folders and network disks."""
-    found: dict[str, str] = {}
-    top = output_dir / MASKS_DIR
-    for folder, files in _walk_own(top):
-        rel = Path(folder).relative_to(output_dir).as_posix()
-        for name in files:
-            if not name.endswith(TEMP_SUFFIX):
-                found[path_text(f"{rel}/{name}")] = os.path.join(folder, name)
+@dataclass
+class MaskFiles:
+    """The files under masks/: ``names`` in their stored form (``path_text`` of the path relative to
+    the output folder, forward slashes); ``escaped``: stored form -> real name, for the few names
+    that are not valid UTF-8."""
+
+    names: set[str]
+    escaped: dict[str, str]
+
+    def location(self, output_dir: Path, name: str) -> Path:
+        return output_dir / self.escaped.get(name, name)
+
+
+def mask_files(output_dir: Path) -> MaskFiles:
+    """One walk of masks/, much cheaper than a stat per image on large folders and network disks."""
+    found = MaskFiles(set(), {})
+    for folder, files in _walk_own(output_dir / MASKS_DIR):
+        prefix = Path(folder).relative_to(output_dir).as_posix() + "/"
+        names = [prefix + n for n in files if not n.endswith(TEMP_SUFFIX)]
+        try:
+            "".join(names).encode("utf-8")  # one check for the whole folder: the usual case
+            found.names.update(names)
+        except UnicodeEncodeError:
+            for name in names:
+                text = path_text(name)
+                found.names.add(text)
+                if text != name:
+                    found.escaped[text] = name
     return found
 
 
-def remove_orphan_masks(files: dict[str, str], recorded: set[str]) -> int:
-    """Delete the mask files (of ``files``) that no row names: written by a worker whose result was
-    not committed when the process died. Their image is pending and is redone, writing it again.
-    Only names batchseg gives a mask (``<image name>.png``) are touched: any other file was put
-    there by someone else."""
+def remove_orphan_masks(output_dir: Path, files: MaskFiles, recorded: set[str]) -> int:
+    """Delete the mask files that no row names: written by a worker whose result was not committed
+    when the process died. Their image is pending and is redone, writing it again. Only names
+    batchseg gives a mask (``<image name>.png``) are touched: any other file was put there by
+    someone else."""
     removed = 0
-    for rel in sorted(rel for rel in set(files) - recorded if _is_mask_name(rel)):
+    for name in sorted(n for n in files.names - recorded if _is_mask_name(n)):
         with contextlib.suppress(FileNotFoundError, PermissionError):
-            os.unlink(files[rel])
+            os.unlink(files.location(output_dir, name))
             removed += 1
     return removed
 
