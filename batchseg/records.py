@@ -144,3 +144,17 @@ def failure_result(
         device=device,
         category=category,
     )
+
+
+class RowState(str, enum.Enum):
+    """States a stored image row holds before it has a Status: found, and handed to a worker."""
+
+    PENDING = "pending"  # discovered, not tried yet (or to be redone)
+    RUNNING = "running"  # handed to a worker; a crash leaves it, and the next run redoes it
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: Every state an image row can hold, for zero-filled counts.
+ALL_STATES = tuple(s.value for s in Status) + tuple(s.value for s in RowState)

@@ -14,7 +14,6 @@ import contextlib
 import datetime as _dt
 import errno
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,7 +21,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import __version__
-from .atomic import TEMP_SUFFIX
 from .config import RunConfig
 from .discover import discover
 from .errors import BatchsegError, ExitCode, OutputError, StoppedEarly
@@ -33,7 +31,9 @@ from .records import FINAL_FAILURES, FailureCategory, Item, ItemResult, Status, 
 from .report import PreviewMaker, report_after_run
 from .signals import StopRequest
 from .store.checkpoint import Checkpoint
-from .store.manifest import export_manifest
+from .store.folder import check_output_writable, remove_stale_temp_files
+from .store.manifest import export_manifest, read_manifest_run
+from .store.rebuild import open_run
 from .supervise.contract import EngineSpec
 from .supervise.pool import PoolEvent, PoolSettings, run_pool
 
@@ -85,15 +85,6 @@ def resolve_config(config: RunConfig) -> RunConfig:
     )
 
 
-def check_output_writable(output_dir: Path) -> None:
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise OutputError(f"output folder {output_dir} is not writable: {exc.strerror or exc}") from exc
-
-
 def run(
     config: RunConfig,
     *,
@@ -134,15 +125,22 @@ def _run_locked(
     removed = remove_stale_temp_files(output_dir)
     if removed:
         log.info(f"removed {removed} unfinished temp file(s) left by an interrupted run")
-    checkpoint = Checkpoint.open(output_dir, config, new_run=config.new_run)
+    checkpoint = open_run(output_dir, config, new_run=config.new_run)
     try:
         found = discover(
-            config.input, config.include, config.exclude, with_hash=config.hash, skip=[output_dir]
+            config.input,
+            config.include,
+            config.exclude,
+            with_hash=config.hash,
+            skip=[output_dir],
+            keep=checkpoint.settled_paths(),
         )
         if retry_statuses:
             checkpoint.reset_for_retry([i.path for i in checkpoint.failed_items(list(retry_statuses))])
         plan = checkpoint.plan(found.items, use_hash=config.hash)
         log.info(f"found {len(found.items)} images in {config.input}; {len(plan.pending)} to process")
+        if plan.counts["orphan_masks"]:
+            log.info(f"removed {plan.counts['orphan_masks']} mask file(s) whose result was never recorded")
         for path, kept in found.collisions.items():
             _record_collision(checkpoint, config, path, kept, log)
         _record_skipped(checkpoint, config.input, found.excluded)
@@ -164,24 +162,6 @@ def _run_locked(
     log.summary(counts, summary.elapsed_s, summary.exit_code)
     report_after_run(config, log, retried=retry_statuses is not None, stopped=summary.stopped)
     return summary
-
-
-def remove_stale_temp_files(output_dir: Path) -> int:
-    """Delete the temp files an interrupted run left (a killed mask write or manifest export).
-
-    Safe only while holding the run lock: no other batchseg process is writing here. Earlier runs
-    moved to previous-runs/ are left as they are.
-    """
-    removed = 0
-    for folder, dirs, files in os.walk(output_dir):
-        if Path(folder) == output_dir and "previous-runs" in dirs:
-            dirs.remove("previous-runs")
-        for name in files:
-            if name.endswith(TEMP_SUFFIX):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(folder, name))
-                    removed += 1
-    return removed
 
 
 def _record_collision(checkpoint: Checkpoint, config: RunConfig, path: str, kept: str, log: RunLog) -> None:
@@ -384,8 +364,6 @@ def _stop_time(config: RunConfig) -> float | None:
 
 def _stored_config(output_dir: Path) -> dict[str, Any]:
     """The configuration of the run in ``output_dir``: from the checkpoint, else the manifest."""
-    from .store.manifest import read_manifest_run
-
     try:
         checkpoint = Checkpoint.open_existing(output_dir, read_only=True)
     except BatchsegError:

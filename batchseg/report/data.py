@@ -20,8 +20,7 @@ import pyarrow.parquet as pq
 
 from ..errors import OutputError
 from ..logs import LOG_NAME_RE
-from ..records import FINAL_FAILURES, Status
-from ..store.checkpoint import ALL_STATES
+from ..records import ALL_STATES, FINAL_FAILURES, Status
 from ..store.manifest import manifest_paths, read_manifest_run
 from .previews import PREVIEW_STATUSES, preview_relpath
 
