@@ -24,7 +24,7 @@ from typing import Any, TextIO
 from . import __version__
 from .atomic import TEMP_SUFFIX
 from .config import RunConfig
-from .discover import discover
+from .discover import _check_root, discover
 from .errors import BatchsegError, OutputError, StoppedEarly
 from .lock import RunLock
 from .logs import RunLog
@@ -32,9 +32,9 @@ from .progress import Progress
 from .records import FINAL_FAILURES, Item, ItemResult, Status
 from .signals import StopRequest
 from .store.checkpoint import Checkpoint
-from .store.manifest import export_manifest
 from .supervise.contract import EngineSpec
 from .supervise.pool import PoolEvent, PoolSettings, run_pool
+from .upkeep import WorkerFiles, export, warn_empty_input
 
 __all__ = ["RunSummary", "run", "retry", "exit_code_for"]
 
@@ -139,6 +139,7 @@ def _run_locked(
     removed = remove_stale_temp_files(output_dir)
     if removed:
         log.info(f"removed {removed} unfinished temp file(s) left by an interrupted run")
+    _check_root(config.input)  # before the checkpoint stores a run for a folder that is not there
     checkpoint = Checkpoint.open(output_dir, config, new_run=config.new_run)
     try:
         found = discover(
@@ -148,11 +149,13 @@ def _run_locked(
             checkpoint.reset_for_retry([i.path for i in checkpoint.failed_items(list(retry_statuses))])
         plan = checkpoint.plan(found.items, use_hash=config.hash)
         log.info(f"found {len(found.items)} images in {config.input}; {len(plan.pending)} to process")
+        if not found.items and not found.excluded and not found.collisions:
+            warn_empty_input(config.input, checkpoint, log, stream)
         for path, kept in found.collisions.items():
             _record_collision(checkpoint, config, path, kept, log)
         _record_skipped(checkpoint, config.input, found.excluded)
         stopped, message, processed = _process(config, factory, checkpoint, plan.pending, log, stream)
-        export_manifest(checkpoint, output_dir)
+        export(checkpoint, output_dir, log, final=True, stream=stream)
         counts = checkpoint.counts()
     finally:
         checkpoint.close()
@@ -182,7 +185,7 @@ def remove_stale_temp_files(output_dir: Path) -> int:
             dirs.remove("previous-runs")
         for name in files:
             if name.endswith(TEMP_SUFFIX):
-                with contextlib.suppress(FileNotFoundError):
+                with contextlib.suppress(OSError):  # gone, or held (Windows): the next start tries again
                     os.unlink(os.path.join(folder, name))
                     removed += 1
     return removed
@@ -292,6 +295,7 @@ def _process(
     output_failure: list[ItemResult] = []
     last_export = time.monotonic()
     last_log_line = time.monotonic()
+    in_flight = WorkerFiles(config.output_dir, log)
 
     def on_result(result: ItemResult) -> None:
         nonlocal last_export
@@ -305,10 +309,11 @@ def _process(
             log.failure(result.path, str(result.status), _reason(result))
         if time.monotonic() - last_export > config.manifest_interval:
             recorder.flush()
-            export_manifest(checkpoint, config.output_dir)
+            export(checkpoint, config.output_dir, log, final=False)
             last_export = time.monotonic()
 
     def on_event(event: PoolEvent) -> None:
+        in_flight.see(event)
         if event.kind == "task_started":
             checkpoint.mark_started(event.paths)  # `batchseg status` shows what is in flight
         if event.result is not None and event.result.error_type in OUTPUT_FAILURES:
