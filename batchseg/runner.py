@@ -389,13 +389,19 @@ def _stop_time(config: RunConfig) -> float | None:
     if config.max_runtime is not None:
         candidates.append(now + config.max_runtime)
     if config.deadline:
-        hour, minute = (int(x) for x in config.deadline.split(":"))
-        current = _dt.datetime.now()
-        deadline = current.replace(hour=hour, minute=minute, second=0, microsecond=0)
-        if deadline <= current:  # a nightly job started at 22:00 with --deadline 06:00
-            deadline += _dt.timedelta(days=1)
-        candidates.append(deadline.timestamp())
+        candidates.append(deadline_epoch(config.deadline, _dt.datetime.now()))
     return min(candidates) if candidates else None
+
+
+def deadline_epoch(deadline: str, now: _dt.datetime) -> float:
+    """Epoch seconds of the next ``HH:MM`` local time after ``now`` (a naive local datetime): a
+    nightly job started at 22:00 with --deadline 06:00 stops the next morning; the same time as
+    ``now`` means tomorrow's. Across a daylight-saving change it is still 06:00 on the clock."""
+    hour, minute = (int(x) for x in deadline.split(":"))
+    at = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+    if at <= now:
+        at += _dt.timedelta(days=1)
+    return at.timestamp()
 
 
 def _stored_config(output_dir: Path) -> dict[str, Any]:
