@@ -10,6 +10,7 @@ Each factory loads an engine that writes a real (empty) label map for every imag
     holds_masks         the mask of a bad image is held open by "another program" (a Windows
                         sharing violation, winerror 32, simulated with the rename hook) for ever;
                         an image named ``flaky...`` is held for its first two renames only
+    sam3_holding_masks  the real SAM3 engine (--model), with masks held as holds_masks does
 
 Module-level factories and light imports, so spawned workers find them by name and start fast.
 """
@@ -20,6 +21,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -96,6 +98,15 @@ def holds_masks(spec: EngineSpec, slot: int) -> MisbehavingEngine:
     atomic.HELD_FILE_PATIENCE_S = HELD_PATIENCE_S
     atomic._rename = SharingViolation(os.replace)
     return MisbehavingEngine(spec, lambda engine, item: None)
+
+
+def sam3_holding_masks(spec: EngineSpec, slot: int) -> Any:
+    """The real SAM3 engine, with the masks of bad images held open: its own write path decides."""
+    from batchseg.engines.sam3.engine import load_engine
+
+    atomic.HELD_FILE_PATIENCE_S = HELD_PATIENCE_S
+    atomic._rename = SharingViolation(os.replace)
+    return load_engine(spec, slot)
 
 
 class SharingViolation:

@@ -105,6 +105,16 @@ def test_a_held_mask_fails_its_image_and_the_night_goes_on(tmp_path: Path) -> No
     assert not temp_files(output), "a rename that failed leaves no temp file"
 
 
+def test_a_held_mask_is_an_image_error_in_the_sam3_engine_too(tiny_model: Path, tmp_path: Path) -> None:
+    # Its write turns an OSError into a fatal OutputError; a held file must not be one.
+    model = ["--model", str(tiny_model), "--threshold", "0", "--max-detections", "2"]
+    code, console, output, rows = run_cli(tmp_path, "sam3_holding_masks", *model, names=("a.png", "bad.png"))
+    assert code == 3, console
+    assert rows["bad.png"]["status"] == "error" and rows["bad.png"]["error_type"] == "FileHeldError", rows
+    assert rows["a.png"]["status"] == "ok" and (output / rows["a.png"]["mask_path"]).is_file()
+    assert not temp_files(output)
+
+
 def test_an_output_folder_that_cannot_be_written_is_exit_1(tmp_path: Path) -> None:
     # A file where a folder should be: refused even to root, unlike permission bits.
     (tmp_path / "out").write_text("not a folder")
