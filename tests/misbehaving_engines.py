@@ -1,9 +1,11 @@
 """Engines that misbehave on purpose, for runs of ``python -m batchseg run --engine misbehaving_engines:F``.
 
 Each factory loads an engine that writes a real (empty) label map for every image and reports it
-``ok``, except for images whose name starts with ``bad``, where it does what its name says:
+``ok`` (after half a second for an image named ``slow...``), except for images whose name starts
+with ``bad``, where it does what its name says:
 
-    hangs               sleeps forever (only the watchdog ends it)
+    hangs               starts writing the mask (a temp file), then sleeps forever (only the
+                        watchdog ends it)
     segfaults           starts writing the mask (a temp file), then SIGSEGV: killed by a signal
     runs_out_of_memory  asks for a 4 PiB buffer: a real MemoryError, at no risk to the machine
     fails_alike         every image, bad or not, raises the same RuntimeError (circuit breaker)
@@ -52,13 +54,17 @@ class MisbehavingEngine:
     def _one(self, item: Item) -> ItemResult:
         if item.path.startswith("bad") or self.bad is fails_the_same_way:
             self.bad(self, item)
+        if item.path.startswith("slow"):
+            time.sleep(0.5)
         imageio.save_label_map(self.target(item), np.zeros((3, 4), np.uint16))
         return ItemResult(item.path, Status.OK, width=4, height=3, mask_path=imageio.mask_relpath(item.path))
 
 
 def hang(engine: MisbehavingEngine, item: Item) -> None:
-    while True:
-        time.sleep(0.05)
+    with atomic.atomic_path(engine.target(item)) as tmp:
+        tmp.write_bytes(b"\x89PNG a third of a mask")
+        while True:
+            time.sleep(0.05)
 
 
 def segfault(engine: MisbehavingEngine, item: Item) -> None:
@@ -110,20 +116,28 @@ def sam3_holding_masks(spec: EngineSpec, slot: int) -> Any:
 
 
 class SharingViolation:
-    """The rename hook: what Windows does while another program has the target open."""
+    """The rename hook: what Windows does while another program has the target open.
 
-    def __init__(self, rename: Callable[[str, str], None], held: Callable[[str], bool] | None = None) -> None:
+    Refuses names ``held`` picks, ``times`` times each (None: for ever); ``flaky...`` twice."""
+
+    def __init__(
+        self,
+        rename: Callable[[str, str], None],
+        held: Callable[[str], bool] | None = None,
+        times: int | None = None,
+    ) -> None:
         self.rename = rename
         self.held = held or _held_mask
+        self.times = times
         self.refused: dict[str, int] = {}
 
     def __call__(self, src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
         name = os.path.basename(dst)
-        if self.held(name) and not (name.startswith("flaky") and self.refused.get(name, 0) >= 2):
+        limit = 2 if name.startswith("flaky") else self.times
+        if self.held(name) and (limit is None or self.refused.get(name, 0) < limit):
             self.refused[name] = self.refused.get(name, 0) + 1
-            exc = PermissionError(
-                13, "The process cannot access the file because it is being used by another process", str(dst)
-            )
+            text = "The process cannot access the file because it is being used by another process"
+            exc = PermissionError(13, text, str(dst))
             exc.winerror = 32  # type: ignore[attr-defined]  # set by Windows itself; not settable elsewhere
             raise exc
         self.rename(src, dst)

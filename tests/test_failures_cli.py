@@ -13,7 +13,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
-from _runs import log_text, start_run, survivors_after, temp_files
+from _runs import checkpoint_rows, log_text, start_run, survivors_after, temp_files
 from click.testing import CliRunner
 from conftest import make_image
 from misbehaving_engines import SharingViolation
@@ -52,8 +52,11 @@ def test_a_hanging_image_times_out_and_the_run_goes_on(tmp_path: Path) -> None:
     code, console, output, rows = run_cli(tmp_path, "hangs", "--timeout", "1")
     assert code == 3, console
     assert rows["bad.png"]["status"] == "timeout" and rows["a.png"]["status"] == "ok", rows
-    assert "timeout bad.png" in log_text(output)
+    log = log_text(output)
+    assert "timeout bad.png" in log
     assert "batchseg retry" in console
+    assert "removed 1 unfinished temp file(s) of worker pid" in log, log
+    assert not temp_files(output)
 
 
 def test_a_segfault_is_crashed_and_the_dead_workers_temp_file_goes_with_it(tmp_path: Path) -> None:
@@ -113,6 +116,23 @@ def test_a_held_mask_is_an_image_error_in_the_sam3_engine_too(tiny_model: Path, 
     assert rows["bad.png"]["status"] == "error" and rows["bad.png"]["error_type"] == "FileHeldError", rows
     assert rows["a.png"]["status"] == "ok" and (output / rows["a.png"]["mask_path"]).is_file()
     assert not temp_files(output)
+
+
+def test_an_output_folder_broken_under_a_run_is_exit_1_not_a_night_of_errors(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    # masks/ is a file: every mask write fails with an OSError, even for root. Unlike a held
+    # file, that is the output folder's fault: the run stops at once, the images stay pending.
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "masks").write_text("not a folder")
+    model = ["--model", str(tiny_model), "--threshold", "0", "--max-detections", "2"]
+    code, console, output, rows = run_cli(
+        tmp_path, "sam3_holding_masks", *model, names=("a.png", "b.png", "c.png")
+    )
+    assert code == 1, console
+    assert "error: cannot write results to" in console, console
+    statuses = {p: r["status"] for p, r in checkpoint_rows(output).items()}
+    assert statuses == dict.fromkeys(("a.png", "b.png", "c.png"), "pending"), statuses
 
 
 def test_an_output_folder_that_cannot_be_written_is_exit_1(tmp_path: Path) -> None:
@@ -187,6 +207,27 @@ def test_a_held_manifest_keeps_the_previous_one_and_the_images_exit_code(
     third = CliRunner().invoke(cli, args)
     assert third.exit_code == 0, third.output
     assert pq.read_table(output / "manifest" / "images.parquet").num_rows == before + 1
+
+
+def test_a_held_manifest_is_exported_again_at_the_next_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = folder_with(tmp_path / "in", "slow1.png", "slow2.png", "slow3.png", "slow4.png")
+    output = tmp_path / "out"
+    args = ["run", str(folder), "--engine", "misbehaving_engines:hangs", "--output", str(output)]
+    args += ["--prompt", "roof", "--device", "cpu", "--workers", "1", "--manifest-interval", "1"]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    # Held for the first export's two tries (patience 0.05 s: one wait), free afterwards.
+    hook = SharingViolation(os.replace, held=lambda name: name == "images.parquet", times=2)
+    monkeypatch.setattr(atomic, "_rename", hook)
+    monkeypatch.setattr(upkeep, "PERIODIC_EXPORT_PATIENCE_S", 0.05)
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert hook.refused == {"images.parquet": 2}
+    assert "manifest not exported (tried again at the next interval)" in log_text(output)
+    rows = pq.read_table(output / "manifest" / "images.parquet").to_pylist()
+    assert sorted(r["status"] for r in rows) == ["ok"] * 4
+    assert not temp_files(output)
 
 
 def test_deadline_crossing_midnight_with_a_fixed_clock() -> None:

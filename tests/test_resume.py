@@ -197,7 +197,6 @@ def test_sigkill_at_20_points_resumes_without_losing_or_repeating_work(
             break
 
     summary = "\n".join(str(k) for k in kills)
-    print("KILLS\n" + summary)
     assert len(kills) >= 20, summary
     # The kills really are spread over a run's life.
     assert sum(k.before_ready for k in kills) >= 3, summary
