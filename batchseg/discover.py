@@ -113,7 +113,9 @@ def discover(
 def _check_root(root: str | os.PathLike[str]) -> str:
     path = os.fspath(root)
     if not os.path.exists(path):
-        raise ConfigError(f"The input folder {path} does not exist; check the path.")
+        raise ConfigError(
+            f"The input folder {path} does not exist; check the path (a network share: is it mounted?)."
+        )
     if not os.path.isdir(path):
         raise ConfigError(f"The input {path} is a file, not a folder; give the folder that holds the images.")
     real = os.path.realpath(path)

@@ -21,7 +21,7 @@ from types import TracebackType
 import psutil
 from filelock import FileLock, Timeout
 
-from .atomic import atomic_write_bytes
+from .atomic import FileHeldError, atomic_write_bytes
 from .errors import OutputError, RunLockedError
 
 __all__ = ["LOCK_NAME", "LockInfo", "RunLock", "is_locked"]
@@ -70,7 +70,7 @@ class RunLock:
         info = LockInfo(os.getpid(), socket.gethostname(), time.time())
         try:
             atomic_write_bytes(self.output_dir / INFO_NAME, json.dumps(asdict(info)).encode())
-        except OSError as exc:
+        except (OSError, FileHeldError) as exc:  # held by a scanner past every retry: still let go
             self._lock.release()
             raise OutputError(f"cannot write {self.output_dir / INFO_NAME}: {exc}") from exc
         self.info = info

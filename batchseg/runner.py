@@ -22,7 +22,7 @@ from typing import Any, TextIO
 
 from . import __version__
 from .config import RunConfig
-from .discover import discover
+from .discover import _check_root, discover
 from .errors import BatchsegError, ExitCode, OutputError, StoppedEarly
 from .lock import RunLock
 from .logs import RunLog
@@ -32,10 +32,11 @@ from .report import PreviewMaker, report_after_run
 from .signals import StopRequest
 from .store.checkpoint import Checkpoint
 from .store.folder import check_output_writable, remove_stale_temp_files
-from .store.manifest import export_manifest, read_manifest_run
+from .store.manifest import read_manifest_run
 from .store.rebuild import open_run
 from .supervise.contract import EngineSpec
 from .supervise.pool import PoolEvent, PoolSettings, run_pool
+from .upkeep import WorkerFiles, export, warn_empty_input
 
 __all__ = ["RunSummary", "run", "retry", "exit_code_for"]
 
@@ -125,6 +126,7 @@ def _run_locked(
     removed = remove_stale_temp_files(output_dir)
     if removed:
         log.info(f"removed {removed} unfinished temp file(s) left by an interrupted run")
+    _check_root(config.input)  # before the checkpoint stores a run for a folder that is not there
     checkpoint = open_run(output_dir, config, new_run=config.new_run)
     try:
         found = discover(
@@ -141,11 +143,13 @@ def _run_locked(
         log.info(f"found {len(found.items)} images in {config.input}; {len(plan.pending)} to process")
         if plan.counts["orphan_masks"]:
             log.info(f"removed {plan.counts['orphan_masks']} mask file(s) whose result was never recorded")
+        if not found.items and not found.excluded and not found.collisions:
+            warn_empty_input(config.input, checkpoint, log, stream)
         for path, kept in found.collisions.items():
             _record_collision(checkpoint, config, path, kept, log)
         _record_skipped(checkpoint, config.input, found.excluded)
         stopped, message, processed = _process(config, factory, checkpoint, plan.pending, log, stream)
-        export_manifest(checkpoint, output_dir)
+        export(checkpoint, output_dir, log, final=True, stream=stream)
         counts = checkpoint.counts()
     finally:
         checkpoint.close()
@@ -261,6 +265,7 @@ def _process(
     output_failure: list[ItemResult] = []
     last_export = time.monotonic()
     last_log_line = time.monotonic()
+    in_flight = WorkerFiles(config.output_dir, log)
 
     def on_result(result: ItemResult) -> None:
         nonlocal last_export
@@ -276,10 +281,11 @@ def _process(
             log.failure(result.path, str(result.status), _reason(result))
         if time.monotonic() - last_export > config.manifest_interval:
             recorder.flush()
-            export_manifest(checkpoint, config.output_dir)
+            export(checkpoint, config.output_dir, log, final=False)
             last_export = time.monotonic()
 
     def on_event(event: PoolEvent) -> None:
+        in_flight.see(event)
         if event.kind == "task_started":
             checkpoint.mark_started(event.paths)  # `batchseg status` shows what is in flight
         if event.kind in QUIET_EVENTS:
@@ -353,13 +359,19 @@ def _stop_time(config: RunConfig) -> float | None:
     if config.max_runtime is not None:
         candidates.append(now + config.max_runtime)
     if config.deadline:
-        hour, minute = (int(x) for x in config.deadline.split(":"))
-        current = _dt.datetime.now()
-        deadline = current.replace(hour=hour, minute=minute, second=0, microsecond=0)
-        if deadline <= current:  # a nightly job started at 22:00 with --deadline 06:00
-            deadline += _dt.timedelta(days=1)
-        candidates.append(deadline.timestamp())
+        candidates.append(deadline_epoch(config.deadline, _dt.datetime.now()))
     return min(candidates) if candidates else None
+
+
+def deadline_epoch(deadline: str, now: _dt.datetime) -> float:
+    """Epoch seconds of the next ``HH:MM`` local time after ``now`` (a naive local datetime): a
+    nightly job started at 22:00 with --deadline 06:00 stops the next morning; the same time as
+    ``now`` means tomorrow's. Across a daylight-saving change it is still 06:00 on the clock."""
+    hour, minute = (int(x) for x in deadline.split(":"))
+    at = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+    if at <= now:
+        at += _dt.timedelta(days=1)
+    return at.timestamp()
 
 
 def _stored_config(output_dir: Path) -> dict[str, Any]:

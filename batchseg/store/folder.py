@@ -67,7 +67,7 @@ def remove_stale_temp_files(output_dir: Path) -> int:
     for folder, files in _walk_own(output_dir, skip_top=(PREVIOUS_RUNS,)):
         for name in files:
             if name.endswith(TEMP_SUFFIX):
-                with contextlib.suppress(FileNotFoundError, PermissionError):
+                with contextlib.suppress(OSError):  # gone, or held (Windows): the next start tries again
                     os.unlink(os.path.join(folder, name))
                     removed += 1
     return removed
