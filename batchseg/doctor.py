@@ -224,7 +224,7 @@ def _geo() -> list[Check]:
 
 def _model(model: str | None) -> list[Check]:
     from .config import DEFAULT_MODEL
-    from .engines.sam3.model import looks_like_path
+    from .values import looks_like_path
 
     if model is None:
         return [

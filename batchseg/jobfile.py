@@ -16,7 +16,7 @@ Paths in a job file
     A hub id is ``owner/name``: exactly one ``/`` and nothing else path-like. ``model`` is a local
     folder when it is not of that shape (absolute; starts with ``.``, ``~`` or ``\\``; has a drive
     letter, a backslash, no ``/`` or several: the rule of
-    :func:`batchseg.engines.sam3.model.looks_like_path`), or
+    :func:`batchseg.values.looks_like_path`), or
     when it names a folder that exists relative to the job file (``models/sam3``). Anything else
     (``facebook/sam3``) is kept as written. Write ``./models/sam3`` to mean a local folder for sure.
 

@@ -39,6 +39,7 @@ __all__ = [
     "WINDOWS_PATH_HINT",
     "duration_seconds",
     "is_local_model_path",
+    "looks_like_path",
     "parse_hhmm",
     "show",
 ]
@@ -148,7 +149,6 @@ def parse_hhmm(text: str) -> tuple[int, int]:
 def is_local_model_path(value: str, base: Path | None = None) -> bool:
     """Whether a ``model`` value names a local folder rather than a hub id: it looks like a path
     (the model loader's own rule), or it names a folder that exists relative to ``base``."""
-    from .engines.sam3.model import looks_like_path  # torch-free; the loader's rule, so both agree
 
     if looks_like_path(value):
         return True
@@ -454,3 +454,16 @@ class ModuleFunction(Kind[str]):
         if isinstance(value, str) and re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value.strip()):
             return value.strip()
         raise self.refuse(value, toml)
+
+
+def looks_like_path(model_id: str) -> bool:
+    """True when ``model_id`` is meant as a folder rather than a hub id like ``facebook/sam3``.
+
+    A hub id has exactly one slash and no path punctuation; anything absolute, relative with ``.``
+    or ``~``, with a backslash, a drive letter or several slashes is a path.
+    """
+    if model_id.startswith(("/", ".", "~", "\\")) or "\\" in model_id:
+        return True
+    if re.match(r"^[A-Za-z]:", model_id):
+        return True
+    return model_id.count("/") != 1 or model_id.endswith("/")

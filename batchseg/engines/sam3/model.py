@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import ConfigError, ModelLoadError
+from ...values import looks_like_path
 
 __all__ = [
     "DTYPES",
@@ -30,19 +31,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json + merges.txt")
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
-
-
-def looks_like_path(model_id: str) -> bool:
-    """True when ``model_id`` is meant as a folder rather than a hub id like ``facebook/sam3``.
-
-    A hub id has exactly one slash and no path punctuation; anything absolute, relative with ``.``
-    or ``~``, with a backslash, a drive letter or several slashes is a path.
-    """
-    if model_id.startswith(("/", ".", "~", "\\")) or "\\" in model_id:
-        return True
-    if re.match(r"^[A-Za-z]:", model_id):
-        return True
-    return model_id.count("/") != 1 or model_id.endswith("/")
 
 
 def validate_model_folder(path: Path) -> None:
