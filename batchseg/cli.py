@@ -114,6 +114,21 @@ OPERATIONAL_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
         dict(metavar="HH:MM", help="Local time after which no new image starts; exits 4, resumable."),
     ),
     (("--max-runtime",), dict(metavar="DURATION", help="Like --deadline, as a duration: 6h, 90m, 1h30m.")),
+    (
+        ("--backend",),
+        dict(
+            type=click.Choice(["local", "ray"]),
+            help="local: worker processes on this machine; ray: Ray actors, one per GPU of the "
+            "cluster (pip install 'batchseg[ray]') [default: local].",
+        ),
+    ),
+    (
+        ("--ray-address",),
+        dict(
+            metavar="auto|HOST:PORT",
+            help="With --backend ray: the cluster to join [default: a Ray started for this run].",
+        ),
+    ),
     (("--log-keep",), dict(type=click.IntRange(min=1), help="Log files kept in OUTPUT/logs [default: 30].")),
     (
         ("--manifest-interval",),

@@ -59,6 +59,8 @@ class RunConfig:
     log_keep: int = 30  # log files kept in OUTPUT/logs
     progress_interval: float = 60.0  # seconds between plain progress lines when not on a TTY
     manifest_interval: float = 300.0  # seconds between manifest exports during a run
+    backend: str = "local"  # local: worker processes here; ray: Ray actors (batchseg[ray])
+    ray_address: str | None = None  # --backend ray: auto, HOST:PORT; None starts a local Ray
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property

@@ -256,6 +256,18 @@ def _device(value: Any, base: Path) -> str:
     raise _Bad(f"expected one of auto, cpu, cuda, cuda:N (N = 0, 1, ...), {_got(value)}{hint}")
 
 
+def _backend(value: Any, base: Path) -> str:
+    if value in ("local", "ray"):
+        return str(value)
+    raise _Bad(f"expected local or ray, {_got(value)}")
+
+
+def _ray_address(value: Any, base: Path) -> str:
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    raise _Bad(f"expected auto or HOST:PORT, {_got(value)}")
+
+
 def _engine(value: Any, base: Path) -> str:
     if isinstance(value, str) and re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value.strip()):
         return value.strip()
@@ -333,6 +345,8 @@ _CHECKS: dict[str, Checker] = {
     "log_keep": _int_min(1),
     "progress_interval": _seconds,
     "manifest_interval": _seconds,
+    "backend": _backend,
+    "ray_address": _ray_address,
 }
 #: Keys a job file may spell differently from the RunConfig field.
 _ALIASES = {"prompt": "prompts"}

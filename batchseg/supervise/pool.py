@@ -78,7 +78,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
-from multiprocessing.process import BaseProcess
+from typing import Protocol
 
 from ..config import RunConfig
 from ..errors import ConfigError, ModelLoadError
@@ -86,7 +86,15 @@ from ..records import Item, ItemResult, Status
 from .contract import EngineSpec
 from .worker import Ack, Done, Heartbeat, LoadFailed, Ready, Shutdown, Task, worker_main
 
-__all__ = ["PoolEvent", "PoolOutcome", "PoolSettings", "describe_exit", "run_pool"]
+__all__ = [
+    "Launcher",
+    "LocalLauncher",
+    "PoolEvent",
+    "PoolOutcome",
+    "PoolSettings",
+    "describe_exit",
+    "run_pool",
+]
 
 _CTX = multiprocessing.get_context("spawn")
 _RETRYABLE = frozenset({Status.ERROR, Status.TIMEOUT, Status.CRASHED})
@@ -182,19 +190,75 @@ def run_pool(
     on_result: Callable[[ItemResult], None],
     should_stop: Callable[[], str | None] = lambda: None,
     on_event: Callable[[PoolEvent], None] | None = None,
+    launcher: Launcher | None = None,
 ) -> PoolOutcome:
     """Run every item through a pool of engine workers; call ``on_result`` once per item, final.
 
     ``items`` is consumed lazily. Raises ``ModelLoadError`` when the model cannot be loaded; any
-    exception from a callback propagates, after every worker is stopped.
+    exception from a callback propagates, after every worker is stopped. ``launcher`` starts the
+    workers: processes on this machine (the default) or Ray actors (``ray_backend.RayLauncher``).
     """
     emit = on_event or (lambda _event: None)
     ledger = _Ledger(items, settings, on_result, emit)
-    pool = _Pool(spec, settings, ledger, emit, should_stop)
+    pool = _Pool(spec, settings, ledger, emit, should_stop, launcher or LocalLauncher())
     try:
         return pool.run()
     finally:
         pool.kill_all()
+
+
+class WorkerProcess(Protocol):
+    """What the pool needs of a worker process: ``multiprocessing.Process`` or a Ray actor's bridge."""
+
+    @property
+    def pid(self) -> int | None: ...
+    @property
+    def sentinel(self) -> int: ...
+    @property
+    def exitcode(self) -> int | None: ...
+    def is_alive(self) -> bool: ...
+    def join(self, timeout: float | None = None) -> None: ...
+    def terminate(self) -> None: ...
+    def kill(self) -> None: ...
+
+
+class Launcher(Protocol):
+    """Starts worker processes for the pool: where they run and how many a device allows."""
+
+    def start(self, spec: EngineSpec, slot: int, threads: int) -> tuple[WorkerProcess, Connection]:
+        """A started worker serving ``spec`` and the supervisor's end of its duplex connection."""
+        ...
+
+    def pool_size(self, spec: EngineSpec, cuda: bool, gpu_count: int) -> int:
+        """Workers when the user set none (``gpu_count``: CUDA devices the first worker saw)."""
+        ...
+
+    def threads(self, workers: int) -> int:
+        """Torch threads per worker when the user set none."""
+        ...
+
+
+class LocalLauncher:
+    """Worker processes on this machine, started with ``spawn``."""
+
+    def start(self, spec: EngineSpec, slot: int, threads: int) -> tuple[WorkerProcess, Connection]:
+        parent_end, child_end = _CTX.Pipe(duplex=True)
+        process = _CTX.Process(
+            target=worker_main,
+            args=(spec, slot, child_end, threads),
+            name=f"batchseg-worker-{slot}",
+            daemon=True,
+        )
+        process.start()
+        child_end.close()  # so the parent sees EOF when the worker dies
+        return process, parent_end
+
+    def pool_size(self, spec: EngineSpec, cuda: bool, gpu_count: int) -> int:
+        pinned = ":" in spec.config.device  # the user named one GPU
+        return max(1, gpu_count) if cuda and not pinned else 1
+
+    def threads(self, workers: int) -> int:
+        return max(1, _usable_cores() // workers)
 
 
 def describe_exit(code: int | None) -> str:
@@ -363,7 +427,7 @@ class _Worker:
 
     wid: int
     slot: int  # -1 while a standby
-    process: BaseProcess
+    process: WorkerProcess
     conn: Connection
     state: str = "loading"
     deadline: float | None = None  # monotonic: end of the load, the task budget or the stop stage
@@ -400,7 +464,9 @@ class _Pool:
         ledger: _Ledger,
         emit: Callable[[PoolEvent], None],
         should_stop: Callable[[], str | None],
+        launcher: Launcher,
     ) -> None:
+        self.launcher = launcher
         self.spec = spec
         self.settings = settings
         self.ledger = ledger
@@ -627,10 +693,7 @@ class _Pool:
     def _pool_size(self, ready: Ready) -> int:
         if self.settings.workers:
             return self.settings.workers
-        pinned = ":" in self.spec.config.device  # the user named one GPU
-        if self.kind == "cuda" and not pinned:
-            return max(1, ready.gpu_count)
-        return 1
+        return self.launcher.pool_size(self.spec, self.kind == "cuda", ready.gpu_count)
 
     def _on_done(self, worker: _Worker, task: _Task, results: list[ItemResult]) -> None:
         worker.task = None
@@ -732,16 +795,8 @@ class _Pool:
     # -- lifecycle --------------------------------------------------------------------------------
 
     def _spawn(self, slot: int) -> None:
-        parent_end, child_end = _CTX.Pipe(duplex=True)
         factory_slot = slot if slot >= 0 else self.target  # a standby gets a slot past the workers
-        process = _CTX.Process(
-            target=worker_main,
-            args=(self.spec, factory_slot, child_end, self._threads()),
-            name=f"batchseg-worker-{factory_slot}",
-            daemon=True,
-        )
-        process.start()
-        child_end.close()  # so the parent sees EOF when the worker dies
+        process, parent_end = self.launcher.start(self.spec, factory_slot, self._threads())
         worker = _Worker(next(self._wids), slot, process, parent_end)
         worker.deadline = time.monotonic() + self.settings.load_timeout
         self.workers.append(worker)
@@ -751,7 +806,7 @@ class _Pool:
     def _threads(self) -> int:
         if self.settings.threads:
             return self.settings.threads
-        return max(1, _usable_cores() // (self.settings.workers or self.target))
+        return self.launcher.threads(self.settings.workers or self.target)
 
     def _retire(self, worker: _Worker, why: str) -> None:
         self.emit(PoolEvent("recycle", f"{worker.name}: {why}", worker.slot, worker.pid))
@@ -839,7 +894,7 @@ def _missing_result(item: Item, worker: _Worker) -> ItemResult:
     )
 
 
-def _terminate(process: BaseProcess) -> None:
+def _terminate(process: WorkerProcess) -> None:
     try:
         if process.is_alive():
             process.terminate()
@@ -847,7 +902,7 @@ def _terminate(process: BaseProcess) -> None:
         pass
 
 
-def _kill(process: BaseProcess) -> None:
+def _kill(process: WorkerProcess) -> None:
     try:
         if process.is_alive():
             process.kill()

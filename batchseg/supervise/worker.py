@@ -48,6 +48,7 @@ __all__ = [
     "THREAD_ENV_VARS",
     "configure_openmp",
     "run_task",
+    "serve_connection",
     "worker_main",
 ]
 
@@ -134,6 +135,12 @@ def worker_main(spec: EngineSpec, slot: int, conn: Connection, threads: int | No
     """Entry point of a worker process: load the engine once, then serve tasks until told to stop."""
     _detach_from_terminal_signals()
     _exit_with_parent()
+    serve_connection(spec, slot, conn, threads)
+
+
+def serve_connection(spec: EngineSpec, slot: int, conn: Connection, threads: int | None) -> None:
+    """A worker's life on one connection: load the engine, serve tasks, close. Run by a worker
+    process (above) and, on a thread, by a Ray actor (``batchseg.supervise.ray_backend``)."""
     configure_openmp(threads)
     engine = _load(spec, slot, conn, threads)
     if engine is None:
