@@ -1,7 +1,12 @@
-"""Atomic file writes: a temp file in the destination folder, then os.replace.
+"""Atomic file writes: a temp file in the destination folder, fsynced, ``os.replace``d into place,
+then the folder fsynced (where the OS allows it), so a finished file survives a power cut.
 
-On Windows another process (an antivirus, a thumbnail viewer) can hold the target for a moment:
-os.replace is retried briefly on PermissionError before giving up.
+Temp names carry the writing process's pid (``.NAME.RANDOM.PID.batchseg-tmp``): when a worker dies
+mid-write, its supervisor removes that worker's files (:func:`remove_temp_files_of`).
+
+On Windows a file held open by another program (an image viewer, a preview pane, an antivirus)
+makes the rename fail with a sharing violation for a while: it is retried with back-off (see
+:func:`backoff_delays`) before :class:`FileHeldError` says which file and for how long.
 """
 
 from __future__ import annotations
@@ -10,46 +15,123 @@ import contextlib
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_path", "atomic_write_bytes", "replace_with_retry", "TEMP_SUFFIX"]
+from .errors import OutputError
+
+__all__ = [
+    "FileHeldError",
+    "HELD_FILE_PATIENCE_S",
+    "TEMP_SUFFIX",
+    "atomic_path",
+    "atomic_write_bytes",
+    "backoff_delays",
+    "held_file_patience",
+    "remove_temp_files_of",
+    "replace_with_retry",
+]
 
 TEMP_SUFFIX = ".batchseg-tmp"
+#: How long a rename onto a held file is retried, in seconds, unless held_file_patience() says
+#: otherwise (a worker's mask writes use this; the runner chooses its own for the manifest). Well
+#: inside the default per-image --timeout, so a held mask fails its image, not its worker.
+HELD_FILE_PATIENCE_S = 30.0
+#: Back-off: the first wait, the factor between waits, the longest single wait.
+FIRST_DELAY_S = 0.05
+BACKOFF_FACTOR = 2.0
+MAX_DELAY_S = 2.0
+#: Windows errors of a rename onto a file another process holds: access denied (the usual one for
+#: a target opened without delete sharing), sharing violation, lock violation.
+HELD_WINERRORS = frozenset({5, 32, 33})
+
+#: The rename hook: os.replace, swapped by tests to simulate a sharing violation.
+_rename: Callable[[str | os.PathLike[str], str | os.PathLike[str]], None] = os.replace
+_patience: ContextVar[float | None] = ContextVar("batchseg_held_file_patience", default=None)
 
 
-def replace_with_retry(
-    src: str | os.PathLike[str],
-    dst: str | os.PathLike[str],
-    attempts: int = 10,
-    delay: float = 0.05,
-    _replace: Callable[[str | os.PathLike[str], str | os.PathLike[str]], None] = os.replace,
-) -> None:
-    for attempt in range(attempts):
+class FileHeldError(OutputError):
+    """A finished file could not replace its target: another program held the target all along.
+
+    Not an ``OSError`` on purpose: an engine that turns OSError into a fatal OutputError lets this
+    one through, so a held mask fails its image (``error``), and the run goes on.
+    """
+
+
+def backoff_delays(patience: float) -> list[float]:
+    """The waits between rename attempts: 0.05 s doubling up to 2 s each, until ``patience`` seconds
+    in all. 30 s: 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, then 2 s thirteen times (29.15 s, 20 attempts)."""
+    delays: list[float] = []
+    delay, total = FIRST_DELAY_S, 0.0
+    while total + delay <= patience + 1e-9:
+        delays.append(delay)
+        total += delay
+        delay = min(delay * BACKOFF_FACTOR, MAX_DELAY_S)
+    return delays
+
+
+@contextlib.contextmanager
+def held_file_patience(seconds: float) -> Iterator[None]:
+    """Within the block, a rename onto a held file is retried for ``seconds`` (this thread only)."""
+    token = _patience.set(seconds)
+    try:
+        yield
+    finally:
+        _patience.reset(token)
+
+
+def is_held(exc: OSError) -> bool:
+    """The error Windows gives a rename onto a file that another process has open."""
+    return isinstance(exc, PermissionError) and getattr(exc, "winerror", None) in HELD_WINERRORS
+
+
+def replace_with_retry(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """``os.replace(src, dst)``; while ``dst`` is held by another program, retried with back-off.
+
+    Raises FileHeldError when it is still held after the patience; any other OSError at once (on
+    POSIX a PermissionError means a folder that cannot be written, which waiting does not change).
+    """
+    patience = _patience.get()
+    delays = backoff_delays(HELD_FILE_PATIENCE_S if patience is None else patience)
+    started = time.monotonic()
+    for attempt in range(len(delays) + 1):
         try:
-            _replace(src, dst)
+            _rename(src, dst)
             return
-        except PermissionError:
-            if attempt == attempts - 1:
+        except PermissionError as exc:
+            if not is_held(exc):
                 raise
-            time.sleep(delay * (attempt + 1))
+            if attempt == len(delays):
+                waited = time.monotonic() - started
+                raise FileHeldError(
+                    f"cannot replace {dst}: another program keeps it open (an image viewer, a preview "
+                    f"pane, an antivirus?); tried {attempt + 1} times over {waited:.1f} s ({exc})"
+                ) from exc
+            time.sleep(delays[attempt])
 
 
 @contextlib.contextmanager
 def atomic_path(dst: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temp path beside ``dst``; it replaces ``dst`` only if the block ends without error."""
+    """Yield a temp path beside ``dst``; it replaces ``dst`` only if the block ends without error.
+
+    The temp file is removed whenever it does not become ``dst`` (the block raised, or the rename
+    failed), so a held target leaves nothing behind.
+    """
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=TEMP_SUFFIX, dir=dst.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=f".{os.getpid()}{TEMP_SUFFIX}", dir=dst.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        replace_with_retry(tmp_path, dst)
     except BaseException:
-        tmp_path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp_path.unlink(missing_ok=True)
         raise
-    replace_with_retry(tmp_path, dst)
+    fsync_folder(dst.parent)
 
 
 def atomic_write_bytes(dst: str | os.PathLike[str], data: bytes) -> None:
@@ -61,3 +143,40 @@ def _write_all(fh: BinaryIO, data: bytes) -> None:
     fh.write(data)
     fh.flush()
     os.fsync(fh.fileno())
+
+
+def fsync_folder(folder: str | os.PathLike[str]) -> None:
+    """Make a rename in ``folder`` durable. POSIX only: Windows cannot open a folder for this, and
+    some file systems (network shares) refuse it; both are left as they are."""
+    if os.name == "nt":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_temp_files_of(pid: int, folders: Iterable[str | os.PathLike[str]]) -> int:
+    """Delete the unfinished temp files that process ``pid`` left in ``folders`` (not below them).
+
+    For the supervisor, once that worker is dead: a write cut by a crash or a watchdog kill. Files
+    that cannot be deleted (held, gone) are left to the start-up cleanup. Returns how many went.
+    """
+    ending = f".{pid}{TEMP_SUFFIX}"
+    removed = 0
+    for folder in {os.fspath(f) for f in folders}:
+        try:
+            names = [e.name for e in os.scandir(folder) if e.name.endswith(ending)]
+        except OSError:
+            continue
+        for name in names:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, name))
+                removed += 1
+    return removed

@@ -1,278 +1,125 @@
 """The ``batchseg`` command line: parses options, calls one library function, maps errors to exit codes.
 
-Exit codes: 0 all ok · 1 fatal error · 2 usage error · 3 finished, some images not ok ·
-4 stopped early (Ctrl-C, deadline, circuit breaker) and resumable.
+The options of ``run`` and ``retry`` are made from the registry (batchseg.options); a job file
+(``--job``) becomes click's ``default_map``, so click itself resolves flags > ``BATCHSEG_*`` >
+job file > defaults. ``Commands.invoke`` is the one place where a BatchsegError becomes a message
+and an exit code (batchseg.errors.ExitCode).
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from click.core import ParameterSource
 
 from . import __version__
 from .config import RunConfig
-from .errors import BatchsegError, ConfigError, StoppedEarly
+from .errors import BatchsegError, ExitCode
 from .logs import safe_echo
+from .options import OPTIONS, Option, retry_options
 from .records import FINAL_FAILURES, Status
+from .values import Flag, Kind, Text, TextList
+
+if TYPE_CHECKING:
+    from .runner import RunSummary
+
+    _ParamType = click.ParamType[Any]  # generic in newer click only: subscripted for the checker
+else:
+    _ParamType = click.ParamType
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-EXIT_CODES_HELP = (
-    "Exit codes: 0 all images ok; 1 fatal error (bad config, model cannot load, output not "
-    "writable); 2 usage error; 3 finished, some images not ok; 4 stopped early (Ctrl-C, deadline, "
-    "circuit breaker), run the same command again to resume."
-)
-
-DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N. Asking for cuda without one is an error."
-DTYPE_CHOICES = click.Choice(["auto", "float32", "bfloat16", "float16"])
-
-# Options whose value may change between attempts (run and retry); the rest define the output and
-# are fixed by the configuration fingerprint.
-OPERATIONAL_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
-    (("--device",), dict(help=f"Device: {DEVICE_HELP} [default: auto]")),
-    (
-        ("--workers",),
-        dict(type=click.IntRange(min=1), help="Worker processes [default: 1 on CPU, one per GPU]."),
-    ),
-    (
-        ("--threads",),
-        dict(type=click.IntRange(min=1), help="Torch threads per worker [default: cores / workers]."),
-    ),
-    (
-        ("--batch-size",),
-        dict(
-            type=click.IntRange(min=1),
-            help="Images per forward pass [default: 1 on CPU, from free memory on a GPU].",
-        ),
-    ),
-    (
-        ("--compile",),
-        dict(
-            is_flag=True,
-            default=None,
-            help="CUDA: torch.compile the whole backbone (about a minute per worker, then ~8% faster).",
-        ),
-    ),
-    (
-        ("--cuda-graphs/--no-cuda-graphs",),
-        dict(
-            default=None,
-            help="CUDA: replay the vision backbone as a CUDA graph (one launch per batch) [default: on].",
-        ),
-    ),
-    (
-        ("--fuse-rope/--no-fuse-rope",),
-        dict(
-            default=None,
-            help="CUDA: the backbone's rotary embedding as one compiled kernel (seconds to compile) "
-            "[default: on where Triton runs].",
-        ),
-    ),
-    (
-        ("--timeout",),
-        dict(
-            type=click.FloatRange(min=0, min_open=True),
-            help="Seconds one image may take before its worker is killed [default: 300].",
-        ),
-    ),
-    (
-        ("--load-timeout",),
-        dict(
-            type=click.FloatRange(min=0, min_open=True),
-            help="Seconds a worker may take to load the model [default: 600].",
-        ),
-    ),
-    (
-        ("--max-attempts",),
-        dict(
-            type=click.IntRange(min=1),
-            help="Tries per image, each on a fresh worker after a failure [default: 2].",
-        ),
-    ),
-    (
-        ("--max-images-per-worker",),
-        dict(
-            type=click.IntRange(min=1),
-            help="Recycle a worker after this many images, to bound leaks [default: never].",
-        ),
-    ),
-    (
-        ("--max-consecutive-failures",),
-        dict(
-            type=click.IntRange(min=1),
-            help="Stop (exit 4) when the same error repeats on this many images in a row [default: 20].",
-        ),
-    ),
-    (
-        ("--deadline",),
-        dict(metavar="HH:MM", help="Local time after which no new image starts; exits 4, resumable."),
-    ),
-    (("--max-runtime",), dict(metavar="DURATION", help="Like --deadline, as a duration: 6h, 90m, 1h30m.")),
-    (
-        ("--backend",),
-        dict(
-            type=click.Choice(["local", "ray"]),
-            help="local: worker processes on this machine; ray: Ray actors, one per GPU of the "
-            "cluster (pip install 'batchseg[ray]') [default: local].",
-        ),
-    ),
-    (
-        ("--ray-address",),
-        dict(
-            metavar="auto|HOST:PORT",
-            help="With --backend ray: the cluster to join [default: a Ray started for this run].",
-        ),
-    ),
-    (("--log-keep",), dict(type=click.IntRange(min=1), help="Log files kept in OUTPUT/logs [default: 30].")),
-    (
-        ("--manifest-interval",),
-        dict(
-            type=click.FloatRange(min=1),
-            help="Seconds between manifest exports during a run [default: 300].",
-        ),
-    ),
-    (
-        ("--progress-interval",),
-        dict(
-            type=click.FloatRange(min=0.1),
-            help="Seconds between progress lines when not on a terminal [default: 60].",
-        ),
-    ),
-]
-
-OUTPUT_DEFINING_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
-    (
-        ("--prompt", "prompts"),
-        dict(multiple=True, help="Text prompt; repeat for several (each image is encoded once)."),
-    ),
-    (
-        ("--model",),
-        dict(
-            help="Local SAM3 folder (config.json, tokenizer files, model.safetensors) or hub id "
-            "[default: facebook/sam3]."
-        ),
-    ),
-    (
-        ("--engine",),
-        dict(
-            metavar="MODULE:FUNCTION",
-            help="Engine factory loaded in each worker (see README, 'Bring your own engine') "
-            "[default: batchseg.engines.sam3.engine:load_engine].",
-        ),
-    ),
-    (
-        ("--output",),
-        dict(type=click.Path(path_type=Path), help="Output folder [default: output/<input folder name>]."),
-    ),
-    (
-        ("--dtype",),
-        dict(
-            type=DTYPE_CHOICES,
-            help="auto: bfloat16 on recent GPUs, float16 on older ones, measured best on CPU "
-            "[default: auto].",
-        ),
-    ),
-    (("--threshold",), dict(type=click.FloatRange(0, 1), help="Minimum detection score [default: 0.3].")),
-    (
-        ("--mask-threshold",),
-        dict(type=click.FloatRange(0, 1), help="Mask probability threshold [default: 0.5]."),
-    ),
-    (
-        ("--max-detections",),
-        dict(type=click.IntRange(min=1), help="Detections kept per prompt and image [default: 100]."),
-    ),
-    (
-        ("--max-pixels",),
-        dict(
-            type=click.IntRange(min=1),
-            help="Images with more pixels are refused as invalid_input [default: 250000000].",
-        ),
-    ),
-    (
-        ("--include",),
-        dict(
-            multiple=True,
-            metavar="GLOB",
-            help="Only paths matching this glob (relative, forward slashes); repeatable.",
-        ),
-    ),
-    (("--exclude",), dict(multiple=True, metavar="GLOB", help="Skip paths matching this glob; repeatable.")),
-    (
-        ("--hash",),
-        dict(
-            is_flag=True,
-            default=None,
-            help="Detect changed images by content hash as well as size and mtime.",
-        ),
-    ),
-    (
-        ("--new-run",),
-        dict(
-            is_flag=True,
-            default=None,
-            help="Start a fresh run in OUTPUT; the old run's files are moved to OUTPUT/previous-runs/.",
-        ),
-    ),
-]
+EXIT_CODES_HELP = "Exit codes: " + "; ".join(f"{code.value} {code.meaning}" for code in ExitCode) + "."
 
 
-def _add_options(specs: list[tuple[tuple[str, ...], dict[str, Any]]]) -> Callable[[F], F]:
+class KindType(_ParamType):
+    """A registry kind as a click type: one parser for flags, BATCHSEG_* and the job file."""
+
+    def __init__(self, kind: Kind[Any], separator: str | None = None) -> None:
+        self.kind = kind
+        self.name = kind.metavar
+        self.separator = separator
+
+    def split_envvar_value(self, rv: str) -> Sequence[str]:
+        # Lists in one variable: BATCHSEG_PROMPT="roof;solar panel" (a prompt may hold spaces).
+        return rv.split(self.separator) if self.separator else super().split_envvar_value(rv)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
+            return value
+        source = None
+        if ctx is not None and param is not None and param.name is not None:
+            source = ctx.get_parameter_source(param.name)
+            if source is ParameterSource.DEFAULT_MAP:
+                return value  # from the job file: already read by the same kind
+        try:
+            return self.kind.from_text(value)
+        except BatchsegError as exc:
+            where = _variable_of(param) if source is ParameterSource.ENVIRONMENT else ""
+            self.fail(f"{exc}{where}", param, ctx)
+
+
+def _variable_of(param: click.Parameter | None) -> str:
+    """`` (from BATCHSEG_X)``: a bad value from the environment names its variable."""
+    names = [] if param is None or param.envvar is None else param.envvar
+    names = [names] if isinstance(names, str) else list(names)
+    found = next((n for n in names if os.environ.get(n)), None)
+    return f" (from {found})" if found else ""
+
+
+def _help(opt: Option, retrying: bool) -> str:
+    if retrying:  # retry's defaults are the values stored in the output folder
+        return opt.help
+    default = opt.shown_default.replace("`", "")
+    return f"{opt.help} [default: {default}]" if default and not opt.required else opt.help
+
+
+def _parameter(opt: Option, retrying: bool) -> Callable[[F], F]:
+    """The click argument or option of a run option; its default is None: 'not given here'."""
+    envvar = list(opt.envvars)
+    if opt.argument:
+        kind_type = KindType(opt.kind)
+        return click.argument(opt.name, metavar=opt.cli_name, required=False, type=kind_type, envvar=envvar)
+    attrs: dict[str, Any] = {"envvar": envvar, "default": None, "help": _help(opt, retrying)}
+    decls = [opt.cli_name, opt.name]
+    if isinstance(opt.kind, Flag):
+        decls[0] = f"{opt.cli_name}/--no-{opt.cli_name[2:]}"
+    elif isinstance(opt.kind, TextList):
+        attrs |= {"multiple": True, "metavar": opt.kind.metavar}
+        attrs["type"] = KindType(Text(), separator=opt.kind.separator)
+    else:
+        attrs |= {"type": KindType(opt.kind), "metavar": opt.kind.metavar}
+    return click.option(*decls, **attrs)
+
+
+def _parameters(options: Iterable[Option], retrying: bool = False) -> Callable[[F], F]:
     def decorate(func: F) -> F:
-        for decls, attrs in reversed(specs):
-            name = decls[-1] if len(decls) > 1 else decls[0].lstrip("-").replace("-", "_")
-            attrs = {"envvar": f"BATCHSEG_{name.upper()}", "show_envvar": False, **attrs}
-            func = click.option(*decls, **attrs)(func)
+        for opt in reversed(list(options)):
+            func = _parameter(opt, retrying)(func)
         return func
 
     return decorate
 
 
-def _collect(ctx: click.Context, params: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
-    """Flags and BATCHSEG_* variables > job file > RunConfig defaults."""
-    values: dict[str, Any] = {}
-    for name, value in params.items():
-        source = ctx.get_parameter_source(name)
-        given = source in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
-        if given and value not in (None, ()):
-            values[name] = value
-        elif name in job:
-            values[name] = job[name]
-    return values
+def _given(ctx: click.Context, names: Iterable[str]) -> dict[str, Any]:
+    """The values given by a flag, a variable or the job file; ``auto`` (None) counts as given."""
+    return {n: ctx.params[n] for n in names if ctx.get_parameter_source(n) is not ParameterSource.DEFAULT}
 
 
-def _normalise(values: dict[str, Any]) -> dict[str, Any]:
-    from .jobfile import duration_seconds, parse_hhmm
+def _use_job_file(ctx: click.Context, param: click.Parameter, job: Path | None) -> None:
+    """``--job`` is eager: its values become the defaults of every other option of the command."""
+    if job is not None:
+        from .jobfile import load_job_file
 
-    out = dict(values)
-    for key in ("prompts", "include", "exclude"):
-        if key in out:
-            value = out[key]
-            out[key] = (value,) if isinstance(value, str) else tuple(value)
-    if isinstance(out.get("max_runtime"), str):
-        out["max_runtime"] = duration_seconds(out["max_runtime"])
-    if out.get("deadline") is not None:
-        parse_hhmm(str(out["deadline"]))
-    for key in ("input", "output"):
-        if out.get(key) is not None:
-            out[key] = Path(out[key])
-    return out
+        ctx.default_map = {**(ctx.default_map or {}), **load_job_file(job)}
 
 
-def _fail(exc: BatchsegError) -> None:
-    safe_echo(f"error: {exc}", err=True)
-    sys.exit(exc.exit_code)
-
-
-def _report(summary: Any) -> None:
-    from .runner import RunSummary
-
-    assert isinstance(summary, RunSummary)
+def _report(summary: RunSummary) -> None:
     counts = ", ".join(f"{k}={v}" for k, v in sorted(summary.counts.items()) if v)
     safe_echo(f"processed {summary.processed} images in {summary.elapsed_s:.1f}s; totals: {counts or 'none'}")
     safe_echo(f"masks:    {summary.output_dir / 'masks'}")
@@ -289,7 +136,7 @@ def _report(summary: Any) -> None:
             "run the same command again to resume",
             err=True,
         )
-    elif summary.exit_code == 3:
+    elif summary.exit_code == ExitCode.NOT_ALL_OK:
         safe_echo(
             "some images are not ok: see the manifest, or rerun them with: "
             f"batchseg retry {summary.output_dir}",
@@ -297,21 +144,29 @@ def _report(summary: Any) -> None:
         )
 
 
-def _run_library(call: Callable[[], Any], note: str | None = None) -> None:
-    try:
-        summary = call()
-    except KeyboardInterrupt:
-        safe_echo("interrupted: stopped at once; run the same command again to resume", err=True)
-        sys.exit(StoppedEarly.exit_code)
-    except BatchsegError as exc:
-        _fail(exc)
+def _finish(summary: RunSummary, note: str | None = None) -> None:
     _report(summary)
     if note:
         safe_echo(note)
-    sys.exit(summary.exit_code)
+    click.get_current_context().exit(summary.exit_code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class Commands(click.Group):
+    """The command group, and the one error boundary: a BatchsegError from any command (or from
+    reading its options, such as a job file) becomes ``error: <message>`` and its exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            safe_echo("interrupted: stopped at once; run the same command again to resume", err=True)
+            ctx.exit(ExitCode.STOPPED)
+        except BatchsegError as exc:
+            safe_echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="batchseg")
 def cli() -> None:
     """Segment image folders with SAM3, unattended: watchdogs, resumable runs, Parquet manifests.
@@ -327,17 +182,17 @@ def cli() -> None:
     + '\n\nExample:\n\n\b\n  batchseg run ./aerial --prompt roof --prompt "solar panel" --model ./sam3'
     + "\n  batchseg run --job jobs/aerial-nightly.toml --deadline 06:30"
 )
-@click.argument("input_", metavar="INPUT", required=False, type=click.Path(path_type=Path))
 @click.option(
     "--job",
     type=click.Path(path_type=Path, dir_okay=False),
     envvar="BATCHSEG_JOB",
-    help="TOML job file holding any of these options; flags override it.",
+    is_eager=True,
+    expose_value=False,
+    callback=_use_job_file,
+    help="TOML job file holding any of these options; flags and BATCHSEG_* variables override it.",
 )
-@_add_options(OUTPUT_DEFINING_OPTIONS)
-@_add_options(OPERATIONAL_OPTIONS)
-@click.pass_context
-def run(ctx: click.Context, input_: Path | None, job: Path | None, **params: Any) -> None:
+@_parameters(OPTIONS)
+def run(**_: Any) -> None:
     """Segment every image of INPUT (a folder, walked recursively) with the given prompts.
 
     Running the same command again on the same output folder resumes: finished images are skipped,
@@ -345,32 +200,17 @@ def run(ctx: click.Context, input_: Path | None, job: Path | None, **params: Any
     """
     from .runner import run as run_folder
 
-    try:
-        job_values = _load_job(job)
-        values = _collect(ctx, params, job_values)
-        if input_ is not None:
-            values["input"] = input_
-        elif "input" in job_values:  # INPUT is an argument, not an option: _collect skips it
-            values["input"] = job_values["input"]
-        values = _normalise(values)
-        if "input" not in values:
-            raise click.UsageError(
-                "missing INPUT folder (give it as an argument or as 'input' in the job file)"
-            )
-        if not values.get("prompts"):
-            raise click.UsageError("give at least one --prompt (or 'prompt' in the job file)")
-        config = RunConfig(**values)
-    except ConfigError as exc:
-        _fail(exc)
-    _run_library(lambda: run_folder(config, stream=sys.stderr))
+    _finish(run_folder(run_config(click.get_current_context()), stream=sys.stderr))
 
 
-def _load_job(job: Path | None) -> dict[str, Any]:
-    if job is None:
-        return {}
-    from .jobfile import load_job_file
-
-    return load_job_file(job)
+def run_config(ctx: click.Context) -> RunConfig:
+    """The RunConfig of ``run``'s parsed options: flags > BATCHSEG_* > job file > defaults."""
+    given = _given(ctx, (o.name for o in OPTIONS))
+    if "input" not in given:
+        raise click.UsageError("missing INPUT folder (give it as an argument or as 'input' in the job file)")
+    if not given.get("prompts"):
+        raise click.UsageError("give at least one --prompt (or 'prompt' in the job file)")
+    return RunConfig(**given)
 
 
 @cli.command(
@@ -385,21 +225,18 @@ def _load_job(job: Path | None) -> dict[str, Any]:
     type=click.Choice([str(s) for s in FINAL_FAILURES]),
     help="Only images with this status; repeatable [default: every status that is not ok].",
 )
-@_add_options(OPERATIONAL_OPTIONS)
-@click.pass_context
-def retry(ctx: click.Context, output: Path, statuses: tuple[str, ...], **params: Any) -> None:
+@_parameters(retry_options(), retrying=True)
+def retry(output: Path, statuses: tuple[str, ...], **_: Any) -> None:
     """Rerun the images of OUTPUT whose status is not ok, with the configuration stored there.
 
-    Works from the manifest alone when the checkpoint is gone.
+    Works from the manifest alone when the checkpoint is gone. Only the options that may change
+    between attempts are accepted; an option not given keeps the value stored in OUTPUT.
     """
     from .runner import retry as retry_failed
 
-    try:
-        overrides = _normalise(_collect(ctx, params, {}))
-    except ConfigError as exc:
-        _fail(exc)
     chosen = tuple(Status(s) for s in statuses) or FINAL_FAILURES
-    _run_library(lambda: retry_failed(output, chosen, overrides, stream=sys.stderr))
+    overrides = _given(click.get_current_context(), (o.name for o in retry_options()))
+    _finish(retry_failed(output, chosen, overrides, stream=sys.stderr))
 
 
 @cli.command(epilog="Example:\n\n\b\n  batchseg status output/aerial\n  batchseg status output/aerial --json")
@@ -409,10 +246,7 @@ def status(output: Path, as_json: bool) -> None:
     """Counts per status, speed, top errors, and whether a run is live in OUTPUT."""
     from .status import collect_status, format_status
 
-    try:
-        report = collect_status(output)
-    except BatchsegError as exc:
-        _fail(exc)
+    report = collect_status(output)
     if as_json:
         click.echo(report.to_json())  # already JSON text: dumping it again printed one string
     else:
@@ -421,7 +255,8 @@ def status(output: Path, as_json: bool) -> None:
 
 @cli.command(
     epilog="Example:\n\n\b\n"
-    "  batchseg schedule --job jobs/aerial-nightly.toml --at 02:00 --days mon,tue,wed,thu,fri"
+    "  batchseg schedule --job jobs/aerial-nightly.toml --at 02:00 --days mon,tue,wed,thu,fri\n"
+    "  batchseg schedule --job jobs/aerial-nightly.toml --at 02:00 --logon password --wake"
 )
 @click.option(
     "--job",
@@ -434,32 +269,49 @@ def status(output: Path, as_json: bool) -> None:
 @click.option("--name", default=None, help="Task name [default: the job file's name].")
 @click.option("--print", "print_only", is_flag=True, help="Print the task XML instead of writing it.")
 @click.option("--cron", is_flag=True, help="Print a crontab line (Linux/macOS) instead.")
-def schedule(job: Path, at: str, days: str | None, name: str | None, print_only: bool, cron: bool) -> None:
+@click.option("--wake", is_flag=True, help="Wake the computer from sleep to run (WakeToRun).")
+@click.option(
+    "--logon",
+    type=click.Choice(["interactive", "s4u", "password"]),
+    default="interactive",
+    show_default=True,
+    help="interactive: only while you are logged on; s4u: also logged off, local disks only; "
+    "password: also logged off, with network shares (schtasks asks for the password).",
+)
+@click.option("--user", default=None, help="Account of an s4u or password task [default: you].")
+def schedule(
+    job: Path,
+    at: str,
+    days: str | None,
+    name: str | None,
+    print_only: bool,
+    cron: bool,
+    wake: bool,
+    logon: str,
+    user: str | None,
+) -> None:
     """Write a Windows Task Scheduler task that runs a job file nightly, and print how to register it.
 
     The task runs this Python with `-m batchseg run --job <job>` in the job's folder, never twice at
-    once, with a time limit, and starts late after a missed start.
+    once, with a time limit, and starts late after a missed start. Pick --logon by where your files
+    are (see README, 'Nightly runs'); --wake for a PC that sleeps at night.
     """
-    from .schedule import crontab_line, default_task_name, schtasks_commands, task_xml, write_task_xml
+    from .schedule import crontab_line, task_xml, write_task
 
     job = job.resolve()
     day_list = [d.strip() for d in days.split(",") if d.strip()] if days else None
-    try:
-        if cron:
-            click.echo(crontab_line(job, at, day_list, sys.executable))
-            return
-        xml = task_xml(job, at, day_list, sys.executable, time_limit_hours=_time_limit_hours(job))
-        if print_only:
-            click.echo(xml)
-            return
-        xml_path = job.with_suffix(".task.xml")
-        write_task_xml(xml_path, xml)
-        create, delete = schtasks_commands(name or default_task_name(job), xml_path)
-    except BatchsegError as exc:
-        _fail(exc)
-    safe_echo(f"wrote {xml_path}")
-    safe_echo(f"register it:  {create}")
-    safe_echo(f"remove it:    {delete}")
+    if cron:
+        if wake or logon != "interactive":
+            raise click.UsageError("--wake and --logon are Task Scheduler settings; cron has neither")
+        click.echo(crontab_line(job, at, day_list, sys.executable))
+        return
+    options: dict[str, Any] = dict(time_limit_hours=_time_limit_hours(job), wake=wake, logon=logon, user=user)
+    if print_only:
+        click.echo(task_xml(job, at, day_list, sys.executable, **options))
+        return
+    lines = write_task(job, at, day_list, sys.executable, name=name, **options)
+    for line in lines:
+        safe_echo(line)
 
 
 def _time_limit_hours(job: Path) -> float:
@@ -479,7 +331,7 @@ def doctor(model: str | None) -> None:
 
     checks = run_doctor(model)
     safe_echo(format_checks(checks))
-    sys.exit(doctor_exit_code(checks))
+    click.get_current_context().exit(doctor_exit_code(checks))
 
 
 @cli.command(epilog="Example:\n\n\b\n  batchseg demo\n  batchseg demo --output /tmp/demo")
@@ -497,8 +349,8 @@ def demo(output: Path) -> None:
     """
     from .demo import run_demo
 
-    _run_library(
-        lambda: run_demo(output, stream=sys.stderr),
+    _finish(
+        run_demo(output, stream=sys.stderr),
         note="the demo model has random weights: its masks are meaningless; the pipeline is real",
     )
 
@@ -514,3 +366,57 @@ def main() -> None:
                 pass
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cli(prog_name="batchseg")
+
+
+@cli.command(
+    epilog="Example:\n\n\b\n  batchseg export output/aerial --format gpkg\n"
+    "  batchseg export output/aerial --format geojson --to-crs EPSG:4326"
+)
+@click.argument("output", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.option(
+    "--format", "fmt", type=click.Choice(["gpkg", "geojson", "shp"]), default="gpkg", show_default=True,
+    help="GeoPackage, GeoJSON or Shapefile.",
+)  # fmt: skip
+@click.option(
+    "--to-crs", default=None, metavar="CRS",
+    help="Reproject to this CRS (EPSG:XXXX); needed when the images are in different CRSs.",
+)  # fmt: skip
+@click.option(
+    "--dest", type=click.Path(path_type=Path, dir_okay=False), default=None,
+    help="File to write [default: OUTPUT/manifest/polygons.<format>].",
+)  # fmt: skip
+def export(output: Path, fmt: str, to_crs: str | None, dest: Path | None) -> None:
+    """Write the polygons of a run made with --vectors to one file QGIS opens (needs batchseg[geo]).
+
+    Nothing is reprojected unless --to-crs is given.
+    """
+    from .geo.export import export_polygons  # GeoExtraMissing (a ConfigError) names the extra
+
+    done = export_polygons(output, fmt, to_crs, dest)
+    safe_echo(f"wrote {done.count} polygon(s) to {done.path} (CRS: {done.crs or 'none, pixel coordinates'})")
+
+
+@cli.command(
+    epilog="Example:\n\n\b\n  batchseg report output/aerial\n  batchseg report output/aerial --previews"
+)
+@click.argument("output", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.option("--previews", is_flag=True, help="First make the overlay previews that are missing.")
+@click.option(
+    "--preview-size",
+    type=click.IntRange(min=64),
+    default=1024,
+    show_default=True,
+    help="Long side of a preview, pixels.",
+)
+@click.option("--redo", is_flag=True, help="With --previews: remake every preview, not only missing ones.")
+def report(output: Path, previews: bool, preview_size: int, redo: bool) -> None:
+    """Write OUTPUT/report.html: summary, failures, detections per prompt, a gallery of previews.
+
+    A static page (no server, nothing from the internet) that opens from a file share.
+    """
+    from .report import make_missing_previews, write_report
+
+    if previews:
+        made, failed = make_missing_previews(output, preview_size, redo=redo, stream=sys.stderr)
+        safe_echo(f"previews: {made} made" + (f", {failed} could not be made (see above)" if failed else ""))
+    safe_echo(f"report: {write_report(output)}")

@@ -16,8 +16,11 @@ The rules, in the order they apply:
   ``include`` selects everything, and ``exclude`` wins over ``include``.
 * Items come sorted by relative path (code point order), which makes runs reproducible.
 * Two relative paths equal once case and Unicode normalisation are ignored (``a.JPG`` and ``a.jpg``)
-  would write the same mask on Windows or macOS: the first in order is kept, the others are reported
-  in ``Discovery.collisions`` and left out of ``items``.
+  would write the same mask on Windows or macOS: one is kept, the others are reported in
+  ``Discovery.collisions`` and left out of ``items``. The kept one is the path named in ``keep`` (an
+  image that already has a result: a newcomer never demotes it), else the first in order.
+* A name that is not valid UTF-8 (Latin-1 bytes on a Linux share) is listed as Python decodes it
+  (``os.fsdecode``): it opens again as the same file, and the store keeps its bytes.
 
 This module is imported by the parent process: it must never import torch.
 """
@@ -30,7 +33,7 @@ import re
 import stat
 import sys
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
@@ -75,10 +78,12 @@ def discover(
     exclude: Sequence[str] = (),
     with_hash: bool = False,
     skip: Iterable[str | os.PathLike[str]] = (),
+    keep: Container[str] = frozenset(),
 ) -> Discovery:
     """Walk ``root`` recursively and return its images (rules in the module docstring).
 
     ``skip`` names folders never to walk, typically the output folder when it lies inside the input.
+    ``keep``: relative paths that win a name clash (those with a result already).
     With ``with_hash`` every item gets the sha256 hex of its content (read in 1 MiB chunks); a file
     that cannot be read for hashing keeps ``content_hash=None`` and fails later as an invalid image.
     Raises ``ConfigError`` if ``root`` is missing, not a folder, or unreadable.
@@ -98,7 +103,7 @@ def discover(
         else:
             kept.append(f)
 
-    kept, collisions = _drop_collisions(kept)
+    kept, collisions = _drop_collisions(kept, keep)
     items = [
         Item(f.rel, f.size_bytes, f.mtime_ns, file_sha256(f.real_path) if with_hash else None) for f in kept
     ]
@@ -108,7 +113,9 @@ def discover(
 def _check_root(root: str | os.PathLike[str]) -> str:
     path = os.fspath(root)
     if not os.path.exists(path):
-        raise ConfigError(f"The input folder {path} does not exist; check the path.")
+        raise ConfigError(
+            f"The input folder {path} does not exist; check the path (a network share: is it mounted?)."
+        )
     if not os.path.isdir(path):
         raise ConfigError(f"The input {path} is a file, not a folder; give the folder that holds the images.")
     real = os.path.realpath(path)
@@ -217,17 +224,21 @@ def _collision_key(rel: str) -> str:
     return unicodedata.normalize("NFC", rel).lower()
 
 
-def _drop_collisions(found: list[_Found]) -> tuple[list[_Found], dict[str, str]]:
-    first: dict[str, str] = {}
+def _drop_collisions(found: list[_Found], keep: Container[str]) -> tuple[list[_Found], dict[str, str]]:
+    """Keep one path per collision key: the first in ``keep``, else the first in order."""
+    keys = [_collision_key(f.rel) for f in found]
+    winner: dict[str, str] = {}
+    for f, key in zip(found, keys, strict=True):
+        if key not in winner or (f.rel in keep and winner[key] not in keep):
+            winner[key] = f.rel
     kept: list[_Found] = []
     collisions: dict[str, str] = {}
-    for f in found:
-        key = _collision_key(f.rel)
-        earlier = first.setdefault(key, f.rel)
-        if earlier == f.rel:
+    for f, key in zip(found, keys, strict=True):
+        chosen = winner[key]
+        if chosen == f.rel:
             kept.append(f)
         else:
-            collisions[f.rel] = earlier
+            collisions[f.rel] = chosen
     return kept, collisions
 
 

@@ -48,6 +48,7 @@ def run_doctor(model: str | None) -> list[Check]:
         ("cuda", _cuda),
         ("dtype", _dtype_auto),
         ("threads", _threads),
+        ("geo", _geo),
         ("model", lambda: _model(model)),
     ]
     checks: list[Check] = []
@@ -204,6 +205,18 @@ def _threads() -> list[Check]:
     if usable != cores:
         detail += f", {usable} usable by this process"
     return [Check("threads", OK, detail)]
+
+
+def _geo() -> list[Check]:
+    """The optional batchseg[geo] extra: GeoTIFF/world-file inputs, --vectors and export need it."""
+    from .geo import GeoExtraMissing, geo_versions
+
+    try:
+        v = geo_versions()
+    except GeoExtraMissing as exc:
+        return [Check("geo", WARNING, f"not installed (georeferenced inputs and polygons need it): {exc}")]
+    detail = f"GDAL {v['gdal']} (rasterio {v['rasterio']}), shapely {v['shapely']}, pyproj {v['pyproj']}"
+    return [Check("geo", OK, f"{detail}, pyogrio {v['pyogrio']} (GDAL {v['gdal_pyogrio']})")]
 
 
 # ------------------------------------------------------------------------------ model

@@ -1,4 +1,4 @@
-"""Errors batchseg raises, each carrying the exit code the CLI turns it into.
+"""Errors batchseg raises, each carrying the exit code the CLI turns it into, and the exit codes.
 
     BatchsegError                 exit 1, the root: anything fatal to a run
     ├── ConfigError               bad option, job file or prompt
@@ -10,13 +10,16 @@
         └── CircuitBreakerTripped the same error repeated on too many images in a row
 
 Per-image problems are never exceptions across the pipe: they become an ItemResult status.
+``ExitCode`` names every exit status of ``batchseg``; the runner and the CLI use these names only.
 """
 
 from __future__ import annotations
 
+from enum import IntEnum
 from typing import ClassVar
 
 __all__ = [
+    "ExitCode",
     "BatchsegError",
     "CircuitBreakerTripped",
     "ConfigError",
@@ -29,10 +32,36 @@ __all__ = [
 ]
 
 
+class ExitCode(IntEnum):
+    """What ``batchseg`` exits with. A run with images not ok never exits 0."""
+
+    OK = 0
+    FATAL = 1
+    USAGE = 2  # click's own code for a usage error
+    NOT_ALL_OK = 3
+    STOPPED = 4
+
+    @property
+    def meaning(self) -> str:
+        """One line for ``--help`` and the README."""
+        return _MEANINGS[self]
+
+
+_MEANINGS = {
+    ExitCode.OK: "all images ok",
+    ExitCode.FATAL: "fatal error (bad config, model cannot load, output not writable)",
+    ExitCode.USAGE: "usage error",
+    ExitCode.NOT_ALL_OK: "finished, some images not ok",
+    ExitCode.STOPPED: (
+        "stopped early (Ctrl-C, deadline, circuit breaker), run the same command again to resume"
+    ),
+}
+
+
 class BatchsegError(Exception):
     """Root of the errors that end a run; ``exit_code`` is what the CLI exits with."""
 
-    exit_code: ClassVar[int] = 1
+    exit_code: ClassVar[ExitCode] = ExitCode.FATAL
 
 
 class ConfigError(BatchsegError):
@@ -58,7 +87,7 @@ class RunLockedError(BatchsegError):
 class StoppedEarly(BatchsegError):
     """The run stopped before every image was tried; running the same command again resumes it."""
 
-    exit_code: ClassVar[int] = 4
+    exit_code: ClassVar[ExitCode] = ExitCode.STOPPED
 
 
 class CircuitBreakerTripped(StoppedEarly):

@@ -95,7 +95,7 @@ def read_image(
         with src:
             full_size = _upright_size(src)
             if draft_side and src.format == "JPEG":
-                src.draft(None, (draft_side, draft_side))  # type: ignore[arg-type]
+                src.draft(None, (draft_side, draft_side))
             _decode_first_frame(src, max_pixels)
             image = _to_rgb(_oriented(src))
     if image.size != full_size:

@@ -3,11 +3,13 @@
 The lock itself is the operating system's (flock on Unix, LockFileEx on Windows, through the filelock
 package), so it dies with its process: a lock left by a killed run is simply taken over. Beside it,
 ``OUTPUT/.batchseg.lock.json`` tells who holds it (pid, host, start time) for error messages and
-``batchseg status``; a stale one is overwritten by the next holder.
+``batchseg status``; a stale one is overwritten by the next holder. ``is_locked`` (status) reads who
+holds the lock without ever taking it, so it can never refuse a run that is starting.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -16,9 +18,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
 
+import psutil
 from filelock import FileLock, Timeout
 
-from .atomic import atomic_write_bytes
+from .atomic import FileHeldError, atomic_write_bytes
 from .errors import OutputError, RunLockedError
 
 __all__ = ["LOCK_NAME", "LockInfo", "RunLock", "is_locked"]
@@ -67,7 +70,7 @@ class RunLock:
         info = LockInfo(os.getpid(), socket.gethostname(), time.time())
         try:
             atomic_write_bytes(self.output_dir / INFO_NAME, json.dumps(asdict(info)).encode())
-        except OSError as exc:
+        except (OSError, FileHeldError) as exc:  # held by a scanner past every retry: still let go
             self._lock.release()
             raise OutputError(f"cannot write {self.output_dir / INFO_NAME}: {exc}") from exc
         self.info = info
@@ -105,23 +108,52 @@ def read_info(output_dir: Path) -> LockInfo | None:
 
 
 def is_locked(output_dir: Path) -> LockInfo | None:
-    """Who holds the folder now, or None when no live process does.
+    """Who holds the folder now, or None when no live process does; never takes the lock.
 
-    Probes the OS lock without waiting (and lets go at once). When the holder has not written its
-    info file yet, the returned info has pid 0.
+    A probe that took the lock, even for a moment, would refuse a run starting at that moment, so
+    the lock is only read: on Linux from ``/proc/locks`` (the kernel's table of held locks), elsewhere
+    from the info file with a check that its process is alive (a holder on another host, seen over
+    a network share, is taken at its word). When the holder has not written its info file yet, the
+    returned info has the kernel's pid for it and start time 0.
     """
     output_dir = Path(output_dir)
-    if not (output_dir / LOCK_NAME).exists():
-        return None
-    probe = FileLock(output_dir / LOCK_NAME, blocking=False)
     try:
-        probe.acquire(blocking=False)
-    except Timeout:
-        return read_info(output_dir) or LockInfo(0, "unknown", 0.0)
+        inode = os.stat(output_dir / LOCK_NAME).st_ino
     except OSError:
-        return None  # a read-only folder: nobody can be writing there
-    probe.release()
-    return None
+        return None
+    info = read_info(output_dir)
+    holders = _kernel_lock_holders(inode)
+    if holders is None:  # no kernel table to read: trust a live process named by the info file
+        if info is None:
+            return None
+        if info.hostname == socket.gethostname() and not psutil.pid_exists(info.pid):
+            return None
+        return info
+    if not holders:
+        # /proc/locks lists the locks of this machine only: a holder elsewhere, on a share
+        return info if info is not None and info.hostname != socket.gethostname() else None
+    # Someone holds it: the info file names them (the kernel's pid may be another namespace's).
+    return info or LockInfo(min(holders), socket.gethostname(), 0.0)
+
+
+def _kernel_lock_holders(inode: int) -> set[int] | None:
+    """Pids holding a lock on the file with this inode, from /proc/locks; None where there is none."""
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as table:
+            lines = table.read().splitlines()
+    except OSError:
+        return None
+    pids: set[int] = set()
+    for line in lines:
+        fields = line.split()
+        # Only flock locks (filelock's on Unix; SQLite's are POSIX), not "->" lines (waiters). The
+        # inode alone identifies the file: overlay filesystems report another device number here.
+        if len(fields) < 6 or fields[1] != "FLOCK":
+            continue
+        with contextlib.suppress(ValueError, IndexError):
+            if int(fields[5].rsplit(":", 1)[1]) == inode:
+                pids.add(int(fields[4]))
+    return pids
 
 
 def _locked_message(output_dir: Path) -> str:

@@ -6,9 +6,20 @@ They hold paths, numbers and short strings only: pixels never cross a pipe.
 from __future__ import annotations
 
 import enum
+import os
+import time
+import traceback
 from dataclasses import dataclass, field
 
-__all__ = ["Detection", "Item", "ItemResult", "Status", "FINAL_FAILURES"]
+__all__ = [
+    "FINAL_FAILURES",
+    "Detection",
+    "FailureCategory",
+    "Item",
+    "ItemResult",
+    "Status",
+    "failure_result",
+]
 
 #: Version of the on-disk output format (masks, manifests, checkpoint); part of the config fingerprint.
 OUTPUT_FORMAT_VERSION = 1
@@ -29,6 +40,16 @@ class Status(str, enum.Enum):
         return self.value
 
 
+class FailureCategory(str, enum.Enum):
+    """Whose failure a failed result is: the run's answer to it depends on that alone."""
+
+    IMAGE = "image"  # this image failed; the run goes on (retried while attempts are left)
+    OUTPUT = "output"  # the output folder cannot be written: fatal, the run ends with exit 1
+
+    def __str__(self) -> str:
+        return self.value
+
+
 #: Statuses that ``batchseg retry`` reruns by default.
 FINAL_FAILURES = (Status.ERROR, Status.TIMEOUT, Status.CRASHED, Status.INVALID_INPUT)
 
@@ -41,6 +62,10 @@ class Item:
     size_bytes: int
     mtime_ns: int
     content_hash: str | None = None  # sha256 hex, only with --hash
+    #: Only this part of the image, (x0, y0, x1, y1) in pixels of the upright image: the engine
+    #: returns boxes in the whole image's frame, masks of the window's size and no label map.
+    #: None: the whole image.
+    window: tuple[int, int, int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -74,9 +99,62 @@ class ItemResult:
     finished_at: float | None = None
     worker_pid: int | None = None
     device: str | None = None
+    category: FailureCategory | None = None  # of a failed result; None for ok, skipped, missing
 
     @property
     def duration_s(self) -> float | None:
         if self.started_at is None or self.finished_at is None:
             return None
         return self.finished_at - self.started_at
+
+
+def failure_result(
+    item: Item,
+    status: Status,
+    *,
+    exc: BaseException | None = None,
+    error_type: str | None = None,
+    message: str | None = None,
+    category: FailureCategory = FailureCategory.IMAGE,
+    exit_code: int | None = None,
+    device: str | None = None,
+    started_at: float | None = None,
+    finished_at: float | None = None,
+) -> ItemResult:
+    """The one way to build a failed result (engines, worker, pool and runner alike).
+
+    With ``exc``: its class name, message and traceback text, unless ``error_type`` or ``message``
+    say otherwise. Times default to now; ``worker_pid`` is this process (the pool sets the
+    worker's for the failures it decides itself, such as a timeout)."""
+    now = time.time()
+    if exc is not None:
+        error_type = error_type or type(exc).__name__
+        message = message or str(exc) or repr(exc)
+    trace = None if exc is None else "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return ItemResult(
+        path=item.path,
+        status=status,
+        error_type=error_type,
+        error_message=message,
+        traceback=trace,
+        exit_code=exit_code,
+        started_at=now if started_at is None else started_at,
+        finished_at=now if finished_at is None else finished_at,
+        worker_pid=os.getpid(),
+        device=device,
+        category=category,
+    )
+
+
+class RowState(str, enum.Enum):
+    """States a stored image row holds before it has a Status: found, and handed to a worker."""
+
+    PENDING = "pending"  # discovered, not tried yet (or to be redone)
+    RUNNING = "running"  # handed to a worker; a crash leaves it, and the next run redoes it
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: Every state an image row can hold, for zero-filled counts.
+ALL_STATES = tuple(s.value for s in Status) + tuple(s.value for s in RowState)

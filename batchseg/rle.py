@@ -13,7 +13,17 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["area", "decode", "encode", "encode_labels"]
+__all__ = [
+    "area",
+    "column_runs",
+    "decode",
+    "decode_window",
+    "encode",
+    "encode_labels",
+    "encode_runs",
+    "paint_runs",
+    "split_columns",
+]
 
 # 64-bit counts need at most 13 groups of 5 bits; real images need far fewer.
 _MAX_GROUPS = 13
@@ -128,24 +138,28 @@ def _to_strings(counts: np.ndarray, counts_per_label: np.ndarray) -> list[str]:
 
 
 def _parse(counts: str) -> np.ndarray:
-    """pycocotools' rleFrString: the counts string back to run lengths."""
-    out: list[int] = []
-    data = counts.encode("ascii")
-    i = 0
-    while i < len(data):
-        x, k, more = 0, 0, True
-        while more:
-            c = data[i] - 48
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            i += 1
-            k += 1
-            if not more and (c & 0x10):
-                x |= -1 << (5 * k)
-        if len(out) > 2:
-            x += out[-2]
-        out.append(x)
-    return np.array(out, dtype=np.int64)
+    """pycocotools' rleFrString: the counts string back to run lengths, without a Python loop.
+
+    Each value is a group of 5-bit characters (continuation bit 0x20, sign bit 0x10 in the last);
+    from the fourth value on, each is stored as the difference to the value two places before, so
+    the two interleaved chains are cumulative sums."""
+    chars = np.frombuffer(counts.encode("ascii"), np.uint8).astype(np.int64) - 48
+    if chars.size == 0:
+        return np.zeros(0, np.int64)
+    last = (chars & 0x20) == 0
+    ends = np.flatnonzero(last)
+    if ends.size == 0 or ends[-1] != chars.size - 1:
+        raise ValueError("RLE counts string ends inside a value")
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    position = np.arange(chars.size) - np.repeat(starts, ends - starts + 1)
+    values = np.add.reduceat((chars & 0x1F) << (5 * position), starts)
+    n_groups = ends - starts + 1
+    negative = (chars[ends] & 0x10) != 0
+    values[negative] |= -1 << (5 * n_groups[negative])
+    out = values.copy()
+    out[1::2] = np.cumsum(values[1::2])
+    out[2::2] = np.cumsum(values[2::2])
+    return out
 
 
 def decode(counts: str, height: int, width: int) -> np.ndarray:
@@ -160,3 +174,82 @@ def decode(counts: str, height: int, width: int) -> np.ndarray:
 def area(counts: str) -> int:
     """Number of foreground pixels of a COCO RLE ``counts`` string."""
     return int(_parse(counts)[1::2].sum())
+
+
+# --- runs per column: the sparse form that tiling works on ------------------------------------
+
+
+def column_runs(counts: str, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The foreground of a (height, width) COCO RLE as runs that never cross a column.
+
+    Returns int64 arrays (column, first row, end row) in column-major order: a run that wraps from
+    the bottom of one column to the top of the next is split. Memory grows with the runs, never with
+    the mask's size, so masks of any size can be moved between frames and windows."""
+    runs = _parse(counts)
+    if runs.sum() != height * width or (runs < 0).any():
+        raise ValueError(f"RLE counts do not describe a {height}x{width} mask")
+    ends = np.cumsum(runs)
+    starts, ends = (ends - runs)[1::2], ends[1::2]
+    keep = ends > starts
+    return split_columns(starts[keep], ends[keep], height)
+
+
+def split_columns(
+    starts: np.ndarray, ends: np.ndarray, height: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Column-major runs [start, end) of a mask ``height`` rows high as (column, row0, row1) pieces."""
+    first_col, last_col = starts // height, (ends - 1) // height
+    pieces = last_col - first_col + 1
+    owner = np.repeat(np.arange(starts.size), pieces)
+    col = first_col[owner] + (np.arange(owner.size) - np.repeat(np.cumsum(pieces) - pieces, pieces))
+    row0 = np.maximum(starts[owner] - col * height, 0)
+    row1 = np.minimum(ends[owner] - col * height, height)
+    return col.astype(np.int64), row0.astype(np.int64), row1.astype(np.int64)
+
+
+def encode_runs(starts: np.ndarray, ends: np.ndarray, height: int, width: int) -> str:
+    """COCO RLE ``counts`` of a (height, width) mask given its foreground as sorted, disjoint
+    column-major runs [start, end) (positions ``column * height + row``); touching runs are joined."""
+    total = height * width
+    if starts.size == 0:
+        return _to_strings(np.array([total], np.int64), np.array([1]))[0]
+    if starts[0] < 0 or ends[-1] > total or (ends <= starts).any() or (starts[1:] < ends[:-1]).any():
+        raise ValueError("runs must be sorted, disjoint, non-empty and inside the mask")
+    joined = np.concatenate(([True], starts[1:] != ends[:-1]))
+    starts = starts[joined]
+    ends = ends[np.concatenate((joined[1:], [True]))]
+    gaps = starts - np.concatenate(([0], ends[:-1]))
+    counts = np.stack([gaps, ends - starts], axis=1).ravel()
+    if ends[-1] < total:
+        counts = np.concatenate((counts, [total - ends[-1]]))
+    return _to_strings(counts.astype(np.int64), np.array([counts.size]))[0]
+
+
+def paint_runs(
+    out: np.ndarray, col: np.ndarray, row0: np.ndarray, row1: np.ndarray, values: np.ndarray | int = 1
+) -> None:
+    """Set ``out[row0:row1, col] = value`` for every run, in place, without a Python loop.
+
+    Runs are in ``out``'s own frame and must not overlap each other (overlapping runs would add up)."""
+    height, width = out.shape
+    if col.size == 0:
+        return
+    diff = np.zeros((width, height + 1), np.int64)
+    value = np.broadcast_to(np.asarray(values, np.int64), col.shape)
+    np.add.at(diff, (col, row0), value)
+    np.add.at(diff, (col, row1), -value)
+    painted = np.cumsum(diff[:, :height], axis=1).T
+    np.copyto(out, painted.astype(out.dtype), where=painted != 0)
+
+
+def decode_window(counts: str, height: int, width: int, window: tuple[int, int, int, int]) -> np.ndarray:
+    """The part ``window`` = (x0, y0, x1, y1) of a (height, width) COCO RLE mask as a boolean array,
+    without decoding the rest of the mask."""
+    x0, y0, x1, y1 = window
+    col, row0, row1 = column_runs(counts, height, width)
+    keep = (col >= x0) & (col < x1) & (row1 > y0) & (row0 < y1)
+    out = np.zeros((y1 - y0, x1 - x0), bool)
+    paint_runs(
+        out, col[keep] - x0, np.maximum(row0[keep], y0) - y0, np.minimum(row1[keep], y1) - y0, values=1
+    )
+    return out

@@ -14,7 +14,6 @@ import contextlib
 import datetime as _dt
 import errno
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,24 +21,25 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import __version__
-from .atomic import TEMP_SUFFIX
 from .config import RunConfig
-from .discover import discover
-from .errors import BatchsegError, OutputError, StoppedEarly
+from .discover import _check_root, discover
+from .errors import BatchsegError, ExitCode, OutputError, StoppedEarly
 from .lock import RunLock
 from .logs import RunLog
 from .progress import Progress
-from .records import FINAL_FAILURES, Item, ItemResult, Status
+from .records import FINAL_FAILURES, FailureCategory, Item, ItemResult, Status, failure_result
+from .report import PreviewMaker, report_after_run
 from .signals import StopRequest
 from .store.checkpoint import Checkpoint
-from .store.manifest import export_manifest
+from .store.folder import check_output_writable, remove_stale_temp_files
+from .store.manifest import read_manifest_run
+from .store.rebuild import open_run
 from .supervise.contract import EngineSpec
 from .supervise.pool import Launcher, PoolEvent, PoolSettings, run_pool
+from .upkeep import WorkerFiles, export, warn_empty_input
 
 __all__ = ["RunSummary", "run", "retry", "exit_code_for"]
 
-#: Error types reported by workers that mean the output folder itself is broken: fatal, exit 1.
-OUTPUT_FAILURES = {"OutputError"}
 #: Longest a received result waits for its commit (one turn of the pool's loop, see _Recorder)...
 COMMIT_WINDOW_S = 0.5
 #: ...or until this many are waiting.
@@ -70,33 +70,20 @@ def exit_code_for(counts: dict[str, int], stopped: str | None) -> int:
     if stopped:
         return StoppedEarly.exit_code
     failed = sum(counts.get(str(s), 0) for s in FINAL_FAILURES)
-    return 3 if failed else 0
+    return ExitCode.NOT_ALL_OK if failed else ExitCode.OK
 
 
 def resolve_config(config: RunConfig) -> RunConfig:
-    """Absolute paths (workers and logs must not depend on the working folder) and thread counts."""
-    cores = os.cpu_count() or 1
-    workers = config.workers
-    # Total torch threads never exceed the cores: each worker gets its share.
-    threads = config.threads or max(1, cores // max(1, workers or 1))
+    """Absolute paths: workers and logs must not depend on the working folder. (Threads are the
+    pool's to share out: only it knows how many workers there are.)"""
     model = config.model
     if Path(model).expanduser().exists():
         model = str(Path(model).expanduser().resolve())
     return config.with_changes(
         input=Path(config.input).expanduser().resolve(),
         output=Path(config.output_dir).expanduser().resolve(),
-        threads=threads,
         model=model,
     )
-
-
-def check_output_writable(output_dir: Path) -> None:
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise OutputError(f"output folder {output_dir} is not writable: {exc.strerror or exc}") from exc
 
 
 def run(
@@ -139,20 +126,30 @@ def _run_locked(
     removed = remove_stale_temp_files(output_dir)
     if removed:
         log.info(f"removed {removed} unfinished temp file(s) left by an interrupted run")
-    checkpoint = Checkpoint.open(output_dir, config, new_run=config.new_run)
+    _check_root(config.input)  # before the checkpoint stores a run for a folder that is not there
+    checkpoint = open_run(output_dir, config, new_run=config.new_run)
     try:
         found = discover(
-            config.input, config.include, config.exclude, with_hash=config.hash, skip=[output_dir]
+            config.input,
+            config.include,
+            config.exclude,
+            with_hash=config.hash,
+            skip=[output_dir],
+            keep=checkpoint.settled_paths(),
         )
         if retry_statuses:
             checkpoint.reset_for_retry([i.path for i in checkpoint.failed_items(list(retry_statuses))])
         plan = checkpoint.plan(found.items, use_hash=config.hash)
         log.info(f"found {len(found.items)} images in {config.input}; {len(plan.pending)} to process")
+        if plan.counts["orphan_masks"]:
+            log.info(f"removed {plan.counts['orphan_masks']} mask file(s) whose result was never recorded")
+        if not found.items and not found.excluded and not found.collisions:
+            warn_empty_input(config.input, checkpoint, log, stream)
         for path, kept in found.collisions.items():
             _record_collision(checkpoint, config, path, kept, log)
         _record_skipped(checkpoint, config.input, found.excluded)
         stopped, message, processed = _process(config, factory, checkpoint, plan.pending, log, stream)
-        export_manifest(checkpoint, output_dir)
+        export(checkpoint, output_dir, log, final=True, stream=stream)
         counts = checkpoint.counts()
     finally:
         checkpoint.close()
@@ -167,38 +164,15 @@ def _run_locked(
         collisions=dict(found.collisions),
     )
     log.summary(counts, summary.elapsed_s, summary.exit_code)
+    report_after_run(config, log, retried=retry_statuses is not None, stopped=summary.stopped)
     return summary
-
-
-def remove_stale_temp_files(output_dir: Path) -> int:
-    """Delete the temp files an interrupted run left (a killed mask write or manifest export).
-
-    Safe only while holding the run lock: no other batchseg process is writing here. Earlier runs
-    moved to previous-runs/ are left as they are.
-    """
-    removed = 0
-    for folder, dirs, files in os.walk(output_dir):
-        if Path(folder) == output_dir and "previous-runs" in dirs:
-            dirs.remove("previous-runs")
-        for name in files:
-            if name.endswith(TEMP_SUFFIX):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(folder, name))
-                    removed += 1
-    return removed
 
 
 def _record_collision(checkpoint: Checkpoint, config: RunConfig, path: str, kept: str, log: RunLog) -> None:
     item = _stat_item(config.input, path)
     message = f"its output name clashes with '{kept}' on a case-insensitive disk; rename one of them"
-    result = ItemResult(
-        path=path,
-        status=Status.INVALID_INPUT,
-        error_type="NameCollision",
-        error_message=message,
-        started_at=time.time(),
-        finished_at=time.time(),
-    )
+    result = failure_result(item, Status.INVALID_INPUT, error_type="NameCollision", message=message)
+    result.worker_pid = None  # decided here, in no worker
     checkpoint.record(result, item)
     log.failure(path, str(Status.INVALID_INPUT), message)
 
@@ -261,17 +235,16 @@ class _Recorder:
         try:
             self.checkpoint.record(result, item)
         except ValueError as exc:
-            broken = ItemResult(
-                path=result.path,
-                status=Status.ERROR,
-                attempts=result.attempts,
+            broken = failure_result(
+                item,
+                Status.ERROR,
                 error_type="InvalidResult",
-                error_message=str(exc),
+                message=str(exc),
+                device=result.device,
                 started_at=result.started_at,
                 finished_at=result.finished_at,
-                worker_pid=result.worker_pid,
-                device=result.device,
             )
+            broken.attempts, broken.worker_pid = result.attempts, result.worker_pid
             self.checkpoint.record(broken, item)
 
 
@@ -292,27 +265,29 @@ def _process(
     output_failure: list[ItemResult] = []
     last_export = time.monotonic()
     last_log_line = time.monotonic()
+    in_flight = WorkerFiles(config.output_dir, log)
 
     def on_result(result: ItemResult) -> None:
         nonlocal last_export
-        if result.error_type in OUTPUT_FAILURES:
-            # The output folder failed, not the image: left pending, so a rerun does it.
+        if result.category is FailureCategory.OUTPUT:
+            # The output folder failed, not the image (the pool never retries it): left
+            # pending, so a rerun does it.
             output_failure.append(result)
             return
         recorder.add(result)
+        previews.submit(result)  # made on the maker's threads, off the pool's loop
         progress.update(result)
         if result.status is not Status.OK:
             log.failure(result.path, str(result.status), _reason(result))
         if time.monotonic() - last_export > config.manifest_interval:
             recorder.flush()
-            export_manifest(checkpoint, config.output_dir)
+            export(checkpoint, config.output_dir, log, final=False)
             last_export = time.monotonic()
 
     def on_event(event: PoolEvent) -> None:
+        in_flight.see(event)
         if event.kind == "task_started":
             checkpoint.mark_started(event.paths)  # `batchseg status` shows what is in flight
-        if event.result is not None and event.result.error_type in OUTPUT_FAILURES:
-            output_failure.append(event.result)  # stop now: a retry on a fresh worker cannot help
         if event.kind in QUIET_EVENTS:
             return
         text = f"{event.kind}: {event.message}"
@@ -321,7 +296,7 @@ def _process(
         else:
             log.info(text)
 
-    with StopRequest() as stop_request:
+    with StopRequest() as stop_request, PreviewMaker.for_run(config) as previews:
 
         def should_stop() -> str | None:
             nonlocal last_log_line
@@ -366,7 +341,7 @@ def _process(
     return outcome.stopped, outcome.message, progress.done
 
 
-def _launcher(config: RunConfig) -> contextlib.AbstractContextManager[Launcher | None]:  # noqa: D401
+def _launcher(config: RunConfig) -> contextlib.AbstractContextManager[Launcher | None]:
     """Where the workers run: processes here (None: the pool's default) or Ray actors."""
     if config.backend != "ray":
         return contextlib.nullcontext(None)
@@ -395,19 +370,23 @@ def _stop_time(config: RunConfig) -> float | None:
     if config.max_runtime is not None:
         candidates.append(now + config.max_runtime)
     if config.deadline:
-        hour, minute = (int(x) for x in config.deadline.split(":"))
-        current = _dt.datetime.now()
-        deadline = current.replace(hour=hour, minute=minute, second=0, microsecond=0)
-        if deadline <= current:  # a nightly job started at 22:00 with --deadline 06:00
-            deadline += _dt.timedelta(days=1)
-        candidates.append(deadline.timestamp())
+        candidates.append(deadline_epoch(config.deadline, _dt.datetime.now()))
     return min(candidates) if candidates else None
+
+
+def deadline_epoch(deadline: str, now: _dt.datetime) -> float:
+    """Epoch seconds of the next ``HH:MM`` local time after ``now`` (a naive local datetime): a
+    nightly job started at 22:00 with --deadline 06:00 stops the next morning; the same time as
+    ``now`` means tomorrow's. Across a daylight-saving change it is still 06:00 on the clock."""
+    hour, minute = (int(x) for x in deadline.split(":"))
+    at = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+    if at <= now:
+        at += _dt.timedelta(days=1)
+    return at.timestamp()
 
 
 def _stored_config(output_dir: Path) -> dict[str, Any]:
     """The configuration of the run in ``output_dir``: from the checkpoint, else the manifest."""
-    from .store.manifest import read_manifest_run
-
     try:
         checkpoint = Checkpoint.open_existing(output_dir, read_only=True)
     except BatchsegError:

@@ -6,7 +6,10 @@ On Windows, :func:`task_xml` builds a task definition (Task Scheduler schema 1.2
 
 - starts at HH:MM local time every day, or on the given days of the week;
 - runs the absolute Python path with ``-m batchseg run --job "<absolute job path>"`` in the job's folder;
-- runs while the user is logged on (no password stored), at normal priority;
+- logs on as ``logon`` says (:data:`LOGON_ADVICE` tells which to pick): ``interactive`` (the default)
+  runs only while the user is logged on, ``s4u`` also while logged off but without network shares,
+  ``password`` also while logged off with network shares (schtasks asks for the password once);
+- wakes the computer from sleep for the run with ``wake`` (WakeToRun), at normal priority;
 - does not start a second copy while one is running (``IgnoreNew``), starts late when the computer was
   off or asleep at the set time (``StartWhenAvailable``), runs on battery, and is stopped by Task
   Scheduler after ``time_limit_hours``. Give the job a ``max-runtime`` below that limit so batchseg
@@ -20,7 +23,9 @@ This module is imported by the parent process: it never imports torch.
 from __future__ import annotations
 
 import datetime as _dt
+import getpass
 import math
+import os
 import re
 import shlex
 import sys
@@ -33,19 +38,38 @@ from .errors import ConfigError
 from .jobfile import parse_hhmm
 
 __all__ = [
+    "LOGON_ADVICE",
+    "LOGON_TYPES",
     "TASK_FOLDER",
     "TASK_NAMESPACE",
     "crontab_line",
+    "current_user",
     "default_task_name",
     "parse_days",
     "schtasks_commands",
     "task_xml",
+    "write_task",
     "write_task_xml",
 ]
 
 TASK_NAMESPACE = "http://schemas.microsoft.com/windows/2004/02/mit/task"
 #: Task Scheduler folder the tasks are registered under.
 TASK_FOLDER = "batchseg"
+
+#: --logon choices and the Task Scheduler LogonType each one writes.
+LOGON_TYPES = {"interactive": "InteractiveToken", "s4u": "S4U", "password": "Password"}
+#: Which --logon to pick, and why; printed by ``batchseg schedule`` and repeated in the README.
+LOGON_ADVICE = {
+    "interactive": "runs only while you are logged on (locked is fine); nothing is stored. A PC left "
+    "logged off at the start time skips the night: use --logon s4u or password for that.",
+    "s4u": "runs whether you are logged on or not, no password stored; Windows gives the task no "
+    "network credentials, so input, output and model must be on local disks.",
+    "password": "runs whether you are logged on or not, with your network credentials: the choice when "
+    "images, output or model are on a network share. schtasks asks for your password once and "
+    "Windows stores it; change the task after a password change. Write shares as UNC paths "
+    "(\\\\server\\share\\...) in the job file: drive letters mapped at logon do not exist in the "
+    "task's session.",
+}
 
 #: Week order, as Task Scheduler names the days; cron numbers them from Sunday = 0.
 _DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
@@ -114,13 +138,20 @@ def task_xml(
     python: str = sys.executable,
     time_limit_hours: float = 12,
     start_date: _dt.date | None = None,
+    *,
+    wake: bool = False,
+    logon: str = "interactive",
+    user: str | None = None,
 ) -> str:
     """The Task Scheduler task definition (XML text) that runs the job at ``at`` (HH:MM, local time).
 
     ``days``: None for every day, else day names (see :func:`parse_days`). ``start_date``: the day the
-    schedule begins (today by default; the time of day is what matters). Raises ConfigError on a bad
-    time, day or limit.
+    schedule begins (today by default; the time of day is what matters). ``wake``: wake the computer
+    from sleep to run. ``logon``: a key of :data:`LOGON_TYPES`; ``s4u`` and ``password`` name the
+    account (``user``, the current one by default). Raises ConfigError on a bad time, day, limit or
+    logon.
     """
+    logon_type = _logon_type(logon)
     hour, minute = _at(at)
     week = parse_days(days)
     limit = _iso_duration(time_limit_hours)
@@ -135,10 +166,11 @@ def task_xml(
     _add_trigger(_sub(task, "Triggers"), start, week)
     principal = _sub(_sub(task, "Principals"), "Principal")
     principal.set("id", "Author")
-    # InteractiveToken: runs as the registering user while logged on, with no stored password.
-    _sub(principal, "LogonType", "InteractiveToken")
+    if logon != "interactive":  # InteractiveToken: the registering user, while logged on
+        _sub(principal, "UserId", user or current_user())
+    _sub(principal, "LogonType", logon_type)
     _sub(principal, "RunLevel", "LeastPrivilege")
-    _add_settings(_sub(task, "Settings"), limit)
+    _add_settings(_sub(task, "Settings"), limit, wake)
     actions = _sub(task, "Actions")
     actions.set("Context", "Author")
     exec_ = _sub(actions, "Exec")
@@ -166,7 +198,21 @@ def _add_trigger(triggers: ET.Element, start: _dt.datetime, week: list[str] | No
         _sub(days_of_week, day)
 
 
-def _add_settings(settings: ET.Element, limit: str) -> None:
+def _logon_type(logon: str) -> str:
+    if logon not in LOGON_TYPES:
+        raise ConfigError(f"--logon: expected one of {', '.join(LOGON_TYPES)}, got {logon!r}")
+    return LOGON_TYPES[logon]
+
+
+def current_user() -> str:
+    """``DOMAIN\\user`` on Windows (what Task Scheduler and schtasks /RU take), else the login name."""
+    domain, name = os.environ.get("USERDOMAIN"), os.environ.get("USERNAME")
+    if domain and name:
+        return f"{domain}\\{name}"
+    return getpass.getuser()
+
+
+def _add_settings(settings: ET.Element, limit: str, wake: bool = False) -> None:
     for tag, value in (
         ("MultipleInstancesPolicy", "IgnoreNew"),  # a run still going at the next start continues alone
         ("DisallowStartIfOnBatteries", "false"),
@@ -184,7 +230,8 @@ def _add_settings(settings: ET.Element, limit: str) -> None:
         ("Enabled", "true"),
         ("Hidden", "false"),
         ("RunOnlyIfIdle", "false"),
-        ("WakeToRun", "false"),
+        # Waking also needs "Allow wake timers" on in the power plan (on by default on desktops).
+        ("WakeToRun", "true" if wake else "false"),
         ("ExecutionTimeLimit", limit),
         # The default 7 is below-normal CPU and low I/O and memory priority: too slow for the night's job.
         ("Priority", "6"),
@@ -204,8 +251,15 @@ def default_task_name(job: Path) -> str:
     return name or "job"
 
 
-def schtasks_commands(task_name: str, xml_path: Path) -> tuple[str, str]:
-    """The exact command lines that register the task (replacing one of that name) and delete it."""
+def schtasks_commands(
+    task_name: str, xml_path: Path, logon: str = "interactive", user: str | None = None
+) -> tuple[str, str]:
+    """The exact command lines that register the task (replacing one of that name) and delete it.
+
+    With ``logon="password"`` the register command ends in ``/RU "<user>" /RP``: schtasks then asks
+    for the password (never on the command line, where it would stay in the shell's history).
+    """
+    _logon_type(logon)
     if not task_name or _BAD_TASK_NAME.search(task_name):
         raise ConfigError(
             f'task name {task_name!r} is empty or contains one of \\ / : * ? " < > | (see default_task_name)'
@@ -214,8 +268,41 @@ def schtasks_commands(task_name: str, xml_path: Path) -> tuple[str, str]:
         raise ConfigError(f"task file path {str(xml_path)!r} contains a quote")
     full_name = f"{TASK_FOLDER}\\{task_name}"
     create = f'schtasks /Create /TN "{full_name}" /XML "{xml_path}" /F'
+    if logon == "password":
+        account = user or current_user()
+        if '"' in account:
+            raise ConfigError(f"user name {account!r} contains a quote")
+        create += f' /RU "{account}" /RP'
     delete = f'schtasks /Delete /TN "{full_name}" /F'
     return create, delete
+
+
+def write_task(
+    job: Path,
+    at: str,
+    days: Sequence[str] | None,
+    python: str = sys.executable,
+    *,
+    name: str | None = None,
+    time_limit_hours: float = 12,
+    wake: bool = False,
+    logon: str = "interactive",
+    user: str | None = None,
+) -> list[str]:
+    """Write ``<job>.task.xml`` beside the job file; returns the lines to show: the file, the commands
+    that register and remove the task, what the logon means, and where the morning's report is."""
+    xml = task_xml(
+        job, at, days, python, time_limit_hours=time_limit_hours, wake=wake, logon=logon, user=user
+    )
+    xml_path = Path(job).resolve().with_suffix(".task.xml")
+    write_task_xml(xml_path, xml)
+    create, delete = schtasks_commands(name or default_task_name(job), xml_path, logon, user)
+    lines = [f"wrote {xml_path}", f"register it:  {create}", f"remove it:    {delete}"]
+    lines.append(f"logon {logon}: {LOGON_ADVICE[logon]}")
+    if not wake:
+        lines.append("a PC asleep at the start time runs the job when it wakes; --wake wakes it instead")
+    lines.append("in the morning: report.html in the output folder, beside logs/ (job key previews = true)")
+    return lines
 
 
 def _cron_quote(text: str) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import sqlite3
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,21 +17,14 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from .errors import OutputError
 from .lock import LockInfo, is_locked
 from .records import FINAL_FAILURES, Status
-from .store.checkpoint import (
-    ALL_STATES,
-    CHECKPOINT_NAME,
-    PENDING,
-    RUNNING,
-    RunInfo,
-    connect_readonly,
-    read_run_info,
-)
-from .store.manifest import manifest_paths, read_manifest_run
+from .store.db import RunInfo
+from .store.manifest import read_manifest_run, read_manifest_table
+from .store.summary import summarize
+from .store.tables import ALL_STATES, CHECKPOINT_NAME, PENDING, RUNNING
 
 __all__ = ["ErrorGroup", "StatusReport", "collect_status", "format_status"]
 
@@ -135,76 +127,29 @@ def _starting(output_dir: Path, live: LockInfo) -> StatusReport:
 
 
 def _from_checkpoint(output_dir: Path) -> StatusReport:
-    path = output_dir / CHECKPOINT_NAME
-    conn = connect_readonly(path)
-    try:
-        conn.execute("BEGIN")  # one snapshot
-        run = read_run_info(conn, path)
-        if run is None:
-            raise OutputError(f"the checkpoint {path} holds no run yet")
-        counts = dict(conn.execute("SELECT status, count(*) FROM images GROUP BY status").fetchall())
-        durations = [
-            r[0]
-            for r in conn.execute(
-                "SELECT duration_s FROM images WHERE status='ok' AND duration_s IS NOT NULL"
-            )
-        ]
-        rate, last = _rate_sql(conn)
-        errors = _errors_sql(conn)
-        updated = conn.execute("SELECT max(updated_at) FROM images").fetchone()[0]
-        conn.execute("COMMIT")
-    except sqlite3.DatabaseError as exc:
-        raise OutputError(f"cannot read the checkpoint {path}: {exc}") from exc
-    finally:
-        conn.close()
+    summary = summarize(output_dir, RATE_WINDOW_S, TOP_ERRORS)
+    n, first_start = summary.recent
+    rate = _rate(n, first_start, summary.last_finished) if summary.last_finished is not None else None
+    errors = [ErrorGroup(*group) for group in summary.errors]
     return _report(
         output_dir,
         "checkpoint",
-        run,
-        counts,
-        durations,
+        summary.run,
+        summary.counts,
+        summary.ok_durations,
         rate,
-        last,
+        summary.last_finished,
         errors,
-        max(updated or 0.0, run.updated_at),
+        summary.updated_at,
     )
-
-
-def _rate_sql(conn: sqlite3.Connection) -> tuple[float | None, float | None]:
-    last = conn.execute("SELECT max(finished_at) FROM images").fetchone()[0]
-    if last is None:
-        return None, None
-    n, first_start = conn.execute(
-        "SELECT count(*), min(coalesce(started_at, finished_at)) FROM images WHERE finished_at >= ?",
-        (last - RATE_WINDOW_S,),
-    ).fetchone()
-    return _rate(n, first_start, last), last
-
-
-def _errors_sql(conn: sqlite3.Connection) -> list[ErrorGroup]:
-    marks = ",".join("?" * len(_FAILURES))
-    groups = conn.execute(
-        f"SELECT status, error_type, count(*), min(path) FROM images WHERE status IN ({marks})"
-        " GROUP BY status, error_type ORDER BY count(*) DESC, status LIMIT ?",
-        (*_FAILURES, TOP_ERRORS),
-    ).fetchall()
-    out = []
-    for status, error_type, count, example in groups:
-        message = conn.execute("SELECT error_message FROM images WHERE path=?", (example,)).fetchone()[0]
-        out.append(ErrorGroup(status, error_type, count, example, message))
-    return out
 
 
 # ---- from the manifest ----------------------------------------------------------------------------
 
 
 def _from_manifest(output_dir: Path, run: RunInfo) -> StatusReport:
-    images_path, _ = manifest_paths(output_dir)
     columns = ["path", "status", "error_type", "error_message", "started_at", "finished_at", "duration_s"]
-    try:
-        table = pq.read_table(images_path, columns=columns)
-    except (OSError, pa.ArrowException) as exc:
-        raise OutputError(f"cannot read the manifest {images_path}: {exc}") from exc
+    table = read_manifest_table(output_dir, columns)
     counts = {row["values"]: row["counts"] for row in pc.value_counts(table["status"]).to_pylist()}
     ok = table.filter(pc.equal(table["status"], Status.OK.value))
     durations = [d for d in ok["duration_s"].to_pylist() if d is not None]

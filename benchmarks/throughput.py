@@ -120,7 +120,7 @@ def phase_model_only(args: argparse.Namespace) -> dict[str, Any]:
     dtype, _ = resolve_dtype(args.device, args.dtype)
     model, processor = load_model(str(args.model_dir), args.device, dtype)
     # The model as batchseg runs it: the model-only limit is the model as it is run.
-    from batchseg.engines.sam3.engine import speed_up
+    from batchseg.engines.sam3.speedups import speed_up
 
     speed_up(
         model,

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 #: Engine methods whose time on the model's thread is attributed to GPU gaps.
-STEPS = ("process", "encode_images", "launch_prompts", "land", "postprocess", "_finish", "_read")
+STEPS = ("process", "encode_images", "launch_prompts", "land", "postprocess", "finish", "read")
 
 
 DURATIONS: dict[str, list[float]] = defaultdict(list)
@@ -38,6 +38,10 @@ HOST_WAITS = {
     "cudaMemcpy",
     "cudaStreamWaitEvent",
 }
+
+
+def _quiet(*_args: Any) -> None:
+    """The heartbeat: nobody listens here."""
 
 
 def _label(engine: Any, name: str) -> None:
@@ -177,10 +181,10 @@ def main() -> None:
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
     if args.no_priority:
-        import batchseg.engines.sam3.engine
+        import batchseg.engines.sam3.pipeline
 
         # The decoders' and post-processing's streams at the default priority (the comparison).
-        batchseg.engines.sam3.engine._stream = lambda device: torch.cuda.Stream(device)
+        batchseg.engines.sam3.pipeline.priority_stream = lambda device: torch.cuda.Stream(device)
 
     from batchseg.config import RunConfig
     from batchseg.engines.sam3.engine import load_engine
@@ -204,12 +208,12 @@ def main() -> None:
     for name in STEPS:
         _label(engine, name)
     paths = sorted(args.images_dir.glob("*.jpg"))
-    size = args.task_size or engine.preferred_task_size
+    size = args.task_size or engine.capabilities.task_size
     tasks = [
         [Item(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in paths[i * size : (i + 1) * size]]
         for i in range(args.tasks + 1)
     ]
-    engine.process(tasks[0])  # warm-up: allocator, cuDNN/cuBLAS choices
+    engine.process(tasks[0], _quiet)  # warm-up: allocator, cuDNN/cuBLAS choices
     DURATIONS.clear()
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     sync()
@@ -217,7 +221,7 @@ def main() -> None:
     with torch.profiler.profile(activities=activities, record_shapes=bool(args.ops)) as prof:
         with torch.profiler.record_function("tasks"):
             start = time.perf_counter()
-            results = [r for task in tasks[1:] for r in engine.process(task)]
+            results = [r for task in tasks[1:] for r in engine.process(task, _quiet)]
             sync()
             seconds = time.perf_counter() - start
     report = analyse(prof)

@@ -73,6 +73,7 @@ class LiveRun:
     started_ns: int
     console: Path
     killed_ns: int | None = None
+    reaped_ns: int | None = None  # when kill() saw the parent gone (its exit finished)
 
     @property
     def pid(self) -> int:
@@ -82,11 +83,17 @@ class LiveRun:
         return self.proc.poll() is None
 
     def kill(self) -> int:
-        """SIGKILL the parent only (its workers must notice by themselves); returns its exit status."""
+        """SIGKILL the parent only (its workers must notice by themselves); returns its exit status.
+
+        ``reaped_ns`` is taken once the parent is reaped: its exit is over by then, so the kernel
+        has sent its workers their parent-death signal (a parent stuck in an fsync dies only when
+        the fsync returns, which can take far longer than the kill itself)."""
         self.killed_ns = time.time_ns()
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.proc.pid, signal.SIGKILL)
-        return self.wait(30)
+        status = self.wait(30)
+        self.reaped_ns = time.time_ns()
+        return status
 
     def interrupt(self) -> None:
         """Ctrl-C as a terminal sends it: SIGINT to the whole process group (the workers ignore it)."""

@@ -9,6 +9,7 @@ The part of the name before the first ``_`` or ``.`` picks the behaviour::
     oom         allocates until MemoryError, under an RLIMIT_AS cap so the machine is safe
     invalid     returns invalid_input
     slow        sleeps extra["slow_s"] seconds (default 0.3), then ok
+    threads     like slow, with ``height`` = the worker's OMP_NUM_THREADS (what the pool told it)
     warn        warns (RuntimeWarning naming the image), then ok
     flakyexit   os._exit(3) on its first attempt, ok afterwards (a marker file in state_dir)
     flakyraise  ValueError on its first attempt, ok afterwards
@@ -16,8 +17,9 @@ The part of the name before the first ``_`` or ``.`` picks the behaviour::
 
 Loading follows ``spec.config.extra``: ``load`` = "fail" | "hang" | "exit"; ``load_delay`` seconds
 (after the first ``fast_loads`` loads); ``ok_loads`` = N: the first N loads succeed, later ones
-fail; ``device`` = "cuda" pretends to be on GPU ``slot`` with ``gpu_count`` GPUs. Every load appends
-"pid slot" to ``state_dir``/loads.txt.
+fail; ``device`` = "cuda" pretends to be on GPU ``slot`` with ``gpu_count`` GPUs;
+``preferred_task_size`` is the task size it states. Every load appends "pid slot" to
+``state_dir``/loads.txt.
 
 Module-level factory and no heavy imports, so spawned workers start fast and it pickles by name.
 """
@@ -31,8 +33,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from batchseg.records import Item, ItemResult, Status
-from batchseg.supervise.contract import EngineSpec
+from batchseg.records import Item, ItemResult, Status, failure_result
+from batchseg.supervise.contract import Capabilities, EngineSpec, HeartbeatFn
 
 OOM_HEADROOM = 256 * 1024 * 1024
 
@@ -40,19 +42,21 @@ OOM_HEADROOM = 256 * 1024 * 1024
 class FaultyEngine:
     """Engine whose behaviour per image comes from the image's file name."""
 
+    heartbeat_every = 0
+
     def __init__(self, extra: dict[str, Any], slot: int) -> None:
         self.extra = extra
         self.state_dir = Path(extra["state_dir"]) if "state_dir" in extra else None
-        if extra.get("device") == "cuda":
-            self.device = f"cuda:{slot} fake"
-            self.gpu_count = int(extra.get("gpu_count", 1))
-        else:
-            self.device = "cpu fault-engine"
-            self.gpu_count = 0
-        # Suggestion a real engine derives from free GPU memory.
-        self.preferred_task_size = int(extra.get("preferred_task_size", 1))
+        cuda = extra.get("device") == "cuda"
+        self.capabilities = Capabilities(
+            device=f"cuda:{slot} fake" if cuda else "cpu fault-engine",
+            # A suggestion a real engine derives from free GPU memory.
+            task_size=int(extra.get("preferred_task_size", 1)),
+            heartbeat_every=self.heartbeat_every,
+            gpu_count=int(extra.get("gpu_count", 1)) if cuda else 0,
+        )
 
-    def process(self, items: Sequence[Item]) -> list[ItemResult]:
+    def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[ItemResult]:
         results = [self._one(item) for item in items]
         for result in results:
             if result.status is Status.OK:
@@ -76,14 +80,13 @@ class FaultyEngine:
         if kind == "oom":
             _exhaust_memory()
         if kind == "invalid":
-            return ItemResult(
-                item.path,
-                Status.INVALID_INPUT,
-                error_type="InvalidImageError",
-                error_message=f"{item.path} is not an image",
-            )
+            message = f"{item.path} is not an image"
+            return failure_result(item, Status.INVALID_INPUT, error_type="InvalidImageError", message=message)
         if kind == "slow":
             time.sleep(float(self.extra.get("slow_s", 0.3)))
+        if kind == "threads":
+            time.sleep(float(self.extra.get("slow_s", 0.3)))
+            return ItemResult(item.path, Status.OK, width=4, height=int(os.environ["OMP_NUM_THREADS"]))
         if kind == "warn":
             warnings.warn(f"something to know about {item.path}", RuntimeWarning, stacklevel=1)
         return ItemResult(item.path, Status.OK, width=4, height=3)
@@ -167,12 +170,11 @@ class HeartbeatEngine(FaultyEngine):
 
     heartbeat_every = 1
 
-    def process(self, items: Sequence[Item], heartbeat: Any = None) -> list[ItemResult]:
+    def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[ItemResult]:
         results = []
         for item in items:
-            results.extend(super().process([item]))
-            if heartbeat is not None:
-                heartbeat()
+            results.extend(super().process([item], heartbeat))
+            heartbeat()
         return results
 
 
@@ -187,14 +189,14 @@ class StreamingEngine(FaultyEngine):
 
     heartbeat_every = 1
 
-    def process(self, items: Sequence[Item], heartbeat: Any = None) -> list[ItemResult]:
+    def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[ItemResult]:
         results = []
         for k, item in enumerate(items):
             heartbeat((), k + 1)
             if self.state_dir is not None:
                 with (self.state_dir / "started.txt").open("a") as log:
                     log.write(f"{item.path}\n")
-            results.extend(super().process([item]))
+            results.extend(super().process([item], heartbeat))
             heartbeat([(k, results[-1])])
         return results
 

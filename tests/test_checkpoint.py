@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sqlite3
 import sys
@@ -16,6 +17,7 @@ from batchseg.errors import ConfigMismatchError, OutputError
 from batchseg.records import FINAL_FAILURES, Item, Status
 from batchseg.store.checkpoint import CHECKPOINT_NAME, Checkpoint
 from batchseg.store.manifest import export_manifest
+from batchseg.store.rebuild import open_run
 
 TESTS = str(Path(__file__).parent)
 
@@ -60,7 +62,7 @@ def test_new_run_moves_the_earlier_run_aside(tmp_path: Path) -> None:
         cp.record(ok_result(item, tmp_path), item)
         export_manifest(cp, tmp_path)
         old_id = cp.run_id
-    with Checkpoint.open(tmp_path, make_config(threshold=0.6), new_run=True) as cp:
+    with open_run(tmp_path, make_config(threshold=0.6), new_run=True) as cp:
         assert cp.run_id != old_id
         assert sum(cp.counts().values()) == 0
         assert cp.plan([item], use_hash=False).counts["new"] == 1
@@ -98,6 +100,7 @@ def test_plan_sorts_new_changed_removed_and_failed_items(tmp_path: Path) -> None
         "restored": 0,
         "missing": 1,
         "pending": 3,
+        "orphan_masks": 0,
     }
     state = rows(tmp_path)
     assert state[d.path][0] == "missing" and (tmp_path / f"masks/{d.path}.png").is_file()
@@ -245,7 +248,7 @@ def test_a_damaged_checkpoint_error_points_at_the_manifest(tmp_path: Path) -> No
     with pytest.raises(OutputError, match="manifest.*rebuild the checkpoint"):
         Checkpoint.open(tmp_path, make_config())
     # --new-run moves the damaged file aside and starts clean
-    with Checkpoint.open(tmp_path, make_config(), new_run=True) as cp:
+    with open_run(tmp_path, make_config(), new_run=True) as cp:
         assert cp.counts()["ok"] == 0
     assert list((tmp_path / "previous-runs").glob(f"*/{CHECKPOINT_NAME}"))
 
@@ -261,8 +264,8 @@ def test_a_lost_checkpoint_is_rebuilt_from_the_manifest(tmp_path: Path) -> None:
         run_id = cp.run_id
     (tmp_path / CHECKPOINT_NAME).unlink()
     with pytest.raises(ConfigMismatchError, match="threshold"):
-        Checkpoint.open(tmp_path, make_config(threshold=0.9))
-    with Checkpoint.open(tmp_path, make_config()) as cp:
+        open_run(tmp_path, make_config(threshold=0.9))
+    with open_run(tmp_path, make_config()) as cp:
         assert cp.run_id == run_id
         assert cp.counts()["ok"] == 1 and cp.counts()["error"] == 1
         plan = cp.plan([a, b, c], use_hash=False)
@@ -363,11 +366,43 @@ def test_a_full_disk_is_an_output_error_that_says_so(tmp_path: Path) -> None:
 def test_an_output_folder_made_before_the_engine_option_resumes(tmp_path: Path) -> None:
     """tests/data/run-made-by-0.1.0 was written by batchseg 0.1.0 before `engine` joined the
     fingerprint (tests/_storage.make_config, one image ok): it must resume without --new-run."""
-    import shutil
-
     folder = tmp_path / "run"
     shutil.copytree(Path(__file__).parent / "data" / "run-made-by-0.1.0", folder)
     with Checkpoint.open(folder, make_config()) as cp:
         assert cp.counts()["ok"] == 1
     with pytest.raises(ConfigMismatchError, match="engine"):
         Checkpoint.open(folder, make_config(engine="batchseg.engines.threshold:load"))
+
+
+def test_a_mask_written_but_never_recorded_is_removed_at_resume(tmp_path: Path) -> None:
+    a, b, c = make_items(3)
+    with Checkpoint.open(tmp_path, make_config()) as cp:
+        cp.plan([a, b, c], use_hash=False)
+        cp.record(ok_result(a, tmp_path), a)
+        ok_result(b, tmp_path)  # the worker wrote b's mask; the process died before the commit
+    (tmp_path / "masks" / "notes.txt").write_text("not a mask: somebody else's file")
+    with Checkpoint.open(tmp_path, make_config()) as cp:
+        plan = cp.plan([a, b, c], use_hash=False)
+    assert plan.counts["orphan_masks"] == 1 and [i.path for i in plan.pending] == [b.path, c.path]
+    assert (tmp_path / f"masks/{a.path}.png").is_file()
+    assert not (tmp_path / f"masks/{b.path}.png").exists()
+    assert (tmp_path / "masks" / "notes.txt").is_file()
+
+
+def test_an_output_folder_of_schema_1_gains_the_new_column_and_rebuilds_from_its_manifest(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "old"
+    shutil.copytree(Path(TESTS) / "data" / "run-made-by-0.1.0", folder)
+    with sqlite3.connect(folder / CHECKPOINT_NAME) as conn:
+        assert "path_raw" not in {r[1] for r in conn.execute("PRAGMA table_info(images)")}
+        known = [Item(*row) for row in conn.execute("SELECT path, size_bytes, mtime_ns FROM images")]
+    odd = Item(os.fsdecode(b"caf\xe9.jpg"), 5, 6)
+    with Checkpoint.open(folder, make_config()) as cp:
+        plan = cp.plan([*known, odd], use_hash=False)
+        assert plan.counts["done"] == 1 and plan.pending == [known[1], odd]
+        cp.record(failed_result(odd), odd)
+        assert cp.failed_items(FINAL_FAILURES) == [odd]
+    (folder / CHECKPOINT_NAME).unlink()  # the 0.1.0 manifest has neither path_raw nor an export id
+    with open_run(folder, make_config()) as cp:
+        assert cp.counts()["ok"] == 1

@@ -113,6 +113,26 @@ def test_case_collisions_keep_the_first_and_report_the_rest(tmp_path: Path) -> N
     assert found.collisions == {"dir/x.png": "Dir/x.png", "a.jpg": "a.JPG"}
 
 
+def test_a_path_that_already_has_a_result_wins_its_clash(tmp_path: Path) -> None:
+    if not case_sensitive(tmp_path):
+        pytest.skip("the temp folder is on a case-insensitive disk")
+    for rel in ["A.jpg", "a.jpg", "b.png"]:
+        touch(tmp_path, rel)
+    found = discover(tmp_path, keep={"a.jpg", "b.png"})
+    assert [i.path for i in found.items] == ["a.jpg", "b.png"]
+    assert found.collisions == {"A.jpg": "a.jpg"}
+
+
+@pytest.mark.skipif(sys.platform in ("win32", "darwin"), reason="names are bytes on Linux")
+def test_a_name_that_is_not_utf8_is_listed_and_opens_again(tmp_path: Path) -> None:
+    with open(os.path.join(os.fsencode(tmp_path), b"caf\xe9.jpg"), "wb") as fh:
+        fh.write(b"latin-1 name")
+    (item,) = discover(tmp_path, with_hash=True).items
+    assert os.fsencode(item.path) == b"caf\xe9.jpg"
+    assert (tmp_path / item.path).read_bytes() == b"latin-1 name"
+    assert item.content_hash == hashlib.sha256(b"latin-1 name").hexdigest()
+
+
 def test_unicode_normalisation_collisions(tmp_path: Path) -> None:
     nfc, nfd = "caf\u00e9.jpg", "cafe\u0301.jpg"
     try:

@@ -1,5 +1,6 @@
-"""The project documents itself: every command has help with an example, CI runs the README's tests,
-and the parent process never imports torch."""
+"""The project documents itself: every command has help with an example, every run option has its
+row in the README (default, fixed by the fingerprint, accepted by retry, as the registry declares),
+CI runs the README's tests, and the parent process never imports torch."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ import pytest
 from click.testing import CliRunner
 
 from batchseg.cli import cli
+from batchseg.errors import ExitCode
+from batchseg.options import OPTIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = sorted(cli.commands)
 
 
 def test_all_commands_are_there() -> None:
-    assert set(COMMANDS) == {"run", "retry", "status", "schedule", "doctor", "demo"}
+    assert set(COMMANDS) == {"run", "retry", "status", "schedule", "doctor", "demo", "report"}
 
 
 @pytest.mark.parametrize("command", [[]] + [[c] for c in COMMANDS])
@@ -54,6 +57,37 @@ def test_every_run_option_is_in_the_readme() -> None:
     options = [opt for p in cli.commands["run"].params for opt in p.opts if opt.startswith("--")]
     missing = [opt for opt in options if f"`{opt}" not in readme]
     assert not missing, f"options not documented in README.md: {missing}"
+
+
+def _readme_table(heading: str) -> list[list[str]]:
+    """The rows of the first table after ``heading``, as lists of stripped cells."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    rows: list[list[str]] = []
+    for line in readme.split(heading, 1)[1].splitlines():
+        if line.startswith("|"):
+            rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+        elif rows:
+            break
+    assert rows, f"no table after {heading!r}"
+    return rows[2:]  # without the header and the --- line
+
+
+def test_every_registry_option_has_its_readme_row() -> None:
+    rows = {row[0].strip("`").split(" / ")[0]: row for row in _readme_table("### Options of `run`")}
+    for opt in OPTIONS:
+        assert opt.cli_name in rows, f"README.md: no row for {opt.cli_name} in 'Options of `run`'"
+        _, default, fixed, retry, meaning = rows[opt.cli_name]
+        assert default == opt.shown_default, f"{opt.cli_name}: README default {default!r}"
+        assert fixed == ("yes" if opt.fingerprint else ""), f"{opt.cli_name}: 'fixed' column"
+        assert retry == ("yes" if opt.retry else ""), f"{opt.cli_name}: 'retry' column"
+        assert meaning, opt.cli_name
+    documented = set(rows) - {"--job"}
+    assert documented == {o.cli_name for o in OPTIONS}, "README rows for options that do not exist"
+
+
+def test_exit_codes_in_the_readme_are_the_named_ones() -> None:
+    rows = _readme_table("## Exit codes")
+    assert [int(row[0]) for row in rows] == [int(code) for code in ExitCode]
 
 
 def parent_side_modules() -> list[str]:

@@ -42,19 +42,36 @@ def test_job_options_cover_every_run_option() -> None:
 
 
 @pytest.mark.parametrize("job", EXAMPLE_JOBS, ids=lambda p: p.name)
-def test_example_job_sets_every_option_and_builds_a_config(job: Path) -> None:
+def test_example_job_is_valid_and_builds_a_config(job: Path) -> None:
     options = load_job_file(job)
-    if job.name == "aerial-nightly.toml":  # the reference example shows every option
-        assert set(options) == set(JOB_OPTIONS)
+    assert set(options) <= set(JOB_OPTIONS)
     config = RunConfig(**options)
     assert config.prompts
     assert Path(config.input).is_absolute()
 
 
+def test_example_marks_the_keys_fixed_by_the_fingerprint() -> None:
+    from batchseg.jobfile import option_for_key
+
+    marked, fixed, section_fixed = set(), set(), False
+    for line in (REPO / "jobs" / "aerial-nightly.toml").read_text(encoding="utf-8").splitlines():
+        if line.startswith("# ---"):
+            section_fixed = "(all fixed)" in line
+        if "=" not in line or line.startswith("#"):
+            continue
+        found = option_for_key(line.split("=", 1)[0].strip())
+        assert found is not None, line
+        if section_fixed or "# fixed" in line:
+            marked.add(found.name)
+        if found.fingerprint:
+            fixed.add(found.name)
+    assert marked == fixed
+
+
 def test_example_values_are_converted(tmp_path: Path) -> None:
     options = load_job_file(REPO / "jobs" / "aerial-nightly.toml")
     jobs = (REPO / "jobs").resolve()
-    assert options["input"] == str((jobs / "../data/aerial/incoming").resolve())
+    assert options["input"] == (jobs / "../data/aerial/incoming").resolve()
     assert options["model"] == str((jobs / "../models/sam3").resolve())
     assert options["prompts"] == ("roof", "solar panel")
     assert options["timeout"] == 300.0 and options["max_runtime"] == 4 * 3600.0
@@ -71,7 +88,7 @@ def test_dashes_and_underscores_and_prompt_string(tmp_path: Path) -> None:
         'input = "imgs"\nprompt = "roof"\nmax-attempts = 3\nmax_detections = 7\nnew_run = true\n',
     )
     assert options == {
-        "input": str(tmp_path.resolve() / "imgs"),
+        "input": tmp_path.resolve() / "imgs",
         "prompts": ("roof",),
         "max_attempts": 3,
         "max_detections": 7,
@@ -120,7 +137,7 @@ def test_utf8_bom_crlf_and_utf16_are_read(tmp_path: Path) -> None:
     (tmp_path / "u16.toml").write_bytes(text.encode("utf-16"))  # Notepad's "Unicode"
     for name in ("bom.toml", "u16.toml"):
         options = load_job_file(tmp_path / name)
-        assert options == {"prompts": ("Dach",), "input": str(tmp_path.resolve() / "bilder" / "Ü")}
+        assert options == {"prompts": ("Dach",), "input": tmp_path.resolve() / "bilder" / "Ü"}
 
 
 def test_empty_job_file_is_empty_options(tmp_path: Path) -> None:
@@ -140,20 +157,20 @@ def test_relative_paths_are_relative_to_the_job_folder(
     monkeypatch.chdir(elsewhere)  # the scheduler's working folder must not matter
     options = load_job_file(write_job(jobs, 'input = "../data/in"\noutput = "out"\nmodel = "./m"\n'))
     assert options == {
-        "input": str(tmp_path.resolve() / "data" / "in"),
-        "output": str(jobs.resolve() / "out"),
+        "input": tmp_path.resolve() / "data" / "in",
+        "output": jobs.resolve() / "out",
         "model": str(jobs.resolve() / "m"),
     }
 
 
 def test_absolute_posix_paths_are_kept(tmp_path: Path) -> None:
     options = load_text(tmp_path, 'input = "/srv/aerial"\noutput = "/srv/out"\n')
-    assert options == {"input": "/srv/aerial", "output": "/srv/out"}
+    assert options == {"input": Path("/srv/aerial"), "output": Path("/srv/out")}
 
 
 def test_tilde_is_expanded(tmp_path: Path) -> None:
     options = load_text(tmp_path, 'input = "~/aerial"\n')
-    assert options["input"] == os.path.expanduser("~/aerial")
+    assert options["input"] == Path(os.path.expanduser("~/aerial"))
 
 
 @pytest.mark.parametrize(
@@ -168,12 +185,13 @@ def test_tilde_is_expanded(tmp_path: Path) -> None:
 )
 def test_windows_paths_are_kept_intact(tmp_path: Path, toml_value: str, expected: str) -> None:
     options = load_text(tmp_path, f"input = {toml_value}\noutput = {toml_value}\nmodel = {toml_value}\n")
-    assert options == {"input": expected, "output": expected, "model": expected}
+    assert options == {"input": Path(expected), "output": Path(expected), "model": expected}
+    assert str(options["input"]) == expected  # kept exactly as written
 
 
 @pytest.mark.skipif(os.name == "nt", reason="on Windows a relative backslash path is joined normally")
 def test_relative_windows_path_is_kept_on_posix(tmp_path: Path) -> None:
-    assert load_text(tmp_path, r"input = 'photos\new'" + "\n") == {"input": "photos\\new"}
+    assert load_text(tmp_path, r"input = 'photos\new'" + "\n") == {"input": Path("photos\\new")}
 
 
 def test_backslash_escape_in_double_quotes_is_explained(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from _storage import python
 
+from batchseg import lock
 from batchseg.errors import RunLockedError
 from batchseg.lock import INFO_NAME, RunLock, is_locked, read_info
 
@@ -70,3 +71,20 @@ def test_release_clears_the_info_and_frees_the_folder(tmp_path: Path) -> None:
 def test_is_locked_on_a_folder_never_used(tmp_path: Path) -> None:
     assert is_locked(tmp_path) is None
     assert not any(tmp_path.iterdir())  # probing creates nothing
+
+
+@pytest.mark.parametrize("kernel_table", [True, False], ids=["proc-locks", "info-file"])
+def test_is_locked_reads_the_lock_without_taking_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel_table: bool
+) -> None:
+    if not kernel_table:  # as on macOS and Windows, which have no /proc/locks
+        monkeypatch.setattr(lock, "_kernel_lock_holders", lambda inode: None)
+    child = hold_in_child(tmp_path)
+    try:
+        info = is_locked(tmp_path)
+        assert info is not None and info.pid == child.pid
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.communicate(timeout=30)
+    assert read_info(tmp_path) is not None  # the dead holder's note is still there
+    assert is_locked(tmp_path) is None

@@ -25,6 +25,7 @@ from batchseg.store.manifest import (
     manifest_paths,
     read_manifest_items,
 )
+from batchseg.store.rebuild import open_run
 
 TESTS = str(Path(__file__).parent)
 
@@ -155,3 +156,58 @@ def test_reading_a_missing_or_damaged_manifest_is_an_output_error(tmp_path: Path
     pq.write_table(pa.table({"path": ["x"]}), images_path)  # Parquet, but not ours
     with pytest.raises(OutputError):
         read_manifest_items(tmp_path, FINAL_FAILURES)
+
+
+KILLED_BETWEEN_RENAMES = f"""
+import os, signal, sys
+sys.path.insert(0, {TESTS!r})
+from pathlib import Path
+from _storage import make_config, make_items, ok_result
+from batchseg import atomic
+from batchseg.store.checkpoint import Checkpoint
+from batchseg.store.manifest import export_manifest
+out = Path(sys.argv[1])
+a, b = make_items(2)
+with Checkpoint.open(out, make_config()) as cp:
+    cp.record(ok_result(a, out, n_det=1), a)
+    export_manifest(cp, out)
+    cp.record(ok_result(a, out, n_det=3), a)  # redone: other detections
+    cp.record(ok_result(b, out, n_det=2), b)
+    replace = atomic.replace_with_retry
+    def replace_then_die(src, dst, *args, **kwargs):
+        replace(src, dst, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)  # killed between the two renames
+    atomic.replace_with_retry = replace_then_die
+    export_manifest(cp, out)
+"""
+
+
+def test_a_kill_between_the_two_renames_is_never_read_as_one_manifest(tmp_path: Path) -> None:
+    child = python(KILLED_BETWEEN_RENAMES.replace("sys.argv[1]", repr(str(tmp_path))))
+    child.communicate(timeout=60)
+    assert child.returncode == -signal.SIGKILL
+    images_path, detections_path = manifest_paths(tmp_path)
+    images, detections = pq.read_table(images_path), pq.read_table(detections_path)
+    assert images.num_rows == 1 and detections.num_rows == 5  # the old images, the new detections
+    assert not manifest.manifest_pair_matches(tmp_path)
+
+    (tmp_path / CHECKPOINT_NAME).unlink()
+    with open_run(tmp_path, make_config()) as cp:
+        # Rebuilt: the ok image whose detections cannot be trusted is redone, not ok with wrong ones.
+        assert cp.counts()["ok"] == 0 and cp.counts()["pending"] == 1
+        with cp.read_connection() as conn:
+            assert conn.execute("SELECT count(*) FROM detections").fetchone()[0] == 0
+        export_manifest(cp, tmp_path)
+    assert manifest.manifest_pair_matches(tmp_path)  # the next export is one pair again
+
+
+def test_one_export_carries_one_id_in_both_files(tmp_path: Path) -> None:
+    (a,) = make_items(1)
+    with Checkpoint.open(tmp_path, make_config()) as cp:
+        cp.record(ok_result(a, tmp_path, n_det=2), a)
+        export_manifest(cp, tmp_path)
+    ids = {pq.read_schema(p).metadata[manifest.EXPORT_ID_KEY] for p in manifest_paths(tmp_path)}
+    assert len(ids) == 1
+    (tmp_path / CHECKPOINT_NAME).unlink()
+    with open_run(tmp_path, make_config()) as cp:
+        assert cp.counts()["ok"] == 1

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from batchseg.engines.sam3.model import (
-    check_prompts,
     load_model,
     looks_like_path,
     max_prompt_tokens,
@@ -209,23 +208,6 @@ def test_prompt_limit_comes_from_the_text_model(tiny_model: Path) -> None:
     assert max_prompt_tokens(config) == 32
     model, _ = load_model(str(tiny_model), "cpu", "float32")
     assert max_prompt_tokens(model) == 32
-
-
-def test_check_prompts(tiny_model: Path) -> None:
-    check_prompts(str(tiny_model), ["roof", "solar panel", "Dachfläche 屋顶"])
-    with pytest.raises(ConfigError, match="empty"):
-        check_prompts(str(tiny_model), ["roof", "  "])
-    with pytest.raises(ConfigError, match="at least one prompt"):
-        check_prompts(str(tiny_model), [])
-    # 30 one-token words + start and end tokens = 32 tokens: exactly at the limit.
-    check_prompts(str(tiny_model), [" ".join(["roof"] * 30)])
-    with pytest.raises(ConfigError, match="33 tokens long .* at most 32"):
-        check_prompts(str(tiny_model), [" ".join(["roof"] * 31)])
-
-
-def test_check_prompts_on_a_missing_model(tmp_path: Path) -> None:
-    with pytest.raises(ModelLoadError, match="does not exist"):
-        check_prompts(str(tmp_path / "nope"), ["roof"])
 
 
 def test_importing_model_rle_and_tiny_model_leaves_torch_out() -> None:

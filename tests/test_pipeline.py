@@ -6,6 +6,7 @@ is the real code path."""
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -14,12 +15,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from _sam3 import save_noise_image
+from _sam3 import quiet, save_noise_image
 
 from batchseg.config import RunConfig
-from batchseg.engines.sam3.engine import Sam3Engine, load_engine
+from batchseg.engines.sam3.engine import load_engine
+from batchseg.engines.sam3.pipeline import Sam3Engine
+from batchseg.engines.sam3.sizing import batch_for_free_memory, task_size
 from batchseg.records import Item, ItemResult, Status
-from batchseg.supervise.contract import EngineSpec
+from batchseg.supervise.contract import Capabilities, EngineSpec
 
 SIZES = [(131, 77), (50, 64), (90, 90), (64, 48), (120, 80), (77, 131), (40, 40)]
 POISON = "img_3.png"  # 64x48
@@ -65,7 +68,7 @@ def reference(
 ) -> list[ItemResult]:
     """Every image alone: no pipeline at all."""
     engine = make_engine(tiny_model, folder, tmp_path_factory.mktemp("ref"), batch_size=1, overlap=False)
-    return [engine.process([item])[0] for item in task]
+    return [engine.process([item], quiet)[0] for item in task]
 
 
 def assert_same(results: list[ItemResult], reference: list[ItemResult], skip: tuple[str, ...] = ()) -> None:
@@ -110,7 +113,7 @@ def test_sub_batches_equal_images_alone_and_report_as_they_go(
         assert all(index < furthest for index, _ in finished), "a result before its read was announced"
         furthest = max(furthest, reached or 0)
 
-    results = engine.process(task, heartbeat=heartbeat)
+    results = engine.process(task, heartbeat)
     assert_same(results, reference)
     # 7 images in sub-batches of 3, 3, 1: a beat after each, and one before each new read-ahead.
     assert len([b for b in beats if b[1] is None]) == 3
@@ -141,7 +144,7 @@ def test_out_of_memory_while_decoding_halves_the_batch_for_good(
     wrap(engine, "launch_prompts", no_room_for_four)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        results = engine.process(task)
+        results = engine.process(task, quiet)
     assert_same(results, reference)
     # 4 fails and goes again as 2 + 2; with overlap the 3 encoded meanwhile fail too and go as 2 + 1.
     assert engine.max_batch == 2
@@ -149,7 +152,7 @@ def test_out_of_memory_while_decoding_halves_the_batch_for_good(
     assert any("continuing with batch 2" in str(w.message) for w in caught)
     # The smaller size is kept for the next task.
     seen.clear()
-    assert_same(engine.process(task), reference)
+    assert_same(engine.process(task, quiet), reference)
     assert seen == [2, 2, 2, 1]
 
 
@@ -166,7 +169,7 @@ def test_out_of_memory_while_post_processing_reruns_that_sub_batch_smaller(
 
     wrap(engine, "land", only_one_fits)
     with pytest.warns(RuntimeWarning, match="at batch 3; continuing with batch 1"):
-        results = engine.process(task)
+        results = engine.process(task, quiet)
     assert_same(results, reference)
     # A sub-batch of 3 out of memory goes again in sub-batches of 1 (3 // 2 would not fit either):
     # the first and the second (encoded before the first failed) alike; the last holds 1 image.
@@ -187,7 +190,7 @@ def test_an_image_that_breaks_its_sub_batch_fails_alone(
             raise ValueError("this image breaks the model (injected)")
 
     wrap(engine, stage, poison)
-    results = engine.process(task)
+    results = engine.process(task, quiet)
     assert_same(results, reference, skip=(POISON,))
     bad = results[3]
     assert bad.path == POISON and bad.status is Status.ERROR
@@ -212,7 +215,43 @@ def test_out_of_memory_in_the_warm_up_halves_the_batch_until_it_fits(
     engine.model.get_vision_features = no_room_above_two
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        engine._warm_up()
+        engine.warm_up()
     assert tried == [8, 4, 2] and engine.max_batch == 2
     assert [str(w.message)[-23:] for w in caught] == ["continuing with batch 4", "continuing with batch 2"]
-    assert_same(engine.process(task), reference)
+    assert_same(engine.process(task, quiet), reference)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_each_image_is_timed_by_its_own_sub_batch(
+    tiny_model: Path, folder: Path, task: list[Item], tmp_path: Path, overlap: bool
+) -> None:
+    """started_at is the image's sub-batch's start, finished_at the end of its own write: the first
+    image's duration holds none of the later sub-batches (a task's start was every image's)."""
+    engine = make_engine(tiny_model, folder, tmp_path, batch_size=2, overlap=overlap)
+    before = time.time()
+    results = engine.process(task, quiet)  # sub-batches 0-1, 2-3, 4-5, 6
+    after = time.time()
+    starts = [r.started_at for r in results]
+    assert all(r.status is Status.OK for r in results)
+    assert all(s is not None and before <= s for s in starts)
+    assert starts[0] == starts[1] < starts[2] == starts[3] < starts[4] == starts[5] < starts[6]
+    for result in results:
+        assert result.started_at is not None and result.finished_at is not None
+        assert result.started_at < result.finished_at <= after
+    first = results[0]
+    assert first.finished_at is not None and first.finished_at < results[6].started_at  # type: ignore[operator]
+
+
+def test_capabilities_say_what_the_pool_needs(tiny_model: Path, folder: Path, tmp_path: Path) -> None:
+    engine = make_engine(tiny_model, folder, tmp_path, batch_size=3, overlap=False)
+    # On a CPU: 4 sub-batches a task, a heartbeat after each, no GPU.
+    assert engine.capabilities == Capabilities("cpu float32", task_size=12, heartbeat_every=3, gpu_count=0)
+    assert (engine.device, engine.preferred_task_size, engine.heartbeat_every) == ("cpu float32", 12, 3)
+
+
+def test_the_batch_planned_from_free_gpu_memory() -> None:
+    gib = 2**30
+    assert batch_for_free_memory(80 * gib) == 16  # capped
+    assert batch_for_free_memory(4 * gib) == 6  # 4 x 0.7 = 2.8 GiB: (2.8 - 0.55) / 0.36
+    assert batch_for_free_memory(gib // 2) == 1  # never below one image
+    assert task_size(6, cuda=True) == 6 * 32 and task_size(1, cuda=False) == 4

@@ -25,6 +25,7 @@ from batchseg.config import RunConfig
 from batchseg.errors import ConfigError, ModelLoadError
 from batchseg.records import Item, ItemResult, Status
 from batchseg.signals import StopRequest
+from batchseg.supervise import launch as launch_module
 from batchseg.supervise.contract import EngineSpec
 from batchseg.supervise.pool import PoolEvent, PoolOutcome, PoolSettings, describe_exit, run_pool
 
@@ -117,7 +118,7 @@ def gone(pid: int) -> bool:
 
 def test_every_item_reported_once_with_its_worker(tmp_path: Path) -> None:
     todo = items(*(f"ok_{k}" for k in range(7)))
-    done = run(make_spec(tmp_path), todo, workers=2, batch_size=3)
+    done = run(make_spec(tmp_path), todo, workers=2, task_size=3)
     assert set(done.results) == {item.path for item in todo}
     assert done.outcome == PoolOutcome(None, "", {"ok": 7}, "cpu fault-engine", done.outcome.workers_started)
     started = {event.pid for event in done.kinds("worker_started")}
@@ -156,18 +157,18 @@ def test_pool_modules_never_import_torch() -> None:
 
 
 def test_bad_settings_are_config_errors() -> None:
-    with pytest.raises(ConfigError, match="batch-size must be greater than 0"):
-        PoolSettings(batch_size=0)
+    with pytest.raises(ConfigError, match="task-size must be greater than 0"):
+        PoolSettings(task_size=0)
     with pytest.raises(ConfigError, match="timeout"):
         PoolSettings(timeout=0)
 
 
 def test_settings_from_run_config(tmp_path: Path) -> None:
     config = RunConfig(input=tmp_path, prompts=("roof",), workers=3, timeout=9.0, max_images_per_worker=50)
-    settings = PoolSettings.from_config(config, standby=True)
+    settings = PoolSettings.from_config(config, stop_grace=0.5)
     # No --batch-size: the pool takes each engine's suggestion (see the test below).
-    assert (settings.workers, settings.timeout, settings.batch_size) == (3, 9.0, None)
-    assert settings.max_images_per_worker == 50 and settings.standby
+    assert (settings.workers, settings.timeout, settings.task_size) == (3, 9.0, None)
+    assert settings.max_images_per_worker == 50 and settings.stop_grace == 0.5
 
 
 # -- one status per kind of failure ---------------------------------------------------------------
@@ -272,7 +273,7 @@ def test_an_all_hang_run_takes_images_x_attempts_x_timeout_over_workers(tmp_path
 
 def test_a_failed_batch_is_retried_one_by_one(tmp_path: Path) -> None:
     todo = items("ok_1", "hang_1", "ok_2", "segv_1", "ok_3", "ok_4")
-    done = run(make_spec(tmp_path), todo, workers=1, batch_size=3, timeout=0.5, max_attempts=1)
+    done = run(make_spec(tmp_path), todo, workers=1, task_size=3, timeout=0.5, max_attempts=1)
     assert done.results["hang_1.jpg"].status is Status.TIMEOUT
     assert done.results["segv_1.jpg"].status is Status.CRASHED
     for name in ("ok_1", "ok_2", "ok_3", "ok_4"):
@@ -283,7 +284,7 @@ def test_a_failed_batch_is_retried_one_by_one(tmp_path: Path) -> None:
 
 
 def test_an_exception_in_a_batch_marks_only_its_image(tmp_path: Path) -> None:
-    done = run(make_spec(tmp_path), items("ok_1", "raise_1", "ok_2"), workers=1, batch_size=3, max_attempts=1)
+    done = run(make_spec(tmp_path), items("ok_1", "raise_1", "ok_2"), workers=1, task_size=3, max_attempts=1)
     assert done.results["raise_1.jpg"].status is Status.ERROR
     assert done.results["ok_1.jpg"].status is Status.OK and done.results["ok_2.jpg"].status is Status.OK
     assert not done.kinds("batch_split")  # the worker reran the items itself, no process was lost
@@ -294,7 +295,7 @@ def test_an_exception_in_a_batch_marks_only_its_image(tmp_path: Path) -> None:
 
 def test_workers_are_recycled_after_max_images(tmp_path: Path) -> None:
     todo = items(*(f"ok_{k}" for k in range(5)))
-    done = run(make_spec(tmp_path), todo, workers=1, batch_size=2, max_images_per_worker=2)
+    done = run(make_spec(tmp_path), todo, workers=1, task_size=2, max_images_per_worker=2)
     per_pid: dict[int | None, int] = {}
     for result in done.results.values():
         per_pid[result.worker_pid] = per_pid.get(result.worker_pid, 0) + 1
@@ -310,11 +311,25 @@ def test_the_pool_grows_to_one_worker_per_gpu(tmp_path: Path) -> None:
     assert sorted(slot for _pid, slot in fault_engine.loads(tmp_path)) == [0, 1]
 
 
+@pytest.mark.parametrize(("workers", "gpus", "each"), [(None, 2, 4), (3, 0, 2), (None, 0, 8)])
+def test_threads_are_shared_out_so_the_total_never_exceeds_the_cores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int | None, gpus: int, each: int
+) -> None:
+    # 8 cores: with --workers unset on two GPUs the first worker loads before the pool knows its
+    # size (with all 8) and is then told its share; the engine sees what the worker uses.
+    monkeypatch.setattr(launch_module, "usable_cores", lambda: 8)
+    extra: dict[str, Any] = dict(device="cuda", gpu_count=gpus) if gpus else {}
+    spec = make_spec(tmp_path, slow_s=0.2, **extra)
+    done = run(spec, items(*(f"threads_{k}" for k in range(8))), workers=workers)
+    used = {r.worker_pid: r.height for r in done.results.values()}
+    assert set(used.values()) == {each} and len(used) == (workers or max(1, gpus))
+
+
 def test_near_the_end_tasks_shrink_to_a_fair_share_of_what_is_left(tmp_path: Path) -> None:
     # Two GPUs, an engine that asks for tasks of 8, and 10 images: 8 + 2 would leave one GPU
     # working alone; fair shares are 5 + 5 (or smaller, as what is left shrinks).
     spec = make_spec(tmp_path, device="cuda", gpu_count=2, preferred_task_size=8, slow_s=0.1)
-    done = run(spec, items(*(f"slow_{k}" for k in range(10))), workers=None, batch_size=None)
+    done = run(spec, items(*(f"slow_{k}" for k in range(10))), workers=None, task_size=None)
     assert all(r.status is Status.OK for r in done.results.values())
     assert max(r.width or 0 for r in done.results.values()) == 5
     assert {r.device for r in done.results.values()} == {"cuda:0 fake", "cuda:1 fake"}
@@ -322,7 +337,7 @@ def test_near_the_end_tasks_shrink_to_a_fair_share_of_what_is_left(tmp_path: Pat
 
 def test_the_engine_suggests_the_task_size(tmp_path: Path) -> None:
     spec = make_spec(tmp_path, preferred_task_size=3, slow_s=0.05)
-    done = run(spec, items(*(f"slow_{k}" for k in range(12))), workers=1, batch_size=None)
+    done = run(spec, items(*(f"slow_{k}" for k in range(12))), workers=1, task_size=None)
     assert {r.width for r in done.results.values()} == {3}, "items travel in the engine's task size"
 
 
@@ -330,7 +345,7 @@ def test_heartbeats_give_each_part_of_a_task_its_own_budget(tmp_path: Path) -> N
     spec = make_spec(tmp_path, slow_s=0.6)
     spec = EngineSpec(spec.config, "fault_engine:load_heartbeat")
     todo = items("slow_1", "slow_2", "slow_3", "hang_1")
-    done = run(spec, todo, workers=1, batch_size=4, timeout=1.0, max_attempts=1)
+    done = run(spec, todo, workers=1, task_size=4, timeout=1.0, max_attempts=1)
     # Without heartbeats the task's budget would be 4 x 1 s from the Ack and nothing would time out
     # before 4 s; each heartbeat restarts a 1 s clock, so the hang is caught 1 s after the last one.
     timeouts = done.kinds("worker_timeout")  # the batch, then hang_1 alone after the batch split
@@ -358,16 +373,6 @@ def test_a_replacement_loading_does_not_stall_the_other_worker(tmp_path: Path) -
     finished = [r.finished_at or 0 for r in done.results.values()]
     during = [moment for moment in finished if timeout.time < moment < replacement_ready.time]
     assert len(during) >= 5, "the healthy worker kept taking tasks while the replacement loaded"
-
-
-def test_a_standby_worker_replaces_a_timed_out_one_without_a_load_wait(tmp_path: Path) -> None:
-    spec = make_spec(tmp_path, fast_loads=1, load_delay=1.5)  # the spare and any fresh worker load slowly
-    done = run(spec, items("hang_1", "ok_1"), workers=1, standby=True, timeout=3.0, max_attempts=1)
-    hang, ok = done.results["hang_1.jpg"], done.results["ok_1.jpg"]
-    assert hang.status is Status.TIMEOUT and ok.status is Status.OK
-    assert len(done.kinds("standby_promoted")) == 1
-    # Without the spare, ok_1 would wait for a fresh 1.5 s load after the timeout.
-    assert (ok.finished_at or 0) - (hang.finished_at or 0) < 1.0
 
 
 # -- load failures -----------------------------------------------------------------------------------
@@ -620,7 +625,7 @@ STREAMING = f"{fault_engine.__name__}:load_streaming"
 def test_a_failure_late_in_a_task_keeps_what_was_reported(tmp_path: Path, fault: str) -> None:
     spec = EngineSpec(make_spec(tmp_path).config, STREAMING)
     names = ["ok_0", "ok_1", "ok_2", f"{fault}_1", "ok_3", "ok_4", "ok_5"]
-    done = run(spec, items(*names), workers=1, batch_size=7, timeout=1.0, max_attempts=1)
+    done = run(spec, items(*names), workers=1, task_size=7, timeout=1.0, max_attempts=1)
     assert done.results[f"{fault}_1.jpg"].status is (Status.TIMEOUT if fault == "hang" else Status.CRASHED)
     assert all(done.results[f"ok_{k}.jpg"].status is Status.OK for k in range(6))
     # The three before the fault were recorded as they finished; the engine said it had not
@@ -636,7 +641,7 @@ def test_results_reported_during_a_task_are_recorded_at_once_and_once(tmp_path: 
     recorded: dict[str, float] = {}
     todo = items(*(f"slow_{k}" for k in range(5)))
     done = run(
-        spec, todo, workers=1, batch_size=5, on_result=lambda r: recorded.setdefault(r.path, time.time())
+        spec, todo, workers=1, task_size=5, on_result=lambda r: recorded.setdefault(r.path, time.time())
     )
     assert set(done.results) == {item.path for item in todo}  # run() fails on a second report
     assert all(r.status is Status.OK for r in done.results.values())
@@ -647,7 +652,7 @@ def test_results_reported_during_a_task_are_recorded_at_once_and_once(tmp_path: 
 def test_an_engine_that_raises_reruns_only_what_it_had_not_reported(tmp_path: Path) -> None:
     spec = EngineSpec(make_spec(tmp_path).config, STREAMING)
     names = ["ok_0", "ok_1", "raise_1", "ok_2"]
-    done = run(spec, items(*names), workers=1, batch_size=4, max_attempts=1)
+    done = run(spec, items(*names), workers=1, task_size=4, max_attempts=1)
     assert done.results["raise_1.jpg"].status is Status.ERROR
     assert all(done.results[f"ok_{k}.jpg"].status is Status.OK for k in range(3))
     # First pass: ok_0, ok_1 (reported), raise_1 raises; then each unreported item alone.
@@ -664,7 +669,7 @@ def test_an_engine_that_raises_reruns_only_what_it_had_not_reported(tmp_path: Pa
 def test_a_warning_in_a_worker_reaches_the_supervisor(tmp_path: Path, factory: str) -> None:
     # e.g. the engine halving its batch after CUDA ran out of memory: it belongs in the run log.
     spec = EngineSpec(make_spec(tmp_path).config, factory)
-    done = run(spec, items("ok_1", "warn_1", "ok_2"), workers=1, batch_size=3)
+    done = run(spec, items("ok_1", "warn_1", "ok_2"), workers=1, task_size=3)
     assert all(r.status is Status.OK for r in done.results.values())
     (warning,) = done.kinds("worker_warning")
     assert "RuntimeWarning: something to know about warn_1.jpg" in warning.message

@@ -17,15 +17,16 @@ from _sam3 import forward, noise_image
 
 from batchseg.engines.sam3.model import load_model
 from batchseg.engines.sam3.postprocess import (
+    CHUNK_BYTES,
     MAX_LABELS,
     Candidates,
+    ImageSegmentation,
     Instance,
+    choose,
     compose,
     iter_masks,
     merge,
-    postprocess_image,
-    select,
-    split_outputs,
+    score_outputs,
 )
 
 WIDTH, HEIGHT = 131, 77  # neither the model's size nor its aspect ratio
@@ -34,6 +35,24 @@ WIDTH, HEIGHT = 131, 77  # neither the model's size nor its aspect ratio
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
 def loaded(request: pytest.FixtureRequest, tiny_model: Path) -> tuple[Any, Any]:
     return load_model(str(tiny_model), "cpu", request.param)
+
+
+def kept(outputs: Any, threshold: float, max_detections: int, prompt: int = 0) -> Candidates:
+    """The engine's path for one image of WIDTH x HEIGHT: scores of the batch, then its choice."""
+    scored = score_outputs(outputs, prompt, [(HEIGHT, WIDTH)], threshold)
+    return choose(scored, 0, HEIGHT, WIDTH, max_detections)
+
+
+def label_map(
+    runs: list[Any],
+    threshold: float,
+    mask_threshold: float,
+    max_detections: int,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> ImageSegmentation:
+    """One image's outputs of every prompt (in prompt order) to its label map, as the engine does."""
+    parts = [kept(outputs, threshold, max_detections, p) for p, outputs in enumerate(runs)]
+    return compose(merge(parts), HEIGHT, WIDTH, mask_threshold, chunk_bytes)
 
 
 def library_result(processor: Any, outputs: Any, sizes: list[list[int]], mask_threshold: float = 0.5) -> Any:
@@ -47,7 +66,7 @@ def test_scores_boxes_and_masks_equal_the_library(loaded: tuple[Any, Any]) -> No
     outputs, sizes = forward(model, processor, noise_image(WIDTH, HEIGHT, 1), "roof")
     assert sizes == [[HEIGHT, WIDTH]]
     lib = library_result(processor, outputs, sizes)
-    cands = select(split_outputs(outputs, 0)[0], HEIGHT, WIDTH, threshold=0.0, max_detections=1000)
+    cands = kept(outputs, threshold=0.0, max_detections=1000)
     queries = [inst.query for inst in cands.instances]
     assert sorted(queries) == list(range(outputs.pred_logits.shape[1]))
     by_query = np.argsort(queries)  # the library keeps query order; ours is best first
@@ -68,7 +87,7 @@ def test_mask_threshold_is_applied_like_the_library(loaded: tuple[Any, Any]) -> 
     model, processor = loaded
     outputs, sizes = forward(model, processor, noise_image(WIDTH, HEIGHT, 2), "tree")
     lib = library_result(processor, outputs, sizes, mask_threshold=0.3)
-    cands = select(split_outputs(outputs, 0)[0], HEIGHT, WIDTH, 0.0, 1000)
+    cands = kept(outputs, 0.0, 1000)
     by_query = torch.as_tensor(np.argsort([inst.query for inst in cands.instances]))
     masks = torch.cat([m for _, m in iter_masks(cands.masks, HEIGHT, WIDTH, 0.3)])[by_query]
     assert torch.equal(masks, lib["masks"].bool())
@@ -77,16 +96,15 @@ def test_mask_threshold_is_applied_like_the_library(loaded: tuple[Any, Any]) -> 
 def test_threshold_then_top_k_best_first(loaded: tuple[Any, Any]) -> None:
     model, processor = loaded
     outputs, _ = forward(model, processor, noise_image(WIDTH, HEIGHT, 3), "car")
-    pred = split_outputs(outputs, 0)[0]
-    everything = select(pred, HEIGHT, WIDTH, 0.0, 1000).instances
+    everything = kept(outputs, 0.0, 1000).instances
     all_scores = sorted((inst.score for inst in everything), reverse=True)
     cut = all_scores[5]
-    kept = select(pred, HEIGHT, WIDTH, threshold=cut, max_detections=1000).instances
-    assert [inst.score for inst in kept] == [s for s in all_scores if s > cut]
-    top3 = select(pred, HEIGHT, WIDTH, threshold=0.0, max_detections=3)
+    above = kept(outputs, threshold=cut, max_detections=1000).instances
+    assert [inst.score for inst in above] == [s for s in all_scores if s > cut]
+    top3 = kept(outputs, threshold=0.0, max_detections=3)
     assert [inst.score for inst in top3.instances] == all_scores[:3]
     assert top3.masks.shape[0] == 3
-    assert select(pred, HEIGHT, WIDTH, threshold=1.0, max_detections=10).instances == []
+    assert kept(outputs, threshold=1.0, max_detections=10).instances == []
 
 
 def reference_label_map(processor: Any, outputs_by_prompt: list[Any], sizes: list[list[int]]) -> np.ndarray:
@@ -110,8 +128,7 @@ def test_label_map_across_prompts_matches_the_obvious_composition(loaded: tuple[
     image = noise_image(WIDTH, HEIGHT, 4)
     runs = [forward(model, processor, image, prompt) for prompt in ("roof", "solar panel", "tree")]
     sizes = runs[0][1]
-    preds = [split_outputs(outputs, p)[0] for p, (outputs, _) in enumerate(runs)]
-    seg = postprocess_image(preds, HEIGHT, WIDTH, 0.0, 0.5, max_detections=1000)
+    seg = label_map([outputs for outputs, _ in runs], 0.0, 0.5, max_detections=1000)
     expected = reference_label_map(processor, [outputs for outputs, _ in runs], sizes)
     assert seg.labels.dtype == np.uint16 and seg.labels.shape == (HEIGHT, WIDTH)
     assert np.array_equal(seg.labels, expected)
@@ -149,9 +166,8 @@ def test_equal_scores_keep_prompt_order() -> None:
 
 
 def test_no_detection_gives_an_empty_map() -> None:
-    pred = split_outputs(_fake_outputs(q=5), 0)[0]
-    seg = postprocess_image([pred], 30, 40, threshold=1.0, mask_threshold=0.5, max_detections=10)
-    assert seg.labels.shape == (30, 40) and not seg.labels.any()
+    seg = label_map([_fake_outputs(q=5)], threshold=1.0, mask_threshold=0.5, max_detections=10)
+    assert seg.labels.shape == (HEIGHT, WIDTH) and not seg.labels.any()
     assert seg.instances == [] and seg.areas.size == 0
 
 
@@ -174,7 +190,8 @@ def _fake_outputs(q: int) -> Any:
 
 MEMORY_PROBE = r"""
 import json, resource, sys, numpy as np, torch
-from batchseg.engines.sam3.postprocess import PromptPrediction, postprocess_image
+from types import SimpleNamespace
+from batchseg.engines.sam3.postprocess import choose, compose, merge, score_outputs
 torch.manual_seed(0)
 n, height, width = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 q = 200
@@ -183,13 +200,21 @@ masks = torch.full((q, 288, 288), -4.0)
 for i in range(q):
     y, x = torch.randint(0, 240, (2,)).tolist()
     masks[i, y:y + 48, x:x + 48] = 4.0
-pred = PromptPrediction(0, torch.linspace(4, -4, q), torch.tensor([3.0]), torch.rand(q, 4), masks)
+outputs = SimpleNamespace(  # one image's batch, as the model returns it
+    pred_logits=torch.linspace(4, -4, q)[None],
+    presence_logits=torch.tensor([[3.0]]),
+    pred_boxes=torch.rand(1, q, 4),
+    pred_masks=masks[None],
+)
+def label_map(height, width):  # the engine's path: scores, choice, merge, compose
+    scored = score_outputs(outputs, 0, [(height, width)], 0.0)
+    return compose(merge([choose(scored, 0, height, width, n)]), height, width, 0.5)
 def rss_mb():
     with open("/proc/self/status") as fh:
         return next(int(l.split()[1]) for l in fh if l.startswith("VmHWM")) / 1024
-postprocess_image([pred], 64, 64, 0.0, 0.5, n)  # warm up kernels and allocator
+label_map(64, 64)  # warm up kernels and allocator
 before = rss_mb()
-seg = postprocess_image([pred], height, width, 0.0, 0.5, n)
+seg = label_map(height, width)
 covered = int((seg.labels > 0).sum())
 print(json.dumps({"extra_peak_mb": rss_mb() - before, "n": len(seg.instances), "covered": covered}))
 """
@@ -221,7 +246,7 @@ def test_equal_to_the_library_on_cuda(tiny_model: Path) -> None:
         )
     sizes = inputs["original_sizes"].tolist()
     lib = library_result(processor, outputs, sizes)
-    cands = select(split_outputs(outputs, 0)[0], HEIGHT, WIDTH, 0.0, 1000)
+    cands = kept(outputs, 0.0, 1000)
     by_query = np.argsort([inst.query for inst in cands.instances])
     scores = np.array([inst.score for inst in cands.instances])[by_query]
     assert np.array_equal(scores, lib["scores"].float().cpu().numpy())
@@ -231,5 +256,5 @@ def test_equal_to_the_library_on_cuda(tiny_model: Path) -> None:
     assert masks.device.type == "cuda"
     assert torch.equal(masks[torch.as_tensor(by_query, device="cuda:0")], lib["masks"].bool())
     # Composition with several masks painted per chunk, on the GPU, against the obvious rule.
-    seg = postprocess_image(split_outputs(outputs, 0), HEIGHT, WIDTH, 0.0, 0.5, 1000, 3 * HEIGHT * WIDTH * 2)
+    seg = label_map([outputs], 0.0, 0.5, 1000, chunk_bytes=3 * HEIGHT * WIDTH * 2)
     assert np.array_equal(seg.labels, reference_label_map(processor, [outputs], sizes))

@@ -55,7 +55,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = _free_port()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     common = ["--num-cpus=1", "--object-store-memory=80000000", "--disable-usage-stats"]
-    head = [RAY, "start", "--head", f"--port={port}", f"--node-ip-address={HEAD_IP}", "--include-dashboard=false"]
+    head = [
+        RAY,
+        "start",
+        "--head",
+        f"--port={port}",
+        f"--node-ip-address={HEAD_IP}",
+        "--include-dashboard=false",
+    ]
     second = [RAY, "start", f"--address={HEAD_IP}:{port}", f"--node-ip-address={WORKER_IP}"]
     try:
         subprocess.run(head + common, check=True, env=env, capture_output=True, timeout=120)
@@ -93,7 +100,8 @@ def test_ray_gives_the_local_pools_manifest_on_two_nodes(cluster: str, tmp_path:
     folder = _folder(tmp_path / "in", names)
     local = run(_config(folder, tmp_path / "local", tmp_path / "s1"), factory=FACTORY)
     remote = run(
-        _config(folder, tmp_path / "ray", tmp_path / "s2", backend="ray", ray_address=cluster), factory=FACTORY
+        _config(folder, tmp_path / "ray", tmp_path / "s2", backend="ray", ray_address=cluster),
+        factory=FACTORY,
     )
     assert _rows(tmp_path / "ray") == _rows(tmp_path / "local")
     assert remote.counts == local.counts and remote.exit_code == local.exit_code == 3
@@ -105,7 +113,13 @@ def test_ray_gives_the_local_pools_manifest_on_two_nodes(cluster: str, tmp_path:
 def test_a_hanging_image_times_out_and_the_run_goes_on(cluster: str, tmp_path: Path) -> None:
     folder = _folder(tmp_path / "in", ["hang_1.jpg", "ok_1.jpg", "ok_2.jpg", "ok_3.jpg"])
     config = _config(
-        folder, tmp_path / "out", tmp_path / "s", backend="ray", ray_address=cluster, timeout=3.0, max_attempts=1
+        folder,
+        tmp_path / "out",
+        tmp_path / "s",
+        backend="ray",
+        ray_address=cluster,
+        timeout=3.0,
+        max_attempts=1,
     )
     summary = run(config, factory=FACTORY)
     rows = _rows(tmp_path / "out")

@@ -8,11 +8,15 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from batchseg.cli import cli
 from batchseg.errors import ConfigError
 from batchseg.schedule import (
+    LOGON_ADVICE,
     TASK_NAMESPACE,
     crontab_line,
+    current_user,
     default_task_name,
     parse_days,
     schtasks_commands,
@@ -227,3 +231,93 @@ def test_crontab_line_days_quoting_and_percent(tmp_path: Path) -> None:
         str(folder.resolve() / "roofs 100%.cron.log"),
         "2>&1",
     ]
+
+
+# ----------------------------------------------------------------------------- logon and wake
+
+
+@pytest.mark.parametrize(
+    "logon, logon_type, user_id",
+    [
+        ("interactive", "InteractiveToken", None),
+        ("s4u", "S4U", "PC\\night"),
+        ("password", "Password", "PC\\night"),
+    ],
+)
+def test_logon_types(job: Path, logon: str, logon_type: str, user_id: str | None) -> None:
+    root = parse(
+        task_xml(job, "02:00", None, python=WIN_PYTHON, start_date=DAY, logon=logon, user="PC\\night")
+    )
+    principal = "t:Principals/t:Principal"
+    assert text(root, f"{principal}/t:LogonType") == logon_type
+    element = root.find(f"{principal}/t:UserId", NS)
+    assert (element.text if element is not None else None) == user_id
+    # Task Scheduler's schema wants UserId before LogonType.
+    children = [c.tag.split("}")[1] for c in root.find(principal, NS)]  # type: ignore[union-attr]
+    assert children == (["UserId"] if user_id else []) + ["LogonType", "RunLevel"]
+
+
+def test_logon_user_defaults_to_the_windows_account(job: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("USERDOMAIN", "OFFICE")
+    monkeypatch.setenv("USERNAME", "anna")
+    assert current_user() == "OFFICE\\anna"
+    root = parse(task_xml(job, "02:00", None, logon="s4u"))
+    assert text(root, "t:Principals/t:Principal/t:UserId") == "OFFICE\\anna"
+    create, _ = schtasks_commands("n", Path("C:\\j\\n.task.xml"), "password")
+    assert create.endswith(' /F /RU "OFFICE\\anna" /RP')
+
+
+def test_wake_to_run(job: Path) -> None:
+    for wake, expected in ((False, "false"), (True, "true")):
+        root = parse(task_xml(job, "02:00", None, start_date=DAY, wake=wake))
+        assert text(root, "t:Settings/t:WakeToRun") == expected
+
+
+def test_password_logon_registers_with_a_password_prompt() -> None:
+    xml_path = Path("C:\\jobs\\aerial.task.xml")
+    create, delete = schtasks_commands("aerial", xml_path, "password", "PC\\night")
+    assert create == f'schtasks /Create /TN "batchseg\\aerial" /XML "{xml_path}" /F /RU "PC\\night" /RP'
+    assert (
+        schtasks_commands("aerial", xml_path, "s4u", "PC\\night")[0]
+        == schtasks_commands("aerial", xml_path)[0]
+    )
+    with pytest.raises(
+        ConfigError, match="--logon: expected one of interactive, s4u, password, got 'system'"
+    ):
+        schtasks_commands("aerial", xml_path, "system")
+    with pytest.raises(ConfigError, match="--logon"):
+        task_xml(Path("j.toml"), "02:00", None, logon="batch")
+
+
+def test_schedule_command_prints_which_logon_and_why(job: Path) -> None:
+    args = [
+        "schedule",
+        "--job",
+        str(job),
+        "--at",
+        "02:00",
+        "--logon",
+        "password",
+        "--user",
+        "PC\\night",
+        "--wake",
+    ]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    xml_path = job.resolve().with_suffix(".task.xml")
+    assert result.output.splitlines() == [
+        f"wrote {xml_path}",
+        f'register it:  schtasks /Create /TN "batchseg\\aerial-nightly" /XML "{xml_path}" /F'
+        ' /RU "PC\\night" /RP',
+        'remove it:    schtasks /Delete /TN "batchseg\\aerial-nightly" /F',
+        f"logon password: {LOGON_ADVICE['password']}",
+        "in the morning: report.html in the output folder, beside logs/ (job key previews = true)",
+    ]
+    root = ET.parse(xml_path).getroot()
+    assert text(root, "t:Settings/t:WakeToRun") == "true"
+    assert text(root, "t:Principals/t:Principal/t:LogonType") == "Password"
+    plain = CliRunner().invoke(cli, ["schedule", "--job", str(job), "--at", "02:00"])
+    assert "logon interactive: runs only while you are logged on" in plain.output
+    assert "--wake wakes it instead" in plain.output
+    cron = CliRunner().invoke(cli, ["schedule", "--job", str(job), "--at", "02:00", "--cron", "--wake"])
+    assert cron.exit_code == 2 and "--wake and --logon are Task Scheduler settings" in cron.output

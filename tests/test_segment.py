@@ -12,12 +12,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from _sam3 import save_noise_image
+from _sam3 import quiet, save_noise_image
 from PIL import Image
 
 from batchseg import imageio
 from batchseg.config import RunConfig
-from batchseg.engines.sam3.engine import Sam3Engine, load_engine, pick_device
+from batchseg.engines.sam3.engine import load_engine
+from batchseg.engines.sam3.pipeline import Sam3Engine, pick_device
 from batchseg.errors import ConfigError
 from batchseg.records import Item, ItemResult, Status
 from batchseg.rle import area, decode
@@ -71,7 +72,7 @@ def test_results_files_and_detections_agree(tiny_model: Path, images: Path, tmp_
     out = tmp_path / "out"
     engine = engine_for(tiny_model, images, out, ("roof", "solar panel"), max_detections=7)
     assert engine.device == "cpu float32"
-    [a, b] = engine.process(items("a.png", "sub/b.jpg"))
+    [a, b] = engine.process(items("a.png", "sub/b.jpg"), quiet)
     assert (a.width, a.height, b.width, b.height) == (131, 77, 50, 64)
     for result in (a, b):
         labels = check_consistent(result, out)
@@ -88,11 +89,11 @@ def test_several_prompts_equal_separate_single_prompt_runs(
     tiny_model: Path, images: Path, tmp_path: Path
 ) -> None:
     both = engine_for(tiny_model, images, tmp_path / "both", ("roof", "tree"))
-    [joint] = both.process(items("a.png"))
+    [joint] = both.process(items("a.png"), quiet)
     singles = {}
     for prompt in ("roof", "tree"):
         engine = engine_for(tiny_model, images, tmp_path / prompt, (prompt,))
-        [singles[prompt]] = engine.process(items("a.png"))
+        [singles[prompt]] = engine.process(items("a.png"), quiet)
     for prompt, single in singles.items():
         mine = [(d.score, d.box) for d in joint.detections if d.prompt == prompt]
         assert mine == [(d.score, d.box) for d in single.detections]
@@ -117,7 +118,7 @@ def test_processor_gets_the_original_image(tiny_model: Path, images: Path, tmp_p
         return real_call(*args, **kwargs)
 
     engine.processor = type("Spy", (), {"__call__": staticmethod(spy)})()
-    [result] = engine.process(items("a.png"))
+    [result] = engine.process(items("a.png"), quiet)
     assert result.status is Status.OK
     assert seen == [(131, 77)]
     encoded = Sam3Engine.encode_images(engine, [imageio.read_image(images / "a.png", 10**8)])
@@ -127,20 +128,20 @@ def test_processor_gets_the_original_image(tiny_model: Path, images: Path, tmp_p
 def test_bad_image_then_good_ones(tiny_model: Path, images: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     engine = engine_for(tiny_model, images, out, ("roof",))
-    broken, after = engine.process(items("broken.jpg", "a.png"))
+    broken, after = engine.process(items("broken.jpg", "a.png"), quiet)
     assert broken.status is Status.INVALID_INPUT and broken.error_type == "InvalidImageError"
     assert broken.error_message and broken.mask_path is None
     check_consistent(after, out)
-    [alone] = engine.process(items("sub/b.jpg"))
+    [alone] = engine.process(items("sub/b.jpg"), quiet)
     check_consistent(alone, out)
-    [missing] = engine.process(items("gone.png"))
+    [missing] = engine.process(items("gone.png"), quiet)
     assert missing.status is Status.INVALID_INPUT
 
 
 def test_batch_matches_one_by_one(tiny_model: Path, images: Path, tmp_path: Path) -> None:
     engine = engine_for(tiny_model, images, tmp_path / "out", ("roof", "car"))
-    batched = engine.process(items("a.png", "sub/b.jpg"))
-    alone = [engine.process(items(path))[0] for path in ("a.png", "sub/b.jpg")]
+    batched = engine.process(items("a.png", "sub/b.jpg"), quiet)
+    alone = [engine.process(items(path), quiet)[0] for path in ("a.png", "sub/b.jpg")]
     for x, y in zip(batched, alone, strict=True):
         assert [d.prompt for d in x.detections] == [d.prompt for d in y.detections]
         assert np.allclose([d.score for d in x.detections], [d.score for d in y.detections], atol=1e-5)
@@ -152,7 +153,7 @@ def test_unwritable_output_is_an_output_error(tiny_model: Path, images: Path, tm
     out.mkdir()
     (out / "masks").write_text("a file where the masks folder should be")
     engine = engine_for(tiny_model, images, out, ("roof",))
-    [result] = engine.process(items("a.png"))
+    [result] = engine.process(items("a.png"), quiet)
     assert result.status is Status.ERROR and result.error_type == "OutputError"
     assert "Traceback" in (result.traceback or "")
 
@@ -161,7 +162,7 @@ def test_zero_detections_still_writes_an_empty_map(tiny_model: Path, images: Pat
     out = tmp_path / "out"
     engine = engine_for(tiny_model, images, out, ("roof",))
     engine.config = engine.config.with_changes(threshold=1.0)
-    [result] = engine.process(items("a.png"))
+    [result] = engine.process(items("a.png"), quiet)
     assert result.status is Status.OK and result.detections == []
     assert not imageio.read_label_map(out / result.mask_path).any()
 
@@ -180,8 +181,8 @@ def test_cuda_engine_agrees_with_cpu(tiny_model: Path, images: Path, tmp_path: P
     gpu = engine_for(tiny_model, images, tmp_path / "gpu", ("roof", "tree"), device="cuda")
     assert gpu.device.startswith("cuda:0 ") and gpu.device.endswith(" float32")
     cpu = engine_for(tiny_model, images, tmp_path / "cpu", ("roof", "tree"))
-    on_gpu = gpu.process(items("a.png", "sub/b.jpg", "broken.jpg"))
-    on_cpu = cpu.process(items("a.png", "sub/b.jpg", "broken.jpg"))
+    on_gpu = gpu.process(items("a.png", "sub/b.jpg", "broken.jpg"), quiet)
+    on_cpu = cpu.process(items("a.png", "sub/b.jpg", "broken.jpg"), quiet)
     assert on_gpu[2].status is Status.INVALID_INPUT
     for x, y in zip(on_gpu[:2], on_cpu[:2], strict=True):
         check_consistent(x, tmp_path / "gpu")
@@ -193,7 +194,7 @@ def test_cuda_engine_agrees_with_cpu(tiny_model: Path, images: Path, tmp_path: P
             assert len(gpu_scores) == len(cpu_scores) > 0
             assert np.allclose(gpu_scores, cpu_scores, atol=1e-3)
     auto = engine_for(tiny_model, images, tmp_path / "auto", ("roof",), device="cuda", dtype="auto")
-    check_consistent(auto.process(items("a.png"))[0], tmp_path / "auto")
+    check_consistent(auto.process(items("a.png"), quiet)[0], tmp_path / "auto")
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
@@ -244,7 +245,7 @@ def test_draft_decoded_jpeg_gives_full_size_masks(tiny_model: Path, tmp_path: Pa
     engine = engine_for(tiny_model, tmp_path / "in", tmp_path / "out", ("roof",))
     drafted = imageio.read_image(tmp_path / "in" / "side.jpg", 10**9, draft_side=engine.draft_side)
     assert drafted.size[0] < 1200 and imageio.original_size(drafted) == (1200, 1600)
-    (result,) = engine.process(items("side.jpg"))
+    (result,) = engine.process(items("side.jpg"), quiet)
     assert (result.width, result.height) == (1200, 1600)
     check_consistent(result, tmp_path / "out")
     assert result.detections and all(d.box[2] <= 1200 and d.box[3] <= 1600 for d in result.detections)
@@ -280,7 +281,7 @@ def test_compiled_backbone_pads_short_batches(tiny_model: Path, images: Path, tm
     )
     shutil.copy(images / "a.png", images / "c.png")
     todo = items("a.png", "sub/b.jpg", "c.png")  # batches of 2, then 1 (padded)
-    for x, y in zip(fast.process(todo), plain.process(todo), strict=True):
+    for x, y in zip(fast.process(todo, quiet), plain.process(todo, quiet), strict=True):
         check_consistent(x, tmp_path / "fast")
         assert np.allclose([d.score for d in x.detections], [d.score for d in y.detections], atol=1e-3)
 
@@ -306,16 +307,16 @@ def test_cuda_graph_backbone_matches_launching_its_kernels(
     )
     graphed = engine_for(tiny_model, images, tmp_path / "graph", prompts, device="cuda", batch_size=2)
     assert graphed._backbone is not None and graphed._backbone._captured is not None  # captured at load
-    expected = plain.process(todo)
-    got = graphed.process(todo)
+    expected = plain.process(todo, quiet)
+    got = graphed.process(todo, quiet)
     for result in got:
         check_consistent(result, tmp_path / "graph")
     for x, y in zip(_scores(got), _scores(expected), strict=True):
         assert np.allclose(x, y, atol=1e-4)
     with pytest.warns(RuntimeWarning, match="batch 1"):
-        graphed._shrink_batch(2)
+        graphed.ladder.halve(2)
     assert graphed._backbone._captured is None
-    again = graphed.process(todo)
+    again = graphed.process(todo, quiet)
     assert graphed._backbone._captured is not None and graphed._backbone.batch == 1
     for x, y in zip(_scores(again), _scores(expected), strict=True):
         assert np.allclose(x, y, atol=1e-4)
@@ -335,5 +336,5 @@ def test_failed_graph_capture_warns_and_launches_as_usual(
     with pytest.warns(RuntimeWarning, match="CUDA graph capture of the vision backbone failed"):
         engine = engine_for(tiny_model, images, tmp_path / "out", ("roof",), device="cuda", batch_size=2)
     assert engine._backbone is not None and not engine._backbone.graph
-    for result in engine.process(items("a.png", "sub/b.jpg")):
+    for result in engine.process(items("a.png", "sub/b.jpg"), quiet):
         check_consistent(result, tmp_path / "out")

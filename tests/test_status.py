@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-from _storage import failed_result, make_config, make_items, ok_result
+from _storage import failed_result, make_config, make_items, ok_result, python
 
 from batchseg.config import RunConfig
-from batchseg.errors import OutputError
+from batchseg.errors import OutputError, RunLockedError
 from batchseg.lock import RunLock
 from batchseg.records import Status
 from batchseg.runner import run
@@ -176,3 +176,43 @@ def test_a_live_run_shows_its_task_as_running_and_leaves_none(tmp_path: Path) ->
     # A warning shown in the worker is in the run log, not only on a console.
     log = "".join(p.read_text(encoding="utf-8") for p in (tmp_path / "out" / "logs").glob("*.log"))
     assert "worker_warning" in log and "something to know about warn_0.jpg" in log
+
+
+STATUS_LOOP = """
+import sys
+from pathlib import Path
+from batchseg.errors import OutputError, RunLockedError
+from batchseg.status import collect_status
+out = Path(sys.argv[1])
+print("looping", flush=True)
+calls = 0
+while True:
+    try:
+        collect_status(out)
+    except OutputError:
+        pass
+    calls += 1
+    if calls % 100 == 0:
+        print(calls, flush=True)
+"""
+
+
+def test_status_in_a_loop_never_refuses_a_starting_run(tmp_path: Path) -> None:
+    Checkpoint.open(tmp_path, make_config()).close()
+    child = python(STATUS_LOOP.replace("sys.argv[1]", repr(str(tmp_path))))
+    assert child.stdout is not None and child.stdout.readline().strip() == "looping"
+    refused = starts = 0
+    try:
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            starts += 1
+            try:
+                with RunLock(tmp_path):
+                    pass
+            except RunLockedError:
+                refused += 1
+    finally:
+        child.kill()
+        out, _ = child.communicate(timeout=30)
+    assert out.split(), "the status loop made too few calls to prove anything"
+    assert refused == 0, f"{refused} of {starts} starts refused"

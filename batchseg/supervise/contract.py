@@ -1,9 +1,9 @@
-"""The contract between the worker pool and whatever does the per-image work.
+"""The public engine contract: what the pool gives an engine, what an engine gives back.
 
-The pool knows nothing of SAM3: a worker process imports ``EngineSpec.factory`` ("module:function"),
-calls it once with the spec to load an Engine, then feeds it items. The real factory is
-``batchseg.engines.sam3.engine:load_engine``; tests register misbehaving engines the same way. A future Ray
-backend feeds the same Engine.
+An engine is loaded once per worker process by a factory named ``MODULE:FUNCTION`` (``--engine``),
+states its ``Capabilities`` once, then turns batches of ``Item``s into ``ItemResult``s. The pool
+knows nothing else of it: SAM3 (``batchseg.engines.sam3.engine:load_engine``), the colour
+threshold engine (``batchseg.engines.threshold:load``) and the tests' engines all fit here.
 """
 
 from __future__ import annotations
@@ -14,31 +14,58 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..config import RunConfig
+from ..errors import ConfigError
 from ..records import Item, ItemResult
 
-__all__ = ["Engine", "EngineSpec", "HeartbeatFn", "load_factory"]
+__all__ = ["Capabilities", "Engine", "EngineFactory", "EngineSpec", "HeartbeatFn", "load_factory"]
 
-#: ``heartbeat(finished, reached)``: see ``Engine.process``.
-HeartbeatFn = Callable[[Sequence[tuple[int, ItemResult]], "int | None"], None]
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a loaded engine tells the pool, once, in Ready."""
+
+    #: e.g. "cuda:0 NVIDIA H200 bfloat16" or "cpu float32"; goes into the manifest.
+    device: str
+    #: Preferred items per task (e.g. from free GPU memory); the pool uses it unless told otherwise.
+    task_size: int = 1
+    #: The engine calls ``heartbeat`` after at most this many items (0: never). The watchdog's
+    #: budget then covers that many items instead of the whole task.
+    heartbeat_every: int = 0
+    #: CUDA devices this worker sees: with ``--workers`` unset the pool starts one worker per GPU.
+    gpu_count: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.device, str) or not self.device:
+            raise TypeError(f"Capabilities.device must be a non-empty string, not {self.device!r}")
+        for name in ("task_size", "heartbeat_every", "gpu_count"):
+            value = getattr(self, name)
+            least = 1 if name == "task_size" else 0
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise TypeError(f"Capabilities.{name} must be an int of at least {least}, not {value!r}")
+
+
+#: ``heartbeat(finished=(), reached=None)``, always passed to ``Engine.process``:
+#: ``finished``: results done since the last call, as (index in items, result), recorded at once;
+#: ``reached``: no item at or after this index has been touched yet (after a crash they go back to
+#: the queue as fresh work instead of being suspects). Each call restarts the watchdog's clock.
+HeartbeatFn = Callable[..., None]
 
 
 class Engine(Protocol):
-    """Loaded once per worker process."""
+    """Loaded once per worker process by the factory; lives until the worker exits."""
 
-    #: e.g. "cuda:0 NVIDIA H100 80GB HBM3 bfloat16" or "cpu float32"; goes into the manifest.
-    device: str
+    capabilities: Capabilities
 
-    def process(self, items: Sequence[Item], heartbeat: HeartbeatFn | None = None) -> list[ItemResult]:
-        """One result per item, in order. Per-image problems are results, not exceptions;
-        an exception here marks every item of the call not yet reported ``error``.
-
-        ``heartbeat`` (an engine may leave the parameter out): call it after each
-        ``heartbeat_every`` items (the engine's attribute) to restart the watchdog's clock, with
-        the results finished since the last call as (index in ``items``, result) and ``reached``,
-        the index no item at or after which has been touched yet: call it before going further."""
+    def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[ItemResult]:
+        """One result per item, in order; per-image problems are results (``failure_result``),
+        never exceptions. An exception marks every item not yet reported ``error`` (items of a
+        batch are then run again one by one). ``heartbeat`` is always passed (a no-op where the
+        engine declared ``heartbeat_every=0``)."""
         ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Free what the engine holds; called once before the worker exits."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -49,6 +76,24 @@ class EngineSpec:
     factory: str = "batchseg.engines.sam3.engine:load_engine"
 
 
-def load_factory(spec: EngineSpec):  # type: ignore[no-untyped-def]
-    module_name, _, func_name = spec.factory.partition(":")
-    return getattr(importlib.import_module(module_name), func_name)
+#: ``load(spec, slot) -> Engine``: called once per worker process; ``slot`` numbers the workers
+#: from 0 (a GPU engine takes GPU ``slot``). It may raise: ConfigError (the user's to fix, the run
+#: ends before any image) or anything else (the model cannot load).
+EngineFactory = Callable[[EngineSpec, int], Engine]
+
+
+def load_factory(spec: EngineSpec) -> EngineFactory:
+    """The function ``spec.factory`` names; ConfigError naming what is wrong with it."""
+    module_name, colon, func_name = spec.factory.partition(":")
+    if not colon or not module_name or not func_name:
+        raise ConfigError(f"--engine {spec.factory!r}: expected MODULE:FUNCTION")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if not exc.name or not (module_name + ".").startswith(exc.name + "."):
+            raise  # the engine's module is there; something it imports is not: a load failure
+        raise ConfigError(f"--engine {spec.factory!r}: there is no module {module_name}") from exc
+    factory = getattr(module, func_name, None)
+    if not callable(factory):
+        raise ConfigError(f"--engine {spec.factory!r}: {module_name} has no function {func_name}")
+    return factory  # type: ignore[no-any-return]

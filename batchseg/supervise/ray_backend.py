@@ -27,6 +27,7 @@ from typing import Any
 
 from ..errors import ConfigError, OutputError
 from .contract import EngineSpec
+from .launch import WorkerProcess
 from .worker import serve_connection
 
 __all__ = ["RayLauncher", "RayWorker", "EngineActor"]
@@ -237,9 +238,10 @@ class RayLauncher:
 
     # -- Launcher ----------------------------------------------------------------------------------
 
-    def start(self, spec: EngineSpec, slot: int, threads: int) -> tuple[RayWorker, Connection]:
+    def start(self, spec: EngineSpec, slot: int, threads: int) -> tuple[WorkerProcess, Connection]:
         gpus = 1 if self._wants_gpu(spec) else 0
-        options = {"num_gpus": gpus, "num_cpus": 1 if gpus else threads}
+        # A CPU actor reserves its threads' CPUs, at most a whole node (more could never be placed).
+        options = {"num_gpus": gpus, "num_cpus": 1 if gpus else min(threads, self._smallest_node_cpus())}
         # Ray gives each GPU actor its own device as cuda:0, so the factory's slot picks nothing.
         factory_slot = 0 if gpus else slot
         actor = self._actor_class.options(**options).remote(spec, factory_slot, threads, list(sys.path))
@@ -252,10 +254,11 @@ class RayLauncher:
         return max(1, int(self._resources().get("CPU", 1)) // self.threads(1))
 
     def threads(self, workers: int) -> int:
-        smallest = min(
-            (int(n["Resources"].get("CPU", 1)) for n in self._ray.nodes() if n.get("Alive")), default=1
-        )
-        return max(1, min(_CPU_ACTOR_THREADS, smallest))
+        return max(1, min(_CPU_ACTOR_THREADS, self._smallest_node_cpus()))
+
+    def _smallest_node_cpus(self) -> int:
+        cpus = [int(n["Resources"].get("CPU", 1)) for n in self._ray.nodes() if n.get("Alive")]
+        return max(1, min(cpus, default=1))
 
     def _wants_gpu(self, spec: EngineSpec) -> bool:
         return spec.config.device != "cpu" and self._resources().get("GPU", 0) >= 1

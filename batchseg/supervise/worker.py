@@ -1,27 +1,12 @@
-"""The worker process: loads one Engine, then runs the tasks the supervisor sends it.
+"""The worker process: loads one Engine, then runs the tasks the pool sends it (messages.py).
 
-A worker is started by ``batchseg.supervise.pool`` with the ``spawn`` method and talks to its supervisor over
-one duplex pipe, in small dataclasses only::
-
-    supervisor -> worker   Task(task_id, items) | Shutdown()
-    worker -> supervisor   Ready(pid, device, gpu_count) | LoadFailed(error_type, message, traceback)
-                           Ack(task_id) | Heartbeat(task_id) | Done(task_id, results)
-
-The worker never raises across the pipe: a failed load becomes ``LoadFailed``, a failing image
-becomes an ``error`` result carrying the exception's class, message and traceback. Hangs and hard
-crashes are the supervisor's business (it watches the clock and the process).
-
-This module is imported by the parent too (the messages, the entry point): it must not import torch.
-The engine factory imports it, inside the worker, after the thread limits are in the environment.
-
-A worker never outlives its supervisor: it ignores SIGINT (Ctrl-C reaches the whole process group;
-the supervisor decides between draining and killing), asks Linux to SIGKILL it when the parent dies,
-and a watcher thread exits the process as soon as the parent's sentinel closes or it is re-parented.
+The worker never raises across the pipe: a failed load becomes ``LoadFailed``, a failing image a
+failed result with the exception's class, message and traceback. Hangs and hard crashes are the
+pool's business. Imported by the parent too (the entry point): it must not import torch.
 """
 
 from __future__ import annotations
 
-import inspect
 import multiprocessing
 import os
 import signal
@@ -31,104 +16,22 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
-from ..records import Item, ItemResult, Status
-from .contract import Engine, EngineSpec, load_factory
+from ..errors import BatchsegError, ConfigError
+from ..records import FailureCategory, Item, ItemResult, Status, failure_result
+from .contract import Capabilities, Engine, EngineSpec, load_factory
+from .messages import Ack, Done, Heartbeat, LoadFailed, Ready, Task, Threads
 
-__all__ = [
-    "Ack",
-    "Done",
-    "Heartbeat",
-    "LoadFailed",
-    "Ready",
-    "Shutdown",
-    "Task",
-    "THREAD_ENV_VARS",
-    "configure_openmp",
-    "run_task",
-    "serve_connection",
-    "worker_main",
-]
+__all__ = ["THREAD_ENV_VARS", "configure_openmp", "run_task", "serve_connection", "worker_main"]
 
 #: Read by OpenMP / MKL / OpenBLAS when torch is imported; set before the engine factory runs.
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
-#: Exit status of a worker that noticed its supervisor is gone.
+#: Exit status of a worker that noticed its pool is gone.
 ORPHAN_EXIT_CODE = 70
 
 _PARENT_POLL_S = 1.0
-
-
-@dataclass(frozen=True)
-class Task:
-    """A batch of one or more items for the engine; the watchdog budget is timeout x len(items)."""
-
-    task_id: int
-    items: tuple[Item, ...]
-
-
-@dataclass(frozen=True)
-class Shutdown:
-    """Close the engine and exit."""
-
-
-@dataclass(frozen=True)
-class Ready:
-    """The engine loaded; ``device`` is the engine's device string, ``gpu_count`` the CUDA devices seen.
-
-    ``task_size`` is the engine's suggested number of items per task (its ``preferred_task_size``,
-    e.g. from free GPU memory), used where the user set none. ``heartbeat_every``: the engine sends
-    a Heartbeat after every that many items of a task (its ``heartbeat_every``; 0 = never), so the
-    watchdog budget covers that many items instead of the whole task.
-    """
-
-    pid: int
-    device: str
-    gpu_count: int
-    task_size: int = 1
-    heartbeat_every: int = 0
-
-
-@dataclass(frozen=True)
-class LoadFailed:
-    """The engine factory raised; the worker exits right after sending this."""
-
-    error_type: str
-    message: str
-    traceback: str
-
-
-@dataclass(frozen=True)
-class Ack:
-    """The worker took the task: the supervisor starts its clock now."""
-
-    task_id: int
-
-
-@dataclass(frozen=True)
-class Heartbeat:
-    """Part of the task is done (``Ready.heartbeat_every`` more items): the clock starts again.
-
-    ``results``: items finished since the last message, as (index in the task, result); the
-    supervisor records them at once, so a crash later in the task costs none of them.
-    ``reached``: the engine has touched no item at or past this index (None: it does not say), so
-    after a crash those go back to the queue as fresh work instead of being suspects."""
-
-    task_id: int
-    results: tuple[tuple[int, ItemResult], ...] = ()
-    reached: int | None = None
-    notes: tuple[str, ...] = ()  # warnings raised in the worker since its last message
-
-
-@dataclass(frozen=True)
-class Done:
-    """One result per item of the task, in order."""
-
-    task_id: int
-    results: list[ItemResult]
-    notes: tuple[str, ...] = ()  # warnings raised in the worker since its last message
 
 
 def worker_main(spec: EngineSpec, slot: int, conn: Connection, threads: int | None) -> None:
@@ -139,17 +42,18 @@ def worker_main(spec: EngineSpec, slot: int, conn: Connection, threads: int | No
 
 
 def serve_connection(spec: EngineSpec, slot: int, conn: Connection, threads: int | None) -> None:
-    """A worker's life on one connection: load the engine, serve tasks, close. Run by a worker
+    """A worker's life on one connection: load the engine, serve tasks, close it. Run by a worker
     process (above) and, on a thread, by a Ray actor (``batchseg.supervise.ray_backend``)."""
     configure_openmp(threads)
-    engine = _load(spec, slot, conn, threads)
-    if engine is None:
+    loaded = _load(spec, slot, conn, threads)
+    if loaded is None:
         return
-    # While serving tasks, warnings go to the supervisor (the run log); while loading and closing,
-    # with no message to carry them, to stderr as usual.
+    engine, capabilities = loaded
+    # While serving tasks, warnings go to the pool (the run log); while loading and closing, with
+    # no message to carry them, to stderr as usual.
     show = _collect_warnings()
     try:
-        _serve(engine, conn)
+        _serve(engine, capabilities, conn)
     finally:
         warnings.showwarning = show
         try:
@@ -158,104 +62,128 @@ def serve_connection(spec: EngineSpec, slot: int, conn: Connection, threads: int
             pass
 
 
-def _load(spec: EngineSpec, slot: int, conn: Connection, threads: int | None) -> Engine | None:
+def _load(
+    spec: EngineSpec, slot: int, conn: Connection, threads: int | None
+) -> tuple[Engine, Capabilities] | None:
     try:
-        engine: Engine = load_factory(spec)(spec, slot)
-        device = str(engine.device)
-        ready = Ready(
-            os.getpid(),
-            device,
-            _gpu_count(engine, device),
-            task_size=_positive_attr(engine, "preferred_task_size"),
-            heartbeat_every=_positive_attr(engine, "heartbeat_every") if _takes_heartbeat(engine) else 0,
-        )
+        engine = load_factory(spec)(spec, slot)
+        capabilities = _capabilities(engine)
         _set_torch_threads(threads)
-    except BaseException as exc:  # noqa: BLE001 - whatever the factory raises must reach the supervisor
-        _send_quietly(conn, LoadFailed(type(exc).__name__, str(exc), traceback.format_exc()))
+    except BaseException as exc:  # noqa: BLE001 - whatever the factory raises must reach the pool
+        detail = str(exc) if isinstance(exc, BatchsegError) else f"{type(exc).__name__}: {exc}"
+        trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        _send_quietly(conn, LoadFailed(detail, trace, config_error=isinstance(exc, ConfigError)))
         return None
-    if not _send_quietly(conn, ready):
+    if not _send_quietly(conn, Ready(os.getpid(), capabilities)):
         return None
-    return engine
+    return engine, capabilities
 
 
-def _serve(engine: Engine, conn: Connection) -> None:
+def _capabilities(engine: Engine) -> Capabilities:
+    capabilities = engine.capabilities
+    if not isinstance(capabilities, Capabilities):
+        raise TypeError(f"the engine's capabilities is a {type(capabilities).__name__}, not a Capabilities")
+    return capabilities
+
+
+def _serve(engine: Engine, capabilities: Capabilities, conn: Connection) -> None:
     while True:
         try:
             message = conn.recv()
         except (EOFError, OSError):
-            return  # the supervisor is gone
+            return  # the pool is gone
+        if isinstance(message, Threads):
+            # torch takes the new count at once; OpenMP read its variables at import, but what
+            # this process starts from now on (and the engine, if it asks) sees the new count.
+            configure_openmp(message.count)
+            _set_torch_threads(message.count)
+            continue
         if not isinstance(message, Task):
-            return
+            return  # Shutdown
         if not _send_quietly(conn, Ack(message.task_id)):
             return
-        beat = _Beat(conn, message.task_id, engine) if _takes_heartbeat(engine) else None
-        results = run_task(engine, message.items, beat)
-        if not _send_done(conn, message.task_id, message.items, results):
+        beat = _Beat(conn, message.task_id, capabilities, live=capabilities.heartbeat_every > 0)
+        results = run_task(engine, capabilities, message.items, beat)
+        if not _send_done(conn, message.task_id, message.items, results, capabilities):
             return
 
 
-def run_task(engine: Engine, items: Sequence[Item], heartbeat: _Beat | None = None) -> list[ItemResult]:
+def run_task(
+    engine: Engine, capabilities: Capabilities, items: Sequence[Item], heartbeat: _Beat
+) -> list[ItemResult]:
     """Run the engine on a batch; never raises.
 
     When ``engine.process`` raises on a batch of several items, each item it has not already
-    reported through ``heartbeat`` is run again on its own, so only the image that raises is
-    marked ``error``.
+    reported through ``heartbeat`` is run again on its own, so only the image that raises fails.
     """
     try:
-        return _process(engine, items, heartbeat)
+        return _process(engine, capabilities, items, heartbeat)
     except BaseException as exc:  # noqa: BLE001 - the worker never raises across the pipe
         if len(items) == 1:
-            return [error_result(items[0], exc, engine)]
-    streamed = heartbeat.sent if heartbeat is not None else {}
+            return [failure_result(items[0], Status.ERROR, exc=exc, device=capabilities.device)]
+    streamed = heartbeat.sent
     return [
-        streamed[k] if k in streamed else run_task(engine, [item], heartbeat and heartbeat.shifted(k))[0]
+        streamed[k] if k in streamed else run_task(engine, capabilities, [item], heartbeat.shifted(k))[0]
         for k, item in enumerate(items)
     ]
 
 
-def _process(engine: Engine, items: Sequence[Item], heartbeat: _Beat | None) -> list[ItemResult]:
+def _process(
+    engine: Engine, capabilities: Capabilities, items: Sequence[Item], heartbeat: _Beat
+) -> list[ItemResult]:
     started = time.time()
-    results = engine.process(items, heartbeat=heartbeat) if heartbeat else engine.process(items)
+    results = engine.process(items, heartbeat)
     finished = time.time()
     if not isinstance(results, list) or len(results) != len(items):
         count = len(results) if isinstance(results, list) else type(results).__name__
         raise TypeError(f"engine returned {count} results for {len(items)} items")
     for result in results:
-        _stamp(result, engine, started, finished)
+        _stamp(result, capabilities, started, finished)
     return results
 
 
-def _stamp(result: object, engine: Engine, started: float, finished: float) -> None:
-    """Check a result and fill in what the engine left out (worker, device, times)."""
+def _stamp(result: object, capabilities: Capabilities, started: float, finished: float) -> None:
+    """Check a result and fill in what the engine left out (worker, device, times, category)."""
     if not isinstance(result, ItemResult):
         raise TypeError(f"engine returned a {type(result).__name__}, not an ItemResult")
     result.worker_pid = result.worker_pid or os.getpid()
-    result.device = result.device or str(engine.device)
+    result.device = result.device or capabilities.device
     result.started_at = result.started_at if result.started_at is not None else started
     result.finished_at = result.finished_at if result.finished_at is not None else finished
+    if result.status in _FAILED and result.category is None:
+        result.category = FailureCategory.IMAGE
+
+
+_FAILED = frozenset({Status.ERROR, Status.TIMEOUT, Status.CRASHED, Status.INVALID_INPUT})
 
 
 class _Beat:
     """The ``heartbeat`` an engine's ``process`` gets: ``beat(finished=(), reached=None)`` sends a
     Heartbeat with the results finished since the last one (index in the task, result). Remembers
-    what it sent, so a task that fails later reruns none of those items."""
+    what it sent, so a task that fails later reruns none of those items. Not ``live`` (the engine
+    declared ``heartbeat_every=0``): a no-op."""
 
-    def __init__(self, conn: Connection, task_id: int, engine: Engine, offset: int = 0) -> None:
-        self.conn, self.task_id, self.engine, self.offset = conn, task_id, engine, offset
+    def __init__(
+        self, conn: Connection, task_id: int, capabilities: Capabilities, live: bool, offset: int = 0
+    ) -> None:
+        self.conn, self.task_id, self.capabilities = conn, task_id, capabilities
+        self.live, self.offset = live, offset
         self.started = time.time()
         self.sent: dict[int, ItemResult] = {}  # by index in the call to process
 
     def __call__(self, finished: Sequence[tuple[int, ItemResult]] = (), reached: int | None = None) -> None:
+        if not self.live:
+            return
         now = time.time()
         for _index, result in finished:
-            _stamp(result, self.engine, self.started, now)
+            _stamp(result, self.capabilities, self.started, now)
         results = tuple((self.offset + index, result) for index, result in finished)
         where = None if reached is None else self.offset + reached
         notes = _take_notes()
         try:
             self.conn.send(Heartbeat(self.task_id, results, where, notes))
         except (EOFError, OSError):
-            return  # the supervisor is gone; the worker ends at its next receive
+            return  # the pool is gone; the worker ends at its next receive
         except Exception:  # noqa: BLE001 - an unpicklable result: it will travel in Done instead
             _send_quietly(self.conn, Heartbeat(self.task_id, (), where, notes))
             return
@@ -263,26 +191,16 @@ class _Beat:
 
     def shifted(self, offset: int) -> _Beat:
         """The heartbeat for item ``offset`` of this task run on its own."""
-        return _Beat(self.conn, self.task_id, self.engine, self.offset + offset)
+        return _Beat(self.conn, self.task_id, self.capabilities, self.live, self.offset + offset)
 
 
-def error_result(item: Item, exc: BaseException, engine: Engine | None = None) -> ItemResult:
-    """The ``error`` result of an exception, with its class, message and traceback text."""
-    now = time.time()
-    return ItemResult(
-        path=item.path,
-        status=Status.ERROR,
-        error_type=type(exc).__name__,
-        error_message=str(exc) or repr(exc),
-        traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-        started_at=now,
-        finished_at=now,
-        worker_pid=os.getpid(),
-        device=str(getattr(engine, "device", "")) or None,
-    )
-
-
-def _send_done(conn: Connection, task_id: int, items: Sequence[Item], results: list[ItemResult]) -> bool:
+def _send_done(
+    conn: Connection,
+    task_id: int,
+    items: Sequence[Item],
+    results: list[ItemResult],
+    capabilities: Capabilities,
+) -> bool:
     notes = _take_notes()
     try:
         conn.send(Done(task_id, results, notes))
@@ -291,7 +209,8 @@ def _send_done(conn: Connection, task_id: int, items: Sequence[Item], results: l
         return False
     except Exception as exc:  # noqa: BLE001 - an unpicklable result must not kill the worker
         # Pickling happens before any byte is written, so the pipe is still clean here.
-        return _send_quietly(conn, Done(task_id, [error_result(item, exc) for item in items], notes))
+        failed = [failure_result(item, Status.ERROR, exc=exc, device=capabilities.device) for item in items]
+        return _send_quietly(conn, Done(task_id, failed, notes))
 
 
 #: Warnings shown in this worker (by any thread), sent with its next Heartbeat or Done, so they
@@ -325,39 +244,11 @@ def _send_quietly(conn: Connection, message: object) -> bool:
         return False
 
 
-def _takes_heartbeat(engine: Engine) -> bool:
-    try:
-        return "heartbeat" in inspect.signature(engine.process).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _positive_attr(engine: Engine, name: str) -> int:
-    value = getattr(engine, name, 1)
-    return value if isinstance(value, int) and value >= 1 else 1
-
-
-def _gpu_count(engine: Engine, device: str) -> int:
-    declared = getattr(engine, "gpu_count", None)
-    if isinstance(declared, int):
-        return declared
-    torch = sys.modules.get("torch")  # only if the engine imported it; never import it here
-    if torch is None or not device.startswith("cuda"):
-        return 0
-    try:
-        return int(torch.cuda.device_count())
-    except Exception:  # noqa: BLE001 - a broken CUDA setup shows up in the engine, not here
-        return 0
-
-
 def configure_openmp(threads: int | None) -> None:
     """OpenMP's settings for this worker, made before torch is imported (they are read then).
 
     ``OMP_WAIT_POLICY=PASSIVE`` unless the environment says otherwise: an idle OpenMP thread sleeps
-    instead of spinning on a core an I/O thread needs. Measured on 2 cores: the full-size model's
-    forward unchanged (14.5 s against 14.9 s per image, three runs each); the tiny test model end
-    to end 60 -> 77-86 img/s on 2048x1536 JPEGs, but 104-125 -> 74-78 on 640x480 ones, where
-    waking the threads for each of its tiny operations costs more than the decoding they slowed."""
+    instead of spinning on a core an I/O thread needs (measured: README, "Threads")."""
     if threads:
         for name in THREAD_ENV_VARS:
             os.environ[name] = str(threads)

@@ -2,11 +2,10 @@
 
 The ViT's rotary position embedding (transformers' ``apply_rotary_pos_emb_2d``) upcasts the
 queries and keys to float32 and runs about ten elementwise passes over them (upcast, rotate, two
-multiplies, add, downcast) in each of the 32 layers. On an H100 at batch 16 in bfloat16 these
-passes took about a third of the GPU's time (``benchmarks/trace_engine.py --ops 40``).
-``torch.compile`` of that one function fuses them into one read and one write per tensor, with the
-same float32 arithmetic; it compiles in seconds, where compiling the whole backbone (``--compile``)
-takes about a minute.
+multiplies, add, downcast) in each of the 32 layers: a large share of the GPU's time
+(docs/performance.md). ``torch.compile`` of that one function fuses them into one read and one
+write per tensor, with the same float32 arithmetic; it compiles in seconds, far sooner than the
+whole backbone (``--compile``).
 
 Only on CUDA devices Triton can compile for (compute capability 7.0 and newer, Triton installed);
 anywhere else, or if the fused function does not match the original, SAM3 keeps the original.

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,6 @@ from ...errors import ConfigError, ModelLoadError
 
 __all__ = [
     "DTYPES",
-    "check_prompts",
     "load_model",
     "looks_like_path",
     "max_prompt_tokens",
@@ -131,10 +129,8 @@ def resolve_dtype(device: str, dtype: str) -> tuple[str, str]:
 
     ``auto``: bfloat16 on CUDA GPUs of compute capability 8.0 or newer; float16 on older ones
     (Pascal, Volta, Turing have no fast bfloat16); on CPU bfloat16 where the processor has native
-    bfloat16 instructions (AVX512-BF16 or AMX), else float32. Measured on an AVX512-BF16 CPU, one
-    thread, the full-size model at 1008 px: 30 s bfloat16 against 99 s float32 a forward, 2.8 against
-    5.7 GB of memory. (The tiny test model is the exception, overhead-bound: 5 ms against 4 ms.)
-    An explicit dtype the device cannot run raises ConfigError.
+    bfloat16 instructions (AVX512-BF16 or AMX), else float32 (docs/performance.md has the
+    comparison). An explicit dtype the device cannot run raises ConfigError.
     """
     dtype = dtype.strip().lower()
     if dtype not in (*DTYPES, "auto"):
@@ -264,39 +260,3 @@ def max_prompt_tokens(model_or_config: Any) -> int:
     if isinstance(config, dict):
         return int(config.get("text_config", {}).get("max_position_embeddings", 32))
     return int(config.text_config.max_position_embeddings)
-
-
-def check_prompts(model_id: str, prompts: Sequence[str]) -> None:
-    """Reject, before any work, prompts the model cannot read: empty ones and ones longer than its
-    text positions (transformers would crash on them mid-run). Loads only the tokenizer and
-    config.json: cheap. Raises ConfigError (ModelLoadError if the tokenizer cannot be loaded)."""
-    if not prompts:
-        raise ConfigError("give at least one prompt (--prompt)")
-    for prompt in prompts:
-        if not prompt.strip():
-            raise ConfigError("a prompt is empty: every --prompt needs some text")
-    tokenizer, limit = _load_tokenizer_and_limit(model_id)
-    for prompt in prompts:
-        n_tokens = len(tokenizer(prompt)["input_ids"])
-        if n_tokens > limit:
-            raise ConfigError(
-                f"prompt {prompt!r} is {n_tokens} tokens long (start and end tokens included) but the model "
-                f"reads at most {limit}: shorten it"
-            )
-
-
-def _load_tokenizer_and_limit(model_id: str) -> tuple[Any, int]:
-    source, local = _model_source(model_id)
-    try:
-        from transformers import AutoConfig, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
-        if local:
-            limit = max_prompt_tokens(json.loads((Path(source) / "config.json").read_text(encoding="utf-8")))
-        else:
-            limit = max_prompt_tokens(AutoConfig.from_pretrained(source))
-    except Exception as exc:  # transformers, hub or JSON errors: one error type for the caller
-        raise ModelLoadError(
-            f"cannot load the tokenizer of model {_describe(model_id, local)}: {type(exc).__name__}: {exc}"
-        ) from exc
-    return tokenizer, limit

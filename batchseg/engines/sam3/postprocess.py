@@ -1,7 +1,8 @@
 """From raw SAM3 outputs to one uint16 label map per image, in bounded memory.
 
 ``Sam3Processor.post_process_instance_segmentation`` upsamples every kept mask to full size as int64
-(20 masks at 4000x3000 took 1.8 GiB). Here the same arithmetic runs in another order:
+(docs/performance.md has what that costs). Here the same arithmetic runs in another order, on a
+batch's outputs (``score_outputs``), per image (``choose``, ``merge``, ``compose``):
 
 1. per prompt: score = sigmoid(logit) * sigmoid(presence) (the library's formula, in the model's dtype),
    keep score > threshold, then the ``max_detections`` best: no mask is touched yet;
@@ -13,10 +14,9 @@
    label order onto pixels still free: on overlap the higher score wins.
 
 On CPU each mask is upsampled on its own: PyTorch's CPU bilinear kernel can round a pixel
-differently depending on how many masks one call holds (seen on an Intel Xeon with one thread: 4
-pixels of 10,000 flipped at the threshold with 3 masks a call), and one mask a call gave the
-library's pixels on every machine tried. CUDA computes each output pixel alone, so chunks are
-safe there.
+differently depending on how many masks one call holds (docs/performance.md), and one mask a call
+gave the library's pixels on every machine tried. CUDA computes each output pixel alone, so chunks
+are safe there.
 
 The pixel area of each label is counted on the final map (a detection covered entirely by better ones
 keeps its row with area 0). Boxes are the model's boxes scaled to original pixels like the library's,
@@ -39,17 +39,13 @@ __all__ = [
     "Candidates",
     "ImageSegmentation",
     "Instance",
-    "PromptPrediction",
     "Scored",
     "choose",
     "compose",
     "compose_many",
     "iter_masks",
     "merge",
-    "postprocess_image",
     "score_outputs",
-    "select",
-    "split_outputs",
 ]
 
 #: Upper bound of the float buffer used to upsample masks (per chunk of masks).
@@ -58,17 +54,6 @@ CHUNK_BYTES = 64 * 1024 * 1024
 CUDA_CHUNK_BYTES = 256 * 1024 * 1024
 #: uint16 label map: 0 is background, so at most 65535 detections per image.
 MAX_LABELS = 65535
-
-
-@dataclass
-class PromptPrediction:
-    """The model's raw output for one image and one prompt (tensors on the model's device)."""
-
-    prompt_index: int
-    logits: torch.Tensor  # (Q,)
-    presence: torch.Tensor | None  # (1,) presence logit, or None
-    boxes: torch.Tensor  # (Q, 4) xyxy in [0, 1]
-    masks: torch.Tensor  # (Q, h, w) mask logits
 
 
 @dataclass(frozen=True)
@@ -96,22 +81,6 @@ class ImageSegmentation:
     labels: np.ndarray  # uint16 (H, W); 0 = background
     instances: list[Instance]
     areas: np.ndarray  # int64 (N,): pixels of label k at areas[k - 1]
-
-
-def split_outputs(outputs: Any, prompt_index: int) -> list[PromptPrediction]:
-    """Cut a batched ``Sam3ImageSegmentationOutput`` (one prompt, B images) into one
-    PromptPrediction per image."""
-    presence = outputs.presence_logits
-    return [
-        PromptPrediction(
-            prompt_index=prompt_index,
-            logits=outputs.pred_logits[b],
-            presence=None if presence is None else presence[b],
-            boxes=outputs.pred_boxes[b],
-            masks=outputs.pred_masks[b],
-        )
-        for b in range(outputs.pred_logits.shape[0])
-    ]
 
 
 @dataclass
@@ -178,24 +147,6 @@ def choose(scored: Scored, b: int, height: int, width: int, max_detections: int)
     return Candidates(instances, masks[keep.to(masks.device)])
 
 
-def select(
-    pred: PromptPrediction, height: int, width: int, threshold: float, max_detections: int
-) -> Candidates:
-    """Score filter and top-k of one prompt's predictions, best first. No mask is upsampled."""
-    scored = score_outputs(_Batch1(pred), pred.prompt_index, [(height, width)], threshold)
-    return choose(scored, 0, height, width, max_detections)
-
-
-class _Batch1:
-    """One image's PromptPrediction seen as a batched output of one image."""
-
-    def __init__(self, pred: PromptPrediction) -> None:
-        self.pred_logits = pred.logits[None]
-        self.presence_logits = None if pred.presence is None else pred.presence[None]
-        self.pred_boxes = pred.boxes[None]
-        self.pred_masks = pred.masks[None]
-
-
 def merge(parts: Sequence[Candidates]) -> Candidates:
     """All prompts' candidates of one image in label order: descending score; ties keep the order of
     ``parts`` (prompt order), then each part's own order."""
@@ -206,20 +157,6 @@ def merge(parts: Sequence[Candidates]) -> Candidates:
     order = sorted(range(len(instances)), key=lambda i: -instances[i].score)  # sorted() is stable
     index = torch.tensor(order, dtype=torch.long, device=masks.device)
     return Candidates([instances[i] for i in order], masks[index])
-
-
-def postprocess_image(
-    preds: Sequence[PromptPrediction],
-    height: int,
-    width: int,
-    threshold: float,
-    mask_threshold: float,
-    max_detections: int,
-    chunk_bytes: int = CHUNK_BYTES,
-) -> ImageSegmentation:
-    """Every prompt's predictions for one image -> label map, detections in label order, areas."""
-    parts = [select(pred, height, width, threshold, max_detections) for pred in preds]
-    return compose(merge(parts), height, width, mask_threshold, chunk_bytes)
 
 
 def compose(
@@ -303,7 +240,7 @@ def _paint_image(
     if device.type != "cuda":
         return _Painted(instances, narrow, areas)
     host_labels, host_areas = _to_pinned(narrow), _to_pinned(areas)
-    ready = torch.cuda.Event()
+    ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
     ready.record()
     return _Painted(instances, host_labels, host_areas, ready)
 

@@ -1,0 +1,413 @@
+"""The SAM3 engine's per-image work: read, encode, decode every prompt, post-process, write.
+
+    read (imageio) -> encode images (processor on the original image, vision features once)
+    -> decode every prompt on those features -> post-process (score filter, top-k, bounded-memory
+    masks, one label map) -> write the label map, RLE per detection -> ItemResult
+
+Each step is a method of ``Sam3Engine`` so a tiling loop (many crops of one image) or another
+backend can reuse them; ``task.Task`` runs them as a pipeline, ``ladder.OutOfMemoryLadder`` after a
+failure. Per-image problems come back as results: ``invalid_input`` for unreadable images,
+``error`` with the traceback for anything else (``OutputError`` for an unwritable output folder).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ... import imageio, rle
+from ...config import RunConfig
+from ...errors import ConfigError, InvalidImageError, OutputError
+from ...records import Detection, FailureCategory, Item, ItemResult, Status, failure_result
+from ...supervise.contract import Capabilities, HeartbeatFn
+from .ladder import OutOfMemoryLadder
+from .model import max_prompt_tokens, resolve_device
+from .postprocess import (
+    Candidates,
+    ImageSegmentation,
+    Scored,
+    choose,
+    compose,
+    compose_many,
+    merge,
+    score_outputs,
+)
+from .sizing import batch_for_free_memory, task_size
+from .speedups import priority_stream, speed_up
+from .task import Task
+
+__all__ = ["EncodedImages", "PromptText", "Sam3Engine", "pick_device", "plan_gpu_use"]
+
+#: Threads reading images and writing masks beside the forward pass (PIL and zlib release the GIL).
+IO_THREADS = int(os.environ.get("BATCHSEG_IO_THREADS", 0)) or max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+def plan_gpu_use(device: torch.device) -> int:
+    """Images per forward pass that the free memory of ``device`` allows (``sizing``)."""
+    free, _total = torch.cuda.mem_get_info(device)
+    return batch_for_free_memory(free)
+
+
+def pick_device(device: str, slot: int) -> str:
+    """The torch device of worker ``slot``: an unindexed ``cuda`` spreads workers over the GPUs."""
+    resolved = resolve_device(device)
+    if resolved == "cuda":
+        return f"cuda:{slot % torch.cuda.device_count()}"
+    return resolved
+
+
+@dataclass
+class PromptText:
+    """One prompt's text features, computed once per worker and reused for every image."""
+
+    prompt: str
+    features: torch.Tensor  # (1, tokens, hidden): the text encoder output after projection
+    attention_mask: torch.Tensor  # (1, tokens)
+
+
+@dataclass
+class EncodedImages:
+    """Vision features of a batch of images, with each image's original (height, width)."""
+
+    vision: Any  # Sam3VisionEncoderOutput
+    sizes: list[tuple[int, int]]
+    done: Any = None  # torch.cuda.Event recorded after the vision encoder's work, on a GPU
+
+
+class Sam3Engine:
+    """SAM3 loaded once; ``process`` turns items into results (see the module docstring)."""
+
+    def __init__(
+        self, model: Any, processor: Any, config: RunConfig, device: str, dtype: str, dtype_reason: str
+    ) -> None:
+        self.model = model
+        self.processor = processor
+        self.config = config
+        self.torch_device = torch.device(device)
+        self.dtype = getattr(torch, dtype)
+        self.dtype_reason = dtype_reason
+        self.device = _describe_device(device, dtype)
+        self.input_root = Path(config.input)
+        self.output_dir = Path(config.output_dir)
+        self.prompts = self.encode_prompts(config.prompts)
+        cuda = self.torch_device.type == "cuda"
+        # Images per forward pass: --batch-size, else 1 on CPU (a batch of 2 was slower than two
+        # singles there) and what free memory allows on a GPU; halved for good after CUDA OOM.
+        batch = config.batch_size or (plan_gpu_use(self.torch_device) if cuda else 1)
+        self._backbone, self.fused_rope = speed_up(
+            model,
+            self.torch_device,
+            batch,
+            compile=config.compile,
+            cuda_graphs=config.cuda_graphs,
+            fuse=config.fuse_rope,
+        )
+        self.ladder = OutOfMemoryLadder(self, batch, self._backbone)
+        if self._backbone is not None:
+            # Compile and capture during the load (its own timeout), not in the first image's.
+            self.warm_up()
+        self.capabilities = Capabilities(
+            device=self.device,
+            task_size=task_size(self.max_batch, cuda),
+            heartbeat_every=self.max_batch,  # a heartbeat after each sub-batch
+            gpu_count=torch.cuda.device_count() if cuda else 0,
+        )
+        # Read by the worker until it reads ``capabilities``.
+        self.preferred_task_size = self.capabilities.task_size
+        self.heartbeat_every = self.capabilities.heartbeat_every
+        # A JPEG may be decoded at 1/2 to 1/8 scale while it stays twice the model's input side
+        # (within 3 grey levels after the processor's resize: tests/test_segment.py checks it).
+        self.draft_side = 2 * max(
+            self.processor.image_processor.size["height"], self.processor.image_processor.size["width"]
+        )
+        self._pinned_pixels: dict[int, torch.Tensor] = {}  # uint8 pixels ``read`` left in pinned memory
+        # On a GPU the vision encoder runs on the current stream, the prompts' decoders and the
+        # post-processing on streams of their own: the decoders hold a blocking copy (a host wait
+        # for their stream) and post-processing waits for its results, and neither may leave the
+        # device without queued work (see ``task.Task``).
+        self._decode_stream = priority_stream(self.torch_device) if cuda else None
+        # Decode sub-batch k-1 after queuing sub-batch k's encoder (see ``task.Task``). A CPU has no
+        # queue to keep full, so there each sub-batch is decoded at once: one in memory, not two.
+        self.overlap = cuda
+        self._post_stream = priority_stream(self.torch_device) if cuda else None
+        self.io = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="batchseg-io")
+
+    @property
+    def max_batch(self) -> int:
+        """Images per forward pass now (the ladder halves it after CUDA out-of-memory)."""
+        return self.ladder.batch
+
+    # --- the Engine contract ------------------------------------------------------------------
+
+    def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[ItemResult]:
+        """One result per item, in order, as a pipeline (``task.Task``)."""
+        return Task(self, items, heartbeat).run()
+
+    def close(self) -> None:
+        """Drop the model; on CUDA hand the cached memory back."""
+        self.io.shutdown(wait=True)
+        self.model = None
+        self.prompts = []
+        self.release_memory()
+
+    # --- the steps ----------------------------------------------------------------------------
+
+    def encode_prompts(self, prompts: Sequence[str]) -> list[PromptText]:
+        """Text features of each prompt, one prompt at a time so every prompt's features are the
+        same whatever else is asked for. Too long a prompt raises ConfigError before any image."""
+        limit = max_prompt_tokens(self.model)
+        encoded = []
+        for prompt in prompts:
+            tokens = self.processor(text=prompt, return_tensors="pt")
+            n_tokens = int(tokens["attention_mask"].sum())
+            if tokens["input_ids"].shape[-1] > limit:
+                raise ConfigError(
+                    f"prompt {prompt!r} is {n_tokens} tokens long (start and end tokens "
+                    f"included) but the model reads at most {limit}: shorten it"
+                )
+            input_ids = tokens["input_ids"].to(self.torch_device)
+            mask = tokens["attention_mask"].to(self.torch_device)
+            with torch.inference_mode():
+                text = self.model.get_text_features(input_ids=input_ids, attention_mask=mask)
+            features = text.pooler_output
+            encoded.append(PromptText(prompt, features, mask))
+        return encoded
+
+    def read(self, item: Item) -> Image.Image | ItemResult:
+        """An item's image (on a GPU its pixels also pinned for the copy), or its failure result."""
+        started = time.time()
+        try:
+            image = imageio.read_image(
+                self.input_root / item.path, self.config.max_pixels, draft_side=self.draft_side
+            )
+            if self.torch_device.type == "cuda":
+                self._pinned_pixels[id(image)] = self._pinned(image)
+            return image
+        except InvalidImageError as exc:
+            return self.failure(item, exc, started, Status.INVALID_INPUT)
+        except Exception as exc:  # noqa: BLE001 - any per-image failure is that image's result
+            return self.failure(item, exc, started)
+
+    def encode_images(self, images: Sequence[Image.Image]) -> EncodedImages:
+        """Vision features of the images, each resized by the processor from its original size."""
+        # On a GPU the processor's resize runs there too: a large image is resized in a
+        # millisecond instead of tens on the CPU that also feeds the next image.
+        if self.torch_device.type == "cuda":
+            # uint8 pixels go to the GPU from the I/O threads, several at once; the processor then
+            # resizes and normalises there.
+            pinned = [self._pinned_pixels.pop(id(image), None) for image in images]
+            pixels_in: list[Any] = [
+                self._to_device(image) if pixels is None else pixels.to(self.torch_device, non_blocking=True)
+                for image, pixels in zip(images, pinned, strict=True)
+            ]
+            batch = self.processor(images=pixels_in, return_tensors="pt", device=self.torch_device)
+        else:
+            batch = self.processor(images=list(images), return_tensors="pt")
+        seen = [(int(h), int(w)) for h, w in batch["original_sizes"].tolist()]
+        if seen != _sizes(images):
+            raise RuntimeError(f"the processor saw sizes {seen}, the images are {_sizes(images)}")
+        pixels = batch["pixel_values"].to(self.torch_device, self.dtype)
+        with torch.inference_mode():
+            vision = self.model.get_vision_features(pixel_values=pixels)
+        # Masks and boxes are made at the full size, also for a JPEG decoded at a reduced scale.
+        full = [imageio.original_size(image)[::-1] for image in images]
+        encoded = EncodedImages(vision, full)
+        if self._decode_stream is not None:
+            encoded.done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            encoded.done.record()
+        return encoded
+
+    def launch_prompts(self, encoded: EncodedImages) -> list[Scored]:
+        """Every prompt on the shared vision features, one ``Scored`` per prompt. On a GPU this runs
+        on the decoder stream after the encoder's work; the host waits there only for that stream.
+        ``encoded`` must stay referenced until the results are ``ready``."""
+        stream = self._decode_stream
+        batch = len(encoded.sizes)
+        scored = []
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            if stream is not None:
+                stream.wait_event(encoded.done)
+            for index, text in enumerate(self.prompts):
+                with torch.inference_mode():
+                    outputs = self.model(
+                        vision_embeds=encoded.vision,
+                        text_embeds=_TextEmbeds(text.features.expand(batch, -1, -1)),
+                        attention_mask=text.attention_mask.expand(batch, -1),
+                    )
+                    scored.append(score_outputs(outputs, index, encoded.sizes, self.config.threshold))
+                del outputs
+        return scored
+
+    def select(self, scored: Sequence[Scored], sizes: Sequence[tuple[int, int]]) -> list[list[Candidates]]:
+        """Per image, per prompt, the kept candidates (score filter and top-k done, so only their
+        low-resolution masks stay on the device)."""
+        limit = self.config.max_detections
+        return [[choose(s, b, h, w, limit) for s in scored] for b, (h, w) in enumerate(sizes)]
+
+    def decode_prompts(self, encoded: EncodedImages) -> list[list[Candidates]]:
+        """``launch_prompts`` then ``select``: the kept candidates of every image and prompt."""
+        return self.select(self.launch_prompts(encoded), encoded.sizes)
+
+    def postprocess(self, parts: Sequence[Candidates], size: tuple[int, int]) -> ImageSegmentation:
+        """One image's candidates of every prompt -> its label map, detections in label order."""
+        return compose(merge(parts), size[0], size[1], self.config.mask_threshold)
+
+    def land(
+        self, scored: Sequence[Scored], sizes: Sequence[tuple[int, int]], post_on_cpu: bool = False
+    ) -> list[ImageSegmentation]:
+        """Post-process launched forward passes: select, upsample, paint. On a GPU this runs on the
+        post-processing stream, so a sub-batch queued after this one keeps the device busy."""
+        stream = self._post_stream
+        if stream is None:
+            return self._land(scored, sizes, post_on_cpu)
+        with torch.cuda.stream(stream):
+            for s in scored:
+                stream.wait_event(s.ready)
+            try:
+                return self._land(scored, sizes, post_on_cpu)
+            finally:
+                # The outputs were made on the decoders' stream: none may be freed (and its memory
+                # reused there) while this stream still reads it, also after a failure.
+                stream.synchronize()
+
+    def _land(
+        self, scored: Sequence[Scored], sizes: Sequence[tuple[int, int]], post_on_cpu: bool
+    ) -> list[ImageSegmentation]:
+        parts = self.select(scored, sizes)
+        if post_on_cpu:
+            parts = [[Candidates(c.instances, c.masks.cpu()) for c in part] for part in parts]
+        # Every image's label map queued before one wait for all of them (dense scenes: see
+        # docs/performance.md).
+        return compose_many([merge(p) for p in parts], sizes, self.config.mask_threshold)
+
+    def segment(self, images: Sequence[Image.Image], post_on_cpu: bool = False) -> list[ImageSegmentation]:
+        """Encode, decode every prompt, post-process: the whole model side for a batch of images."""
+        return self.decode(self.encode_images(images), post_on_cpu)
+
+    def decode(self, encoded: EncodedImages, post_on_cpu: bool = False) -> list[ImageSegmentation]:
+        """Decode every prompt on encoded images and post-process them."""
+        scored = self.launch_prompts(encoded)
+        return self.land(scored, encoded.sizes, post_on_cpu=post_on_cpu)
+
+    def write(self, item: Item, seg: ImageSegmentation) -> tuple[str, list[Detection]]:
+        """Save the label map atomically and describe each detection (RLE, area, box, score)."""
+        mask_rel = imageio.mask_relpath(item.path)
+        target = imageio.safe_output_path(self.output_dir, mask_rel)
+        try:
+            imageio.save_label_map(target, seg.labels)
+        except OSError as exc:
+            raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from exc
+        counts = rle.encode_labels(seg.labels, n_labels=len(seg.instances))
+        detections = [
+            Detection(
+                prompt=self.prompts[inst.prompt_index].prompt,
+                index=k,
+                score=inst.score,
+                box=inst.box,
+                area_px=int(seg.areas[k - 1]),
+                mask_rle=counts[k],
+            )
+            for k, inst in enumerate(seg.instances, start=1)
+        ]
+        return mask_rel, detections
+
+    def finish(self, item: Item, image: Image.Image, seg: ImageSegmentation, started: float) -> ItemResult:
+        """``write``, then the image's result: from ``started`` (its sub-batch's start) to now."""
+        try:
+            mask_rel, detections = self.write(item, seg)
+        except Exception as exc:  # noqa: BLE001 - OutputError included: the runner decides if it is fatal
+            return self.failure(item, exc, started)
+        width, height = imageio.original_size(image)
+        return ItemResult(
+            path=item.path,
+            status=Status.OK,
+            width=width,
+            height=height,
+            detections=detections,
+            mask_path=mask_rel,
+            started_at=started,
+            finished_at=time.time(),
+            worker_pid=os.getpid(),
+            device=self.device,
+        )
+
+    def failure(
+        self, item: Item, exc: BaseException, started: float, status: Status = Status.ERROR
+    ) -> ItemResult:
+        """The failure result of ``item``: an unwritable output folder is the run's failure
+        (``output``: the run stops, the image stays pending), anything else the image's."""
+        category = FailureCategory.OUTPUT if isinstance(exc, OutputError) else FailureCategory.IMAGE
+        return failure_result(
+            item, status, exc=exc, category=category, device=self.device, started_at=started
+        )
+
+    # --- device memory ------------------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        """The backbone once at full batch (compiled and captured here); out of memory halves the
+        batch until it fits (at batch 1 the images' own fallbacks take over)."""
+        size = self.processor.image_processor.size
+        pixels: torch.Tensor | None = None
+        while True:
+            shape = (self.max_batch, 3, size["height"], size["width"])
+            try:
+                with torch.inference_mode():
+                    pixels = torch.zeros(shape, dtype=self.dtype, device=self.torch_device)
+                    self.model.get_vision_features(pixel_values=pixels)
+                return
+            except torch.cuda.OutOfMemoryError:
+                pass  # retried outside the except block, once the failed attempt's memory is free
+            pixels = None
+            self.release_memory()
+            if self.max_batch == 1:
+                return
+            self.ladder.halve(self.max_batch)
+
+    def release_memory(self) -> None:
+        """Hand the CUDA cache back (after a failure, before the images go again)."""
+        if self.torch_device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def forget_pinned(self) -> None:
+        """Drop the pinned pixels of images no step took (a task's end)."""
+        self._pinned_pixels.clear()
+
+    def _to_device(self, image: Image.Image) -> torch.Tensor:
+        """An RGB image as a (3, H, W) uint8 tensor on the engine's device."""
+        return self._pinned(image).to(self.torch_device, non_blocking=True)
+
+    @staticmethod
+    def _pinned(image: Image.Image) -> torch.Tensor:
+        """An RGB image as a (3, H, W) uint8 tensor in pinned host memory, ready for an asynchronous
+        copy. Done in the I/O threads; the copy itself is queued by the thread running the model,
+        so no other thread ever waits on (or stalls) the GPU's queue."""
+        pixels = torch.empty((image.height, image.width, 3), dtype=torch.uint8, pin_memory=True)
+        pixels.numpy()[...] = np.asarray(image)  # PIL's array is read-only: copied, not wrapped
+        return pixels.permute(2, 0, 1)
+
+
+class _TextEmbeds:
+    """What ``Sam3Model.forward(text_embeds=...)`` reads: an object with ``pooler_output``."""
+
+    def __init__(self, pooler_output: torch.Tensor) -> None:
+        self.pooler_output = pooler_output
+
+
+def _sizes(images: Sequence[Image.Image]) -> list[tuple[int, int]]:
+    return [(image.height, image.width) for image in images]
+
+
+def _describe_device(device: str, dtype: str) -> str:
+    if device.startswith("cuda"):
+        return f"{device} {torch.cuda.get_device_name(device)} {dtype}"
+    return f"{device} {dtype}"

@@ -1,0 +1,139 @@
+"""The CUDA speed-ups of the SAM3 engine, apart from the per-image pipeline they speed up.
+
+The vision backbone at one batch size (``FixedBatchBackbone``: compiled and/or replayed as a CUDA
+graph), the high-priority streams the decoders and post-processing run on (``priority_stream``),
+and the fused rotary embedding (``fused.py``). ``speed_up`` applies them for the engine and for the
+model-only benchmark alike. What each one brought is in docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from .fused import fuse_rope, restore_rope
+
+__all__ = ["FixedBatchBackbone", "priority_stream", "speed_up"]
+
+
+def speed_up(
+    model: Any, device: torch.device, batch: int, *, compile: bool, cuda_graphs: bool, fuse: bool
+) -> tuple[FixedBatchBackbone | None, bool]:
+    """The CUDA speed-ups applied to ``model`` as batchseg runs it (the engine, and the model-only
+    benchmark): the backbone wrapped at one batch size when compiled or captured, and the rotary
+    embedding fused (not with ``compile``, which fuses it anyway). Returns the wrapper, if any, and
+    whether the fused rotary embedding is in use."""
+    restore_rope()  # a function of transformers' module, shared by the process
+    fused = fuse and not compile and fuse_rope(device) is None
+    if device.type != "cuda" or not (compile or cuda_graphs):
+        return None, fused
+    backbone = FixedBatchBackbone(model.vision_encoder.backbone, batch, compile, cuda_graphs)
+    model.vision_encoder.backbone = backbone
+    return backbone, fused
+
+
+def priority_stream(device: torch.device) -> Any:
+    """A CUDA stream of high priority: the decoders' short kernels are scheduled ahead of the next
+    sub-batch's encoder instead of queuing behind it, so the model's thread (which waits for them)
+    gets back to queuing work sooner."""
+    return torch.cuda.Stream(device, priority=-1)  # type: ignore[no-untyped-call]
+
+
+class FixedBatchBackbone(torch.nn.Module):
+    """The ViT backbone run at one batch size, so that it can be compiled once and captured once: a
+    short batch is padded and its output cut back when compiled, and runs as it comes otherwise.
+
+    ``compile``: ``torch.compile`` of the whole backbone (about a minute of compilation per worker).
+    ``graph``: the backbone's kernels are captured once as a CUDA graph and replayed with one
+    launch, so the thread that runs the model spends no time launching its several hundred kernels
+    per sub-batch and is free to decode and post-process the previous sub-batch meanwhile (it
+    shares the GIL with the I/O threads). The graph keeps its own memory for the backbone's
+    activations. Out of memory while capturing is raised (the engine halves the batch, and the
+    next call captures at the new size); any other capture failure warns and falls back to
+    launching as usual."""
+
+    def __init__(
+        self, backbone: torch.nn.Module, batch: int, compile: bool = False, graph: bool = False
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.compiled = compile
+        self.run = torch.compile(backbone) if compile else backbone
+        self.graph = graph
+        self._batch = batch
+        self._captured: tuple[torch.cuda.CUDAGraph, torch.Tensor, Any] | None = None
+
+    @property
+    def batch(self) -> int:
+        return self._batch
+
+    @batch.setter
+    def batch(self, batch: int) -> None:
+        # A new size: compiled again (once) and captured again on the next call.
+        self._batch = batch
+        self._captured = None
+
+    def get_input_embeddings(self) -> Any:
+        backbone: Any = self.backbone  # a transformers model: nn.Module's typing does not know it
+        return backbone.get_input_embeddings()
+
+    def forward(self, pixel_values: torch.Tensor, **kwargs: Any) -> Any:
+        n = pixel_values.shape[0]
+        if n > self._batch or (n < self._batch and not self.compiled):
+            # As it comes: a sub-batch made before the batch was halved, or a short one without
+            # compilation (an image retried alone costs one image, not a padded batch).
+            return self.run(pixel_values, **kwargs)
+        if self.graph and not kwargs:
+            if self._captured is None:
+                self._capture(pixel_values)
+            if self._captured is not None:
+                return self._replay(pixel_values)
+        if n < self._batch:
+            pad = pixel_values.new_zeros((self._batch - n, *pixel_values.shape[1:]))
+            pixel_values = torch.cat([pixel_values, pad])
+        out = self.run(pixel_values, **kwargs)
+        if n < self._batch:
+            out.last_hidden_state = out.last_hidden_state[:n]
+        return out
+
+    def _replay(self, pixel_values: torch.Tensor) -> Any:
+        graph, static_in, static_out = self._captured  # type: ignore[misc]
+        n = pixel_values.shape[0]
+        # Images are independent in the ViT: rows past n (a short compiled batch) only cost time.
+        static_in[:n].copy_(pixel_values)
+        graph.replay()
+        # The next replay overwrites the graph's output while this sub-batch waits to be decoded.
+        return type(static_out)(last_hidden_state=static_out.last_hidden_state[:n].clone())
+
+    def _capture(self, like: torch.Tensor) -> None:
+        static_in = torch.zeros((self._batch, *like.shape[1:]), dtype=like.dtype, device=like.device)
+        try:
+            # Lazy initialisations (and compilation) must happen before the capture, on a side stream.
+            side = torch.cuda.Stream(like.device)  # type: ignore[no-untyped-call]
+            side.wait_stream(torch.cuda.current_stream(like.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self.run(static_in)
+            torch.cuda.current_stream(like.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()  # type: ignore[no-untyped-call, unused-ignore]
+            # thread_local: the I/O threads may pin host memory while the model's thread captures.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                static_out = self.run(static_in)
+        except torch.cuda.OutOfMemoryError:
+            # The engine halves the batch, which captures again at the smaller size.
+            del static_in
+            torch.cuda.empty_cache()
+            raise
+        except Exception as exc:  # noqa: BLE001 - graphs are an optimisation: launch as usual instead
+            self.graph = False
+            torch.cuda.empty_cache()
+            warnings.warn(
+                f"CUDA graph capture of the vision backbone failed ({type(exc).__name__}: {exc}); "
+                "launching its kernels one by one instead",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return
+        self._captured = (graph, static_in, static_out)

@@ -1,0 +1,259 @@
+"""A colour threshold engine: each ``--prompt`` is a colour, each 8-connected patch of it an instance.
+
+``--engine batchseg.engines.threshold:load``. Exact to the pixel and without a model (numpy and
+Pillow only), it is what tests use when they need known masks, and a small example of the engine
+contract (``batchseg.supervise.contract``) beside SAM3.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageColor
+
+from .. import imageio, rle
+from ..errors import ConfigError, InvalidImageError
+from ..records import Detection, FailureCategory, Item, ItemResult, Status, failure_result
+from ..supervise.contract import Capabilities, EngineSpec, HeartbeatFn
+
+__all__ = ["TOLERANCE", "ThresholdEngine", "components", "load", "parse_colour"]
+
+#: A pixel matches a colour when each of its R, G and B values is within this many levels of the
+#: colour's: enough for a PNG exported with slight colour management, not for JPEG edges (lossy
+#: compression moves pixels along an edge by tens of levels; use PNG for exact masks).
+TOLERANCE = 8
+
+
+def load(spec: EngineSpec, slot: int) -> ThresholdEngine:
+    """The factory: every prompt parsed as a colour now, so a bad one ends the run before any image."""
+    config = spec.config
+    imageio.configure_pillow(config.max_pixels)
+    colours = [(prompt, parse_colour(prompt)) for prompt in config.prompts]
+    if not colours:
+        raise ConfigError("give at least one colour (--prompt red, --prompt '#00ff00')")
+    return ThresholdEngine(
+        colours, Path(config.input), Path(config.output_dir), config.max_pixels, config.max_detections
+    )
+
+
+def parse_colour(prompt: str) -> tuple[int, int, int]:
+    """``"#ff0000"``, ``"#f00"``, ``"rgb(255, 0, 0)"`` or a CSS colour name (``red``, ``orange``)."""
+    try:
+        rgb = ImageColor.getrgb(prompt.strip())
+    except ValueError:
+        raise ConfigError(
+            f"the threshold engine reads each prompt as a colour; {prompt!r} is not one: "
+            "use #rrggbb or a CSS colour name such as red"
+        ) from None
+    return int(rgb[0]), int(rgb[1]), int(rgb[2])
+
+
+@dataclass(frozen=True)
+class _Instance:
+    prompt: str
+    box: tuple[float, float, float, float]
+
+
+class ThresholdEngine:
+    """Turns images into label maps: prompts in order, each claiming the still unlabelled pixels
+    within ``TOLERANCE`` of its colour (the first prompt wins a pixel two colours share); each
+    8-connected component is one instance with score 1.0. Boxes are pixel edges: a component on
+    columns 3..5 has x0 = 3, x1 = 6."""
+
+    def __init__(
+        self,
+        colours: Sequence[tuple[str, tuple[int, int, int]]],
+        input_root: Path,
+        output_dir: Path,
+        max_pixels: int,
+        max_detections: int,
+    ) -> None:
+        self.colours = list(colours)
+        self.input_root = input_root
+        self.output_dir = output_dir
+        self.max_pixels = max_pixels
+        self.max_detections = max_detections
+        self.capabilities = Capabilities(device="cpu numpy", task_size=8, heartbeat_every=1)
+
+    def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[ItemResult]:
+        results = []
+        for k, item in enumerate(items):
+            heartbeat((), k + 1)  # nothing past this item is touched yet
+            results.append(self.one(item))
+            heartbeat([(k, results[-1])])
+        return results
+
+    def close(self) -> None:
+        pass
+
+    def one(self, item: Item) -> ItemResult:
+        """One image (or its window): its result, failures included."""
+        started = time.time()
+        device = self.capabilities.device
+        try:
+            image = imageio.read_image(self.input_root / item.path, self.max_pixels)
+        except InvalidImageError as exc:
+            return failure_result(item, Status.INVALID_INPUT, exc=exc, device=device, started_at=started)
+        try:
+            pixels, (left, top) = _window(image, item.window)
+            labels, instances = self.label(pixels, left, top)
+        except Exception as exc:  # noqa: BLE001 - any per-image failure is that image's result
+            return failure_result(item, Status.ERROR, exc=exc, device=device, started_at=started)
+        mask_path = None
+        if item.window is None:
+            mask_path = imageio.mask_relpath(item.path)
+            try:
+                imageio.save_label_map(imageio.safe_output_path(self.output_dir, mask_path), labels)
+            except OSError as exc:
+                category = FailureCategory.OUTPUT
+                return failure_result(
+                    item, Status.ERROR, exc=exc, category=category, device=device, started_at=started
+                )
+        counts = rle.encode_labels(labels, n_labels=len(instances))
+        areas = np.bincount(labels.ravel(), minlength=len(instances) + 1)
+        detections = [
+            Detection(inst.prompt, k, 1.0, inst.box, int(areas[k]), counts[k])
+            for k, inst in enumerate(instances, start=1)
+        ]
+        return ItemResult(
+            path=item.path,
+            status=Status.OK,
+            width=image.width,
+            height=image.height,
+            detections=detections,
+            mask_path=mask_path,
+            started_at=started,
+            finished_at=time.time(),
+            device=device,
+        )
+
+    def label(self, pixels: np.ndarray, left: int = 0, top: int = 0) -> tuple[np.ndarray, list[_Instance]]:
+        """The uint16 label map of an RGB array and its instances (boxes shifted by left, top)."""
+        labels = np.zeros(pixels.shape[:2], np.uint16)
+        instances: list[_Instance] = []
+        signed = pixels.astype(np.int16)
+        for prompt, colour in self.colours:
+            near = np.abs(signed - np.array(colour, np.int16)).max(axis=2) <= TOLERANCE
+            found, boxes = components(near & (labels == 0))
+            keep = _largest(found, len(boxes), self.max_detections)
+            if len(instances) + len(keep) > np.iinfo(np.uint16).max:
+                raise ValueError("more instances than a uint16 label map holds; lower --max-detections")
+            lookup = np.zeros(len(boxes) + 1, np.uint16)  # component -> its index in the label map
+            for component in keep:
+                instances.append(_Instance(prompt, _shifted(boxes[component], left, top)))
+                lookup[component + 1] = len(instances)
+            painted = lookup[found]
+            labels = np.where(painted > 0, painted, labels)
+        return labels, instances
+
+
+def _shifted(box: tuple[int, int, int, int], left: int, top: int) -> tuple[float, float, float, float]:
+    x0, y0, x1, y1 = box
+    return float(x0 + left), float(y0 + top), float(x1 + left), float(y1 + top)
+
+
+def _window(
+    image: Image.Image, window: tuple[int, int, int, int] | None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    if window is None:
+        return np.asarray(image), (0, 0)
+    x0, y0, x1, y1 = window
+    if not (0 <= x0 < x1 <= image.width and 0 <= y0 < y1 <= image.height):
+        raise ValueError(f"window {window} is not inside the {image.width}x{image.height} image")
+    return np.asarray(image.crop(window)), (x0, y0)
+
+
+def _largest(found: np.ndarray, count: int, limit: int) -> list[int]:
+    """The ``limit`` largest components (0-based), in scan order; ties go to the earlier one."""
+    if count <= limit:
+        return list(range(count))
+    areas = np.bincount(found.ravel(), minlength=count + 1)[1:]
+    order = np.argsort(-areas, kind="stable")[:limit]
+    return sorted(int(k) for k in order)
+
+
+def components(mask: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+    """8-connected components of a 2-D boolean mask: an int32 map (0 = background, k = the
+    component whose first pixel in row-major order comes k-th) and each one's box (x0, y0, x1, y1),
+    pixel edges.
+
+    Works on runs (horizontal stretches of True) instead of pixels: runs in neighbouring rows
+    touch when their column ranges overlap or meet at a corner; those pairs are merged with a
+    vectorised union-find (hook the larger root under the smaller, then halve every path until
+    each run points at its root), so no Python loop runs per pixel or per run."""
+    height, width = mask.shape
+    rows, starts, ends = _runs(mask)
+    if rows.size == 0:
+        return np.zeros((height, width), np.int32), []
+    first, second = _touching(rows, starts, ends, width)
+    root = _union(rows.size, first, second)
+    # Roots are the smallest run of each component, which comes first in row-major order.
+    roots, component = np.unique(root, return_inverse=True)
+    lengths = ends - starts
+    offsets = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    flat = np.repeat(rows * width + starts, lengths) + np.arange(int(lengths.sum())) - offsets
+    labelled = np.zeros(height * width, np.int32)
+    labelled[flat] = np.repeat(component + 1, lengths)
+    boxes = _boxes(len(roots), component, rows, starts, ends)
+    return labelled.reshape(height, width), boxes
+
+
+def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, start, end) of every run of True, end exclusive, in row-major order."""
+    padded = np.zeros((mask.shape[0], mask.shape[1] + 2), np.int8)
+    padded[:, 1:-1] = mask
+    change = np.diff(padded, axis=1)
+    rows, starts = np.nonzero(change == 1)
+    _rows, ends = np.nonzero(change == -1)
+    return rows.astype(np.int64), starts.astype(np.int64), ends.astype(np.int64)
+
+
+def _touching(
+    rows: np.ndarray, starts: np.ndarray, ends: np.ndarray, width: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (a, b) of runs, a in the row above b, that are 8-connected: start_a <= end_b and
+    start_b <= end_a (ends exclusive, so runs meeting at a corner count)."""
+    stride = width + 2
+    above = rows - 1
+    # Runs are sorted by (row, start) and disjoint within a row, so both keys are increasing.
+    start_keys = rows * stride + starts
+    end_keys = rows * stride + ends
+    low = np.searchsorted(end_keys, above * stride + starts, side="left")
+    high = np.searchsorted(start_keys, above * stride + ends, side="right")
+    count = np.maximum(high - low, 0)
+    second = np.repeat(np.arange(rows.size), count)
+    first = np.repeat(low, count) + np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
+    return first, second
+
+
+def _union(size: int, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """The root (smallest member) of every element's set, given the pairs to merge."""
+    parent = np.arange(size)
+    while True:
+        a, b = parent[first], parent[second]
+        if np.array_equal(a, b):
+            return parent
+        np.minimum.at(parent, np.maximum(a, b), np.minimum(a, b))
+        while True:  # every element straight to its root: parents only ever point lower
+            grand = parent[parent]
+            if np.array_equal(grand, parent):
+                break
+            parent = grand
+
+
+def _boxes(
+    count: int, component: np.ndarray, rows: np.ndarray, starts: np.ndarray, ends: np.ndarray
+) -> list[tuple[int, int, int, int]]:
+    x0 = np.full(count, np.iinfo(np.int64).max)
+    y0 = np.full(count, np.iinfo(np.int64).max)
+    x1 = np.zeros(count, np.int64)
+    y1 = np.zeros(count, np.int64)
+    np.minimum.at(x0, component, starts)
+    np.minimum.at(y0, component, rows)
+    np.maximum.at(x1, component, ends)
+    np.maximum.at(y1, component, rows + 1)
+    return list(zip(x0.tolist(), y0.tolist(), x1.tolist(), y1.tolist(), strict=True))

@@ -1,0 +1,66 @@
+"""The ``batchseg[geo]`` extra: whether it is installed, and the errors of the geo modules."""
+
+from __future__ import annotations
+
+import importlib
+
+from ..errors import ConfigError, InvalidImageError
+
+__all__ = [
+    "EXTRA_HINT",
+    "GeoExtraMissing",
+    "GeoreferenceError",
+    "geo_versions",
+    "missing_extra",
+    "require_geo",
+]
+
+EXTRA_HINT = "pip install 'batchseg[geo]'"
+
+#: import name -> distribution, in the order the doctor reports them.
+_MODULES = ("rasterio", "shapely", "pyproj", "pyogrio")
+
+
+class GeoExtraMissing(ConfigError):
+    """A georeferenced input, --vectors or an export needs the geo extra, which is not installed."""
+
+
+class GeoreferenceError(InvalidImageError):
+    """One input's georeference cannot be used (degenerate transform, unreadable CRS, no valid
+    pixels): a per-image ``invalid_input`` status, never fatal to the run."""
+
+
+def missing_extra(
+    exc: ImportError | None = None, what: str = "georeferenced input and output"
+) -> GeoExtraMissing:
+    """The error for a missing extra; ``exc`` names the module that failed to import."""
+    detail = f" ({exc})" if exc is not None else ""
+    return GeoExtraMissing(f"{what} needs the geo extra{detail}: {EXTRA_HINT}")
+
+
+def geo_versions() -> dict[str, str]:
+    """Installed versions of the extra's packages plus ``gdal`` (rasterio's) and ``gdal_pyogrio``;
+    raises GeoExtraMissing."""
+    versions: dict[str, str] = {}
+    for name in _MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError as exc:
+            raise missing_extra(exc) from exc
+        versions[name] = str(getattr(module, "__version__", "?"))
+    import pyogrio
+    import rasterio
+
+    versions["gdal"] = str(rasterio.__gdal_version__)
+    # pyogrio's wheels carry a GDAL of their own (the export uses it).
+    versions["gdal_pyogrio"] = str(pyogrio.__gdal_version_string__)
+    return versions
+
+
+def require_geo(what: str = "georeferenced input and output") -> None:
+    """Stop with a message naming the extra unless every package of it imports."""
+    for name in _MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise missing_extra(exc, what) from exc

@@ -1,0 +1,428 @@
+"""The options of ``batchseg run``, each declared once; everything else about them is derived.
+
+One field of :class:`RunOptions` is one option: its name (the RunConfig field, the job-file key with
+``_`` or ``-``, ``--name`` on the command line, ``BATCHSEG_NAME`` in the environment), its kind of
+value (:mod:`batchseg.values`), default, help, whether it belongs to the configuration fingerprint,
+whether ``batchseg retry`` accepts it, and which part reads it. Derived from it: the click options of
+``run`` and ``retry`` (cli), the job-file checks (jobfile), RunConfig's fields and defaults (config,
+a subclass), the fingerprint fields and upgrades, and the README check (tests/test_docs.py).
+
+Adding an option is one field here and one row in the README's table of run options:
+
+    previews: bool = option(Flag(), False, help="Write overlay previews.", reader=RUNNER, retry=True)
+    tile_overlap: float = option(Fraction(), 0.0, help="Overlap of neighbouring tiles.",
+                                 reader=ENGINE, fingerprint=True, upgrade=0.0)
+
+A fingerprint option needs ``upgrade``: the value that means what batchseg did before the option
+existed. A stored fingerprint without the field reads as that value, so an output folder made by an
+earlier version resumes without --new-run as long as the run's value equals it (keep the default
+there when you can). A new kind of value goes in batchseg.values. Torch-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields, replace
+from enum import Enum
+from pathlib import Path
+from typing import Any, TypeVar, overload
+
+from .values import (
+    Choice,
+    Count,
+    CountOrAuto,
+    Device,
+    Duration,
+    Flag,
+    Fraction,
+    Kind,
+    ModelRef,
+    ModuleFunction,
+    PathValue,
+    Text,
+    TextList,
+    TimeOfDay,
+)
+
+__all__ = [
+    "DEFAULT_ENGINE",
+    "DEFAULT_MODEL",
+    "FINGERPRINT_UPGRADES",
+    "OPTIONS",
+    "Option",
+    "Reader",
+    "RunOptions",
+    "by_name",
+    "fingerprint_options",
+    "option",
+    "retry_options",
+]
+
+T = TypeVar("T")
+
+DEFAULT_MODEL = "facebook/sam3"
+#: The engine factory (``MODULE:FUNCTION``) a run uses unless ``--engine`` names another.
+DEFAULT_ENGINE = "batchseg.engines.sam3.engine:load_engine"
+
+
+class Reader(str, Enum):
+    """The part of batchseg that reads an option."""
+
+    ENGINE = "engine"  # the engine, inside each worker process (batchseg/engines)
+    POOL = "pool"  # the worker pool (supervise.pool.PoolSettings.from_config)
+    RUNNER = "runner"  # the runner: discovery, checkpoint, logs, stop times
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+class _NoUpgrade:
+    def __repr__(self) -> str:
+        return "NO_UPGRADE"
+
+
+REQUIRED: Any = _Required()
+NO_UPGRADE: Any = _NoUpgrade()
+
+
+@dataclass(frozen=True)
+class Option:
+    """One run option, as declared in RunOptions."""
+
+    name: str  # the RunConfig field
+    kind: Kind[Any]
+    default: Any  # REQUIRED for an option without a default
+    help: str  # one line for --help
+    reader: Reader
+    fingerprint: bool = False  # decides the outputs: fixed for an output folder
+    retry: bool = False  # `batchseg retry` accepts it
+    upgrade: Any = NO_UPGRADE  # fingerprint options added later: the value that means the old behaviour
+    argument: bool = False  # a positional argument (INPUT) rather than --name
+    flag: str = ""  # the long option when it is not --name (--prompt)
+    aliases: tuple[str, ...] = ()  # more job-file keys and BATCHSEG_* names
+    default_text: str = ""  # the default in words, where it is chosen at run time
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    @property
+    def cli_name(self) -> str:
+        """``--max-attempts``; ``INPUT`` for the argument."""
+        if self.argument:
+            return self.name.upper()
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    @property
+    def spellings(self) -> tuple[str, ...]:
+        """The names it goes by, with ``_``: field, long option, aliases (job-file keys)."""
+        names = [self.name, self.cli_name.lstrip("-").replace("-", "_").lower(), *self.aliases]
+        return tuple(dict.fromkeys(names))
+
+    @property
+    def envvars(self) -> tuple[str, ...]:
+        """``BATCHSEG_<NAME>``, the long option's name first."""
+        names = [self.cli_name.lstrip("-").replace("-", "_"), *self.spellings]
+        return tuple(dict.fromkeys(f"BATCHSEG_{n.upper()}" for n in names))
+
+    @property
+    def shown_default(self) -> str:
+        """The default as ``--help`` and the README's table show it."""
+        if self.default_text:
+            return self.default_text
+        if self.required:
+            return "(required)"
+        if isinstance(self.default, bool):
+            return "on" if self.default else "off"
+        if self.default is None or self.default == ():
+            return ""
+        if isinstance(self.default, float) and self.default.is_integer():
+            return f"`{int(self.default)}`"
+        return f"`{self.default}`"
+
+
+@overload
+def option(
+    kind: Kind[T],
+    default: T,
+    *,
+    help: str,
+    reader: Reader,
+    fingerprint: bool = ...,
+    retry: bool = ...,
+    upgrade: Any = ...,
+    argument: bool = ...,
+    flag: str = ...,
+    aliases: tuple[str, ...] = ...,
+    default_text: str = ...,
+) -> T: ...
+@overload
+def option(
+    kind: Kind[T],
+    *,
+    help: str,
+    reader: Reader,
+    fingerprint: bool = ...,
+    retry: bool = ...,
+    upgrade: Any = ...,
+    argument: bool = ...,
+    flag: str = ...,
+    aliases: tuple[str, ...] = ...,
+    default_text: str = ...,
+) -> T: ...
+def option(kind: Kind[Any], default: Any = REQUIRED, **spec: Any) -> Any:
+    """Declare a field of RunOptions as a run option (see the module doc)."""
+    declared = Option(name="", kind=kind, default=default, **spec)
+    if default is REQUIRED:
+        return field(metadata={"option": declared})
+    return field(default=default, metadata={"option": declared})
+
+
+ENGINE, POOL, RUNNER = Reader.ENGINE, Reader.POOL, Reader.RUNNER
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """The registry of run options; RunConfig adds its behaviour to these fields."""
+
+    # --- what to segment, with what: the outputs depend on these ---------------------------------
+    input: Path = option(
+        PathValue(), help="Folder of images, walked recursively.", reader=RUNNER, argument=True
+    )
+    prompts: tuple[str, ...] = option(
+        TextList("prompts"),
+        help="Text prompt; repeat for several (each image is encoded once).",
+        reader=ENGINE,
+        fingerprint=True,
+        flag="--prompt",
+        aliases=("prompt",),
+    )
+    model: str = option(
+        ModelRef(),
+        DEFAULT_MODEL,
+        help="Local SAM3 folder (config.json, tokenizer files, model.safetensors) or hub id.",
+        reader=ENGINE,
+        fingerprint=True,
+    )
+    engine: str = option(
+        ModuleFunction(),
+        DEFAULT_ENGINE,
+        help="Engine factory loaded in each worker (see README, 'Bring your own engine').",
+        reader=RUNNER,
+        fingerprint=True,
+        upgrade=DEFAULT_ENGINE,  # 0.1.0 had only the SAM3 engine
+    )
+    output: Path | None = option(
+        PathValue(), None, help="Output folder.", reader=RUNNER, default_text="`output/<input folder name>`"
+    )
+    device: str = option(
+        Device(),
+        "auto",
+        help="auto (CUDA when present), cpu, cuda or cuda:N. Asking for cuda without one is an error.",
+        reader=ENGINE,
+        retry=True,
+    )
+    dtype: str = option(
+        Choice("auto", "float32", "bfloat16", "float16"),
+        "auto",
+        help="auto: bfloat16 on recent GPUs, float16 on older ones, measured best on CPU.",
+        reader=ENGINE,
+        fingerprint=True,
+    )
+    threshold: float = option(
+        Fraction(), 0.3, help="Minimum detection score.", reader=ENGINE, fingerprint=True
+    )
+    mask_threshold: float = option(
+        Fraction(), 0.5, help="Mask probability threshold.", reader=ENGINE, fingerprint=True
+    )
+    max_detections: int = option(
+        Count(), 100, help="Detections kept per prompt and image.", reader=ENGINE, fingerprint=True
+    )
+    max_pixels: int = option(
+        Count(),
+        250_000_000,
+        help="Images with more pixels are refused as invalid_input.",
+        reader=ENGINE,
+        fingerprint=True,
+    )
+    # --- how to run: may change between attempts -------------------------------------------------
+    workers: int | None = option(
+        CountOrAuto(),
+        None,
+        help="Worker processes.",
+        reader=POOL,
+        retry=True,
+        default_text="1 on CPU, one per GPU",
+    )
+    threads: int | None = option(
+        CountOrAuto(),
+        None,
+        help="Torch threads per worker.",
+        reader=POOL,
+        retry=True,
+        default_text="cores / workers",
+    )
+    batch_size: int | None = option(
+        CountOrAuto(),
+        None,
+        help="Images per forward pass.",
+        reader=ENGINE,
+        retry=True,
+        default_text="1 on CPU, from free memory on a GPU (at most 16)",
+    )
+    compile: bool = option(
+        Flag(),
+        False,
+        help="CUDA: torch.compile the whole backbone (about a minute per worker, then ~8% faster).",
+        reader=ENGINE,
+        retry=True,
+    )
+    cuda_graphs: bool = option(
+        Flag(),
+        True,
+        help="CUDA: replay the vision backbone as a CUDA graph (one launch per batch).",
+        reader=ENGINE,
+        retry=True,
+    )
+    fuse_rope: bool = option(
+        Flag(),
+        True,
+        help="CUDA: the backbone's rotary embedding as one compiled kernel (seconds to compile).",
+        reader=ENGINE,
+        retry=True,
+        default_text="on where Triton runs",
+    )
+    timeout: float = option(
+        Duration(),
+        300.0,
+        help="Time one image may take before its worker is killed: seconds or 90m, 1h30m.",
+        reader=POOL,
+        retry=True,
+    )
+    load_timeout: float = option(
+        Duration(), 600.0, help="Time a worker may take to load the model.", reader=POOL, retry=True
+    )
+    max_attempts: int = option(
+        Count(), 2, help="Tries per image, each on a fresh worker after a failure.", reader=POOL, retry=True
+    )
+    max_images_per_worker: int | None = option(
+        Count(),
+        None,
+        help="Recycle a worker after this many images, to bound leaks.",
+        reader=POOL,
+        retry=True,
+        default_text="never",
+    )
+    max_consecutive_failures: int = option(
+        Count(),
+        20,
+        help="Stop (exit 4) when the same error repeats on this many images in a row.",
+        reader=POOL,
+        retry=True,
+    )
+    deadline: str | None = option(
+        TimeOfDay(),
+        None,
+        help="Local time after which no new image starts; exits 4, resumable.",
+        reader=RUNNER,
+        retry=True,
+    )
+    max_runtime: float | None = option(
+        Duration(), None, help="Like --deadline, as a duration: 6h, 90m, 1h30m.", reader=RUNNER, retry=True
+    )
+    backend: str = option(
+        Choice("local", "ray"),
+        "local",
+        help="local: worker processes on this machine; ray: Ray actors, one per GPU of the cluster "
+        "(pip install 'batchseg[ray]').",
+        reader=POOL,
+        retry=True,
+    )
+    ray_address: str | None = option(
+        Text(),
+        None,
+        help="With --backend ray: the cluster to join.",
+        reader=POOL,
+        retry=True,
+        default_text="a Ray started for this run",
+    )
+    # --- which images, and the output folder's life ------------------------------------------------
+    include: tuple[str, ...] = option(
+        TextList("glob patterns", "GLOB"),
+        (),
+        help="Only paths matching this glob (relative, forward slashes); repeatable.",
+        reader=RUNNER,
+    )
+    exclude: tuple[str, ...] = option(
+        TextList("glob patterns", "GLOB"),
+        (),
+        help="Skip paths matching this glob; repeatable.",
+        reader=RUNNER,
+    )
+    hash: bool = option(
+        Flag(), False, help="Detect changed images by content hash as well as size and mtime.", reader=RUNNER
+    )
+    new_run: bool = option(
+        Flag(),
+        False,
+        help="Start a fresh run in OUTPUT; the old run's files are moved to OUTPUT/previous-runs/.",
+        reader=RUNNER,
+    )
+    log_keep: int = option(Count(), 30, help="Log files kept in OUTPUT/logs.", reader=RUNNER, retry=True)
+    manifest_interval: float = option(
+        Duration(1.0), 300.0, help="Time between manifest exports during a run.", reader=RUNNER, retry=True
+    )
+    progress_interval: float = option(
+        Duration(0.1),
+        60.0,
+        help="Time between progress lines when not on a terminal.",
+        reader=RUNNER,
+        retry=True,
+    )
+    # --- what a person looks at in the morning -----------------------------------------------------
+    previews: bool = option(
+        Flag(),
+        False,
+        help="Overlay JPEGs in OUTPUT/previews/ and OUTPUT/report.html at the end of the run.",
+        reader=RUNNER,
+        retry=True,
+    )
+    preview_size: int = option(
+        Count(64), 1024, help="Long side of a preview, pixels.", reader=RUNNER, retry=True
+    )
+
+
+def _declared() -> tuple[Option, ...]:
+    found = []
+    for f in fields(RunOptions):
+        declared: Option = f.metadata["option"]
+        default = REQUIRED if f.default is MISSING else f.default
+        found.append(replace(declared, name=f.name, default=default))
+    return tuple(found)
+
+
+#: Every run option, in the order of ``--help`` and the README.
+OPTIONS: tuple[Option, ...] = _declared()
+_BY_NAME = {o.name: o for o in OPTIONS}
+
+
+def by_name(name: str) -> Option:
+    return _BY_NAME[name]
+
+
+def fingerprint_options() -> tuple[Option, ...]:
+    """The options that decide the content of the outputs: fixed for an output folder."""
+    return tuple(o for o in OPTIONS if o.fingerprint)
+
+
+def retry_options() -> tuple[Option, ...]:
+    """The options ``batchseg retry`` accepts; the rest come from the stored configuration."""
+    return tuple(o for o in OPTIONS if o.retry)
+
+
+#: Fingerprint fields added after the first release, with the value that means what earlier
+#: versions did: a stored fingerprint that lacks one reads as this, so old output folders resume.
+FINGERPRINT_UPGRADES: dict[str, Any] = {
+    o.name: o.kind.to_json(o.upgrade) for o in fingerprint_options() if o.upgrade is not NO_UPGRADE
+}

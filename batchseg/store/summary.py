@@ -1,0 +1,80 @@
+"""What ``batchseg status`` needs from a checkpoint, read in one snapshot beside a live run."""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import OutputError
+from ..records import FINAL_FAILURES
+from .db import RunInfo, connect_readonly, read_run_info
+from .tables import CHECKPOINT_NAME
+
+__all__ = ["StoreSummary", "summarize"]
+
+_FAILURES = tuple(s.value for s in FINAL_FAILURES)
+
+
+@dataclass
+class StoreSummary:
+    """Counts, ok durations, recent activity and failure groups of one checkpoint.
+
+    ``recent``: (images finished, earliest start) within ``window_s`` of ``last_finished``;
+    ``errors``: (status, error_type, count, example path, example message), largest first.
+    """
+
+    run: RunInfo
+    counts: dict[str, int]
+    ok_durations: list[float]
+    last_finished: float | None
+    recent: tuple[int, float | None]
+    errors: list[tuple[str, str | None, int, str, str | None]]
+    updated_at: float
+
+
+def summarize(output_dir: Path, window_s: float, top: int) -> StoreSummary:
+    """The summary of the checkpoint in ``output_dir``; OutputError when it is unreadable or empty."""
+    path = Path(output_dir) / CHECKPOINT_NAME
+    conn = connect_readonly(path)
+    try:
+        conn.execute("BEGIN")  # one snapshot
+        run = read_run_info(conn, path)
+        if run is None:
+            raise OutputError(f"the checkpoint {path} holds no run yet")
+        counts = dict(conn.execute("SELECT status, count(*) FROM images GROUP BY status").fetchall())
+        durations = [
+            r[0]
+            for r in conn.execute(
+                "SELECT duration_s FROM images WHERE status='ok' AND duration_s IS NOT NULL"
+            )
+        ]
+        last = conn.execute("SELECT max(finished_at) FROM images").fetchone()[0]
+        recent: tuple[int, float | None] = (0, None)
+        if last is not None:
+            recent = conn.execute(
+                "SELECT count(*), min(coalesce(started_at, finished_at)) FROM images WHERE finished_at >= ?",
+                (last - window_s,),
+            ).fetchone()
+        errors = _errors(conn, top)
+        updated = conn.execute("SELECT max(updated_at) FROM images").fetchone()[0]
+        conn.execute("COMMIT")
+    except sqlite3.DatabaseError as exc:
+        raise OutputError(f"cannot read the checkpoint {path}: {exc}") from exc
+    finally:
+        conn.close()
+    return StoreSummary(run, counts, durations, last, recent, errors, max(updated or 0.0, run.updated_at))
+
+
+def _errors(conn: sqlite3.Connection, top: int) -> list[tuple[str, str | None, int, str, str | None]]:
+    marks = ",".join("?" * len(_FAILURES))
+    groups = conn.execute(
+        f"SELECT status, error_type, count(*), min(path) FROM images WHERE status IN ({marks})"
+        " GROUP BY status, error_type ORDER BY count(*) DESC, status LIMIT ?",
+        (*_FAILURES, top),
+    ).fetchall()
+    out = []
+    for status, error_type, count, example in groups:
+        message = conn.execute("SELECT error_message FROM images WHERE path=?", (example,)).fetchone()[0]
+        out.append((status, error_type, count, example, message))
+    return out

@@ -1,0 +1,290 @@
+"""One detection per object from the detections of overlapping tiles.
+
+Each tile's detections arrive as COCO RLE of the tile's window. Merging never builds a full-size
+array: masks become ``SparseMask`` runs of the whole image. The rules, exact for an engine whose
+per-tile masks are the object cut to the window (the colour-threshold engine):
+
+1. A detection is *cut* when its mask touches an edge of its tile that lies inside the image, and
+   *whole* otherwise (image borders do not cut).
+2. Two detections of the same prompt in overlapping tiles *match* when, inside the overlap of the
+   two windows, their intersection covers at least ``match`` (default 0.5) of the smaller of the
+   two masks there; boxes are compared first so most pairs cost nothing. Two cut detections that
+   share pixels but fall short are compared again piece by piece (connected pieces inside the
+   overlap), since two tiles may split a large object differently there.
+3. Matches link detections into groups. A group with a whole detection is an object some tile
+   held whole: its cut detections are dropped (they are the same object seen through a
+   neighbour's edge) and whole duplicates are folded into the best-scoring one, keeping the mask
+   of the view farthest from a tile edge (a union of views would inflate the shape).
+4. A group of cut detections only is an object larger than what one tile holds whole: each tile
+   contributes its mask inside its core (the window cut at the middle of each overlap, so each
+   pixel comes from exactly one tile) and the pieces are joined across every seam.
+5. Objects are numbered 1..N by descending score; on overlap the better score owns a pixel
+   (``area_px`` and the RLE describe ``label map == index``, as for whole images); ``tiles`` says
+   how many tiles had a detection folded into it. There is no cap: N is at most the sum of the
+   tiles' detections (each tile capped by ``--max-detections`` before any upsampling).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from .grid import Tile, TilePlan
+from .sparse import SparseMask
+
+__all__ = ["DEFAULT_MATCH", "MergedDetection", "TileDetection", "merge_tiles"]
+
+#: Intersection over the smaller mask inside the overlap above which two tiles saw one object.
+DEFAULT_MATCH = 0.5
+#: Grid cell (pixels) used to find the better-scored objects that may overlap an object.
+_CELL = 256
+
+
+class TileDetection(Protocol):
+    """What merging needs of an engine's detection on a tile (``records.Detection`` fits)."""
+
+    @property
+    def prompt(self) -> str: ...
+    @property
+    def score(self) -> float: ...
+    @property
+    def mask_rle(self) -> str: ...
+
+
+@dataclass(frozen=True, eq=False)
+class MergedDetection:
+    """One object of the merged image. ``mask`` is ``label map == index``; ``box`` is the tight
+    box of the object's whole mask, (x0, y0, x1, y1) in pixels, ends exclusive."""
+
+    index: int
+    prompt: str
+    score: float
+    box: tuple[float, float, float, float]
+    area_px: int
+    tiles: int
+    mask: SparseMask
+
+    def mask_rle(self, width: int) -> str:
+        """COCO RLE counts of ``label map == index`` over the whole image."""
+        return self.mask.to_rle(width)
+
+
+@dataclass(eq=False)
+class _Part:
+    """One tile's detection, in whole-image coordinates."""
+
+    key: int
+    tile: Tile
+    prompt: str
+    score: float
+    mask: SparseMask
+    bbox: tuple[int, int, int, int]
+    cut: bool
+    links: dict[int, float] = field(default_factory=dict)  # matched part key -> overlap ratio
+
+
+def merge_tiles(
+    plan: TilePlan, results: Mapping[str, Sequence[TileDetection]], *, match: float = DEFAULT_MATCH
+) -> list[MergedDetection]:
+    """Merge every tile's detections (``results[tile.id]``; a missing id is a tile without
+    detections) into the image's detections, numbered 1..N by descending score."""
+    if not 0.0 < match <= 1.0:
+        raise ValueError(f"the match threshold must be in (0, 1], not {match}")
+    parts = _parts(plan, results)
+    by_tile: dict[str, list[_Part]] = defaultdict(list)
+    for part in parts:
+        by_tile[part.tile.id].append(part)
+    for tile in plan.tiles:
+        for other in plan.neighbours(tile):
+            _link(by_tile.get(tile.id, []), by_tile.get(other.id, []), tile, other, match)
+    objects = [obj for group in _groups(parts) for obj in _objects(plan, group)]
+    return _number(plan, objects)
+
+
+def _parts(plan: TilePlan, results: Mapping[str, Sequence[TileDetection]]) -> list[_Part]:
+    parts: list[_Part] = []
+    for tile in plan.tiles:
+        left, top, right, bottom = plan.interior_edges(tile)
+        for det in results.get(tile.id, ()):
+            mask = SparseMask.from_rle(det.mask_rle, tile.window, plan.height)
+            if mask.bbox is None:
+                continue  # no pixel in this tile: nothing to merge or to draw
+            x0, y0, x1, y1 = mask.bbox
+            cut = (
+                (left and x0 == tile.x0)
+                or (top and y0 == tile.y0)
+                or (right and x1 == tile.x1)
+                or (bottom and y1 == tile.y1)
+            )
+            parts.append(_Part(len(parts), tile, det.prompt, float(det.score), mask, mask.bbox, bool(cut)))
+    return parts
+
+
+def _link(ours: list[_Part], theirs: list[_Part], a: Tile, b: Tile, match: float) -> None:
+    """Record the matches between two overlapping tiles' parts (rule 2)."""
+    if not ours or not theirs:
+        return
+    shared = (max(a.x0, b.x0), max(a.y0, b.y0), min(a.x1, b.x1), min(a.y1, b.y1))
+    boxes_a = np.array([p.bbox for p in ours])
+    boxes_b = np.array([p.bbox for p in theirs])
+    lo_x = np.maximum(np.maximum(boxes_a[:, None, 0], boxes_b[None, :, 0]), shared[0])
+    lo_y = np.maximum(np.maximum(boxes_a[:, None, 1], boxes_b[None, :, 1]), shared[1])
+    hi_x = np.minimum(np.minimum(boxes_a[:, None, 2], boxes_b[None, :, 2]), shared[2])
+    hi_y = np.minimum(np.minimum(boxes_a[:, None, 3], boxes_b[None, :, 3]), shared[3])
+    clipped: dict[int, SparseMask] = {}
+
+    def inside(part: _Part) -> SparseMask:
+        if part.key not in clipped:
+            clipped[part.key] = part.mask.clip(shared)
+        return clipped[part.key]
+
+    for i, j in zip(*np.nonzero((hi_x > lo_x) & (hi_y > lo_y)), strict=True):
+        p, q = ours[int(i)], theirs[int(j)]
+        if p.prompt != q.prompt:
+            continue
+        mp, mq = inside(p), inside(q)
+        smaller = min(mp.area, mq.area)
+        if not smaller:
+            continue
+        shared_px = mp.intersection_area(mq)
+        ratio = shared_px / smaller
+        if ratio < match and shared_px and p.cut and q.cut:
+            ratio = _piecewise_ratio(mp, mq)
+        if ratio >= match:
+            p.links[q.key] = q.links[p.key] = ratio
+
+
+def _piecewise_ratio(a: SparseMask, b: SparseMask) -> float:
+    """Best intersection over the smaller between the connected pieces of two masks inside an
+    overlap. Two tiles can split one large object differently there (a piece joined outside the
+    overlap in one tile is two pieces in the other), so whole masks may share only a little while
+    some piece of one is exactly a piece of the other."""
+    best = 0.0
+    pieces_b = b.components()
+    for piece_a in a.components():
+        for piece_b in pieces_b:
+            if piece_a.bbox and piece_b.bbox and _boxes_meet(piece_a.bbox, piece_b.bbox):
+                shared = piece_a.intersection_area(piece_b)
+                best = max(best, shared / min(piece_a.area, piece_b.area))
+    return best
+
+
+def _groups(parts: list[_Part]) -> list[list[_Part]]:
+    """Connected groups of the match graph, each in part order."""
+    seen: set[int] = set()
+    groups = []
+    for part in parts:
+        if part.key in seen:
+            continue
+        stack, group = [part.key], []
+        seen.add(part.key)
+        while stack:
+            key = stack.pop()
+            group.append(parts[key])
+            for other in parts[key].links:
+                if other not in seen:
+                    seen.add(other)
+                    stack.append(other)
+        groups.append(sorted(group, key=lambda p: p.key))
+    return groups
+
+
+@dataclass(eq=False)
+class _Object:
+    prompt: str
+    score: float
+    mask: SparseMask
+    tiles: set[str]
+
+
+def _objects(plan: TilePlan, group: list[_Part]) -> list[_Object]:
+    """The objects of one match group (rules 3 and 4)."""
+    wholes = sorted((p for p in group if not p.cut), key=lambda p: (-p.score, p.key))
+    if not wholes:
+        tiles = {p.tile.id for p in group}
+        if len(tiles) == 1:
+            mask = group[0].mask.union(*(p.mask for p in group[1:]))
+        else:
+            mask = (
+                group[0]
+                .mask.clip(plan.core(group[0].tile))
+                .union(*(p.mask.clip(plan.core(p.tile)) for p in group[1:]))
+            )
+        return [_Object(group[0].prompt, max(p.score for p in group), mask, tiles)]
+    objects: list[tuple[_Part, list[_Part]]] = []
+    while wholes:
+        best = wholes.pop(0)
+        # At most one view per other tile: the one overlapping ``best`` most.
+        per_tile: dict[str, _Part] = {}
+        linked = (w for w in wholes if w.key in best.links and w.tile is not best.tile)
+        for w in sorted(linked, key=lambda w: -best.links[w.key]):
+            per_tile.setdefault(w.tile.id, w)
+        views = [best, *per_tile.values()]
+        wholes = [w for w in wholes if w not in views]
+        objects.append((best, views))
+    members: list[list[_Part]] = [list(views) for _, views in objects]
+    for part in (p for p in group if p.cut):
+        # A cut view joins the object it overlaps most (directly linked), else the best object.
+        ratios = [max((part.links.get(v.key, 0.0) for v in views), default=0.0) for _, views in objects]
+        members[int(np.argmax(ratios))].append(part)
+    out = []
+    for (best, views), parts in zip(objects, members, strict=True):
+        central = min(views, key=lambda v: (-_edge_distance(plan, v), -v.score, v.key))
+        out.append(
+            _Object(best.prompt, max(p.score for p in parts), central.mask, {p.tile.id for p in parts})
+        )
+    return out
+
+
+def _edge_distance(plan: TilePlan, part: _Part) -> int:
+    """Pixels between the part's box and the nearest edge of its tile inside the image (where a
+    model's view is least reliable); image borders do not count."""
+    x0, y0, x1, y1 = part.bbox
+    t = part.tile
+    gaps = zip(plan.interior_edges(t), (x0 - t.x0, y0 - t.y0, t.x1 - x1, t.y1 - y1), strict=True)
+    return min((gap for inner, gap in gaps if inner), default=plan.side)
+
+
+def _number(plan: TilePlan, objects: list[_Object]) -> list[MergedDetection]:
+    """Rule 5: order, indices, and the visible mask of each object (better scores own overlaps)."""
+    objects.sort(key=lambda o: (-o.score, _bbox(o)[1], _bbox(o)[0], o.prompt))
+    boxes = [_bbox(o) for o in objects]
+    buckets: dict[tuple[int, int], list[int]] = defaultdict(list)  # grid cell -> objects so far
+    out = []
+    for k, (obj, box) in enumerate(zip(objects, boxes, strict=True)):
+        x0, y0, x1, y1 = box
+        cells = [
+            (cx, cy)
+            for cx in range(x0 // _CELL, (x1 - 1) // _CELL + 1)
+            for cy in range(y0 // _CELL, (y1 - 1) // _CELL + 1)
+        ]
+        earlier = {j for c in cells for j in buckets[c]}
+        covering = [objects[j].mask for j in sorted(earlier) if _boxes_meet(boxes[j], box)]
+        visible = obj.mask.minus(covering[0].union(*covering[1:])) if covering else obj.mask
+        for c in cells:
+            buckets[c].append(k)
+        out.append(
+            MergedDetection(
+                k + 1,
+                obj.prompt,
+                obj.score,
+                (float(x0), float(y0), float(x1), float(y1)),
+                visible.area,
+                len(obj.tiles),
+                visible,
+            )
+        )
+    return out
+
+
+def _bbox(obj: _Object) -> tuple[int, int, int, int]:
+    assert obj.mask.bbox is not None  # parts are never empty, and joins of parts are not either
+    return obj.mask.bbox
+
+
+def _boxes_meet(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]

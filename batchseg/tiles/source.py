@@ -1,0 +1,230 @@
+"""Reading big inputs one window at a time.
+
+Tiled and striped TIFF/BigTIFF are read through tifffile chunk by chunk: a window costs the chunks
+it touches, never the whole image, so memory stays flat in the image's area. Other formats (JPEG,
+PNG, WebP...) cannot be read in parts: they are decoded whole, only up to ``--max-pixels``, and
+refused above it with a message naming a conversion to a tiled TIFF. Tiled-readable images have
+their own limit, ``--max-tiled-pixels`` (default 4 GP).
+
+Pixels come back as RGB uint8 normalised for the whole image, never per window: grey becomes RGB,
+alpha is composited on black, and data of more than 8 bits is stretched from the whole image's
+own minimum and maximum (found by one pass over the chunks), as ``imageio.read_image`` does.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Protocol
+
+import numpy as np
+import tifffile
+
+from .. import imageio
+from ..errors import InvalidImageError
+
+__all__ = ["DEFAULT_MAX_TILED_PIXELS", "ImageSource", "TiffSource", "WholeSource", "open_source"]
+
+#: Largest image read by window (width x height).
+DEFAULT_MAX_TILED_PIXELS = 4_000_000_000
+#: Largest TIFF chunk (tile or strip) read by window: one strip holding the whole image is not.
+MAX_CHUNK_BYTES = 64 * 2**20
+
+CONVERT_HINT = (
+    "convert it to a tiled TIFF, which is read one window at a time: "
+    "`gdal_translate -co TILED=YES -co COMPRESS=DEFLATE -co BIGTIFF=IF_SAFER IN OUT.tif` or "
+    "`vips tiffsave IN OUT.tif --tile --compression deflate --bigtiff`"
+)
+
+
+class ImageSource(Protocol):
+    """An input image read by window: ``read((x0, y0, x1, y1))`` gives (y1-y0, x1-x0, 3) uint8."""
+
+    width: int
+    height: int
+
+    def read(self, window: tuple[int, int, int, int]) -> np.ndarray: ...
+    def close(self) -> None: ...
+
+
+class WholeSource:
+    """An image decoded whole (formats that cannot be read in parts), windows cut from it."""
+
+    def __init__(self, path: str | os.PathLike[str], max_pixels: int) -> None:
+        self._pixels = np.asarray(imageio.read_image(path, max_pixels))
+        self.height, self.width = self._pixels.shape[:2]
+
+    def read(self, window: tuple[int, int, int, int]) -> np.ndarray:
+        x0, y0, x1, y1 = window
+        return self._pixels[y0:y1, x0:x1]
+
+    def close(self) -> None:
+        self._pixels = np.zeros((0, 0, 3), np.uint8)
+
+
+class TiffSource:
+    """A tiled or striped TIFF/BigTIFF read chunk by chunk through tifffile (first page)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self._file = tifffile.TiffFile(path)
+        try:
+            page = self._file.pages.first
+            self._page = page
+            self.height, self.width = int(page.imagelength), int(page.imagewidth)
+            self._ch = (
+                int(page.tilelength)
+                if page.is_tiled
+                else min(int(page.rowsperstrip or 0) or self.height, self.height)
+            )
+            self._cw = int(page.tilewidth) if page.is_tiled else self.width
+            self._across = math.ceil(self.width / self._cw)
+            self._range: tuple[float, float] | None = None
+            if page.dtype is None:
+                raise ValueError("its sample format is not supported")
+            self._dtype: np.dtype[Any] = page.dtype
+        except BaseException:
+            self._file.close()
+            raise
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self._ch * self._cw * int(self._page.samplesperpixel) * self._dtype.itemsize
+
+    def _chunks(self, window: tuple[int, int, int, int]) -> list[int]:
+        x0, y0, x1, y1 = window
+        return [
+            r * self._across + c
+            for r in range(y0 // self._ch, (y1 - 1) // self._ch + 1)
+            for c in range(x0 // self._cw, (x1 - 1) // self._cw + 1)
+        ]
+
+    def read_samples(self, window: tuple[int, int, int, int]) -> np.ndarray:
+        """The window's samples in the file's own type, (h, w, samples)."""
+        x0, y0, x1, y1 = window
+        page = self._page
+        out = np.zeros((y1 - y0, x1 - x0, int(page.samplesperpixel)), self._dtype)
+        chunks = self._chunks(window)
+        offsets = [page.dataoffsets[k] for k in chunks]
+        counts = [page.databytecounts[k] for k in chunks]
+        for data, k in self._file.filehandle.read_segments(offsets, counts, indices=chunks, flat=True):
+            assert isinstance(k, int)  # flat=True: (bytes, index) pairs
+            segment, _, _ = page.decode(data, k, jpegtables=page.jpegtables)
+            if segment is None:  # a chunk never written: TIFF readers show it as zeros
+                continue
+            cy, cx = (k // self._across) * self._ch, (k % self._across) * self._cw
+            seg = np.asarray(segment).reshape(-1, *np.shape(segment)[-3:])[0]  # (h, w, samples)
+            sy0, sx0 = max(y0, cy), max(x0, cx)
+            sy1, sx1 = min(y1, cy + seg.shape[0]), min(x1, cx + seg.shape[1])
+            out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = seg[sy0 - cy : sy1 - cy, sx0 - cx : sx1 - cx]
+        return out
+
+    @property
+    def _colour(self) -> int:
+        """Colour samples per pixel (grey 1 or RGB 3); a 2nd or 4th sample is alpha."""
+        return 3 if int(self._page.samplesperpixel) >= 3 else 1
+
+    def value_range(self) -> tuple[float, float]:
+        """Finite minimum and maximum of the colour samples of the whole image, one chunk at a
+        time (cached): one range for all channels, as for whole images, so colours keep their balance."""
+        if self._range is None:
+            lo, hi = math.inf, -math.inf
+            for y in range(0, self.height, self._ch):
+                for x in range(0, self.width, self._cw):
+                    window = (x, y, min(x + self._cw, self.width), min(y + self._ch, self.height))
+                    colour = self.read_samples(window)[..., : self._colour]
+                    finite = colour[np.isfinite(colour)]
+                    if finite.size:
+                        lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
+            self._range = (lo, hi) if lo <= hi else (0.0, 0.0)
+        return self._range
+
+    def read(self, window: tuple[int, int, int, int]) -> np.ndarray:
+        raw = self.read_samples(window)
+        colour = raw[..., : self._colour]
+        if raw.dtype != np.uint8:
+            lo, hi = self.value_range()
+            values = colour.astype(np.float32)
+            scaled = (values - lo) * np.float32(255.0 / (hi - lo)) if hi > lo else np.clip(values, 0, 255)
+            colour = np.rint(np.nan_to_num(scaled, nan=0.0, posinf=0.0, neginf=0.0)).astype(np.uint8)
+        rgb = np.repeat(colour, 3, axis=2) if self._colour == 1 else colour
+        if raw.shape[2] in (2, 4):  # alpha: composite on black, as for whole images
+            full = float(np.iinfo(raw.dtype).max) if raw.dtype.kind in "ui" else 1.0
+            alpha = np.clip(raw[..., -1:].astype(np.float32) / np.float32(full), 0, 1)
+            rgb = np.rint(rgb.astype(np.float32) * alpha).astype(np.uint8)
+        return np.ascontiguousarray(rgb)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def open_source(
+    path: str | os.PathLike[str], *, max_pixels: int, max_tiled_pixels: int = DEFAULT_MAX_TILED_PIXELS
+) -> ImageSource:
+    """The image at ``path`` as a windowed source; ``InvalidImageError`` with a sentence (and a
+    conversion to run) when it is too big for how it can be read."""
+    with open(path, "rb") as fh:
+        is_tiff = fh.read(4) in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+    if is_tiff:
+        try:
+            source = TiffSource(path)
+        except Exception as exc:  # noqa: BLE001 - tifffile's many errors become one input problem
+            raise InvalidImageError(f"The TIFF file cannot be read ({type(exc).__name__}: {exc}).") from exc
+        pixels = source.width * source.height
+        planar_ok = int(source._page.planarconfig) == 1 or int(source._page.samplesperpixel) == 1
+        if pixels > max_tiled_pixels:
+            source.close()
+            raise InvalidImageError(
+                f"The image is {source.width} x {source.height} = {pixels:,} pixels, more than the limit "
+                f"of {max_tiled_pixels:,} for images read by window (--max-tiled-pixels)."
+            )
+        # An Orientation tag other than top-left would make windows of the stored pixels differ
+        # from windows of the upright image: such a file is decoded whole like a JPEG.
+        upright = int(getattr(source._page.tags.get(274), "value", 1)) == 1
+        if source.chunk_bytes <= MAX_CHUNK_BYTES and planar_ok and upright:
+            _check_decodable(source)
+            return source
+        source.close()
+    return _whole(path, max_pixels)
+
+
+def _check_decodable(source: TiffSource) -> None:
+    """Decode one chunk now, so that a compression this installation cannot decode (JPEG, LZW,
+    WebP... need the ``imagecodecs`` package) is an input problem with a remedy, found up front."""
+    try:
+        source.read_samples((0, 0, 1, 1))
+    except Exception as exc:  # noqa: BLE001 - every decoding failure is the same input problem
+        source.close()
+        compression = getattr(source._page.compression, "name", source._page.compression)
+        raise InvalidImageError(
+            f"The TIFF's pixels ({compression} compression) cannot be decoded ({type(exc).__name__}: "
+            f"{exc}); `pip install imagecodecs` adds the codecs, or {CONVERT_HINT}."
+        ) from exc
+
+
+def _whole(path: str | os.PathLike[str], max_pixels: int) -> ImageSource:
+    width, height = _header_size(path)
+    if width * height > max_pixels:
+        raise InvalidImageError(
+            f"The image is {width} x {height} = {width * height:,} pixels, more than the limit of "
+            f"{max_pixels:,} (--max-pixels) for a format that must be decoded whole; {CONVERT_HINT}."
+        )
+    return WholeSource(path, max_pixels)
+
+
+def _header_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """Width and height from the header only (no pixel decoded)."""
+    from PIL import Image
+
+    try:
+        with imageio._PILLOW_LIMIT_LOCK:
+            limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                with Image.open(path) as im:
+                    return im.size
+            finally:
+                Image.MAX_IMAGE_PIXELS = limit
+    except Exception as exc:  # noqa: BLE001 - Pillow's many errors become one input problem
+        raise InvalidImageError(
+            f"The file is not an image that can be read ({type(exc).__name__}: {exc}); check that it is "
+            "a complete image file."
+        ) from exc

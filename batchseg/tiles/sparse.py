@@ -1,0 +1,153 @@
+"""Masks of any size as sorted column-major runs of the whole image, never as pixel arrays.
+
+A mask is the set of positions ``column * height + row`` of the full image, stored as disjoint
+runs [start, end) that never cross a column. Union, intersection and difference are one sorted
+sweep over the run ends; clipping to a rectangle works per run. Memory is 16 bytes per run (about
+one per column an object spans), whatever the image size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from .. import rle
+
+__all__ = ["SparseMask"]
+
+#: Up to this many run pairs, intersections are computed pairwise rather than by a sweep.
+_PAIRWISE = 1 << 14
+
+
+@dataclass(frozen=True, eq=False)
+class SparseMask:
+    """Foreground runs of a mask of an image ``height`` rows high (``starts``, ``ends`` int64)."""
+
+    starts: np.ndarray
+    ends: np.ndarray
+    height: int
+
+    @classmethod
+    def empty(cls, height: int) -> SparseMask:
+        return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), height)
+
+    @classmethod
+    def from_rle(cls, counts: str, window: tuple[int, int, int, int], height: int) -> SparseMask:
+        """The mask of a COCO RLE ``counts`` of ``window`` (x0, y0, x1, y1) placed in an image
+        ``height`` rows high."""
+        x0, y0, x1, y1 = window
+        col, row0, row1 = rle.column_runs(counts, y1 - y0, x1 - x0)
+        return cls.from_columns(col + x0, row0 + y0, row1 + y0, height)
+
+    @classmethod
+    def from_columns(cls, col: np.ndarray, row0: np.ndarray, row1: np.ndarray, height: int) -> SparseMask:
+        """From (column, first row, end row) runs in image pixels, sorted column-major and disjoint."""
+        base = col.astype(np.int64) * height
+        return cls(base + row0, base + row1, height)
+
+    @cached_property
+    def area(self) -> int:
+        return int((self.ends - self.starts).sum())
+
+    def __bool__(self) -> bool:
+        return bool(self.starts.size)
+
+    def columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(column, first row, end row) of every run."""
+        col = self.starts // self.height
+        return col, self.starts - col * self.height, self.ends - col * self.height
+
+    @cached_property
+    def bbox(self) -> tuple[int, int, int, int] | None:
+        """Tight (x0, y0, x1, y1), ends exclusive; None for an empty mask."""
+        if not self.starts.size:
+            return None
+        col, row0, row1 = self.columns()
+        return (int(col[0]), int(row0.min()), int(col[-1]) + 1, int(row1.max()))
+
+    def clip(self, window: tuple[int, int, int, int]) -> SparseMask:
+        """The part inside ``window`` (x0, y0, x1, y1)."""
+        x0, y0, x1, y1 = window
+        h = self.height
+        lo, hi = np.searchsorted(self.starts, [x0 * h, x1 * h])
+        col, row0, row1 = (a[lo:hi] for a in self.columns())
+        row0, row1 = np.maximum(row0, y0), np.minimum(row1, y1)
+        keep = row1 > row0
+        return SparseMask.from_columns(col[keep], row0[keep], row1[keep], h)
+
+    def union(self, *others: SparseMask) -> SparseMask:
+        return _combine([self, *others], lambda cover: cover > 0)
+
+    def intersection_area(self, other: SparseMask) -> int:
+        if self.starts.size * other.starts.size <= _PAIRWISE:
+            # Small masks (the common case): every pair of runs at once beats a sorted sweep.
+            overlap = np.minimum(self.ends[:, None], other.ends[None, :]) - np.maximum(
+                self.starts[:, None], other.starts[None, :]
+            )
+            return int(np.clip(overlap, 0, None).sum())
+        return self.area + other.area - self.union(other).area
+
+    def minus(self, other: SparseMask) -> SparseMask:
+        return _combine([self, other], lambda cover: (cover & 1).astype(bool) & (cover < 2), weights=(1, 2))
+
+    def components(self) -> list[SparseMask]:
+        """4-connected components, each a mask of its own, in order of their first run.
+
+        Runs in neighbouring columns that share a row are joined; for each run the runs of the
+        next column that it touches form one index range (runs are sorted), found by search."""
+        h = self.height
+        lo = np.searchsorted(self.ends, self.starts + h, side="right")
+        hi = np.searchsorted(self.starts, self.ends + h, side="left")
+        count = np.maximum(hi - lo, 0)
+        left = np.repeat(np.arange(self.starts.size), count)
+        right = np.repeat(lo, count) + (np.arange(left.size) - np.repeat(np.cumsum(count) - count, count))
+        parent = list(range(self.starts.size))
+
+        def find(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        for a, b in zip(left.tolist(), right.tolist(), strict=True):
+            ra, rb = find(a), find(b)
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+        roots = np.array([find(i) for i in range(self.starts.size)], np.int64)
+        return [
+            SparseMask(self.starts[roots == root], self.ends[roots == root], h) for root in np.unique(roots)
+        ]
+
+    def to_rle(self, width: int) -> str:
+        """COCO RLE counts of this mask over the whole (height, width) image."""
+        return rle.encode_runs(self.starts, self.ends, self.height, width)
+
+
+def _combine(masks: list[SparseMask], rule, weights: tuple[int, ...] | None = None) -> SparseMask:  # type: ignore[no-untyped-def]
+    """Boolean combination by a sweep: ``rule(cover)`` on the summed weights of the masks covering
+    each stretch between consecutive run ends. Runs within one mask are disjoint."""
+    height = masks[0].height
+    weights = weights or (1,) * len(masks)
+    points = np.concatenate([np.concatenate((m.starts, m.ends)) for m in masks])
+    if not points.size:
+        return SparseMask.empty(height)
+    deltas = np.concatenate(
+        [
+            np.concatenate((np.full(m.starts.size, w), np.full(m.ends.size, -w)))
+            for m, w in zip(masks, weights, strict=True)
+        ]
+    ).astype(np.int64)
+    order = np.argsort(points, kind="stable")
+    points, deltas = points[order], deltas[order]
+    unique, first = np.unique(points, return_index=True)
+    cover = np.cumsum(deltas)[np.concatenate((first[1:] - 1, [points.size - 1]))]
+    inside = rule(cover)[:-1]
+    starts, ends = unique[:-1][inside], unique[1:][inside]
+    # Join stretches that touch, then split at column boundaries again.
+    if starts.size:
+        joined = np.concatenate(([True], starts[1:] != ends[:-1]))
+        starts, ends = starts[joined], ends[np.concatenate((joined[1:], [True]))]
+    col, row0, row1 = rle.split_columns(starts, ends, height)
+    return SparseMask.from_columns(col, row0, row1, height)

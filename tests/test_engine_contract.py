@@ -1,0 +1,159 @@
+"""The public engine contract: engines from outside the package run through ``python -m batchseg``.
+
+``stripe_engine`` (tests/) and the README's example engine are loaded with ``--engine``; the
+first in a real ``python -m batchseg run`` subprocess, as a user would run it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import stripe_engine
+from _runs import check_masks, checkpoint_rows, read_manifests
+from click.testing import CliRunner, Result
+from conftest import make_image
+
+from batchseg.cli import cli
+from batchseg.imageio import read_label_map
+from batchseg.records import FailureCategory, Item, Status, failure_result
+from batchseg.supervise.contract import Capabilities
+
+TESTS_DIR = Path(stripe_engine.__file__).resolve().parent
+README = TESTS_DIR.parent / "README.md"
+
+
+def python_m_batchseg(*args: str | Path, path: Path = TESTS_DIR) -> subprocess.CompletedProcess[str]:
+    """``python -m batchseg ARGS`` with ``path`` on PYTHONPATH, where the engine's module lives."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(path), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "batchseg", *(str(a) for a in args)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, check=False)
+
+
+def invoke(*args: str | Path) -> Result:
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_an_engine_from_outside_the_package_runs_end_to_end(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    for k, size in enumerate([(40, 30), (25, 61), (33, 33), (50, 20)]):
+        make_image(folder / f"img{k}.png", size, k)
+    (folder / "broken.png").write_text("not an image")
+    output = tmp_path / "out"
+    args = ("run", folder, "--engine", "stripe_engine:load", "--output", output, "--workers", "1")
+    done = python_m_batchseg(*args, "--prompt", "top", "--prompt", "middle", "--prompt", "bottom")
+    assert done.returncode == 3, done.stdout + done.stderr  # broken.png is invalid_input
+    images, detections = read_manifests(output)
+    check_masks(output, images, detections)
+    status = {row["path"]: row["status"] for row in images}
+    assert status == {**{f"img{k}.png": "ok" for k in range(4)}, "broken.png": "invalid_input"}
+    for row in images:
+        if row["status"] == "ok":
+            labels = read_label_map(output / row["mask_path"])
+            assert np.array_equal(labels, stripe_engine.bands(row["height"], row["width"], 3))
+            assert row["device"] == "cpu stripes" and row["worker_pid"] and row["duration_s"] >= 0
+    assert sorted({d["prompt"] for d in detections}) == ["bottom", "middle", "top"]
+    # The same command again: everything is done, nothing runs.
+    again = python_m_batchseg(*args, "--prompt", "top", "--prompt", "middle", "--prompt", "bottom")
+    assert again.returncode == 3 and "processed 0 images" in again.stdout, again.stdout + again.stderr
+
+
+def test_an_output_failure_ends_the_run_with_exit_1_and_leaves_the_image_to_do(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    for name in ("a.png", "b.png", "unwritable.png"):
+        make_image(folder / name, (20, 20))
+    output = tmp_path / "out"
+    args = ("run", folder, "--engine", "stripe_engine:load", "--output", output, "--prompt", "p")
+    result = invoke(*args, "--workers", "1")
+    assert result.exit_code == 1, result.output
+    assert "cannot write the mask of unwritable.png" in result.output
+    rows = checkpoint_rows(output)
+    assert rows["unwritable.png"]["status"] not in {"ok", "error"}, "an output failure is never the image's"
+    assert rows["unwritable.png"]["attempts"] in (0, None), "and it is not retried"
+
+
+@pytest.mark.parametrize(
+    ("engine", "message"),
+    [
+        ("no_such_module:load", "there is no module no_such_module"),
+        ("stripe_engine:nothing", "stripe_engine has no function nothing"),
+    ],
+)
+def test_an_engine_that_cannot_be_found_is_a_clear_exit_1(tmp_path: Path, engine: str, message: str) -> None:
+    make_image(tmp_path / "in" / "a.png", (20, 20))
+    result = invoke("run", tmp_path / "in", "--engine", engine, "--output", tmp_path / "out", "--prompt", "p")
+    assert result.exit_code == 1 and message in result.output, result.output
+
+
+def readme_engine() -> str:
+    """The code block of the README's "Bring your own engine" section."""
+    section = README.read_text(encoding="utf-8").split("## Bring your own engine", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
+    assert len(blocks) == 1, "the section shows one complete engine"
+    return str(blocks[0])
+
+
+def test_the_readme_engine_runs_as_shown(tmp_path: Path) -> None:
+    code = readme_engine()
+    assert 30 <= len(code.strip().splitlines()) <= 60, "about 40 lines"
+    (tmp_path / "bright.py").write_text(code, encoding="utf-8")
+    folder = tmp_path / "in"
+    for k in range(3):
+        make_image(folder / f"{k}.png", (60, 40), k)
+    output = tmp_path / "out"
+    args = (
+        "run",
+        folder,
+        "--engine",
+        "bright:load",
+        "--output",
+        output,
+        "--prompt",
+        "190",
+        "--prompt",
+        "100",
+    )
+    done = python_m_batchseg(*args, path=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    images, detections = read_manifests(output)
+    check_masks(output, images, detections)
+    assert {d["prompt"] for d in detections} == {"190", "100"}
+    refused = python_m_batchseg(
+        "run",
+        folder,
+        "--engine",
+        "bright:load",
+        "--output",
+        tmp_path / "o2",
+        "--prompt",
+        "roof",
+        path=tmp_path,
+    )
+    assert refused.returncode == 1 and "roof" in refused.stdout + refused.stderr
+
+
+def test_capabilities_are_checked_when_made() -> None:
+    assert Capabilities("cpu").task_size == 1
+    for bad in ({"device": ""}, {"device": "cpu", "task_size": 0}, {"device": "cpu", "heartbeat_every": -1}):
+        with pytest.raises(TypeError):
+            Capabilities(**bad)  # type: ignore[arg-type]
+
+
+def test_failure_result_from_an_exception() -> None:
+    item = Item("a.png", 1, 1)
+    try:
+        raise ValueError("bad pixels")
+    except ValueError as exc:
+        result = failure_result(item, Status.ERROR, exc=exc, started_at=5.0)
+    assert (result.error_type, result.error_message, result.category) == ("ValueError", "bad pixels", "image")
+    assert result.traceback and "bad pixels" in result.traceback and result.worker_pid == os.getpid()
+    assert result.started_at == 5.0 and (result.finished_at or 0) > 5.0
+    crashed = failure_result(
+        item, Status.CRASHED, message="gone", exit_code=-9, category=FailureCategory.OUTPUT
+    )
+    assert (crashed.traceback, crashed.exit_code, crashed.category) == (None, -9, FailureCategory.OUTPUT)

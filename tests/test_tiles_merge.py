@@ -1,0 +1,249 @@
+"""Merging tiles' detections: every drawn shape comes out as exactly one detection.
+
+The shapes sit on seams, on the corner of four tiles, across several tiles, on the image border,
+with holes; each tile's detections are made by rasterising the shapes inside the tile's window and
+splitting them into connected pieces, as the threshold engine does. No full-size canvas is made."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _tile_shapes import Found, Shape, components, tile_detections
+
+from batchseg import rle
+from batchseg.tiles.grid import TilePlan, plan_tiles
+from batchseg.tiles.merge import merge_tiles
+from batchseg.tiles.sparse import SparseMask
+
+
+def _scene(plan: TilePlan) -> list[Shape]:
+    """Shapes placed against this plan's seams (positions computed from the grid)."""
+    s, ov = plan.side, plan.overlap
+    xs, ys = plan.xs, plan.ys
+
+    def seam_x(c: int) -> float:  # middle of the overlap between columns c and c+1
+        return (xs[c + 1] + xs[c] + s) / 2
+
+    def seam_y(r: int) -> float:
+        return (ys[r + 1] + ys[r] + s) / 2
+
+    small = max(4.0, ov * 0.3)  # held whole by both tiles of its seam
+    wide = ov * 0.9  # wider than the overlap: cut by both tiles, joined across the seam
+    shapes = [
+        Shape("disc", seam_x(0), ys[0] + s * 0.5, small, small),
+        Shape("disc", seam_x(1), ys[0] + s * 0.5, wide, wide * 0.7),
+        Shape("ring", seam_x(2), seam_y(0), wide, wide, inner=0.5),  # corner of four tiles
+        Shape("disc", seam_x(0), seam_y(1), small, small),  # corner, small
+        Shape("ring", xs[3] + s * 0.5, ys[2] + s * 0.9, s * 1.4, s * 0.8, inner=0.8),  # larger than a tile
+        Shape("rect", 0.0, seam_y(1), ov * 1.5, ov * 0.4),  # on the left border, across a seam
+        Shape("rect", plan.width - 1.0, plan.height - 1.0, ov * 0.7, ov * 1.5),  # bottom-right corner
+        Shape("ring", xs[-1] + s * 0.5, ys[0] + s * 0.4, s * 0.2, s * 0.2, inner=0.6),  # inside one tile
+        Shape("rect", plan.width * 0.5, ys[-1] + s * 0.5, plan.width * 0.3, ov * 0.3),  # long bar
+    ]
+    _assert_apart(shapes, plan)
+    return shapes
+
+
+def _assert_apart(shapes: list[Shape], plan: TilePlan) -> None:
+    """The scene is valid only if no two shapes touch (the threshold engine would join them)."""
+    boxes = [s.bbox(plan.width, plan.height) for s in shapes]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            assert a[2] + 2 <= b[0] or b[2] + 2 <= a[0] or a[3] + 2 <= b[1] or b[3] + 2 <= a[1], (a, b)
+
+
+def _run(plan: TilePlan, shapes: list[Shape]) -> dict[str, list[Found]]:
+    return {t.id: tile_detections(shapes, t, plan.width, plan.height) for t in plan.tiles}
+
+
+def _check_one_per_shape(plan: TilePlan, shapes: list[Shape]) -> None:
+    results = _run(plan, shapes)
+    merged = merge_tiles(plan, results)
+    assert len(merged) == len(shapes), [(d.box, d.tiles) for d in merged]
+    assert [d.index for d in merged] == list(range(1, len(merged) + 1))
+    assert all(a.score >= b.score for a, b in zip(merged, merged[1:], strict=False))
+    used = set()
+    for shape in shapes:
+        drawn = shape.sparse(plan.width, plan.height)
+        best = max(merged, key=lambda d: d.mask.intersection_area(drawn))
+        inter = best.mask.intersection_area(drawn)
+        iou = inter / (best.mask.area + drawn.area - inter)
+        assert iou >= 0.99, (shape, iou, best.tiles)
+        assert best.index not in used
+        used.add(best.index)
+        assert best.area_px == best.mask.area
+        assert best.tiles == sum(1 for t in plan.tiles if _meets(drawn, t.window))
+    # The manifest RLE is over the whole image and decodes to the same pixels.
+    d = merged[0]
+    col, row0, row1 = rle.column_runs(d.mask_rle(plan.width), plan.height, plan.width)
+    assert SparseMask.from_columns(col, row0, row1, plan.height).union(d.mask).area == d.area_px
+
+
+def _meets(mask: SparseMask, window: tuple[int, int, int, int]) -> bool:
+    return bool(mask.clip(window))
+
+
+@pytest.mark.parametrize(("side", "overlap"), [(1008, 252), (512, 64), (700, 200)])
+def test_every_shape_is_one_detection_on_a_6000x4000_image(side: int, overlap: int) -> None:
+    plan = plan_tiles(6000, 4000, side, overlap)
+    _check_one_per_shape(plan, _scene(plan))
+
+
+@pytest.mark.parametrize(("side", "overlap"), [(1008, 252), (1500, 100)])
+def test_every_shape_is_one_detection_on_a_20000x15000_image(side: int, overlap: int) -> None:
+    plan = plan_tiles(20000, 15000, side, overlap)
+    shapes = _scene(plan)
+    # Far from the first tiles too: a ring bigger than two tiles in the middle of the image.
+    shapes.append(Shape("ring", 11000.0, 8000.0, side * 1.6, side * 1.2, inner=0.7))
+    _check_one_per_shape(plan, shapes)
+
+
+def test_tiles_that_miss_a_piece_leave_it_as_its_own_detection() -> None:
+    """A cut piece that no neighbour confirms is kept, not silently dropped."""
+    plan = plan_tiles(3000, 1000, 1000, 200)
+    shape = Shape("disc", 900.0, 500.0, 150.0, 150.0)  # crosses the seam at x = 800..1000
+    results = _run(plan, [shape])
+    results["r000c001"] = []  # the right tile saw nothing
+    merged = merge_tiles(plan, results)
+    assert len(merged) == 1 and merged[0].tiles == 1
+    assert merged[0].mask.bbox == (750, 350, 1000, 650)
+
+
+def test_overlapping_objects_give_the_pixels_to_the_better_score() -> None:
+    plan = plan_tiles(2000, 1000, 1000, 200)
+    near = [Shape("disc", 300.0, 500.0, 100.0, 100.0), Shape("disc", 380.0, 500.0, 100.0, 100.0)]
+    results = {"r000c000": tile_detections(near, plan.tile(0, 0), 2000, 1000)}
+    merged = merge_tiles(plan, results)
+    assert len(merged) == 2
+    a, b = (s.sparse(2000, 1000) for s in near)
+    assert merged[0].area_px == a.area
+    assert merged[1].area_px == b.area - a.intersection_area(b)
+    assert merged[0].mask.intersection_area(merged[1].mask) == 0
+
+
+def test_match_threshold_is_checked() -> None:
+    with pytest.raises(ValueError, match="match threshold"):
+        merge_tiles(plan_tiles(100, 100, 64, 8), {}, match=0.0)
+
+
+def test_an_image_without_detections_merges_to_nothing() -> None:
+    assert merge_tiles(plan_tiles(5000, 5000, 1008, 252), {}) == []
+
+
+def _window_rle(plan: TilePlan, tile_id: str, shape: Shape, *, erode: int = 0) -> str:
+    """RLE over a tile's window of a shape (optionally shrunk, as a model's second view may be)."""
+    tile = plan.by_id(tile_id)
+    smaller = Shape(shape.kind, shape.cx, shape.cy, shape.rx - erode, shape.ry - erode, shape.inner)
+    return rle.encode(smaller.raster(tile.window))
+
+
+def test_views_that_disagree_slightly_still_make_one_detection_with_the_best_score() -> None:
+    plan = plan_tiles(1800, 1000, 1000, 200)  # two tiles, overlapping on x = 800..1000
+    disc = Shape("disc", 880.0, 500.0, 60.0, 60.0)  # whole in both tiles, 59 px from the left tile's edge
+    results = {
+        "r000c000": [Found("roof", 0.7, _window_rle(plan, "r000c000", disc))],
+        "r000c001": [Found("roof", 0.9, _window_rle(plan, "r000c001", disc, erode=3))],
+    }
+    merged = merge_tiles(plan, results)
+    assert len(merged) == 1 and merged[0].score == 0.9 and merged[0].tiles == 2
+    # The left view is farther from its tile's inner edge (59 px against 20): its mask is kept, not
+    # the union of the views (which would inflate the shape).
+    assert merged[0].area_px == disc.sparse(1800, 1000).area
+
+
+def test_no_merging_across_prompts_or_below_the_threshold() -> None:
+    plan = plan_tiles(1800, 1000, 1000, 200)
+    disc = Shape("disc", 900.0, 500.0, 60.0, 60.0)
+    shifted = Shape("disc", 960.0, 500.0, 60.0, 60.0)  # overlaps the disc by about a third
+    results = {
+        "r000c000": [Found("roof", 0.7, _window_rle(plan, "r000c000", disc))],
+        "r000c001": [
+            Found("tree", 0.9, _window_rle(plan, "r000c001", disc)),
+            Found("roof", 0.8, _window_rle(plan, "r000c001", shifted)),
+        ],
+    }
+    merged = merge_tiles(plan, results)
+    assert sorted((d.prompt, d.score) for d in merged) == [("roof", 0.7), ("roof", 0.8), ("tree", 0.9)]
+    assert len(merge_tiles(plan, results, match=0.2)) == 2  # a looser threshold joins the roofs
+
+
+def test_two_objects_of_one_tile_stay_two_when_a_neighbour_sees_them_as_one() -> None:
+    """A model may return one mask in one tile for what it splits into two in another: the two
+    detections of the same tile are never folded into each other."""
+    plan = plan_tiles(1800, 1000, 1000, 200)
+    left = Shape("rect", 880.0, 500.0, 30.0, 40.0)
+    right = Shape("rect", 940.0, 500.0, 30.0, 40.0)
+    both = Shape("rect", 910.0, 500.0, 60.0, 40.0)
+    results = {
+        "r000c000": [
+            Found("p", 0.9, _window_rle(plan, "r000c000", left)),
+            Found("p", 0.8, _window_rle(plan, "r000c000", right)),
+        ],
+        "r000c001": [Found("p", 0.7, _window_rle(plan, "r000c001", both))],
+    }
+    merged = merge_tiles(plan, results)
+    # The wide view is folded into the best detection it matches; the other one stays.
+    assert [(d.score, d.tiles) for d in merged] == [(0.9, 2), (0.8, 1)]
+    assert merged[0].area_px == left.sparse(1800, 1000).area
+    assert merged[1].area_px == right.sparse(1800, 1000).area
+
+
+def test_one_view_per_tile_is_folded_into_an_object() -> None:
+    """When a tile holds two detections matching one object of its neighbour (a model that sees a
+    roof once in one tile and twice in another), only the better-overlapping one is folded in."""
+    plan = plan_tiles(1800, 1000, 1000, 200)
+    big = Shape("rect", 900.0, 500.0, 60.0, 40.0)
+    part = Shape("rect", 900.0, 500.0, 60.0, 30.0)  # inside big, 3/4 of it
+    sliver = Shape("rect", 870.0, 500.0, 20.0, 10.0)  # inside big too, a small part
+    results = {
+        "r000c000": [Found("p", 0.9, _window_rle(plan, "r000c000", big))],
+        "r000c001": [
+            Found("p", 0.8, _window_rle(plan, "r000c001", part)),
+            Found("p", 0.6, _window_rle(plan, "r000c001", sliver)),
+        ],
+    }
+    merged = merge_tiles(plan, results)
+    assert [(d.score, d.tiles) for d in merged] == [(0.9, 2), (0.6, 1)]
+
+
+def _rects(plan: TilePlan, tile_id: str, rects: list[tuple[int, int, int, int]]) -> list[Found]:
+    """The threshold engine's detections of a union of rectangles (x0, y0, x1, y1) in one tile."""
+    tile = plan.by_id(tile_id)
+    canvas = np.zeros((tile.y1 - tile.y0, tile.x1 - tile.x0), bool)
+    for x0, y0, x1, y1 in rects:
+        canvas[max(y0 - tile.y0, 0) : max(y1 - tile.y0, 0), max(x0 - tile.x0, 0) : max(x1 - tile.x0, 0)] = (
+            True
+        )
+    return [Found("p", 0.9, rle.encode(piece)) for piece in components(canvas)]
+
+
+def test_a_shape_that_two_tiles_split_differently_in_the_overlap_is_still_one() -> None:
+    """In the overlap (x 800..1000) the shape has three pieces: the left tile joins the first two
+    (through x < 800), the right tile joins the last two (through x >= 1000). Whole masks share only
+    the thin middle piece; piece by piece they match."""
+    plan = plan_tiles(1800, 1000, 1000, 200)
+    rects = [
+        (700, 100, 790, 510),  # left bar, outside the overlap
+        (790, 100, 900, 300),  # first piece
+        (790, 500, 1010, 510),  # thin middle piece, across the whole overlap
+        (900, 700, 1010, 900),  # last piece
+        (1010, 500, 1100, 900),  # right bar, outside the overlap
+    ]
+    results = {tile_id: _rects(plan, tile_id, rects) for tile_id in ("r000c000", "r000c001")}
+    assert [len(v) for v in results.values()] == [2, 2]
+    merged = merge_tiles(plan, results)
+    assert len(merged) == 1 and merged[0].tiles == 2
+    assert merged[0].area_px == sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in rects)
+
+
+def test_components_of_a_sparse_mask() -> None:
+    canvas = np.zeros((50, 60), bool)
+    canvas[5:10, 5:20] = True  # a bar
+    canvas[10:30, 18:20] = True  # touching it below: same piece
+    canvas[40:45, 30:50] = True  # apart
+    canvas[0:3, 55:60] = True  # apart, at the top
+    canvas[3, 54] = True  # diagonal to the last one only: a piece of its own (4-connected)
+    mask = SparseMask.from_rle(rle.encode(canvas), (0, 0, 60, 50), 50)
+    pieces = mask.components()
+    assert sorted(p.area for p in pieces) == sorted([15 * 5 + 20 * 2, 100, 15, 1])
+    assert SparseMask.empty(50).union(*pieces).to_rle(60) == mask.to_rle(60)
