@@ -38,6 +38,7 @@ from .values import (
     ModelRef,
     ModuleFunction,
     PathValue,
+    Text,
     TextList,
     TimeOfDay,
 )
@@ -329,6 +330,22 @@ class RunOptions:
     )
     max_runtime: float | None = option(
         Duration(), None, help="Like --deadline, as a duration: 6h, 90m, 1h30m.", reader=RUNNER, retry=True
+    )
+    backend: str = option(
+        Choice("local", "ray"),
+        "local",
+        help="local: worker processes on this machine; ray: Ray actors, one per GPU of the cluster "
+        "(pip install 'batchseg[ray]').",
+        reader=POOL,
+        retry=True,
+    )
+    ray_address: str | None = option(
+        Text(),
+        None,
+        help="With --backend ray: the cluster to join.",
+        reader=POOL,
+        retry=True,
+        default_text="a Ray started for this run",
     )
     # --- which images, and the output folder's life ------------------------------------------------
     include: tuple[str, ...] = option(

@@ -35,7 +35,7 @@ from .store.folder import check_output_writable, remove_stale_temp_files
 from .store.manifest import read_manifest_run
 from .store.rebuild import open_run
 from .supervise.contract import EngineSpec
-from .supervise.pool import PoolEvent, PoolSettings, run_pool
+from .supervise.pool import Launcher, PoolEvent, PoolSettings, run_pool
 from .upkeep import WorkerFiles, export, warn_empty_input
 
 __all__ = ["RunSummary", "run", "retry", "exit_code_for"]
@@ -315,14 +315,16 @@ def _process(
 
         spec = EngineSpec(config=config, factory=factory)
         try:
-            outcome = run_pool(
-                spec,
-                pending,
-                PoolSettings.from_config(config),
-                on_result=on_result,
-                should_stop=should_stop,
-                on_event=on_event,
-            )
+            with _launcher(config) as launcher:
+                outcome = run_pool(
+                    spec,
+                    pending,
+                    PoolSettings.from_config(config),
+                    on_result=on_result,
+                    should_stop=should_stop,
+                    on_event=on_event,
+                    launcher=launcher,
+                )
         finally:
             # Whatever ended the pool (even Ctrl-C twice), results already received are kept.
             recorder.flush()
@@ -337,6 +339,15 @@ def _process(
     if outcome.stopped:
         log.warning(f"run stopped early ({outcome.stopped}): {outcome.message or ''}".strip())
     return outcome.stopped, outcome.message, progress.done
+
+
+def _launcher(config: RunConfig) -> contextlib.AbstractContextManager[Launcher | None]:
+    """Where the workers run: processes here (None: the pool's default) or Ray actors."""
+    if config.backend != "ray":
+        return contextlib.nullcontext(None)
+    from .supervise.ray_backend import RayLauncher
+
+    return RayLauncher(config.ray_address, config.output_dir, config.input)
 
 
 def _reason(result: ItemResult) -> str:

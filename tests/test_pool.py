@@ -25,7 +25,7 @@ from batchseg.config import RunConfig
 from batchseg.errors import ConfigError, ModelLoadError
 from batchseg.records import Item, ItemResult, Status
 from batchseg.signals import StopRequest
-from batchseg.supervise import pool as pool_module
+from batchseg.supervise import launch as launch_module
 from batchseg.supervise.contract import EngineSpec
 from batchseg.supervise.pool import PoolEvent, PoolOutcome, PoolSettings, describe_exit, run_pool
 
@@ -317,7 +317,7 @@ def test_threads_are_shared_out_so_the_total_never_exceeds_the_cores(
 ) -> None:
     # 8 cores: with --workers unset on two GPUs the first worker loads before the pool knows its
     # size (with all 8) and is then told its share; the engine sees what the worker uses.
-    monkeypatch.setattr(pool_module, "usable_cores", lambda: 8)
+    monkeypatch.setattr(launch_module, "usable_cores", lambda: 8)
     extra: dict[str, Any] = dict(device="cuda", gpu_count=gpus) if gpus else {}
     spec = make_spec(tmp_path, slow_s=0.2, **extra)
     done = run(spec, items(*(f"threads_{k}" for k in range(8))), workers=workers)

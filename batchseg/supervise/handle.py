@@ -5,21 +5,17 @@ Parent side: must not import torch.
 
 from __future__ import annotations
 
-import multiprocessing
 import signal
 import time
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 
 from .contract import EngineSpec
+from .launch import Launcher, WorkerProcess
 from .ledger import Entry
 from .messages import Shutdown, Task, Threads
-from .worker import worker_main
 
 __all__ = ["InFlight", "WorkerHandle", "describe_exit", "kill_all"]
-
-_CTX = multiprocessing.get_context("spawn")
 
 
 @dataclass(eq=False)
@@ -48,7 +44,7 @@ class WorkerHandle:
     ladder: the last resort on every exit path of the pool.
     """
 
-    def __init__(self, wid: int, slot: int, process: BaseProcess, conn: Connection, threads: int) -> None:
+    def __init__(self, wid: int, slot: int, process: WorkerProcess, conn: Connection, threads: int) -> None:
         self.wid = wid
         self.slot = slot
         self.process = process
@@ -66,18 +62,12 @@ class WorkerHandle:
         self.conn_open = True
 
     @classmethod
-    def spawn(cls, wid: int, slot: int, spec: EngineSpec, threads: int, load_timeout: float) -> WorkerHandle:
-        """Start a worker process; its engine sees ``threads`` as its configuration's threads."""
-        parent_end, child_end = _CTX.Pipe(duplex=True)
+    def spawn(
+        cls, launcher: Launcher, wid: int, slot: int, spec: EngineSpec, threads: int, load_timeout: float
+    ) -> WorkerHandle:
+        """Start a worker; its engine sees ``threads`` as its configuration's threads."""
         spec = replace(spec, config=spec.config.with_changes(threads=threads))
-        process = _CTX.Process(
-            target=worker_main,
-            args=(spec, slot, child_end, threads),
-            name=f"batchseg-worker-{slot}",
-            daemon=True,
-        )
-        process.start()
-        child_end.close()  # so the parent sees EOF when the worker dies
+        process, parent_end = launcher.start(spec, slot, threads)
         worker = cls(wid, slot, process, parent_end, threads)
         worker.deadline = time.monotonic() + load_timeout
         return worker
@@ -169,7 +159,7 @@ def describe_exit(code: int | None) -> str:
     return f"was killed by signal {-code} ({name}{hint})"
 
 
-def _terminate(process: BaseProcess) -> None:
+def _terminate(process: WorkerProcess) -> None:
     try:
         if process.is_alive():
             process.terminate()
@@ -177,7 +167,7 @@ def _terminate(process: BaseProcess) -> None:
         pass
 
 
-def _kill(process: BaseProcess) -> None:
+def _kill(process: WorkerProcess) -> None:
     try:
         if process.is_alive():
             process.kill()

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from collections.abc import Callable, Iterable
 from multiprocessing.connection import wait
@@ -16,11 +15,21 @@ from ..errors import ConfigError, ModelLoadError
 from ..records import Item, ItemResult, Status, failure_result
 from .contract import EngineSpec
 from .handle import InFlight, WorkerHandle, describe_exit, kill_all
+from .launch import Launcher, LocalLauncher, usable_cores
 from .ledger import RETRYABLE, Entry, Ledger
 from .messages import Ack, Done, Heartbeat, LoadFailed, Ready
 from .settings import PoolEvent, PoolOutcome, PoolSettings
 
-__all__ = ["PoolEvent", "PoolOutcome", "PoolSettings", "describe_exit", "run_pool", "usable_cores"]
+__all__ = [
+    "Launcher",
+    "LocalLauncher",
+    "PoolEvent",
+    "PoolOutcome",
+    "PoolSettings",
+    "describe_exit",
+    "run_pool",
+    "usable_cores",
+]
 
 _TICK_S = 0.2  # longest wait between two looks at should_stop()
 
@@ -32,6 +41,7 @@ def run_pool(
     on_result: Callable[[ItemResult], None],
     should_stop: Callable[[], str | None] = lambda: None,
     on_event: Callable[[PoolEvent], None] | None = None,
+    launcher: Launcher | None = None,
 ) -> PoolOutcome:
     """Run every item through a pool of engine workers; call ``on_result`` once per item, final.
 
@@ -39,22 +49,17 @@ def run_pool(
     ``ConfigError`` when it refuses the configuration; any exception from a callback propagates.
     No worker process survives: every exit path (normal end, an exception, KeyboardInterrupt)
     goes through a ``finally`` that terminates, kills and joins; workers are daemons; and a
-    worker exits by itself when its parent dies (see ``batchseg.supervise.worker``).
+    worker exits by itself when its parent dies (see ``batchseg.supervise.worker``). ``launcher``
+    says where workers run: processes here (the default) or Ray actors (``ray_backend``).
     """
     emit = on_event or (lambda _event: None)
     ledger = Ledger(items, settings, on_result, emit)
-    pool = Pool(spec, settings, ledger, emit, should_stop)
+    pool = Pool(spec, settings, ledger, emit, should_stop, launcher or LocalLauncher())
     try:
         return pool.run()
     finally:
         kill_all(pool.workers, settings.stop_grace)
         pool.workers.clear()
-
-
-def usable_cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 class Pool:
@@ -84,7 +89,9 @@ class Pool:
         ledger: Ledger,
         emit: Callable[[PoolEvent], None],
         should_stop: Callable[[], str | None],
+        launcher: Launcher,
     ) -> None:
+        self.launcher = launcher
         self.spec = spec
         self.settings = settings
         self.ledger = ledger
@@ -307,10 +314,7 @@ class Pool:
     def _pool_size(self, gpu_count: int) -> int:
         if self.settings.workers:
             return self.settings.workers
-        pinned = ":" in self.spec.config.device  # the user named one GPU
-        if self.kind == "cuda" and not pinned:
-            return max(1, gpu_count)
-        return 1
+        return self.launcher.pool_size(self.spec, self.kind == "cuda", gpu_count)
 
     def _on_heartbeat(self, worker: WorkerHandle, task: InFlight, beat: Heartbeat) -> None:
         worker.deadline = time.monotonic() + self._budget(task, worker)
@@ -433,7 +437,7 @@ class Pool:
 
     def _spawn(self, slot: int) -> None:
         worker = WorkerHandle.spawn(
-            next(self._wids), slot, self.spec, self._threads(), self.settings.load_timeout
+            self.launcher, next(self._wids), slot, self.spec, self._threads(), self.settings.load_timeout
         )
         self.workers.append(worker)
         self.started += 1
@@ -443,7 +447,7 @@ class Pool:
         """This worker's torch threads: the user's count, else its share of the usable cores."""
         if self.settings.threads:
             return self.settings.threads
-        return max(1, usable_cores() // self.target)
+        return self.launcher.threads(self.target)
 
     def _retire(self, worker: WorkerHandle, why: str) -> None:
         self.emit(PoolEvent("recycle", f"{worker.name}: {why}", worker.slot, worker.pid))

@@ -23,7 +23,7 @@ from ..records import FailureCategory, Item, ItemResult, Status, failure_result
 from .contract import Capabilities, Engine, EngineSpec, load_factory
 from .messages import Ack, Done, Heartbeat, LoadFailed, Ready, Task, Threads
 
-__all__ = ["THREAD_ENV_VARS", "configure_openmp", "run_task", "worker_main"]
+__all__ = ["THREAD_ENV_VARS", "configure_openmp", "run_task", "serve_connection", "worker_main"]
 
 #: Read by OpenMP / MKL / OpenBLAS when torch is imported; set before the engine factory runs.
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -38,6 +38,12 @@ def worker_main(spec: EngineSpec, slot: int, conn: Connection, threads: int | No
     """Entry point of a worker process: load the engine once, then serve tasks until told to stop."""
     _detach_from_terminal_signals()
     _exit_with_parent()
+    serve_connection(spec, slot, conn, threads)
+
+
+def serve_connection(spec: EngineSpec, slot: int, conn: Connection, threads: int | None) -> None:
+    """A worker's life on one connection: load the engine, serve tasks, close it. Run by a worker
+    process (above) and, on a thread, by a Ray actor (``batchseg.supervise.ray_backend``)."""
     configure_openmp(threads)
     loaded = _load(spec, slot, conn, threads)
     if loaded is None:

@@ -1,0 +1,304 @@
+"""The Ray backend: the same supervisor and worker code, each worker a Ray actor.
+
+The pool (``pool._Pool``) still sees a process and a pipe per worker: ``RayLauncher.start`` creates
+an actor and a local bridge (``RayWorker``) that carries the pool's typed messages to and from it.
+The actor runs the worker's own serving loop (``worker.serve_connection``) on a thread, so the
+engine contract, heartbeats and results are exactly a local worker's, while the watchdog, retries,
+circuit breaker and drain stay in the driver. Stopping the "process" kills the actor.
+
+Only the driver imports this module's Ray parts; it never imports torch.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from ..errors import ConfigError, OutputError
+from .contract import EngineSpec
+from .launch import WorkerProcess
+from .worker import serve_connection
+
+__all__ = ["RayLauncher", "RayWorker", "EngineActor"]
+
+#: Longest a bridge's call for messages waits inside the actor before it returns empty.
+_RECEIVE_WAIT_S = 0.5
+#: CPU actors' torch threads when --threads is not given (at most the smallest node's CPUs).
+_CPU_ACTOR_THREADS = 4
+#: Exit code the pool is told when an actor died without being asked (node lost, process killed).
+LOST_EXIT_CODE = 1
+
+
+def _import_ray(local: bool) -> Any:
+    if local and "ray" not in sys.modules:
+        # A Ray started for one run serves this machine only: loopback addresses, never the
+        # machine's network interface (Ray's own switch for single-machine clusters).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    try:
+        import ray
+    except ImportError as exc:
+        raise ConfigError(
+            "--backend ray needs Ray: install it with  pip install 'batchseg[ray]'  (Linux for clusters "
+            "of several machines)"
+        ) from exc
+    return ray
+
+
+@dataclass(frozen=True)
+class _Ended:
+    """The actor's serving loop has returned (the engine is closed): nothing more will come."""
+
+
+class EngineActor:
+    """A worker inside a Ray actor: ``serve_connection`` on a thread, fed through an in-process pipe.
+
+    Methods run on the actor's thread pool (``max_concurrency``), so a long ``receive`` does not
+    block ``send``."""
+
+    def __init__(self, spec: EngineSpec, slot: int, threads: int, sys_path: list[str]) -> None:
+        for entry in reversed(sys_path):  # the driver's import path, as multiprocessing's spawn does
+            if entry not in sys.path:
+                sys.path.insert(0, entry)
+        self._mine, theirs = multiprocessing.Pipe(duplex=True)
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(
+            target=self._serve, args=(spec, slot, theirs, threads), name="batchseg-ray-worker", daemon=True
+        )
+        self._thread.start()
+
+    @staticmethod
+    def _serve(spec: EngineSpec, slot: int, conn: Connection, threads: int) -> None:
+        try:
+            serve_connection(spec, slot, conn, threads)
+        finally:
+            conn.close()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def send(self, message: object) -> None:
+        with self._lock:
+            self._mine.send(message)
+
+    def receive(self, wait_s: float) -> list[object]:
+        """Messages the worker loop sent, waiting up to ``wait_s`` for the first one."""
+        out: list[object] = []
+        try:
+            if self._mine.poll(wait_s):
+                while self._mine.poll(0):
+                    out.append(self._mine.recv())
+        except (EOFError, OSError):
+            out.append(_Ended())
+        return out
+
+
+class RayWorker:
+    """The driver's view of one actor, shaped like a ``multiprocessing.Process`` for the pool.
+
+    Two bridge threads move messages: supervisor -> actor (``send``) and actor -> supervisor (a
+    long-polling ``receive``). When the actor ends, asked or not, the pool's end of the pipe reads
+    EOF and ``sentinel`` becomes readable, as for a process that exited."""
+
+    def __init__(self, ray: Any, actor: Any, bridge_end: Connection) -> None:
+        self._ray = ray
+        self._actor = actor
+        self._end = bridge_end
+        self._dead_r, self._dead_w = os.pipe()
+        self._finished = threading.Event()
+        self._killed = False
+        self._pid: int | None = None
+        self.exitcode: int | None = None
+        self.reason: str | None = None
+        threading.Thread(target=self._uplink, name="batchseg-ray-up", daemon=True).start()
+        threading.Thread(target=self._downlink, name="batchseg-ray-down", daemon=True).start()
+
+    # -- the Process-like surface the pool uses -----------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        return self._pid
+
+    @property
+    def sentinel(self) -> int:
+        return self._dead_r
+
+    def is_alive(self) -> bool:
+        return not self._finished.is_set()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._finished.wait(timeout)
+
+    def terminate(self) -> None:
+        self.kill()
+
+    def kill(self) -> None:
+        if self._finished.is_set():
+            return
+        self._killed = True
+        try:
+            self._ray.kill(self._actor, no_restart=True)
+        except Exception:  # noqa: BLE001, S110 - already gone: the uplink reports the end
+            pass
+
+    # -- bridges -------------------------------------------------------------------------------
+
+    def _uplink(self) -> None:
+        ray = self._ray
+        try:
+            self._pid = ray.get(self._actor.pid.remote())
+            while True:
+                for message in ray.get(self._actor.receive.remote(_RECEIVE_WAIT_S)):
+                    if isinstance(message, _Ended):
+                        self._finish(0)
+                        return
+                    self._end.send(message)
+        except (OSError, EOFError):
+            self._finish(0)  # the supervisor closed its end: it no longer listens
+        except Exception as exc:  # noqa: BLE001 - a dead actor or node: Ray raises its own errors
+            self.reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            self._finish(-int(signal.SIGKILL) if self._killed else LOST_EXIT_CODE)
+
+    def _downlink(self) -> None:
+        while not self._finished.is_set():
+            try:
+                message = self._end.recv()
+            except (EOFError, OSError):
+                return
+            try:
+                self._actor.send.remote(message)
+            except Exception:  # noqa: BLE001 - the actor is gone; the uplink reports it
+                return
+
+    def _finish(self, code: int) -> None:
+        if self._finished.is_set():
+            return
+        self.exitcode = code
+        self._finished.set()
+        if code == 0:  # asked to stop: the actor process would otherwise stay, idle
+            try:
+                self._ray.kill(self._actor, no_restart=True)
+            except Exception:  # noqa: BLE001, S110
+                pass
+        for close in (self._end.close, lambda: os.close(self._dead_w)):
+            try:
+                close()
+            except OSError:
+                pass
+
+
+class RayLauncher:
+    """Starts the pool's workers as Ray actors: one per GPU of the cluster, or one per ``--threads``
+    CPUs on CPU-only clusters. A context manager: connects to (or starts) Ray, checks that every
+    node can write the output folder and read the input, and disconnects at the end."""
+
+    def __init__(self, address: str | None, output_dir: Path, input_dir: Path) -> None:
+        self.address = address
+        self.output_dir = output_dir
+        self.input_dir = input_dir
+        self._ray: Any = None
+        self._started_here = False
+        self._actor_class: Any = None
+
+    def __enter__(self) -> RayLauncher:
+        ray = self._ray = _import_ray(local=not self.address)
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+            if self.address:
+                kwargs["address"] = self.address
+                host = self.address.rsplit(":", 1)[0]
+                if host.startswith("127."):  # a cluster on this machine's loopback: join it there
+                    kwargs["_node_ip_address"] = host
+            else:
+                kwargs["object_store_memory"] = 128 * 1024 * 1024  # results are small records
+            try:
+                ray.init(**kwargs)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise ConfigError(f"cannot connect to the Ray cluster at {self.address}: {exc}") from exc
+            self._started_here = True
+        self._actor_class = ray.remote(max_concurrency=4, max_restarts=0)(EngineActor)
+        check_nodes(ray, self.output_dir, self.input_dir)
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._started_here:
+            self._ray.shutdown()
+
+    # -- Launcher ----------------------------------------------------------------------------------
+
+    def start(self, spec: EngineSpec, slot: int, threads: int) -> tuple[WorkerProcess, Connection]:
+        gpus = 1 if self._wants_gpu(spec) else 0
+        # A CPU actor reserves its threads' CPUs, at most a whole node (more could never be placed).
+        options = {"num_gpus": gpus, "num_cpus": 1 if gpus else min(threads, self._smallest_node_cpus())}
+        # Ray gives each GPU actor its own device as cuda:0, so the factory's slot picks nothing.
+        factory_slot = 0 if gpus else slot
+        actor = self._actor_class.options(**options).remote(spec, factory_slot, threads, list(sys.path))
+        pool_end, bridge_end = multiprocessing.Pipe(duplex=True)
+        return RayWorker(self._ray, actor, bridge_end), pool_end
+
+    def pool_size(self, spec: EngineSpec, cuda: bool, gpu_count: int) -> int:
+        if cuda:
+            return max(1, int(self._resources().get("GPU", 0)))
+        return max(1, int(self._resources().get("CPU", 1)) // self.threads(1))
+
+    def threads(self, workers: int) -> int:
+        return max(1, min(_CPU_ACTOR_THREADS, self._smallest_node_cpus()))
+
+    def _smallest_node_cpus(self) -> int:
+        cpus = [int(n["Resources"].get("CPU", 1)) for n in self._ray.nodes() if n.get("Alive")]
+        return max(1, min(cpus, default=1))
+
+    def _wants_gpu(self, spec: EngineSpec) -> bool:
+        return spec.config.device != "cpu" and self._resources().get("GPU", 0) >= 1
+
+    def _resources(self) -> dict[str, float]:
+        return dict(self._ray.cluster_resources())
+
+
+def check_nodes(ray: Any, output_dir: Path, input_dir: Path) -> None:
+    """Every live node must write ``output_dir`` and read ``input_dir`` (a shared folder): else a
+    ConfigError/OutputError naming the node, before any image is touched."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = ray.remote(num_cpus=0)(_probe_node)
+    calls = []
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        strategy = NodeAffinitySchedulingStrategy(node_id=node["NodeID"], soft=False)
+        calls.append(
+            (node, probe.options(scheduling_strategy=strategy).remote(str(output_dir), str(input_dir)))
+        )
+    for node, call in calls:
+        problem = ray.get(call, timeout=120)
+        if problem:
+            where = node.get("NodeManagerAddress") or node["NodeID"][:12]
+            raise OutputError(
+                f"Ray node {where} cannot use the run's folders: {problem}. Every node must see the input "
+                "and output folders at the same path (a shared folder: NFS or SMB)"
+            )
+
+
+def _probe_node(output_dir: str, input_dir: str) -> str | None:
+    if not os.path.isdir(input_dir):
+        return f"the input folder {input_dir} does not exist there"
+    probe = os.path.join(output_dir, f".batchseg-node-probe-{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(probe, "wb") as fh:
+            fh.write(str(time.time()).encode())
+        os.unlink(probe)
+    except OSError as exc:
+        return f"the output folder {output_dir} is not writable there ({exc.strerror or exc})"
+    return None
