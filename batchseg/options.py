@@ -336,14 +336,14 @@ class RunOptions:
         "local",
         help="local: worker processes on this machine; ray: Ray actors, one per GPU of the cluster "
         "(pip install 'batchseg[ray]').",
-        reader=POOL,
+        reader=RUNNER,
         retry=True,
     )
     ray_address: str | None = option(
         Text(),
         None,
         help="With --backend ray: the cluster to join.",
-        reader=POOL,
+        reader=RUNNER,
         retry=True,
         default_text="a Ray started for this run",
     )
