@@ -29,20 +29,20 @@ import numpy as np
 
 from batchseg import atomic, imageio
 from batchseg.records import Item, ItemResult, Status
-from batchseg.supervise.contract import EngineSpec
+from batchseg.supervise.contract import Capabilities, EngineSpec, HeartbeatFn
 
 #: How long a held mask is waited for in these tests (the product's default is 30 s).
 HELD_PATIENCE_S = 0.4
 
 
 class MisbehavingEngine:
-    device = "cpu misbehaving"
+    capabilities = Capabilities(device="cpu misbehaving")
 
     def __init__(self, spec: EngineSpec, bad: Callable[[MisbehavingEngine, Item], None]) -> None:
         self.output_dir = spec.config.output_dir
         self.bad = bad
 
-    def process(self, items: Sequence[Item]) -> list[ItemResult]:
+    def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[ItemResult]:
         return [self._one(item) for item in items]
 
     def close(self) -> None:

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from ... import imageio, rle
+from ...atomic import FileHeldError
 from ...config import RunConfig
 from ...errors import ConfigError, InvalidImageError, OutputError
 from ...records import Detection, FailureCategory, Item, ItemResult, Status, failure_result
@@ -346,7 +347,9 @@ class Sam3Engine:
     ) -> ItemResult:
         """The failure result of ``item``: an unwritable output folder is the run's failure
         (``output``: the run stops, the image stays pending), anything else the image's."""
-        category = FailureCategory.OUTPUT if isinstance(exc, OutputError) else FailureCategory.IMAGE
+        # A file another program holds past every retry (FileHeldError) fails only this image.
+        fatal = isinstance(exc, OutputError) and not isinstance(exc, FileHeldError)
+        category = FailureCategory.OUTPUT if fatal else FailureCategory.IMAGE
         return failure_result(
             item, status, exc=exc, category=category, device=self.device, started_at=started
         )
