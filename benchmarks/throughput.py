@@ -187,6 +187,8 @@ def phase_end_to_end(args: argparse.Namespace) -> dict[str, Any]:
     ]
     if args.compile:
         command.append("--compile")
+    if args.previews:
+        command.append("--previews")  # overlay JPEGs made by the parent's preview threads
     if args.no_cuda_graphs:
         command.append("--no-cuda-graphs")
     if args.no_fuse_rope:
@@ -293,6 +295,8 @@ def run_phase(name: str, args: argparse.Namespace) -> dict[str, Any]:
             command += [f"--{key.replace('_', '-')}", str(value)]
     if args.compile:
         command.append("--compile")
+    if args.previews:
+        command.append("--previews")
     if args.no_cuda_graphs:
         command.append("--no-cuda-graphs")
     if args.no_fuse_rope:
@@ -372,6 +376,7 @@ def main() -> None:
     parser.add_argument("--naive-images", type=int, default=None, help="images for the naive loop [all]")
     parser.add_argument("--threshold", type=float, default=0.3)
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbone (CUDA)")
+    parser.add_argument("--previews", action="store_true", help="end to end with --previews")
     parser.add_argument(
         "--no-cuda-graphs", action="store_true", help="launch the backbone's kernels one by one (CUDA)"
     )
