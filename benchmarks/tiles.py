@@ -75,8 +75,9 @@ def run_tiled(args: argparse.Namespace, folder: Path, threshold: float) -> dict[
 
     output = Path(tempfile.mkdtemp(prefix="batchseg-tiles-", dir=args.work))
     command = [
-        sys.executable, "-m", "batchseg", "run", str(folder), "--prompt", "roof", "--model", str(args.model_dir),
-        "--output", str(output), "--device", args.device, "--tile", str(TILE), "--threshold", str(threshold),
+        sys.executable, "-m", "batchseg", "run", str(folder), "--prompt", "roof",
+        "--model", str(args.model_dir), "--output", str(output), "--device", args.device,
+        "--tile", str(TILE), "--threshold", str(threshold),
         "--timeout", "900", "--max-pixels", str(2_000_000_000),
     ]  # fmt: skip
     if args.batch_size:
