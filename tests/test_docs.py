@@ -126,3 +126,56 @@ def test_public_api_is_exported() -> None:
     for name in batchseg.__all__:
         assert getattr(batchseg, name) is not None, name
     assert batchseg.run.__module__ == "batchseg.runner"
+
+
+def test_no_module_is_over_500_lines() -> None:
+    long = {
+        str(p.relative_to(ROOT)): n
+        for p in (ROOT / "batchseg").rglob("*.py")
+        if (n := len(p.read_text(encoding="utf-8").splitlines())) > 500
+    }
+    assert not long, f"split these by job: {long}"
+
+
+def _imports(path: Path, package: str) -> set[str]:
+    """The batchseg modules a module imports (absolute or relative, any depth, lazy ones too)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("batchseg")}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            found |= {module} | {f"{module}.{a.name}" for a in node.names}
+    return {m for m in found if m.startswith("batchseg")}
+
+
+def test_the_import_graph_has_no_circle() -> None:
+    modules = {}
+    for path in (ROOT / "batchseg").rglob("*.py"):
+        rel = path.relative_to(ROOT).with_suffix("")
+        name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        package = name if rel.name == "__init__" else name.rsplit(".", 1)[0]
+        modules[name] = _imports(path, package)
+    graph = {
+        m: {d for d in deps if d in modules and d != m and not m.startswith(d + ".")}
+        for m, deps in modules.items()
+    }
+    # A package's __init__ re-exporting its own modules is not a circle; the package name itself
+    # stands for its __init__ only.
+    state: dict[str, int] = {}
+
+    def visit(m: str, trail: list[str]) -> None:
+        state[m] = 1
+        for d in graph[m]:
+            if state.get(d) == 1:
+                raise AssertionError("import circle: " + " -> ".join(trail[trail.index(d) :] + [d]))
+            if d not in state:
+                visit(d, trail + [d])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
