@@ -1,18 +1,15 @@
 """The library entry points behind the CLI: ``run`` a folder, ``retry`` failed images, ``demo``.
 
-Data flow: RunConfig -> lock -> checkpoint.open -> discover(input) -> checkpoint.plan(items)
--> run_pool (workers, watchdog) -> checkpoint.record_many(results) (durable before an image counts
-as done) -> manifest export (every --manifest-interval and at the end) -> RunSummary with the exit
-code.
+Data flow: RunConfig -> lock -> store.rebuild.open_run -> discover(input) -> checkpoint.plan(items)
+-> processing.PoolPass (the pool, results durable before an image counts as done, manifest exports)
+-> final export -> RunSummary with the exit code.
 
 The parent never imports torch: SAM3 lives in the worker processes only.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
-import errno
 import os
 import time
 from collections.abc import Sequence
@@ -26,26 +23,16 @@ from .discover import _check_root, discover
 from .errors import BatchsegError, ExitCode, OutputError, StoppedEarly
 from .lock import RunLock
 from .logs import RunLog
-from .progress import Progress
-from .records import FINAL_FAILURES, FailureCategory, Item, ItemResult, Status, failure_result
-from .report import PreviewMaker, report_after_run
-from .signals import StopRequest
+from .processing import PoolPass
+from .records import FINAL_FAILURES, Item, ItemResult, Status, failure_result
+from .report import report_after_run
 from .store.checkpoint import Checkpoint
 from .store.folder import check_output_writable, remove_stale_temp_files
 from .store.manifest import read_manifest_run
 from .store.rebuild import open_run
-from .supervise.contract import EngineSpec
-from .supervise.pool import Launcher, PoolEvent, PoolSettings, run_pool
-from .upkeep import WorkerFiles, export, warn_empty_input
+from .upkeep import export, warn_empty_input
 
 __all__ = ["RunSummary", "run", "retry", "exit_code_for"]
-
-#: Longest a received result waits for its commit (one turn of the pool's loop, see _Recorder)...
-COMMIT_WINDOW_S = 0.5
-#: ...or until this many are waiting.
-COMMIT_GROUP = 64
-#: Pool events too frequent to log one line each (a recycled worker every N images is routine).
-QUIET_EVENTS = {"worker_started", "task_started"}
 
 
 @dataclass
@@ -148,7 +135,8 @@ def _run_locked(
         for path, kept in found.collisions.items():
             _record_collision(checkpoint, config, path, kept, log)
         _record_skipped(checkpoint, config.input, found.excluded)
-        stopped, message, processed = _process(config, factory, checkpoint, plan.pending, log, stream)
+        work = PoolPass(config, factory, checkpoint, plan.pending, log, stream, _stop_time(config))
+        stopped, message, processed = work.run()
         export(checkpoint, output_dir, log, final=True, stream=stream)
         counts = checkpoint.counts()
     finally:
@@ -195,172 +183,6 @@ def _record_skipped(checkpoint: Checkpoint, root: Path, paths: Sequence[str]) ->
 def _stat_item(root: Path, rel: str) -> Item:
     st = (root / rel).stat()
     return Item(path=rel, size_bytes=st.st_size, mtime_ns=st.st_mtime_ns)
-
-
-class _Recorder:
-    """Makes final results durable in the checkpoint, in small groups bounded in time.
-
-    One commit (one fsync) per result costs tens of milliseconds on slow disks and would cap a GPU
-    run. The pool hands over every result its loop received (a whole batch at once) before it
-    asks ``should_stop``, where they are committed together: a result waits at most one turn of
-    the pool's loop (well under ``COMMIT_WINDOW_S``), or until ``COMMIT_GROUP`` are waiting. A result
-    waiting for its commit is not done yet: if the process dies then, the image is simply
-    processed again on resume.
-    """
-
-    def __init__(self, checkpoint: Checkpoint, by_path: dict[str, Item], output_dir: Path) -> None:
-        self.checkpoint = checkpoint
-        self.by_path = by_path
-        self.output_dir = output_dir
-        self.waiting: list[tuple[ItemResult, Item]] = []
-
-    def add(self, result: ItemResult) -> None:
-        self.waiting.append((result, self.by_path[result.path]))
-        if len(self.waiting) >= COMMIT_GROUP:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.waiting:
-            return
-        pairs, self.waiting = self.waiting, []
-        try:
-            self.checkpoint.record_many(pairs)
-        except OSError as exc:
-            raise _output_error(self.output_dir, exc) from exc
-        except ValueError:  # a malformed result (engine bug): find it; that image fails, not the run
-            for result, item in pairs:
-                self._record_one(result, item)
-
-    def _record_one(self, result: ItemResult, item: Item) -> None:
-        try:
-            self.checkpoint.record(result, item)
-        except ValueError as exc:
-            broken = failure_result(
-                item,
-                Status.ERROR,
-                error_type="InvalidResult",
-                message=str(exc),
-                device=result.device,
-                started_at=result.started_at,
-                finished_at=result.finished_at,
-            )
-            broken.attempts, broken.worker_pid = result.attempts, result.worker_pid
-            self.checkpoint.record(broken, item)
-
-
-def _process(
-    config: RunConfig,
-    factory: str,
-    checkpoint: Checkpoint,
-    pending: list[Item],
-    log: RunLog,
-    stream: TextIO | None,
-) -> tuple[str | None, str | None, int]:
-    """Run the pool over ``pending``; returns (stop reason, message, images processed)."""
-    if not pending:
-        return None, None, 0
-    recorder = _Recorder(checkpoint, {item.path: item for item in pending}, config.output_dir)
-    progress = Progress(total=len(pending), stream=stream, interval=config.progress_interval)
-    stop_after = _stop_time(config)
-    output_failure: list[ItemResult] = []
-    last_export = time.monotonic()
-    last_log_line = time.monotonic()
-    in_flight = WorkerFiles(config.output_dir, log)
-
-    def on_result(result: ItemResult) -> None:
-        nonlocal last_export
-        if result.category is FailureCategory.OUTPUT:
-            # The output folder failed, not the image (the pool never retries it): left
-            # pending, so a rerun does it.
-            output_failure.append(result)
-            return
-        recorder.add(result)
-        previews.submit(result)  # made on the maker's threads, off the pool's loop
-        progress.update(result)
-        if result.status is not Status.OK:
-            log.failure(result.path, str(result.status), _reason(result))
-        if time.monotonic() - last_export > config.manifest_interval:
-            recorder.flush()
-            export(checkpoint, config.output_dir, log, final=False)
-            last_export = time.monotonic()
-
-    def on_event(event: PoolEvent) -> None:
-        in_flight.see(event)
-        if event.kind == "task_started":
-            checkpoint.mark_started(event.paths)  # `batchseg status` shows what is in flight
-        if event.kind in QUIET_EVENTS:
-            return
-        text = f"{event.kind}: {event.message}"
-        if event.kind in ("attempt_failed", "worker_timeout", "worker_lost", "load_failed", "worker_warning"):
-            log.warning(text)
-        else:
-            log.info(text)
-
-    with StopRequest() as stop_request, PreviewMaker.for_run(config) as previews:
-
-        def should_stop() -> str | None:
-            nonlocal last_log_line
-            recorder.flush()
-            progress.tick()  # images can take minutes: keep the plain progress lines coming
-            if time.monotonic() - last_log_line >= config.progress_interval:
-                log.progress(progress.line())
-                last_log_line = time.monotonic()
-            if output_failure:
-                return "output_error"
-            if stop_request.reason:
-                return stop_request.reason
-            if stop_after is not None and time.time() >= stop_after:
-                return "deadline"
-            return None
-
-        spec = EngineSpec(config=config, factory=factory)
-        try:
-            with _launcher(config) as launcher:
-                outcome = run_pool(
-                    spec,
-                    pending,
-                    PoolSettings.from_config(config),
-                    on_result=on_result,
-                    should_stop=should_stop,
-                    on_event=on_event,
-                    launcher=launcher,
-                )
-        finally:
-            # Whatever ended the pool (even Ctrl-C twice), results already received are kept.
-            recorder.flush()
-            # Left running, they would be pending again at the next start anyway (plan): a
-            # failure here must not hide the one that ended the pool.
-            with contextlib.suppress(BatchsegError):
-                checkpoint.release_running()
-            progress.close()
-    if output_failure:
-        first = output_failure[0]
-        raise OutputError(f"cannot write results to {config.output_dir}: {first.error_message}")
-    if outcome.stopped:
-        log.warning(f"run stopped early ({outcome.stopped}): {outcome.message or ''}".strip())
-    return outcome.stopped, outcome.message, progress.done
-
-
-def _launcher(config: RunConfig) -> contextlib.AbstractContextManager[Launcher | None]:
-    """Where the workers run: processes here (None: the pool's default) or Ray actors."""
-    if config.backend != "ray":
-        return contextlib.nullcontext(None)
-    from .supervise.ray_backend import RayLauncher
-
-    return RayLauncher(config.ray_address, config.output_dir, config.input)
-
-
-def _reason(result: ItemResult) -> str:
-    parts = [p for p in (result.error_type, result.error_message) if p]
-    if result.exit_code is not None:
-        parts.append(f"exit code {result.exit_code}")
-    return ": ".join(parts) if parts else str(result.status)
-
-
-def _output_error(output_dir: Path, exc: OSError) -> OutputError:
-    if exc.errno == errno.ENOSPC:
-        return OutputError(f"the disk holding {output_dir} is full; free space and run again to resume")
-    return OutputError(f"cannot write the checkpoint in {output_dir}: {exc}")
 
 
 def _stop_time(config: RunConfig) -> float | None:

@@ -135,7 +135,8 @@ def test_max_runtime_stops_early_with_exit_4_and_a_resume_finishes(tiny_model: P
         make_image(folder / f"p{i}.png", (64, 48), i)
     output = tmp_path / "out"
     # One image per worker process makes every image cost a model load (seconds on any machine), so
-    # a 10 s budget always ends after the first image and well before the tenth.
+    # a 10 s budget ends well before the tenth image; on a loaded machine the first load alone can
+    # outlast it, and then no image starts at all (the deadline holds for the first one too).
     stopped = invoke(
         *run_args(folder, output, tiny_model, "--max-runtime", "10s", "--max-images-per-worker", "1")
     )
@@ -143,7 +144,7 @@ def test_max_runtime_stops_early_with_exit_4_and_a_resume_finishes(tiny_model: P
     assert "stopped early (deadline)" in stopped.output and "resume" in stopped.output
     rows = checkpoint_rows(output)
     done = {p: r for p, r in rows.items() if r["status"] == "ok"}
-    assert 1 <= len(done) < 10, rows
+    assert len(done) < 10, rows
     assert all(r["status"] == "pending" for p, r in rows.items() if p not in done), rows
     assert len(manifest_rows(output)) == 10, "the manifest is exported when the run stops"
 

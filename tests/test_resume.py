@@ -42,7 +42,7 @@ from conftest import make_image
 from batchseg.atomic import TEMP_SUFFIX
 from batchseg.cli import cli
 from batchseg.engines.sam3.engine import CPU_SUB_BATCHES_PER_TASK
-from batchseg.runner import COMMIT_WINDOW_S
+from batchseg.processing import COMMIT_WINDOW_S
 
 # ---- kill -9 at 20 points, resume each time -------------------------------------------------------
 
