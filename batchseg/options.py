@@ -388,6 +388,13 @@ class RunOptions:
         reader=RUNNER,
         retry=True,
     )
+    report: bool = option(
+        Flag(),
+        False,
+        help="Write OUTPUT/report.html at the end of the run (always done with --previews).",
+        reader=RUNNER,
+        retry=True,
+    )
     preview_size: int = option(
         Count(64), 1024, help="Long side of a preview, pixels.", reader=RUNNER, retry=True
     )

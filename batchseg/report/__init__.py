@@ -67,14 +67,14 @@ def write_report(output_dir: Path) -> Path:
 def report_after_run(
     config: RunConfig, log: RunLog, *, retried: bool, stopped: str | None = None
 ) -> Path | None:
-    """The end of a run with previews (or of a retry): the previews still missing (those queued when
-    an earlier session was killed, or left by a long backlog), then report.html, whose path is the
-    log's last line. A run stopped early (deadline, Ctrl-C) leaves the missing previews for the
-    next run: it must end now.
+    """The end of a run with previews or --report (or of a retry): the previews still missing
+    (those queued when an earlier session was killed, or left by a long backlog), then report.html,
+    whose path is the log's last line. A run stopped early (deadline, Ctrl-C) leaves the missing
+    previews for the next run: it must end now.
 
     Never raises: the run's results are durable already and its exit code stands.
     """
-    if not (config.previews or retried):
+    if not (config.previews or config.report or retried):
         return None
     try:
         if config.previews and not stopped:
