@@ -13,7 +13,7 @@ and ``open_source`` reads big inputs by window. Nothing here imports torch. See 
 from .grid import AUTO_FACTOR, Tile, TilePlan, TileSetting, parse_overlap, parse_tile, plan_tiles
 from .labelmap import label_map_relpath, read_label_window, write_label_map
 from .merge import DEFAULT_MATCH, MergedDetection, TileDetection, merge_tiles
-from .source import DEFAULT_MAX_TILED_PIXELS, ImageSource, open_source
+from .source import DEFAULT_MAX_TILED_PIXELS, ImageSource, WindowReader, open_source, upright_size
 from .sparse import SparseMask
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "TileDetection",
     "TilePlan",
     "TileSetting",
+    "WindowReader",
     "label_map_relpath",
     "merge_tiles",
     "open_source",
@@ -34,5 +35,6 @@ __all__ = [
     "parse_tile",
     "plan_tiles",
     "read_label_window",
+    "upright_size",
     "write_label_map",
 ]
