@@ -7,7 +7,8 @@ detections come back as RLE of the window. ``merge_tiles`` turns them into one d
 object with boxes, RLE and ``SparseMask`` runs, never a full-size array: duplicates are found by
 mask intersection over the smaller mask inside the overlap, objects larger than a tile are joined
 across seams, labels run 1..N by score. ``write_label_map`` then writes a tiled TIFF block by block,
-and ``open_source`` reads big inputs by window. Nothing here imports torch. See docs/tiles.md.
+and ``open_source`` reads big inputs by window. Nothing here imports torch. See the README,
+"Large images: tiles".
 """
 
 from .grid import AUTO_FACTOR, Tile, TilePlan, TileSetting, parse_overlap, parse_tile, plan_tiles

@@ -1,0 +1,246 @@
+"""Tiling through ``python -m batchseg run``: drawn shapes come out once each, exact, across seams.
+
+The colour-threshold engine's masks are exactly the drawn pixels inside each tile, so every shape
+(on a seam, on the corner of four tiles, larger than a tile, on the border, a ring with a hole)
+must be one detection with IoU >= 0.99 and nothing else may be found. Also: a tiled TIFF read by
+window, a poison tile, an output folder made before tiling, and the tiny SAM3 end to end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import tifffile
+from _storage import make_config
+from _tile_shapes import Shape
+from PIL import Image
+
+from batchseg.errors import ConfigMismatchError
+from batchseg.runner import run
+from batchseg.store.checkpoint import Checkpoint
+from batchseg.tiles.sparse import SparseMask
+
+TESTS = Path(__file__).resolve().parent
+THRESHOLD = "batchseg.engines.threshold:load"
+
+#: 6000 x 4000: seams of --tile 1008 (step 756) at x = 756, 1008, 1512, ...; of --tile 700
+#: --tile-overlap 200 (step 500) at x = 500, 700, 1000, ...
+SHAPES = [
+    Shape("disc", 1008, 500, 60, 60),  # on a seam
+    Shape("disc", 1008, 1008, 90, 90),  # on the corner of four tiles
+    Shape("rect", 3300, 2600, 700, 600),  # larger than a tile
+    Shape("disc", 0, 2000, 80, 80),  # cut by the image border
+    Shape("rect", 5950, 3950, 50, 50),  # in the bottom-right corner of the image
+    Shape("ring", 2000, 1000, 250, 250, 0.5),  # a ring with a hole, across seams
+    Shape("ring", 5000, 1500, 600, 600, 0.75),  # a ring larger than a tile
+    Shape("disc", 200, 200, 20, 20),  # inside one tile
+    Shape("ellipse", 1500, 3500, 1200, 40),  # long and thin, across many tiles
+]
+
+
+def draw(shapes: list[Shape], width: int, height: int) -> np.ndarray:
+    pixels = np.zeros((height, width, 3), np.uint8)
+    for shape in shapes:
+        x0, y0, x1, y1 = shape.bbox(width, height)
+        pixels[y0:y1, x0:x1][shape.raster((x0, y0, x1, y1))] = (255, 0, 0)
+    return pixels
+
+
+def batchseg(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environ = {**os.environ, **(env or {})}
+    environ["PYTHONPATH"] = os.pathsep.join([str(TESTS), environ.get("PYTHONPATH", "")])
+    command = [sys.executable, "-m", "batchseg", *(str(a) for a in args)]
+    return subprocess.run(command, capture_output=True, text=True, env=environ, timeout=300, check=False)
+
+
+def manifests(output: Path) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    images = {row["path"]: row for row in pq.read_table(output / "manifest" / "images.parquet").to_pylist()}
+    return images, pq.read_table(output / "manifest" / "detections.parquet").to_pylist()
+
+
+def assert_exact(shapes: list[Shape], detections: list[dict[str, Any]], width: int, height: int) -> None:
+    """Each shape is exactly one detection with IoU >= 0.99; no detection is left over."""
+    masks = [SparseMask.from_rle(d["mask_rle"], (0, 0, width, height), height) for d in detections]
+    unmatched = set(range(len(detections)))
+    for shape in shapes:
+        drawn = shape.sparse(width, height)
+        ious = []
+        for mask in masks:
+            shared = drawn.intersection_area(mask)
+            ious.append(shared / (drawn.area + mask.area - shared))
+        best = int(np.argmax(ious))
+        assert ious[best] >= 0.99, f"{shape}: best IoU {ious[best]:.4f}"
+        assert sum(iou > 0.01 for iou in ious) == 1, f"{shape} is found more than once: {ious}"
+        unmatched.discard(best)
+    assert len(detections) == len(shapes) and not unmatched, f"extra detections: {sorted(unmatched)}"
+
+
+def assert_label_map_matches(output: Path, row: dict[str, Any], detections: list[dict[str, Any]]) -> None:
+    """The .tif holds labels 1..N, each with the area its detections.parquet row states."""
+    assert row["mask_path"].endswith(".tif")
+    labels = tifffile.imread(output / row["mask_path"])
+    assert labels.shape == (row["height"], row["width"])
+    areas = np.bincount(labels.ravel(), minlength=len(detections) + 1)
+    assert len(areas) == len(detections) + 1
+    assert sorted(d["index"] for d in detections) == list(range(1, len(detections) + 1))
+    for d in detections:
+        assert areas[d["index"]] == d["area_px"], d["index"]
+
+
+@pytest.fixture(scope="module")
+def seams_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("seams")
+    Image.fromarray(draw(SHAPES, 6000, 4000)).save(folder / "big.png", compress_level=1)
+    Image.fromarray(draw([Shape("disc", 100, 80, 30, 30)], 300, 200)).save(folder / "small.png")
+    return folder
+
+
+@pytest.mark.parametrize("tiling", [["--tile", "1008"], ["--tile", "700", "--tile-overlap", "200"]])
+def test_every_shape_is_one_exact_detection_across_seams(
+    seams_folder: Path, tmp_path: Path, tiling: list[str]
+) -> None:
+    output = tmp_path / "out"
+    done = batchseg(
+        "run", seams_folder, "--output", output, "--engine", THRESHOLD, "--prompt", "red", *tiling
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    images, detections = manifests(output)
+    big = [d for d in detections if d["path"] == "big.png"]
+    assert images["big.png"]["status"] == "ok" and images["big.png"]["n_detections"] == len(SHAPES)
+    assert_exact(SHAPES, big, 6000, 4000)
+    assert_label_map_matches(output, images["big.png"], big)
+    by_tiles = sorted(d["tiles"] for d in big)
+    assert by_tiles[0] == 1 and by_tiles[-1] >= 9  # the big ring and rectangle span many tiles
+    # An image no larger than a tile is processed whole: a PNG label map, one tile per detection.
+    assert images["small.png"]["mask_path"] == "masks/small.png.png"
+    assert [d["tiles"] for d in detections if d["path"] == "small.png"] == [1]
+
+
+def test_auto_processes_whole_images_for_an_engine_without_a_model_input(
+    seams_folder: Path, tmp_path: Path
+) -> None:
+    """The threshold engine states no model input: ``--tile auto`` (the default) never tiles."""
+    output = tmp_path / "out"
+    done = batchseg(
+        "run",
+        seams_folder,
+        "--output",
+        output,
+        "--engine",
+        THRESHOLD,
+        "--prompt",
+        "red",
+        "--include",
+        "small.png",
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    images, _ = manifests(output)
+    assert images["small.png"]["mask_path"] == "masks/small.png.png"
+    with Checkpoint.open_existing(output, read_only=True) as cp:
+        assert cp.stored_config()["tile"] == "auto"
+
+
+def test_a_tiled_tiff_is_read_by_window_and_a_png_too_big_to_decode_is_refused(tmp_path: Path) -> None:
+    """--max-pixels below the image's size: only reading by window can process the TIFF; the PNG
+    of the same size, which must be decoded whole, gets invalid_input naming a conversion."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shapes = [
+        Shape("disc", 1008, 1008, 90, 90),
+        Shape("rect", 2000, 1300, 500, 400),
+        Shape("disc", 2950, 10, 60, 60),
+    ]
+    pixels = draw(shapes, 3000, 2000)
+    tifffile.imwrite(folder / "ortho.tif", pixels, tile=(256, 256), compression="zlib", photometric="rgb")
+    Image.fromarray(pixels).save(folder / "same.png", compress_level=1)
+    output = tmp_path / "out"
+    done = batchseg(
+        "run", folder, "--output", output, "--engine", THRESHOLD, "--prompt", "red", "--tile", "1008",
+        "--max-pixels", "2000000", "--max-attempts", "1",
+    )  # fmt: skip
+    assert done.returncode == 3, done.stdout + done.stderr
+    images, detections = manifests(output)
+    assert images["ortho.tif"]["status"] == "ok"
+    tiff = [d for d in detections if d["path"] == "ortho.tif"]
+    assert_exact(shapes, tiff, 3000, 2000)
+    assert_label_map_matches(output, images["ortho.tif"], tiff)
+    assert images["same.png"]["status"] == "invalid_input"
+    assert "--max-pixels" in images["same.png"]["error_message"]
+    assert "gdal_translate" in images["same.png"]["error_message"]
+
+
+def test_a_poison_tile_fails_its_image_naming_the_tile(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(draw([Shape("disc", 1200, 500, 90, 90)], 2500, 1800)).save(folder / "a.png")
+    Image.fromarray(draw([Shape("disc", 100, 80, 30, 30)], 300, 200)).save(folder / "small.png")
+    output = tmp_path / "out"
+    done = batchseg(
+        "run", folder, "--output", output, "--engine", "poison_engine:load", "--prompt", "red",
+        "--tile", "1008", "--max-attempts", "1",
+        env={"BATCHSEG_TEST_POISON": "756,0"},
+    )  # fmt: skip
+    assert done.returncode == 3, done.stdout + done.stderr
+    images, detections = manifests(output)
+    row = images["a.png"]
+    assert row["status"] == "error" and row["error_type"] == "RuntimeError"
+    assert row["error_message"].startswith("tile r000c001 (window x 756-1764, y 0-1008): poisoned window")
+    assert "RuntimeError" in row["traceback"] and row["mask_path"] is None
+    assert not (output / "masks" / "a.png.tif").exists()
+    assert not [d for d in detections if d["path"] == "a.png"]
+    assert images["small.png"]["status"] == "ok"  # the other image of the task is not touched
+
+
+def test_an_output_folder_made_before_tiling_resumes_with_tiling_off(tmp_path: Path) -> None:
+    """tests/data/run-made-by-0.1.0 has no ``tile`` in its fingerprint: without --tile it resumes
+    (off, with a note in the log); --tile auto given explicitly is a change of settings."""
+    output = tmp_path / "old"
+    shutil.copytree(TESTS / "data" / "run-made-by-0.1.0", output)
+    empty = tmp_path / "aerial"
+    empty.mkdir()
+    config = make_config(input=empty, output=output, tile=None)
+    with pytest.raises(ConfigMismatchError, match="tile"):
+        run(config.with_changes(tile="auto"))
+    summary = run(config)
+    assert summary.exit_code == 0
+    with Checkpoint.open_existing(output, read_only=True) as cp:
+        assert cp.stored_config()["tile"] == "off"
+        assert cp.counts()["missing"] == 2  # the folder's images are gone: nothing ran
+    assert summary.log_path is not None
+    assert "--tile not given: off" in summary.log_path.read_text()
+    fresh = run(config.with_changes(output=tmp_path / "new"))
+    assert fresh.exit_code == 0
+    with Checkpoint.open_existing(tmp_path / "new", read_only=True) as cp:
+        assert cp.stored_config()["tile"] == "auto"
+
+
+def test_the_tiny_sam3_runs_tiles_end_to_end(tiny_model: Path, tmp_path: Path) -> None:
+    """Masks of a random model mean nothing; the structure must be right: one image row, a .tif
+    label map whose labels and areas are those of detections.parquet, boxes inside the image."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (1800, 2500, 3), np.uint8)
+    Image.fromarray(pixels).save(folder / "scene.png", compress_level=1)
+    output = tmp_path / "out"
+    done = batchseg(
+        "run", folder, "--model", tiny_model, "--output", output, "--device", "cpu", "--prompt", "roof",
+        "--threshold", "0", "--max-detections", "2", "--workers", "1", "--tile", "1008",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    images, detections = manifests(output)
+    row = images["scene.png"]
+    assert row["status"] == "ok" and (row["width"], row["height"]) == (2500, 1800)
+    assert row["n_detections"] == len(detections) > 0
+    assert_label_map_matches(output, row, detections)
+    for d in detections:
+        assert 0 <= d["box_x0"] < d["box_x1"] <= 2500 and 0 <= d["box_y0"] < d["box_y1"] <= 1800
+        assert d["mask_height"] == 1800 and d["mask_width"] == 2500 and d["tiles"] >= 1
