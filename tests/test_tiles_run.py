@@ -8,6 +8,7 @@ window, a poison tile, an output folder made before tiling, and the tiny SAM3 en
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -244,3 +245,53 @@ def test_the_tiny_sam3_runs_tiles_end_to_end(tiny_model: Path, tmp_path: Path) -
     for d in detections:
         assert 0 <= d["box_x0"] < d["box_x1"] <= 2500 and 0 <= d["box_y0"] < d["box_y1"] <= 1800
         assert d["mask_height"] == 1800 and d["mask_width"] == 2500 and d["tiles"] >= 1
+
+
+WINDOW_SCRIPT = """
+import json, sys
+from pathlib import Path
+from batchseg.config import RunConfig
+from batchseg.engines.sam3.engine import load_engine
+from batchseg.records import Item
+from batchseg.supervise.contract import EngineSpec
+
+folder, model, output = (Path(a) for a in sys.argv[1:4])
+config = RunConfig(input=folder, prompts=("roof",), model=str(model), output=output, device="cpu",
+                   threshold=0.0, max_detections=3, tile="off")
+engine = load_engine(EngineSpec(config), 0)
+items = [Item("scene.png", 1, 1, window=(300, 200, 700, 520)), Item("crop.png", 1, 1)]
+results = engine.process(items, lambda *a, **k: None)
+engine.close()
+print(json.dumps([{"status": str(r.status), "size": [r.width, r.height], "mask": r.mask_path,
+                   "dets": [[d.prompt, d.index, d.score, list(d.box), d.area_px, d.mask_rle]
+                            for d in r.detections]} for r in results]))
+"""
+
+
+def test_sam3_on_a_window_is_sam3_on_the_crop_in_the_image_frame(tiny_model: Path, tmp_path: Path) -> None:
+    """A windowed item gives the crop's detections with boxes moved by the window's origin, the
+    whole image's size, and no label map."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pixels = np.random.default_rng(1).integers(0, 255, (900, 1200, 3), np.uint8)
+    Image.fromarray(pixels).save(folder / "scene.png")
+    Image.fromarray(pixels[200:520, 300:700]).save(folder / "crop.png")
+    done = subprocess.run(
+        [sys.executable, "-c", WINDOW_SCRIPT, str(folder), str(tiny_model), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    window, crop = json.loads(done.stdout.strip().splitlines()[-1])
+    assert window["status"] == crop["status"] == "ok"
+    assert window["size"] == [1200, 900] and crop["size"] == [400, 320]
+    assert window["mask"] is None and crop["mask"] == "masks/crop.png.png"
+    assert not (tmp_path / "out" / "masks" / "scene.png.png").exists()
+    assert len(window["dets"]) == len(crop["dets"]) > 0
+    for (p, i, s, box, area, counts), (p2, i2, s2, box2, area2, counts2) in zip(
+        window["dets"], crop["dets"], strict=True
+    ):
+        assert (p, i, area, counts) == (p2, i2, area2, counts2) and s == pytest.approx(s2)
+        assert box == pytest.approx([box2[0] + 300, box2[1] + 200, box2[2] + 300, box2[3] + 200])
