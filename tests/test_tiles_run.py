@@ -200,6 +200,18 @@ def test_a_poison_tile_fails_its_image_naming_the_tile(tmp_path: Path) -> None:
     assert images["small.png"]["status"] == "ok"  # the other image of the task is not touched
 
 
+def test_an_overlap_past_half_a_tile_ends_the_run_before_any_image(
+    seams_folder: Path, tmp_path: Path
+) -> None:
+    output = tmp_path / "out"
+    done = batchseg(
+        "run", seams_folder, "--output", output, "--engine", THRESHOLD, "--prompt", "red",
+        "--tile", "1008", "--tile-overlap", "600",
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "--tile-overlap must be from 2 to half the tile side (504)" in done.stdout + done.stderr
+
+
 def test_an_output_folder_made_before_tiling_resumes_with_tiling_off(tmp_path: Path) -> None:
     """tests/data/run-made-by-0.1.0 has no ``tile`` in its fingerprint: without --tile it resumes
     (off, with a note in the log); --tile auto given explicitly is a change of settings."""

@@ -88,6 +88,8 @@ class ThresholdEngine:
         self.reader = WindowReader(max_pixels, max_tiled_pixels)
 
     def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[ItemResult]:
+        if all(item.window is None for item in items):
+            self.reader.close()  # a tiled image is done: its pixels are not kept while others run
         results = []
         for k, item in enumerate(items):
             heartbeat((), k + 1)  # nothing past this item is touched yet

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .. import imageio
 from ..config import RunConfig
-from ..errors import InvalidImageError
+from ..errors import ConfigError, InvalidImageError
 from ..records import Detection, FailureCategory, Item, ItemResult, Status, failure_result
 from ..tiles.grid import TilePlan, TileSetting, parse_overlap, parse_tile, plan_tiles
 from ..tiles.labelmap import label_map_relpath, write_label_map
@@ -36,7 +36,7 @@ class Tiler:
     """The run's tiling settings and the engine's model input: which images to tile, and how."""
 
     setting: TileSetting
-    overlap: int | None
+    overlap: int  # for tiles of the configured side; a short image's smaller tiles clamp it
     match: float
     model_input: int | None
     batch: int
@@ -49,13 +49,19 @@ class Tiler:
     @classmethod
     def for_run(cls, config: RunConfig, capabilities: Capabilities) -> Tiler | None:
         """None when nothing is ever tiled (``--tile off``, or ``auto`` for an engine without a
-        model input)."""
+        model input). ConfigError for an overlap of more than half the tile."""
         setting = parse_tile(config.tile or "auto")
         if setting.mode == "off" or (setting.mode == "auto" and capabilities.model_input is None):
             return None
+        side = setting.side or capabilities.model_input
+        assert side is not None
+        try:
+            overlap = parse_overlap(config.tile_overlap, side)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         return cls(
             setting,
-            config.tile_overlap,
+            overlap,
             config.tile_match,
             capabilities.model_input,
             max(1, capabilities.task_size),
@@ -97,11 +103,8 @@ class Tiler:
                 message=message,
                 device=self.device,
             )
-        try:
-            overlap = parse_overlap(self.overlap, side)
-        except ValueError:
-            overlap = parse_overlap(None, side)  # --tile-overlap past half of a short image's tile
-        return plan_tiles(width, height, side, min(overlap, min(side, width, height) // 2))
+        # A strip shorter than the tile gets tiles of its short side: the overlap shrinks with them.
+        return plan_tiles(width, height, side, min(self.overlap, min(side, width, height) // 2))
 
     def run(self, item: Item, plan: TilePlan, run_tiles: RunTiles) -> ItemResult:
         """Every tile of ``item`` through the engine, merged into the image's one result."""

@@ -43,12 +43,12 @@ def worker_main(spec: EngineSpec, slot: int, conn: Connection, threads: int | No
     loaded = _load(spec, slot, conn, threads)
     if loaded is None:
         return
-    engine, capabilities = loaded
+    engine, capabilities, tiler = loaded
     # While serving tasks, warnings go to the pool (the run log); while loading and closing, with
     # no message to carry them, to stderr as usual.
     show = _collect_warnings()
     try:
-        _serve(engine, capabilities, conn, Tiler.for_run(spec.config, capabilities))
+        _serve(engine, capabilities, conn, tiler)
     finally:
         warnings.showwarning = show
         try:
@@ -59,10 +59,11 @@ def worker_main(spec: EngineSpec, slot: int, conn: Connection, threads: int | No
 
 def _load(
     spec: EngineSpec, slot: int, conn: Connection, threads: int | None
-) -> tuple[Engine, Capabilities] | None:
+) -> tuple[Engine, Capabilities, Tiler | None] | None:
     try:
         engine = load_factory(spec)(spec, slot)
         capabilities = _capabilities(engine)
+        tiler = Tiler.for_run(spec.config, capabilities)  # ConfigError: a bad --tile-overlap
         _set_torch_threads(threads)
     except BaseException as exc:  # noqa: BLE001 - whatever the factory raises must reach the pool
         detail = str(exc) if isinstance(exc, BatchsegError) else f"{type(exc).__name__}: {exc}"
@@ -71,7 +72,7 @@ def _load(
         return None
     if not _send_quietly(conn, Ready(os.getpid(), capabilities)):
         return None
-    return engine, capabilities
+    return engine, capabilities, tiler
 
 
 def _capabilities(engine: Engine) -> Capabilities:

@@ -159,6 +159,8 @@ class Sam3Engine:
 
     def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[ItemResult]:
         """One result per item, in order, as a pipeline (``task.Task``)."""
+        if all(item.window is None for item in items):
+            self.windows.close()  # a tiled image is done: its pixels are not kept while others run
         return Task(self, items, heartbeat).run()
 
     def close(self) -> None:
