@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import tifffile
+from _runs import start_run, wait_until
 from _storage import make_config
 from _tile_shapes import Shape
 from PIL import Image
@@ -307,3 +308,66 @@ def test_sam3_on_a_window_is_sam3_on_the_crop_in_the_image_frame(tiny_model: Pat
     ):
         assert (p, i, area, counts) == (p2, i2, area2, counts2) and s == pytest.approx(s2)
         assert box == pytest.approx([box2[0] + 300, box2[1] + 200, box2[2] + 300, box2[3] + 200])
+
+
+def test_a_killed_run_resumes_a_half_done_image_without_redoing_finished_tiles(tmp_path: Path) -> None:
+    """SIGKILL of the parent once some batches of tiles are kept: the resumed run does none of
+    them again, and its result equals an uninterrupted run's."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shapes = [
+        Shape("disc", 450, 420, 70, 70),
+        Shape("rect", 1300, 900, 500, 300),
+        Shape("ring", 2100, 600, 200, 200, 0.5),
+    ]
+    Image.fromarray(draw(shapes, 2500, 1800)).save(folder / "a.png")
+    windows = tmp_path / "windows.txt"
+    args = [
+        "run",
+        folder,
+        "--engine",
+        "poison_engine:load",
+        "--prompt",
+        "red",
+        "--tile",
+        "500",
+        "--tile-overlap",
+        "100",
+    ]
+    env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    output = tmp_path / "out"
+    kept = output / "tiles-in-progress" / "a.png"
+    live = start_run(
+        [*args, "--output", output],
+        tmp_path / "console.txt",
+        cwd=tmp_path,
+        env={**env, "BATCHSEG_TEST_WINDOWS": str(windows), "BATCHSEG_TEST_SLEEP": "0.1"},
+    )
+    assert wait_until(lambda: len(list(kept.glob("batch-*.json"))) >= 2, 60, while_alive=live), live.output()
+    live.kill()
+    first = windows.read_text().split()
+    saved = {f"{t[0]},{t[1]}" for t in _kept_windows(kept)}
+    assert 16 <= len(saved) < 30 and saved <= set(first)  # 30 tiles, 8 a batch
+    windows.unlink()
+    again = batchseg(*args, "--output", output, env={"BATCHSEG_TEST_WINDOWS": str(windows)})
+    assert again.returncode == 0, again.stdout + again.stderr
+    second = windows.read_text().split()
+    assert not saved & set(second) and len(second) == 30 - len(saved), (sorted(saved), second)
+    assert not kept.exists() and not (output / "tiles-in-progress").exists()
+    clean = tmp_path / "clean"
+    assert batchseg(*args, "--output", clean).returncode == 0
+    resumed, clean_rows = manifests(output)[1], manifests(clean)[1]
+    drop = ("run_id",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == [
+        {k: v for k, v in r.items() if k not in drop} for r in clean_rows
+    ]
+    assert_exact(shapes, resumed, 2500, 1800)
+
+
+def _kept_windows(kept: Path) -> list[tuple[int, int]]:
+    """The windows' origins of the tiles kept on disk, from their ids and the run's tile plan."""
+    from batchseg.tiles.grid import plan_tiles
+
+    plan = plan_tiles(2500, 1800, 500, 100)
+    ids = [tile_id for f in kept.glob("batch-*.json") for tile_id in json.loads(f.read_text())["tiles"]]
+    return [plan.by_id(i).window[:2] for i in ids]

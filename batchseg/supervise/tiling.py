@@ -11,6 +11,7 @@ the image, naming the tile and its window. Torch-free: this runs in the worker, 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,6 +23,7 @@ from ..records import Detection, FailureCategory, Item, ItemResult, Status, fail
 from ..tiles.grid import TilePlan, TileSetting, parse_overlap, parse_tile, plan_tiles
 from ..tiles.labelmap import label_map_relpath, write_label_map
 from ..tiles.merge import merge_tiles
+from ..tiles.progress import PROGRESS_DIR, TileProgress
 from ..tiles.source import CONVERT_HINT, upright_size
 from .contract import Capabilities
 
@@ -45,6 +47,7 @@ class Tiler:
     max_pixels: int
     max_tiled_pixels: int
     device: str
+    fingerprint: str  # of the run's configuration: finished tiles kept on disk are for it only
 
     @classmethod
     def for_run(cls, config: RunConfig, capabilities: Capabilities) -> Tiler | None:
@@ -70,6 +73,7 @@ class Tiler:
             config.max_pixels,
             config.max_tiled_pixels,
             capabilities.device,
+            config.fingerprint(),
         )
 
     def plan(self, item: Item) -> TilePlan | ItemResult | None:
@@ -109,15 +113,19 @@ class Tiler:
     def run(self, item: Item, plan: TilePlan, run_tiles: RunTiles) -> ItemResult:
         """Every tile of ``item`` through the engine, merged into the image's one result."""
         started = time.time()
-        tiles = plan.tiles
-        found: dict[str, list[Detection]] = {}
-        for first in range(0, len(tiles), self.batch):
-            batch = tiles[first : first + self.batch]
+        progress = self.progress(item, plan)
+        found = progress.load()  # tiles finished before a kill, a crash or a failing tile
+        todo = [t for t in plan.tiles if t.id not in found]
+        for first in range(0, len(todo), self.batch):
+            batch = todo[first : first + self.batch]
             results = run_tiles([replace(item, window=t.window) for t in batch])
             for tile, result in zip(batch, results, strict=True):
                 if result.status is not Status.OK:
                     return _tile_failure(item, tile.id, tile.window, result, started)
-                found[tile.id] = result.detections
+            done = {tile.id: result.detections for tile, result in zip(batch, results, strict=True)}
+            found.update(done)
+            if first + self.batch < len(todo):  # the last batch is merged at once
+                _keep(progress, batch[0].id, done)
         try:
             merged = merge_tiles(plan, found, match=self.match)
             detections = [
@@ -139,6 +147,7 @@ class Tiler:
                 device=self.device,
                 started_at=started,
             )
+        progress.clear()
         return ItemResult(
             path=item.path,
             status=Status.OK,
@@ -150,6 +159,27 @@ class Tiler:
             finished_at=time.time(),
             device=self.device,
         )
+
+    def progress(self, item: Item, plan: TilePlan) -> TileProgress:
+        """Where the finished tiles of ``item`` are kept, for this input, configuration and plan."""
+        key = {
+            "path": item.path,
+            "size_bytes": item.size_bytes,
+            "mtime_ns": item.mtime_ns,
+            "content_hash": item.content_hash,
+            "fingerprint": self.fingerprint,
+            "plan": [plan.width, plan.height, plan.side, plan.overlap],
+        }
+        folder = imageio.safe_output_path(self.output_dir, f"{PROGRESS_DIR}/{item.path}")
+        return TileProgress(folder, key)
+
+
+def _keep(progress: TileProgress, first: str, done: dict[str, list[Detection]]) -> None:
+    """Keep finished tiles on disk; a folder that cannot be written only costs them on resume."""
+    try:
+        progress.save(first, done)
+    except OSError as exc:
+        warnings.warn(f"finished tiles not kept in {progress.folder}: {exc}", RuntimeWarning, stacklevel=2)
 
 
 def _tile_failure(
