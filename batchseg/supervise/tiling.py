@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .. import imageio
+from .. import __version__, imageio
 from ..config import RunConfig
 from ..errors import ConfigError, InvalidImageError
 from ..records import Detection, FailureCategory, Item, ItemResult, Status, failure_result
@@ -168,6 +168,7 @@ class Tiler:
             "mtime_ns": item.mtime_ns,
             "content_hash": item.content_hash,
             "fingerprint": self.fingerprint,
+            "batchseg": __version__,  # another version may find other detections
             "plan": [plan.width, plan.height, plan.side, plan.overlap],
         }
         folder = imageio.safe_output_path(self.output_dir, f"{PROGRESS_DIR}/{item.path}")

@@ -4,9 +4,9 @@ After each batch of tiles the worker writes their detections (window RLE, prompt
 area) to ``OUTPUT/tiles-in-progress/<relative path>/batch-<first tile>.json``, atomically. When the
 image is processed again (the run was killed, the worker crashed, a tile failed), the tiles found
 there are not run again. Each file carries a key (the input's size, mtime and hash, the run's
-configuration fingerprint and the tile plan), and a file whose key differs is ignored, so a changed
-image or other settings never reuse old tiles. The folder goes when the image's label map is
-written. Torch-free.
+configuration fingerprint, the batchseg version and the tile plan); a file whose key differs is
+ignored, so a changed image or other settings never reuse old tiles. The folder goes when the
+image's label map is written. Torch-free.
 """
 
 from __future__ import annotations
