@@ -201,6 +201,22 @@ def test_a_poison_tile_fails_its_image_naming_the_tile(tmp_path: Path) -> None:
     assert images["small.png"]["status"] == "ok"  # the other image of the task is not touched
 
 
+def test_the_watchdog_budget_is_per_batch_of_tiles_not_per_image(tmp_path: Path) -> None:
+    """30 tiles of 0.06 s each take longer than --timeout 1, which bounds a batch, not the image."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(draw([Shape("disc", 1200, 500, 90, 90)], 2500, 1800)).save(folder / "a.png")
+    output = tmp_path / "out"
+    done = batchseg(
+        "run", folder, "--output", output, "--engine", "poison_engine:load", "--prompt", "red",
+        "--tile", "500", "--tile-overlap", "100", "--timeout", "1", "--max-attempts", "1",
+        env={"BATCHSEG_TEST_SLEEP": "0.06"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    images, _ = manifests(output)
+    assert images["a.png"]["status"] == "ok" and images["a.png"]["duration_s"] > 1.5
+
+
 def test_an_overlap_past_half_a_tile_ends_the_run_before_any_image(
     seams_folder: Path, tmp_path: Path
 ) -> None:
