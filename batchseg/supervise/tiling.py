@@ -52,7 +52,7 @@ class Tiler:
     @classmethod
     def for_run(cls, config: RunConfig, capabilities: Capabilities) -> Tiler | None:
         """None when nothing is ever tiled (``--tile off``, or ``auto`` for an engine without a
-        model input). ConfigError for an overlap of more than half the tile."""
+        model input). ConfigError for an overlap of more than half the tile or a match of 0."""
         setting = parse_tile(config.tile or "auto")
         if setting.mode == "off" or (setting.mode == "auto" and capabilities.model_input is None):
             return None
@@ -62,6 +62,8 @@ class Tiler:
             overlap = parse_overlap(config.tile_overlap, side)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        if not config.tile_match > 0.0:
+            raise ConfigError("--tile-match must be more than 0: at 0 every two detections would be one")
         return cls(
             setting,
             overlap,
