@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -246,6 +247,9 @@ def test_an_output_folder_made_before_tiling_resumes_with_tiling_off(tmp_path: P
         assert cp.counts()["missing"] == 2  # the folder's images are gone: nothing ran
     assert summary.log_path is not None
     assert "--tile not given: off" in summary.log_path.read_text()
+    with sqlite3.connect(output / "checkpoint.sqlite") as db:  # the column added on opening
+        assert db.execute("SELECT tiles FROM detections").fetchall() == [(1,)]
+    assert [d["tiles"] for d in manifests(output)[1]] == [1]
     fresh = run(config.with_changes(output=tmp_path / "new"))
     assert fresh.exit_code == 0
     with Checkpoint.open_existing(tmp_path / "new", read_only=True) as cp:
