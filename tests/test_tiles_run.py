@@ -200,6 +200,19 @@ def test_a_poison_tile_fails_its_image_naming_the_tile(tmp_path: Path) -> None:
     assert not (output / "masks" / "a.png.tif").exists()
     assert not [d for d in detections if d["path"] == "a.png"]
     assert images["small.png"]["status"] == "ok"  # the other image of the task is not touched
+    # The tiles that finished are kept; `batchseg retry` (no poison now) runs only the others.
+    kept = {
+        i
+        for f in (output / "tiles-in-progress" / "a.png").glob("*.json")
+        for i in json.loads(f.read_text())["tiles"]
+    }
+    assert len(kept) == 7 and "r000c001" not in kept  # 9 tiles; the batch of 8 held the poison
+    windows = tmp_path / "windows.txt"
+    again = batchseg("retry", output, env={"BATCHSEG_TEST_WINDOWS": str(windows)})
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert sorted(windows.read_text().split()) == ["1492,792", "756,0"]  # r000c001 and r002c002
+    images, detections = manifests(output)
+    assert images["a.png"]["status"] == "ok" and len([d for d in detections if d["path"] == "a.png"]) == 1
 
 
 def test_the_watchdog_budget_is_per_batch_of_tiles_not_per_image(tmp_path: Path) -> None:

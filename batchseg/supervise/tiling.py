@@ -121,13 +121,15 @@ class Tiler:
         for first in range(0, len(todo), self.batch):
             batch = todo[first : first + self.batch]
             results = run_tiles([replace(item, window=t.window) for t in batch])
-            for tile, result in zip(batch, results, strict=True):
-                if result.status is not Status.OK:
-                    return _tile_failure(item, tile.id, tile.window, result, started)
-            done = {tile.id: result.detections for tile, result in zip(batch, results, strict=True)}
+            pairs = list(zip(batch, results, strict=True))
+            done = {tile.id: result.detections for tile, result in pairs if result.status is Status.OK}
             found.update(done)
-            if first + self.batch < len(todo):  # the last batch is merged at once
+            failed = [(tile, result) for tile, result in pairs if result.status is not Status.OK]
+            if done and (failed or first + self.batch < len(todo)):  # the last batch is merged at once
                 _keep(progress, batch[0].id, done)
+            if failed:  # the image fails; its finished tiles stay kept for the next attempt
+                tile, result = failed[0]
+                return _tile_failure(item, tile.id, tile.window, result, started)
         try:
             merged = merge_tiles(plan, found, match=self.match)
             detections = [
