@@ -40,6 +40,7 @@ from .values import (
     PathValue,
     Text,
     TextList,
+    TileSide,
     TimeOfDay,
 )
 
@@ -245,6 +246,40 @@ class RunOptions:
         help="Images with more pixels are refused as invalid_input.",
         reader=ENGINE,
         fingerprint=True,
+    )
+    # --- large images in tiles (README, "Large images: tiles") -------------------------------------
+    tile: str | None = option(
+        TileSide(),
+        None,
+        help="auto, off or N: cut large images into tiles of N source pixels, merged across seams.",
+        reader=ENGINE,
+        fingerprint=True,
+        upgrade="off",  # before tiling every image was processed whole
+        default_text="`auto` (`off` in a folder made before tiling)",
+    )
+    tile_overlap: int | None = option(
+        CountOrAuto(2),
+        None,
+        help="Overlap of neighbouring tiles, pixels (2 to half a tile).",
+        reader=ENGINE,
+        fingerprint=True,
+        upgrade=None,
+        default_text="a quarter of the tile",
+    )
+    tile_match: float = option(
+        Fraction(),
+        0.5,
+        help="Two tiles' detections are one object when they share this much of the smaller mask.",
+        reader=ENGINE,
+        fingerprint=True,
+        upgrade=0.5,
+    )
+    max_tiled_pixels: int = option(
+        Count(),
+        4_000_000_000,
+        help="Largest image read by window (tiled or striped TIFF/BigTIFF).",
+        reader=ENGINE,
+        retry=True,
     )
     # --- how to run: may change between attempts -------------------------------------------------
     workers: int | None = option(

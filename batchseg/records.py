@@ -78,6 +78,7 @@ class Detection:
     box: tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels of the original image
     area_px: int  # pixels of this instance in the label map
     mask_rle: str  # COCO compressed RLE counts of (label map == index), column-major
+    tiles: int = 1  # tiles of a tiled image that had a view of it folded into this detection
 
 
 @dataclass

@@ -9,6 +9,7 @@ The parent never imports torch: SAM3 lives in the worker processes only.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import time
@@ -114,6 +115,7 @@ def _run_locked(
     if removed:
         log.info(f"removed {removed} unfinished temp file(s) left by an interrupted run")
     _check_root(config.input)  # before the checkpoint stores a run for a folder that is not there
+    config = _resolve_tile(config, log)
     checkpoint = open_run(output_dir, config, new_run=config.new_run)
     try:
         found = discover(
@@ -154,6 +156,27 @@ def _run_locked(
     log.summary(counts, summary.elapsed_s, summary.exit_code)
     report_after_run(config, log, retried=retry_statuses is not None, stopped=summary.stopped)
     return summary
+
+
+def _resolve_tile(config: RunConfig, log: RunLog) -> RunConfig:
+    """``--tile`` not given: ``auto`` for a new output folder, the stored value for an existing
+    one, and ``off`` for a folder made before tiling existed (so it resumes as it was made)."""
+    if config.tile is not None:
+        return config
+    stored: dict[str, Any] | None = None
+    if not config.new_run:
+        with contextlib.suppress(BatchsegError):
+            stored = _stored_config(config.output_dir)
+    if stored is None:
+        return config.with_changes(tile="auto")
+    tile = stored.get("tile")
+    if tile is None:
+        log.info(
+            "--tile not given: off, as in the run this output folder holds (made before tiling); "
+            "pass --tile auto with --new-run to tile large images"
+        )
+        return config.with_changes(tile="off")
+    return config.with_changes(tile=str(tile))
 
 
 def _record_collision(checkpoint: Checkpoint, config: RunConfig, path: str, kept: str, log: RunLog) -> None:

@@ -35,6 +35,7 @@ __all__ = [
     "PathValue",
     "Text",
     "TextList",
+    "TileSide",
     "TimeOfDay",
     "WINDOWS_PATH_HINT",
     "duration_seconds",
@@ -410,6 +411,21 @@ class TimeOfDay(Kind[str]):
             except ConfigError:
                 pass
         raise self.refuse(value, toml)
+
+
+class TileSide(Kind[str | None]):
+    """``auto``, ``off`` or a tile side in pixels (at least 64), kept as text: "auto", "off", "1008"."""
+
+    expected = "auto, off or a tile side in pixels (an integer >= 64)"
+    metavar = "auto|off|N"
+
+    def read(self, value: object, toml: bool) -> str | None:
+        if isinstance(value, str) and value.strip().lower() in ("auto", "off"):
+            return value.strip().lower()
+        number = _read_int(value, toml)
+        if number is None or number < 64:
+            raise self.refuse(value, toml)
+        return str(number)
 
 
 class Choice(Kind[str]):

@@ -13,7 +13,9 @@ from batchseg.records import Detection, Item, ItemResult, Status
 
 
 def make_config(**changes: object) -> RunConfig:
-    base = RunConfig(input=Path("aerial"), prompts=("roof",), model="models/sam3")
+    # tile="off": what the runner resolves --tile to for a folder made before tiling (the runner
+    # does that, Checkpoint.open does not), so these configurations open tests/data/run-made-by-0.1.0.
+    base = RunConfig(input=Path("aerial"), prompts=("roof",), model="models/sam3", tile="off")
     return base.with_changes(**changes) if changes else base
 
 

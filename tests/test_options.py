@@ -40,6 +40,7 @@ from batchseg.values import (
     PathValue,
     Text,
     TextList,
+    TileSide,
     TimeOfDay,
 )
 
@@ -73,6 +74,7 @@ def example(opt: Option, folder: Path) -> tuple[list[str], str, str, Any]:
         ModuleFunction: [("some.module:load", "some.module:load"), ("other:load", "other:load")],
         PathValue: [(str(folder / "there"), folder / "there"), (str(folder / "else"), folder / "else")],
         Text: [("some text", "some text"), ("other text", "other text")],
+        TileSide: [("off", "off"), ("auto", "auto")],
     }.get(type(kind), [])
     if isinstance(kind, Number):
         candidates = [(str(kind.minimum + x), kind.minimum + x) for x in (1.5, 2.5)]

@@ -245,7 +245,9 @@ def test_each_image_is_timed_by_its_own_sub_batch(
 def test_capabilities_say_what_the_pool_needs(tiny_model: Path, folder: Path, tmp_path: Path) -> None:
     engine = make_engine(tiny_model, folder, tmp_path, batch_size=3, overlap=False)
     # On a CPU: 4 sub-batches a task, a heartbeat after each, no GPU.
-    assert engine.capabilities == Capabilities("cpu float32", task_size=12, heartbeat_every=3, gpu_count=0)
+    assert engine.capabilities == Capabilities(
+        "cpu float32", task_size=12, heartbeat_every=3, gpu_count=0, model_input=112
+    )
     assert (engine.device, engine.preferred_task_size, engine.heartbeat_every) == ("cpu float32", 12, 3)
 
 

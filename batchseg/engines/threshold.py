@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageColor
+from PIL import ImageColor
 
 from .. import imageio, rle
 from ..errors import ConfigError, InvalidImageError
 from ..records import Detection, FailureCategory, Item, ItemResult, Status, failure_result
 from ..supervise.contract import Capabilities, EngineSpec, HeartbeatFn
+from ..tiles.source import DEFAULT_MAX_TILED_PIXELS, WindowReader
 
 __all__ = ["TOLERANCE", "ThresholdEngine", "components", "load", "parse_colour"]
 
@@ -36,7 +37,12 @@ def load(spec: EngineSpec, slot: int) -> ThresholdEngine:
     if not colours:
         raise ConfigError("give at least one colour (--prompt red, --prompt '#00ff00')")
     return ThresholdEngine(
-        colours, Path(config.input), Path(config.output_dir), config.max_pixels, config.max_detections
+        colours,
+        Path(config.input),
+        Path(config.output_dir),
+        config.max_pixels,
+        config.max_detections,
+        config.max_tiled_pixels,
     )
 
 
@@ -71,6 +77,7 @@ class ThresholdEngine:
         output_dir: Path,
         max_pixels: int,
         max_detections: int,
+        max_tiled_pixels: int = DEFAULT_MAX_TILED_PIXELS,
     ) -> None:
         self.colours = list(colours)
         self.input_root = input_root
@@ -78,8 +85,11 @@ class ThresholdEngine:
         self.max_pixels = max_pixels
         self.max_detections = max_detections
         self.capabilities = Capabilities(device="cpu numpy", task_size=8, heartbeat_every=1)
+        self.reader = WindowReader(max_pixels, max_tiled_pixels)
 
     def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[ItemResult]:
+        if all(item.window is None for item in items):
+            self.reader.close()  # a tiled image is done: its pixels are not kept while others run
         results = []
         for k, item in enumerate(items):
             heartbeat((), k + 1)  # nothing past this item is touched yet
@@ -88,18 +98,26 @@ class ThresholdEngine:
         return results
 
     def close(self) -> None:
-        pass
+        self.reader.close()
 
     def one(self, item: Item) -> ItemResult:
         """One image (or its window): its result, failures included."""
         started = time.time()
         device = self.capabilities.device
         try:
-            image = imageio.read_image(self.input_root / item.path, self.max_pixels)
+            if item.window is None:
+                image = imageio.read_image(self.input_root / item.path, self.max_pixels)
+                pixels, (left, top), (width, height) = np.asarray(image), (0, 0), image.size
+            else:
+                # The tiles of an image come one after another: the image is read once, a tiled
+                # TIFF only chunk by chunk (tiles.WindowReader).
+                pixels, width, height = self.reader.read(self.input_root / item.path, item.window)
+                left, top = item.window[:2]
         except InvalidImageError as exc:
             return failure_result(item, Status.INVALID_INPUT, exc=exc, device=device, started_at=started)
+        except Exception as exc:  # noqa: BLE001 - any per-image failure is that image's result
+            return failure_result(item, Status.ERROR, exc=exc, device=device, started_at=started)
         try:
-            pixels, (left, top) = _window(image, item.window)
             labels, instances = self.label(pixels, left, top)
         except Exception as exc:  # noqa: BLE001 - any per-image failure is that image's result
             return failure_result(item, Status.ERROR, exc=exc, device=device, started_at=started)
@@ -122,8 +140,8 @@ class ThresholdEngine:
         return ItemResult(
             path=item.path,
             status=Status.OK,
-            width=image.width,
-            height=image.height,
+            width=width,
+            height=height,
             detections=detections,
             mask_path=mask_path,
             started_at=started,
@@ -154,17 +172,6 @@ class ThresholdEngine:
 def _shifted(box: tuple[int, int, int, int], left: int, top: int) -> tuple[float, float, float, float]:
     x0, y0, x1, y1 = box
     return float(x0 + left), float(y0 + top), float(x1 + left), float(y1 + top)
-
-
-def _window(
-    image: Image.Image, window: tuple[int, int, int, int] | None
-) -> tuple[np.ndarray, tuple[int, int]]:
-    if window is None:
-        return np.asarray(image), (0, 0)
-    x0, y0, x1, y1 = window
-    if not (0 <= x0 < x1 <= image.width and 0 <= y0 < y1 <= image.height):
-        raise ValueError(f"window {window} is not inside the {image.width}x{image.height} image")
-    return np.asarray(image.crop(window)), (x0, y0)
 
 
 def _largest(found: np.ndarray, count: int, limit: int) -> list[int]:

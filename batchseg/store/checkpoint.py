@@ -376,6 +376,7 @@ class Checkpoint:
                 "mask_height": result.height,
                 "mask_width": result.width,
                 "run_id": self.run_id,
+                "tiles": int(d.tiles),
             }
             rows.append(tuple(values[c] for c in _DETECTION_COLUMNS))
         return rows

@@ -66,10 +66,16 @@ def manifest_seed(output_dir: Path) -> Seed | None:
         if not whole or not detections_path.is_file():
             return
         with _reading(detections_path):
-            names = [c.manifest_name for c in DETECTIONS.stored]
-            for batch in pq.ParquetFile(detections_path).iter_batches(BATCH_ROWS, columns=names):
+            source = pq.ParquetFile(detections_path)
+            have = set(source.schema_arrow.names)
+            columns = DETECTIONS.stored
+            names = [c.manifest_name for c in columns if c.manifest_name in have]
+            for batch in source.iter_batches(BATCH_ROWS, columns=names):
                 cols = batch.to_pydict()
-                yield list(zip(*(cols[n] for n in names), strict=True))
+                n = batch.num_rows
+                # A column added after the manifest was written: its default for every row.
+                full = [cols.get(c.manifest_name, [c.default] * n) for c in columns]
+                yield list(zip(*full, strict=True))
 
     return Seed(run, images_path, images, detections)
 

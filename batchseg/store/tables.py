@@ -55,6 +55,7 @@ class Column:
     sql: str | None
     arrow: pa.DataType | None
     arrow_name: str | None = None
+    default: object = None  # the value of rows written before the column existed
 
     @property
     def manifest_name(self) -> str:
@@ -95,8 +96,14 @@ class Table:
         return pa.schema([(c.manifest_name, c.arrow) for c in self.exported])
 
 
-def _c(name: str, sql: str | None, arrow: pa.DataType | None, arrow_name: str | None = None) -> Column:
-    return Column(name, sql, arrow, arrow_name)
+def _c(
+    name: str,
+    sql: str | None,
+    arrow: pa.DataType | None,
+    arrow_name: str | None = None,
+    default: object = None,
+) -> Column:
+    return Column(name, sql, arrow, arrow_name, default)
 
 
 IMAGES = Table(
@@ -148,6 +155,9 @@ DETECTIONS = Table(
         _c("mask_height", "INTEGER", pa.int32()),
         _c("mask_width", "INTEGER", pa.int32()),
         _c("run_id", "TEXT", pa.string()),
+        # Tiles of a tiled image folded into this detection (1 for an image processed whole);
+        # a checkpoint or manifest written before tiling reads as 1.
+        _c("tiles", "INTEGER NOT NULL DEFAULT 1", pa.int32(), default=1),
     ),
     key=("path", "idx"),
     without_rowid=True,

@@ -33,6 +33,10 @@ class Capabilities:
     heartbeat_every: int = 0
     #: CUDA devices this worker sees: with ``--workers`` unset the pool starts one worker per GPU.
     gpu_count: int = 0
+    #: Side of the square the model resizes every input to (SAM3: 1008), or None (no preferred
+    #: size, e.g. the threshold engine). ``--tile auto`` tiles images whose long side exceeds
+    #: 2 x this, in tiles of this side; with None, ``auto`` processes every image whole.
+    model_input: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not self.device:
@@ -42,6 +46,9 @@ class Capabilities:
             least = 1 if name == "task_size" else 0
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise TypeError(f"Capabilities.{name} must be an int of at least {least}, not {value!r}")
+        side = self.model_input
+        if side is not None and (not isinstance(side, int) or isinstance(side, bool) or side < 1):
+            raise TypeError(f"Capabilities.model_input must be None or an int of at least 1, not {side!r}")
 
 
 #: ``heartbeat(finished=(), reached=None)``, always passed to ``Engine.process``:

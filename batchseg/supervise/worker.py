@@ -22,8 +22,9 @@ from ..errors import BatchsegError, ConfigError
 from ..records import FailureCategory, Item, ItemResult, Status, failure_result
 from .contract import Capabilities, Engine, EngineSpec, load_factory
 from .messages import Ack, Done, Heartbeat, LoadFailed, Ready, Task, Threads
+from .tiling import Tiler
 
-__all__ = ["THREAD_ENV_VARS", "configure_openmp", "run_task", "serve_connection", "worker_main"]
+__all__ = ["THREAD_ENV_VARS", "configure_openmp", "run_items", "run_task", "serve_connection", "worker_main"]
 
 #: Read by OpenMP / MKL / OpenBLAS when torch is imported; set before the engine factory runs.
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -48,12 +49,12 @@ def serve_connection(spec: EngineSpec, slot: int, conn: Connection, threads: int
     loaded = _load(spec, slot, conn, threads)
     if loaded is None:
         return
-    engine, capabilities = loaded
+    engine, capabilities, tiler = loaded
     # While serving tasks, warnings go to the pool (the run log); while loading and closing, with
     # no message to carry them, to stderr as usual.
     show = _collect_warnings()
     try:
-        _serve(engine, capabilities, conn)
+        _serve(engine, capabilities, conn, tiler)
     finally:
         warnings.showwarning = show
         try:
@@ -64,10 +65,11 @@ def serve_connection(spec: EngineSpec, slot: int, conn: Connection, threads: int
 
 def _load(
     spec: EngineSpec, slot: int, conn: Connection, threads: int | None
-) -> tuple[Engine, Capabilities] | None:
+) -> tuple[Engine, Capabilities, Tiler | None] | None:
     try:
         engine = load_factory(spec)(spec, slot)
         capabilities = _capabilities(engine)
+        tiler = Tiler.for_run(spec.config, capabilities)  # ConfigError: a bad --tile-overlap
         _set_torch_threads(threads)
     except BaseException as exc:  # noqa: BLE001 - whatever the factory raises must reach the pool
         detail = str(exc) if isinstance(exc, BatchsegError) else f"{type(exc).__name__}: {exc}"
@@ -76,7 +78,7 @@ def _load(
         return None
     if not _send_quietly(conn, Ready(os.getpid(), capabilities)):
         return None
-    return engine, capabilities
+    return engine, capabilities, tiler
 
 
 def _capabilities(engine: Engine) -> Capabilities:
@@ -86,7 +88,7 @@ def _capabilities(engine: Engine) -> Capabilities:
     return capabilities
 
 
-def _serve(engine: Engine, capabilities: Capabilities, conn: Connection) -> None:
+def _serve(engine: Engine, capabilities: Capabilities, conn: Connection, tiler: Tiler | None) -> None:
     while True:
         try:
             message = conn.recv()
@@ -103,9 +105,54 @@ def _serve(engine: Engine, capabilities: Capabilities, conn: Connection) -> None
         if not _send_quietly(conn, Ack(message.task_id)):
             return
         beat = _Beat(conn, message.task_id, capabilities, live=capabilities.heartbeat_every > 0)
-        results = run_task(engine, capabilities, message.items, beat)
+        results = run_items(engine, capabilities, message.items, beat, tiler)
         if not _send_done(conn, message.task_id, message.items, results, capabilities):
             return
+
+
+def run_items(
+    engine: Engine, capabilities: Capabilities, items: Sequence[Item], heartbeat: _Beat, tiler: Tiler | None
+) -> list[ItemResult]:
+    """Run a task's items: the images the tiler plans as tiles one by one through their tiles
+    (``Tiler.run``), the others in runs of consecutive items through ``run_task``; never raises."""
+    plans = [tiler.plan(item) for item in items] if tiler is not None else []
+    if tiler is None or all(plan is None for plan in plans):
+        return run_task(engine, capabilities, items, heartbeat)
+    results: list[ItemResult] = []
+    whole: list[int] = []
+
+    def flush() -> None:
+        if whole:
+            batch = [items[i] for i in whole]
+            results.extend(run_task(engine, capabilities, batch, heartbeat.shifted(whole[0])))
+            whole.clear()
+
+    for k, (item, plan) in enumerate(zip(items, plans, strict=True)):
+        if plan is None:
+            whole.append(k)
+            continue
+        flush()
+        heartbeat((), k + 1)  # nothing past this image is touched yet
+        started = time.time()
+        if isinstance(plan, ItemResult):
+            result = plan
+        else:
+            tile_beat = _TileBeat(heartbeat.conn, heartbeat.task_id, capabilities, True)
+
+            def run_tiles(batch: Sequence[Item], beat: _TileBeat = tile_beat) -> list[ItemResult]:
+                done = run_task(engine, capabilities, batch, beat)
+                beat()  # the watchdog's budget is per batch of tiles
+                return done
+
+            try:
+                result = tiler.run(item, plan, run_tiles)
+            except Exception as exc:  # noqa: BLE001 - the worker never raises across the pipe
+                result = failure_result(item, Status.ERROR, exc=exc, device=capabilities.device)
+        _stamp(result, capabilities, started, time.time())
+        results.append(result)
+        heartbeat([(k, result)])
+    flush()
+    return results
 
 
 def run_task(
@@ -192,6 +239,22 @@ class _Beat:
     def shifted(self, offset: int) -> _Beat:
         """The heartbeat for item ``offset`` of this task run on its own."""
         return _Beat(self.conn, self.task_id, self.capabilities, self.live, self.offset + offset)
+
+
+class _TileBeat(_Beat):
+    """The heartbeat of a batch of tiles: restarts the watchdog's clock and keeps what the engine
+    reported (so a failing batch reruns only the tiles not reported), but sends no results: a
+    tile's result is not an image's."""
+
+    def __call__(self, finished: Sequence[tuple[int, ItemResult]] = (), reached: int | None = None) -> None:
+        now = time.time()
+        for _index, result in finished:
+            _stamp(result, self.capabilities, self.started, now)
+        self.sent.update(finished)
+        _send_quietly(self.conn, Heartbeat(self.task_id, (), None, _take_notes()))
+
+    def shifted(self, offset: int) -> _TileBeat:
+        return _TileBeat(self.conn, self.task_id, self.capabilities, True, self.offset + offset)
 
 
 def _send_done(

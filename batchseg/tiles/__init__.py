@@ -7,13 +7,14 @@ detections come back as RLE of the window. ``merge_tiles`` turns them into one d
 object with boxes, RLE and ``SparseMask`` runs, never a full-size array: duplicates are found by
 mask intersection over the smaller mask inside the overlap, objects larger than a tile are joined
 across seams, labels run 1..N by score. ``write_label_map`` then writes a tiled TIFF block by block,
-and ``open_source`` reads big inputs by window. Nothing here imports torch. See docs/tiles.md.
+and ``open_source`` reads big inputs by window. Nothing here imports torch. See the README,
+"Large images: tiles".
 """
 
 from .grid import AUTO_FACTOR, Tile, TilePlan, TileSetting, parse_overlap, parse_tile, plan_tiles
 from .labelmap import label_map_relpath, read_label_window, write_label_map
 from .merge import DEFAULT_MATCH, MergedDetection, TileDetection, merge_tiles
-from .source import DEFAULT_MAX_TILED_PIXELS, ImageSource, open_source
+from .source import DEFAULT_MAX_TILED_PIXELS, ImageSource, WindowReader, open_source, upright_size
 from .sparse import SparseMask
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "TileDetection",
     "TilePlan",
     "TileSetting",
+    "WindowReader",
     "label_map_relpath",
     "merge_tiles",
     "open_source",
@@ -34,5 +36,6 @@ __all__ = [
     "parse_tile",
     "plan_tiles",
     "read_label_window",
+    "upright_size",
     "write_label_map",
 ]

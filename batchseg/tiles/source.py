@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from typing import Any, Protocol
 
 import numpy as np
@@ -23,7 +24,15 @@ import tifffile
 from .. import imageio
 from ..errors import InvalidImageError
 
-__all__ = ["DEFAULT_MAX_TILED_PIXELS", "ImageSource", "TiffSource", "WholeSource", "open_source"]
+__all__ = [
+    "DEFAULT_MAX_TILED_PIXELS",
+    "ImageSource",
+    "TiffSource",
+    "WholeSource",
+    "WindowReader",
+    "open_source",
+    "upright_size",
+]
 
 #: Largest image read by window (width x height).
 DEFAULT_MAX_TILED_PIXELS = 4_000_000_000
@@ -228,3 +237,89 @@ def _header_size(path: str | os.PathLike[str]) -> tuple[int, int]:
             f"The file is not an image that can be read ({type(exc).__name__}: {exc}); check that it is "
             "a complete image file."
         ) from exc
+
+
+def _is_tiff(path: str | os.PathLike[str]) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(4) in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def upright_size(path: str | os.PathLike[str]) -> tuple[int, int, bool]:
+    """(width, height, windowed) of the upright image from its header only, no pixel decoded;
+    ``windowed``: ``open_source`` reads it by window rather than whole. InvalidImageError when
+    even the header cannot be read."""
+    try:
+        is_tiff = _is_tiff(path)
+    except OSError as exc:
+        raise InvalidImageError(f"The file cannot be opened ({exc.strerror or exc}).") from exc
+    if is_tiff:
+        try:
+            source = TiffSource(path)
+        except Exception as exc:  # noqa: BLE001 - tifffile's many errors become one input problem
+            raise InvalidImageError(f"The TIFF file cannot be read ({type(exc).__name__}: {exc}).") from exc
+        try:
+            page = source._page
+            planar_ok = int(page.planarconfig) == 1 or int(page.samplesperpixel) == 1
+            orientation = int(getattr(page.tags.get(274), "value", 1))
+            windowed = source.chunk_bytes <= MAX_CHUNK_BYTES and planar_ok and orientation == 1
+            width, height = source.width, source.height
+        finally:
+            source.close()
+        return (height, width, windowed) if orientation in (5, 6, 7, 8) else (width, height, windowed)
+    from PIL import Image
+
+    try:
+        with imageio._PILLOW_LIMIT_LOCK:
+            limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                with Image.open(path) as im:
+                    width, height = imageio._upright_size(im)
+            finally:
+                Image.MAX_IMAGE_PIXELS = limit
+    except Exception as exc:  # noqa: BLE001 - Pillow's many errors become one input problem
+        raise InvalidImageError(
+            f"The file is not an image that can be read ({type(exc).__name__}: {exc}); check that it is "
+            "a complete image file."
+        ) from exc
+    return width, height, False
+
+
+class WindowReader:
+    """Windows of one image at a time, for an engine given windowed items: the image is opened
+    (``open_source``) when a window of it is first asked for and kept until a window of another
+    image is, so the tiles of an image cost one decode (a JPEG) or only their chunks (a tiled
+    TIFF). Safe to share between I/O threads."""
+
+    def __init__(self, max_pixels: int, max_tiled_pixels: int = DEFAULT_MAX_TILED_PIXELS) -> None:
+        self.max_pixels, self.max_tiled_pixels = max_pixels, max_tiled_pixels
+        self._lock = threading.Lock()
+        self._path: str | None = None
+        self._source: ImageSource | None = None
+
+    def read(
+        self, path: str | os.PathLike[str], window: tuple[int, int, int, int]
+    ) -> tuple[np.ndarray, int, int]:
+        """(pixels of ``window``, width, height of the whole upright image); ValueError for a window
+        outside the image, InvalidImageError for an image that cannot be read."""
+        with self._lock:
+            key = os.fspath(path)
+            if self._source is None or self._path != key:
+                self.close_unlocked()
+                self._source = open_source(
+                    path, max_pixels=self.max_pixels, max_tiled_pixels=self.max_tiled_pixels
+                )
+                self._path = key
+            source = self._source
+            x0, y0, x1, y1 = window
+            if not (0 <= x0 < x1 <= source.width and 0 <= y0 < y1 <= source.height):
+                raise ValueError(f"window {window} is not inside the {source.width}x{source.height} image")
+            return source.read(window), source.width, source.height
+
+    def close_unlocked(self) -> None:
+        if self._source is not None:
+            self._source.close()
+        self._source, self._path = None, None
+
+    def close(self) -> None:
+        with self._lock:
+            self.close_unlocked()

@@ -31,6 +31,7 @@ from ...config import RunConfig
 from ...errors import ConfigError, InvalidImageError, OutputError
 from ...records import Detection, FailureCategory, Item, ItemResult, Status, failure_result
 from ...supervise.contract import Capabilities, HeartbeatFn
+from ...tiles.source import WindowReader
 from .ladder import OutOfMemoryLadder
 from .model import max_prompt_tokens, resolve_device
 from .postprocess import (
@@ -48,6 +49,9 @@ from .speedups import priority_stream, speed_up
 from .task import Task
 
 __all__ = ["EncodedImages", "PromptText", "Sam3Engine", "pick_device", "plan_gpu_use"]
+
+#: ``image.info`` key of a window's image: (width, height) of the whole upright image.
+WHOLE_SIZE = "batchseg_whole_size"
 
 #: Threads reading images and writing masks beside the forward pass (PIL and zlib release the GIL).
 IO_THREADS = int(os.environ.get("BATCHSEG_IO_THREADS", 0)) or max(1, min(8, (os.cpu_count() or 2) // 2))
@@ -117,11 +121,13 @@ class Sam3Engine:
         if self._backbone is not None:
             # Compile and capture during the load (its own timeout), not in the first image's.
             self.warm_up()
+        size = self.processor.image_processor.size
         self.capabilities = Capabilities(
             device=self.device,
             task_size=task_size(self.max_batch, cuda),
             heartbeat_every=self.max_batch,  # a heartbeat after each sub-batch
             gpu_count=torch.cuda.device_count() if cuda else 0,
+            model_input=max(int(size["height"]), int(size["width"])),  # 1008 for SAM3
         )
         # Read by the worker until it reads ``capabilities``.
         self.preferred_task_size = self.capabilities.task_size
@@ -142,6 +148,8 @@ class Sam3Engine:
         self.overlap = cuda
         self._post_stream = priority_stream(self.torch_device) if cuda else None
         self.io = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="batchseg-io")
+        # Windowed items (tiles): the image stays open while its windows are read.
+        self.windows = WindowReader(config.max_pixels, config.max_tiled_pixels)
 
     @property
     def max_batch(self) -> int:
@@ -152,11 +160,14 @@ class Sam3Engine:
 
     def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[ItemResult]:
         """One result per item, in order, as a pipeline (``task.Task``)."""
+        if all(item.window is None for item in items):
+            self.windows.close()  # a tiled image is done: its pixels are not kept while others run
         return Task(self, items, heartbeat).run()
 
     def close(self) -> None:
         """Drop the model; on CUDA hand the cached memory back."""
         self.io.shutdown(wait=True)
+        self.windows.close()
         self.model = None
         self.prompts = []
         self.release_memory()
@@ -188,9 +199,12 @@ class Sam3Engine:
         """An item's image (on a GPU its pixels also pinned for the copy), or its failure result."""
         started = time.time()
         try:
-            image = imageio.read_image(
-                self.input_root / item.path, self.config.max_pixels, draft_side=self.draft_side
-            )
+            if item.window is not None:
+                image = self.read_window(item, item.window)
+            else:
+                image = imageio.read_image(
+                    self.input_root / item.path, self.config.max_pixels, draft_side=self.draft_side
+                )
             if self.torch_device.type == "cuda":
                 self._pinned_pixels[id(image)] = self._pinned(image)
             return image
@@ -198,6 +212,14 @@ class Sam3Engine:
             return self.failure(item, exc, started, Status.INVALID_INPUT)
         except Exception as exc:  # noqa: BLE001 - any per-image failure is that image's result
             return self.failure(item, exc, started)
+
+    def read_window(self, item: Item, window: tuple[int, int, int, int]) -> Image.Image:
+        """A window of the item's upright image at full resolution (never draft-decoded), with the
+        whole image's size in ``info[WHOLE_SIZE]``."""
+        pixels, width, height = self.windows.read(self.input_root / item.path, window)
+        image = Image.fromarray(np.ascontiguousarray(pixels), "RGB")
+        image.info[WHOLE_SIZE] = (width, height)
+        return image
 
     def encode_images(self, images: Sequence[Image.Image]) -> EncodedImages:
         """Vision features of the images, each resized by the processor from its original size."""
@@ -300,21 +322,27 @@ class Sam3Engine:
         scored = self.launch_prompts(encoded)
         return self.land(scored, encoded.sizes, post_on_cpu=post_on_cpu)
 
-    def write(self, item: Item, seg: ImageSegmentation) -> tuple[str, list[Detection]]:
-        """Save the label map atomically and describe each detection (RLE, area, box, score)."""
-        mask_rel = imageio.mask_relpath(item.path)
-        target = imageio.safe_output_path(self.output_dir, mask_rel)
-        try:
-            imageio.save_label_map(target, seg.labels)
-        except OSError as exc:
-            raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from exc
+    def write(self, item: Item, seg: ImageSegmentation) -> tuple[str | None, list[Detection]]:
+        """Save the label map atomically and describe each detection (RLE, area, box, score). A
+        window gets no label map: RLE of the window's map, boxes moved to the whole image's frame."""
+        mask_rel: str | None = None
+        left = top = 0.0
+        if item.window is None:
+            mask_rel = imageio.mask_relpath(item.path)
+            target = imageio.safe_output_path(self.output_dir, mask_rel)
+            try:
+                imageio.save_label_map(target, seg.labels)
+            except OSError as exc:
+                raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from exc
+        else:
+            left, top = float(item.window[0]), float(item.window[1])
         counts = rle.encode_labels(seg.labels, n_labels=len(seg.instances))
         detections = [
             Detection(
                 prompt=self.prompts[inst.prompt_index].prompt,
                 index=k,
                 score=inst.score,
-                box=inst.box,
+                box=(inst.box[0] + left, inst.box[1] + top, inst.box[2] + left, inst.box[3] + top),
                 area_px=int(seg.areas[k - 1]),
                 mask_rle=counts[k],
             )
@@ -328,7 +356,7 @@ class Sam3Engine:
             mask_rel, detections = self.write(item, seg)
         except Exception as exc:  # noqa: BLE001 - OutputError included: the runner decides if it is fatal
             return self.failure(item, exc, started)
-        width, height = imageio.original_size(image)
+        width, height = image.info.get(WHOLE_SIZE) or imageio.original_size(image)
         return ItemResult(
             path=item.path,
             status=Status.OK,

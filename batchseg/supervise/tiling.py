@@ -1,0 +1,208 @@
+"""Tiling inside the worker: a large image runs as windowed items, merged into one result.
+
+For each whole-image item the worker asks ``Tiler.plan``: the upright size comes from the header
+(no pixel decoded) and ``--tile`` decides. A tiled image's tiles go to the engine as ``Item``s
+with a ``window``, a batch of the engine's task size at a time (the caller restarts the watchdog's
+clock after each batch); ``tiles.merge_tiles`` makes one detection per object, ``tiles.labelmap``
+writes the label map as a tiled TIFF, and the image gets one ``ItemResult``. A failing tile fails
+the image, naming the tile and its window. Torch-free: this runs in the worker, above any engine.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .. import __version__, imageio
+from ..config import RunConfig
+from ..errors import ConfigError, InvalidImageError
+from ..records import Detection, FailureCategory, Item, ItemResult, Status, failure_result
+from ..tiles.grid import TilePlan, TileSetting, parse_overlap, parse_tile, plan_tiles
+from ..tiles.labelmap import label_map_relpath, write_label_map
+from ..tiles.merge import merge_tiles
+from ..tiles.progress import PROGRESS_DIR, TileProgress
+from ..tiles.source import CONVERT_HINT, upright_size
+from .contract import Capabilities
+
+__all__ = ["RunTiles", "Tiler"]
+
+#: ``run_tiles(items) -> results``: the engine on one batch of windowed items, one result each.
+RunTiles = Callable[[Sequence[Item]], list[ItemResult]]
+
+
+@dataclass(frozen=True)
+class Tiler:
+    """The run's tiling settings and the engine's model input: which images to tile, and how."""
+
+    setting: TileSetting
+    overlap: int  # for tiles of the configured side; a short image's smaller tiles clamp it
+    match: float
+    model_input: int | None
+    batch: int
+    input_root: Path
+    output_dir: Path
+    max_pixels: int
+    max_tiled_pixels: int
+    device: str
+    fingerprint: str  # of the run's configuration: finished tiles kept on disk are for it only
+
+    @classmethod
+    def for_run(cls, config: RunConfig, capabilities: Capabilities) -> Tiler | None:
+        """None when nothing is ever tiled (``--tile off``, or ``auto`` for an engine without a
+        model input). ConfigError for an overlap of more than half the tile or a match of 0."""
+        setting = parse_tile(config.tile or "auto")
+        if setting.mode == "off" or (setting.mode == "auto" and capabilities.model_input is None):
+            return None
+        side = setting.side or capabilities.model_input
+        assert side is not None
+        try:
+            overlap = parse_overlap(config.tile_overlap, side)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if not config.tile_match > 0.0:
+            raise ConfigError("--tile-match must be more than 0: at 0 every two detections would be one")
+        return cls(
+            setting,
+            overlap,
+            config.tile_match,
+            capabilities.model_input,
+            max(1, capabilities.task_size),
+            Path(config.input),
+            Path(config.output_dir),
+            config.max_pixels,
+            config.max_tiled_pixels,
+            capabilities.device,
+            config.fingerprint(),
+        )
+
+    def plan(self, item: Item) -> TilePlan | ItemResult | None:
+        """The tiles of a whole-image item, None to run it whole (a window, a small image, or a
+        header that cannot be read: the engine then reports the image), or an ``invalid_input``
+        result for an image too big for how it can be read."""
+        if item.window is not None:
+            return None
+        try:
+            width, height, windowed = upright_size(self.input_root / item.path)
+        except (InvalidImageError, OSError):
+            return None
+        side = self.setting.side_for(width, height, self.model_input or 0)
+        if side is None:
+            return None
+        pixels = width * height
+        limit, flag = (
+            (self.max_tiled_pixels, "--max-tiled-pixels") if windowed else (self.max_pixels, "--max-pixels")
+        )
+        if pixels > limit:
+            how = "images read by window" if windowed else "a format that must be decoded whole"
+            hint = "" if windowed else f"; {CONVERT_HINT}"
+            message = (
+                f"The image is {width} x {height} = {pixels:,} pixels, more than the limit of {limit:,} "
+                f"for {how} ({flag}){hint}."
+            )
+            return failure_result(
+                item,
+                Status.INVALID_INPUT,
+                error_type="InvalidImageError",
+                message=message,
+                device=self.device,
+            )
+        # A strip shorter than the tile gets tiles of its short side: the overlap shrinks with them.
+        return plan_tiles(width, height, side, min(self.overlap, min(side, width, height) // 2))
+
+    def run(self, item: Item, plan: TilePlan, run_tiles: RunTiles) -> ItemResult:
+        """Every tile of ``item`` through the engine, merged into the image's one result."""
+        started = time.time()
+        progress = self.progress(item, plan)
+        found = progress.load()  # tiles finished before a kill, a crash or a failing tile
+        todo = [t for t in plan.tiles if t.id not in found]
+        for first in range(0, len(todo), self.batch):
+            batch = todo[first : first + self.batch]
+            results = run_tiles([replace(item, window=t.window) for t in batch])
+            pairs = list(zip(batch, results, strict=True))
+            done = {tile.id: result.detections for tile, result in pairs if result.status is Status.OK}
+            found.update(done)
+            failed = [(tile, result) for tile, result in pairs if result.status is not Status.OK]
+            if done and (failed or first + self.batch < len(todo)):  # the last batch is merged at once
+                _keep(progress, batch[0].id, done)
+            if failed:  # the image fails; its finished tiles stay kept for the next attempt
+                tile, result = failed[0]
+                return _tile_failure(item, tile.id, tile.window, result, started)
+        try:
+            merged = merge_tiles(plan, found, match=self.match)
+            detections = [
+                Detection(m.prompt, m.index, m.score, m.box, m.area_px, m.mask_rle(plan.width), m.tiles)
+                for m in merged
+            ]
+        except Exception as exc:  # noqa: BLE001 - a merge failure is this image's result
+            return failure_result(item, Status.ERROR, exc=exc, device=self.device, started_at=started)
+        mask_rel = label_map_relpath(item.path, tiled=True)
+        try:
+            target = imageio.safe_output_path(self.output_dir, mask_rel)
+            write_label_map(target, merged, plan.width, plan.height)
+        except OSError as exc:
+            return failure_result(
+                item,
+                Status.ERROR,
+                exc=exc,
+                category=FailureCategory.OUTPUT,
+                device=self.device,
+                started_at=started,
+            )
+        progress.clear()
+        return ItemResult(
+            path=item.path,
+            status=Status.OK,
+            width=plan.width,
+            height=plan.height,
+            detections=detections,
+            mask_path=mask_rel,
+            started_at=started,
+            finished_at=time.time(),
+            device=self.device,
+        )
+
+    def progress(self, item: Item, plan: TilePlan) -> TileProgress:
+        """Where the finished tiles of ``item`` are kept, for this input, configuration and plan."""
+        key = {
+            "path": item.path,
+            "size_bytes": item.size_bytes,
+            "mtime_ns": item.mtime_ns,
+            "content_hash": item.content_hash,
+            "fingerprint": self.fingerprint,
+            "batchseg": __version__,  # another version may find other detections
+            "plan": [plan.width, plan.height, plan.side, plan.overlap],
+        }
+        folder = imageio.safe_output_path(self.output_dir, f"{PROGRESS_DIR}/{item.path}")
+        return TileProgress(folder, key)
+
+
+def _keep(progress: TileProgress, first: str, done: dict[str, list[Detection]]) -> None:
+    """Keep finished tiles on disk; a folder that cannot be written only costs them on resume."""
+    try:
+        progress.save(first, done)
+    except OSError as exc:
+        warnings.warn(f"finished tiles not kept in {progress.folder}: {exc}", RuntimeWarning, stacklevel=2)
+
+
+def _tile_failure(
+    item: Item, tile_id: str, window: tuple[int, int, int, int], result: ItemResult, started: float
+) -> ItemResult:
+    """The image's failure from its first failing tile: the tile's status, category and error,
+    the message naming the tile and its window."""
+    x0, y0, x1, y1 = window
+    where = f"tile {tile_id} (window x {x0}-{x1}, y {y0}-{y1})"
+    failed = failure_result(
+        item,
+        result.status,
+        error_type=result.error_type or result.status.value,
+        message=f"{where}: {result.error_message or result.status.value}",
+        category=result.category or FailureCategory.IMAGE,
+        exit_code=result.exit_code,
+        device=result.device,
+        started_at=started,
+    )
+    failed.traceback = result.traceback
+    return failed

@@ -1,0 +1,78 @@
+"""The finished tiles of an image not yet merged, kept on disk so a killed run does not redo them.
+
+After each batch of tiles the worker writes their detections (window RLE, prompt, score, box,
+area) to ``OUTPUT/tiles-in-progress/<relative path>/batch-<first tile>.json``, atomically. When the
+image is processed again (the run was killed, the worker crashed, a tile failed), the tiles found
+there are not run again. Each file carries a key (the input's size, mtime and hash, the run's
+configuration fingerprint, the batchseg version and the tile plan); a file whose key differs is
+ignored, so a changed image or other settings never reuse old tiles. The folder goes when the
+image's label map is written. Torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..atomic import atomic_write_bytes
+from ..records import Detection
+
+__all__ = ["PROGRESS_DIR", "TileProgress"]
+
+#: Folder of OUTPUT holding the finished tiles of images not merged yet.
+PROGRESS_DIR = "tiles-in-progress"
+
+
+class TileProgress:
+    """Finished tiles of one image under ``folder``, valid for ``key`` only."""
+
+    def __init__(self, folder: Path, key: Mapping[str, Any]) -> None:
+        self.folder = folder
+        self.key = json.loads(json.dumps(dict(key), sort_keys=True))  # as it reads back
+
+    def load(self) -> dict[str, list[Detection]]:
+        """Tile id -> its detections, from every readable file with this key."""
+        found: dict[str, list[Detection]] = {}
+        try:
+            names = sorted(n for n in os.listdir(self.folder) if n.endswith(".json"))
+        except OSError:
+            return found
+        for name in names:
+            try:
+                data = json.loads((self.folder / name).read_text(encoding="utf-8"))
+                if data.get("key") != self.key:
+                    continue
+                for tile_id, rows in data["tiles"].items():
+                    found[tile_id] = [
+                        Detection(p, int(i), float(s), (b[0], b[1], b[2], b[3]), int(a), str(r))
+                        for p, i, s, b, a, r in rows
+                    ]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # unreadable: those tiles are simply run again
+        return found
+
+    def save(self, first: str, tiles: Mapping[str, Sequence[Detection]]) -> None:
+        """Keep a batch of finished tiles (named by its first tile); OSError when it cannot."""
+        rows = {
+            tile_id: [[d.prompt, d.index, d.score, list(d.box), d.area_px, d.mask_rle] for d in detections]
+            for tile_id, detections in tiles.items()
+        }
+        blob = json.dumps({"key": self.key, "tiles": rows}, separators=(",", ":")).encode()
+        atomic_write_bytes(self.folder / f"batch-{first}.json", blob)
+
+    def clear(self) -> None:
+        """Remove the image's folder (and parents left empty, up to ``PROGRESS_DIR``)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+        parent = self.folder.parent
+        while parent.name and PROGRESS_DIR in parent.parts:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            if parent.name == PROGRESS_DIR:
+                break
+            parent = parent.parent

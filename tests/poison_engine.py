@@ -1,0 +1,50 @@
+"""The colour-threshold engine with hooks for tiling tests, set by environment variables.
+
+``--engine poison_engine:load`` (tests/ on PYTHONPATH).
+``BATCHSEG_TEST_POISON=x0,y0``: a batch holding the window that starts there makes ``process``
+raise, so the worker must rerun that batch's tiles alone and fail the image.
+``BATCHSEG_TEST_WINDOWS=FILE``: every window processed is appended to FILE as ``x0,y0``.
+``BATCHSEG_TEST_SLEEP=S``: each window takes S seconds more (time to kill a run mid-image).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+
+from batchseg.engines.threshold import ThresholdEngine
+from batchseg.engines.threshold import load as load_threshold
+from batchseg.records import Item, ItemResult
+from batchseg.supervise.contract import EngineSpec, HeartbeatFn
+
+
+class PoisonEngine:
+    def __init__(self, inner: ThresholdEngine) -> None:
+        self.inner = inner
+        self.capabilities = inner.capabilities
+        poison = os.environ.get("BATCHSEG_TEST_POISON")
+        self.poison = tuple(int(v) for v in poison.split(",")) if poison else None
+        self.log = os.environ.get("BATCHSEG_TEST_WINDOWS")
+        self.sleep = float(os.environ.get("BATCHSEG_TEST_SLEEP", "0"))
+
+    def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[ItemResult]:
+        for item in items:
+            if item.window is not None and item.window[:2] == self.poison:
+                raise RuntimeError(f"poisoned window {item.window}")
+        results = []
+        for k, item in enumerate(items):
+            time.sleep(self.sleep)
+            results.append(self.inner.one(item))
+            if self.log and item.window is not None:
+                with open(self.log, "a", encoding="utf-8") as fh:
+                    fh.write(f"{item.window[0]},{item.window[1]}\n")
+            heartbeat([(k, results[-1])])
+        return results
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def load(spec: EngineSpec, slot: int) -> PoisonEngine:
+    return PoisonEngine(load_threshold(spec, slot))

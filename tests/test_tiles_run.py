@@ -1,0 +1,406 @@
+"""Tiling through ``python -m batchseg run``: drawn shapes come out once each, exact, across seams.
+
+The colour-threshold engine's masks are exactly the drawn pixels inside each tile, so every shape
+(on a seam, on the corner of four tiles, larger than a tile, on the border, a ring with a hole)
+must be one detection with IoU >= 0.99 and nothing else may be found. Also: a tiled TIFF read by
+window, a poison tile, an output folder made before tiling, and the tiny SAM3 end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import tifffile
+from _runs import start_run, wait_until
+from _storage import make_config
+from _tile_shapes import Shape
+from PIL import Image
+
+from batchseg.errors import ConfigMismatchError
+from batchseg.runner import run
+from batchseg.store.checkpoint import Checkpoint
+from batchseg.tiles.sparse import SparseMask
+
+TESTS = Path(__file__).resolve().parent
+THRESHOLD = "batchseg.engines.threshold:load"
+
+#: 6000 x 4000: seams of --tile 1008 (step 756) at x = 756, 1008, 1512, ...; of --tile 700
+#: --tile-overlap 200 (step 500) at x = 500, 700, 1000, ...
+SHAPES = [
+    Shape("disc", 1008, 500, 60, 60),  # on a seam
+    Shape("disc", 1008, 1008, 90, 90),  # on the corner of four tiles
+    Shape("rect", 3300, 2600, 700, 600),  # larger than a tile
+    Shape("disc", 0, 2000, 80, 80),  # cut by the image border
+    Shape("rect", 5950, 3950, 50, 50),  # in the bottom-right corner of the image
+    Shape("ring", 2000, 1000, 250, 250, 0.5),  # a ring with a hole, across seams
+    Shape("ring", 5000, 1500, 600, 600, 0.75),  # a ring larger than a tile
+    Shape("disc", 200, 200, 20, 20),  # inside one tile
+    Shape("ellipse", 1500, 3500, 1200, 40),  # long and thin, across many tiles
+]
+
+
+def draw(shapes: list[Shape], width: int, height: int) -> np.ndarray:
+    pixels = np.zeros((height, width, 3), np.uint8)
+    for shape in shapes:
+        x0, y0, x1, y1 = shape.bbox(width, height)
+        pixels[y0:y1, x0:x1][shape.raster((x0, y0, x1, y1))] = (255, 0, 0)
+    return pixels
+
+
+def batchseg(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environ = {**os.environ, **(env or {})}
+    environ["PYTHONPATH"] = os.pathsep.join([str(TESTS), environ.get("PYTHONPATH", "")])
+    command = [sys.executable, "-m", "batchseg", *(str(a) for a in args)]
+    return subprocess.run(command, capture_output=True, text=True, env=environ, timeout=300, check=False)
+
+
+def manifests(output: Path) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    images = {row["path"]: row for row in pq.read_table(output / "manifest" / "images.parquet").to_pylist()}
+    return images, pq.read_table(output / "manifest" / "detections.parquet").to_pylist()
+
+
+def assert_exact(shapes: list[Shape], detections: list[dict[str, Any]], width: int, height: int) -> None:
+    """Each shape is exactly one detection with IoU >= 0.99; no detection is left over."""
+    masks = [SparseMask.from_rle(d["mask_rle"], (0, 0, width, height), height) for d in detections]
+    unmatched = set(range(len(detections)))
+    for shape in shapes:
+        drawn = shape.sparse(width, height)
+        ious = []
+        for mask in masks:
+            shared = drawn.intersection_area(mask)
+            ious.append(shared / (drawn.area + mask.area - shared))
+        best = int(np.argmax(ious))
+        assert ious[best] >= 0.99, f"{shape}: best IoU {ious[best]:.4f}"
+        assert sum(iou > 0.01 for iou in ious) == 1, f"{shape} is found more than once: {ious}"
+        unmatched.discard(best)
+    assert len(detections) == len(shapes) and not unmatched, f"extra detections: {sorted(unmatched)}"
+
+
+def assert_label_map_matches(output: Path, row: dict[str, Any], detections: list[dict[str, Any]]) -> None:
+    """The .tif holds labels 1..N, each with the area its detections.parquet row states."""
+    assert row["mask_path"].endswith(".tif")
+    labels = tifffile.imread(output / row["mask_path"])
+    assert labels.shape == (row["height"], row["width"])
+    areas = np.bincount(labels.ravel(), minlength=len(detections) + 1)
+    assert len(areas) == len(detections) + 1
+    assert sorted(d["index"] for d in detections) == list(range(1, len(detections) + 1))
+    for d in detections:
+        assert areas[d["index"]] == d["area_px"], d["index"]
+
+
+@pytest.fixture(scope="module")
+def seams_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("seams")
+    Image.fromarray(draw(SHAPES, 6000, 4000)).save(folder / "big.png", compress_level=1)
+    Image.fromarray(draw([Shape("disc", 100, 80, 30, 30)], 300, 200)).save(folder / "small.png")
+    return folder
+
+
+@pytest.mark.parametrize("tiling", [["--tile", "1008"], ["--tile", "700", "--tile-overlap", "200"]])
+def test_every_shape_is_one_exact_detection_across_seams(
+    seams_folder: Path, tmp_path: Path, tiling: list[str]
+) -> None:
+    output = tmp_path / "out"
+    done = batchseg(
+        "run", seams_folder, "--output", output, "--engine", THRESHOLD, "--prompt", "red", *tiling
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    images, detections = manifests(output)
+    big = [d for d in detections if d["path"] == "big.png"]
+    assert images["big.png"]["status"] == "ok" and images["big.png"]["n_detections"] == len(SHAPES)
+    assert_exact(SHAPES, big, 6000, 4000)
+    assert_label_map_matches(output, images["big.png"], big)
+    by_tiles = sorted(d["tiles"] for d in big)
+    assert by_tiles[0] == 1 and by_tiles[-1] >= 9  # the big ring and rectangle span many tiles
+    # An image no larger than a tile is processed whole: a PNG label map, one tile per detection.
+    assert images["small.png"]["mask_path"] == "masks/small.png.png"
+    assert [d["tiles"] for d in detections if d["path"] == "small.png"] == [1]
+
+
+def test_auto_processes_whole_images_for_an_engine_without_a_model_input(
+    seams_folder: Path, tmp_path: Path
+) -> None:
+    """The threshold engine states no model input: ``--tile auto`` (the default) never tiles."""
+    output = tmp_path / "out"
+    done = batchseg(
+        "run",
+        seams_folder,
+        "--output",
+        output,
+        "--engine",
+        THRESHOLD,
+        "--prompt",
+        "red",
+        "--include",
+        "small.png",
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    images, _ = manifests(output)
+    assert images["small.png"]["mask_path"] == "masks/small.png.png"
+    with Checkpoint.open_existing(output, read_only=True) as cp:
+        assert cp.stored_config()["tile"] == "auto"
+
+
+def test_a_tiled_tiff_is_read_by_window_and_a_png_too_big_to_decode_is_refused(tmp_path: Path) -> None:
+    """--max-pixels below the image's size: only reading by window can process the TIFF; the PNG
+    of the same size, which must be decoded whole, gets invalid_input naming a conversion."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shapes = [
+        Shape("disc", 1008, 1008, 90, 90),
+        Shape("rect", 2000, 1300, 500, 400),
+        Shape("disc", 2950, 10, 60, 60),
+    ]
+    pixels = draw(shapes, 3000, 2000)
+    tifffile.imwrite(folder / "ortho.tif", pixels, tile=(256, 256), compression="zlib", photometric="rgb")
+    Image.fromarray(pixels).save(folder / "same.png", compress_level=1)
+    output = tmp_path / "out"
+    done = batchseg(
+        "run", folder, "--output", output, "--engine", THRESHOLD, "--prompt", "red", "--tile", "1008",
+        "--max-pixels", "2000000", "--max-attempts", "1",
+    )  # fmt: skip
+    assert done.returncode == 3, done.stdout + done.stderr
+    images, detections = manifests(output)
+    assert images["ortho.tif"]["status"] == "ok"
+    tiff = [d for d in detections if d["path"] == "ortho.tif"]
+    assert_exact(shapes, tiff, 3000, 2000)
+    assert_label_map_matches(output, images["ortho.tif"], tiff)
+    assert images["same.png"]["status"] == "invalid_input"
+    assert "--max-pixels" in images["same.png"]["error_message"]
+    assert "gdal_translate" in images["same.png"]["error_message"]
+
+
+def test_a_poison_tile_fails_its_image_naming_the_tile(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(draw([Shape("disc", 1200, 500, 90, 90)], 2500, 1800)).save(folder / "a.png")
+    Image.fromarray(draw([Shape("disc", 100, 80, 30, 30)], 300, 200)).save(folder / "small.png")
+    output = tmp_path / "out"
+    done = batchseg(
+        "run", folder, "--output", output, "--engine", "poison_engine:load", "--prompt", "red",
+        "--tile", "1008", "--max-attempts", "1",
+        env={"BATCHSEG_TEST_POISON": "756,0"},
+    )  # fmt: skip
+    assert done.returncode == 3, done.stdout + done.stderr
+    images, detections = manifests(output)
+    row = images["a.png"]
+    assert row["status"] == "error" and row["error_type"] == "RuntimeError"
+    assert row["error_message"].startswith("tile r000c001 (window x 756-1764, y 0-1008): poisoned window")
+    assert "RuntimeError" in row["traceback"] and row["mask_path"] is None
+    assert not (output / "masks" / "a.png.tif").exists()
+    assert not [d for d in detections if d["path"] == "a.png"]
+    assert images["small.png"]["status"] == "ok"  # the other image of the task is not touched
+    # The tiles that finished are kept; `batchseg retry` (no poison now) runs only the others.
+    kept = {
+        i
+        for f in (output / "tiles-in-progress" / "a.png").glob("*.json")
+        for i in json.loads(f.read_text())["tiles"]
+    }
+    assert len(kept) == 7 and "r000c001" not in kept  # 9 tiles; the batch of 8 held the poison
+    windows = tmp_path / "windows.txt"
+    again = batchseg("retry", output, env={"BATCHSEG_TEST_WINDOWS": str(windows)})
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert sorted(windows.read_text().split()) == ["1492,792", "756,0"]  # r000c001 and r002c002
+    images, detections = manifests(output)
+    assert images["a.png"]["status"] == "ok" and len([d for d in detections if d["path"] == "a.png"]) == 1
+
+
+def test_the_watchdog_budget_is_per_batch_of_tiles_not_per_image(tmp_path: Path) -> None:
+    """30 tiles of 0.06 s each take longer than --timeout 1, which bounds a batch, not the image."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(draw([Shape("disc", 1200, 500, 90, 90)], 2500, 1800)).save(folder / "a.png")
+    output = tmp_path / "out"
+    done = batchseg(
+        "run", folder, "--output", output, "--engine", "poison_engine:load", "--prompt", "red",
+        "--tile", "500", "--tile-overlap", "100", "--timeout", "1", "--max-attempts", "1",
+        env={"BATCHSEG_TEST_SLEEP": "0.06"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    images, _ = manifests(output)
+    assert images["a.png"]["status"] == "ok" and images["a.png"]["duration_s"] > 1.5
+
+
+def test_an_overlap_past_half_a_tile_ends_the_run_before_any_image(
+    seams_folder: Path, tmp_path: Path
+) -> None:
+    output = tmp_path / "out"
+    done = batchseg(
+        "run", seams_folder, "--output", output, "--engine", THRESHOLD, "--prompt", "red",
+        "--tile", "1008", "--tile-overlap", "600",
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "--tile-overlap must be from 2 to half the tile side (504)" in done.stdout + done.stderr
+
+
+def test_an_output_folder_made_before_tiling_resumes_with_tiling_off(tmp_path: Path) -> None:
+    """tests/data/run-made-by-0.1.0 has no ``tile`` in its fingerprint: without --tile it resumes
+    (off, with a note in the log); --tile auto given explicitly is a change of settings."""
+    output = tmp_path / "old"
+    shutil.copytree(TESTS / "data" / "run-made-by-0.1.0", output)
+    empty = tmp_path / "aerial"
+    empty.mkdir()
+    config = make_config(input=empty, output=output, tile=None)
+    with pytest.raises(ConfigMismatchError, match="tile"):
+        run(config.with_changes(tile="auto"))
+    summary = run(config)
+    assert summary.exit_code == 0
+    with Checkpoint.open_existing(output, read_only=True) as cp:
+        assert cp.stored_config()["tile"] == "off"
+        assert cp.counts()["missing"] == 2  # the folder's images are gone: nothing ran
+    assert summary.log_path is not None
+    assert "--tile not given: off" in summary.log_path.read_text()
+    with sqlite3.connect(output / "checkpoint.sqlite") as db:  # the column added on opening
+        assert db.execute("SELECT tiles FROM detections").fetchall() == [(1,)]
+    assert [d["tiles"] for d in manifests(output)[1]] == [1]
+    fresh = run(config.with_changes(output=tmp_path / "new"))
+    assert fresh.exit_code == 0
+    with Checkpoint.open_existing(tmp_path / "new", read_only=True) as cp:
+        assert cp.stored_config()["tile"] == "auto"
+
+
+def test_the_tiny_sam3_runs_tiles_end_to_end(tiny_model: Path, tmp_path: Path) -> None:
+    """Masks of a random model mean nothing; the structure must be right: one image row, a .tif
+    label map whose labels and areas are those of detections.parquet, boxes inside the image."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (1800, 2500, 3), np.uint8)
+    Image.fromarray(pixels).save(folder / "scene.png", compress_level=1)
+    output = tmp_path / "out"
+    done = batchseg(
+        "run", folder, "--model", tiny_model, "--output", output, "--device", "cpu", "--prompt", "roof",
+        "--threshold", "0", "--max-detections", "2", "--workers", "1", "--tile", "1008",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    images, detections = manifests(output)
+    row = images["scene.png"]
+    assert row["status"] == "ok" and (row["width"], row["height"]) == (2500, 1800)
+    assert row["n_detections"] == len(detections) > 0
+    assert_label_map_matches(output, row, detections)
+    for d in detections:
+        assert 0 <= d["box_x0"] < d["box_x1"] <= 2500 and 0 <= d["box_y0"] < d["box_y1"] <= 1800
+        assert d["mask_height"] == 1800 and d["mask_width"] == 2500 and d["tiles"] >= 1
+
+
+WINDOW_SCRIPT = """
+import json, sys
+from pathlib import Path
+from batchseg.config import RunConfig
+from batchseg.engines.sam3.engine import load_engine
+from batchseg.records import Item
+from batchseg.supervise.contract import EngineSpec
+
+folder, model, output = (Path(a) for a in sys.argv[1:4])
+config = RunConfig(input=folder, prompts=("roof",), model=str(model), output=output, device="cpu",
+                   threshold=0.0, max_detections=3, tile="off")
+engine = load_engine(EngineSpec(config), 0)
+items = [Item("scene.png", 1, 1, window=(300, 200, 700, 520)), Item("crop.png", 1, 1)]
+results = engine.process(items, lambda *a, **k: None)
+engine.close()
+print(json.dumps([{"status": str(r.status), "size": [r.width, r.height], "mask": r.mask_path,
+                   "dets": [[d.prompt, d.index, d.score, list(d.box), d.area_px, d.mask_rle]
+                            for d in r.detections]} for r in results]))
+"""
+
+
+def test_sam3_on_a_window_is_sam3_on_the_crop_in_the_image_frame(tiny_model: Path, tmp_path: Path) -> None:
+    """A windowed item gives the crop's detections with boxes moved by the window's origin, the
+    whole image's size, and no label map."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pixels = np.random.default_rng(1).integers(0, 255, (900, 1200, 3), np.uint8)
+    Image.fromarray(pixels).save(folder / "scene.png")
+    Image.fromarray(pixels[200:520, 300:700]).save(folder / "crop.png")
+    done = subprocess.run(
+        [sys.executable, "-c", WINDOW_SCRIPT, str(folder), str(tiny_model), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    window, crop = json.loads(done.stdout.strip().splitlines()[-1])
+    assert window["status"] == crop["status"] == "ok"
+    assert window["size"] == [1200, 900] and crop["size"] == [400, 320]
+    assert window["mask"] is None and crop["mask"] == "masks/crop.png.png"
+    assert not (tmp_path / "out" / "masks" / "scene.png.png").exists()
+    assert len(window["dets"]) == len(crop["dets"]) > 0
+    for (p, i, s, box, area, counts), (p2, i2, s2, box2, area2, counts2) in zip(
+        window["dets"], crop["dets"], strict=True
+    ):
+        assert (p, i, area, counts) == (p2, i2, area2, counts2) and s == pytest.approx(s2)
+        assert box == pytest.approx([box2[0] + 300, box2[1] + 200, box2[2] + 300, box2[3] + 200])
+
+
+def test_a_killed_run_resumes_a_half_done_image_without_redoing_finished_tiles(tmp_path: Path) -> None:
+    """SIGKILL of the parent once some batches of tiles are kept: the resumed run does none of
+    them again, and its result equals an uninterrupted run's."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shapes = [
+        Shape("disc", 450, 420, 70, 70),
+        Shape("rect", 1300, 900, 500, 300),
+        Shape("ring", 2100, 600, 200, 200, 0.5),
+    ]
+    Image.fromarray(draw(shapes, 2500, 1800)).save(folder / "a.png")
+    windows = tmp_path / "windows.txt"
+    args = [
+        "run",
+        folder,
+        "--engine",
+        "poison_engine:load",
+        "--prompt",
+        "red",
+        "--tile",
+        "500",
+        "--tile-overlap",
+        "100",
+    ]
+    env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    output = tmp_path / "out"
+    kept = output / "tiles-in-progress" / "a.png"
+    live = start_run(
+        [*args, "--output", output],
+        tmp_path / "console.txt",
+        cwd=tmp_path,
+        env={**env, "BATCHSEG_TEST_WINDOWS": str(windows), "BATCHSEG_TEST_SLEEP": "0.1"},
+    )
+    assert wait_until(lambda: len(list(kept.glob("batch-*.json"))) >= 2, 60, while_alive=live), live.output()
+    live.kill()
+    first = windows.read_text().split()
+    saved = {f"{t[0]},{t[1]}" for t in _kept_windows(kept)}
+    assert 16 <= len(saved) < 30 and saved <= set(first)  # 30 tiles, 8 a batch
+    windows.unlink()
+    again = batchseg(*args, "--output", output, env={"BATCHSEG_TEST_WINDOWS": str(windows)})
+    assert again.returncode == 0, again.stdout + again.stderr
+    second = windows.read_text().split()
+    assert not saved & set(second) and len(second) == 30 - len(saved), (sorted(saved), second)
+    assert not kept.exists() and not (output / "tiles-in-progress").exists()
+    clean = tmp_path / "clean"
+    assert batchseg(*args, "--output", clean).returncode == 0
+    resumed, clean_rows = manifests(output)[1], manifests(clean)[1]
+    drop = ("run_id",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == [
+        {k: v for k, v in r.items() if k not in drop} for r in clean_rows
+    ]
+    assert_exact(shapes, resumed, 2500, 1800)
+
+
+def _kept_windows(kept: Path) -> list[tuple[int, int]]:
+    """The windows' origins of the tiles kept on disk, from their ids and the run's tile plan."""
+    from batchseg.tiles.grid import plan_tiles
+
+    plan = plan_tiles(2500, 1800, 500, 100)
+    ids = [tile_id for f in kept.glob("batch-*.json") for tile_id in json.loads(f.read_text())["tiles"]]
+    return [plan.by_id(i).window[:2] for i in ids]
