@@ -381,11 +381,13 @@ def test_a_mask_written_but_never_recorded_is_removed_at_resume(tmp_path: Path) 
         cp.record(ok_result(a, tmp_path), a)
         ok_result(b, tmp_path)  # the worker wrote b's mask; the process died before the commit
     (tmp_path / "masks" / "notes.txt").write_text("not a mask: somebody else's file")
+    (tmp_path / f"masks/{c.path}.tif").write_bytes(b"II*\x00 a tiled label map of c, never recorded")
     with Checkpoint.open(tmp_path, make_config()) as cp:
         plan = cp.plan([a, b, c], use_hash=False)
-    assert plan.counts["orphan_masks"] == 1 and [i.path for i in plan.pending] == [b.path, c.path]
+    assert plan.counts["orphan_masks"] == 2 and [i.path for i in plan.pending] == [b.path, c.path]
     assert (tmp_path / f"masks/{a.path}.png").is_file()
     assert not (tmp_path / f"masks/{b.path}.png").exists()
+    assert not (tmp_path / f"masks/{c.path}.tif").exists()
     assert (tmp_path / "masks" / "notes.txt").is_file()
 
 

@@ -118,8 +118,10 @@ def remove_orphan_masks(output_dir: Path, files: MaskFiles, recorded: set[str]) 
 
 
 def _is_mask_name(rel: str) -> bool:
-    stem = rel.lower().removesuffix(".png")
-    return stem != rel.lower() and stem.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS
+    """A label map batchseg writes: ``<image name>.png``, or ``.tif`` for a tiled or georeferenced one."""
+    lower = rel.lower()
+    stem = lower.removesuffix(".png").removesuffix(".tif")
+    return stem != lower and stem.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS
 
 
 def archive_previous_run(output_dir: Path, manifest_run_id: Callable[[Path], str | None]) -> Path | None:
@@ -128,7 +130,7 @@ def archive_previous_run(output_dir: Path, manifest_run_id: Callable[[Path], str
     ``manifest_run_id`` names the run from its manifest when the checkpoint cannot.
     """
     path = output_dir / CHECKPOINT_NAME
-    names = [n for n in (MASKS_DIR, "manifest") if (output_dir / n).exists()]
+    names = [n for n in (MASKS_DIR, "manifest", "tiles-in-progress") if (output_dir / n).exists()]
     if not path.exists() and not names:
         return None
     run_id = _settle_checkpoint(path) if path.exists() else None
