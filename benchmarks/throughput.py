@@ -189,6 +189,8 @@ def phase_end_to_end(args: argparse.Namespace) -> dict[str, Any]:
         command.append("--compile")
     if args.previews:
         command.append("--previews")  # overlay JPEGs made by the parent's preview threads
+    if args.backend != "local":
+        command += ["--backend", args.backend]  # a Ray started for the run, on this machine
     if args.no_cuda_graphs:
         command.append("--no-cuda-graphs")
     if args.no_fuse_rope:
@@ -297,6 +299,7 @@ def run_phase(name: str, args: argparse.Namespace) -> dict[str, Any]:
         command.append("--compile")
     if args.previews:
         command.append("--previews")
+    command += ["--backend", args.backend]
     if args.no_cuda_graphs:
         command.append("--no-cuda-graphs")
     if args.no_fuse_rope:
@@ -377,6 +380,7 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.3)
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbone (CUDA)")
     parser.add_argument("--previews", action="store_true", help="end to end with --previews")
+    parser.add_argument("--backend", default="local", help="end to end with --backend ray")
     parser.add_argument(
         "--no-cuda-graphs", action="store_true", help="launch the backbone's kernels one by one (CUDA)"
     )
