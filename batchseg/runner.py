@@ -23,6 +23,7 @@ from typing import Any, TextIO
 from . import __version__
 from .config import RunConfig
 from .discover import _check_root, discover
+from .sources import check_geo_extra
 from .errors import BatchsegError, ExitCode, OutputError, StoppedEarly
 from .lock import RunLock
 from .logs import RunLog
@@ -140,6 +141,7 @@ def _run_locked(
         if retry_statuses:
             checkpoint.reset_for_retry([i.path for i in checkpoint.failed_items(list(retry_statuses))])
         plan = checkpoint.plan(found.items, use_hash=config.hash)
+        check_geo_extra(config, (item.path for item in plan.pending))  # before any worker starts
         log.info(f"found {len(found.items)} images in {config.input}; {len(plan.pending)} to process")
         if plan.counts["orphan_masks"]:
             log.info(f"removed {plan.counts['orphan_masks']} mask file(s) whose result was never recorded")

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageColor
 
-from .. import imageio, rle
+from .. import imageio, rle, sources
+from ..config import RunConfig
 from ..errors import ConfigError, InvalidImageError
 from ..records import Detection, FailureCategory, Item, ItemResult, Status, failure_result
 from ..supervise.contract import Capabilities, EngineSpec, HeartbeatFn
@@ -36,7 +37,12 @@ def load(spec: EngineSpec, slot: int) -> ThresholdEngine:
     if not colours:
         raise ConfigError("give at least one colour (--prompt red, --prompt '#00ff00')")
     return ThresholdEngine(
-        colours, Path(config.input), Path(config.output_dir), config.max_pixels, config.max_detections
+        colours,
+        Path(config.input),
+        Path(config.output_dir),
+        config.max_pixels,
+        config.max_detections,
+        config=config,
     )
 
 
@@ -71,7 +77,10 @@ class ThresholdEngine:
         output_dir: Path,
         max_pixels: int,
         max_detections: int,
+        *,
+        config: RunConfig,
     ) -> None:
+        self.config = config
         self.colours = list(colours)
         self.input_root = input_root
         self.output_dir = output_dir
@@ -95,30 +104,34 @@ class ThresholdEngine:
         started = time.time()
         device = self.capabilities.device
         try:
-            image = imageio.read_image(self.input_root / item.path, self.max_pixels)
+            image = sources.read_for_engine(self.input_root / item.path, self.config)
         except InvalidImageError as exc:
             return failure_result(item, Status.INVALID_INPUT, exc=exc, device=device, started_at=started)
         try:
             pixels, (left, top) = _window(image, item.window)
             labels, instances = self.label(pixels, left, top)
+            labels, instances, areas = sources.drop_nodata(labels, instances, image, item.window)
         except Exception as exc:  # noqa: BLE001 - any per-image failure is that image's result
             return failure_result(item, Status.ERROR, exc=exc, device=device, started_at=started)
+        counts = rle.encode_labels(labels, n_labels=len(instances))
+        detections = [
+            Detection(inst.prompt, k, 1.0, inst.box, int(areas[k - 1]), counts[k])
+            for k, inst in enumerate(instances, start=1)
+        ]
         mask_path = None
         if item.window is None:
-            mask_path = imageio.mask_relpath(item.path)
+            mask_path = sources.mask_relpath(item.path, image)
             try:
-                imageio.save_label_map(imageio.safe_output_path(self.output_dir, mask_path), labels)
+                sources.save_label_map(imageio.safe_output_path(self.output_dir, mask_path), labels, image)
+                georef = sources.georef_of(image)
+                sources.write_vectors(self.output_dir, item.path, labels, georef, detections, self.config)
             except OSError as exc:
                 category = FailureCategory.OUTPUT
                 return failure_result(
                     item, Status.ERROR, exc=exc, category=category, device=device, started_at=started
                 )
-        counts = rle.encode_labels(labels, n_labels=len(instances))
-        areas = np.bincount(labels.ravel(), minlength=len(instances) + 1)
-        detections = [
-            Detection(inst.prompt, k, 1.0, inst.box, int(areas[k]), counts[k])
-            for k, inst in enumerate(instances, start=1)
-        ]
+            except Exception as exc:  # noqa: BLE001 - a polygon that cannot be made fails its image
+                return failure_result(item, Status.ERROR, exc=exc, device=device, started_at=started)
         return ItemResult(
             path=item.path,
             status=Status.OK,
@@ -129,6 +142,7 @@ class ThresholdEngine:
             started_at=started,
             finished_at=time.time(),
             device=device,
+            **sources.georef_fields(image),
         )
 
     def label(self, pixels: np.ndarray, left: int = 0, top: int = 0) -> tuple[np.ndarray, list[_Instance]]:

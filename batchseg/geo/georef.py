@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ._extra import GeoreferenceError, missing_extra
+from .detect import world_file_for
 
 try:
     import pyproj
@@ -172,21 +173,6 @@ def _crs_fields(path: Path, crs: CRS | None) -> tuple[str | None, int | None]:
 
 
 # ------------------------------------------------------------------------------ world files
-
-
-def world_file_for(path: str | Path) -> Path | None:
-    """The world file beside ``path``: ``x.jgw`` (first and last letter of the extension + w),
-    ``x.jpgw``, then ``x.wld``; either case."""
-    path = Path(path)
-    ext = path.suffix.lstrip(".")
-    if not ext:
-        return None
-    for candidate in (ext[0] + ext[-1] + "w", ext + "w", "wld"):
-        for name in (candidate.lower(), candidate.upper()):
-            world = path.with_suffix("." + name)
-            if world.is_file():
-                return world
-    return None
 
 
 def parse_world_file(text: str) -> Affine:

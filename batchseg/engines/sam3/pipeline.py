@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ... import imageio, rle
+from ... import imageio, rle, sources
 from ...config import RunConfig
 from ...errors import ConfigError, InvalidImageError, OutputError
 from ...records import Detection, FailureCategory, Item, ItemResult, Status, failure_result
@@ -187,9 +187,7 @@ class Sam3Engine:
         """An item's image (on a GPU its pixels also pinned for the copy), or its failure result."""
         started = time.time()
         try:
-            image = imageio.read_image(
-                self.input_root / item.path, self.config.max_pixels, draft_side=self.draft_side
-            )
+            image = sources.read_for_engine(self.input_root / item.path, self.config, draft_side=self.draft_side)
             if self.torch_device.type == "cuda":
                 self._pinned_pixels[id(image)] = self._pinned(image)
             return image
@@ -299,12 +297,15 @@ class Sam3Engine:
         scored = self.launch_prompts(encoded)
         return self.land(scored, encoded.sizes, post_on_cpu=post_on_cpu)
 
-    def write(self, item: Item, seg: ImageSegmentation) -> tuple[str, list[Detection]]:
-        """Save the label map atomically and describe each detection (RLE, area, box, score)."""
-        mask_rel = imageio.mask_relpath(item.path)
+    def write(self, item: Item, seg: ImageSegmentation, image: Image.Image) -> tuple[str, list[Detection]]:
+        """Save the label map atomically and describe each detection (RLE, area, box, score);
+        ``image`` (from ``read``) says where a georeferenced input's label map goes and how."""
+        if sources.valid_of(image) is not None:  # nodata pixels never carry a detection
+            seg = ImageSegmentation(*sources.drop_nodata(seg.labels, seg.instances, image))
+        mask_rel = sources.mask_relpath(item.path, image)
         target = imageio.safe_output_path(self.output_dir, mask_rel)
         try:
-            imageio.save_label_map(target, seg.labels)
+            sources.save_label_map(target, seg.labels, image)
         except OSError as exc:
             raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from exc
         counts = rle.encode_labels(seg.labels, n_labels=len(seg.instances))
@@ -319,12 +320,15 @@ class Sam3Engine:
             )
             for k, inst in enumerate(seg.instances, start=1)
         ]
+        sources.write_vectors(
+            self.output_dir, item.path, seg.labels, sources.georef_of(image), detections, self.config
+        )
         return mask_rel, detections
 
     def finish(self, item: Item, image: Image.Image, seg: ImageSegmentation, started: float) -> ItemResult:
         """``write``, then the image's result: from ``started`` (its sub-batch's start) to now."""
         try:
-            mask_rel, detections = self.write(item, seg)
+            mask_rel, detections = self.write(item, seg, image)
         except Exception as exc:  # noqa: BLE001 - OutputError included: the runner decides if it is fatal
             return self.failure(item, exc, started)
         width, height = imageio.original_size(image)
@@ -339,6 +343,7 @@ class Sam3Engine:
             finished_at=time.time(),
             worker_pid=os.getpid(),
             device=self.device,
+            **sources.georef_fields(image),
         )
 
     def failure(
