@@ -189,13 +189,15 @@ class BandList(Kind[tuple[int, ...] | None]):
     metavar = "B,B,B"
 
     def read(self, value: object, toml: bool) -> tuple[int, ...] | None:
-        parts: object = value.split(",") if isinstance(value, str) else value
-        parts = [parts] if isinstance(parts, int | str) else parts
+        parts = value.split(",") if isinstance(value, str) else value
+        parts = [parts] if isinstance(parts, int) else parts
+        if not isinstance(parts, list | tuple) or isinstance(value, bool):
+            raise self.refuse(value, toml)
         try:
-            bands = tuple(int(str(p).strip()) for p in parts)  # type: ignore[union-attr]
-        except (TypeError, ValueError):
+            bands = tuple(int(str(p).strip()) for p in parts if not isinstance(p, bool | float))
+        except ValueError:
             raise self.refuse(value, toml) from None
-        if isinstance(value, bool) or len(bands) not in (1, 3) or min(bands) < 1:
+        if len(bands) != len(parts) or len(bands) not in (1, 3) or min(bands) < 1:
             raise self.refuse(value, toml)
         return bands
 
@@ -399,7 +401,6 @@ class RunOptions:
     preview_size: int = option(
         Count(64), 1024, help="Long side of a preview, pixels.", reader=RUNNER, retry=True
     )
-
 
     # --- georeferenced inputs (the batchseg[geo] extra) --------------------------------------------
     bands: tuple[int, ...] | None = option(

@@ -23,7 +23,6 @@ from typing import Any, TextIO
 from . import __version__
 from .config import RunConfig
 from .discover import _check_root, discover
-from .sources import check_geo_extra
 from .errors import BatchsegError, ExitCode, OutputError, StoppedEarly
 from .lock import RunLock
 from .logs import RunLog
@@ -31,6 +30,7 @@ from .progress import Progress
 from .records import FINAL_FAILURES, FailureCategory, Item, ItemResult, Status, failure_result
 from .report import PreviewMaker, report_after_run
 from .signals import StopRequest
+from .sources import check_geo_extra
 from .store.checkpoint import Checkpoint
 from .store.folder import check_output_writable, remove_stale_temp_files
 from .store.manifest import read_manifest_run

@@ -25,8 +25,8 @@ import numpy as np
 from PIL import Image
 
 from . import imageio
-from .errors import InvalidImageError
 from .geo import require_geo
+from .geo._extra import raster_unreadable
 from .geo.detect import folder_listing, looks_georeferenced
 
 if TYPE_CHECKING:
@@ -124,7 +124,7 @@ def read_georeferenced(path: str | os.PathLike[str], config: RunConfig) -> Image
         with rasterio.open(path) as src:
             rgb, valid = read_rgb(src, plan)
     except RasterioError as exc:  # damaged blocks, an unsupported compression...
-        raise InvalidImageError(f"The raster cannot be read ({type(exc).__name__}: {exc}).") from exc
+        raise raster_unreadable(exc) from exc
     image = Image.fromarray(rgb, mode="RGB")
     image.info[GEOREF_KEY] = georef
     if not valid.all():

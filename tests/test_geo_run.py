@@ -25,8 +25,10 @@ from rasterio.crs import CRS
 from batchseg.config import RunConfig
 from batchseg.geo import GeoExtraMissing
 from batchseg.geo.georef import world_file_text
+from batchseg.geo.source import GeoSource
 from batchseg.imageio import read_label_map
-from batchseg.sources import check_geo_extra
+from batchseg.sources import check_geo_extra, read_for_engine, valid_of
+from batchseg.tiles import MergedDetection, SparseMask, open_source, write_label_map
 
 ENGINE = "batchseg.engines.threshold:load"
 UTM = CRS.from_epsg(32633)
@@ -218,3 +220,32 @@ def test_the_extra_check_looks_at_inputs_only_when_needed(
         check_geo_extra(config, ["plain.png"])
     with pytest.raises(GeoExtraMissing, match="--vectors"):
         check_geo_extra(RunConfig(input=folder, prompts=("red",), vectors=True), [])
+
+
+def test_tiled_reading_and_label_map_keep_the_grid(tmp_path: Path) -> None:
+    """The windowed path (big images): GeoSource gives the same pixels and nodata as a whole read,
+    and a merged label map written with the georeference lands on the source grid."""
+    data = np.full((4, 700, 600), 30000, np.uint16)
+    data[:, :, :100] = 0
+    data[:, 300:340, 100:160] = 1000
+    write_geotiff(tmp_path / "big.tif", data, nodata=0, tiled=True)
+    config = RunConfig(input=tmp_path, prompts=("black",))
+    whole = read_for_engine(tmp_path / "big.tif", config)
+    source = open_source(tmp_path / "big.tif", max_pixels=10**6)
+    assert isinstance(source, GeoSource)
+    try:
+        window = (50, 250, 550, 650)
+        x0, y0, x1, y1 = window
+        assert np.array_equal(source.read(window), np.asarray(whole)[y0:y1, x0:x1])  # one stretch
+        assert np.array_equal(source.valid(window), valid_of(whole, window))
+        georef = source.georef
+    finally:
+        source.close()
+    cols = np.arange(100, 160, dtype=np.int64)
+    mask = SparseMask.from_columns(cols, np.full(60, 300), np.full(60, 340), 700)
+    merged = [MergedDetection(1, "black", 1.0, (100.0, 300.0, 160.0, 340.0), 2400, 2, mask)]
+    write_label_map(tmp_path / "big.tif.tif", merged, 600, 700, georef)
+    with rasterio.open(tmp_path / "big.tif.tif") as src:
+        assert (src.crs, src.transform, src.shape, src.nodata) == (UTM, GRID, (700, 600), 0)
+        labels = src.read(1)
+    assert (labels == 1).sum() == 2400 and labels[300:340, 100:160].all()

@@ -10,7 +10,14 @@ from pathlib import Path
 
 import tifffile
 
-__all__ = ["GEOTIFF_TAGS", "has_geotiff_keys", "looks_georeferenced", "world_file_for", "world_file_names", "folder_listing"]
+__all__ = [
+    "GEOTIFF_TAGS",
+    "has_geotiff_keys",
+    "looks_georeferenced",
+    "world_file_for",
+    "world_file_names",
+    "folder_listing",
+]
 
 #: ModelPixelScale, ModelTiepoint, ModelTransformation, GeoKeyDirectory.
 GEOTIFF_TAGS = (33550, 33922, 34264, 34735)

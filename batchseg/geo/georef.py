@@ -11,6 +11,7 @@ transform (zero determinant) or an unreadable CRS is refused with :class:`Georef
 from __future__ import annotations
 
 import math
+import os
 import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -98,7 +99,7 @@ def ground_pixel_size(georef: Georef) -> float | None:
     return math.sqrt(col * row) * factor
 
 
-def read_georef(path: str | Path) -> Georef | None:
+def read_georef(path: str | os.PathLike[str]) -> Georef | None:
     """The georeference of ``path``, or None when it has none (a plain photo).
 
     Raises :class:`GeoreferenceError` for a file GDAL cannot open or a georeference that cannot be used.

@@ -67,7 +67,12 @@ def export_polygons(
 
 
 def _backfill(
-    conn: sqlite3.Connection, output_dir: Path, rel: str, row: tuple[Any, ...], part: Path, config: dict[str, Any]
+    conn: sqlite3.Connection,
+    output_dir: Path,
+    rel: str,
+    row: tuple[Any, ...],
+    part: Path,
+    config: dict[str, Any],
 ) -> None:
     """The part file of an image done without --vectors, from what the checkpoint and its label map hold."""
     from ..geo.georef import Georef

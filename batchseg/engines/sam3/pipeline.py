@@ -187,7 +187,9 @@ class Sam3Engine:
         """An item's image (on a GPU its pixels also pinned for the copy), or its failure result."""
         started = time.time()
         try:
-            image = sources.read_for_engine(self.input_root / item.path, self.config, draft_side=self.draft_side)
+            image = sources.read_for_engine(
+                self.input_root / item.path, self.config, draft_side=self.draft_side
+            )
             if self.torch_device.type == "cuda":
                 self._pinned_pixels[id(image)] = self._pinned(image)
             return image
