@@ -21,7 +21,7 @@ COMMANDS = sorted(cli.commands)
 
 
 def test_all_commands_are_there() -> None:
-    assert set(COMMANDS) == {"run", "retry", "status", "schedule", "doctor", "demo", "report"}
+    assert set(COMMANDS) == {"run", "retry", "status", "schedule", "doctor", "demo", "report", "export"}
 
 
 @pytest.mark.parametrize("command", [[]] + [[c] for c in COMMANDS])
