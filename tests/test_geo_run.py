@@ -249,3 +249,26 @@ def test_tiled_reading_and_label_map_keep_the_grid(tmp_path: Path) -> None:
         assert (src.crs, src.transform, src.shape, src.nodata) == (UTM, GRID, (700, 600), 0)
         labels = src.read(1)
     assert (labels == 1).sum() == 2400 and labels[300:340, 100:160].all()
+
+
+def test_vectors_turned_on_later_cover_every_image(tmp_path: Path) -> None:
+    """--vectors is not fixed by the fingerprint: a second run with it gives the images done
+    before their polygons (from their label maps); a plain image's are in pixels, y down."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(shapes_picture()).save(folder / "plain.png")
+    write_geotiff(folder / "utm.tif", shapes_picture().transpose(2, 0, 1), photometric="RGB")
+    output = tmp_path / "out"
+    args = ("run", folder, "--engine", ENGINE, "--output", output, "--prompt", "blue", "--workers", "1")
+    assert python_m_batchseg(*args).returncode == 0
+    assert not (output / "manifest" / "polygons.parquet").exists()
+    again = python_m_batchseg(*args, "--vectors")
+    assert again.returncode == 0, again.stdout + again.stderr
+    frame = geopandas.read_parquet(output / "manifest" / "polygons.parquet").set_index("path")
+    assert frame.crs is None  # one image in pixels, one in UTM: no single CRS
+    assert frame.loc["plain.png", ["crs", "area_unit"]].isna().tolist() == [True, False]
+    assert frame.loc["plain.png", "area_unit"] == "px"
+    c0, r0, c1, r1 = _pixels(BLUE_BOX)
+    assert frame.loc["plain.png", "geometry"].bounds == (c0, r0, c1, r1)
+    assert frame.loc["utm.tif", "crs"] == "EPSG:32633"
+    assert np.allclose(frame.loc["utm.tif", "geometry"].bounds, BLUE_BOX)
