@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import rasterio
 import shapely
+from _runs import run_args
 from affine import Affine
 from PIL import Image
 from pyproj import CRS as ProjCRS
@@ -272,3 +273,27 @@ def test_vectors_turned_on_later_cover_every_image(tmp_path: Path) -> None:
     assert frame.loc["plain.png", "geometry"].bounds == (c0, r0, c1, r1)
     assert frame.loc["utm.tif", "crs"] == "EPSG:32633"
     assert np.allclose(frame.loc["utm.tif", "geometry"].bounds, BLUE_BOX)
+
+
+def test_sam3_engine_writes_a_label_geotiff_without_detections_in_nodata(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """The SAM3 engine's read and write go through the same hooks: with the tiny random model and
+    every detection kept, masks cover much of the image, yet none reaches the nodata half."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    data = np.random.default_rng(1).integers(1000, 40000, (4, 96, 128), dtype=np.uint16)
+    data[:, :, :64] = 0
+    write_geotiff(folder / "scene.tif", data, nodata=0)
+    output = tmp_path / "out"
+    result = python_m_batchseg(*run_args(folder, output, tiny_model, "--vectors", "--mask-threshold", "0"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    row = _images(output)["scene.tif"]
+    assert (row["mask_path"], row["crs_epsg"], row["width"]) == ("masks/scene.tif.tif", 32633, 128)
+    with rasterio.open(output / row["mask_path"]) as src:
+        assert (src.crs, src.transform) == (UTM, GRID)
+        labels = src.read(1)
+    assert labels[:, 64:].any() and not labels[:, :64].any()
+    frame = geopandas.read_parquet(output / "manifest" / "polygons.parquet")
+    assert len(frame) == row["n_detections"] == labels.max()
+    assert frame.total_bounds[0] >= GRID.c + 64 * GRID.a  # every polygon east of the nodata half
