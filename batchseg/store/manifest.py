@@ -88,8 +88,12 @@ def manifest_paths(output_dir: Path) -> tuple[Path, Path]:
     return folder / IMAGES_FILE, folder / DETECTIONS_FILE
 
 
-def export_manifest(checkpoint: Checkpoint, output_dir: Path | None = None) -> ManifestCounts:
-    """Write both manifests from ``checkpoint`` (one snapshot); safe while the run writes."""
+def export_manifest(
+    checkpoint: Checkpoint, output_dir: Path | None = None, *, polygons: bool = True
+) -> ManifestCounts:
+    """Write both manifests from ``checkpoint`` (one snapshot); safe while the run writes. With
+    ``polygons`` and a run with ``--vectors``, also ``polygons.parquet`` (see ``store.polygons``);
+    the periodic exports of a run leave it out, since it reads every image's part file."""
     output_dir = Path(output_dir) if output_dir is not None else checkpoint.output_dir
     images_path, detections_path = manifest_paths(output_dir)
     export_id = f"{time.time_ns()}-{secrets.token_hex(4)}"
@@ -103,7 +107,7 @@ def export_manifest(checkpoint: Checkpoint, output_dir: Path | None = None) -> M
             with atomic_path(images_path) as img_tmp, atomic_path(detections_path) as det_tmp:
                 by_status, n_images = _write_images(conn, img_tmp, run, export_id)
                 n_detections = _write_detections(conn, det_tmp, run, export_id)
-            if run.config.get("vectors"):  # --vectors: polygons.parquet from the same snapshot
+            if polygons and run.config.get("vectors"):  # polygons.parquet from the same snapshot
                 export_polygons(conn, output_dir, run.run_id, run.model_id, run.config)
             conn.execute("COMMIT")
     except sqlite3.DatabaseError as exc:
