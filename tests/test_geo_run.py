@@ -4,7 +4,6 @@ corrupt GeoTIFF as one image's status, and the missing extra as exit 1. One run 
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import rasterio
 import shapely
+import tifffile
 from _runs import run_args
 from affine import Affine
 from PIL import Image
@@ -85,10 +85,13 @@ def make_inputs(folder: Path) -> None:
     data[:, :, :50] = 0
     data[:, 20:60, 50:70] = 1000  # 800 px: the 2nd percentile, stretched to black
     write_geotiff(folder / "nodata16.tif", data, nodata=0)
-    # A GeoTIFF whose compressed blocks are garbage.
+    # A GeoTIFF whose compressed blocks are garbage (0xFF is no zlib header), its tags intact.
     write_geotiff(folder / "corrupt.tif", pixels.transpose(2, 0, 1), compress="deflate", tiled=True)
+    with tifffile.TiffFile(folder / "corrupt.tif") as tif:
+        blocks = list(zip(tif.pages.first.dataoffsets, tif.pages.first.databytecounts, strict=True))
     raw = bytearray((folder / "corrupt.tif").read_bytes())
-    raw[len(raw) // 3 : len(raw) // 3 + 4000] = os.urandom(4000)
+    for offset, count in blocks:
+        raw[offset : offset + count] = b"\xff" * count
     (folder / "corrupt.tif").write_bytes(bytes(raw))
 
 
@@ -297,3 +300,12 @@ def test_sam3_engine_writes_a_label_geotiff_without_detections_in_nodata(
     frame = geopandas.read_parquet(output / "manifest" / "polygons.parquet")
     assert len(frame) == row["n_detections"] == labels.max()
     assert frame.total_bounds[0] >= GRID.c + 64 * GRID.a  # every polygon east of the nodata half
+
+
+def test_the_runs_polygons_export_to_a_geopackage(geo_run: tuple[Path, Any]) -> None:
+    output, _ = geo_run
+    result = python_m_batchseg("export", output, "--format", "gpkg")
+    assert result.returncode == 0, result.stdout + result.stderr
+    frame = geopandas.read_file(output / "manifest" / "polygons.gpkg")
+    parquet = geopandas.read_parquet(output / "manifest" / "polygons.parquet")
+    assert frame.crs.to_epsg() == 32633 and len(frame) == len(parquet) > 0
