@@ -34,9 +34,9 @@ class GeoreferenceError(InvalidImageError):
 def raster_unreadable(exc: Exception) -> InvalidImageError:
     """A raster GDAL cannot decode (damaged blocks, a compression it lacks): the image's status.
     rasterio's message often says only "see previous exception": GDAL's own text is its cause."""
-    cause = f": {exc.__cause__}" if exc.__cause__ is not None else ""
+    detail = exc.__cause__ if exc.__cause__ is not None else exc
     return InvalidImageError(
-        f"The raster's pixels cannot be read ({exc}{cause}); the file is damaged or incomplete: "
+        f"The raster's pixels cannot be read ({detail}); the file is damaged or incomplete: "
         "copy or export it again."
     )
 
