@@ -266,8 +266,12 @@ def test_vectors_turned_on_later_cover_every_image(tmp_path: Path) -> None:
     args = ("run", folder, "--engine", ENGINE, "--output", output, "--prompt", "blue", "--workers", "1")
     assert python_m_batchseg(*args).returncode == 0
     assert not (output / "manifest" / "polygons.parquet").exists()
+    # A lost checkpoint is rebuilt from the manifest: the transform comes back from its list form.
+    (output / "checkpoint.sqlite").unlink()
     again = python_m_batchseg(*args, "--vectors")
     assert again.returncode == 0, again.stdout + again.stderr
+    assert "processed 0 images" in again.stdout  # nothing redone: polygons from the label maps
+    assert _images(output)["utm.tif"]["transform"] == list(GRID)[:6]
     frame = geopandas.read_parquet(output / "manifest" / "polygons.parquet").set_index("path")
     assert frame.crs is None  # one image in pixels, one in UTM: no single CRS
     assert frame.loc["plain.png", ["crs", "area_unit"]].isna().tolist() == [True, False]
