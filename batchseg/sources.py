@@ -146,9 +146,10 @@ def valid_of(image: Image.Image, window: tuple[int, int, int, int] | None = None
     return valid[y0:y1, x0:x1]
 
 
-def georef_fields(image: Image.Image) -> dict[str, Any]:
-    """The georeference fields of an ItemResult for this image (empty without one)."""
-    georef = georef_of(image)
+def georef_fields(image: Image.Image | Georef | None) -> dict[str, Any]:
+    """The georeference fields of an ItemResult for this image, or for a Georef (a tiled image's
+    ``GeoSource.georef``); empty without one."""
+    georef = georef_of(image) if isinstance(image, Image.Image) else image
     if georef is None:
         return {}
     return {
