@@ -37,6 +37,7 @@ from .values import (
     Kind,
     ModelRef,
     ModuleFunction,
+    Number,
     PathValue,
     Text,
     TextList,
@@ -181,6 +182,32 @@ def option(kind: Kind[Any], default: Any = REQUIRED, **spec: Any) -> Any:
 
 
 ENGINE, POOL, RUNNER = Reader.ENGINE, Reader.POOL, Reader.RUNNER
+
+
+class BandList(Kind[tuple[int, ...] | None]):
+    """One or three band numbers counted from 1: ``1,2,3`` as text, ``[4, 3, 2]`` in a job file."""
+
+    expected = "one or three band numbers counted from 1, like 1,2,3"
+    metavar = "B,B,B"
+
+    def read(self, value: object, toml: bool) -> tuple[int, ...] | None:
+        parts = value.split(",") if isinstance(value, str) else value
+        parts = [parts] if isinstance(parts, int) else parts
+        if not isinstance(parts, list | tuple) or isinstance(value, bool):
+            raise self.refuse(value, toml)
+        try:
+            bands = tuple(int(str(p).strip()) for p in parts if not isinstance(p, bool | float))
+        except ValueError:
+            raise self.refuse(value, toml) from None
+        if len(bands) != len(parts) or len(bands) not in (1, 3) or min(bands) < 1:
+            raise self.refuse(value, toml)
+        return bands
+
+    def to_json(self, value: Any) -> Any:
+        return None if value is None else list(value)
+
+    def from_json(self, value: Any) -> Any:
+        return None if value is None else tuple(value)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -432,6 +459,32 @@ class RunOptions:
     )
     preview_size: int = option(
         Count(64), 1024, help="Long side of a preview, pixels.", reader=RUNNER, retry=True
+    )
+
+    # --- georeferenced inputs (the batchseg[geo] extra) --------------------------------------------
+    bands: tuple[int, ...] | None = option(
+        BandList(),
+        None,
+        help="Georeferenced inputs: bands for red, green, blue (1,2,3), or one band as grey.",
+        reader=ENGINE,
+        fingerprint=True,
+        upgrade=None,
+        default_text="the RGB colour interpretation, else the first three",
+    )
+    vectors: bool = option(
+        Flag(),
+        False,
+        help="One polygon per detection in manifest/polygons.parquet (GeoParquet, the image's CRS).",
+        reader=ENGINE,
+        retry=True,
+    )
+    simplify: float = option(
+        Number(0.0, exclusive=False),
+        0.0,
+        help="With --vectors: simplify outlines by this tolerance, pixels (0: exact pixel edges).",
+        reader=ENGINE,
+        fingerprint=True,
+        upgrade=0.0,
     )
 
 

@@ -27,6 +27,7 @@ from .logs import RunLog
 from .processing import PoolPass
 from .records import FINAL_FAILURES, Item, ItemResult, Status, failure_result
 from .report import report_after_run
+from .sources import check_geo_extra
 from .store.checkpoint import Checkpoint
 from .store.folder import check_output_writable, remove_stale_temp_files
 from .store.manifest import read_manifest_run
@@ -129,6 +130,7 @@ def _run_locked(
         if retry_statuses:
             checkpoint.reset_for_retry([i.path for i in checkpoint.failed_items(list(retry_statuses))])
         plan = checkpoint.plan(found.items, use_hash=config.hash)
+        check_geo_extra(config, (item.path for item in plan.pending))  # before any worker starts
         log.info(f"found {len(found.items)} images in {config.input}; {len(plan.pending)} to process")
         if plan.counts["orphan_masks"]:
             log.info(f"removed {plan.counts['orphan_masks']} mask file(s) whose result was never recorded")

@@ -40,7 +40,7 @@ def export(
     patience = FINAL_EXPORT_PATIENCE_S if final else PERIODIC_EXPORT_PATIENCE_S
     try:
         with held_file_patience(patience):
-            export_manifest(checkpoint, output_dir)
+            export_manifest(checkpoint, output_dir, polygons=final)
     except FileHeldError as exc:
         if not final:
             log.warning(f"manifest not exported (tried again at the next interval): {exc}")

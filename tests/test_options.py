@@ -23,7 +23,7 @@ from conftest import make_image
 from batchseg.cli import Commands, cli, run_config
 from batchseg.config import FINGERPRINT_UPGRADES, RunConfig, upgrade_fingerprint
 from batchseg.errors import CircuitBreakerTripped, ConfigError, ExitCode, OutputError, StoppedEarly
-from batchseg.options import DEFAULT_ENGINE, OPTIONS, Option, Reader, fingerprint_options
+from batchseg.options import DEFAULT_ENGINE, OPTIONS, BandList, Option, Reader, fingerprint_options
 from batchseg.store.checkpoint import Checkpoint
 from batchseg.values import (
     BOOL_WORDS,
@@ -75,6 +75,7 @@ def example(opt: Option, folder: Path) -> tuple[list[str], str, str, Any]:
         PathValue: [(str(folder / "there"), folder / "there"), (str(folder / "else"), folder / "else")],
         Text: [("some text", "some text"), ("other text", "other text")],
         TileSide: [("off", "off"), ("auto", "auto")],
+        BandList: [("4,3,2", (4, 3, 2)), ("2", (2,))],
     }.get(type(kind), [])
     if isinstance(kind, Number):
         candidates = [(str(kind.minimum + x), kind.minimum + x) for x in (1.5, 2.5)]

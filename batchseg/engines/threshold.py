@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import ImageColor
+from PIL import Image, ImageColor
 
-from .. import imageio, rle
+from .. import imageio, rle, sources
+from ..config import RunConfig
 from ..errors import ConfigError, InvalidImageError
 from ..records import Detection, FailureCategory, Item, ItemResult, Status, failure_result
 from ..supervise.contract import Capabilities, EngineSpec, HeartbeatFn
@@ -43,6 +44,7 @@ def load(spec: EngineSpec, slot: int) -> ThresholdEngine:
         config.max_pixels,
         config.max_detections,
         config.max_tiled_pixels,
+        config=config,
     )
 
 
@@ -78,7 +80,10 @@ class ThresholdEngine:
         max_pixels: int,
         max_detections: int,
         max_tiled_pixels: int = DEFAULT_MAX_TILED_PIXELS,
+        *,
+        config: RunConfig,
     ) -> None:
+        self.config = config
         self.colours = list(colours)
         self.input_root = input_root
         self.output_dir = output_dir
@@ -105,9 +110,10 @@ class ThresholdEngine:
         started = time.time()
         device = self.capabilities.device
         try:
+            image: Image.Image | None = None
             if item.window is None:
-                image = imageio.read_image(self.input_root / item.path, self.max_pixels)
-                pixels, (left, top), (width, height) = np.asarray(image), (0, 0), image.size
+                image = sources.read_for_engine(self.input_root / item.path, self.config)
+                pixels, (left, top), (width, height) = np.asarray(image.convert("RGB")), (0, 0), image.size
             else:
                 # The tiles of an image come one after another: the image is read once, a tiled
                 # TIFF only chunk by chunk (tiles.WindowReader).
@@ -119,24 +125,31 @@ class ThresholdEngine:
             return failure_result(item, Status.ERROR, exc=exc, device=device, started_at=started)
         try:
             labels, instances = self.label(pixels, left, top)
+            if image is not None:  # a whole georeferenced image: nodata pixels carry no detection
+                labels, instances, areas = sources.drop_nodata(labels, instances, image, item.window)
+            else:
+                areas = np.bincount(labels.ravel(), minlength=len(instances) + 1)[1:]
         except Exception as exc:  # noqa: BLE001 - any per-image failure is that image's result
             return failure_result(item, Status.ERROR, exc=exc, device=device, started_at=started)
+        counts = rle.encode_labels(labels, n_labels=len(instances))
+        detections = [
+            Detection(inst.prompt, k, 1.0, inst.box, int(areas[k - 1]), counts[k])
+            for k, inst in enumerate(instances, start=1)
+        ]
         mask_path = None
-        if item.window is None:
-            mask_path = imageio.mask_relpath(item.path)
+        if image is not None:
+            mask_path = sources.mask_relpath(item.path, image)
             try:
-                imageio.save_label_map(imageio.safe_output_path(self.output_dir, mask_path), labels)
+                sources.save_label_map(imageio.safe_output_path(self.output_dir, mask_path), labels, image)
+                georef = sources.georef_of(image)
+                sources.write_vectors(self.output_dir, item.path, labels, georef, detections, self.config)
             except OSError as exc:
                 category = FailureCategory.OUTPUT
                 return failure_result(
                     item, Status.ERROR, exc=exc, category=category, device=device, started_at=started
                 )
-        counts = rle.encode_labels(labels, n_labels=len(instances))
-        areas = np.bincount(labels.ravel(), minlength=len(instances) + 1)
-        detections = [
-            Detection(inst.prompt, k, 1.0, inst.box, int(areas[k]), counts[k])
-            for k, inst in enumerate(instances, start=1)
-        ]
+            except Exception as exc:  # noqa: BLE001 - a polygon that cannot be made fails its image
+                return failure_result(item, Status.ERROR, exc=exc, device=device, started_at=started)
         return ItemResult(
             path=item.path,
             status=Status.OK,
@@ -147,6 +160,7 @@ class ThresholdEngine:
             started_at=started,
             finished_at=time.time(),
             device=device,
+            **(sources.georef_fields(image) if image is not None else {}),
         )
 
     def label(self, pixels: np.ndarray, left: int = 0, top: int = 0) -> tuple[np.ndarray, list[_Instance]]:

@@ -12,6 +12,7 @@ __all__ = [
     "GeoreferenceError",
     "geo_versions",
     "missing_extra",
+    "raster_unreadable",
     "require_geo",
 ]
 
@@ -28,6 +29,16 @@ class GeoExtraMissing(ConfigError):
 class GeoreferenceError(InvalidImageError):
     """One input's georeference cannot be used (degenerate transform, unreadable CRS, no valid
     pixels): a per-image ``invalid_input`` status, never fatal to the run."""
+
+
+def raster_unreadable(exc: Exception) -> InvalidImageError:
+    """A raster GDAL cannot decode (damaged blocks, a compression it lacks): the image's status.
+    rasterio's message often says only "see previous exception": GDAL's own text is its cause."""
+    detail = exc.__cause__ if exc.__cause__ is not None else exc
+    return InvalidImageError(
+        f"The raster's pixels cannot be read ({detail}); the file is damaged or incomplete: "
+        "copy or export it again."
+    )
 
 
 def missing_extra(

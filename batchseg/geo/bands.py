@@ -12,6 +12,7 @@ window, so tiles of one image never differ in contrast. Valid pixels: not nodata
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +61,7 @@ def parse_bands(text: str | None) -> tuple[int, ...] | None:
     return bands
 
 
-def plan_bands(path: str | Path, requested: Sequence[int] | None = None) -> BandPlan:
+def plan_bands(path: str | os.PathLike[str], requested: Sequence[int] | None = None) -> BandPlan:
     """Choose the bands of ``path`` and compute its stretch; GeoreferenceError for a per-image problem."""
     with rasterio.open(path) as src:
         bands = _choose(src, requested, Path(path).name)

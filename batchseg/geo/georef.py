@@ -11,12 +11,14 @@ transform (zero determinant) or an unreadable CRS is refused with :class:`Georef
 from __future__ import annotations
 
 import math
+import os
 import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
 from ._extra import GeoreferenceError, missing_extra
+from .detect import world_file_for
 
 try:
     import pyproj
@@ -97,7 +99,7 @@ def ground_pixel_size(georef: Georef) -> float | None:
     return math.sqrt(col * row) * factor
 
 
-def read_georef(path: str | Path) -> Georef | None:
+def read_georef(path: str | os.PathLike[str]) -> Georef | None:
     """The georeference of ``path``, or None when it has none (a plain photo).
 
     Raises :class:`GeoreferenceError` for a file GDAL cannot open or a georeference that cannot be used.
@@ -172,21 +174,6 @@ def _crs_fields(path: Path, crs: CRS | None) -> tuple[str | None, int | None]:
 
 
 # ------------------------------------------------------------------------------ world files
-
-
-def world_file_for(path: str | Path) -> Path | None:
-    """The world file beside ``path``: ``x.jgw`` (first and last letter of the extension + w),
-    ``x.jpgw``, then ``x.wld``; either case."""
-    path = Path(path)
-    ext = path.suffix.lstrip(".")
-    if not ext:
-        return None
-    for candidate in (ext[0] + ext[-1] + "w", ext + "w", "wld"):
-        for name in (candidate.lower(), candidate.upper()):
-            world = path.with_suffix("." + name)
-            if world.is_file():
-                return world
-    return None
 
 
 def parse_world_file(text: str) -> Affine:

@@ -8,6 +8,7 @@ beside the target and renamed into place, so a reader never sees half a label ma
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,7 @@ class LabelWriter:
 
 
 @contextlib.contextmanager
-def open_label_geotiff(path: str | Path, georef: Georef, max_label: int) -> Iterator[LabelWriter]:
+def open_label_geotiff(path: str | os.PathLike[str], georef: Georef, max_label: int) -> Iterator[LabelWriter]:
     """Yield a writer; the file appears at ``path`` only when the block ends without error."""
     profile = label_profile(georef, max_label)
     with atomic_path(path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
@@ -84,7 +85,10 @@ def open_label_geotiff(path: str | Path, georef: Georef, max_label: int) -> Iter
 
 
 def write_label_geotiff(
-    path: str | Path, georef: Georef, labels: npt.NDArray[np.integer[Any]], rows_per_write: int = BLOCK * 8
+    path: str | os.PathLike[str],
+    georef: Georef,
+    labels: npt.NDArray[np.integer[Any]],
+    rows_per_write: int = BLOCK * 8,
 ) -> None:
     """Write a whole label array (rows at a time, so GDAL never holds a second full copy)."""
     if labels.shape != (georef.height, georef.width):
@@ -94,7 +98,7 @@ def write_label_geotiff(
             writer.write(0, y0, labels[y0 : y0 + rows_per_write])
 
 
-def write_png_sidecars(png_path: str | Path, georef: Georef) -> list[Path]:
+def write_png_sidecars(png_path: str | os.PathLike[str], georef: Georef) -> list[Path]:
     """World file (``x.pgw``), ``x.prj`` (ESRI WKT) and ``x.png.aux.xml`` (the CRS as GDAL and QGIS
     read it for a PNG) beside a PNG label map; returns the files written."""
     png = Path(png_path)

@@ -35,7 +35,8 @@ from ..atomic import atomic_path
 from ..errors import OutputError
 from ..records import FINAL_FAILURES, Item, Status
 from .checkpoint import Checkpoint, RunInfo, read_run_info
-from .tables import DETECTIONS, IMAGES, MANIFEST_DIR, TIME_COLUMNS, path_from
+from .polygons import export_polygons
+from .tables import DETECTIONS, IMAGES, JSON_LIST_COLUMNS, MANIFEST_DIR, TIME_COLUMNS, path_from
 
 __all__ = [
     "DETECTIONS_SCHEMA",
@@ -87,8 +88,12 @@ def manifest_paths(output_dir: Path) -> tuple[Path, Path]:
     return folder / IMAGES_FILE, folder / DETECTIONS_FILE
 
 
-def export_manifest(checkpoint: Checkpoint, output_dir: Path | None = None) -> ManifestCounts:
-    """Write both manifests from ``checkpoint`` (one snapshot); safe while the run writes."""
+def export_manifest(
+    checkpoint: Checkpoint, output_dir: Path | None = None, *, polygons: bool = True
+) -> ManifestCounts:
+    """Write both manifests from ``checkpoint`` (one snapshot); safe while the run writes. With
+    ``polygons`` and a run with ``--vectors``, also ``polygons.parquet`` (see ``store.polygons``);
+    the periodic exports of a run leave it out, since it reads every image's part file."""
     output_dir = Path(output_dir) if output_dir is not None else checkpoint.output_dir
     images_path, detections_path = manifest_paths(output_dir)
     export_id = f"{time.time_ns()}-{secrets.token_hex(4)}"
@@ -102,6 +107,8 @@ def export_manifest(checkpoint: Checkpoint, output_dir: Path | None = None) -> M
             with atomic_path(images_path) as img_tmp, atomic_path(detections_path) as det_tmp:
                 by_status, n_images = _write_images(conn, img_tmp, run, export_id)
                 n_detections = _write_detections(conn, det_tmp, run, export_id)
+            if polygons and run.config.get("vectors"):  # polygons.parquet from the same snapshot
+                export_polygons(conn, output_dir, run.run_id, run.model_id, run.config)
             conn.execute("COMMIT")
     except sqlite3.DatabaseError as exc:
         raise OutputError(f"cannot read the checkpoint {checkpoint.path} for the manifest: {exc}") from exc
@@ -138,6 +145,8 @@ def _write_images(
             columns = dict(zip(stored, zip(*rows, strict=True), strict=True))
             for name in TIME_COLUMNS:
                 columns[name] = tuple(None if t is None else round(t * 1_000_000) for t in columns[name])
+            for name in JSON_LIST_COLUMNS:
+                columns[name] = tuple(None if v is None else json.loads(v) for v in columns[name])
             for name, value in per_run.items():
                 columns[name] = (value,) * len(rows)
             by_status.update(columns["status"])

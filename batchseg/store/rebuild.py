@@ -8,6 +8,7 @@ without the detections that belong to them.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from ..records import Status
 from .checkpoint import Checkpoint, Seed
 from .folder import archive_previous_run
 from .manifest import BATCH_ROWS, manifest_pair_matches, manifest_paths, read_manifest_run
-from .tables import DETECTIONS, PENDING, RESULT_COLUMNS, TIME_COLUMNS
+from .tables import DETECTIONS, JSON_LIST_COLUMNS, PENDING, RESULT_COLUMNS, TIME_COLUMNS
 
 __all__ = ["manifest_seed", "open_run"]
 
@@ -113,4 +114,7 @@ def _columns_as_epoch(batch: pa.RecordBatch) -> dict[str, list[Any]]:
         if name in cols:
             micros = batch.column(name).cast(pa.int64()).to_pylist()
             cols[name] = [None if m is None else m / 1_000_000 for m in micros]
+    for name in JSON_LIST_COLUMNS:  # a list in the manifest, JSON text in the checkpoint
+        if name in cols:
+            cols[name] = [None if v is None else json.dumps(v) for v in cols[name]]
     return cols

@@ -130,6 +130,10 @@ IMAGES = Table(
         _c("worker_pid", "INTEGER", pa.int64()),
         _c("device", "TEXT", pa.string()),
         _c("run_id", "TEXT", pa.string()),
+        _c("crs_wkt", "TEXT", pa.string()),  # the input's CRS as WKT2, when it has one
+        _c("crs_epsg", "INTEGER", pa.int32()),
+        _c("transform", "TEXT", pa.list_(pa.float64(), 6)),  # JSON text in SQLite (JSON_LIST_COLUMNS)
+        _c("georef_source", "TEXT", pa.string()),
         _c("updated_at", "REAL NOT NULL", None),
         _c("prior_status", "TEXT", None),  # the status a row had before it became missing
         _c("config_hash", None, pa.string()),
@@ -165,6 +169,8 @@ DETECTIONS = Table(
 
 #: Columns that hold epoch seconds in SQLite and UTC timestamps in the manifest.
 TIME_COLUMNS = ("started_at", "finished_at")
+#: Columns held as JSON text in SQLite and as a list in the manifest (the input's affine transform).
+JSON_LIST_COLUMNS = ("transform",)
 #: images columns a result sets (the rest: updated_at and prior_status, set by the store).
 RESULT_COLUMNS = tuple(c.name for c in IMAGES.stored if c.name not in ("updated_at", "prior_status"))
 

@@ -15,6 +15,7 @@ import os
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tifffile
@@ -24,7 +25,17 @@ from ..atomic import atomic_path
 from .merge import MergedDetection
 from .source import TiffSource
 
-__all__ = ["BLOCK", "label_dtype", "label_map_relpath", "read_label_window", "write_label_map"]
+if TYPE_CHECKING:
+    from ..geo.georef import Georef
+
+__all__ = [
+    "BLOCK",
+    "label_dtype",
+    "label_map_relpath",
+    "read_label_window",
+    "write_geo_label_map",
+    "write_label_map",
+]
 
 #: Side of the TIFF's internal tiles: GDAL's and QGIS's usual block size.
 BLOCK = 512
@@ -76,10 +87,19 @@ class _Runs:
 
 
 def write_label_map(
-    path: str | os.PathLike[str], detections: Sequence[MergedDetection], width: int, height: int
+    path: str | os.PathLike[str],
+    detections: Sequence[MergedDetection],
+    width: int,
+    height: int,
+    georef: Georef | None = None,
 ) -> None:
     """Write the label map of merged ``detections`` to ``path`` (``.tif``: tiled TIFF; ``.png``:
-    the whole-image PNG, which holds at most 65535 labels)."""
+    the whole-image PNG, which holds at most 65535 labels). With ``georef`` (a georeferenced
+    input: ``GeoSource.georef``) a ``.tif`` is a GeoTIFF on the source grid, a ``.png`` gets
+    world-file sidecars."""
+    if georef is not None:
+        write_geo_label_map(path, detections, georef)
+        return
     runs = _Runs(detections, height)
     dtype = label_dtype(len(detections))
     if os.fspath(path).endswith(".png"):
@@ -117,6 +137,26 @@ def write_label_map(
             metadata=None,
         )
         _fsync(tmp)
+
+
+def write_geo_label_map(
+    path: str | os.PathLike[str], detections: Sequence[MergedDetection], georef: Georef
+) -> None:
+    """The label map of a georeferenced input: a GeoTIFF with its CRS and transform, painted block by
+    block (``geo.raster``), or for ``.png`` the PNG plus world file, ``.prj`` and ``.aux.xml``."""
+    from ..geo.raster import open_label_geotiff, write_png_sidecars
+
+    if os.fspath(path).endswith(".png"):
+        write_label_map(path, detections, georef.width, georef.height)
+        write_png_sidecars(path, georef)
+        return
+    runs = _Runs(detections, georef.height)
+    with open_label_geotiff(path, georef, len(detections)) as writer:
+        for y in range(0, georef.height, BLOCK):
+            for x in range(0, georef.width, BLOCK):
+                block = np.zeros((min(BLOCK, georef.height - y), min(BLOCK, georef.width - x)), np.uint32)
+                if runs.paint(block, x, y):
+                    writer.write(x, y, block)
 
 
 def _encode_block(block: np.ndarray) -> bytes:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -167,10 +168,19 @@ class TiffSource:
 
 
 def open_source(
-    path: str | os.PathLike[str], *, max_pixels: int, max_tiled_pixels: int = DEFAULT_MAX_TILED_PIXELS
+    path: str | os.PathLike[str],
+    *,
+    max_pixels: int,
+    max_tiled_pixels: int = DEFAULT_MAX_TILED_PIXELS,
+    bands: Sequence[int] | None = None,
 ) -> ImageSource:
     """The image at ``path`` as a windowed source; ``InvalidImageError`` with a sentence (and a
-    conversion to run) when it is too big for how it can be read."""
+    conversion to run) when it is too big for how it can be read. A georeferenced input (GeoTIFF
+    keys or a world file) is a ``geo.source.GeoSource``: ``bands`` (``--bands``) and one stretch per
+    image, its ``valid(window)`` says where nodata must carry no detection."""
+    geo = _geo_source(path, bands, max_tiled_pixels)
+    if geo is not None:
+        return geo
     with open(path, "rb") as fh:
         is_tiff = fh.read(4) in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
     if is_tiff:
@@ -194,6 +204,36 @@ def open_source(
             return source
         source.close()
     return _whole(path, max_pixels)
+
+
+def _geo_source(
+    path: str | os.PathLike[str], bands: Sequence[int] | None, max_tiled_pixels: int
+) -> ImageSource | None:
+    """The georeferenced branch of ``open_source`` (None: not georeferenced); rasterio reads any
+    raster GDAL knows by window, so the pixel limit is the windowed one."""
+    from ..geo.detect import looks_georeferenced
+
+    if not looks_georeferenced(path):
+        return None
+    from ..geo import require_geo
+    from ..geo._extra import raster_unreadable
+
+    require_geo(f"{os.path.basename(path)} is georeferenced; reading it")
+    from rasterio.errors import RasterioError
+
+    from ..geo.source import GeoSource
+
+    try:
+        source = GeoSource.open(path, bands)
+    except RasterioError as exc:
+        raise raster_unreadable(exc) from exc
+    if source is not None and source.width * source.height > max_tiled_pixels:
+        source.close()
+        raise InvalidImageError(
+            f"The image is {source.width} x {source.height} = {source.width * source.height:,} pixels, "
+            f"more than the limit of {max_tiled_pixels:,} for images read by window (--max-tiled-pixels)."
+        )
+    return source
 
 
 def _check_decodable(source: TiffSource) -> None:

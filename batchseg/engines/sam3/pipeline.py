@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ... import imageio, rle
+from ... import imageio, rle, sources
 from ...atomic import FileHeldError
 from ...config import RunConfig
 from ...errors import ConfigError, InvalidImageError, OutputError
@@ -202,8 +202,8 @@ class Sam3Engine:
             if item.window is not None:
                 image = self.read_window(item, item.window)
             else:
-                image = imageio.read_image(
-                    self.input_root / item.path, self.config.max_pixels, draft_side=self.draft_side
+                image = sources.read_for_engine(
+                    self.input_root / item.path, self.config, draft_side=self.draft_side
                 )
             if self.torch_device.type == "cuda":
                 self._pinned_pixels[id(image)] = self._pinned(image)
@@ -322,16 +322,21 @@ class Sam3Engine:
         scored = self.launch_prompts(encoded)
         return self.land(scored, encoded.sizes, post_on_cpu=post_on_cpu)
 
-    def write(self, item: Item, seg: ImageSegmentation) -> tuple[str | None, list[Detection]]:
-        """Save the label map atomically and describe each detection (RLE, area, box, score). A
+    def write(
+        self, item: Item, seg: ImageSegmentation, image: Image.Image
+    ) -> tuple[str | None, list[Detection]]:
+        """Save the label map atomically and describe each detection (RLE, area, box, score);
+        ``image`` (from ``read``) says where a georeferenced input's label map goes and how. A
         window gets no label map: RLE of the window's map, boxes moved to the whole image's frame."""
+        if sources.valid_of(image) is not None:  # nodata pixels never carry a detection
+            seg = ImageSegmentation(*sources.drop_nodata(seg.labels, seg.instances, image))
         mask_rel: str | None = None
         left = top = 0.0
         if item.window is None:
-            mask_rel = imageio.mask_relpath(item.path)
+            mask_rel = sources.mask_relpath(item.path, image)
             target = imageio.safe_output_path(self.output_dir, mask_rel)
             try:
-                imageio.save_label_map(target, seg.labels)
+                sources.save_label_map(target, seg.labels, image)
             except OSError as exc:
                 raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from exc
         else:
@@ -348,12 +353,16 @@ class Sam3Engine:
             )
             for k, inst in enumerate(seg.instances, start=1)
         ]
+        if item.window is None:  # a tiled image's polygons are made from its merged map
+            sources.write_vectors(
+                self.output_dir, item.path, seg.labels, sources.georef_of(image), detections, self.config
+            )
         return mask_rel, detections
 
     def finish(self, item: Item, image: Image.Image, seg: ImageSegmentation, started: float) -> ItemResult:
         """``write``, then the image's result: from ``started`` (its sub-batch's start) to now."""
         try:
-            mask_rel, detections = self.write(item, seg)
+            mask_rel, detections = self.write(item, seg, image)
         except Exception as exc:  # noqa: BLE001 - OutputError included: the runner decides if it is fatal
             return self.failure(item, exc, started)
         width, height = image.info.get(WHOLE_SIZE) or imageio.original_size(image)
@@ -368,6 +377,7 @@ class Sam3Engine:
             finished_at=time.time(),
             worker_pid=os.getpid(),
             device=self.device,
+            **sources.georef_fields(image),
         )
 
     def failure(

@@ -1,0 +1,75 @@
+"""Whether an input is georeferenced, told without the extra: a world file beside it, or GeoTIFF keys
+in a TIFF's first page. Cheap enough for the parent to scan a run's images when the extra is missing
+(folder listings are cached, so a folder of photos costs one listing, not six stats an image).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import tifffile
+
+__all__ = [
+    "GEOTIFF_TAGS",
+    "has_geotiff_keys",
+    "looks_georeferenced",
+    "world_file_for",
+    "world_file_names",
+    "folder_listing",
+]
+
+#: ModelPixelScale, ModelTiepoint, ModelTransformation, GeoKeyDirectory.
+GEOTIFF_TAGS = (33550, 33922, 34264, 34735)
+_TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+def world_file_names(path: str | os.PathLike[str]) -> list[str]:
+    """Names a world file of ``path`` may have, in the order GDAL tries them: ``x.jgw`` (first and
+    last letter of the extension + w), ``x.jpgw``, ``x.wld``; lower case first, then upper."""
+    path = Path(path)
+    ext = path.suffix.lstrip(".")
+    if not ext:
+        return []
+    names = []
+    for candidate in (ext[0] + ext[-1] + "w", ext + "w", "wld"):
+        names += [path.stem + "." + candidate.lower(), path.stem + "." + candidate.upper()]
+    return names
+
+
+def world_file_for(path: str | os.PathLike[str]) -> Path | None:
+    """The world file beside ``path``, or None."""
+    path = Path(path)
+    return next((path.with_name(n) for n in world_file_names(path) if path.with_name(n).is_file()), None)
+
+
+def folder_listing(folder: str | os.PathLike[str]) -> frozenset[str]:
+    """The names in ``folder`` (empty when it cannot be listed), for ``looks_georeferenced``."""
+    try:
+        return frozenset(os.listdir(folder))
+    except OSError:
+        return frozenset()
+
+
+def has_geotiff_keys(path: str | os.PathLike[str]) -> bool:
+    """True when the first page of a TIFF carries GeoTIFF tags (the header only is read)."""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            tags = tif.pages.first.tags
+            return any(code in tags for code in GEOTIFF_TAGS)
+    except Exception:  # noqa: BLE001 - not a readable TIFF: the reader will say so for that image
+        return False
+
+
+def looks_georeferenced(path: str | os.PathLike[str], listing: frozenset[str] | None = None) -> bool:
+    """A world file beside ``path`` or, for a TIFF, GeoTIFF keys. ``listing``: the names in the
+    image's folder (``folder_listing``), for a scan of many images: one listing, not six stats each."""
+    path = Path(path)
+    names = world_file_names(path)
+    if listing is not None:
+        found = any(n in listing for n in names)
+    else:
+        found = any(path.with_name(n).is_file() for n in names)
+    if found:
+        return True
+    return path.suffix.lower() in _TIFF_SUFFIXES and has_geotiff_keys(path)
