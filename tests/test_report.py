@@ -115,6 +115,16 @@ def test_run_with_previews_writes_previews_and_report(finished_run: Path) -> Non
         with Image.open(preview) as jpeg:
             assert jpeg.format == "JPEG" and max(jpeg.size) <= 200
     assert not (finished_run / "previews" / "broken.jpg.jpg").exists()
+    # images.parquet names each preview that exists, and only those
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(finished_run / "manifest" / "images.parquet").to_pylist()
+    named = {r["path"]: r["preview_path"] for r in rows}
+    for path, preview in named.items():
+        assert preview == (
+            f"previews/{path}.jpg" if (finished_run / f"previews/{path}.jpg").is_file() else None
+        )
+    assert sum(p is not None for p in named.values()) >= len(NAMES)
     assert (finished_run / REPORT_NAME).stat().st_mode & 0o777 == 0o644  # for whoever opens the share
     text = (finished_run / REPORT_NAME).read_text(encoding="utf-8")
     assert "http://" not in text and "https://" not in text  # nothing fetched from anywhere
@@ -158,6 +168,10 @@ def test_report_command_makes_missing_previews(finished_run: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "previews: 1 made" in result.output and f"report: {finished_run / REPORT_NAME}" in result.output
     assert gone.is_file()
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(finished_run / "manifest" / "images.parquet").to_pylist()
+    assert {r["path"]: r["preview_path"] for r in rows}["b #1 100%.jpg"] == "previews/b #1 100%.jpg.jpg"
 
 
 def test_report_command_without_a_run(tmp_path: Path) -> None:

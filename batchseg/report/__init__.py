@@ -23,7 +23,8 @@ from ..atomic import atomic_path
 from ..config import RunConfig
 from ..errors import OutputError
 from ..logs import RunLog
-from ..store.manifest import manifest_paths, read_manifest_run
+from ..store.folder import existing_previews
+from ..store.manifest import manifest_paths, read_manifest_run, refresh_preview_paths
 from .data import collect_report
 from .page import render_page
 from .previews import (
@@ -115,7 +116,7 @@ def make_missing_previews(
         detections = _detections_by_path(detections_path)
     except (OSError, pa.ArrowException) as exc:
         raise OutputError(f"cannot read the manifest in {images_path.parent}: {exc}") from exc
-    existing = set() if redo else _existing_previews(output_dir)
+    existing = set() if redo else existing_previews(output_dir)
     jobs = [
         (row["path"], row["mask_path"], detections.get(row["path"], []))
         for row in images.to_pylist()
@@ -136,17 +137,9 @@ def make_missing_previews(
             if stream is not None and time.monotonic() - last >= 5:
                 stream.write(f"previews: {len(jobs) - maker.pending():,} of {len(jobs):,}\n")
                 last = time.monotonic()
+    if maker.made:
+        refresh_preview_paths(output_dir)  # images.parquet names the new previews too
     return maker.made, maker.failed
-
-
-def _existing_previews(output_dir: Path) -> set[str]:
-    """Relative paths of the previews there (one listing per folder: few round trips on a share)."""
-    found: set[str] = set()
-    top = output_dir / "previews"
-    for folder, _, files in os.walk(top):
-        rel = Path(folder).relative_to(output_dir).as_posix()
-        found.update(f"{rel}/{name}" for name in files)
-    return found
 
 
 def _detections_by_path(path: Path) -> dict[str, list[tuple[str, int]]]:

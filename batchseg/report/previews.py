@@ -32,6 +32,7 @@ from ..atomic import atomic_path
 from ..config import RunConfig
 from ..imageio import _PILLOW_LIMIT_LOCK, original_size, read_image, safe_output_path
 from ..records import ItemResult, Status
+from ..store.folder import preview_relpath
 
 __all__ = [
     "DEFAULT_PREVIEW_SIZE",
@@ -56,11 +57,6 @@ PREVIEW_STATUSES = (Status.OK.value, Status.ERROR.value)
 MAX_QUEUED = 2_000
 _LOG = logging.getLogger("batchseg.report")
 _UNKNOWN = (128, 128, 128)
-
-
-def preview_relpath(rel: str) -> str:
-    """Where the preview of input ``rel`` goes, relative to the output folder."""
-    return f"previews/{rel}.jpg"
 
 
 # ---- colours --------------------------------------------------------------------------------------

@@ -170,3 +170,21 @@ def _settle_checkpoint(path: Path) -> str | None:
     finally:
         conn.close()
     return str(row[0]) if row else None
+
+
+#: Overlay previews (batchseg.report) live here, one JPEG per image.
+PREVIEWS_DIR = "previews"
+
+
+def preview_relpath(rel: str) -> str:
+    """Where the preview of input ``rel`` goes, relative to the output folder."""
+    return f"{PREVIEWS_DIR}/{rel}.jpg"
+
+
+def existing_previews(output_dir: Path) -> set[str]:
+    """Relative paths of the previews there (one listing per folder: few round trips on a share)."""
+    found: set[str] = set()
+    for folder, _, files in os.walk(output_dir / PREVIEWS_DIR):
+        rel = Path(folder).relative_to(output_dir).as_posix()
+        found.update(f"{rel}/{name}" for name in files)
+    return found

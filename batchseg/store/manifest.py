@@ -35,6 +35,7 @@ from ..atomic import atomic_path
 from ..errors import OutputError
 from ..records import FINAL_FAILURES, Item, Status
 from .checkpoint import Checkpoint, RunInfo, read_run_info
+from .folder import existing_previews, preview_relpath
 from .polygons import export_polygons
 from .tables import DETECTIONS, IMAGES, JSON_LIST_COLUMNS, MANIFEST_DIR, TIME_COLUMNS, path_from
 
@@ -137,6 +138,7 @@ def _write_images(
 ) -> tuple[Counter[str], int]:
     schema = IMAGES_SCHEMA.with_metadata(_run_metadata(run, export_id))
     per_run = {"config_hash": run.config_hash, "model_id": run.model_id, "batchseg_version": __version__}
+    previews = existing_previews(dst.parent.parent)  # dst is OUTPUT/manifest/<temp name>
     stored = [c.name for c in IMAGES.exported if c.sql]
     by_status: Counter[str] = Counter()
     total = 0
@@ -149,6 +151,8 @@ def _write_images(
                 columns[name] = tuple(None if v is None else json.loads(v) for v in columns[name])
             for name, value in per_run.items():
                 columns[name] = (value,) * len(rows)
+            named = (preview_relpath(p) for p in columns["path"])
+            columns["preview_path"] = tuple(p if p in previews else None for p in named)
             by_status.update(columns["status"])
             total += len(rows)
             writer.write_batch(pa.record_batch([pa.array(columns[f.name], f.type) for f in schema], schema))
@@ -271,3 +275,18 @@ def read_manifest_items(output_dir: Path, statuses: Sequence[Status | str] = FIN
         )
     ]
     return ManifestItems(items, run.config)
+
+
+def refresh_preview_paths(output_dir: Path) -> int:
+    """Name in images.parquet the previews made after its export (``batchseg report --previews``,
+    the end of a run): the file is rewritten atomically with the same metadata (export id
+    included, so it still pairs with detections.parquet). Returns the previews named."""
+    images_path, _ = manifest_paths(output_dir)
+    table = pq.read_table(images_path)
+    previews = existing_previews(output_dir)
+    named = [p if (p := preview_relpath(path)) in previews else None for path in table["path"].to_pylist()]
+    column = table.schema.get_field_index("preview_path")
+    table = table.set_column(column, table.schema.field(column), pa.array(named, pa.string()))
+    with atomic_path(images_path) as tmp:
+        pq.write_table(table, tmp)
+    return sum(p is not None for p in named)

@@ -124,6 +124,7 @@ IMAGES = Table(
         _c("exit_code", "INTEGER", pa.int32()),
         _c("n_detections", "INTEGER", pa.int32()),
         _c("mask_path", "TEXT", pa.string()),  # path_text() of the mask file
+        _c("preview_path", None, pa.string()),  # its overlay preview, where one exists (at export)
         _c("started_at", "REAL", UTC_US),
         _c("finished_at", "REAL", UTC_US),
         _c("duration_s", "REAL", pa.float64()),
