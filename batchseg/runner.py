@@ -32,6 +32,7 @@ from .store.checkpoint import Checkpoint
 from .store.folder import check_output_writable, remove_stale_temp_files
 from .store.manifest import read_manifest_run
 from .store.rebuild import open_run
+from .supervise.contract import check_in_parent
 from .upkeep import export, warn_empty_input
 
 __all__ = ["RunSummary", "run", "retry", "exit_code_for"]
@@ -139,6 +140,8 @@ def _run_locked(
         for path, kept in found.collisions.items():
             _record_collision(checkpoint, config, path, kept, log)
         _record_skipped(checkpoint, config.input, found.excluded)
+        if plan.pending:
+            check_in_parent(factory, config)  # e.g. a prompt too long for the model: before any worker
         work = PoolPass(config, factory, checkpoint, plan.pending, log, stream, _stop_time(config))
         stopped, message, processed = work.run()
         export(checkpoint, output_dir, log, final=True, stream=stream)

@@ -101,3 +101,24 @@ def test_the_factory_module_and_its_check_leave_torch_out(tiny_model: Path) -> N
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_too_long_prompt_ends_the_run_before_any_worker_starts(tiny_model: Path, tmp_path: Path) -> None:
+    """Through the CLI: exit 1 naming the prompt and the limit, and no worker was started (no model
+    load: the log has no worker line)."""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from batchseg.cli import cli
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.new("RGB", (32, 24), "gray").save(folder / "a.png")
+    long = " ".join(["roof"] * 40)
+    out = tmp_path / "out"
+    args = ["run", str(folder), "--prompt", long, "--model", str(tiny_model), "--output", str(out)]
+    result = CliRunner().invoke(cli, [*args, "--device", "cpu", "--tile", "off"])
+    assert result.exit_code == 1, result.output
+    assert "at most 32" in result.output and "roof roof" in result.output
+    log = next((out / "logs").glob("*.log")).read_text(encoding="utf-8")
+    assert "worker" not in log.split("found 1 images", 1)[1], log

@@ -22,12 +22,18 @@ from ..records import Detection, FailureCategory, Item, ItemResult, Status, fail
 from ..supervise.contract import Capabilities, EngineSpec, HeartbeatFn
 from ..tiles.source import DEFAULT_MAX_TILED_PIXELS, WindowReader
 
-__all__ = ["TOLERANCE", "ThresholdEngine", "components", "load", "parse_colour"]
+__all__ = ["TOLERANCE", "ThresholdEngine", "check", "components", "load", "parse_colour"]
 
 #: A pixel matches a colour when each of its R, G and B values is within this many levels of the
 #: colour's: enough for a PNG exported with slight colour management, not for JPEG edges (lossy
 #: compression moves pixels along an edge by tens of levels; use PNG for exact masks).
 TOLERANCE = 8
+
+
+def check(config: RunConfig) -> None:
+    """In the parent, before any worker: every prompt must be a colour."""
+    for prompt in config.prompts:
+        parse_colour(prompt)
 
 
 def load(spec: EngineSpec, slot: int) -> ThresholdEngine:

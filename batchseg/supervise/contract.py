@@ -17,7 +17,15 @@ from ..config import RunConfig
 from ..errors import ConfigError
 from ..records import Item, ItemResult
 
-__all__ = ["Capabilities", "Engine", "EngineFactory", "EngineSpec", "HeartbeatFn", "load_factory"]
+__all__ = [
+    "Capabilities",
+    "Engine",
+    "EngineFactory",
+    "EngineSpec",
+    "HeartbeatFn",
+    "check_in_parent",
+    "load_factory",
+]
 
 
 @dataclass(frozen=True)
@@ -104,3 +112,18 @@ def load_factory(spec: EngineSpec) -> EngineFactory:
     if not callable(factory):
         raise ConfigError(f"--engine {spec.factory!r}: {module_name} has no function {func_name}")
     return factory  # type: ignore[no-any-return]
+
+
+def check_in_parent(factory: str, config: RunConfig) -> None:
+    """The engine's look at the configuration before any worker starts: the factory module's
+    ``check(config)``, if it defines one (SAM3 refuses a prompt longer than the model reads there,
+    instead of after a model load). Imported in the parent, so such a module must stay light; a
+    module that cannot be imported here is left to the worker, whose load reports it in full."""
+    module_name = factory.partition(":")[0]
+    try:
+        module = importlib.import_module(module_name)
+    except Exception:  # noqa: BLE001 - the worker's load says what is wrong, with its traceback
+        return
+    hook = getattr(module, "check", None)
+    if callable(hook):
+        hook(config)
