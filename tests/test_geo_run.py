@@ -313,3 +313,30 @@ def test_the_runs_polygons_export_to_a_geopackage(geo_run: tuple[Path, Any]) -> 
     frame = geopandas.read_file(output / "manifest" / "polygons.gpkg")
     parquet = geopandas.read_parquet(output / "manifest" / "polygons.parquet")
     assert frame.crs.to_epsg() == 32633 and len(frame) == len(parquet) > 0
+
+
+def test_a_tiled_geotiff_keeps_its_grid_and_its_polygons_their_map_coordinates(tmp_path: Path) -> None:
+    """--tile 64 cuts the 200x160 scene into 20 tiles: the merged label map is a GeoTIFF on the
+    input's grid, the images row carries the CRS, and each shape is one polygon where it was drawn."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_geotiff(folder / "utm.tif", shapes_picture().transpose(2, 0, 1), photometric="RGB", tiled=True)
+    output = tmp_path / "out"
+    flags = ["--prompt", "red", "--prompt", "blue", "--tile", "64", "--tile-overlap", "16", "--vectors"]
+    result = python_m_batchseg("run", folder, "--engine", ENGINE, "--output", output, *flags)
+    assert result.returncode == 0, result.stderr
+    row = _images(output)["utm.tif"]
+    assert row["crs_epsg"] == 32633 and row["mask_path"] == "masks/utm.tif.tif"
+    with rasterio.open(output / row["mask_path"]) as labels:
+        assert labels.crs == UTM and labels.transform == GRID
+    detections = pq.read_table(output / "manifest" / "detections.parquet").to_pylist()
+    assert all(d["tiles"] > 1 for d in detections)  # each shape crosses seams
+    frame = geopandas.read_parquet(output / "manifest" / "polygons.parquet").set_index("prompt")
+    assert frame.crs.to_epsg() == 32633 and len(frame) == 2
+    expected_red = shapely.box(*RED_OUTER).difference(shapely.box(*RED_HOLE))
+    for geom, want in (
+        (frame.loc["red", "geometry"], expected_red),
+        (frame.loc["blue", "geometry"], shapely.box(*BLUE_BOX)),
+    ):
+        assert np.allclose(geom.bounds, want.bounds, atol=GRID.a)
+        assert abs(geom.area - want.area) <= 0.01 * want.area

@@ -15,17 +15,23 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import __version__, imageio
 from ..config import RunConfig
 from ..errors import ConfigError, InvalidImageError
+from ..geo.detect import looks_georeferenced
 from ..records import Detection, FailureCategory, Item, ItemResult, Status, failure_result
+from ..sources import georef_fields
 from ..tiles.grid import TilePlan, TileSetting, parse_overlap, parse_tile, plan_tiles
 from ..tiles.labelmap import label_map_relpath, write_label_map
 from ..tiles.merge import merge_tiles
 from ..tiles.progress import PROGRESS_DIR, TileProgress
 from ..tiles.source import CONVERT_HINT, upright_size
 from .contract import Capabilities
+
+if TYPE_CHECKING:
+    from ..geo.georef import Georef
 
 __all__ = ["RunTiles", "Tiler"]
 
@@ -131,6 +137,10 @@ class Tiler:
                 tile, result = failed[0]
                 return _tile_failure(item, tile.id, tile.window, result, started)
         try:
+            georef = _georef(self.input_root / item.path)  # the label map lands on the source grid
+        except InvalidImageError as exc:
+            return failure_result(item, Status.INVALID_INPUT, exc=exc, device=self.device, started_at=started)
+        try:
             merged = merge_tiles(plan, found, match=self.match)
             detections = [
                 Detection(m.prompt, m.index, m.score, m.box, m.area_px, m.mask_rle(plan.width), m.tiles)
@@ -141,7 +151,7 @@ class Tiler:
         mask_rel = label_map_relpath(item.path, tiled=True)
         try:
             target = imageio.safe_output_path(self.output_dir, mask_rel)
-            write_label_map(target, merged, plan.width, plan.height)
+            write_label_map(target, merged, plan.width, plan.height, georef=georef)
         except OSError as exc:
             return failure_result(
                 item,
@@ -162,6 +172,7 @@ class Tiler:
             started_at=started,
             finished_at=time.time(),
             device=self.device,
+            **georef_fields(georef),  # polygons (--vectors) are made from the map at the next export
         )
 
     def progress(self, item: Item, plan: TilePlan) -> TileProgress:
@@ -206,3 +217,12 @@ def _tile_failure(
     )
     failed.traceback = result.traceback
     return failed
+
+
+def _georef(path: Path) -> Georef | None:
+    """The input's georeference, None for a plain image (looked for without the geo extra)."""
+    if not looks_georeferenced(path):
+        return None
+    from ..geo.georef import read_georef  # the extra: the parent checked it is installed
+
+    return read_georef(path)
