@@ -185,6 +185,16 @@ class RunOptions:
         fingerprint=True,
         upgrade=0.5,
     )
+    gsd: float | None = option(
+        Number(),
+        None,
+        help="Metres per pixel the model sees on georeferenced inputs: their tiles are resampled to it "
+        "(outputs stay on the source grid).",
+        reader=ENGINE,
+        fingerprint=True,
+        upgrade=None,
+        default_text="the source's",
+    )
     max_tiled_pixels: int = option(
         Count(),
         4_000_000_000,

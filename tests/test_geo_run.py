@@ -340,3 +340,32 @@ def test_a_tiled_geotiff_keeps_its_grid_and_its_polygons_their_map_coordinates(t
     ):
         assert np.allclose(geom.bounds, want.bounds, atol=GRID.a)
         assert abs(geom.area - want.area) <= 0.01 * want.area
+
+
+def test_gsd_sets_the_tile_side_from_the_ground_resolution(tmp_path: Path) -> None:
+    """0.5 m pixels and --gsd 0.05: a tile covers 1008 x 0.05 / 0.5 = 101 source pixels (what the
+    model's 1008 would see at 5 cm), so the 200x160 scene is cut into tiles and merged back exactly;
+    --gsd with --tile off is refused."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_geotiff(folder / "utm.tif", shapes_picture().transpose(2, 0, 1), photometric="RGB")
+    output = tmp_path / "out"
+    flags = ["--prompt", "red", "--prompt", "blue", "--gsd", "0.05"]
+    result = python_m_batchseg("run", folder, "--engine", ENGINE, "--output", output, *flags)
+    assert result.returncode == 0, result.stderr
+    detections = pq.read_table(output / "manifest" / "detections.parquet").to_pylist()
+    assert sorted(d["prompt"] for d in detections) == ["blue", "red"]
+    assert max(d["tiles"] for d in detections) > 1
+    with rasterio.open(output / "masks" / "utm.tif.tif") as labels:
+        assert labels.crs == UTM and labels.transform == GRID
+        red = labels.read(1) == next(d["index"] for d in detections if d["prompt"] == "red")
+    c0, r0, c1, r1 = _pixels(RED_OUTER)
+    h0, i0, h1, i1 = _pixels(RED_HOLE)
+    expected = np.zeros_like(red)
+    expected[r0:r1, c0:c1] = True
+    expected[i0:i1, h0:h1] = False
+    assert np.array_equal(red, expected)
+    refused = python_m_batchseg(
+        "run", folder, "--engine", ENGINE, "--output", tmp_path / "o2", *flags, "--tile", "off"
+    )
+    assert refused.returncode == 1 and "--gsd" in refused.stderr

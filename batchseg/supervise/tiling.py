@@ -23,7 +23,7 @@ from ..errors import ConfigError, InvalidImageError
 from ..geo.detect import looks_georeferenced
 from ..records import Detection, FailureCategory, Item, ItemResult, Status, failure_result
 from ..sources import georef_fields
-from ..tiles.grid import TilePlan, TileSetting, parse_overlap, parse_tile, plan_tiles
+from ..tiles.grid import MIN_SIDE, TilePlan, TileSetting, parse_overlap, parse_tile, plan_tiles
 from ..tiles.labelmap import label_map_relpath, write_label_map
 from ..tiles.merge import merge_tiles
 from ..tiles.progress import PROGRESS_DIR, TileProgress
@@ -32,6 +32,9 @@ from .contract import Capabilities
 
 if TYPE_CHECKING:
     from ..geo.georef import Georef
+
+#: The input side --gsd scales from when the engine states none (SAM3's).
+GSD_MODEL_INPUT = 1008
 
 __all__ = ["RunTiles", "Tiler"]
 
@@ -54,16 +57,18 @@ class Tiler:
     max_tiled_pixels: int
     device: str
     fingerprint: str  # of the run's configuration: finished tiles kept on disk are for it only
+    gsd: float | None = None  # metres per pixel the model should see on georeferenced inputs
 
     @classmethod
     def for_run(cls, config: RunConfig, capabilities: Capabilities) -> Tiler | None:
         """None when nothing is ever tiled (``--tile off``, or ``auto`` for an engine without a
         model input). ConfigError for an overlap of more than half the tile or a match of 0."""
         setting = parse_tile(config.tile or "auto")
-        if setting.mode == "off" or (setting.mode == "auto" and capabilities.model_input is None):
+        if setting.mode == "off" and config.gsd:
+            raise ConfigError("--gsd resamples tiles: it needs tiling (--tile auto or N, not off)")
+        if setting.mode == "off" or (setting.mode == "auto" and not (capabilities.model_input or config.gsd)):
             return None
-        side = setting.side or capabilities.model_input
-        assert side is not None
+        side = setting.side or capabilities.model_input or GSD_MODEL_INPUT
         try:
             overlap = parse_overlap(config.tile_overlap, side)
         except ValueError as exc:
@@ -82,6 +87,7 @@ class Tiler:
             config.max_tiled_pixels,
             capabilities.device,
             config.fingerprint(),
+            config.gsd,
         )
 
     def plan(self, item: Item) -> TilePlan | ItemResult | None:
@@ -94,9 +100,13 @@ class Tiler:
             width, height, windowed = upright_size(self.input_root / item.path)
         except (InvalidImageError, OSError):
             return None
-        side = self.setting.side_for(width, height, self.model_input or 0)
-        if side is None:
-            return None
+        try:
+            gsd_side = self._gsd_side(item)
+        except InvalidImageError:
+            return None  # a broken georeference: the engine's read reports it
+        side = gsd_side or self.setting.side_for(width, height, self.model_input or 0)
+        if side is None or max(width, height) <= side:
+            return None  # small, or one --gsd tile covers it: the engine resizes it as it would a tile
         pixels = width * height
         limit, flag = (
             (self.max_tiled_pixels, "--max-tiled-pixels") if windowed else (self.max_pixels, "--max-pixels")
@@ -117,6 +127,17 @@ class Tiler:
             )
         # A strip shorter than the tile gets tiles of its short side: the overlap shrinks with them.
         return plan_tiles(width, height, side, min(self.overlap, min(side, width, height) // 2))
+
+    def _gsd_side(self, item: Item) -> int | None:
+        """With --gsd, the tile side in source pixels that the model input covers at that ground
+        resolution (for a georeferenced input); None otherwise."""
+        if not self.gsd:
+            return None
+        georef = _georef(self.input_root / item.path)
+        pixel = None if georef is None else _ground_pixel_size(georef)
+        if not pixel:
+            return None
+        return max(MIN_SIDE, round((self.model_input or GSD_MODEL_INPUT) * self.gsd / pixel))
 
     def run(self, item: Item, plan: TilePlan, run_tiles: RunTiles) -> ItemResult:
         """Every tile of ``item`` through the engine, merged into the image's one result."""
@@ -226,3 +247,9 @@ def _georef(path: Path) -> Georef | None:
     from ..geo.georef import read_georef  # the extra: the parent checked it is installed
 
     return read_georef(path)
+
+
+def _ground_pixel_size(georef: Georef) -> float | None:
+    from ..geo.georef import ground_pixel_size
+
+    return ground_pixel_size(georef)
