@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from .errors import ConfigError
 from .records import Item
 
-__all__ = ["Discovery", "IMAGE_EXTENSIONS", "discover", "glob_to_regex", "file_sha256"]
+__all__ = ["Discovery", "IMAGE_EXTENSIONS", "check_input_folder", "discover", "file_sha256", "glob_to_regex"]
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "tif", "tiff", "bmp", "webp"})
 
@@ -88,7 +88,7 @@ def discover(
     that cannot be read for hashing keeps ``content_hash=None`` and fails later as an invalid image.
     Raises ``ConfigError`` if ``root`` is missing, not a folder, or unreadable.
     """
-    root_real = _check_root(root)
+    root_real = check_input_folder(root)
     walker = _Walker(root_real, {_norm(os.path.realpath(p)) for p in skip})
     walker.walk()
     found = sorted(walker.found, key=lambda f: f.rel)
@@ -110,7 +110,7 @@ def discover(
     return Discovery(items, collisions, excluded, sorted(walker.unreadable))
 
 
-def _check_root(root: str | os.PathLike[str]) -> str:
+def check_input_folder(root: str | os.PathLike[str]) -> str:
     path = os.fspath(root)
     if not os.path.exists(path):
         raise ConfigError(

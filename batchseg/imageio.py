@@ -35,19 +35,23 @@ from .atomic import atomic_write_bytes
 from .errors import InvalidImageError
 
 __all__ = [
+    "PILLOW_LIMIT_LOCK",
     "WINDOWS_MAX_PATH",
+    "check_not_empty",
     "configure_pillow",
     "encode_label_png",
     "mask_relpath",
+    "oriented_size",
     "path_too_long",
     "read_image",
     "read_label_map",
     "safe_output_path",
     "save_label_map",
+    "too_many_pixels",
 ]
 
 #: Held while Pillow's process-wide pixel limit is switched off to read a header (see ``_open``).
-_PILLOW_LIMIT_LOCK = threading.Lock()
+PILLOW_LIMIT_LOCK = threading.Lock()
 #: Windows' classic MAX_PATH counts the terminating NUL: a usable path has at most 259 characters.
 WINDOWS_MAX_PATH = 260
 
@@ -82,7 +86,7 @@ def read_image(
     empty, is not an image, has more than ``max_pixels`` pixels, is damaged or truncated, or uses a
     color mode that cannot become RGB. ``MemoryError`` is not an input problem and propagates.
     """
-    _check_not_empty(path)
+    check_not_empty(path)
     try:
         fh = open(path, "rb")  # we own and close it, so Windows never keeps a handle
     except OSError as exc:
@@ -93,7 +97,7 @@ def read_image(
         ImageFile.LOAD_TRUNCATED_IMAGES = False  # a library imported later may have switched it on
         src = _open(fh, max_pixels)
         with src:
-            full_size = _upright_size(src)
+            full_size = oriented_size(src)
             if draft_side and src.format == "JPEG":
                 src.draft(None, (draft_side, draft_side))
             _decode_first_frame(src, max_pixels)
@@ -113,7 +117,7 @@ def configure_pillow(max_pixels: int) -> None:
     warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
 
-def _upright_size(src: Image.Image) -> tuple[int, int]:
+def oriented_size(src: Image.Image) -> tuple[int, int]:
     """Full size after EXIF orientation (orientations 5 to 8 swap width and height)."""
     width, height = src.size
     try:
@@ -123,7 +127,7 @@ def _upright_size(src: Image.Image) -> tuple[int, int]:
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
-def _check_not_empty(path: str | os.PathLike[str]) -> None:
+def check_not_empty(path: str | os.PathLike[str]) -> None:
     try:
         size = os.stat(path).st_size
     except OSError as exc:
@@ -136,7 +140,7 @@ def _check_not_empty(path: str | os.PathLike[str]) -> None:
         )
 
 
-def _too_many_pixels(width: int, height: int, max_pixels: int) -> InvalidImageError:
+def too_many_pixels(width: int, height: int, max_pixels: int) -> InvalidImageError:
     return InvalidImageError(
         f"The image is {width} x {height} = {width * height:,} pixels, more than the limit of "
         f"{max_pixels:,} (--max-pixels); raise --max-pixels if the image is genuine."
@@ -156,7 +160,7 @@ def _open(fh: io.BufferedReader, max_pixels: int) -> Image.Image:
         # off while the header is read, so the check below sees the size and says it. Pillow's limit
         # is a process global and images are read by several threads at once: hence the lock, and
         # no warnings filters here (changing those is never safe from a thread).
-        with _PILLOW_LIMIT_LOCK:
+        with PILLOW_LIMIT_LOCK:
             limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
             try:
                 src = Image.open(fh)
@@ -184,7 +188,7 @@ def _open(fh: io.BufferedReader, max_pixels: int) -> Image.Image:
     width, height = src.size
     if width * height > max_pixels:
         src.close()
-        raise _too_many_pixels(width, height, max_pixels)
+        raise too_many_pixels(width, height, max_pixels)
     return src
 
 

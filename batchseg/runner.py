@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 from . import __version__
 from .config import RunConfig
-from .discover import _check_root, discover
+from .discover import check_input_folder, discover
 from .errors import BatchsegError, ExitCode, OutputError, StoppedEarly
 from .lock import RunLock
 from .logs import RunLog
@@ -116,7 +116,7 @@ def _run_locked(
     removed = remove_stale_temp_files(output_dir)
     if removed:
         log.info(f"removed {removed} unfinished temp file(s) left by an interrupted run")
-    _check_root(config.input)  # before the checkpoint stores a run for a folder that is not there
+    check_input_folder(config.input)  # before the checkpoint stores a run for a folder that is not there
     config = _resolve_tile(config, log)
     checkpoint = open_run(output_dir, config, new_run=config.new_run)
     try:

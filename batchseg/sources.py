@@ -105,7 +105,7 @@ def read_for_engine(
 
 def read_georeferenced(path: str | os.PathLike[str], config: RunConfig) -> Image.Image | None:
     """A georeferenced input through rasterio, or None when it turns out to have no georeference."""
-    imageio._check_not_empty(path)  # the same sentence as for any other empty file
+    imageio.check_not_empty(path)  # the same sentence as for any other empty file
     require_geo(f"{Path(path).name} is georeferenced; reading it")
     from rasterio.errors import RasterioError
 
@@ -117,7 +117,7 @@ def read_georeferenced(path: str | os.PathLike[str], config: RunConfig) -> Image
         if georef is None:
             return None
         if georef.width * georef.height > config.max_pixels:
-            raise imageio._too_many_pixels(georef.width, georef.height, config.max_pixels)
+            raise imageio.too_many_pixels(georef.width, georef.height, config.max_pixels)
         plan = plan_bands(path, config.bands)
         import rasterio
 

@@ -265,7 +265,7 @@ def _header_size(path: str | os.PathLike[str]) -> tuple[int, int]:
     from PIL import Image
 
     try:
-        with imageio._PILLOW_LIMIT_LOCK:
+        with imageio.PILLOW_LIMIT_LOCK:
             limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
             try:
                 with Image.open(path) as im:
@@ -309,11 +309,11 @@ def upright_size(path: str | os.PathLike[str]) -> tuple[int, int, bool]:
     from PIL import Image
 
     try:
-        with imageio._PILLOW_LIMIT_LOCK:
+        with imageio.PILLOW_LIMIT_LOCK:
             limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
             try:
                 with Image.open(path) as im:
-                    width, height = imageio._upright_size(im)
+                    width, height = imageio.oriented_size(im)
             finally:
                 Image.MAX_IMAGE_PIXELS = limit
     except Exception as exc:  # noqa: BLE001 - Pillow's many errors become one input problem
