@@ -40,7 +40,9 @@ def _free_port() -> int:
 
 def _ray_processes() -> list[psutil.Process]:
     found = []
-    for proc in psutil.process_iter(["name", "cmdline"]):
+    for proc in psutil.process_iter(["name", "cmdline", "status"]):
+        if proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue  # exited, only waiting to be reaped (by init, in a container): it holds nothing
         text = " ".join(proc.info["cmdline"] or []) + (proc.info["name"] or "")
         if "raylet" in text or "gcs_server" in text:
             found.append(proc)
