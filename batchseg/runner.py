@@ -40,7 +40,7 @@ __all__ = ["RunSummary", "run", "retry", "exit_code_for"]
 
 @dataclass
 class RunSummary:
-    """What a run did; ``exit_code`` follows design.md (0 ok, 3 some not ok, 4 stopped early)."""
+    """What a run did; ``exit_code`` is an ``errors.ExitCode`` (0 ok, 3 some not ok, 4 stopped early)."""
 
     output_dir: Path
     counts: dict[str, int]
