@@ -107,7 +107,7 @@ def mask_files(output_dir: Path) -> MaskFiles:
 def remove_orphan_masks(output_dir: Path, files: MaskFiles, recorded: set[str]) -> int:
     """Delete the mask files that no row names: written by a worker whose result was not committed
     when the process died. Their image is pending and is redone, writing it again. Only names
-    batchseg gives a mask (``<image name>.png``) are touched: any other file was put there by
+    batchseg gives a mask (``<image name>.png`` or ``.tif``) are touched: any other file was put there by
     someone else."""
     removed = 0
     for name in sorted(n for n in files.names - recorded if _is_mask_name(n)):
