@@ -349,11 +349,15 @@ def test_gsd_sets_the_tile_side_from_the_ground_resolution(tmp_path: Path) -> No
     folder = tmp_path / "in"
     folder.mkdir()
     write_geotiff(folder / "utm.tif", shapes_picture().transpose(2, 0, 1), photometric="RGB")
+    Image.fromarray(shapes_picture()).save(folder / "plain.png")  # no georeference: run whole
     output = tmp_path / "out"
     flags = ["--prompt", "red", "--prompt", "blue", "--gsd", "0.05"]
     result = python_m_batchseg("run", folder, "--engine", ENGINE, "--output", output, *flags)
     assert result.returncode == 0, result.stderr
-    detections = pq.read_table(output / "manifest" / "detections.parquet").to_pylist()
+    everything = pq.read_table(output / "manifest" / "detections.parquet").to_pylist()
+    plain = [d for d in everything if d["path"] == "plain.png"]
+    assert sorted(d["prompt"] for d in plain) == ["blue", "red"] and {d["tiles"] for d in plain} == {1}
+    detections = [d for d in everything if d["path"] == "utm.tif"]
     assert sorted(d["prompt"] for d in detections) == ["blue", "red"]
     assert max(d["tiles"] for d in detections) > 1
     with rasterio.open(output / "masks" / "utm.tif.tif") as labels:

@@ -104,7 +104,12 @@ class Tiler:
             gsd_side = self._gsd_side(item)
         except InvalidImageError:
             return None  # a broken georeference: the engine's read reports it
-        side = gsd_side or self.setting.side_for(width, height, self.model_input or 0)
+        if gsd_side:
+            side: int | None = gsd_side
+        elif self.setting.mode == "auto" and not self.model_input:
+            side = None  # --gsd made a tiler for an engine without an input size: plain images run whole
+        else:
+            side = self.setting.side_for(width, height, self.model_input or 0)
         if side is None or max(width, height) <= side:
             return None  # small, or one --gsd tile covers it: the engine resizes it as it would a tile
         pixels = width * height
