@@ -93,7 +93,14 @@ class Tiler:
     def plan(self, item: Item) -> TilePlan | ItemResult | None:
         """The tiles of a whole-image item, None to run it whole (a window, a small image, or a
         header that cannot be read: the engine then reports the image), or an ``invalid_input``
-        result for an image too big for how it can be read."""
+        result for an image too big for how it can be read. Never raises: a worker must not die
+        on a file it merely looked at."""
+        try:
+            return self._plan(item)
+        except Exception:  # noqa: BLE001 - whatever went wrong, the engine's read says it per image
+            return None
+
+    def _plan(self, item: Item) -> TilePlan | ItemResult | None:
         if item.window is not None:
             return None
         try:
