@@ -404,3 +404,24 @@ def _kept_windows(kept: Path) -> list[tuple[int, int]]:
     plan = plan_tiles(2500, 1800, 500, 100)
     ids = [tile_id for f in kept.glob("batch-*.json") for tile_id in json.loads(f.read_text())["tiles"]]
     return [plan.by_id(i).window[:2] for i in ids]
+
+
+def test_a_tiled_image_gets_its_preview_from_window_reads(tmp_path: Path) -> None:
+    """--previews on a tiled image: the label map is a tiled TIFF, read band by band for the preview
+    (never whole); the red square shows tinted at its place, the background untouched."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    picture = np.full((1200, 1600, 3), 128, np.uint8)
+    picture[300:700, 500:900] = (255, 0, 0)  # across the seams of 512-pixel tiles
+    Image.fromarray(picture).save(folder / "big.png")
+    output = tmp_path / "out"
+    flags = ["--prompt", "red", "--tile", "512", "--previews", "--preview-size", "400"]
+    done = batchseg("run", folder, "--engine", THRESHOLD, "--output", output, *flags)
+    assert done.returncode == 0, done.stderr
+    assert (output / "masks" / "big.png.tif").is_file()
+    with Image.open(output / "previews" / "big.png.jpg") as preview:
+        pixels = np.asarray(preview.convert("RGB")).astype(int)
+    assert preview.size[0] == 400  # 1600 x 1200 at most 400 wide, the legend strip below
+    inside, outside = pixels[125, 175], pixels[20, 20]  # preview pixels: 4 source pixels each
+    assert inside[0] > 180 and inside[1] < 90, inside  # red, half tinted with its own colour
+    assert abs(outside - 128).max() < 12, outside  # grey background, no overlay

@@ -19,7 +19,7 @@ import functools
 import logging
 import os
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,6 +222,8 @@ def render_preview(
     """The preview of input ``rel`` (image, overlay of ``mask_path`` if given, legend strip)."""
     source = spec.input_dir / rel
     labels_path = spec.output_dir / mask_path if mask_path else None
+    if labels_path is not None and labels_path.suffix.lower() == ".tif":
+        return _render_tiled(spec, source, labels_path, detections)
     # Header only: the size decides the draft scale. The label map's is the upright size; without
     # one, the image's stored size may be turned by EXIF, which leaves its short side the same.
     if labels_path is not None:
@@ -239,14 +241,66 @@ def render_preview(
         labels = read_label_map_small(labels_path, size)
         pixels = composite(image, labels, instance_colours(detections, spec.prompts))
         image = Image.fromarray(pixels)
+    return _with_legend(image, size, detections, spec.prompts)
+
+
+def _with_legend(
+    image: Image.Image, size: tuple[int, int], detections: Sequence[tuple[str, int]], known: Sequence[str]
+) -> Image.Image:
     counts: dict[str, int] = {}
     for prompt, _ in detections:
         counts[prompt] = counts.get(prompt, 0) + 1
-    prompts = list(spec.prompts) + sorted(set(counts) - set(spec.prompts))
+    prompts = list(known) + sorted(set(counts) - set(known))
     out = Image.new("RGB", (size[0], size[1] + LEGEND_HEIGHT))
     out.paste(image, (0, 0))
     out.paste(_legend(size[0], prompts, counts), (0, size[1]))
     return out
+
+
+def _render_tiled(
+    spec: PreviewSpec, source: Path, labels_path: Path, detections: Sequence[tuple[str, int]]
+) -> Image.Image:
+    """The preview of a tiled (or georeferenced) image: image and label map sampled band by band
+    from window reads, never a full-resolution raster in memory (a 40000 x 40000 map would be
+    3.2 GB as one array); nearest-neighbour sampling, as for the labels of any preview."""
+    from ..tiles.labelmap import read_label_window
+    from ..tiles.source import TiffSource, open_source
+
+    probe = TiffSource(labels_path)
+    try:
+        full = (probe.width, probe.height)
+    finally:
+        probe.close()
+    size = preview_size(full[0], full[1], spec.max_side)
+    labels = _sample_bands(lambda window: read_label_window(labels_path, window), full, size)
+    reader = open_source(source, max_pixels=spec.max_pixels)
+    try:
+        pixels = _sample_bands(reader.read, full, size)
+    finally:
+        reader.close()
+    image = Image.fromarray(np.ascontiguousarray(pixels[..., :3]).astype(np.uint8, copy=False))
+    image = Image.fromarray(composite(image, labels, instance_colours(detections, spec.prompts)))
+    return _with_legend(image, size, detections, spec.prompts)
+
+
+def _sample_bands(
+    read: Callable[[tuple[int, int, int, int]], np.ndarray], full: tuple[int, int], size: tuple[int, int]
+) -> np.ndarray:
+    """``size`` samples at the preview pixels' centres, reading ``full`` in bands of 512 rows."""
+    (width, height), (w, h) = full, size
+    ys = np.minimum(((np.arange(h) + 0.5) * height / h).astype(np.int64), height - 1)
+    xs = np.minimum(((np.arange(w) + 0.5) * width / w).astype(np.int64), width - 1)
+    parts = []
+    for top in range(0, height, _BAND_ROWS):
+        rows = ys[(ys >= top) & (ys < top + _BAND_ROWS)]
+        if rows.size:
+            band = read((0, top, width, min(height, top + _BAND_ROWS)))
+            parts.append(band[rows - top][:, xs])
+    return np.concatenate(parts)
+
+
+#: Rows read at a time for a tiled image's preview (a TIFF's tile height).
+_BAND_ROWS = 512
 
 
 def readable_by_all(path: Path) -> None:
