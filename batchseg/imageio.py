@@ -27,6 +27,7 @@ import threading
 import warnings
 import zlib
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -41,6 +42,7 @@ __all__ = [
     "configure_pillow",
     "encode_label_png",
     "mask_relpath",
+    "open_header",
     "oriented_size",
     "path_too_long",
     "read_image",
@@ -154,18 +156,22 @@ def _bomb(exc: Exception, max_pixels: int) -> InvalidImageError:
     )
 
 
+def open_header(fp: str | os.PathLike[str] | IO[bytes]) -> Image.Image:
+    """``Image.open`` (the header only) with Pillow's own pixel limit off meanwhile: ``max_pixels``
+    decides, not Pillow, which warns above its limit and raises above twice it. That limit is a
+    process global and images are read by several threads at once: hence ``PILLOW_LIMIT_LOCK``."""
+    with PILLOW_LIMIT_LOCK:
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(fp)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+
+
 def _open(fh: io.BufferedReader, max_pixels: int) -> Image.Image:
     try:
-        # max_pixels rules, not Pillow's own limit (which warns above it and raises above twice it):
-        # off while the header is read, so the check below sees the size and says it. Pillow's limit
-        # is a process global and images are read by several threads at once: hence the lock, and
-        # no warnings filters here (changing those is never safe from a thread).
-        with PILLOW_LIMIT_LOCK:
-            limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-            try:
-                src = Image.open(fh)
-            finally:
-                Image.MAX_IMAGE_PIXELS = limit
+        # No warnings filters here: changing those is never safe from a thread.
+        src = open_header(fh)  # the check below sees the size and says it
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise _bomb(exc, max_pixels) from exc
     except UnidentifiedImageError as exc:

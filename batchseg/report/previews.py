@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..atomic import atomic_path
 from ..config import RunConfig
-from ..imageio import PILLOW_LIMIT_LOCK, original_size, read_image, safe_output_path
+from ..imageio import open_header, original_size, read_image, safe_output_path
 from ..records import ItemResult, Status
 from ..store.folder import preview_relpath
 
@@ -113,13 +113,7 @@ def preview_size(width: int, height: int, max_side: int) -> tuple[int, int]:
 def _label_map(path: Path) -> Iterator[Image.Image]:
     """Open a label map (ours: trusted) with Pillow's pixel limit lifted for the header, under the
     lock imageio holds while it does the same, so a 200-megapixel mask is not a "decompression bomb"."""
-    with PILLOW_LIMIT_LOCK:
-        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-        try:
-            image = Image.open(path)
-        finally:
-            Image.MAX_IMAGE_PIXELS = limit
-    with image:
+    with open_header(path) as image:
         if image.mode not in ("I;16", "I;16B", "I;16L", "I", "L"):
             raise ValueError(f"{path} is a {image.mode} image, not a 16-bit label map.")
         yield image
@@ -204,13 +198,8 @@ class PreviewSpec:
 
 
 def _stored_size(path: Path, max_pixels: int) -> tuple[int, int]:
-    with PILLOW_LIMIT_LOCK:  # imageio's rule: max_pixels decides, not Pillow's own limit
-        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-        try:
-            with Image.open(path) as probe:
-                width, height = probe.size
-        finally:
-            Image.MAX_IMAGE_PIXELS = limit
+    with open_header(path) as probe:  # imageio's rule: max_pixels decides, not Pillow's own limit
+        width, height = probe.size
     if width * height > max_pixels:
         raise ValueError(f"{path} has {width * height:,} pixels, more than --max-pixels")
     return width, height

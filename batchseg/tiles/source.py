@@ -262,21 +262,19 @@ def _whole(path: str | os.PathLike[str], max_pixels: int) -> ImageSource:
 
 def _header_size(path: str | os.PathLike[str]) -> tuple[int, int]:
     """Width and height from the header only (no pixel decoded)."""
-    from PIL import Image
 
     try:
-        with imageio.PILLOW_LIMIT_LOCK:
-            limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-            try:
-                with Image.open(path) as im:
-                    return im.size
-            finally:
-                Image.MAX_IMAGE_PIXELS = limit
+        with imageio.open_header(path) as im:
+            return im.size
     except Exception as exc:  # noqa: BLE001 - Pillow's many errors become one input problem
-        raise InvalidImageError(
-            f"The file is not an image that can be read ({type(exc).__name__}: {exc}); check that it is "
-            "a complete image file."
-        ) from exc
+        raise _unreadable(exc) from exc
+
+
+def _unreadable(exc: Exception) -> InvalidImageError:
+    return InvalidImageError(
+        f"The file is not an image that can be read ({type(exc).__name__}: {exc}); check that it is "
+        "a complete image file."
+    )
 
 
 def _is_tiff(path: str | os.PathLike[str]) -> bool:
@@ -306,21 +304,12 @@ def upright_size(path: str | os.PathLike[str]) -> tuple[int, int, bool]:
         finally:
             source.close()
         return (height, width, windowed) if orientation in (5, 6, 7, 8) else (width, height, windowed)
-    from PIL import Image
 
     try:
-        with imageio.PILLOW_LIMIT_LOCK:
-            limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-            try:
-                with Image.open(path) as im:
-                    width, height = imageio.oriented_size(im)
-            finally:
-                Image.MAX_IMAGE_PIXELS = limit
+        with imageio.open_header(path) as im:
+            width, height = imageio.oriented_size(im)
     except Exception as exc:  # noqa: BLE001 - Pillow's many errors become one input problem
-        raise InvalidImageError(
-            f"The file is not an image that can be read ({type(exc).__name__}: {exc}); check that it is "
-            "a complete image file."
-        ) from exc
+        raise _unreadable(exc) from exc
     return width, height, False
 
 
