@@ -170,7 +170,10 @@ def test_a_live_run_shows_its_task_as_running_and_leaves_none(tmp_path: Path) ->
         finished.set()
         watcher.join()
     assert summary.counts["ok"] == 6
-    assert max(seen) == 3, seen  # a whole task of 3, marked when the worker took it
+    # A whole task of 3, marked when the worker took it. The pool hands the worker its next task
+    # before the finished one's results are committed (at the loop's next turn), so for that
+    # moment a busy machine can show both tasks: never a part of one, never more than two.
+    assert max(seen) in (3, 6), seen
     final = collect_status(tmp_path / "out")
     assert final.counts.get("running", 0) == 0 and final.counts["ok"] == 6
     # A warning shown in the worker is in the run log, not only on a console.
