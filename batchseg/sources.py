@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from . import imageio
-from .geo import require_geo
+from .geo import RUN_MODULES, require_geo
 from .geo._extra import raster_unreadable
 from .geo.detect import folder_listing, looks_georeferenced
 
@@ -53,7 +53,6 @@ __all__ = [
 #: ``image.info`` keys: the input's Georef, and its HxW bool mask of valid pixels (absent: all valid).
 GEOREF_KEY = "batchseg_georef"
 VALID_KEY = "batchseg_valid"
-_EXTRA_MODULES = ("rasterio", "shapely", "pyproj", "pyogrio")
 
 T = TypeVar("T")
 
@@ -62,9 +61,10 @@ T = TypeVar("T")
 
 
 def _extra_installed() -> bool:
-    """Whether every module of the extra can be found, without importing it (the parent stays light)."""
+    """Whether each module of the extra a run needs can be found, without importing it (the parent
+    stays light)."""
     try:
-        return all(importlib.util.find_spec(name) is not None for name in _EXTRA_MODULES)
+        return all(importlib.util.find_spec(name) is not None for name in RUN_MODULES)
     except (ImportError, ValueError):
         return False
 

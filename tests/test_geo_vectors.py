@@ -318,3 +318,21 @@ def test_missing_extra_names_it(tmp_path: Path) -> None:
     assert [line.split()[0] for line in lines[1:6]] == ["georef", "bands", "raster", "vectors", "export"]
     assert all("pip install 'batchseg[geo]'" in line for line in lines[1:7])
     assert lines[6].startswith("exit 1 error: batchseg export needs the geo extra")
+
+
+def test_a_run_needs_no_pyogrio_but_the_export_does() -> None:
+    # pyogrio serves the export only: without it a georeferenced run still passes the parent's check.
+    code = (
+        "import sys; sys.modules['pyogrio'] = None\n"
+        "from batchseg.sources import _extra_installed\n"
+        "from batchseg.geo import GeoExtraMissing, require_geo\n"
+        "require_geo(); print('run', _extra_installed())\n"
+        "try:\n"
+        "    import batchseg.geo.export\n"
+        "except GeoExtraMissing as exc:\n"
+        "    print('export', exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == "run True"
+    assert done.stdout.splitlines()[1].startswith("export batchseg export needs the geo extra (")

@@ -9,6 +9,6 @@ Shapefile. Only this module imports without the extra; each submodule stops with
 
 from __future__ import annotations
 
-from ._extra import EXTRA_HINT, GeoExtraMissing, GeoreferenceError, geo_versions, require_geo
+from ._extra import EXTRA_HINT, RUN_MODULES, GeoExtraMissing, GeoreferenceError, geo_versions, require_geo
 
-__all__ = ["EXTRA_HINT", "GeoExtraMissing", "GeoreferenceError", "geo_versions", "require_geo"]
+__all__ = ["EXTRA_HINT", "RUN_MODULES", "GeoExtraMissing", "GeoreferenceError", "geo_versions", "require_geo"]

@@ -10,6 +10,7 @@ __all__ = [
     "EXTRA_HINT",
     "GeoExtraMissing",
     "GeoreferenceError",
+    "RUN_MODULES",
     "geo_versions",
     "missing_extra",
     "raster_unreadable",
@@ -20,6 +21,10 @@ EXTRA_HINT = "pip install 'batchseg[geo]'"
 
 #: import name -> distribution, in the order the doctor reports them.
 _MODULES = ("rasterio", "shapely", "pyproj", "pyogrio")
+
+#: What a run needs (reading, label GeoTIFFs, --vectors); pyogrio serves ``batchseg export`` only,
+#: so a platform where its wheel cannot be had still runs georeferenced jobs.
+RUN_MODULES = ("rasterio", "shapely", "pyproj")
 
 
 class GeoExtraMissing(ConfigError):
@@ -68,9 +73,9 @@ def geo_versions() -> dict[str, str]:
     return versions
 
 
-def require_geo(what: str = "georeferenced input and output") -> None:
-    """Stop with a message naming the extra unless every package of it imports."""
-    for name in _MODULES:
+def require_geo(what: str = "georeferenced input and output", modules: tuple[str, ...] = RUN_MODULES) -> None:
+    """Stop with a message naming the extra unless each package a run needs (``modules``) imports."""
+    for name in modules:
         try:
             importlib.import_module(name)
         except ImportError as exc:

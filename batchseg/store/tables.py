@@ -133,7 +133,9 @@ IMAGES = Table(
         _c("run_id", "TEXT", pa.string()),
         _c("crs_wkt", "TEXT", pa.string()),  # the input's CRS as WKT2, when it has one
         _c("crs_epsg", "INTEGER", pa.int32()),
-        _c("transform", "TEXT", pa.list_(pa.float64(), 6)),  # JSON text in SQLite (JSON_LIST_COLUMNS)
+        # Six numbers, JSON text in SQLite (JSON_LIST_COLUMNS). A plain list, not a fixed-size one:
+        # pyarrow releases the project accepts fail to read back a null in a fixed-size list column.
+        _c("transform", "TEXT", pa.list_(pa.float64())),
         _c("georef_source", "TEXT", pa.string()),
         _c("updated_at", "REAL NOT NULL", None),
         _c("prior_status", "TEXT", None),  # the status a row had before it became missing
