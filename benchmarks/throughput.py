@@ -220,6 +220,23 @@ def phase_end_to_end(args: argparse.Namespace) -> dict[str, Any]:
         "images": n,
         "device": table["device"][0],
         "batch_size": args.batch_size,
+        **per_worker(table),
+    }
+
+
+def per_worker(table: dict[str, list[Any]]) -> dict[str, Any]:
+    """Images per worker and the rate while every worker was at work: from the latest first start
+    to the earliest last finish (with several GPUs, the pool's start and its tail excluded)."""
+    spans: dict[int, list[float]] = {}
+    for pid, s, f in zip(table["worker_pid"], table["started_at"], table["finished_at"], strict=True):
+        first, last = spans.setdefault(pid, [s.timestamp(), f.timestamp()])
+        spans[pid] = [min(first, s.timestamp()), max(last, f.timestamp())]
+    lo, hi = max(v[0] for v in spans.values()), min(v[1] for v in spans.values())
+    inside = sum(lo < f.timestamp() <= hi for f in table["finished_at"])
+    return {
+        "workers": {str(pid): table["worker_pid"].count(pid) for pid in spans},
+        "devices": sorted(set(table["device"])),
+        "all_busy_img_per_s": inside / (hi - lo) if hi > lo else None,
     }
 
 

@@ -128,6 +128,14 @@ def test_every_item_reported_once_with_its_worker(tmp_path: Path) -> None:
         assert result.duration_s is not None and result.duration_s >= 0
 
 
+def test_given_workers_all_load_at_once(tmp_path: Path) -> None:
+    # --workers N: no worker waits for another's load (one after the other cost a model load per GPU).
+    done = run(make_spec(tmp_path), items(*(f"ok_{k}" for k in range(4))), workers=3, task_size=1)
+    kinds = [event.kind for event in done.events]
+    assert kinds[:3] == ["worker_started"] * 3 and "pool_size" not in kinds
+    assert len({event.slot for event in done.kinds("worker_started")}) == 3
+
+
 def test_items_are_consumed_lazily(tmp_path: Path) -> None:
     pulled: list[str] = []
 

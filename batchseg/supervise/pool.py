@@ -113,7 +113,11 @@ class Pool:
     def run(self) -> PoolOutcome:
         if not self.ledger.has_work():
             return self._outcome(None, "nothing to do")
-        self._spawn(0)
+        # With --workers given, every worker loads at once (an unindexed cuda spreads them over the
+        # GPUs by slot); otherwise the first one's Ready tells how many GPUs there are, and the
+        # others start then. Loading one after the other cost a whole model load per extra GPU.
+        for slot in range(self.target if self.settings.workers else 1):
+            self._spawn(slot)
         while True:
             self._poll_stop()
             if self.ledger.tripped:
@@ -306,14 +310,13 @@ class Pool:
         if self.kind is None:
             self.device = capabilities.device
             self.kind = "cuda" if capabilities.device.startswith("cuda") else "cpu"
-            self.target = self._pool_size(capabilities.gpu_count)
-            if self.target > 1:
-                self.emit(PoolEvent("pool_size", f"starting {self.target - 1} more worker(s)"))
-            worker.set_threads(self._threads())
+            if not self.settings.workers:
+                self.target = self._pool_size(capabilities.gpu_count)
+                if self.target > 1:
+                    self.emit(PoolEvent("pool_size", f"starting {self.target - 1} more worker(s)"))
+                worker.set_threads(self._threads())
 
     def _pool_size(self, gpu_count: int) -> int:
-        if self.settings.workers:
-            return self.settings.workers
         return self.launcher.pool_size(self.spec, self.kind == "cuda", gpu_count)
 
     def _on_heartbeat(self, worker: WorkerHandle, task: InFlight, beat: Heartbeat) -> None:
