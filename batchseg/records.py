@@ -15,9 +15,11 @@ __all__ = [
     "FINAL_FAILURES",
     "Detection",
     "FailureCategory",
+    "FanOut",
     "Item",
     "ItemResult",
     "Status",
+    "TileJob",
     "failure_result",
 ]
 
@@ -66,6 +68,27 @@ class Item:
     #: returns boxes in the whole image's frame, masks of the window's size and no label map.
     #: None: the whole image.
     window: tuple[int, int, int, int] | None = None
+    #: Set by the pool on the items of an image spread over the workers as tiles (see
+    #: ``supervise.fanout``); engines never see it. None: an image as discovery found it.
+    tiling: TileJob | None = None
+
+
+@dataclass(frozen=True)
+class TileJob:
+    """One part of a tiled image's work: a tile (``tile`` its id; the item's window is the tile) or,
+    with ``tile`` None, the merge of the image's finished tiles into its one result."""
+
+    plan: tuple[int, int, int, int]  # width, height, side, overlap: tiles.grid.plan_tiles's arguments
+    tile: str | None = None
+
+
+@dataclass(frozen=True)
+class FanOut:
+    """A worker's answer for an image it planned as tiles, when the pool spreads tiles over its
+    workers: the tiles still to run (id and window), finished ones on disk left out."""
+
+    plan: tuple[int, int, int, int]
+    todo: tuple[tuple[str, tuple[int, int, int, int]], ...]
 
 
 @dataclass(frozen=True)
@@ -106,6 +129,7 @@ class ItemResult:
     crs_epsg: int | None = None
     transform: str | None = None  # JSON [a, b, c, d, e, f]: x = a*col + b*row + c, y = d*col + e*row + f
     georef_source: str | None = None  # "internal" (GeoTIFF keys) or the world file's name
+    fan_out: FanOut | None = None  # not a final result: the image's tiles, for the pool to spread
 
     @property
     def duration_s(self) -> float | None:

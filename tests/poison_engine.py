@@ -5,6 +5,7 @@
 raise, so the worker must rerun that batch's tiles alone and fail the image.
 ``BATCHSEG_TEST_WINDOWS=FILE``: every window processed is appended to FILE as ``x0,y0``.
 ``BATCHSEG_TEST_SLEEP=S``: each window takes S seconds more (time to kill a run mid-image).
+``BATCHSEG_TEST_PIDS=FILE``: every window processed is appended to FILE as ``x0,y0,pid``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class PoisonEngine:
         self.poison = tuple(int(v) for v in poison.split(",")) if poison else None
         self.log = os.environ.get("BATCHSEG_TEST_WINDOWS")
         self.sleep = float(os.environ.get("BATCHSEG_TEST_SLEEP", "0"))
+        self.pids = os.environ.get("BATCHSEG_TEST_PIDS")
 
     def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[ItemResult]:
         for item in items:
@@ -39,6 +41,9 @@ class PoisonEngine:
             if self.log and item.window is not None:
                 with open(self.log, "a", encoding="utf-8") as fh:
                     fh.write(f"{item.window[0]},{item.window[1]}\n")
+            if self.pids and item.window is not None:
+                with open(self.pids, "a", encoding="utf-8") as fh:
+                    fh.write(f"{item.window[0]},{item.window[1]},{os.getpid()}\n")
             heartbeat([(k, results[-1])])
         return results
 

@@ -127,6 +127,33 @@ def test_every_shape_is_one_exact_detection_across_seams(
     assert [d["tiles"] for d in detections if d["path"] == "small.png"] == [1]
 
 
+def test_the_tiles_of_an_image_spread_over_every_worker(seams_folder: Path, tmp_path: Path) -> None:
+    """--workers 2: both workers run tiles of the big image (each tile once), and the merged result
+    is exactly the one-worker result."""
+    pids = tmp_path / "pids.txt"
+    common = ["--engine", "poison_engine:load", "--prompt", "red", "--tile", "1008"]
+    two = batchseg(
+        "run", seams_folder, "--output", tmp_path / "two", *common, "--workers", "2",
+        env={"BATCHSEG_TEST_PIDS": str(pids)},
+    )  # fmt: skip
+    assert two.returncode == 0, two.stdout + two.stderr
+    one = batchseg("run", seams_folder, "--output", tmp_path / "one", *common, "--workers", "1")
+    assert one.returncode == 0, one.stdout + one.stderr
+    windows = [line.rsplit(",", 1) for line in pids.read_text().split()]
+    assert len(windows) == len({w for w, _ in windows}) == 40  # 8 x 5 tiles, each run once
+    assert len({pid for _, pid in windows}) == 2
+    images, detections = manifests(tmp_path / "two")
+    big = [d for d in detections if d["path"] == "big.png"]
+    assert images["big.png"]["status"] == "ok" and images["big.png"]["attempts"] == 1
+    assert_exact(SHAPES, big, 6000, 4000)
+    assert_label_map_matches(tmp_path / "two", images["big.png"], big)
+    drop = ("run_id",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in detections] == [
+        {k: v for k, v in r.items() if k not in drop} for r in manifests(tmp_path / "one")[1]
+    ]
+    assert not (tmp_path / "two" / "tiles-in-progress").exists()
+
+
 def test_auto_processes_whole_images_for_an_engine_without_a_model_input(
     seams_folder: Path, tmp_path: Path
 ) -> None:
@@ -213,6 +240,35 @@ def test_a_poison_tile_fails_its_image_naming_the_tile(tmp_path: Path) -> None:
     assert sorted(windows.read_text().split()) == ["1492,792", "756,0"]  # r000c001 and r002c002
     images, detections = manifests(output)
     assert images["a.png"]["status"] == "ok" and len([d for d in detections if d["path"] == "a.png"]) == 1
+
+
+def test_a_spread_poison_tile_is_retried_alone_on_another_worker_then_fails_its_image(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(draw([Shape("disc", 1200, 500, 90, 90)], 2500, 1800)).save(folder / "a.png")
+    Image.fromarray(draw([Shape("disc", 100, 80, 30, 30)], 300, 200)).save(folder / "small.png")
+    output, pids = tmp_path / "out", tmp_path / "pids.txt"
+    done = batchseg(
+        "run", folder, "--output", output, "--engine", "poison_engine:load", "--prompt", "red",
+        "--tile", "1008", "--workers", "2", "--max-attempts", "2",
+        env={"BATCHSEG_TEST_POISON": "756,0", "BATCHSEG_TEST_PIDS": str(pids)},
+    )  # fmt: skip
+    assert done.returncode == 3, done.stdout + done.stderr
+    images, detections = manifests(output)
+    row = images["a.png"]
+    assert row["status"] == "error" and row["attempts"] == 2 and row["mask_path"] is None
+    assert row["error_message"].startswith("tile r000c001 (window x 756-1764, y 0-1008): poisoned window")
+    assert images["small.png"]["status"] == "ok" and not [d for d in detections if d["path"] == "a.png"]
+    log = next((output / "logs").glob("*.log")).read_text()
+    assert "a.png tile r000c001: attempt 1 of 2 failed with RuntimeError" in log
+    ran = [line.rsplit(",", 1)[0] for line in pids.read_text().split()]
+    assert sorted(ran) == sorted({*ran} - {"756,0"}) and len(ran) == 8  # the other 8 tiles, once each
+    kept = {
+        i
+        for f in (output / "tiles-in-progress" / "a.png").glob("*.json")
+        for i in json.loads(f.read_text())["tiles"]
+    }
+    assert len(kept) == 8 and "r000c001" not in kept
 
 
 def test_the_watchdog_budget_is_per_batch_of_tiles_not_per_image(tmp_path: Path) -> None:
@@ -343,9 +399,13 @@ def test_sam3_on_a_window_is_sam3_on_the_crop_in_the_image_frame(tiny_model: Pat
         assert box == pytest.approx([box2[0] + 300, box2[1] + 200, box2[2] + 300, box2[3] + 200])
 
 
-def test_a_killed_run_resumes_a_half_done_image_without_redoing_finished_tiles(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_killed_run_resumes_a_half_done_image_without_redoing_finished_tiles(
+    tmp_path: Path, workers: str
+) -> None:
     """SIGKILL of the parent once some batches of tiles are kept: the resumed run does none of
-    them again, and its result equals an uninterrupted run's."""
+    them again, and its result equals an uninterrupted run's. With two workers the tiles are
+    spread over both, and each keeps its own batches."""
     folder = tmp_path / "in"
     folder.mkdir()
     shapes = [
@@ -366,6 +426,8 @@ def test_a_killed_run_resumes_a_half_done_image_without_redoing_finished_tiles(t
         "500",
         "--tile-overlap",
         "100",
+        "--workers",
+        workers,
     ]
     env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     output = tmp_path / "out"
@@ -380,7 +442,8 @@ def test_a_killed_run_resumes_a_half_done_image_without_redoing_finished_tiles(t
     live.kill()
     first = windows.read_text().split()
     saved = {f"{t[0]},{t[1]}" for t in _kept_windows(kept)}
-    assert 16 <= len(saved) < 30 and saved <= set(first)  # 30 tiles, 8 a batch
+    # 30 tiles, 8 a batch with one worker; two share the 30 out in smaller tasks.
+    assert (16 if workers == "1" else 2) <= len(saved) < 30 and saved <= set(first)
     windows.unlink()
     again = batchseg(*args, "--output", output, env={"BATCHSEG_TEST_WINDOWS": str(windows)})
     assert again.returncode == 0, again.stdout + again.stderr

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass, field
 
 from ..records import FailureCategory, Item, ItemResult, Status
+from .fanout import TiledImages
 from .settings import PoolEvent, PoolSettings
 
 __all__ = ["RETRYABLE", "Entry", "Ledger"]
@@ -47,6 +48,10 @@ class Ledger:
     the streak; ``invalid_input`` (and ``skipped``/``missing``) neither counts nor resets it: bad
     files are the user's data, not a broken setup, and a folder of unreadable files must still be
     walked to the end.
+
+    Tiles: a result that fans an image out into tiles (``supervise.fanout``) is no attempt; the
+    tiles go in front of the fresh work, each settled like an item, and the image's merge follows
+    its last tile. Only images reach ``on_result`` and the breaker.
     """
 
     def __init__(
@@ -70,6 +75,8 @@ class Ledger:
         self.counts: Counter[str] = Counter()
         self._streak: tuple[str, int] = ("", 0)
         self.tripped: str | None = None
+        self._tiled = TiledImages()
+        self._spread: dict[str, Entry] = {}  # images out as tiles: their entries wait for the merge
 
     def has_fresh(self) -> bool:
         if self._returned:
@@ -87,7 +94,9 @@ class Ledger:
     def take_fresh(self, count: int) -> list[Entry]:
         entries: list[Entry] = []
         while len(entries) < count and self._returned:
-            entries.append(self._returned.popleft())
+            entry = self._returned.popleft()
+            if not self._tiled.dropped(entry.item):
+                entries.append(entry)
         while len(entries) < count and self.has_fresh():
             assert self._lookahead is not None
             entries.append(Entry(self._lookahead))
@@ -98,6 +107,8 @@ class Ledger:
 
     def take_retry(self, wid: int) -> Entry | None:
         """The first queued retry that worker ``wid`` has not failed."""
+        for entry in [e for e in self.retries if self._tiled.dropped(e.item)]:
+            self.retries.remove(entry)
         for index, entry in enumerate(self.retries):
             if wid not in entry.tried:
                 del self.retries[index]
@@ -118,6 +129,13 @@ class Ledger:
 
     def settle(self, entry: Entry, result: ItemResult, wid: int) -> None:
         """Count one attempt: queue a retry, or report the final result."""
+        if result.fan_out is not None and entry.item.tiling is None:
+            self._spread[entry.item.path] = entry
+            tiles = [Entry(item) for item in self._tiled.split(entry.item, result.fan_out)]
+            self._returned.extendleft(reversed(tiles))  # before other images: this one finishes first
+            return
+        if self._tiled.dropped(entry.item):
+            return  # its image failed by another tile meanwhile
         entry.attempts += 1
         result.attempts = entry.attempts
         if self._retry(result, entry):
@@ -126,7 +144,7 @@ class Ledger:
             self._emit(
                 PoolEvent(
                     "attempt_failed",
-                    f"{result.path}: attempt {entry.attempts} of {self._settings.max_attempts} "
+                    f"{_where(entry)}: attempt {entry.attempts} of {self._settings.max_attempts} "
                     f"{_failure_text(result)}; retrying on another worker process",
                     pid=result.worker_pid,
                     result=result,
@@ -134,6 +152,16 @@ class Ledger:
                 )
             )
             return
+        if entry.item.tiling is not None and entry.item.tiling.tile is not None:
+            outcome = self._tiled.settle_tile(entry.item, result)
+            if outcome is None:
+                return
+            image = self._spread.pop(entry.item.path)
+            if isinstance(outcome, Item):
+                image.item = outcome  # the image's merge, next in line, with the image's attempts
+                self._returned.appendleft(image)
+                return
+            result = outcome
         self.counts[result.status.value] += 1
         self._on_result(result)
         self._watch_streak(result)
@@ -161,6 +189,13 @@ class Ledger:
                 "again to resume"
             )
             self._emit(PoolEvent("circuit_breaker", self.tripped, result=result))
+
+
+def _where(entry: Entry) -> str:
+    tiling = entry.item.tiling
+    if tiling is None or tiling.tile is None:
+        return entry.item.path
+    return f"{entry.item.path} tile {tiling.tile}"
 
 
 def _failure_key(result: ItemResult) -> str | None:

@@ -31,6 +31,9 @@ class Task:
 
     task_id: int
     items: tuple[Item, ...]
+    #: Several workers: answer an image planned as tiles with its tiles (``ItemResult.fan_out``)
+    #: for the pool to spread, instead of running them here.
+    fan_out: bool = False
 
 
 @dataclass(frozen=True)

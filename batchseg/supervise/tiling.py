@@ -21,7 +21,7 @@ from .. import __version__, imageio
 from ..config import RunConfig
 from ..errors import ConfigError, InvalidImageError
 from ..geo.detect import looks_georeferenced
-from ..records import Detection, FailureCategory, Item, ItemResult, Status, failure_result
+from ..records import Detection, FailureCategory, FanOut, Item, ItemResult, Status, failure_result
 from ..sources import georef_fields
 from ..tiles.grid import MIN_SIDE, TilePlan, TileSetting, parse_overlap, parse_tile, plan_tiles
 from ..tiles.labelmap import label_map_relpath, write_label_map
@@ -29,6 +29,7 @@ from ..tiles.merge import merge_tiles
 from ..tiles.progress import PROGRESS_DIR, TileProgress
 from ..tiles.source import CONVERT_HINT, upright_size
 from .contract import Capabilities
+from .fanout import tile_failure
 
 if TYPE_CHECKING:
     from ..geo.georef import Georef
@@ -165,10 +166,10 @@ class Tiler:
             found.update(done)
             failed = [(tile, result) for tile, result in pairs if result.status is not Status.OK]
             if done and (failed or first + self.batch < len(todo)):  # the last batch is merged at once
-                _keep(progress, batch[0].id, done)
+                _keep(progress, done)
             if failed:  # the image fails; its finished tiles stay kept for the next attempt
                 tile, result = failed[0]
-                return _tile_failure(item, tile.id, tile.window, result, started)
+                return tile_failure(item, tile.id, tile.window, result, started)
         try:
             georef = _georef(self.input_root / item.path)  # the label map lands on the source grid
         except InvalidImageError as exc:
@@ -208,6 +209,39 @@ class Tiler:
             **georef_fields(georef),  # polygons (--vectors) are made from the map at the next export
         )
 
+    def fan_out(self, item: Item, plan: TilePlan) -> ItemResult | None:
+        """The answer for an image planned as tiles when the pool spreads them: the tiles not yet
+        on disk, for the pool to hand out; None when all are (the caller merges them at once)."""
+        found = self.progress(item, plan).load()
+        todo = tuple((t.id, t.window) for t in plan.tiles if t.id not in found)
+        if not todo:
+            return None
+        geometry = (plan.width, plan.height, plan.side, plan.overlap)
+        return ItemResult(
+            path=item.path,
+            status=Status.OK,
+            width=plan.width,
+            height=plan.height,
+            device=self.device,
+            fan_out=FanOut(geometry, todo),
+        )
+
+    def run_tile_items(self, items: Sequence[Item], run_tiles: RunTiles) -> list[ItemResult]:
+        """Tiles of one image that the pool spread: through the engine, the finished ones kept on
+        disk for the image's merge; each answered without its detections (they stay on disk)."""
+        first = items[0]
+        assert first.tiling is not None
+        progress = self.progress(first, plan_tiles(*first.tiling.plan))
+        results = run_tiles([replace(item, tiling=None) for item in items])  # engines never see it
+        done = {
+            item.tiling.tile: result.detections
+            for item, result in zip(items, results, strict=True)
+            if result.status is Status.OK and item.tiling is not None and item.tiling.tile is not None
+        }
+        if done:
+            _keep(progress, done)
+        return [replace(r, detections=[]) if r.status is Status.OK else r for r in results]
+
     def progress(self, item: Item, plan: TilePlan) -> TileProgress:
         """Where the finished tiles of ``item`` are kept, for this input, configuration and plan."""
         key = {
@@ -223,33 +257,13 @@ class Tiler:
         return TileProgress(folder, key)
 
 
-def _keep(progress: TileProgress, first: str, done: dict[str, list[Detection]]) -> None:
-    """Keep finished tiles on disk; a folder that cannot be written only costs them on resume."""
+def _keep(progress: TileProgress, done: dict[str, list[Detection]]) -> None:
+    """Keep finished tiles on disk, in a file named by the first of them (a tile finishes once, so
+    no later batch overwrites it); a folder that cannot be written only costs them on resume."""
     try:
-        progress.save(first, done)
+        progress.save(next(iter(done)), done)
     except OSError as exc:
         warnings.warn(f"finished tiles not kept in {progress.folder}: {exc}", RuntimeWarning, stacklevel=2)
-
-
-def _tile_failure(
-    item: Item, tile_id: str, window: tuple[int, int, int, int], result: ItemResult, started: float
-) -> ItemResult:
-    """The image's failure from its first failing tile: the tile's status, category and error,
-    the message naming the tile and its window."""
-    x0, y0, x1, y1 = window
-    where = f"tile {tile_id} (window x {x0}-{x1}, y {y0}-{y1})"
-    failed = failure_result(
-        item,
-        result.status,
-        error_type=result.error_type or result.status.value,
-        message=f"{where}: {result.error_message or result.status.value}",
-        category=result.category or FailureCategory.IMAGE,
-        exit_code=result.exit_code,
-        device=result.device,
-        started_at=started,
-    )
-    failed.traceback = result.traceback
-    return failed
 
 
 def _georef(path: Path) -> Georef | None:

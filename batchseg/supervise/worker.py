@@ -16,13 +16,15 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from multiprocessing.connection import Connection, wait
 
 from ..errors import BatchsegError, ConfigError
 from ..records import FailureCategory, Item, ItemResult, Status, failure_result
+from ..tiles.grid import TilePlan, plan_tiles
 from .contract import Capabilities, Engine, EngineSpec, load_factory
 from .messages import Ack, Done, Heartbeat, LoadFailed, Ready, Task, Threads
-from .tiling import Tiler
+from .tiling import RunTiles, Tiler
 
 __all__ = ["THREAD_ENV_VARS", "configure_openmp", "run_items", "run_task", "serve_connection", "worker_main"]
 
@@ -105,54 +107,100 @@ def _serve(engine: Engine, capabilities: Capabilities, conn: Connection, tiler: 
         if not _send_quietly(conn, Ack(message.task_id)):
             return
         beat = _Beat(conn, message.task_id, capabilities, live=capabilities.heartbeat_every > 0)
-        results = run_items(engine, capabilities, message.items, beat, tiler)
+        results = run_items(engine, capabilities, message.items, beat, tiler, message.fan_out)
         if not _send_done(conn, message.task_id, message.items, results, capabilities):
             return
 
 
 def run_items(
-    engine: Engine, capabilities: Capabilities, items: Sequence[Item], heartbeat: _Beat, tiler: Tiler | None
+    engine: Engine,
+    capabilities: Capabilities,
+    items: Sequence[Item],
+    heartbeat: _Beat,
+    tiler: Tiler | None,
+    fan_out: bool = False,
 ) -> list[ItemResult]:
-    """Run a task's items: the images the tiler plans as tiles one by one through their tiles
-    (``Tiler.run``), the others in runs of consecutive items through ``run_task``; never raises."""
-    plans = [tiler.plan(item) for item in items] if tiler is not None else []
-    if tiler is None or all(plan is None for plan in plans):
+    """Run a task's items; never raises. Whole images go in runs of consecutive items through
+    ``run_task``; an image the tiler plans as tiles runs through its tiles here (``Tiler.run``) or,
+    with ``fan_out``, is answered with its tiles for the pool to spread (``Tiler.fan_out``); tiles
+    the pool sent run one image's at a time (``Tiler.run_tile_items``), and an image whose tiles are
+    all in is merged (``Tiler.run`` again, finding them on disk)."""
+    plans = [tiler.plan(item) if item.tiling is None else None for item in items] if tiler else []
+    if tiler is None or all(p is None and i.tiling is None for p, i in zip(plans, items, strict=True)):
         return run_task(engine, capabilities, items, heartbeat)
     results: list[ItemResult] = []
     whole: list[int] = []
+    tiles: list[int] = []
+    run_tiles = _tile_runner(engine, capabilities, heartbeat)
 
     def flush() -> None:
         if whole:
             batch = [items[i] for i in whole]
             results.extend(run_task(engine, capabilities, batch, heartbeat.shifted(whole[0])))
             whole.clear()
+        if tiles:
+            heartbeat((), tiles[-1] + 1)
+            started = time.time()
+            batch = [items[i] for i in tiles]
+            try:
+                done = tiler.run_tile_items(batch, run_tiles)
+            except Exception as exc:  # noqa: BLE001 - the worker never raises across the pipe
+                done = [failure_result(tile, Status.ERROR, exc=exc) for tile in batch]
+            for result in done:
+                _stamp(result, capabilities, started, time.time())
+            results.extend(done)
+            heartbeat(list(zip(tiles, done, strict=True)))
+            tiles.clear()
 
     for k, (item, plan) in enumerate(zip(items, plans, strict=True)):
-        if plan is None:
+        if item.tiling is not None and item.tiling.tile is not None:  # a tile the pool sent
+            if whole or (tiles and items[tiles[0]].path != item.path):
+                flush()
+            tiles.append(k)
+            continue
+        if plan is None and item.tiling is None:
+            if tiles:
+                flush()
             whole.append(k)
             continue
         flush()
         heartbeat((), k + 1)  # nothing past this image is touched yet
         started = time.time()
-        if isinstance(plan, ItemResult):
-            result = plan
-        else:
-            tile_beat = _TileBeat(heartbeat.conn, heartbeat.task_id, capabilities, True)
-
-            def run_tiles(batch: Sequence[Item], beat: _TileBeat = tile_beat) -> list[ItemResult]:
-                done = run_task(engine, capabilities, batch, beat)
-                beat()  # the watchdog's budget is per batch of tiles
-                return done
-
-            try:
-                result = tiler.run(item, plan, run_tiles)
-            except Exception as exc:  # noqa: BLE001 - the worker never raises across the pipe
-                result = failure_result(item, Status.ERROR, exc=exc, device=capabilities.device)
+        try:
+            result = _tiled_image(tiler, item, plan, fan_out, run_tiles)
+        except Exception as exc:  # noqa: BLE001 - the worker never raises across the pipe
+            result = failure_result(item, Status.ERROR, exc=exc)
         _stamp(result, capabilities, started, time.time())
         results.append(result)
         heartbeat([(k, result)])
     flush()
     return results
+
+
+def _tiled_image(
+    tiler: Tiler, item: Item, plan: TilePlan | ItemResult | None, fan_out: bool, run_tiles: RunTiles
+) -> ItemResult:
+    """One image planned as tiles (or refused by the plan), or the merge of one the pool spread."""
+    if isinstance(plan, ItemResult):
+        return plan
+    if item.tiling is not None:  # every tile is in: the merge
+        return tiler.run(replace(item, tiling=None), plan_tiles(*item.tiling.plan), run_tiles)
+    assert plan is not None
+    if fan_out:
+        answer = tiler.fan_out(item, plan)
+        if answer is not None:
+            return answer
+    return tiler.run(item, plan, run_tiles)
+
+
+def _tile_runner(engine: Engine, capabilities: Capabilities, heartbeat: _Beat) -> RunTiles:
+    def run_tiles(batch: Sequence[Item]) -> list[ItemResult]:
+        beat = _TileBeat(heartbeat.conn, heartbeat.task_id, capabilities, True)
+        done = run_task(engine, capabilities, batch, beat)
+        beat()  # the watchdog's budget is per batch of tiles
+        return done
+
+    return run_tiles
 
 
 def run_task(
