@@ -82,6 +82,8 @@ def run_tiled(args: argparse.Namespace, folder: Path, threshold: float) -> dict[
     ]  # fmt: skip
     if args.batch_size:
         command += ["--batch-size", str(args.batch_size)]
+    if args.workers:
+        command += ["--workers", str(args.workers)]  # several: the tiles spread over them
     start = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = 0
@@ -121,6 +123,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=None, help="e.g. 2 on two GPUs")
     parser.add_argument("--jpegs", type=int, default=3, help="big JPEGs in the sparse and dense scenes")
     parser.add_argument("--jpeg-size", default="10000x10000")
     parser.add_argument("--tiff-size", type=int, default=40000)

@@ -5,6 +5,7 @@ Parent side: must not import torch.
 
 from __future__ import annotations
 
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass, field
@@ -77,6 +78,7 @@ class Ledger:
         self.tripped: str | None = None
         self._tiled = TiledImages()
         self._spread: dict[str, Entry] = {}  # images out as tiles: their entries wait for the merge
+        self._began: dict[str, float] = {}  # when a spread image's worker planned it: its start
 
     def has_fresh(self) -> bool:
         if self._returned:
@@ -131,6 +133,7 @@ class Ledger:
         """Count one attempt: queue a retry, or report the final result."""
         if result.fan_out is not None and entry.item.tiling is None:
             self._spread[entry.item.path] = entry
+            self._began[entry.item.path] = result.started_at or time.time()
             tiles = [Entry(item) for item in self._tiled.split(entry.item, result.fan_out)]
             self._returned.extendleft(reversed(tiles))  # before other images: this one finishes first
             return
@@ -162,6 +165,8 @@ class Ledger:
                 self._returned.appendleft(image)
                 return
             result = outcome
+        if entry.item.tiling is not None:  # a spread image's result: its time runs from the plan
+            result.started_at = self._began.pop(entry.item.path, result.started_at)
         self.counts[result.status.value] += 1
         self._on_result(result)
         self._watch_streak(result)
