@@ -373,3 +373,59 @@ def test_gsd_sets_the_tile_side_from_the_ground_resolution(tmp_path: Path) -> No
         "run", folder, "--engine", ENGINE, "--output", tmp_path / "o2", *flags, "--tile", "off"
     )
     assert refused.returncode == 1 and "--gsd" in refused.stderr
+
+
+def test_a_20000_pixel_tiled_geotiff_gives_one_polygon_per_object_across_seams(tmp_path: Path) -> None:
+    """A 20000x20000 tiled GeoTIFF (10 x 10 km at 0.5 m), --tile 1008 (729 tiles) spread over two
+    workers: a ring on the corner of four tiles, a rectangle larger than a tile, a square on a seam
+    and one inside a tile each come back as one polygon at their map coordinates, holes kept."""
+    side = 20000
+    x0, y0 = GRID.c, GRID.f
+    boxes = {  # pixel boxes (col0, row0, col1, row1): red ones outline a hole, blue ones are solid
+        "red": [(858, 858, 1158, 1158, 100), (7000, 12690, 7300, 12830, 0)],  # the corner of 4 tiles; a seam
+        "blue": [(5000, 8000, 6500, 9200, 0), (15100, 15100, 15150, 15150, 0)],
+    }
+    folder = tmp_path / "in"
+    folder.mkdir()
+    profile = dict(driver="GTiff", width=side, height=side, count=3, dtype="uint8", crs=UTM, transform=GRID)
+    with rasterio.open(
+        folder / "big.tif", "w", **profile, tiled=True, compress="deflate", photometric="RGB"
+    ) as dst:
+        for top in range(0, side, 1024):
+            rows = min(1024, side - top)
+            strip = np.full((rows, side, 3), GREY, np.uint8)
+            for prompt, colour in (("red", RED), ("blue", BLUE)):
+                for c0, r0, c1, r1, hole in boxes[prompt]:
+                    strip[max(r0 - top, 0) : max(r1 - top, 0), c0:c1] = colour
+                    if hole:
+                        h0, h1 = (r0 + r1 - hole) // 2, (r0 + r1 + hole) // 2
+                        hc0, hc1 = (c0 + c1 - hole) // 2, (c0 + c1 + hole) // 2
+                        strip[max(h0 - top, 0) : max(h1 - top, 0), hc0:hc1] = GREY
+            dst.write(strip.transpose(2, 0, 1), window=rasterio.windows.Window(0, top, side, rows))
+    output = tmp_path / "out"
+    flags = ["--prompt", "red", "--prompt", "blue", "--tile", "1008", "--workers", "2", "--vectors"]
+    result = python_m_batchseg("run", folder, "--engine", ENGINE, "--output", output, *flags)
+    assert result.returncode == 0, result.stderr
+    frame = geopandas.read_parquet(output / "manifest" / "polygons.parquet")
+    assert frame.crs.to_epsg() == 32633 and sorted(frame["prompt"]) == ["blue", "blue", "red", "red"]
+    detections = pq.read_table(output / "manifest" / "detections.parquet").to_pylist()
+    assert sorted(d["tiles"] for d in detections)[-1] >= 4 and len(detections) == 4
+    for prompt in ("red", "blue"):
+        for c0, r0, c1, r1, hole in boxes[prompt]:
+            want = shapely.box(x0 + c0 * GRID.a, y0 + r1 * GRID.e, x0 + c1 * GRID.a, y0 + r0 * GRID.e)
+            if hole:
+                h0, h1 = (r0 + r1 - hole) // 2, (r0 + r1 + hole) // 2
+                hc0, hc1 = (c0 + c1 - hole) // 2, (c0 + c1 + hole) // 2
+                cut = shapely.box(x0 + hc0 * GRID.a, y0 + h1 * GRID.e, x0 + hc1 * GRID.a, y0 + h0 * GRID.e)
+                want = want.difference(cut)
+            found = [
+                g
+                for p, g in zip(frame["prompt"], frame.geometry, strict=True)
+                if p == prompt and g.intersects(want)
+            ]
+            assert len(found) == 1, (prompt, c0, r0)
+            assert np.allclose(found[0].bounds, want.bounds, atol=GRID.a)
+            assert abs(found[0].area - want.area) <= 0.01 * want.area
+            assert len(shapely.get_parts(found[0])) == 1 and shapely.get_num_interior_rings(found[0]) == (
+                1 if hole else 0
+            )
