@@ -164,17 +164,11 @@ def georef_fields(image: Image.Image | Georef | None) -> dict[str, Any]:
 
 
 def drop_nodata(
-    labels: np.ndarray,
-    instances: Sequence[T],
-    image: Image.Image,
-    window: tuple[int, int, int, int] | None = None,
+    labels: np.ndarray, instances: Sequence[T], valid: np.ndarray
 ) -> tuple[np.ndarray, list[T], np.ndarray]:
-    """``labels`` with nodata pixels cleared, the instances that still have pixels (renumbered
-    1..N in their order) and each one's pixel count: nodata never carries a detection."""
-    valid = valid_of(image, window)
-    if valid is None:
-        areas = np.bincount(labels.ravel(), minlength=len(instances) + 1)[1:].astype(np.int64)
-        return labels, list(instances), areas
+    """``labels`` with the pixels where ``valid`` is False (nodata, from ``valid_of`` or a tile's
+    read) cleared, the instances that still have pixels (renumbered 1..N in their order) and each
+    one's pixel count: nodata never carries a detection."""
     labels = np.where(valid, labels, 0).astype(labels.dtype)
     counts = np.bincount(labels.ravel(), minlength=len(instances) + 1)
     kept = [k for k in range(1, len(instances) + 1) if counts[k] > 0]

@@ -282,18 +282,21 @@ def test_vectors_turned_on_later_cover_every_image(tmp_path: Path) -> None:
     assert np.allclose(frame.loc["utm.tif", "geometry"].bounds, BLUE_BOX)
 
 
+@pytest.mark.parametrize("tiling", [[], ["--tile", "64", "--tile-overlap", "16"]])
 def test_sam3_engine_writes_a_label_geotiff_without_detections_in_nodata(
-    tmp_path: Path, tiny_model: Path
+    tmp_path: Path, tiny_model: Path, tiling: list[str]
 ) -> None:
     """The SAM3 engine's read and write go through the same hooks: with the tiny random model and
-    every detection kept, masks cover much of the image, yet none reaches the nodata half."""
+    every detection kept, masks cover much of the image, yet none reaches the nodata half, also
+    when the image runs as tiles (each tile's read brings its valid mask)."""
     folder = tmp_path / "in"
     folder.mkdir()
     data = np.random.default_rng(1).integers(1000, 40000, (4, 96, 128), dtype=np.uint16)
     data[:, :, :64] = 0
-    write_geotiff(folder / "scene.tif", data, nodata=0)
+    write_geotiff(folder / "scene.tif", data, nodata=0, tiled=bool(tiling), blockxsize=16, blockysize=16)
     output = tmp_path / "out"
-    result = python_m_batchseg(*run_args(folder, output, tiny_model, "--vectors", "--mask-threshold", "0"))
+    flags = ["--vectors", "--mask-threshold", "0", *tiling]
+    result = python_m_batchseg(*run_args(folder, output, tiny_model, *flags))
     assert result.returncode == 0, result.stdout + result.stderr
     row = _images(output)["scene.tif"]
     assert (row["mask_path"], row["crs_epsg"], row["width"]) == ("masks/scene.tif.tif", 32633, 128)
@@ -429,3 +432,26 @@ def test_a_20000_pixel_tiled_geotiff_gives_one_polygon_per_object_across_seams(t
             assert len(shapely.get_parts(found[0])) == 1 and shapely.get_num_interior_rings(found[0]) == (
                 1 if hole else 0
             )
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_nodata_never_carries_a_detection_in_a_tiled_image(tmp_path: Path, workers: str) -> None:
+    """The nodata16 picture scaled up and cut into 64-pixel tiles: the nodata half (black for the
+    model) gets no label in any tile, and the dark square, across seams, is one detection."""
+    data = np.full((4, 200, 200), 30000, np.uint16)
+    data[:, :, :100] = 0
+    data[:, 40:120, 100:140] = 1000  # 3,200 px touching the nodata edge, across tile seams
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_geotiff(folder / "nodata16.tif", data, nodata=0, tiled=True, blockxsize=64, blockysize=64)
+    output = tmp_path / "out"
+    flags = ["--prompt", "black", "--tile", "64", "--tile-overlap", "16", "--workers", workers]
+    result = python_m_batchseg("run", folder, "--engine", ENGINE, "--output", output, *flags)
+    assert result.returncode == 0, result.stderr
+    row = _images(output)["nodata16.tif"]
+    assert row["n_detections"] == 1 and row["mask_path"] == "masks/nodata16.tif.tif"
+    with rasterio.open(output / row["mask_path"]) as src:
+        labels = src.read(1)
+    assert not labels[:, :100].any() and (labels == 1).sum() == 80 * 40
+    (det,) = pq.read_table(output / "manifest" / "detections.parquet").to_pylist()
+    assert (det["prompt"], det["area_px"]) == ("black", 3200) and det["tiles"] > 1

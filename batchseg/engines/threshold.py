@@ -120,10 +120,11 @@ class ThresholdEngine:
             if item.window is None:
                 image = sources.read_for_engine(self.input_root / item.path, self.config)
                 pixels, (left, top), (width, height) = np.asarray(image.convert("RGB")), (0, 0), image.size
+                valid = sources.valid_of(image)
             else:
                 # The tiles of an image come one after another: the image is read once, a tiled
                 # TIFF only chunk by chunk (tiles.WindowReader).
-                pixels, width, height = self.reader.read(self.input_root / item.path, item.window)
+                pixels, width, height, valid = self.reader.read(self.input_root / item.path, item.window)
                 left, top = item.window[:2]
         except InvalidImageError as exc:
             return failure_result(item, Status.INVALID_INPUT, exc=exc, device=device, started_at=started)
@@ -131,8 +132,8 @@ class ThresholdEngine:
             return failure_result(item, Status.ERROR, exc=exc, device=device, started_at=started)
         try:
             labels, instances = self.label(pixels, left, top)
-            if image is not None:  # a whole georeferenced image: nodata pixels carry no detection
-                labels, instances, areas = sources.drop_nodata(labels, instances, image, item.window)
+            if valid is not None:  # a georeferenced image or tile: nodata pixels carry no detection
+                labels, instances, areas = sources.drop_nodata(labels, instances, valid)
             else:
                 areas = np.bincount(labels.ravel(), minlength=len(instances) + 1)[1:]
         except Exception as exc:  # noqa: BLE001 - any per-image failure is that image's result

@@ -49,5 +49,10 @@ class GeoSource:
         """True where the window's pixels are data (not nodata): masks are cleared elsewhere."""
         return read_rgb(self._src, self.plan, window)[1]
 
+    def read_with_valid(self, window: Window) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.bool_] | None]:
+        """The window's pixels and, where it holds nodata, its valid mask (one read for both)."""
+        pixels, valid = read_rgb(self._src, self.plan, window)
+        return pixels, None if bool(valid.all()) else valid
+
     def close(self) -> None:
         self._src.close()

@@ -327,8 +327,9 @@ class WindowReader:
 
     def read(
         self, path: str | os.PathLike[str], window: tuple[int, int, int, int]
-    ) -> tuple[np.ndarray, int, int]:
-        """(pixels of ``window``, width, height of the whole upright image); ValueError for a window
+    ) -> tuple[np.ndarray, int, int, np.ndarray | None]:
+        """(pixels of ``window``, width, height of the whole upright image, the window's valid-pixel
+        mask where a georeferenced input has nodata in it, else None); ValueError for a window
         outside the image, InvalidImageError for an image that cannot be read."""
         with self._lock:
             key = os.fspath(path)
@@ -342,7 +343,11 @@ class WindowReader:
             x0, y0, x1, y1 = window
             if not (0 <= x0 < x1 <= source.width and 0 <= y0 < y1 <= source.height):
                 raise ValueError(f"window {window} is not inside the {source.width}x{source.height} image")
-            return source.read(window), source.width, source.height
+            read_with_valid = getattr(source, "read_with_valid", None)  # geo.source.GeoSource's
+            if read_with_valid is not None:
+                pixels, valid = read_with_valid(window)
+                return pixels, source.width, source.height, valid
+            return source.read(window), source.width, source.height, None
 
     def close_unlocked(self) -> None:
         if self._source is not None:

@@ -216,9 +216,11 @@ class Sam3Engine:
     def read_window(self, item: Item, window: tuple[int, int, int, int]) -> Image.Image:
         """A window of the item's upright image at full resolution (never draft-decoded), with the
         whole image's size in ``info[WHOLE_SIZE]``."""
-        pixels, width, height = self.windows.read(self.input_root / item.path, window)
+        pixels, width, height, valid = self.windows.read(self.input_root / item.path, window)
         image = Image.fromarray(np.ascontiguousarray(pixels), "RGB")
         image.info[WHOLE_SIZE] = (width, height)
+        if valid is not None:  # nodata in a georeferenced tile: cleared from its masks (``write``)
+            image.info[sources.VALID_KEY] = valid
         return image
 
     def encode_images(self, images: Sequence[Image.Image]) -> EncodedImages:
@@ -328,8 +330,9 @@ class Sam3Engine:
         """Save the label map atomically and describe each detection (RLE, area, box, score);
         ``image`` (from ``read``) says where a georeferenced input's label map goes and how. A
         window gets no label map: RLE of the window's map, boxes moved to the whole image's frame."""
-        if sources.valid_of(image) is not None:  # nodata pixels never carry a detection
-            seg = ImageSegmentation(*sources.drop_nodata(seg.labels, seg.instances, image))
+        valid = sources.valid_of(image)
+        if valid is not None:  # nodata pixels never carry a detection
+            seg = ImageSegmentation(*sources.drop_nodata(seg.labels, seg.instances, valid))
         mask_rel: str | None = None
         left = top = 0.0
         if item.window is None:
