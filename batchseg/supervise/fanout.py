@@ -13,7 +13,6 @@ tile that fails for good fails its image, and the message names the tile. Parent
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, replace
 
 from ..records import FailureCategory, FanOut, Item, ItemResult, Status, TileJob, failure_result
@@ -35,9 +34,9 @@ class TiledImages:
     def __init__(self) -> None:
         self._images: dict[str, _Image] = {}
 
-    def split(self, item: Item, fan: FanOut) -> list[Item]:
-        """One item per tile still to run for the image ``item``."""
-        self._images[item.path] = _Image(item, fan.plan, {tile for tile, _ in fan.todo}, time.time())
+    def split(self, item: Item, fan: FanOut, started: float) -> list[Item]:
+        """One item per tile still to run for the image ``item``, planned at ``started``."""
+        self._images[item.path] = _Image(item, fan.plan, {tile for tile, _ in fan.todo}, started)
         return [replace(item, window=window, tiling=TileJob(fan.plan, tile)) for tile, window in fan.todo]
 
     def dropped(self, item: Item) -> bool:

@@ -132,9 +132,9 @@ class Ledger:
     def settle(self, entry: Entry, result: ItemResult, wid: int) -> None:
         """Count one attempt: queue a retry, or report the final result."""
         if result.fan_out is not None and entry.item.tiling is None:
+            began = self._began[entry.item.path] = result.started_at or time.time()
             self._spread[entry.item.path] = entry
-            self._began[entry.item.path] = result.started_at or time.time()
-            tiles = [Entry(item) for item in self._tiled.split(entry.item, result.fan_out)]
+            tiles = [Entry(item) for item in self._tiled.split(entry.item, result.fan_out, began)]
             self._returned.extendleft(reversed(tiles))  # before other images: this one finishes first
             return
         if self._tiled.dropped(entry.item):
