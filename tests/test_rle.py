@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as coco_mask
 
-from batchseg.rle import area, decode, encode, encode_labels
+from batchseg.rle import area, decode, encode, encode_labels, encode_runs, is_empty
 
 # pycocotools' decode trips numpy 2's __array__ copy-keyword deprecation: not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*")
@@ -105,3 +105,19 @@ def test_decode_rejects_counts_of_another_size() -> None:
 def test_rejects_non_2d() -> None:
     with pytest.raises(ValueError, match="2-D"):
         encode_labels(np.zeros((2, 2, 2), np.uint16))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 3), (1008, 1008), (30000, 40000)])
+def test_is_empty_only_for_the_empty_mask_of_that_size(shape: tuple[int, int]) -> None:
+    h, w = shape
+    blank = np.zeros((min(h, 50), min(w, 50)), bool)
+    empty = encode_runs(np.zeros(0, np.int64), np.zeros(0, np.int64), h, w)
+    assert is_empty(empty, h, w)
+    coco = coco_mask.encode(np.asfortranarray(blank.astype(np.uint8)))["counts"].decode()
+    assert is_empty(coco, *blank.shape)
+    assert not is_empty(empty, h, w + 1)  # a count of another size: not this mask
+    blank[0, 0] = True
+    assert not is_empty(encode(blank), *blank.shape)
+    last = np.zeros_like(blank)
+    last[-1, -1] = True
+    assert not is_empty(encode(last), *last.shape)

@@ -12,8 +12,8 @@ from _tile_shapes import Found, Shape, components, tile_detections
 
 from batchseg import rle
 from batchseg.tiles.grid import TilePlan, plan_tiles
-from batchseg.tiles.merge import merge_tiles
-from batchseg.tiles.sparse import SparseMask
+from batchseg.tiles.merge import TileMerger, merge_tiles
+from batchseg.tiles.sparse import SparseMask, intersection_areas
 
 
 def _scene(plan: TilePlan) -> list[Shape]:
@@ -247,3 +247,58 @@ def test_components_of_a_sparse_mask() -> None:
     pieces = mask.components()
     assert sorted(p.area for p in pieces) == sorted([15 * 5 + 20 * 2, 100, 15, 1])
     assert SparseMask.empty(50).union(*pieces).to_rle(60) == mask.to_rle(60)
+
+
+def _random_mask(rng: np.random.Generator, height: int, width: int, fill: float) -> np.ndarray:
+    """Blobs and speckle: many pieces, pieces joined only through a long path, holes."""
+    mask = rng.random((height, width)) < fill
+    mask[rng.integers(height), :] = True  # a line across that joins many pieces
+    return mask
+
+
+def test_components_match_a_reference_on_speckle_combs_and_snakes() -> None:
+    rng = np.random.default_rng(7)
+    snake = np.zeros((40, 41), bool)
+    snake[:, ::4] = True  # columns joined alternately at the bottom and the top: one long path
+    snake[-1, 0::8] = snake[-1, 1::8] = snake[-1, 2::8] = snake[-1, 3::8] = True
+    snake[0, 4::8] = snake[0, 5::8] = snake[0, 6::8] = snake[0, 7::8] = True
+    canvases = [snake, snake[::-1], snake.T.copy()]
+    canvases += [_random_mask(rng, 37, 53, fill) for fill in (0.05, 0.3, 0.55, 0.7)]
+    for canvas in canvases:
+        h, w = canvas.shape
+        pieces = SparseMask.from_rle(rle.encode(canvas), (0, 0, w, h), h).components()
+        expected = sorted(rle.encode(piece) for piece in components(canvas))
+        assert sorted(piece.to_rle(w) for piece in pieces) == expected
+        starts = [int(piece.starts[0]) for piece in pieces]
+        assert starts == sorted(starts)  # in order of their first run
+    assert len(SparseMask.from_rle(rle.encode(snake), (0, 0, 41, 40), 40).components()) == 1
+    assert SparseMask.empty(10).components() == []
+
+
+def test_batched_intersections_equal_pixel_counts() -> None:
+    rng = np.random.default_rng(3)
+    h, w = 30, 45
+    canvases = [_random_mask(rng, h, w, fill) for fill in (0.0, 0.02, 0.3, 0.6, 0.95)]
+    canvases.append(np.zeros((h, w), bool))
+    masks = [SparseMask.from_rle(rle.encode(c), (0, 0, w, h), h) for c in canvases]
+    pairs = [(i, j) for i in range(len(masks)) for j in range(len(masks))]
+    got = intersection_areas([(masks[i], masks[j]) for i, j in pairs])
+    assert got.tolist() == [int((canvases[i] & canvases[j]).sum()) for i, j in pairs]
+    assert intersection_areas([]).size == 0
+
+
+def test_tiles_added_in_any_order_merge_to_the_same_result() -> None:
+    plan = plan_tiles(6000, 4000, 1008, 252)
+    results = _run(plan, _scene(plan))
+    expected = merge_tiles(plan, results)
+    order = list(results)
+    np.random.default_rng(1).shuffle(order)
+    merger = TileMerger(plan)
+    for tile_id in order:
+        merger.add(tile_id, results[tile_id])
+    got = merger.finish()
+    assert [(m.index, m.prompt, m.score, m.box, m.area_px, m.tiles, m.mask_rle(plan.width)) for m in got] == [
+        (m.index, m.prompt, m.score, m.box, m.area_px, m.tiles, m.mask_rle(plan.width)) for m in expected
+    ]
+    with pytest.raises(ValueError, match="added twice"):
+        merger.add(order[0], results[order[0]])

@@ -3,16 +3,18 @@
 For each whole-image item the worker asks ``Tiler.plan``: the upright size comes from the header
 (no pixel decoded) and ``--tile`` decides. A tiled image's tiles go to the engine as ``Item``s
 with a ``window``, a batch of the engine's task size at a time (the caller restarts the watchdog's
-clock after each batch); ``tiles.merge_tiles`` makes one detection per object, ``tiles.labelmap``
-writes the label map as a tiled TIFF, and the image gets one ``ItemResult``. A failing tile fails
-the image, naming the tile and its window. Torch-free: this runs in the worker, above any engine.
+clock after each batch); ``tiles.TileMerger``, fed in a thread as tiles finish, makes one
+detection per object, ``tiles.labelmap`` writes the label map as a tiled TIFF, and the image gets
+one ``ItemResult``. A failing tile fails the image, naming the tile and its window. Torch-free:
+this runs in the worker, above any engine.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,9 +25,9 @@ from ..errors import ConfigError, InvalidImageError
 from ..geo.detect import looks_georeferenced
 from ..records import Detection, FailureCategory, FanOut, Item, ItemResult, Status, failure_result
 from ..sources import georef_fields
-from ..tiles.grid import MIN_SIDE, TilePlan, TileSetting, parse_overlap, parse_tile, plan_tiles
+from ..tiles.grid import MIN_SIDE, Tile, TilePlan, TileSetting, parse_overlap, parse_tile, plan_tiles
 from ..tiles.labelmap import label_map_relpath, write_label_map
-from ..tiles.merge import merge_tiles
+from ..tiles.merge import MergedDetection, TileMerger
 from ..tiles.progress import PROGRESS_DIR, TileProgress
 from ..tiles.source import CONVERT_HINT, upright_size
 from .contract import Capabilities
@@ -156,32 +158,27 @@ class Tiler:
         """Every tile of ``item`` through the engine, merged into the image's one result."""
         started = time.time()
         progress = self.progress(item, plan)
-        found = progress.load()  # tiles finished before a kill, a crash or a failing tile
-        todo = [t for t in plan.tiles if t.id not in found]
-        for first in range(0, len(todo), self.batch):
-            batch = todo[first : first + self.batch]
-            results = run_tiles([replace(item, window=t.window) for t in batch])
-            pairs = list(zip(batch, results, strict=True))
-            done = {tile.id: result.detections for tile, result in pairs if result.status is Status.OK}
-            found.update(done)
-            failed = [(tile, result) for tile, result in pairs if result.status is not Status.OK]
-            if done and (failed or first + self.batch < len(todo)):  # the last batch is merged at once
-                _keep(progress, done)
-            if failed:  # the image fails; its finished tiles stay kept for the next attempt
-                tile, result = failed[0]
+        merging = _Merging(plan, self.match)
+        try:
+            failed = self._run_tiles(item, plan, progress, run_tiles, merging)
+            if failed is not None:
+                tile, result = failed
                 return tile_failure(item, tile.id, tile.window, result, started)
-        try:
-            georef = _georef(self.input_root / item.path)  # the label map lands on the source grid
-        except InvalidImageError as exc:
-            return failure_result(item, Status.INVALID_INPUT, exc=exc, device=self.device, started_at=started)
-        try:
-            merged = merge_tiles(plan, found, match=self.match)
-            detections = [
-                Detection(m.prompt, m.index, m.score, m.box, m.area_px, m.mask_rle(plan.width), m.tiles)
-                for m in merged
-            ]
-        except Exception as exc:  # noqa: BLE001 - a merge failure is this image's result
-            return failure_result(item, Status.ERROR, exc=exc, device=self.device, started_at=started)
+            try:
+                georef = _georef(self.input_root / item.path)  # the label map lands on the source grid
+            except InvalidImageError as exc:
+                bad = Status.INVALID_INPUT
+                return failure_result(item, bad, exc=exc, device=self.device, started_at=started)
+            try:
+                merged = merging.result()
+                detections = [
+                    Detection(m.prompt, m.index, m.score, m.box, m.area_px, m.mask_rle(plan.width), m.tiles)
+                    for m in merged
+                ]
+            except Exception as exc:  # noqa: BLE001 - a merge failure is this image's result
+                return failure_result(item, Status.ERROR, exc=exc, device=self.device, started_at=started)
+        finally:
+            merging.close()
         mask_rel = label_map_relpath(item.path, tiled=True)
         try:
             target = imageio.safe_output_path(self.output_dir, mask_rel)
@@ -208,6 +205,27 @@ class Tiler:
             device=self.device,
             **georef_fields(georef),  # polygons (--vectors) are made from the map at the next export
         )
+
+    def _run_tiles(
+        self, item: Item, plan: TilePlan, progress: TileProgress, run_tiles: RunTiles, merging: _Merging
+    ) -> tuple[Tile, ItemResult] | None:
+        """The tiles not kept on disk through the engine, a batch at a time, each finished one to
+        the merge; the first failing tile and its result, or None when all are in."""
+        found = progress.load()  # tiles finished before a kill, a crash or a failing tile
+        merging.add(found)
+        todo = [t for t in plan.tiles if t.id not in found]
+        for first in range(0, len(todo), self.batch):
+            batch = todo[first : first + self.batch]
+            results = run_tiles([replace(item, window=t.window) for t in batch])
+            pairs = list(zip(batch, results, strict=True))
+            done = {tile.id: result.detections for tile, result in pairs if result.status is Status.OK}
+            merging.add(done)
+            failed = [(tile, result) for tile, result in pairs if result.status is not Status.OK]
+            if done and (failed or first + self.batch < len(todo)):  # the last batch is merged at once
+                _keep(progress, done)
+            if failed:  # the image fails; its finished tiles stay kept for the next attempt
+                return failed[0]
+        return None
 
     def fan_out(self, item: Item, plan: TilePlan) -> ItemResult | None:
         """The answer for an image planned as tiles when the pool spreads them: the tiles not yet
@@ -255,6 +273,34 @@ class Tiler:
         }
         folder = imageio.safe_output_path(self.output_dir, f"{PROGRESS_DIR}/{item.path}")
         return TileProgress(folder, key)
+
+
+class _Merging:
+    """One image's merge, fed in a thread of its own while the engine runs the next tiles: the
+    engine's thread mostly waits on the device, and a dense image's merge (seconds for hundreds of
+    tiles) then costs little after its last tile."""
+
+    def __init__(self, plan: TilePlan, match: float) -> None:
+        self._merger = TileMerger(plan, match=match)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchseg-merge")
+        self._adds: list[Future[None]] = []
+
+    def add(self, done: Mapping[str, Sequence[Detection]]) -> None:
+        if done:
+            self._adds.append(self._thread.submit(self._add, done))
+
+    def _add(self, done: Mapping[str, Sequence[Detection]]) -> None:
+        for tile_id, detections in done.items():
+            self._merger.add(tile_id, detections)
+
+    def result(self) -> list[MergedDetection]:
+        """The merged detections, once every tile added is in (raises what merging raised)."""
+        for added in self._adds:
+            added.result()
+        return self._merger.finish()
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=False, cancel_futures=True)  # a failed image's merge is dropped
 
 
 def _keep(progress: TileProgress, done: dict[str, list[Detection]]) -> None:

@@ -33,13 +33,16 @@ from typing import Protocol
 
 import numpy as np
 
+from .. import rle
 from .grid import Tile, TilePlan
-from .sparse import SparseMask
+from .sparse import SparseMask, intersection_areas
 
-__all__ = ["DEFAULT_MATCH", "MergedDetection", "TileDetection", "merge_tiles"]
+__all__ = ["DEFAULT_MATCH", "MergedDetection", "TileDetection", "TileMerger", "merge_tiles"]
 
 #: Intersection over the smaller mask inside the overlap above which two tiles saw one object.
 DEFAULT_MATCH = 0.5
+#: Bits of a part's key for its position among its tile's detections (the rest: the tile's place).
+_POSITION_BITS = 32
 #: Grid cell (pixels) used to find the better-scored objects that may overlap an object.
 _CELL = 256
 
@@ -92,70 +95,106 @@ def merge_tiles(
 ) -> list[MergedDetection]:
     """Merge every tile's detections (``results[tile.id]``; a missing id is a tile without
     detections) into the image's detections, numbered 1..N by descending score."""
-    if not 0.0 < match <= 1.0:
-        raise ValueError(f"the match threshold must be in (0, 1], not {match}")
-    parts = _parts(plan, results)
-    by_tile: dict[str, list[_Part]] = defaultdict(list)
-    for part in parts:
-        by_tile[part.tile.id].append(part)
+    merger = TileMerger(plan, match=match)
     for tile in plan.tiles:
-        for other in plan.neighbours(tile):
-            _link(by_tile.get(tile.id, []), by_tile.get(other.id, []), tile, other, match)
-    objects = [obj for group in _groups(parts) for obj in _objects(plan, group)]
-    return _number(plan, objects)
+        if tile.id in results:
+            merger.add(tile.id, results[tile.id])
+    return merger.finish()
 
 
-def _parts(plan: TilePlan, results: Mapping[str, Sequence[TileDetection]]) -> list[_Part]:
+class TileMerger:
+    """A merge that starts before the last tile is in: ``add`` each finished tile (in any order)
+    and its detections are read and matched with its finished neighbours at once; ``finish``
+    makes the objects. A worker feeds it from a thread while the engine runs the next tiles, so a
+    dense image's merge is mostly done when its last tile is. The result does not depend on the
+    order of ``add``: parts are keyed by their tile's place in the plan."""
+
+    def __init__(self, plan: TilePlan, *, match: float = DEFAULT_MATCH) -> None:
+        if not 0.0 < match <= 1.0:
+            raise ValueError(f"the match threshold must be in (0, 1], not {match}")
+        self.plan, self.match = plan, match
+        self._tiles = {tile.id: (k, tile) for k, tile in enumerate(plan.tiles)}
+        self._near: dict[str, list[Tile]] = defaultdict(list)
+        for tile in plan.tiles:
+            for other in plan.neighbours(tile):
+                self._near[tile.id].append(other)
+                self._near[other.id].append(tile)
+        self._parts: dict[str, list[_Part]] = {}
+
+    def add(self, tile_id: str, detections: Sequence[TileDetection]) -> None:
+        """One finished tile's detections (RLE of its window); each tile once."""
+        if tile_id in self._parts:
+            raise ValueError(f"tile {tile_id} was added twice")
+        ordinal, tile = self._tiles[tile_id]
+        ours = self._parts[tile_id] = _parts(self.plan, tile, ordinal, detections)
+        for other in self._near[tile_id]:
+            if other.id in self._parts:
+                _link(ours, self._parts[other.id], tile, other, self.match)
+
+    def finish(self) -> list[MergedDetection]:
+        """The image's detections, numbered 1..N by descending score (tiles never added had none)."""
+        parts = {part.key: part for tile_parts in self._parts.values() for part in tile_parts}
+        objects = [obj for group in _groups(parts) for obj in _objects(self.plan, group)]
+        return _number(self.plan, objects)
+
+
+def _parts(plan: TilePlan, tile: Tile, ordinal: int, detections: Sequence[TileDetection]) -> list[_Part]:
+    """One tile's non-empty detections in image coordinates, keyed by (tile's place, position)."""
     parts: list[_Part] = []
-    for tile in plan.tiles:
-        left, top, right, bottom = plan.interior_edges(tile)
-        for det in results.get(tile.id, ()):
-            mask = SparseMask.from_rle(det.mask_rle, tile.window, plan.height)
-            if mask.bbox is None:
-                continue  # no pixel in this tile: nothing to merge or to draw
-            x0, y0, x1, y1 = mask.bbox
-            cut = (
-                (left and x0 == tile.x0)
-                or (top and y0 == tile.y0)
-                or (right and x1 == tile.x1)
-                or (bottom and y1 == tile.y1)
-            )
-            parts.append(_Part(len(parts), tile, det.prompt, float(det.score), mask, mask.bbox, bool(cut)))
+    left, top, right, bottom = plan.interior_edges(tile)
+    for position, det in enumerate(detections):
+        if rle.is_empty(det.mask_rle, tile.y1 - tile.y0, tile.x1 - tile.x0):
+            continue  # most of a dense scene's low scores: skipped before any parsing
+        mask = SparseMask.from_rle(det.mask_rle, tile.window, plan.height)
+        if mask.bbox is None:
+            continue  # no pixel in this tile: nothing to merge or to draw
+        x0, y0, x1, y1 = mask.bbox
+        cut = (
+            (left and x0 == tile.x0)
+            or (top and y0 == tile.y0)
+            or (right and x1 == tile.x1)
+            or (bottom and y1 == tile.y1)
+        )
+        key = ordinal << _POSITION_BITS | position
+        parts.append(_Part(key, tile, det.prompt, float(det.score), mask, mask.bbox, bool(cut)))
     return parts
 
 
 def _link(ours: list[_Part], theirs: list[_Part], a: Tile, b: Tile, match: float) -> None:
     """Record the matches between two overlapping tiles' parts (rule 2)."""
-    if not ours or not theirs:
-        return
     shared = (max(a.x0, b.x0), max(a.y0, b.y0), min(a.x1, b.x1), min(a.y1, b.y1))
-    boxes_a = np.array([p.bbox for p in ours])
-    boxes_b = np.array([p.bbox for p in theirs])
-    lo_x = np.maximum(np.maximum(boxes_a[:, None, 0], boxes_b[None, :, 0]), shared[0])
-    lo_y = np.maximum(np.maximum(boxes_a[:, None, 1], boxes_b[None, :, 1]), shared[1])
-    hi_x = np.minimum(np.minimum(boxes_a[:, None, 2], boxes_b[None, :, 2]), shared[2])
-    hi_y = np.minimum(np.minimum(boxes_a[:, None, 3], boxes_b[None, :, 3]), shared[3])
-    clipped: dict[int, SparseMask] = {}
-
-    def inside(part: _Part) -> SparseMask:
-        if part.key not in clipped:
-            clipped[part.key] = part.mask.clip(shared)
-        return clipped[part.key]
-
-    for i, j in zip(*np.nonzero((hi_x > lo_x) & (hi_y > lo_y)), strict=True):
-        p, q = ours[int(i)], theirs[int(j)]
-        if p.prompt != q.prompt:
-            continue
-        mp, mq = inside(p), inside(q)
-        smaller = min(mp.area, mq.area)
-        if not smaller:
-            continue
-        shared_px = mp.intersection_area(mq)
-        ratio = shared_px / smaller
+    mine, other = _inside(ours, shared), _inside(theirs, shared)
+    if not mine or not other:
+        return
+    prompts = {p.prompt: k for k, p in enumerate(ours + theirs)}
+    candidates = np.nonzero(
+        _boxes_meet_all(np.array([m.bbox for _, m in mine]), np.array([m.bbox for _, m in other]))
+        & (
+            np.array([prompts[p.prompt] for p, _ in mine])[:, None]
+            == np.array([prompts[q.prompt] for q, _ in other])[None, :]
+        )
+    )
+    pairs = [(mine[i], other[j]) for i, j in zip(*(c.tolist() for c in candidates), strict=True)]
+    if not pairs:
+        return
+    areas = intersection_areas([(mp, mq) for (_, mp), (_, mq) in pairs])
+    for ((p, mp), (q, mq)), shared_px in zip(pairs, areas.tolist(), strict=True):
+        ratio = shared_px / min(mp.area, mq.area)
         if ratio < match and shared_px and p.cut and q.cut:
             ratio = _piecewise_ratio(mp, mq)
         if ratio >= match:
             p.links[q.key] = q.links[p.key] = ratio
+
+
+def _inside(parts: list[_Part], window: tuple[int, int, int, int]) -> list[tuple[_Part, SparseMask]]:
+    """The parts with pixels inside ``window``, each with its mask cut to it."""
+    out = []
+    for part in parts:
+        if _boxes_meet(part.bbox, window):
+            mask = part.mask.clip(window)
+            if mask:
+                out.append((part, mask))
+    return out
 
 
 def _piecewise_ratio(a: SparseMask, b: SparseMask) -> float:
@@ -163,21 +202,21 @@ def _piecewise_ratio(a: SparseMask, b: SparseMask) -> float:
     overlap. Two tiles can split one large object differently there (a piece joined outside the
     overlap in one tile is two pieces in the other), so whole masks may share only a little while
     some piece of one is exactly a piece of the other."""
-    best = 0.0
-    pieces_b = b.components()
-    for piece_a in a.components():
-        for piece_b in pieces_b:
-            if piece_a.bbox and piece_b.bbox and _boxes_meet(piece_a.bbox, piece_b.bbox):
-                shared = piece_a.intersection_area(piece_b)
-                best = max(best, shared / min(piece_a.area, piece_b.area))
-    return best
+    pieces_a, pieces_b = a.components(), b.components()
+    meet = _boxes_meet_all(np.array([p.bbox for p in pieces_a]), np.array([p.bbox for p in pieces_b]))
+    pairs = [(pieces_a[i], pieces_b[j]) for i, j in zip(*(c.tolist() for c in np.nonzero(meet)), strict=True)]
+    if not pairs:
+        return 0.0
+    shared = intersection_areas(pairs)
+    smaller = np.array([min(p.area, q.area) for p, q in pairs])
+    return float((shared / smaller).max())
 
 
-def _groups(parts: list[_Part]) -> list[list[_Part]]:
-    """Connected groups of the match graph, each in part order."""
+def _groups(parts: dict[int, _Part]) -> list[list[_Part]]:
+    """Connected groups of the match graph, in key order, each in key order."""
     seen: set[int] = set()
     groups = []
-    for part in parts:
+    for part in sorted(parts.values(), key=lambda p: p.key):
         if part.key in seen:
             continue
         stack, group = [part.key], []
@@ -297,3 +336,13 @@ def _bbox(obj: _Object) -> tuple[int, int, int, int]:
 
 def _boxes_meet(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _boxes_meet_all(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``_boxes_meet`` for every box of ``a`` (n, 4) against every box of ``b`` (m, 4): (n, m)."""
+    return (
+        (a[:, None, 0] < b[None, :, 2])
+        & (b[None, :, 0] < a[:, None, 2])
+        & (a[:, None, 1] < b[None, :, 3])
+        & (b[None, :, 1] < a[:, None, 3])
+    )
