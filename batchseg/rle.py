@@ -246,15 +246,20 @@ def paint_runs(
 ) -> None:
     """Set ``out[row0:row1, col] = value`` for every run, in place, without a Python loop.
 
-    Runs are in ``out``'s own frame and must not overlap each other (overlapping runs would add up)."""
+    Runs are in ``out``'s own frame and must not overlap each other: each run's start (and end)
+    is then a position of its own, marked by plain assignment, and one cumulative sum per column
+    paints them (4-byte sums when the values allow: label maps are painted block by block)."""
     height, width = out.shape
     if col.size == 0:
         return
-    diff = np.zeros((width, height + 1), np.int64)
     value = np.broadcast_to(np.asarray(values, np.int64), col.shape)
-    np.add.at(diff, (col, row0), value)
-    np.add.at(diff, (col, row1), -value)
-    painted = np.cumsum(diff[:, :height], axis=1).T
+    kind = np.int32 if int(np.abs(value).max()) < 2**31 else np.int64
+    diff = np.zeros((width, height + 1), kind)
+    flat = diff.reshape(-1)
+    base = col.astype(np.int64) * (height + 1)
+    flat[base + row0] += value.astype(kind)  # starts of disjoint runs never repeat
+    flat[base + row1] -= value.astype(kind)  # nor do their ends
+    painted = np.cumsum(diff[:, :height], axis=1, dtype=kind).T
     np.copyto(out, painted.astype(out.dtype), where=painted != 0)
 
 

@@ -311,7 +311,8 @@ def _number(plan: TilePlan, objects: list[_Object]) -> list[MergedDetection]:
             for cy in range(y0 // _CELL, (y1 - 1) // _CELL + 1)
         ]
         earlier = {j for c in cells for j in buckets[c]}
-        covering = [objects[j].mask for j in sorted(earlier) if _boxes_meet(boxes[j], box)]
+        # Only what lies in this object's box matters: a huge object above it is cut to that first.
+        covering = [objects[j].mask.clip(box) for j in sorted(earlier) if _boxes_meet(boxes[j], box)]
         visible = obj.mask.minus(covering[0].union(*covering[1:])) if covering else obj.mask
         for c in cells:
             buckets[c].append(k)

@@ -73,7 +73,9 @@ class SparseMask:
         x0, y0, x1, y1 = window
         h = self.height
         lo, hi = np.searchsorted(self.starts, [x0 * h, x1 * h])
-        col, row0, row1 = (a[lo:hi] for a in self.columns())
+        starts, ends = self.starts[lo:hi], self.ends[lo:hi]
+        col = starts // h
+        row0, row1 = starts - col * h, ends - col * h
         row0, row1 = np.maximum(row0, y0), np.minimum(row1, y1)
         keep = row1 > row0
         return SparseMask.from_columns(col[keep], row0[keep], row1[keep], h)
