@@ -1,20 +1,19 @@
 """Tiling inside the worker: a large image runs as windowed items, merged into one result.
 
 For each whole-image item the worker asks ``Tiler.plan``: the upright size comes from the header
-(no pixel decoded) and ``--tile`` decides. A tiled image's tiles go to the engine as ``Item``s
-with a ``window``, a batch of the engine's task size at a time (the caller restarts the watchdog's
-clock after each batch); ``tiles.TileMerger``, fed in a thread as tiles finish, makes one
-detection per object, ``tiles.labelmap`` writes the label map as a tiled TIFF, and the image gets
-one ``ItemResult``. A failing tile fails the image, naming the tile and its window. Torch-free:
-this runs in the worker, above any engine.
+(no pixel decoded) and ``--tile`` decides. A tiled image's tiles go to the engine as ``Item``s with
+a ``window``, a batch of the engine's task size at a time (the caller restarts the watchdog's clock
+after each batch); ``tiles.TileMerger``, in a helper process fed as tiles finish
+(``tiles.merge_process``), makes one detection per object, ``tiles.labelmap`` writes the label map
+as a tiled TIFF, and the image gets one ``ItemResult``. A failing tile fails the image, naming the
+tile and its window. Torch-free: this runs in the worker, above any engine.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,9 +24,10 @@ from ..errors import ConfigError, InvalidImageError
 from ..geo.detect import looks_georeferenced
 from ..records import Detection, FailureCategory, FanOut, Item, ItemResult, Status, failure_result
 from ..sources import georef_fields
+from ..tiles import merge_process
 from ..tiles.grid import MIN_SIDE, Tile, TilePlan, TileSetting, parse_overlap, parse_tile, plan_tiles
 from ..tiles.labelmap import label_map_relpath, write_label_map
-from ..tiles.merge import MergedDetection, TileMerger
+from ..tiles.merge_process import RemoteMerge
 from ..tiles.progress import PROGRESS_DIR, TileProgress
 from ..tiles.source import CONVERT_HINT, upright_size
 from .contract import Capabilities
@@ -158,7 +158,7 @@ class Tiler:
         """Every tile of ``item`` through the engine, merged into the image's one result."""
         started = time.time()
         progress = self.progress(item, plan)
-        merging = _Merging(plan, self.match)
+        merging = merge_process.shared().begin(plan, self.match)
         try:
             failed = self._run_tiles(item, plan, progress, run_tiles, merging)
             if failed is not None:
@@ -170,10 +170,10 @@ class Tiler:
                 bad = Status.INVALID_INPUT
                 return failure_result(item, bad, exc=exc, device=self.device, started_at=started)
             try:
-                merged = merging.result()
+                merged, rles = merging.result()
                 detections = [
-                    Detection(m.prompt, m.index, m.score, m.box, m.area_px, m.mask_rle(plan.width), m.tiles)
-                    for m in merged
+                    Detection(m.prompt, m.index, m.score, m.box, m.area_px, rle, m.tiles)
+                    for m, rle in zip(merged, rles, strict=True)
                 ]
             except Exception as exc:  # noqa: BLE001 - a merge failure is this image's result
                 return failure_result(item, Status.ERROR, exc=exc, device=self.device, started_at=started)
@@ -207,7 +207,7 @@ class Tiler:
         )
 
     def _run_tiles(
-        self, item: Item, plan: TilePlan, progress: TileProgress, run_tiles: RunTiles, merging: _Merging
+        self, item: Item, plan: TilePlan, progress: TileProgress, run_tiles: RunTiles, merging: RemoteMerge
     ) -> tuple[Tile, ItemResult] | None:
         """The tiles not kept on disk through the engine, a batch at a time, each finished one to
         the merge; the first failing tile and its result, or None when all are in."""
@@ -273,34 +273,6 @@ class Tiler:
         }
         folder = imageio.safe_output_path(self.output_dir, f"{PROGRESS_DIR}/{item.path}")
         return TileProgress(folder, key)
-
-
-class _Merging:
-    """One image's merge, fed in a thread of its own while the engine runs the next tiles: the
-    engine's thread mostly waits on the device, and a dense image's merge (seconds for hundreds of
-    tiles) then costs little after its last tile."""
-
-    def __init__(self, plan: TilePlan, match: float) -> None:
-        self._merger = TileMerger(plan, match=match)
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchseg-merge")
-        self._adds: list[Future[None]] = []
-
-    def add(self, done: Mapping[str, Sequence[Detection]]) -> None:
-        if done:
-            self._adds.append(self._thread.submit(self._add, done))
-
-    def _add(self, done: Mapping[str, Sequence[Detection]]) -> None:
-        for tile_id, detections in done.items():
-            self._merger.add(tile_id, detections)
-
-    def result(self) -> list[MergedDetection]:
-        """The merged detections, once every tile added is in (raises what merging raised)."""
-        for added in self._adds:
-            added.result()
-        return self._merger.finish()
-
-    def close(self) -> None:
-        self._thread.shutdown(wait=False, cancel_futures=True)  # a failed image's merge is dropped
 
 
 def _keep(progress: TileProgress, done: dict[str, list[Detection]]) -> None:

@@ -1,0 +1,209 @@
+"""A tiled image's merge in a helper process beside the worker, fed as tiles finish.
+
+The worker's thread feeds the engine and mostly waits on the device; merging a dense image's
+tiles is seconds of small numpy steps. In a thread of the worker the two fought over the GIL
+(measured on an H200 with 729 dense tiles: the merge thread needed over 30 s of wall time for about
+5 s of work, and the image waited for it); in a process of its own the merge runs on another core.
+
+The helper (``python -m batchseg.tiles.merge_process``) starts at a worker's first tiled image and
+stays for the next ones. It gets each batch's finished tiles as (prompt, score, RLE) rows, never
+pixels, through its stdin (written by a thread, so the engine's thread never waits on a full
+pipe), and answers the merged detections with their RLE on its stdout. It exits when its stdin
+closes: when the worker ends or is killed. A helper that died is started again for the next image;
+the image it was merging fails with an error saying so, and its finished tiles stay kept on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import queue
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+from typing import IO, Any, NamedTuple
+
+from .grid import TilePlan, plan_tiles
+from .merge import MergedDetection, TileDetection, TileMerger
+
+__all__ = ["MergeProcess", "RemoteMerge", "shared"]
+
+_HEADER = struct.Struct("<Q")
+
+
+class _Row(NamedTuple):
+    """What merging needs of a tile's detection (fits ``merge.TileDetection``)."""
+
+    prompt: str
+    score: float
+    mask_rle: str
+
+
+class MergeProcess:
+    """The worker's merge helper: started on first use, started again when it has died."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sends: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._serial = 0
+
+    def begin(self, plan: TilePlan, match: float) -> RemoteMerge:
+        """A new image's merge (any earlier one not finished is dropped by the helper)."""
+        if self._proc is None or self._proc.poll() is not None:
+            self._start()
+        self._serial += 1
+        geometry = (plan.width, plan.height, plan.side, plan.overlap)
+        self._send(("begin", self._serial, geometry, match))
+        return RemoteMerge(self, self._serial)
+
+    def _start(self) -> None:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", __name__],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0),  # no console from a nightly job
+        )
+        self._sends = queue.SimpleQueue()
+        assert self._proc.stdin is not None
+        feeder = threading.Thread(
+            target=_feed, args=(self._proc.stdin, self._sends), name="batchseg-merge-feed", daemon=True
+        )
+        feeder.start()
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        self._sends.put(message)
+
+    def _reply(self, serial: int) -> tuple[list[MergedDetection], list[str]]:
+        proc = self._proc
+        assert proc is not None and proc.stdout is not None
+        try:
+            kind, got, *body = _read(proc.stdout)
+        except (EOFError, OSError, pickle.UnpicklingError) as exc:
+            code = proc.poll()
+            self.stop()
+            raise RuntimeError(f"the merge process ended (exit code {code}) before its answer") from exc
+        if got != serial:  # cannot happen while one image is merged at a time; start afresh
+            self.stop()
+            raise RuntimeError(f"the merge process answered image {got}, not {serial}")
+        if kind == "failed":
+            raise RuntimeError(f"merging failed: {body[0]}")
+        return body[0], body[1]
+
+    def stop(self) -> None:
+        """End the helper (the next image starts a new one)."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            self._sends.put(None)  # the feeder closes the helper's input
+            proc.kill()
+            proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
+class RemoteMerge:
+    """One image's merge in the helper: ``add`` finished tiles, then ``result``."""
+
+    def __init__(self, helper: MergeProcess, serial: int) -> None:
+        self._helper, self._serial, self._done = helper, serial, False
+
+    def add(self, done: Mapping[str, Sequence[TileDetection]]) -> None:
+        if done:
+            rows = {t: [_Row(d.prompt, float(d.score), d.mask_rle) for d in dets] for t, dets in done.items()}
+            self._helper._send(("add", self._serial, rows))
+
+    def result(self) -> tuple[list[MergedDetection], list[str]]:
+        """The merged detections and the RLE of each over the whole image."""
+        self._done = True
+        self._helper._send(("finish", self._serial))
+        return self._helper._reply(self._serial)
+
+    def close(self) -> None:
+        if not self._done:
+            self._helper._send(("drop", self._serial))  # a failed image: the helper forgets it
+
+
+_SHARED: MergeProcess | None = None
+
+
+def shared() -> MergeProcess:
+    """This process's merge helper."""
+    global _SHARED
+    if _SHARED is None:
+        _SHARED = MergeProcess()
+    return _SHARED
+
+
+def _feed(stream: IO[bytes], sends: queue.SimpleQueue[Any]) -> None:
+    """Write queued messages to the helper until None (then close its input: the helper ends) or
+    until the helper is gone (the image's ``result`` says so)."""
+    with contextlib.suppress(OSError, ValueError), stream:
+        while (message := sends.get()) is not None:
+            _write(stream, message)
+
+
+def _write(stream: IO[bytes], message: Any) -> None:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_HEADER.pack(len(data)) + data)
+    stream.flush()
+
+
+def _read(stream: IO[bytes]) -> Any:
+    header = _read_exactly(stream, _HEADER.size)
+    return pickle.loads(_read_exactly(stream, _HEADER.unpack(header)[0]))  # noqa: S301 - our own child
+
+
+def _read_exactly(stream: IO[bytes], size: int) -> bytes:
+    data = stream.read(size)
+    if len(data) != size:
+        raise EOFError("the pipe closed")
+    return data
+
+
+def serve(inbox: IO[bytes], outbox: IO[bytes]) -> None:
+    """The helper's loop: one image at a time, until its input closes."""
+    serial, merger, error = 0, None, ""
+    while True:
+        try:
+            kind, got, *body = _read(inbox)
+        except EOFError:
+            return
+        if kind == "begin":
+            serial, error = got, ""
+            merger = TileMerger(plan_tiles(*body[0]), match=body[1])
+        elif got != serial or merger is None:
+            continue  # a message of an image that was dropped
+        elif kind == "add" and not error:
+            try:
+                for tile_id, rows in body[0].items():
+                    merger.add(tile_id, rows)
+            except Exception as exc:  # noqa: BLE001 - the image's error, said at its finish
+                error = f"{type(exc).__name__}: {exc}"
+        elif kind == "finish":
+            _write(outbox, _answer(serial, merger, error))
+            merger = None
+        elif kind == "drop":
+            merger = None
+
+
+def _answer(serial: int, merger: TileMerger, error: str) -> tuple[Any, ...]:
+    if not error:
+        try:
+            merged = merger.finish()
+            return ("merged", serial, merged, [m.mask_rle(merger.plan.width) for m in merged])
+        except Exception as exc:  # noqa: BLE001
+            error = f"{type(exc).__name__}: {exc}"
+    return ("failed", serial, error)
+
+
+def main() -> None:
+    # Answers go to the real stdout; anything a library prints goes to stderr, not into the stream.
+    answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    serve(sys.stdin.buffer, answers)
+
+
+if __name__ == "__main__":
+    main()

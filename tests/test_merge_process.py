@@ -1,0 +1,121 @@
+"""The merge helper process: the same merge as in-process, and what happens when it dies, fails or
+is left behind (a real ``python -m batchseg.tiles.merge_process`` each time, no stand-in)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+from _tile_shapes import Found, Shape, tile_detections
+
+from batchseg.tiles.grid import TilePlan, plan_tiles
+from batchseg.tiles.merge import merge_tiles
+from batchseg.tiles.merge_process import MergeProcess
+
+SHAPES = [
+    Shape("disc", 1008, 500, 60, 60),  # on a seam
+    Shape("ring", 2000, 1000, 250, 250, 0.5),  # across seams, with a hole
+    Shape("rect", 2600, 1900, 700, 600),  # larger than a tile
+]
+
+
+def _tiles(plan: TilePlan) -> dict[str, list[Found]]:
+    return {t.id: tile_detections(SHAPES, t, plan.width, plan.height) for t in plan.tiles}
+
+
+def _rows(merged: list) -> list[tuple]:  # type: ignore[type-arg]
+    return [(m.index, m.prompt, m.score, m.box, m.area_px, m.tiles, m.mask_rle(3000)) for m in merged]
+
+
+@pytest.fixture
+def helper() -> MergeProcess:
+    process = MergeProcess()
+    yield process
+    process.stop()
+
+
+def _merge(helper: MergeProcess, plan: TilePlan, tiles: dict[str, list[Found]]) -> tuple[list, list[str]]:  # type: ignore[type-arg]
+    merge = helper.begin(plan, 0.5)
+    ids = list(tiles)
+    for first in range(0, len(ids), 4):  # a batch at a time, as the worker sends them
+        merge.add({tile_id: tiles[tile_id] for tile_id in ids[first : first + 4]})
+    return merge.result()
+
+
+def test_the_helper_merges_as_the_worker_would(helper: MergeProcess) -> None:
+    plan = plan_tiles(3000, 2500, 1008, 252)
+    tiles = _tiles(plan)
+    merged, rles = _merge(helper, plan, tiles)
+    expected = merge_tiles(plan, tiles)
+    assert len(expected) == len(SHAPES)
+    assert _rows(merged) == _rows(expected)
+    assert rles == [m.mask_rle(plan.width) for m in expected]
+    again, _ = _merge(helper, plan, tiles)  # the same helper serves the next image
+    assert _rows(again) == _rows(expected)
+
+
+def test_an_image_dropped_half_way_leaves_nothing_behind(helper: MergeProcess) -> None:
+    plan = plan_tiles(3000, 2500, 1008, 252)
+    tiles = _tiles(plan)
+    failed = helper.begin(plan, 0.5)
+    failed.add(dict(list(tiles.items())[:3]))
+    failed.close()  # a tile failed: the image is given up
+    merged, _ = _merge(helper, plan, tiles)
+    assert _rows(merged) == _rows(merge_tiles(plan, tiles))
+
+
+def test_a_broken_mask_fails_that_image_only(helper: MergeProcess) -> None:
+    plan = plan_tiles(3000, 2500, 1008, 252)
+    tiles = _tiles(plan)
+    broken = dict(tiles)
+    first = plan.tiles[0].id
+    broken[first] = [Found("red", 0.9, "0?")]  # RLE counts of another size
+    with pytest.raises(RuntimeError, match="merging failed: ValueError: RLE counts"):
+        _merge(helper, plan, broken)
+    merged, _ = _merge(helper, plan, tiles)
+    assert len(merged) == len(SHAPES)
+
+
+def test_a_killed_helper_fails_its_image_and_the_next_image_gets_a_new_one(helper: MergeProcess) -> None:
+    plan = plan_tiles(3000, 2500, 1008, 252)
+    tiles = _tiles(plan)
+    merge = helper.begin(plan, 0.5)
+    merge.add(tiles)
+    assert helper._proc is not None
+    os.kill(helper._proc.pid, signal.SIGKILL)
+    helper._proc.wait()
+    with pytest.raises(RuntimeError, match="merge process ended"):
+        merge.result()
+    merged, _ = _merge(helper, plan, tiles)
+    assert len(merged) == len(SHAPES)
+
+
+def test_the_helper_exits_when_its_worker_is_killed() -> None:
+    """A worker killed by the watchdog (SIGKILL) leaves no merge process behind."""
+    script = textwrap.dedent(
+        """
+        import sys, time
+        from batchseg.tiles.grid import plan_tiles
+        from batchseg.tiles.merge_process import shared
+        helper = shared()
+        helper.begin(plan_tiles(3000, 2500, 1008, 252), 0.5)
+        print(helper._proc.pid, flush=True)
+        time.sleep(600)
+        """
+    )
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) as worker:
+        assert worker.stdout is not None
+        child = psutil.Process(int(worker.stdout.readline()))
+        assert child.is_running()
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+        deadline = time.monotonic() + 20
+        while child.is_running() and child.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
