@@ -13,7 +13,7 @@ from _tile_shapes import Found, Shape, components, tile_detections
 from batchseg import rle
 from batchseg.tiles.grid import TilePlan, plan_tiles
 from batchseg.tiles.merge import TileMerger, merge_tiles
-from batchseg.tiles.sparse import SparseMask, intersection_areas
+from batchseg.tiles.sparse import SparseMask, intersection_areas, piecewise_ratio
 
 
 def _scene(plan: TilePlan) -> list[Shape]:
@@ -302,3 +302,18 @@ def test_tiles_added_in_any_order_merge_to_the_same_result() -> None:
     ]
     with pytest.raises(ValueError, match="added twice"):
         merger.add(order[0], results[order[0]])
+
+
+def test_piecewise_ratio_is_the_best_pair_of_pieces() -> None:
+    rng = np.random.default_rng(11)
+    h, w = 40, 50
+    for fill_a, fill_b in [(0.3, 0.3), (0.55, 0.2), (0.05, 0.7), (0.0, 0.5)]:
+        ca, cb = _random_mask(rng, h, w, fill_a), _random_mask(rng, h, w, fill_b)
+        a = SparseMask.from_rle(rle.encode(ca), (0, 0, w, h), h)
+        b = SparseMask.from_rle(rle.encode(cb), (0, 0, w, h), h)
+        best = 0.0
+        for pa in components(ca):
+            for pb in components(cb):
+                best = max(best, float((pa & pb).sum()) / min(pa.sum(), pb.sum()))
+        assert piecewise_ratio(a, b) == pytest.approx(best)
+    assert piecewise_ratio(SparseMask.empty(h), SparseMask.empty(h)) == 0.0

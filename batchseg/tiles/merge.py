@@ -35,7 +35,7 @@ import numpy as np
 
 from .. import rle
 from .grid import Tile, TilePlan
-from .sparse import SparseMask, intersection_areas
+from .sparse import SparseMask, intersection_areas, piecewise_ratio
 
 __all__ = ["DEFAULT_MATCH", "MergedDetection", "TileDetection", "TileMerger", "merge_tiles"]
 
@@ -181,7 +181,9 @@ def _link(ours: list[_Part], theirs: list[_Part], a: Tile, b: Tile, match: float
     for ((p, mp), (q, mq)), shared_px in zip(pairs, areas.tolist(), strict=True):
         ratio = shared_px / min(mp.area, mq.area)
         if ratio < match and shared_px and p.cut and q.cut:
-            ratio = _piecewise_ratio(mp, mq)
+            # Two tiles can split one large object differently inside the overlap (a piece joined
+            # outside it in one tile is two pieces in the other): some piece may still match.
+            ratio = piecewise_ratio(mp, mq)
         if ratio >= match:
             p.links[q.key] = q.links[p.key] = ratio
 
@@ -195,21 +197,6 @@ def _inside(parts: list[_Part], window: tuple[int, int, int, int]) -> list[tuple
             if mask:
                 out.append((part, mask))
     return out
-
-
-def _piecewise_ratio(a: SparseMask, b: SparseMask) -> float:
-    """Best intersection over the smaller between the connected pieces of two masks inside an
-    overlap. Two tiles can split one large object differently there (a piece joined outside the
-    overlap in one tile is two pieces in the other), so whole masks may share only a little while
-    some piece of one is exactly a piece of the other."""
-    pieces_a, pieces_b = a.components(), b.components()
-    meet = _boxes_meet_all(np.array([p.bbox for p in pieces_a]), np.array([p.bbox for p in pieces_b]))
-    pairs = [(pieces_a[i], pieces_b[j]) for i, j in zip(*(c.tolist() for c in np.nonzero(meet)), strict=True)]
-    if not pairs:
-        return 0.0
-    shared = intersection_areas(pairs)
-    smaller = np.array([min(p.area, q.area) for p, q in pairs])
-    return float((shared / smaller).max())
 
 
 def _groups(parts: dict[int, _Part]) -> list[list[_Part]]:
