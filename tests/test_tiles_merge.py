@@ -285,6 +285,7 @@ def test_batched_intersections_equal_pixel_counts() -> None:
     got = intersection_areas([(masks[i], masks[j]) for i, j in pairs])
     assert got.tolist() == [int((canvases[i] & canvases[j]).sum()) for i, j in pairs]
     assert intersection_areas([]).size == 0
+    assert intersection_areas([(masks[-1], masks[-1])]).tolist() == [0]  # nothing but empty masks
 
 
 def test_tiles_added_in_any_order_merge_to_the_same_result() -> None:

@@ -134,7 +134,7 @@ def intersection_areas(pairs: Sequence[tuple[SparseMask, SparseMask]]) -> np.nda
     runs of ``b`` in one index range (runs of one mask are disjoint and sorted), found by search."""
     if not pairs:
         return np.zeros(0, np.int64)
-    span = 1 + max(int(m.ends[-1]) for pair in pairs for m in pair if m.ends.size)
+    span = 1 + max((int(m.ends[-1]) for pair in pairs for m in pair if m.ends.size), default=0)
     lift = np.arange(len(pairs), dtype=np.int64) * span
     n_a = [a.starts.size for a, _ in pairs]
     n_b = [b.starts.size for _, b in pairs]
