@@ -104,10 +104,10 @@ def merge_tiles(
 
 class TileMerger:
     """A merge that starts before the last tile is in: ``add`` each finished tile (in any order)
-    and its detections are read and matched with its finished neighbours at once; ``finish``
-    makes the objects. A worker feeds it from a thread while the engine runs the next tiles, so a
-    dense image's merge is mostly done when its last tile is. The result does not depend on the
-    order of ``add``: parts are keyed by their tile's place in the plan."""
+    and its detections are read and matched with its finished neighbours at once; ``finish`` makes
+    the objects. A worker feeds it (in its merge helper process) while the engine runs the next
+    tiles, so a dense image's merge is mostly done when its last tile is. The result does not
+    depend on the order of ``add``: parts are keyed by their tile's place in the plan."""
 
     def __init__(self, plan: TilePlan, *, match: float = DEFAULT_MATCH) -> None:
         if not 0.0 < match <= 1.0:
