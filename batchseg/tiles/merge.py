@@ -35,7 +35,7 @@ import numpy as np
 
 from .. import rle
 from .grid import Tile, TilePlan
-from .sparse import SparseMask, intersection_areas, piecewise_ratio
+from .sparse import SparseMask, intersection_areas, piecewise_ratios
 
 __all__ = ["DEFAULT_MATCH", "MergedDetection", "TileDetection", "TileMerger", "merge_tiles"]
 
@@ -177,13 +177,15 @@ def _link(ours: list[_Part], theirs: list[_Part], a: Tile, b: Tile, match: float
     pairs = [(mine[i], other[j]) for i, j in zip(*(c.tolist() for c in candidates), strict=True)]
     if not pairs:
         return
-    areas = intersection_areas([(mp, mq) for (_, mp), (_, mq) in pairs])
-    for ((p, mp), (q, mq)), shared_px in zip(pairs, areas.tolist(), strict=True):
-        ratio = shared_px / min(mp.area, mq.area)
-        if ratio < match and shared_px and p.cut and q.cut:
-            # Two tiles can split one large object differently inside the overlap (a piece joined
-            # outside it in one tile is two pieces in the other): some piece may still match.
-            ratio = piecewise_ratio(mp, mq)
+    masks = [(mp, mq) for (_, mp), (_, mq) in pairs]
+    ratios = intersection_areas(masks) / np.array([min(mp.area, mq.area) for mp, mq in masks])
+    # Two tiles can split one large object differently inside the overlap (a piece joined outside
+    # it in one tile is two pieces in the other): cut masks that share pixels but fall short are
+    # compared again piece by piece, all such pairs at once.
+    again = [k for k, ((p, _), (q, _)) in enumerate(pairs) if 0 < ratios[k] < match and p.cut and q.cut]
+    if again:
+        ratios[again] = piecewise_ratios([masks[k] for k in again])
+    for ((p, _), (q, _)), ratio in zip(pairs, ratios.tolist(), strict=True):
         if ratio >= match:
             p.links[q.key] = q.links[p.key] = ratio
 

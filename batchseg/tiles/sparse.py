@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import rle
 
-__all__ = ["SparseMask", "intersection_areas", "piecewise_ratio"]
+__all__ = ["SparseMask", "intersection_areas", "piecewise_ratio", "piecewise_ratios"]
 
 #: Up to this many run pairs, intersections are computed pairwise rather than by a sweep.
 _PAIRWISE = 1 << 14
@@ -100,15 +100,17 @@ class SparseMask:
         h = self.height
         if not self.starts.size:
             return []
-        roots = self.component_labels()
+        roots = self.component_labels
         order = np.argsort(roots, kind="stable")  # runs of each component keep their order
         first = np.flatnonzero(np.diff(roots[order], prepend=-1))
         pieces = np.split(order, first[1:])
         pieces.sort(key=lambda piece: int(piece[0]))
         return [SparseMask(self.starts[piece], self.ends[piece], h) for piece in pieces]
 
+    @cached_property
     def component_labels(self) -> np.ndarray:
-        """For every run, the index of the first run of its 4-connected component.
+        """For every run, the index of the first run of its 4-connected component (kept: a mask
+        cut to an overlap is matched piece by piece against several masks of the other tile).
 
         Runs in neighbouring columns that share a row are joined; for each run the runs of the
         next column that it touches form one index range (runs are sorted), found by search."""
@@ -129,52 +131,68 @@ def intersection_areas(pairs: Sequence[tuple[SparseMask, SparseMask]]) -> np.nda
     """``a.intersection_area(b)`` for every pair in one vectorised pass, linear in the runs.
 
     Merging a dense scene compares hundreds of thousands of pairs of a few runs each, where numpy's
-    cost per call, not the arithmetic, was the time. Each pair's positions are lifted by the pair's
-    number times the image size, so all pairs' runs sort as one array: a run of ``a`` meets the
-    runs of ``b`` in one index range (runs of one mask are disjoint and sorted), found by search."""
+    cost per call, not the arithmetic, was the time."""
     if not pairs:
         return np.zeros(0, np.int64)
-    span = 1 + max((int(m.ends[-1]) for pair in pairs for m in pair if m.ends.size), default=0)
-    lift = np.arange(len(pairs), dtype=np.int64) * span
-    n_a = [a.starts.size for a, _ in pairs]
-    n_b = [b.starts.size for _, b in pairs]
-    owner = np.repeat(np.arange(len(pairs)), n_a)
-    sa = np.concatenate([a.starts for a, _ in pairs]) + lift[owner]
-    ea = np.concatenate([a.ends for a, _ in pairs]) + lift[owner]
-    lifted_b = np.repeat(lift, n_b)
-    sb = np.concatenate([b.starts for _, b in pairs]) + lifted_b
-    eb = np.concatenate([b.ends for _, b in pairs]) + lifted_b
-    ia, ib, overlap = _run_overlaps(sa, ea, sb, eb)
-    return np.bincount(owner[ia], weights=overlap, minlength=len(pairs)).astype(np.int64)
+    runs = _Lifted(pairs)
+    ia, _, overlap = runs.overlaps()
+    return np.bincount(runs.owner_a[ia], weights=overlap, minlength=len(pairs)).astype(np.int64)
 
 
-def _run_overlaps(
-    sa: np.ndarray, ea: np.ndarray, sb: np.ndarray, eb: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every run of a meeting a run of b (each side sorted and disjoint): their indices and the
-    pixels they share. The runs of b a run of a meets are one index range, found by search."""
-    lo = np.searchsorted(eb, sa, side="right")
-    count = np.maximum(np.searchsorted(sb, ea, side="left") - lo, 0)
-    ia = np.repeat(np.arange(sa.size), count)
-    ib = np.repeat(lo, count) + (np.arange(ia.size) - np.repeat(np.cumsum(count) - count, count))
-    return ia, ib, np.minimum(ea[ia], eb[ib]) - np.maximum(sa[ia], sb[ib])
+def piecewise_ratios(pairs: Sequence[tuple[SparseMask, SparseMask]]) -> np.ndarray:
+    """For every pair, the best intersection over the smaller between a 4-connected piece of ``a``
+    and one of ``b`` (0 when no piece shares a pixel), all pairs in one pass: runs are labelled
+    by piece, and the shared pixels of each pair of pieces are summed from the overlapping runs."""
+    out = np.zeros(len(pairs))
+    if not pairs:
+        return out
+    runs = _Lifted(pairs)
+    ia, ib, overlap = runs.overlaps()
+    if not ia.size:
+        return out
+    # A piece is named by its first run's place among all runs of its side: unique over all pairs.
+    la = np.concatenate([a.component_labels for a, _ in pairs]) + np.repeat(runs.first_a, runs.n_a)
+    lb = np.concatenate([b.component_labels for _, b in pairs]) + np.repeat(runs.first_b, runs.n_b)
+    area_a = np.bincount(la, weights=runs.ea - runs.sa, minlength=la.size)
+    area_b = np.bincount(lb, weights=runs.eb - runs.sb, minlength=lb.size)
+    met, which = np.unique(la[ia] * lb.size + lb[ib], return_inverse=True)
+    shared = np.bincount(which.reshape(-1), weights=overlap)
+    piece_a, piece_b = met // lb.size, met % lb.size
+    np.maximum.at(out, runs.owner_a[piece_a], shared / np.minimum(area_a[piece_a], area_b[piece_b]))
+    return out
 
 
 def piecewise_ratio(a: SparseMask, b: SparseMask) -> float:
-    """The best intersection over the smaller between a 4-connected piece of ``a`` and one of
-    ``b``, all pieces at once: runs are labelled by piece, the shared pixels of each pair of
-    pieces summed from the overlapping runs (pieces that share nothing score 0)."""
-    ia, ib, overlap = _run_overlaps(a.starts, a.ends, b.starts, b.ends)
-    if not ia.size:
-        return 0.0
-    la, lb = a.component_labels(), b.component_labels()
-    area_a = np.bincount(la, weights=a.ends - a.starts)
-    area_b = np.bincount(lb, weights=b.ends - b.starts)
-    span = int(lb.max()) + 1
-    pairs, which = np.unique(la[ia] * span + lb[ib], return_inverse=True)
-    shared = np.bincount(which.reshape(-1), weights=overlap)
-    smaller = np.minimum(area_a[pairs // span], area_b[pairs % span])
-    return float((shared / smaller).max())
+    """``piecewise_ratios`` of one pair."""
+    return float(piecewise_ratios([(a, b)])[0])
+
+
+class _Lifted:
+    """The runs of many pairs of masks in one sorted array per side: each pair's positions are
+    lifted by the pair's number times the image's size, so pairs never meet each other."""
+
+    def __init__(self, pairs: Sequence[tuple[SparseMask, SparseMask]]) -> None:
+        span = 1 + max((int(m.ends[-1]) for pair in pairs for m in pair if m.ends.size), default=0)
+        lift = np.arange(len(pairs), dtype=np.int64) * span
+        self.n_a = np.array([a.starts.size for a, _ in pairs], np.int64)
+        self.n_b = np.array([b.starts.size for _, b in pairs], np.int64)
+        self.first_a = np.cumsum(self.n_a) - self.n_a
+        self.first_b = np.cumsum(self.n_b) - self.n_b
+        self.owner_a = np.repeat(np.arange(len(pairs)), self.n_a)
+        lifted_b = np.repeat(lift, self.n_b)
+        self.sa = np.concatenate([a.starts for a, _ in pairs]) + lift[self.owner_a]
+        self.ea = np.concatenate([a.ends for a, _ in pairs]) + lift[self.owner_a]
+        self.sb = np.concatenate([b.starts for _, b in pairs]) + lifted_b
+        self.eb = np.concatenate([b.ends for _, b in pairs]) + lifted_b
+
+    def overlaps(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every run of a meeting a run of b: their indices and the pixels they share. The runs of
+        b that a run of a meets are one index range (each side sorted and disjoint per pair)."""
+        lo = np.searchsorted(self.eb, self.sa, side="right")
+        count = np.maximum(np.searchsorted(self.sb, self.ea, side="left") - lo, 0)
+        ia = np.repeat(np.arange(self.sa.size), count)
+        ib = np.repeat(lo, count) + (np.arange(ia.size) - np.repeat(np.cumsum(count) - count, count))
+        return ia, ib, np.minimum(self.ea[ia], self.eb[ib]) - np.maximum(self.sa[ia], self.sb[ib])
 
 
 def _component_labels(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
