@@ -100,27 +100,12 @@ class SparseMask:
         h = self.height
         if not self.starts.size:
             return []
-        roots = self.component_labels
+        roots = _piece_labels(self.starts, self.ends, h)
         order = np.argsort(roots, kind="stable")  # runs of each component keep their order
         first = np.flatnonzero(np.diff(roots[order], prepend=-1))
         pieces = np.split(order, first[1:])
         pieces.sort(key=lambda piece: int(piece[0]))
         return [SparseMask(self.starts[piece], self.ends[piece], h) for piece in pieces]
-
-    @cached_property
-    def component_labels(self) -> np.ndarray:
-        """For every run, the index of the first run of its 4-connected component (kept: a mask
-        cut to an overlap is matched piece by piece against several masks of the other tile).
-
-        Runs in neighbouring columns that share a row are joined; for each run the runs of the
-        next column that it touches form one index range (runs are sorted), found by search."""
-        h = self.height
-        lo = np.searchsorted(self.ends, self.starts + h, side="right")
-        hi = np.searchsorted(self.starts, self.ends + h, side="left")
-        count = np.maximum(hi - lo, 0)
-        left = np.repeat(np.arange(self.starts.size), count)
-        right = np.repeat(lo, count) + (np.arange(left.size) - np.repeat(np.cumsum(count) - count, count))
-        return _component_labels(self.starts.size, left, right)
 
     def to_rle(self, width: int) -> str:
         """COCO RLE counts of this mask over the whole (height, width) image."""
@@ -150,9 +135,10 @@ def piecewise_ratios(pairs: Sequence[tuple[SparseMask, SparseMask]]) -> np.ndarr
     ia, ib, overlap = runs.overlaps()
     if not ia.size:
         return out
-    # A piece is named by its first run's place among all runs of its side: unique over all pairs.
-    la = np.concatenate([a.component_labels for a, _ in pairs]) + np.repeat(runs.first_a, runs.n_a)
-    lb = np.concatenate([b.component_labels for _, b in pairs]) + np.repeat(runs.first_b, runs.n_b)
+    # A piece is named by its first run's place among all runs of its side: unique over all pairs
+    # (pairs lie a column apart or more, so no piece reaches into another pair's runs).
+    height = pairs[0][0].height
+    la, lb = _piece_labels(runs.sa, runs.ea, height), _piece_labels(runs.sb, runs.eb, height)
     area_a = np.bincount(la, weights=runs.ea - runs.sa, minlength=la.size)
     area_b = np.bincount(lb, weights=runs.eb - runs.sb, minlength=lb.size)
     met, which = np.unique(la[ia] * lb.size + lb[ib], return_inverse=True)
@@ -172,12 +158,11 @@ class _Lifted:
     lifted by the pair's number times the image's size, so pairs never meet each other."""
 
     def __init__(self, pairs: Sequence[tuple[SparseMask, SparseMask]]) -> None:
-        span = 1 + max((int(m.ends[-1]) for pair in pairs for m in pair if m.ends.size), default=0)
+        last = max((int(m.ends[-1]) for pair in pairs for m in pair if m.ends.size), default=0)
+        span = last + 1 + pairs[0][0].height  # a column apart: pieces never join across pairs
         lift = np.arange(len(pairs), dtype=np.int64) * span
         self.n_a = np.array([a.starts.size for a, _ in pairs], np.int64)
         self.n_b = np.array([b.starts.size for _, b in pairs], np.int64)
-        self.first_a = np.cumsum(self.n_a) - self.n_a
-        self.first_b = np.cumsum(self.n_b) - self.n_b
         self.owner_a = np.repeat(np.arange(len(pairs)), self.n_a)
         lifted_b = np.repeat(lift, self.n_b)
         self.sa = np.concatenate([a.starts for a, _ in pairs]) + lift[self.owner_a]
@@ -193,6 +178,18 @@ class _Lifted:
         ia = np.repeat(np.arange(self.sa.size), count)
         ib = np.repeat(lo, count) + (np.arange(ia.size) - np.repeat(np.cumsum(count) - count, count))
         return ia, ib, np.minimum(self.ea[ia], self.eb[ib]) - np.maximum(self.sa[ia], self.sb[ib])
+
+
+def _piece_labels(starts: np.ndarray, ends: np.ndarray, height: int) -> np.ndarray:
+    """For every run of sorted, disjoint column-major runs, the index of the first run of its
+    4-connected piece. Runs in neighbouring columns that share a row are joined; for each run the
+    runs of the next column that it touches form one index range, found by search."""
+    lo = np.searchsorted(ends, starts + height, side="right")
+    hi = np.searchsorted(starts, ends + height, side="left")
+    count = np.maximum(hi - lo, 0)
+    left = np.repeat(np.arange(starts.size), count)
+    right = np.repeat(lo, count) + (np.arange(left.size) - np.repeat(np.cumsum(count) - count, count))
+    return _component_labels(starts.size, left, right)
 
 
 def _component_labels(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
