@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as coco_mask
 
-from batchseg.rle import area, decode, encode, encode_labels, encode_runs, is_empty
+from batchseg.rle import area, decode, encode, encode_labels, encode_runs, encode_runs_many, is_empty
 
 # pycocotools' decode trips numpy 2's __array__ copy-keyword deprecation: not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*")
@@ -121,3 +121,24 @@ def test_is_empty_only_for_the_empty_mask_of_that_size(shape: tuple[int, int]) -
     last = np.zeros_like(blank)
     last[-1, -1] = True
     assert not is_empty(encode(last), *last.shape)
+
+
+def test_many_masks_encode_as_each_alone() -> None:
+    """Empty, full, touching runs (joined) and masks of one pixel, in one pass."""
+    rng = np.random.default_rng(5)
+    h, w = 23, 17
+    runs = []
+    for fill in (0.0, 0.05, 0.5, 0.95, 1.0):
+        flat = (rng.random((h, w)) < fill).T.reshape(-1).astype(np.int8)
+        edges = np.diff(np.concatenate(([0], flat, [0])))
+        starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+        runs.append((starts, ends))
+        if starts.size and ends[0] - starts[0] > 1:  # the same mask with its first run in two touching parts
+            cut = starts[0] + 1
+            runs.append((np.insert(starts, 1, cut), np.insert(ends, 0, cut)))
+    runs.append((np.array([h * w - 1]), np.array([h * w])))
+    assert encode_runs_many(runs, h, w) == [encode_runs(s, e, h, w) for s, e in runs]
+    assert decode(encode_runs_many(runs, h, w)[-1], h, w).sum() == 1
+    assert encode_runs_many([], h, w) == []
+    with pytest.raises(ValueError, match="sorted, disjoint"):
+        encode_runs_many([(np.array([5, 3]), np.array([6, 4]))], h, w)

@@ -26,6 +26,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import IO, Any, NamedTuple
 
+from .. import rle
 from .grid import TilePlan, plan_tiles
 from .merge import MergedDetection, TileDetection, TileMerger
 
@@ -192,7 +193,9 @@ def _answer(serial: int, merger: TileMerger, error: str) -> tuple[Any, ...]:
     if not error:
         try:
             merged = merger.finish()
-            return ("merged", serial, merged, [m.mask_rle(merger.plan.width) for m in merged])
+            runs = [(m.mask.starts, m.mask.ends) for m in merged]
+            rles = rle.encode_runs_many(runs, merger.plan.height, merger.plan.width)
+            return ("merged", serial, merged, rles)
         except Exception as exc:  # noqa: BLE001
             error = f"{type(exc).__name__}: {exc}"
     return ("failed", serial, error)
