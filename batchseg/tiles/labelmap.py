@@ -41,8 +41,8 @@ __all__ = [
 
 #: Side of the TIFF's internal tiles: GDAL's and QGIS's usual block size.
 BLOCK = 512
-#: Threads painting and compressing blocks (at most half the machine's cores: the engine's threads
-#: may be busy with the next image).
+#: Threads painting and compressing blocks (at most half the machine's cores, or two: other workers
+#: may be running their engines meanwhile).
 _WRITE_THREADS = 8
 _BIGTIFF_FROM = 2**31
 
@@ -165,7 +165,8 @@ def _in_order(make: Callable[[int, int], bytes], corners: Iterator[tuple[int, in
     """``make(x, y)`` for every block, in order, made by a few threads (numpy's sums and zlib let go
     of the GIL: a dense 20000 x 20000 map took 4 s in one thread), with a bounded number in flight
     so that memory stays a few blocks, whatever the map's size."""
-    threads = max(1, min(_WRITE_THREADS, (os.cpu_count() or 1) // 2))
+    cores = os.cpu_count() or 1
+    threads = min(_WRITE_THREADS, cores, max(2, cores // 2))
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="batchseg-labels") as pool:
         pending: deque[Future[bytes]] = deque()
         for x, y in corners:
