@@ -65,6 +65,7 @@ class MergeProcess:
             [sys.executable, "-m", __name__],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            stderr=None if sys.stderr is not None else subprocess.DEVNULL,  # pythonw.exe has none
             creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0),  # no console from a nightly job
         )
         self._sends = queue.SimpleQueue()
@@ -204,7 +205,11 @@ def _answer(serial: int, merger: TileMerger, error: str) -> tuple[Any, ...]:
 def main() -> None:
     # Answers go to the real stdout; anything a library prints goes to stderr, not into the stream.
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    if sys.stderr is not None:
+        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    else:  # pythonw.exe and service hosts have no console streams
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), sys.stdout.fileno())
     serve(sys.stdin.buffer, answers)
 
 
