@@ -242,6 +242,37 @@ def test_a_poison_tile_fails_its_image_naming_the_tile(tmp_path: Path) -> None:
     assert images["a.png"]["status"] == "ok" and len([d for d in detections if d["path"] == "a.png"]) == 1
 
 
+def test_a_merge_that_fails_fails_its_image_and_the_next_attempt_runs_every_tile(tmp_path: Path) -> None:
+    """A kept tile whose mask cannot be read (a damaged file) breaks the image's merge in the merge
+    helper: the image gets ``error`` saying so, the run goes on, and its kept tiles are dropped so
+    that the next attempt runs every tile instead of failing the same way forever."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(draw([Shape("disc", 1200, 500, 90, 90)], 2500, 1800)).save(folder / "a.png")
+    output = tmp_path / "out"
+    first = batchseg(
+        "run", folder, "--output", output, "--engine", "poison_engine:load", "--prompt", "red",
+        "--tile", "1008", "--max-attempts", "1", env={"BATCHSEG_TEST_POISON": "756,0"},
+    )  # fmt: skip
+    assert first.returncode == 3, first.stdout + first.stderr
+    kept = sorted((output / "tiles-in-progress" / "a.png").glob("*.json"))
+    data = json.loads(kept[0].read_text())
+    tile = next(iter(data["tiles"]))
+    data["tiles"][tile].append(["red", 1, 0.9, [0, 0, 1, 1], 1, "0?"])  # counts of no 1008x1008 mask
+    kept[0].write_text(json.dumps(data))
+    broken = batchseg("retry", output)
+    assert broken.returncode == 3, broken.stdout + broken.stderr
+    row = manifests(output)[0]["a.png"]
+    assert row["status"] == "error" and "merging failed: ValueError: RLE counts" in row["error_message"]
+    assert not (output / "tiles-in-progress" / "a.png").exists()
+    windows = tmp_path / "windows.txt"
+    again = batchseg("retry", output, env={"BATCHSEG_TEST_WINDOWS": str(windows)})
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert len(windows.read_text().split()) == 9  # every tile again
+    images, detections = manifests(output)
+    assert images["a.png"]["status"] == "ok" and len([d for d in detections if d["path"] == "a.png"]) == 1
+
+
 def test_a_spread_poison_tile_is_retried_alone_on_another_worker_then_fails_its_image(tmp_path: Path) -> None:
     folder = tmp_path / "in"
     folder.mkdir()

@@ -176,6 +176,9 @@ class Tiler:
                     for m, rle in zip(merged, rles, strict=True)
                 ]
             except Exception as exc:  # noqa: BLE001 - a merge failure is this image's result
+                # Its kept tiles go too: one of them may be what broke it (a damaged file), and
+                # keeping them would fail the image the same way at every attempt.
+                progress.clear()
                 return failure_result(item, Status.ERROR, exc=exc, device=self.device, started_at=started)
         finally:
             merging.close()
