@@ -64,6 +64,14 @@ def batchseg(*args: str | Path, env: dict[str, str] | None = None) -> subprocess
     return subprocess.run(command, capture_output=True, text=True, env=environ, timeout=300, check=False)
 
 
+def one_disc(tmp_path: Path) -> Path:
+    """A folder with ``a.png``: 2500 x 1800, one red disc on the seam of the first two tiles of 1008."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(draw([Shape("disc", 1200, 500, 90, 90)], 2500, 1800)).save(folder / "a.png")
+    return folder
+
+
 def manifests(output: Path) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
     images = {row["path"]: row for row in pq.read_table(output / "manifest" / "images.parquet").to_pylist()}
     return images, pq.read_table(output / "manifest" / "detections.parquet").to_pylist()
@@ -208,9 +216,7 @@ def test_a_tiled_tiff_is_read_by_window_and_a_png_too_big_to_decode_is_refused(t
 
 
 def test_a_poison_tile_fails_its_image_naming_the_tile(tmp_path: Path) -> None:
-    folder = tmp_path / "in"
-    folder.mkdir()
-    Image.fromarray(draw([Shape("disc", 1200, 500, 90, 90)], 2500, 1800)).save(folder / "a.png")
+    folder = one_disc(tmp_path)
     Image.fromarray(draw([Shape("disc", 100, 80, 30, 30)], 300, 200)).save(folder / "small.png")
     output = tmp_path / "out"
     done = batchseg(
@@ -246,9 +252,7 @@ def test_a_merge_that_fails_fails_its_image_and_the_next_attempt_runs_every_tile
     """A kept tile whose mask cannot be read (a damaged file) breaks the image's merge in the merge
     helper: the image gets ``error`` saying so, the run goes on, and its kept tiles are dropped so
     that the next attempt runs every tile instead of failing the same way forever."""
-    folder = tmp_path / "in"
-    folder.mkdir()
-    Image.fromarray(draw([Shape("disc", 1200, 500, 90, 90)], 2500, 1800)).save(folder / "a.png")
+    folder = one_disc(tmp_path)
     output = tmp_path / "out"
     first = batchseg(
         "run", folder, "--output", output, "--engine", "poison_engine:load", "--prompt", "red",
@@ -274,9 +278,7 @@ def test_a_merge_that_fails_fails_its_image_and_the_next_attempt_runs_every_tile
 
 
 def test_a_spread_poison_tile_is_retried_alone_on_another_worker_then_fails_its_image(tmp_path: Path) -> None:
-    folder = tmp_path / "in"
-    folder.mkdir()
-    Image.fromarray(draw([Shape("disc", 1200, 500, 90, 90)], 2500, 1800)).save(folder / "a.png")
+    folder = one_disc(tmp_path)
     Image.fromarray(draw([Shape("disc", 100, 80, 30, 30)], 300, 200)).save(folder / "small.png")
     output, pids = tmp_path / "out", tmp_path / "pids.txt"
     done = batchseg(
@@ -304,9 +306,7 @@ def test_a_spread_poison_tile_is_retried_alone_on_another_worker_then_fails_its_
 
 def test_the_watchdog_budget_is_per_batch_of_tiles_not_per_image(tmp_path: Path) -> None:
     """30 tiles of 0.06 s each take longer than --timeout 1, which bounds a batch, not the image."""
-    folder = tmp_path / "in"
-    folder.mkdir()
-    Image.fromarray(draw([Shape("disc", 1200, 500, 90, 90)], 2500, 1800)).save(folder / "a.png")
+    folder = one_disc(tmp_path)
     output = tmp_path / "out"
     done = batchseg(
         "run", folder, "--output", output, "--engine", "poison_engine:load", "--prompt", "red",
