@@ -184,7 +184,10 @@ def serve(inbox: IO[bytes], outbox: IO[bytes]) -> None:
             except Exception as exc:  # noqa: BLE001 - the image's error, said at its finish
                 error = f"{type(exc).__name__}: {exc}"
         elif kind == "finish":
-            _write(outbox, _answer(serial, merger, error))
+            try:
+                _write(outbox, _answer(serial, merger, error))
+            except OSError:
+                return  # the worker is gone (killed while it waited): nobody to answer
             merger = None
         elif kind == "drop":
             merger = None
