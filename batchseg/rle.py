@@ -229,24 +229,13 @@ def split_columns(
 def encode_runs(starts: np.ndarray, ends: np.ndarray, height: int, width: int) -> str:
     """COCO RLE ``counts`` of a (height, width) mask given its foreground as sorted, disjoint
     column-major runs [start, end) (positions ``column * height + row``); touching runs are joined."""
-    total = height * width
-    if starts.size == 0:
-        return _to_strings(np.array([total], np.int64), np.array([1]))[0]
-    if starts[0] < 0 or ends[-1] > total or (ends <= starts).any() or (starts[1:] < ends[:-1]).any():
-        raise ValueError("runs must be sorted, disjoint, non-empty and inside the mask")
-    joined = np.concatenate(([True], starts[1:] != ends[:-1]))
-    starts = starts[joined]
-    ends = ends[np.concatenate((joined[1:], [True]))]
-    gaps = starts - np.concatenate(([0], ends[:-1]))
-    counts = np.stack([gaps, ends - starts], axis=1).ravel()
-    if ends[-1] < total:
-        counts = np.concatenate((counts, [total - ends[-1]]))
-    return _to_strings(counts.astype(np.int64), np.array([counts.size]))[0]
+    return encode_runs_many([(starts, ends)], height, width)[0]
 
 
 def encode_runs_many(runs: Sequence[tuple[np.ndarray, np.ndarray]], height: int, width: int) -> list[str]:
     """``encode_runs`` for many masks of one (height, width) image in one vectorised pass (a dense
-    merged image has thousands of masks; numpy's cost per call was the time)."""
+    merged image has thousands of masks; numpy's cost per call was the time). An empty mask is one
+    run of zeros."""
     if not runs:
         return []
     total = height * width

@@ -137,7 +137,15 @@ def test_many_masks_encode_as_each_alone() -> None:
             cut = starts[0] + 1
             runs.append((np.insert(starts, 1, cut), np.insert(ends, 0, cut)))
     runs.append((np.array([h * w - 1]), np.array([h * w])))
-    assert encode_runs_many(runs, h, w) == [encode_runs(s, e, h, w) for s, e in runs]
+
+    def alone(starts: np.ndarray, ends: np.ndarray) -> str:  # through the label-map encoder
+        flat = np.zeros(h * w, bool)
+        for s, e in zip(starts, ends, strict=True):
+            flat[s:e] = True
+        return encode(flat.reshape(w, h).T)
+
+    assert encode_runs_many(runs, h, w) == [alone(s, e) for s, e in runs]
+    assert [encode_runs(s, e, h, w) for s, e in runs] == [alone(s, e) for s, e in runs]
     assert decode(encode_runs_many(runs, h, w)[-1], h, w).sum() == 1
     assert encode_runs_many([], h, w) == []
     with pytest.raises(ValueError, match="sorted, disjoint"):

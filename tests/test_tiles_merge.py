@@ -13,7 +13,7 @@ from _tile_shapes import Found, Shape, components, tile_detections
 from batchseg import rle
 from batchseg.tiles.grid import TilePlan, plan_tiles
 from batchseg.tiles.merge import TileMerger, merge_tiles
-from batchseg.tiles.sparse import SparseMask, intersection_areas, piecewise_ratio
+from batchseg.tiles.sparse import SparseMask, intersection_areas, piecewise_ratios
 
 
 def _scene(plan: TilePlan) -> list[Shape]:
@@ -316,5 +316,5 @@ def test_piecewise_ratio_is_the_best_pair_of_pieces() -> None:
         for pa in components(ca):
             for pb in components(cb):
                 best = max(best, float((pa & pb).sum()) / min(pa.sum(), pb.sum()))
-        assert piecewise_ratio(a, b) == pytest.approx(best)
-    assert piecewise_ratio(SparseMask.empty(h), SparseMask.empty(h)) == 0.0
+        assert piecewise_ratios([(a, b)])[0] == pytest.approx(best)
+    assert piecewise_ratios([(SparseMask.empty(h), SparseMask.empty(h))])[0] == 0.0

@@ -16,10 +16,7 @@ import numpy as np
 
 from .. import rle
 
-__all__ = ["SparseMask", "intersection_areas", "piecewise_ratio", "piecewise_ratios"]
-
-#: Up to this many run pairs, intersections are computed pairwise rather than by a sweep.
-_PAIRWISE = 1 << 14
+__all__ = ["SparseMask", "intersection_areas", "piecewise_ratios"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -84,13 +81,7 @@ class SparseMask:
         return _combine([self, *others], lambda cover: cover > 0)
 
     def intersection_area(self, other: SparseMask) -> int:
-        if self.starts.size * other.starts.size <= _PAIRWISE:
-            # Small masks (the common case): every pair of runs at once beats a sorted sweep.
-            overlap = np.minimum(self.ends[:, None], other.ends[None, :]) - np.maximum(
-                self.starts[:, None], other.starts[None, :]
-            )
-            return int(np.clip(overlap, 0, None).sum())
-        return self.area + other.area - self.union(other).area
+        return int(intersection_areas([(self, other)])[0])
 
     def minus(self, other: SparseMask) -> SparseMask:
         return _combine([self, other], lambda cover: (cover & 1).astype(bool) & (cover < 2), weights=(1, 2))
@@ -146,11 +137,6 @@ def piecewise_ratios(pairs: Sequence[tuple[SparseMask, SparseMask]]) -> np.ndarr
     piece_a, piece_b = met // lb.size, met % lb.size
     np.maximum.at(out, runs.owner_a[piece_a], shared / np.minimum(area_a[piece_a], area_b[piece_b]))
     return out
-
-
-def piecewise_ratio(a: SparseMask, b: SparseMask) -> float:
-    """``piecewise_ratios`` of one pair."""
-    return float(piecewise_ratios([(a, b)])[0])
 
 
 class _Lifted:
