@@ -6,6 +6,7 @@ raise, so the worker must rerun that batch's tiles alone and fail the image.
 ``BATCHSEG_TEST_WINDOWS=FILE``: every window processed is appended to FILE as ``x0,y0``.
 ``BATCHSEG_TEST_SLEEP=S``: each window takes S seconds more (time to kill a run mid-image).
 ``BATCHSEG_TEST_PIDS=FILE``: every window processed is appended to FILE as ``x0,y0,pid``.
+``BATCHSEG_TEST_TASK_SIZE=N``: the items per task the engine asks for (the threshold engine's 8).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 from batchseg.engines.threshold import ThresholdEngine
 from batchseg.engines.threshold import load as load_threshold
@@ -23,7 +25,8 @@ from batchseg.supervise.contract import EngineSpec, HeartbeatFn
 class PoisonEngine:
     def __init__(self, inner: ThresholdEngine) -> None:
         self.inner = inner
-        self.capabilities = inner.capabilities
+        task_size = int(os.environ.get("BATCHSEG_TEST_TASK_SIZE") or inner.capabilities.task_size)
+        self.capabilities = replace(inner.capabilities, task_size=task_size)
         poison = os.environ.get("BATCHSEG_TEST_POISON")
         self.poison = tuple(int(v) for v in poison.split(",")) if poison else None
         self.log = os.environ.get("BATCHSEG_TEST_WINDOWS")

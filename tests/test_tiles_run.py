@@ -430,13 +430,14 @@ def test_sam3_on_a_window_is_sam3_on_the_crop_in_the_image_frame(tiny_model: Pat
         assert box == pytest.approx([box2[0] + 300, box2[1] + 200, box2[2] + 300, box2[3] + 200])
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize(("workers", "task_size"), [("1", ""), ("2", ""), ("1", "64")])
 def test_a_killed_run_resumes_a_half_done_image_without_redoing_finished_tiles(
-    tmp_path: Path, workers: str
+    tmp_path: Path, workers: str, task_size: str
 ) -> None:
     """SIGKILL of the parent once some batches of tiles are kept: the resumed run does none of
     them again, and its result equals an uninterrupted run's. With two workers the tiles are
-    spread over both, and each keeps its own batches."""
+    spread over both, and each keeps its own batches. With one batch of all 30 tiles (3 s), the
+    tiles finished are kept while it runs (every ``KEEP_EVERY_S``), not only at its end."""
     folder = tmp_path / "in"
     folder.mkdir()
     shapes = [
@@ -467,14 +468,24 @@ def test_a_killed_run_resumes_a_half_done_image_without_redoing_finished_tiles(
         [*args, "--output", output],
         tmp_path / "console.txt",
         cwd=tmp_path,
-        env={**env, "BATCHSEG_TEST_WINDOWS": str(windows), "BATCHSEG_TEST_SLEEP": "0.1"},
+        env={
+            **env,
+            "BATCHSEG_TEST_WINDOWS": str(windows),
+            "BATCHSEG_TEST_SLEEP": "0.1",
+            "BATCHSEG_TEST_TASK_SIZE": task_size,
+        },
     )
-    assert wait_until(lambda: len(list(kept.glob("batch-*.json"))) >= 2, 60, while_alive=live), live.output()
+    files = 1 if task_size else 2
+    assert wait_until(lambda: len(list(kept.glob("batch-*.json"))) >= files, 60, while_alive=live), (
+        live.output()
+    )
     live.kill()
     first = windows.read_text().split()
     saved = {f"{t[0]},{t[1]}" for t in _kept_windows(kept)}
-    # 30 tiles, 8 a batch with one worker; two share the 30 out in smaller tasks.
-    assert (16 if workers == "1" else 2) <= len(saved) < 30 and saved <= set(first)
+    # 30 tiles, 8 a batch with one worker; two share the 30 out in smaller tasks; one batch of 64
+    # keeps what 2 s (KEEP_EVERY_S) gave: 0.1 s a tile.
+    least = 2 if workers == "2" else 16 if not task_size else 10
+    assert least <= len(saved) < 30 and saved <= set(first)
     windows.unlink()
     again = batchseg(*args, "--output", output, env={"BATCHSEG_TEST_WINDOWS": str(windows)})
     assert again.returncode == 0, again.stdout + again.stderr

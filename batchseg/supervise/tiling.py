@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from .. import __version__, imageio
 from ..config import RunConfig
@@ -39,10 +39,22 @@ if TYPE_CHECKING:
 #: The input side --gsd scales from when the engine states none (SAM3's).
 GSD_MODEL_INPUT = 1008
 
-__all__ = ["RunTiles", "Tiler"]
+__all__ = ["Arrived", "RunTiles", "Tiler"]
 
-#: ``run_tiles(items) -> results``: the engine on one batch of windowed items, one result each.
-RunTiles = Callable[[Sequence[Item]], list[ItemResult]]
+#: ``arrived(finished)``: tiles of a batch that the engine reported finished, as (index in the
+#: batch, result), told while the batch still runs.
+Arrived = Callable[[Sequence[tuple[int, ItemResult]]], None]
+
+#: Finished tiles are written to disk (for a resume) at most this often while a batch runs, and at
+#: its end: on a GPU a dense image's tiles then go to disk beside the engine, in a few files.
+KEEP_EVERY_S = 2.0
+
+
+class RunTiles(Protocol):
+    """The engine on one batch of windowed items, one result each; ``arrived`` hears of the tiles
+    as the engine reports them (its heartbeats), before the batch ends."""
+
+    def __call__(self, items: Sequence[Item], arrived: Arrived | None = None) -> list[ItemResult]: ...
 
 
 @dataclass(frozen=True)
@@ -213,19 +225,20 @@ class Tiler:
         self, item: Item, plan: TilePlan, progress: TileProgress, run_tiles: RunTiles, merging: RemoteMerge
     ) -> tuple[Tile, ItemResult] | None:
         """The tiles not kept on disk through the engine, a batch at a time, each finished one to
-        the merge; the first failing tile and its result, or None when all are in."""
+        the merge as the engine reports it; the first failing tile and its result, or None when
+        all are in."""
         found = progress.load()  # tiles finished before a kill, a crash or a failing tile
         merging.add(found)
+        handover = _Handover(progress, merging, set(found), len(plan.tiles))
         todo = [t for t in plan.tiles if t.id not in found]
         for first in range(0, len(todo), self.batch):
             batch = todo[first : first + self.batch]
-            results = run_tiles([replace(item, window=t.window) for t in batch])
+            arrived = handover.arrived_of([t.id for t in batch])
+            results = run_tiles([replace(item, window=t.window) for t in batch], arrived)
             pairs = list(zip(batch, results, strict=True))
-            done = {tile.id: result.detections for tile, result in pairs if result.status is Status.OK}
-            merging.add(done)
+            handover.take({tile.id: res.detections for tile, res in pairs if res.status is Status.OK})
+            handover.keep()
             failed = [(tile, result) for tile, result in pairs if result.status is not Status.OK]
-            if done and (failed or first + self.batch < len(todo)):  # the last batch is merged at once
-                _keep(progress, done)
             if failed:  # the image fails; its finished tiles stay kept for the next attempt
                 return failed[0]
         return None
@@ -253,14 +266,12 @@ class Tiler:
         first = items[0]
         assert first.tiling is not None
         progress = self.progress(first, plan_tiles(*first.tiling.plan))
-        results = run_tiles([replace(item, tiling=None) for item in items])  # engines never see it
-        done = {
-            item.tiling.tile: result.detections
-            for item, result in zip(items, results, strict=True)
-            if result.status is Status.OK and item.tiling is not None and item.tiling.tile is not None
-        }
-        if done:
-            _keep(progress, done)
+        ids = [item.tiling.tile for item in items if item.tiling is not None and item.tiling.tile is not None]
+        assert len(ids) == len(items), "the pool sends tiles here, each with its id"
+        handover = _Handover(progress, None, set(), len(items) + 1)  # the merge is another task's
+        results = run_tiles([replace(item, tiling=None) for item in items], handover.arrived_of(ids))
+        handover.take({i: r.detections for i, r in zip(ids, results, strict=True) if r.status is Status.OK})
+        handover.keep()
         return [replace(r, detections=[]) if r.status is Status.OK else r for r in results]
 
     def progress(self, item: Item, plan: TilePlan) -> TileProgress:
@@ -278,13 +289,49 @@ class Tiler:
         return TileProgress(folder, key)
 
 
-def _keep(progress: TileProgress, done: dict[str, list[Detection]]) -> None:
-    """Keep finished tiles on disk, in a file named by the first of them (a tile finishes once, so
-    no later batch overwrites it); a folder that cannot be written only costs them on resume."""
-    try:
-        progress.save(next(iter(done)), done)
-    except OSError as exc:
-        warnings.warn(f"finished tiles not kept in {progress.folder}: {exc}", RuntimeWarning, stacklevel=2)
+class _Handover:
+    """Finished tiles of one image on their way: to the merge (if any) as they come, and to disk for
+    a resume, at most every ``KEEP_EVERY_S`` while a batch runs and at its end. The tiles that
+    complete the image are not kept: its merge ends at once. Each tile is taken once."""
+
+    def __init__(
+        self, progress: TileProgress, merging: RemoteMerge | None, taken: set[str], total: int
+    ) -> None:
+        self.progress, self.merging, self.taken, self.total = progress, merging, taken, total
+        self.unkept: dict[str, list[Detection]] = {}
+        self.kept_at = time.monotonic()
+
+    def arrived_of(self, batch: Sequence[str]) -> Arrived:
+        """What hears of the finished tiles of ``batch`` (their ids) while the engine runs it."""
+
+        def arrived(finished: Sequence[tuple[int, ItemResult]]) -> None:
+            self.take({batch[i]: r.detections for i, r in finished if r.status is Status.OK})
+            if time.monotonic() - self.kept_at >= KEEP_EVERY_S:
+                self.keep()
+
+        return arrived
+
+    def take(self, done: dict[str, list[Detection]]) -> None:
+        new = {tile_id: dets for tile_id, dets in done.items() if tile_id not in self.taken}
+        if not new:
+            return
+        if self.merging is not None:
+            self.merging.add(new)
+        self.taken.update(new)
+        self.unkept.update(new)
+
+    def keep(self) -> None:
+        """Write the tiles taken since the last keep, in a file named by the first of them (a tile
+        is taken once, so no later file overwrites it); a folder that cannot be written only costs
+        them on resume."""
+        unkept, self.unkept, self.kept_at = self.unkept, {}, time.monotonic()
+        if not unkept or len(self.taken) >= self.total:
+            return
+        try:
+            self.progress.save(next(iter(unkept)), unkept)
+        except OSError as exc:
+            folder = self.progress.folder
+            warnings.warn(f"finished tiles not kept in {folder}: {exc}", RuntimeWarning, stacklevel=2)
 
 
 def _georef(path: Path) -> Georef | None:

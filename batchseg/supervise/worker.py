@@ -24,7 +24,7 @@ from ..records import FailureCategory, Item, ItemResult, Status, failure_result
 from ..tiles.grid import TilePlan, plan_tiles
 from .contract import Capabilities, Engine, EngineSpec, load_factory
 from .messages import Ack, Done, Heartbeat, LoadFailed, Ready, Task, Threads
-from .tiling import RunTiles, Tiler
+from .tiling import Arrived, RunTiles, Tiler
 
 __all__ = ["THREAD_ENV_VARS", "configure_openmp", "run_items", "run_task", "serve_connection", "worker_main"]
 
@@ -194,9 +194,9 @@ def _tiled_image(
 
 
 def _tile_runner(engine: Engine, capabilities: Capabilities, heartbeat: _Beat) -> RunTiles:
-    def run_tiles(batch: Sequence[Item]) -> list[ItemResult]:
-        beat = _TileBeat(heartbeat.conn, heartbeat.task_id, capabilities, True)
-        done = run_task(engine, capabilities, batch, beat)
+    def run_tiles(items: Sequence[Item], arrived: Arrived | None = None) -> list[ItemResult]:
+        beat = _TileBeat(heartbeat.conn, heartbeat.task_id, capabilities, arrived=arrived)
+        done = run_task(engine, capabilities, items, beat)
         beat()  # the watchdog's budget is per batch of tiles
         return done
 
@@ -292,17 +292,35 @@ class _Beat:
 class _TileBeat(_Beat):
     """The heartbeat of a batch of tiles: restarts the watchdog's clock and keeps what the engine
     reported (so a failing batch reruns only the tiles not reported), but sends no results: a
-    tile's result is not an image's."""
+    tile's result is not an image's. The tiles reported go to ``arrived`` (index in the batch,
+    result) at once, so the image's merge goes on while the engine runs the next sub-batch."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        task_id: int,
+        capabilities: Capabilities,
+        offset: int = 0,
+        arrived: Arrived | None = None,
+    ) -> None:
+        super().__init__(conn, task_id, capabilities, True, offset)
+        self.arrived = arrived
 
     def __call__(self, finished: Sequence[tuple[int, ItemResult]] = (), reached: int | None = None) -> None:
         now = time.time()
         for _index, result in finished:
             _stamp(result, self.capabilities, self.started, now)
         self.sent.update(finished)
+        if finished and self.arrived is not None:
+            try:
+                self.arrived([(self.offset + index, result) for index, result in finished])
+            except Exception as exc:  # noqa: BLE001 - the engine must not see it; the tiler adds them later
+                message = f"finished tiles not handed on as they came: {exc!r}"
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
         _send_quietly(self.conn, Heartbeat(self.task_id, (), None, _take_notes()))
 
     def shifted(self, offset: int) -> _TileBeat:
-        return _TileBeat(self.conn, self.task_id, self.capabilities, True, self.offset + offset)
+        return _TileBeat(self.conn, self.task_id, self.capabilities, self.offset + offset, self.arrived)
 
 
 def _send_done(
