@@ -269,11 +269,13 @@ def encode_runs_many(runs: Sequence[tuple[np.ndarray, np.ndarray]], height: int,
 def paint_runs(
     out: np.ndarray, col: np.ndarray, row0: np.ndarray, row1: np.ndarray, values: np.ndarray | int = 1
 ) -> None:
-    """Set ``out[row0:row1, col] = value`` for every run, in place, without a Python loop.
+    """Set ``out[row0:row1, col] = value`` for every run, in place, without a Python loop, on an
+    ``out`` that is all zeros (a fresh mask or block: every caller paints one).
 
     Runs are in ``out``'s own frame and must not overlap each other: each run's start (and end)
-    is then a position of its own, marked by plain assignment, and one cumulative sum per column
-    paints them (4-byte sums when the values allow: label maps are painted block by block)."""
+    is then a position of its own, marked by plain assignment, and one cumulative sum per column,
+    in place, paints them (4-byte sums when the values allow: label maps are painted block by
+    block); the columns are then written across ``out``'s rows in one pass."""
     height, width = out.shape
     if col.size == 0:
         return
@@ -282,10 +284,10 @@ def paint_runs(
     diff = np.zeros((width, height + 1), kind)
     flat = diff.reshape(-1)
     base = col.astype(np.int64) * (height + 1)
-    flat[base + row0] += value.astype(kind)  # starts of disjoint runs never repeat
-    flat[base + row1] -= value.astype(kind)  # nor do their ends
-    painted = np.cumsum(diff[:, :height], axis=1, dtype=kind).T
-    np.copyto(out, painted.astype(out.dtype), where=painted != 0)
+    flat[base + row0] = value.astype(kind)  # starts of disjoint runs never repeat
+    flat[base + row1] -= value.astype(kind)  # nor do their ends (an end may be another run's start)
+    np.cumsum(diff, axis=1, out=diff)
+    out.T[...] = diff[:, :height]
 
 
 def decode_window(counts: str, height: int, width: int, window: tuple[int, int, int, int]) -> np.ndarray:

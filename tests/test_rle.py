@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 from pycocotools import mask as coco_mask
 
-from batchseg.rle import area, decode, encode, encode_labels, encode_runs, encode_runs_many, is_empty
+from batchseg.rle import (
+    area,
+    decode,
+    encode,
+    encode_labels,
+    encode_runs,
+    encode_runs_many,
+    is_empty,
+    paint_runs,
+)
 
 # pycocotools' decode trips numpy 2's __array__ copy-keyword deprecation: not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*")
@@ -150,3 +159,31 @@ def test_many_masks_encode_as_each_alone() -> None:
     assert encode_runs_many([], h, w) == []
     with pytest.raises(ValueError, match="sorted, disjoint"):
         encode_runs_many([(np.array([5, 3]), np.array([6, 4]))], h, w)
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_painted_runs_are_the_runs_assigned_one_by_one(big: bool) -> None:
+    """Runs that touch (one's end is the next one's start), runs down to the last row, a column's
+    only pixel, values past 2**31 (8-byte sums), on a non-square map: as a loop would paint them."""
+    rng = np.random.default_rng(7)
+    height, width = 37, 23
+    cols, row0s, row1s = [], [], []
+    for c in range(width):
+        cuts = np.sort(rng.choice(np.arange(height + 1), size=6, replace=False))
+        if c == 3:
+            cuts = np.array([0, 5, 5, 9, 9, height])  # touching runs, to the last row
+        if c == 4:
+            cuts = np.array([height - 1, height])  # one pixel, the last row
+        for a, b in zip(cuts[0::2], cuts[1::2], strict=True):
+            if b > a:
+                cols.append(c)
+                row0s.append(int(a))
+                row1s.append(int(b))
+    col, row0, row1 = (np.array(v, np.int64) for v in (cols, row0s, row1s))
+    values = rng.integers(1, 2**40 if big else 2**16, size=col.size, dtype=np.int64)
+    expected = np.zeros((height, width), np.int64)
+    for c, a, b, v in zip(col, row0, row1, values, strict=True):
+        expected[a:b, c] = v
+    out = np.zeros((height, width), np.int64 if big else np.uint16)
+    paint_runs(out, col, row0, row1, values)
+    assert np.array_equal(out, expected)
