@@ -13,7 +13,7 @@ from _tile_shapes import Found, Shape, components, tile_detections
 from batchseg import rle
 from batchseg.tiles.grid import TilePlan, plan_tiles
 from batchseg.tiles.merge import TileMerger, merge_tiles
-from batchseg.tiles.sparse import SparseMask, intersection_areas, piecewise_ratios
+from batchseg.tiles.sparse import SparseMask, intersection_areas, piecewise_ratios, uncovered
 
 
 def _scene(plan: TilePlan) -> list[Shape]:
@@ -318,3 +318,36 @@ def test_piecewise_ratio_is_the_best_pair_of_pieces() -> None:
                 best = max(best, float((pa & pb).sum()) / min(pa.sum(), pb.sum()))
         assert piecewise_ratios([(a, b)])[0] == pytest.approx(best)
     assert piecewise_ratios([(SparseMask.empty(h), SparseMask.empty(h))])[0] == 0.0
+
+
+@pytest.mark.parametrize("cell", [4, 16, 256])
+def test_uncovered_is_each_mask_minus_every_earlier_one(cell: int) -> None:
+    """Against pixel arithmetic: blobs that overlap, one inside another, masks that touch, boxes
+    that meet where the masks do not, a mask hidden whole, an earlier mask far away; grid cells
+    smaller and larger than the masks."""
+    rng = np.random.default_rng(5)
+    h, w = 40, 60
+    canvases = [_random_mask(rng, h, w, fill) for fill in (0.02, 0.3, 0.6)]
+    block = np.zeros((h, w), bool)
+    block[5:20, 10:30] = True
+    inside = np.zeros((h, w), bool)
+    inside[8:12, 15:18] = True  # hidden whole by the block
+    beside = np.zeros((h, w), bool)
+    beside[5:20, 30:33] = True  # touches the block
+    ring = np.zeros((h, w), bool)
+    ring[25:35, 40:50] = True
+    ring[27:33, 42:48] = False
+    hole = np.zeros((h, w), bool)
+    hole[28:32, 43:47] = True  # inside the ring's box, not on it
+    far = np.zeros((h, w), bool)
+    far[38:40, 0:2] = True
+    canvases = [block, inside, beside, ring, hole, far, *canvases]
+    masks = [SparseMask.from_rle(rle.encode(c), (0, 0, w, h), h) for c in canvases]
+    boxes = np.array([m.bbox for m in masks])
+    got = uncovered(masks, boxes, cell)
+    painted = np.zeros((h, w), bool)
+    for canvas, mask in zip(canvases, got, strict=True):
+        assert mask.to_rle(w) == rle.encode(canvas & ~painted)
+        painted |= canvas
+    assert got[1].area == 0 and got[0] is masks[0] and got[5] is masks[5]  # nothing earlier meets them
+    assert uncovered([], np.zeros((0, 4)), cell) == []

@@ -186,7 +186,7 @@ def _encode_block(block: np.ndarray) -> bytes:
     diff[:, 0] = little[:, 0]
     np.subtract(little[:, 1:], little[:, :-1], out=diff[:, 1:])
     deflate = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
-    return deflate.compress(diff) + deflate.flush()  # the array's buffer: no copy to bytes
+    return deflate.compress(diff.data) + deflate.flush()  # the array's buffer: no copy to bytes
 
 
 def _fsync(path: Path) -> None:

@@ -35,7 +35,7 @@ import numpy as np
 
 from .. import rle
 from .grid import Tile, TilePlan
-from .sparse import SparseMask, intersection_areas, piecewise_ratios
+from .sparse import SparseMask, intersection_areas, piecewise_ratios, uncovered
 
 __all__ = ["DEFAULT_MATCH", "MergedDetection", "TileDetection", "TileMerger", "merge_tiles"]
 
@@ -290,33 +290,13 @@ def _number(plan: TilePlan, objects: list[_Object]) -> list[MergedDetection]:
     """Rule 5: order, indices, and the visible mask of each object (better scores own overlaps)."""
     objects.sort(key=lambda o: (-o.score, _bbox(o)[1], _bbox(o)[0], o.prompt))
     boxes = [_bbox(o) for o in objects]
-    buckets: dict[tuple[int, int], list[int]] = defaultdict(list)  # grid cell -> objects so far
-    out = []
-    for k, (obj, box) in enumerate(zip(objects, boxes, strict=True)):
-        x0, y0, x1, y1 = box
-        cells = [
-            (cx, cy)
-            for cx in range(x0 // _CELL, (x1 - 1) // _CELL + 1)
-            for cy in range(y0 // _CELL, (y1 - 1) // _CELL + 1)
-        ]
-        earlier = {j for c in cells for j in buckets[c]}
-        # Only what lies in this object's box matters: a huge object above it is cut to that first.
-        covering = [objects[j].mask.clip(box) for j in sorted(earlier) if _boxes_meet(boxes[j], box)]
-        visible = obj.mask.minus(covering[0].union(*covering[1:])) if covering else obj.mask
-        for c in cells:
-            buckets[c].append(k)
-        out.append(
-            MergedDetection(
-                k + 1,
-                obj.prompt,
-                obj.score,
-                (float(x0), float(y0), float(x1), float(y1)),
-                visible.area,
-                len(obj.tiles),
-                visible,
-            )
+    visible = uncovered([o.mask for o in objects], np.array(boxes, np.int64).reshape(-1, 4), _CELL)
+    return [
+        MergedDetection(
+            k, o.prompt, o.score, (float(x0), float(y0), float(x1), float(y1)), v.area, len(o.tiles), v
         )
-    return out
+        for k, (o, (x0, y0, x1, y1), v) in enumerate(zip(objects, boxes, visible, strict=True), start=1)
+    ]
 
 
 def _bbox(obj: _Object) -> tuple[int, int, int, int]:
