@@ -1,9 +1,10 @@
 """Masks of any size as sorted column-major runs of the whole image, never as pixel arrays.
 
 A mask is the set of positions ``column * height + row`` of the full image, stored as disjoint
-runs [start, end) that never cross a column. Union, intersection and difference are one sorted
-sweep over the run ends; clipping to a rectangle works per run. Memory is 16 bytes per run (about
-one per column an object spans), whatever the image size.
+runs [start, end) that never cross a column. A union is one sorted sweep over the run ends,
+intersections and what earlier masks leave of later ones are found run against run in one
+vectorised pass for many masks at once; clipping to a rectangle works per run. Memory is 16 bytes
+per run (about one per column an object spans), whatever the image size.
 """
 
 from __future__ import annotations
@@ -78,13 +79,10 @@ class SparseMask:
         return SparseMask.from_columns(col[keep], row0[keep], row1[keep], h)
 
     def union(self, *others: SparseMask) -> SparseMask:
-        return _combine([self, *others], lambda cover: cover > 0)
+        return _union([self, *others])
 
     def intersection_area(self, other: SparseMask) -> int:
         return int(intersection_areas([(self, other)])[0])
-
-    def minus(self, other: SparseMask) -> SparseMask:
-        return _combine([self, other], lambda cover: (cover & 1).astype(bool) & (cover < 2), weights=(1, 2))
 
     def components(self) -> list[SparseMask]:
         """4-connected components, each a mask of its own, in order of their first run."""
@@ -323,25 +321,21 @@ def _component_labels(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray
     return labels
 
 
-def _combine(masks: list[SparseMask], rule, weights: tuple[int, ...] | None = None) -> SparseMask:  # type: ignore[no-untyped-def]
-    """Boolean combination by a sweep: ``rule(cover)`` on the summed weights of the masks covering
-    each stretch between consecutive run ends. Runs within one mask are disjoint."""
+def _union(masks: list[SparseMask]) -> SparseMask:
+    """The union by a sweep over the run ends: the stretches between consecutive ends that some
+    mask covers. Runs within one mask are disjoint."""
     height = masks[0].height
-    weights = weights or (1,) * len(masks)
     points = np.concatenate([np.concatenate((m.starts, m.ends)) for m in masks])
     if not points.size:
         return SparseMask.empty(height)
-    deltas = np.concatenate(
-        [
-            np.concatenate((np.full(m.starts.size, w), np.full(m.ends.size, -w)))
-            for m, w in zip(masks, weights, strict=True)
-        ]
-    ).astype(np.int64)
+    deltas = np.concatenate([np.repeat([1, -1], (m.starts.size, m.ends.size)) for m in masks]).astype(
+        np.int64
+    )
     order = np.argsort(points, kind="stable")
     points, deltas = points[order], deltas[order]
     unique, first = np.unique(points, return_index=True)
     cover = np.cumsum(deltas)[np.concatenate((first[1:] - 1, [points.size - 1]))]
-    inside = rule(cover)[:-1]
+    inside = (cover > 0)[:-1]
     starts, ends = unique[:-1][inside], unique[1:][inside]
     # Join stretches that touch, then split at column boundaries again.
     if starts.size:
