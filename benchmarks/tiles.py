@@ -3,6 +3,9 @@ tiles of the same size, wall time and the worker's peak RSS, for big JPEGs and a
 
     # GPU: sparse and dense (threshold 0) JPEG scenes, a 40000x40000 tiled TIFF, the model-only limit
     python benchmarks/tiles.py --model full --device cuda --phases model_only,sparse,dense,tiff
+    # a folder of eight 10000x10000 tiled TIFFs, sparse and dense, one GPU
+    python benchmarks/tiles.py --model full --device cuda --tiff-size 10000 --tiffs 8 \
+        --phases model_only,tiff,tiff_dense
     # the tiled TIFF dense (threshold 0), on two GPUs
     python benchmarks/tiles.py --model full --device cuda --tiff-size 20000 --phases tiff_dense --workers 2
     # CPU: the tiny model on a 6000x4000 image
@@ -48,8 +51,9 @@ def make_jpegs(folder: Path, count: int, size: tuple[int, int]) -> Path:
     return folder
 
 
-def make_tiled_tiff(path: Path, side: int) -> Path:
-    """An uncompressed RGB tiled TIFF of side x side written tile by tile (never whole in memory)."""
+def make_tiled_tiff(path: Path, side: int, variant: int = 0) -> Path:
+    """An uncompressed RGB tiled TIFF of side x side written tile by tile (never whole in memory);
+    another ``variant`` lays the same blocks out in another order (another file, other pixels)."""
     import tifffile
 
     if path.exists():
@@ -61,7 +65,7 @@ def make_tiled_tiff(path: Path, side: int) -> Path:
 
     def tiles() -> Any:
         for k in range(n * n):
-            yield blocks[k % len(blocks)]
+            yield blocks[(k + variant) % len(blocks)]
 
     tifffile.imwrite(path, tiles(), shape=(side, side, 3), dtype=np.uint8, tile=(512, 512), bigtiff=True)
     return path
@@ -129,6 +133,9 @@ def main() -> None:
     parser.add_argument("--jpegs", type=int, default=3, help="big JPEGs in the sparse and dense scenes")
     parser.add_argument("--jpeg-size", default="10000x10000")
     parser.add_argument("--tiff-size", type=int, default=40000)
+    parser.add_argument(
+        "--tiffs", type=int, default=1, help="tiled TIFFs in the tiff scenes (a folder of them)"
+    )
     parser.add_argument("--phases", default="model_only,sparse,dense,tiff")
     parser.add_argument("--work", type=Path, default=Path(".bench"))
     parser.add_argument("--out", type=Path, default=None)
@@ -153,8 +160,10 @@ def main() -> None:
             )
             report[phase] = run_tiled(args, folder, 0.3 if phase == "sparse" else 0.0)
         elif phase in ("tiff", "tiff_dense"):  # read by window: no whole-image decode
-            tiff = make_tiled_tiff(args.work / f"tiff-{args.tiff_size}" / "ortho.tif", args.tiff_size)
-            report[phase] = run_tiled(args, tiff.parent, 0.3 if phase == "tiff" else 0.0)
+            folder = args.work / (f"tiff-{args.tiff_size}" + (f"-n{args.tiffs}" if args.tiffs > 1 else ""))
+            for i in range(args.tiffs):
+                make_tiled_tiff(folder / ("ortho.tif" if i == 0 else f"ortho_{i:02d}.tif"), args.tiff_size, i)
+            report[phase] = run_tiled(args, folder, 0.3 if phase == "tiff" else 0.0)
         print(json.dumps({phase: report[phase]}), flush=True)
     if "model_only" in report:
         for phase in ("sparse", "dense", "tiff", "tiff_dense"):
