@@ -4,19 +4,23 @@ is left behind (a real ``python -m batchseg.tiles.merge_process`` each time, no 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 from _tile_shapes import Found, Shape, tile_detections
 
+from batchseg.records import Detection
 from batchseg.tiles.grid import TilePlan, plan_tiles
 from batchseg.tiles.merge import merge_tiles
 from batchseg.tiles.merge_process import MergeProcess
+from batchseg.tiles.progress import TileProgress
 
 SHAPES = [
     Shape("disc", 1008, 500, 60, 60),  # on a seam
@@ -119,3 +123,73 @@ def test_the_helper_exits_when_its_worker_is_killed() -> None:
         while child.is_running() and child.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+
+
+def _kept(folder: Path, key: str = "a") -> TileProgress:
+    """Where an image's tiles are kept, as a worker keeps them (one file per ``_save``)."""
+    return TileProgress(folder, {"image": key})
+
+
+def _save(progress: TileProgress, tiles: dict[str, list[Found]]) -> None:
+    rows = {
+        tile_id: [
+            Detection(d.prompt, k, d.score, (0.0, 0.0, 1.0, 1.0), 1, d.mask_rle) for k, d in enumerate(found)
+        ]
+        for tile_id, found in tiles.items()
+    }
+    progress.save(next(iter(rows)), rows)
+
+
+def test_a_followed_merge_has_the_kept_tiles_of_every_worker_before_the_image_is_merged(
+    helper: MergeProcess, tmp_path: Path
+) -> None:
+    """Tiles kept in the image's folder (by this worker or another) are merged as they land: the
+    merge of the image then gets only the tiles it lacks, and equals a merge of all of them."""
+    plan = plan_tiles(3000, 2500, 1008, 252)
+    tiles = _tiles(plan)
+    ids = list(tiles)
+    progress = _kept(tmp_path / "a")
+    _save(progress, {i: tiles[i] for i in ids[:4]})
+    helper.follow(progress, plan, 0.5)
+    _save(progress, {i: tiles[i] for i in ids[4:-2]})  # another worker's, then this one's next keep
+    _save(progress, {i: tiles[i] for i in ids[2:6]})  # a tile kept twice (a rerun) counts once
+    helper.follow(progress, plan, 0.5)
+    merge = helper.begin(plan, 0.5, progress)
+    merge.add({i: tiles[i] for i in ids[-2:]})  # only what was never kept
+    merged, rles = merge.result()
+    expected = merge_tiles(plan, tiles)
+    assert _rows(merged) == _rows(expected)
+    assert rles == [m.mask_rle(plan.width) for m in expected]
+
+
+def test_a_followed_merge_is_not_taken_for_another_image_or_settings(
+    helper: MergeProcess, tmp_path: Path
+) -> None:
+    """Another key (settings, input) or a folder gone (merged elsewhere) start a new merge; at most
+    two images are followed, the oldest dropped first."""
+    plan = plan_tiles(3000, 2500, 1008, 252)
+    tiles = _tiles(plan)
+    ids = list(tiles)
+    half = {i: tiles[i] for i in ids[: len(ids) // 2]}
+
+    def merged_alone(progress: TileProgress) -> list[tuple]:  # type: ignore[type-arg]
+        merge = helper.begin(plan, 0.5, progress)
+        merge.add({i: tiles[i] for i in ids[-1:]})
+        return _rows(merge.result()[0])
+
+    alone = _rows(merge_tiles(plan, {i: tiles[i] for i in ids[-1:]}))
+    a = _kept(tmp_path / "a")
+    _save(a, half)
+    helper.follow(a, plan, 0.5)
+    assert merged_alone(_kept(tmp_path / "a", key="changed")) == alone
+    helper.follow(a, plan, 0.5)
+    folders = [tmp_path / name for name in ("b", "c", "d")]
+    for folder in folders:
+        progress = _kept(folder)
+        _save(progress, half)
+        helper.follow(progress, plan, 0.5)
+    assert merged_alone(_kept(folders[0])) == alone  # a, then b: the oldest of four, dropped
+    shutil.rmtree(folders[1])
+    helper.follow(_kept(folders[2]), plan, 0.5)
+    assert merged_alone(_kept(folders[1])) == alone  # its folder went: dropped
+    assert merged_alone(_kept(folders[2])) != alone  # still followed: half the tiles in

@@ -47,7 +47,7 @@ Arrived = Callable[[Sequence[tuple[int, ItemResult]]], None]
 
 #: Finished tiles are written to disk (for a resume) at most this often while a batch runs, and at
 #: its end: on a GPU a dense image's tiles then go to disk beside the engine, in a few files.
-KEEP_EVERY_S = 2.0
+KEEP_EVERY_S = 1.0
 
 
 class RunTiles(Protocol):
@@ -170,7 +170,7 @@ class Tiler:
         """Every tile of ``item`` through the engine, merged into the image's one result."""
         started = time.time()
         progress = self.progress(item, plan)
-        merging = merge_process.shared().begin(plan, self.match)
+        merging = merge_process.shared().begin(plan, self.match, progress)  # followed, if it was
         try:
             failed = self._run_tiles(item, plan, progress, run_tiles, merging)
             if failed is not None:
@@ -265,10 +265,17 @@ class Tiler:
         disk for the image's merge; each answered without its detections (they stay on disk)."""
         first = items[0]
         assert first.tiling is not None
-        progress = self.progress(first, plan_tiles(*first.tiling.plan))
+        plan = plan_tiles(*first.tiling.plan)
+        progress = self.progress(first, plan)
         ids = [item.tiling.tile for item in items if item.tiling is not None and item.tiling.tile is not None]
         assert len(ids) == len(items), "the pool sends tiles here, each with its id"
-        handover = _Handover(progress, None, set(), len(items) + 1)  # the merge is another task's
+        # This worker may take the image's merge: its helper merges the kept tiles (every worker's)
+        # as they land, so that little is left when the last one is in.
+        helper = merge_process.shared()
+        helper.follow(progress, plan, self.match)
+        handover = _Handover(
+            progress, None, set(), len(items) + 1, kept=lambda: helper.follow(progress, plan, self.match)
+        )
         results = run_tiles([replace(item, tiling=None) for item in items], handover.arrived_of(ids))
         handover.take({i: r.detections for i, r in zip(ids, results, strict=True) if r.status is Status.OK})
         handover.keep()
@@ -295,9 +302,15 @@ class _Handover:
     complete the image are not kept: its merge ends at once. Each tile is taken once."""
 
     def __init__(
-        self, progress: TileProgress, merging: RemoteMerge | None, taken: set[str], total: int
+        self,
+        progress: TileProgress,
+        merging: RemoteMerge | None,
+        taken: set[str],
+        total: int,
+        kept: Callable[[], None] | None = None,
     ) -> None:
         self.progress, self.merging, self.taken, self.total = progress, merging, taken, total
+        self.kept = kept  # told after each file written
         self.unkept: dict[str, list[Detection]] = {}
         self.kept_at = time.monotonic()
 
@@ -332,6 +345,9 @@ class _Handover:
         except OSError as exc:
             folder = self.progress.folder
             warnings.warn(f"finished tiles not kept in {folder}: {exc}", RuntimeWarning, stacklevel=2)
+            return
+        if self.kept is not None:
+            self.kept()
 
 
 def _georef(path: Path) -> Georef | None:

@@ -121,6 +121,10 @@ class TileMerger:
                 self._near[other.id].append(tile)
         self._parts: dict[str, list[_Part]] = {}
 
+    def __contains__(self, tile_id: object) -> bool:
+        """Whether the tile was added."""
+        return tile_id in self._parts
+
     def add(self, tile_id: str, detections: Sequence[TileDetection]) -> None:
         """One finished tile's detections (RLE of its window); each tile once."""
         if tile_id in self._parts:

@@ -24,11 +24,14 @@ import subprocess
 import sys
 import threading
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 from .. import rle
 from .grid import TilePlan, plan_tiles
 from .merge import MergedDetection, TileDetection, TileMerger
+from .progress import TileProgress
 
 __all__ = ["MergeProcess", "RemoteMerge", "shared"]
 
@@ -51,14 +54,27 @@ class MergeProcess:
         self._sends: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._serial = 0
 
-    def begin(self, plan: TilePlan, match: float) -> RemoteMerge:
-        """A new image's merge (any earlier one not finished is dropped by the helper)."""
+    def begin(self, plan: TilePlan, match: float, progress: TileProgress | None = None) -> RemoteMerge:
+        """A new image's merge (any earlier one not finished is dropped by the helper). With the
+        image's ``progress``, a merge the helper has been following there (``follow``) goes on
+        instead of a new one: its tiles are in already."""
+        self._ensure_started()
+        self._serial += 1
+        self._send(("begin", self._serial, _geometry(plan), match, *_where(progress)))
+        return RemoteMerge(self, self._serial)
+
+    def follow(self, progress: TileProgress, plan: TilePlan, match: float) -> None:
+        """Have the helper merge the tiles kept in ``progress`` (by any worker) as they land, for
+        when this worker merges the image: it reads the files it has not read yet now, and again at
+        each later call. A worker that runs some tiles of an image spread over several workers
+        calls it as it keeps them. The helper follows two images at most, and forgets one whose
+        folder is gone (merged elsewhere)."""
+        self._ensure_started()
+        self._send(("follow", 0, _geometry(plan), match, *_where(progress)))
+
+    def _ensure_started(self) -> None:
         if self._proc is None or self._proc.poll() is not None:
             self._start()
-        self._serial += 1
-        geometry = (plan.width, plan.height, plan.side, plan.overlap)
-        self._send(("begin", self._serial, geometry, match))
-        return RemoteMerge(self, self._serial)
 
     def _start(self) -> None:
         self._proc = subprocess.Popen(
@@ -127,6 +143,14 @@ class RemoteMerge:
             self._helper._send(("drop", self._serial))  # a failed image: the helper forgets it
 
 
+def _geometry(plan: TilePlan) -> tuple[int, int, int, int]:
+    return (plan.width, plan.height, plan.side, plan.overlap)
+
+
+def _where(progress: TileProgress | None) -> tuple[str | None, Any]:
+    return (None, None) if progress is None else (str(progress.folder), progress.key)
+
+
 _SHARED: MergeProcess | None = None
 
 
@@ -165,22 +189,31 @@ def _read_exactly(stream: IO[bytes], size: int) -> bytes:
 
 
 def serve(inbox: IO[bytes], outbox: IO[bytes]) -> None:
-    """The helper's loop: one image at a time, until its input closes."""
+    """The helper's loop: one image at a time, until its input closes; meanwhile it may follow the
+    kept tiles of images spread over several workers (``MergeProcess.follow``)."""
     serial, merger, error = 0, None, ""
+    following = _Following()
     while True:
         try:
             kind, got, *body = _read(inbox)
         except EOFError:
             return
-        if kind == "begin":
-            serial, error = got, ""
-            merger = TileMerger(plan_tiles(*body[0]), match=body[1])
+        if kind == "follow":
+            following.scan(*body)
+        elif kind == "begin":
+            serial = got
+            geometry, match, folder, key = body
+            merger, error = following.adopt(geometry, match, folder, key) or (
+                TileMerger(plan_tiles(*geometry), match=match),
+                "",
+            )
         elif got != serial or merger is None:
             continue  # a message of an image that was dropped
         elif kind == "add" and not error:
             try:
                 for tile_id, rows in body[0].items():
-                    merger.add(tile_id, rows)
+                    if tile_id not in merger:  # a followed merge has most of them already
+                        merger.add(tile_id, rows)
             except Exception as exc:  # noqa: BLE001 - the image's error, said at its finish
                 error = f"{type(exc).__name__}: {exc}"
         elif kind == "finish":
@@ -191,6 +224,61 @@ def serve(inbox: IO[bytes], outbox: IO[bytes]) -> None:
             merger = None
         elif kind == "drop":
             merger = None
+
+
+@dataclass
+class _Followed:
+    """A merge fed from an image's folder of kept tiles: the files read, and what went wrong."""
+
+    geometry: tuple[int, int, int, int]
+    match: float
+    progress: TileProgress
+    merger: TileMerger
+    seen: set[str] = field(default_factory=set)
+    error: str = ""
+
+    def serves(self, geometry: tuple[int, int, int, int], match: float, key: Any) -> bool:
+        """Whether this is the merge of that plan, threshold and image (key of its kept tiles)."""
+        return (self.geometry, self.match, self.progress.key) == (geometry, match, key)
+
+
+class _Following:
+    """The images whose kept tiles the helper merges as they land, by folder: at most ``LIMIT``
+    (the oldest goes first), and none whose folder is gone (the image was merged elsewhere)."""
+
+    LIMIT = 2
+
+    def __init__(self) -> None:
+        self.images: dict[str, _Followed] = {}
+
+    def scan(self, geometry: tuple[int, int, int, int], match: float, folder: str, key: Any) -> None:
+        for other in [f for f in self.images if f != folder and not os.path.isdir(f)]:
+            del self.images[other]
+        followed = self.images.get(folder)
+        if followed is None or not followed.serves(geometry, match, key):
+            merger = TileMerger(plan_tiles(*geometry), match=match)
+            followed = _Followed(geometry, match, TileProgress(Path(folder), key), merger)
+            self.images.pop(folder, None)
+            self.images[folder] = followed
+            while len(self.images) > self.LIMIT:
+                del self.images[next(iter(self.images))]
+        if followed.error:
+            return
+        try:
+            for tile_id, detections in followed.progress.load_new(followed.seen).items():
+                if tile_id not in followed.merger:  # a tile kept twice (a rerun): the first counts
+                    followed.merger.add(tile_id, detections)
+        except Exception as exc:  # noqa: BLE001 - the image's error, said at its finish
+            followed.error = f"{type(exc).__name__}: {exc}"
+
+    def adopt(
+        self, geometry: tuple[int, int, int, int], match: float, folder: str | None, key: Any
+    ) -> tuple[TileMerger, str] | None:
+        """The merge followed for this image and its error, taken out of the list; None if none."""
+        followed = self.images.pop(folder, None) if folder is not None else None
+        if followed is None or not followed.serves(geometry, match, key):
+            return None
+        return followed.merger, followed.error
 
 
 def _answer(serial: int, merger: TileMerger, error: str) -> tuple[Any, ...]:

@@ -37,9 +37,14 @@ class TileProgress:
 
     def load(self) -> dict[str, list[Detection]]:
         """Tile id -> its detections, from every readable file with this key."""
+        return self.load_new(set())
+
+    def load_new(self, seen: set[str]) -> dict[str, list[Detection]]:
+        """``load`` from the files not named in ``seen``, adding to ``seen`` the files read: a merge
+        that follows the folder while tiles finish reads each file once."""
         found: dict[str, list[Detection]] = {}
         try:
-            names = sorted(n for n in os.listdir(self.folder) if n.endswith(".json"))
+            names = sorted(n for n in os.listdir(self.folder) if n.endswith(".json") and n not in seen)
         except OSError:
             return found
         for name in names:
@@ -54,6 +59,7 @@ class TileProgress:
                     ]
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # unreadable: those tiles are simply run again
+            seen.add(name)
         return found
 
     def save(self, first: str, tiles: Mapping[str, Sequence[Detection]]) -> None:
