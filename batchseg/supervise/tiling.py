@@ -3,8 +3,9 @@
 For each whole-image item the worker asks ``Tiler.plan``: the upright size comes from the header
 (no pixel decoded) and ``--tile`` decides. A tiled image's tiles go to the engine as ``Item``s with
 a ``window``, a batch of the engine's task size at a time (the caller restarts the watchdog's clock
-after each batch); ``tiles.TileMerger``, in a helper process fed as tiles finish
-(``tiles.merge_process``), makes one detection per object, ``tiles.labelmap`` writes the label map
+after each batch); ``tiles.TileMerger``, in a helper process fed as the engine reports tiles
+finished (``tiles.merge_process``; for an image spread over several workers, the helper follows
+the image's kept tiles on disk), makes one detection per object, ``tiles.labelmap`` writes the label map
 as a tiled TIFF, and the image gets one ``ItemResult``. A failing tile fails the image, naming the
 tile and its window. Torch-free: this runs in the worker, above any engine.
 """

@@ -10,7 +10,9 @@ stays for the next ones. It gets each batch's finished tiles as (prompt, score, 
 pixels, through its stdin (written by a thread, so the engine's thread never waits on a full
 pipe), and answers the merged detections with their RLE on its stdout. It exits when its stdin
 closes: when the worker ends or is killed. A helper that died is started again for the next image;
-the image it was merging fails with an error saying so.
+the image it was merging fails with an error saying so. For an image whose tiles are spread over
+several workers, the helper of each worker that runs some of them follows the image's folder of
+kept tiles (``follow``), so the worker that takes the image's merge finds it mostly done.
 """
 
 from __future__ import annotations
