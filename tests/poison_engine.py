@@ -7,6 +7,8 @@ raise, so the worker must rerun that batch's tiles alone and fail the image.
 ``BATCHSEG_TEST_SLEEP=S``: each window takes S seconds more (time to kill a run mid-image).
 ``BATCHSEG_TEST_PIDS=FILE``: every window processed is appended to FILE as ``x0,y0,pid``.
 ``BATCHSEG_TEST_TASK_SIZE=N``: the items per task the engine asks for (the threshold engine's 8).
+``BATCHSEG_TEST_PREFETCH=FILE``: every image the worker says comes next (``prefetch``) is appended
+to FILE.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class PoisonEngine:
         self.log = os.environ.get("BATCHSEG_TEST_WINDOWS")
         self.sleep = float(os.environ.get("BATCHSEG_TEST_SLEEP", "0"))
         self.pids = os.environ.get("BATCHSEG_TEST_PIDS")
+        self.prefetched = os.environ.get("BATCHSEG_TEST_PREFETCH")
 
     def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[ItemResult]:
         for item in items:
@@ -49,6 +52,12 @@ class PoisonEngine:
                     fh.write(f"{item.window[0]},{item.window[1]},{os.getpid()}\n")
             heartbeat([(k, results[-1])])
         return results
+
+    def prefetch(self, item: Item) -> None:
+        if self.prefetched:
+            with open(self.prefetched, "a", encoding="utf-8") as fh:
+                fh.write(f"{item.path}\n")
+        self.inner.prefetch(item)
 
     def close(self) -> None:
         self.inner.close()

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -333,3 +334,59 @@ def test_16_bit_rgb_keeps_its_colours_with_one_range_for_all_channels(tmp_path: 
     source = open_source(tmp_path / "c.tif", max_pixels=10**6)
     assert source.read((50, 50, 51, 51)).tolist() == [[[255, 0, 128]]]
     source.close()
+
+
+def test_the_next_image_is_opened_beside_the_current_one_and_read_as_without(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``WindowReader.prefetch``: the next image is decoded in a thread of its own, once; its
+    windows are what a reader without prefetch gives; a prefetched image that is not asked for is
+    dropped (and closed) by the next prefetch or by ``close``; a broken file fails at ``read`` as
+    it would have."""
+    rng = np.random.default_rng(2)
+    paths = []
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        Image.fromarray(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(tmp_path / name)
+        paths.append(tmp_path / name)
+    (tmp_path / "broken.jpg").write_bytes((tmp_path / "a.jpg").read_bytes()[:200])
+    opened: list[tuple[str, str]] = []
+    closed: list[str] = []
+    real_open = source_module.open_source
+
+    def recording_open(path: str, **kwargs: int) -> source_module.ImageSource:
+        opened.append((Path(path).name, threading.current_thread().name))
+        source = real_open(path, **kwargs)
+        real_close = source.close
+        source.close = lambda: (closed.append(Path(path).name), real_close())  # type: ignore[method-assign]
+        return source
+
+    monkeypatch.setattr(source_module, "open_source", recording_open)
+    window = (50, 40, 250, 240)
+    plain = source_module.WindowReader(10**8)
+    expected = {p.name: plain.read(p, window)[0] for p in paths}
+    opened.clear()
+    closed.clear()
+    reader = source_module.WindowReader(10**8)
+    reader.read(paths[0], window)
+    reader.prefetch(paths[1])
+    reader.prefetch(paths[1])  # asked twice: opened once
+    got = reader.read(paths[1], window)[0]
+    assert np.array_equal(got, expected["b.jpg"])
+    assert [name for name, _ in opened] == ["a.jpg", "b.jpg"]
+    assert opened[1][1].startswith("batchseg-prefetch") and "a.jpg" in closed
+    reader.prefetch(paths[2])
+    reader.prefetch(paths[0])  # c was not asked for: dropped (cancelled, or closed once opened)
+    time.sleep(0.5)
+
+    def left_open(name: str) -> int:
+        return [n for n, _ in opened].count(name) - closed.count(name)
+
+    assert left_open("c.jpg") == 0
+    assert np.array_equal(reader.read(paths[0], window)[0], expected["a.jpg"])
+    reader.prefetch(tmp_path / "broken.jpg")
+    with pytest.raises(InvalidImageError):
+        reader.read(tmp_path / "broken.jpg", window)
+    reader.prefetch(paths[2])
+    reader.close()
+    time.sleep(0.5)
+    assert left_open("c.jpg") == 0 and left_open("a.jpg") == 0  # nothing kept after close()

@@ -304,6 +304,30 @@ def test_a_spread_poison_tile_is_retried_alone_on_another_worker_then_fails_its_
     assert len(kept) == 8 and "r000c001" not in kept
 
 
+def test_the_next_tiled_image_is_prefetched_while_the_current_one_runs(tmp_path: Path) -> None:
+    """One worker, three images of one task: before the tiles of each tiled image, the engine
+    hears which tiled image comes next (never the small one run whole, never with nothing after);
+    the results are those of the images run alone."""
+    folder = one_disc(tmp_path)
+    shutil.copy(folder / "a.png", folder / "b.png")
+    Image.fromarray(draw([Shape("disc", 100, 80, 30, 30)], 300, 200)).save(folder / "c.png")
+    output, log = tmp_path / "out", tmp_path / "prefetch.txt"
+    done = batchseg(
+        "run", folder, "--output", output, "--engine", "poison_engine:load", "--prompt", "red",
+        "--tile", "1008", env={"BATCHSEG_TEST_PREFETCH": str(log)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert log.read_text().split() == ["b.png"]
+    images, detections = manifests(output)
+    assert {row["status"] for row in images.values()} == {"ok"}
+    found = {p: [d for d in detections if d["path"] == p] for p in ("a.png", "b.png")}
+    assert len(found["a.png"]) == 1
+    drop = ("path", "run_id")
+    assert [{k: v for k, v in d.items() if k not in drop} for d in found["a.png"]] == [
+        {k: v for k, v in d.items() if k not in drop} for d in found["b.png"]
+    ]
+
+
 def test_the_watchdog_budget_is_per_batch_of_tiles_not_per_image(tmp_path: Path) -> None:
     """30 tiles of 0.06 s each take longer than --timeout 1, which bounds a batch, not the image."""
     folder = one_disc(tmp_path)

@@ -108,6 +108,10 @@ class ThresholdEngine:
             heartbeat([(k, results[-1])])
         return results
 
+    def prefetch(self, item: Item) -> None:
+        """The image of ``item`` comes next as tiles: open (decode) it while the current one runs."""
+        self.reader.prefetch(self.input_root / item.path)
+
     def close(self) -> None:
         self.reader.close()
 

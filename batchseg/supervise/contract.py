@@ -67,7 +67,12 @@ HeartbeatFn = Callable[..., None]
 
 
 class Engine(Protocol):
-    """Loaded once per worker process by the factory; lives until the worker exits."""
+    """Loaded once per worker process by the factory; lives until the worker exits.
+
+    An engine may also have ``prefetch(item) -> None`` (not part of the protocol, so engines
+    without it still fit): the worker calls it before it runs an image's tiles when the next image
+    of the task runs as tiles too, so the engine can open (decode) that image meanwhile. A hint
+    only: what it raises is ignored."""
 
     capabilities: Capabilities
 

@@ -165,6 +165,8 @@ def run_items(
             continue
         flush()
         heartbeat((), k + 1)  # nothing past this image is touched yet
+        if not fan_out and item.tiling is None and k + 1 < len(items) and isinstance(plans[k + 1], TilePlan):
+            _prefetch(engine, items[k + 1])  # its decode overlaps this image's tiles
         started = time.time()
         try:
             result = _tiled_image(tiler, item, plan, fan_out, run_tiles)
@@ -191,6 +193,17 @@ def _tiled_image(
         if answer is not None:
             return answer
     return tiler.run(item, plan, run_tiles)
+
+
+def _prefetch(engine: Engine, item: Item) -> None:
+    """Tell an engine that has ``prefetch`` which image's tiles come next (see ``Engine``)."""
+    prefetch = getattr(engine, "prefetch", None)
+    if prefetch is None:
+        return
+    try:
+        prefetch(item)
+    except Exception as exc:  # noqa: BLE001 - a hint: the image is read when its tiles come anyway
+        warnings.warn(f"prefetch of {item.path} failed: {exc!r}", RuntimeWarning, stacklevel=2)
 
 
 def _tile_runner(engine: Engine, capabilities: Capabilities, heartbeat: _Beat) -> RunTiles:

@@ -17,6 +17,7 @@ import math
 import os
 import threading
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
 import numpy as np
@@ -317,13 +318,16 @@ class WindowReader:
     """Windows of one image at a time, for an engine given windowed items: the image is opened
     (``open_source``) when a window of it is first asked for and kept until a window of another
     image is, so the tiles of an image cost one decode (a JPEG) or only their chunks (a tiled
-    TIFF). Safe to share between I/O threads."""
+    TIFF). ``prefetch`` opens the next image in a thread of its own meanwhile. Safe to share
+    between I/O threads."""
 
     def __init__(self, max_pixels: int, max_tiled_pixels: int = DEFAULT_MAX_TILED_PIXELS) -> None:
         self.max_pixels, self.max_tiled_pixels = max_pixels, max_tiled_pixels
         self._lock = threading.Lock()
         self._path: str | None = None
         self._source: ImageSource | None = None
+        self._next: tuple[str, Future[ImageSource]] | None = None
+        self._opener: ThreadPoolExecutor | None = None
 
     def read(
         self, path: str | os.PathLike[str], window: tuple[int, int, int, int]
@@ -335,9 +339,7 @@ class WindowReader:
             key = os.fspath(path)
             if self._source is None or self._path != key:
                 self.close_unlocked()
-                self._source = open_source(
-                    path, max_pixels=self.max_pixels, max_tiled_pixels=self.max_tiled_pixels
-                )
+                self._source = self._prefetched(key) or self._open(key)
                 self._path = key
             source = self._source
             x0, y0, x1, y1 = window
@@ -349,11 +351,54 @@ class WindowReader:
                 return pixels, source.width, source.height, valid
             return source.read(window), source.width, source.height, None
 
+    def prefetch(self, path: str | os.PathLike[str]) -> None:
+        """Start opening ``path`` in a thread of its own (a JPEG is decoded whole then), for the
+        image whose windows come next: its decode overlaps the current image's tiles instead of
+        holding up its first tile. One image waits so at most (an earlier one is dropped); if the
+        opening fails, ``read`` opens it again and meets the error as it would have."""
+        key = os.fspath(path)
+        with self._lock:
+            if key == self._path or (self._next is not None and self._next[0] == key):
+                return
+            self._drop_next()
+            if self._opener is None:
+                self._opener = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchseg-prefetch")
+            self._next = (key, self._opener.submit(self._open, key))
+
+    def _open(self, key: str) -> ImageSource:
+        return open_source(key, max_pixels=self.max_pixels, max_tiled_pixels=self.max_tiled_pixels)
+
+    def _prefetched(self, key: str) -> ImageSource | None:
+        if self._next is None or self._next[0] != key:
+            return None
+        future, self._next = self._next[1], None
+        try:
+            return future.result()
+        except Exception:  # noqa: BLE001 - opened again by the caller, which reports the error
+            return None
+
+    def _drop_next(self) -> None:
+        if self._next is not None:
+            future, self._next = self._next[1], None
+            if not future.cancel():  # running or done: its source is closed once it is there
+                future.add_done_callback(_close_opened)
+
     def close_unlocked(self) -> None:
+        """Close the current image (a prefetched one stays)."""
         if self._source is not None:
             self._source.close()
         self._source, self._path = None, None
 
     def close(self) -> None:
+        """Close the current image and drop a prefetched one: nothing is kept."""
         with self._lock:
             self.close_unlocked()
+            self._drop_next()
+            if self._opener is not None:  # its thread ends (after an opening under way, if any)
+                self._opener.shutdown(wait=False)
+                self._opener = None
+
+
+def _close_opened(future: Future[ImageSource]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().close()

@@ -164,6 +164,10 @@ class Sam3Engine:
             self.windows.close()  # a tiled image is done: its pixels are not kept while others run
         return Task(self, items, heartbeat).run()
 
+    def prefetch(self, item: Item) -> None:
+        """The image of ``item`` comes next as tiles: open (decode) it while the current one runs."""
+        self.windows.prefetch(self.input_root / item.path)
+
     def close(self) -> None:
         """Drop the model; on CUDA hand the cached memory back."""
         self.io.shutdown(wait=True)
