@@ -90,6 +90,8 @@ def run_tiled(args: argparse.Namespace, folder: Path, threshold: float) -> dict[
         command += ["--batch-size", str(args.batch_size)]
     if args.workers:
         command += ["--workers", str(args.workers)]  # several: the tiles spread over them
+    if args.threads:
+        command += ["--threads", str(args.threads)]
     start = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = 0
@@ -130,6 +132,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--workers", type=int, default=None, help="e.g. 2 on two GPUs")
+    parser.add_argument("--threads", type=int, default=None, help="--threads of the run (CPU)")
     parser.add_argument("--jpegs", type=int, default=3, help="big JPEGs in the sparse and dense scenes")
     parser.add_argument("--jpeg-size", default="10000x10000")
     parser.add_argument("--tiff-size", type=int, default=40000)
@@ -149,7 +152,7 @@ def main() -> None:
             tiles = make_images(args.work / f"images-{TILE}x{TILE}", 64, (TILE, TILE))
             ns = argparse.Namespace(
                 model_dir=args.model_dir, images_dir=tiles, device=args.device, dtype=args.dtype,
-                batch_size=args.batch_size or 16, iters=10, warmup=3, threads=None, compile=False,
+                batch_size=args.batch_size or 16, iters=10, warmup=3, threads=args.threads, compile=False,
                 no_cuda_graphs=False, no_fuse_rope=False,
             )  # fmt: skip
             result = phase_model_only(ns)
