@@ -305,7 +305,7 @@ def test_a_spread_poison_tile_is_retried_alone_on_another_worker_then_fails_its_
 
 
 def test_the_next_tiled_image_is_prefetched_while_the_current_one_runs(tmp_path: Path) -> None:
-    """One worker, three images of one task: before the tiles of each tiled image, the engine
+    """One worker, three images of one task: once the tiles of a tiled image run, the engine
     hears which tiled image comes next (never the small one run whole, never with nothing after);
     the results are those of the images run alone."""
     folder = one_disc(tmp_path)

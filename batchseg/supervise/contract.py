@@ -70,9 +70,9 @@ class Engine(Protocol):
     """Loaded once per worker process by the factory; lives until the worker exits.
 
     An engine may also have ``prefetch(item) -> None`` (not part of the protocol, so engines
-    without it still fit): the worker calls it before it runs an image's tiles when the next image
-    of the task runs as tiles too, so the engine can open (decode) that image meanwhile. A hint
-    only: what it raises is ignored."""
+    without it still fit): once an image's tiles run (the engine reported the first ones), the
+    worker calls it when the next image of the task runs as tiles too, so the engine can open
+    (decode) that image meanwhile. A hint only: what it raises is shown as a warning."""
 
     capabilities: Capabilities
 

@@ -167,13 +167,16 @@ class Tiler:
             return None
         return max(MIN_SIDE, round((self.model_input or GSD_MODEL_INPUT) * self.gsd / pixel))
 
-    def run(self, item: Item, plan: TilePlan, run_tiles: RunTiles) -> ItemResult:
-        """Every tile of ``item`` through the engine, merged into the image's one result."""
+    def run(
+        self, item: Item, plan: TilePlan, run_tiles: RunTiles, running: Callable[[], None] | None = None
+    ) -> ItemResult:
+        """Every tile of ``item`` through the engine, merged into the image's one result;
+        ``running`` is called once, when the engine has reported tiles (or a batch came back)."""
         started = time.time()
         progress = self.progress(item, plan)
         merging = merge_process.shared().begin(plan, self.match, progress)  # followed, if it was
         try:
-            failed = self._run_tiles(item, plan, progress, run_tiles, merging)
+            failed = self._run_tiles(item, plan, progress, run_tiles, merging, running)
             if failed is not None:
                 tile, result = failed
                 return tile_failure(item, tile.id, tile.window, result, started)
@@ -223,14 +226,20 @@ class Tiler:
         )
 
     def _run_tiles(
-        self, item: Item, plan: TilePlan, progress: TileProgress, run_tiles: RunTiles, merging: RemoteMerge
+        self,
+        item: Item,
+        plan: TilePlan,
+        progress: TileProgress,
+        run_tiles: RunTiles,
+        merging: RemoteMerge,
+        running: Callable[[], None] | None = None,
     ) -> tuple[Tile, ItemResult] | None:
         """The tiles not kept on disk through the engine, a batch at a time, each finished one to
         the merge as the engine reports it; the first failing tile and its result, or None when
         all are in."""
         found = progress.load()  # tiles finished before a kill, a crash or a failing tile
         merging.add(found)
-        handover = _Handover(progress, merging, set(found), len(plan.tiles))
+        handover = _Handover(progress, merging, set(found), len(plan.tiles), running=running)
         todo = [t for t in plan.tiles if t.id not in found]
         for first in range(0, len(todo), self.batch):
             batch = todo[first : first + self.batch]
@@ -239,6 +248,7 @@ class Tiler:
             pairs = list(zip(batch, results, strict=True))
             handover.take({tile.id: res.detections for tile, res in pairs if res.status is Status.OK})
             handover.keep()
+            handover.tell_running()
             failed = [(tile, result) for tile, result in pairs if result.status is not Status.OK]
             if failed:  # the image fails; its finished tiles stay kept for the next attempt
                 return failed[0]
@@ -309,9 +319,11 @@ class _Handover:
         taken: set[str],
         total: int,
         kept: Callable[[], None] | None = None,
+        running: Callable[[], None] | None = None,
     ) -> None:
         self.progress, self.merging, self.taken, self.total = progress, merging, taken, total
         self.kept = kept  # told after each file written
+        self.running = running  # told once, when the first tiles are in
         self.unkept: dict[str, list[Detection]] = {}
         self.kept_at = time.monotonic()
 
@@ -322,8 +334,14 @@ class _Handover:
             self.take({batch[i]: r.detections for i, r in finished if r.status is Status.OK})
             if time.monotonic() - self.kept_at >= KEEP_EVERY_S:
                 self.keep()
+            self.tell_running()
 
         return arrived
+
+    def tell_running(self) -> None:
+        running, self.running = self.running, None
+        if running is not None:
+            running()
 
     def take(self, done: dict[str, list[Detection]]) -> None:
         new = {tile_id: dets for tile_id, dets in done.items() if tile_id not in self.taken}

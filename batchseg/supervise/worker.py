@@ -165,11 +165,10 @@ def run_items(
             continue
         flush()
         heartbeat((), k + 1)  # nothing past this image is touched yet
-        if not fan_out and item.tiling is None and k + 1 < len(items) and isinstance(plans[k + 1], TilePlan):
-            _prefetch(engine, items[k + 1])  # its decode overlaps this image's tiles
+        upcoming = items[k + 1] if k + 1 < len(items) and isinstance(plans[k + 1], TilePlan) else None
         started = time.time()
         try:
-            result = _tiled_image(tiler, item, plan, fan_out, run_tiles)
+            result = _tiled_image(tiler, item, plan, fan_out, run_tiles, _prefetcher(engine, upcoming))
         except Exception as exc:  # noqa: BLE001 - the worker never raises across the pipe
             result = failure_result(item, Status.ERROR, exc=exc)
         _stamp(result, capabilities, started, time.time())
@@ -180,9 +179,15 @@ def run_items(
 
 
 def _tiled_image(
-    tiler: Tiler, item: Item, plan: TilePlan | ItemResult | None, fan_out: bool, run_tiles: RunTiles
+    tiler: Tiler,
+    item: Item,
+    plan: TilePlan | ItemResult | None,
+    fan_out: bool,
+    run_tiles: RunTiles,
+    started: Callable[[], None] | None = None,
 ) -> ItemResult:
-    """One image planned as tiles (or refused by the plan), or the merge of one the pool spread."""
+    """One image planned as tiles (or refused by the plan), or the merge of one the pool spread;
+    ``started`` is called once its tiles are running (it is not, for an image spread)."""
     if isinstance(plan, ItemResult):
         return plan
     if item.tiling is not None:  # every tile is in: the merge
@@ -192,18 +197,24 @@ def _tiled_image(
         answer = tiler.fan_out(item, plan)
         if answer is not None:
             return answer
-    return tiler.run(item, plan, run_tiles)
+    return tiler.run(item, plan, run_tiles, started)
 
 
-def _prefetch(engine: Engine, item: Item) -> None:
-    """Tell an engine that has ``prefetch`` which image's tiles come next (see ``Engine``)."""
+def _prefetcher(engine: Engine, upcoming: Item | None) -> Callable[[], None] | None:
+    """What tells an engine that has ``prefetch`` (see ``Engine``) that the image ``upcoming``
+    runs as tiles next; called once the current image's tiles run (its own decode is done then)."""
     prefetch = getattr(engine, "prefetch", None)
-    if prefetch is None:
-        return
-    try:
-        prefetch(item)
-    except Exception as exc:  # noqa: BLE001 - a hint: the image is read when its tiles come anyway
-        warnings.warn(f"prefetch of {item.path} failed: {exc!r}", RuntimeWarning, stacklevel=2)
+    if prefetch is None or upcoming is None:
+        return None
+    item = upcoming
+
+    def tell() -> None:
+        try:
+            prefetch(item)
+        except Exception as exc:  # noqa: BLE001 - a hint: the image is read when its tiles come anyway
+            warnings.warn(f"prefetch of {item.path} failed: {exc!r}", RuntimeWarning, stacklevel=2)
+
+    return tell
 
 
 def _tile_runner(engine: Engine, capabilities: Capabilities, heartbeat: _Beat) -> RunTiles:
