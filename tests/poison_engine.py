@@ -8,20 +8,23 @@ raise, so the worker must rerun that batch's tiles alone and fail the image.
 ``BATCHSEG_TEST_PIDS=FILE``: every window processed is appended to FILE as ``x0,y0,pid``.
 ``BATCHSEG_TEST_TASK_SIZE=N``: the items per task the engine asks for (the threshold engine's 8).
 ``BATCHSEG_TEST_PREFETCH=FILE``: every image the worker says comes next (``prefetch``) is appended
-to FILE.
+to FILE, and every image the engine's window reader opens as ``name thread``.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 from batchseg.engines.threshold import ThresholdEngine
 from batchseg.engines.threshold import load as load_threshold
 from batchseg.records import Item, ItemResult
 from batchseg.supervise.contract import EngineSpec, HeartbeatFn
+from batchseg.tiles import source as source_module
 
 
 class PoisonEngine:
@@ -35,6 +38,8 @@ class PoisonEngine:
         self.sleep = float(os.environ.get("BATCHSEG_TEST_SLEEP", "0"))
         self.pids = os.environ.get("BATCHSEG_TEST_PIDS")
         self.prefetched = os.environ.get("BATCHSEG_TEST_PREFETCH")
+        if self.prefetched:
+            self._log_opens(self.prefetched)
 
     def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[ItemResult]:
         for item in items:
@@ -52,6 +57,18 @@ class PoisonEngine:
                     fh.write(f"{item.window[0]},{item.window[1]},{os.getpid()}\n")
             heartbeat([(k, results[-1])])
         return results
+
+    @staticmethod
+    def _log_opens(log: str) -> None:
+        """Log which thread opens each image (the prefetch thread, or the one reading a tile)."""
+        real_open = source_module.open_source
+
+        def logged(path: str, **kwargs: Any) -> source_module.ImageSource:
+            with open(log, "a", encoding="utf-8") as fh:
+                fh.write(f"{os.path.basename(path)} {threading.current_thread().name}\n")
+            return real_open(path, **kwargs)
+
+        source_module.open_source = logged
 
     def prefetch(self, item: Item) -> None:
         if self.prefetched:

@@ -305,26 +305,33 @@ def test_a_spread_poison_tile_is_retried_alone_on_another_worker_then_fails_its_
 
 
 def test_the_next_tiled_image_is_prefetched_while_the_current_one_runs(tmp_path: Path) -> None:
-    """One worker, three images of one task: once the tiles of a tiled image run, the engine
-    hears which tiled image comes next (never the small one run whole, never with nothing after);
-    the results are those of the images run alone."""
+    """One worker, four images of one task: once the tiles of a tiled image run, the engine hears
+    which tiled image comes next (never the small one run whole, never with nothing after), and
+    opens it in its prefetch thread, once, before its tiles ask for it; the results are those of
+    the images run alone."""
     folder = one_disc(tmp_path)
     shutil.copy(folder / "a.png", folder / "b.png")
-    Image.fromarray(draw([Shape("disc", 100, 80, 30, 30)], 300, 200)).save(folder / "c.png")
+    shutil.copy(folder / "a.png", folder / "c.png")
+    Image.fromarray(draw([Shape("disc", 100, 80, 30, 30)], 300, 200)).save(folder / "d.png")
     output, log = tmp_path / "out", tmp_path / "prefetch.txt"
     done = batchseg(
         "run", folder, "--output", output, "--engine", "poison_engine:load", "--prompt", "red",
         "--tile", "1008", env={"BATCHSEG_TEST_PREFETCH": str(log)},
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    assert log.read_text().split() == ["b.png"]
+    lines = log.read_text().splitlines()
+    assert [line for line in lines if " " not in line] == ["b.png", "c.png"]  # the hints
+    opened = dict(line.split(" ", 1) for line in lines if " " in line)
+    assert not opened["a.png"].startswith("batchseg-prefetch")  # the first: read by its tile
+    assert opened["b.png"].startswith("batchseg-prefetch") and opened["c.png"].startswith("batchseg-prefetch")
+    assert len([line for line in lines if line.startswith(("b.png ", "c.png "))]) == 2  # each opened once
     images, detections = manifests(output)
     assert {row["status"] for row in images.values()} == {"ok"}
-    found = {p: [d for d in detections if d["path"] == p] for p in ("a.png", "b.png")}
+    found = {p: [d for d in detections if d["path"] == p] for p in ("a.png", "b.png", "c.png")}
     assert len(found["a.png"]) == 1
     drop = ("path", "run_id")
     assert [{k: v for k, v in d.items() if k not in drop} for d in found["a.png"]] == [
-        {k: v for k, v in d.items() if k not in drop} for d in found["b.png"]
+        {k: v for k, v in d.items() if k not in drop} for d in found["c.png"]
     ]
 
 
