@@ -184,10 +184,10 @@ def _tiled_image(
     plan: TilePlan | ItemResult | None,
     fan_out: bool,
     run_tiles: RunTiles,
-    started: Callable[[], None] | None = None,
+    running: Callable[[], None] | None = None,
 ) -> ItemResult:
     """One image planned as tiles (or refused by the plan), or the merge of one the pool spread;
-    ``started`` is called once its tiles are running (it is not, for an image spread)."""
+    ``running`` is called once its tiles run here (not for an image spread over the workers)."""
     if isinstance(plan, ItemResult):
         return plan
     if item.tiling is not None:  # every tile is in: the merge
@@ -197,7 +197,7 @@ def _tiled_image(
         answer = tiler.fan_out(item, plan)
         if answer is not None:
             return answer
-    return tiler.run(item, plan, run_tiles, started)
+    return tiler.run(item, plan, run_tiles, running)
 
 
 def _prefetcher(engine: Engine, upcoming: Item | None) -> Callable[[], None] | None:

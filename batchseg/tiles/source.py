@@ -339,7 +339,8 @@ class WindowReader:
             key = os.fspath(path)
             if self._source is None or self._path != key:
                 self.close_unlocked()
-                self._source = self._prefetched(key) or self._open(key)
+                prefetched = self._prefetched(key)
+                self._source = prefetched if prefetched is not None else self._open(key)
                 self._path = key
             source = self._source
             x0, y0, x1, y1 = window
