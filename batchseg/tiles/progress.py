@@ -1,7 +1,7 @@
 """The finished tiles of an image not yet merged, kept on disk so a killed run does not redo them.
 
 While tiles finish the worker writes their detections (window RLE, prompt, score, box, area) to
-``OUTPUT/tiles-in-progress/<relative path>/batch-<first tile>.json``, atomically (every few seconds
+``OUTPUT/tiles-in-progress/<relative path>/batch-<first tile>.json``, atomically (every second
 and at the end of each batch: ``supervise.tiling``). When the
 image is processed again (the run was killed, the worker crashed, a tile failed), the tiles found
 there are not run again. Each file carries a key (the input's size, mtime and hash, the run's
