@@ -283,10 +283,12 @@ class Tiler:
         # This worker may take the image's merge: its helper merges the kept tiles (every worker's)
         # as they land, so that little is left when the last one is in.
         helper = merge_process.shared()
-        helper.follow(progress, plan, self.match)
-        handover = _Handover(
-            progress, None, set(), len(items) + 1, kept=lambda: helper.follow(progress, plan, self.match)
-        )
+
+        def follow() -> None:
+            helper.follow(progress, plan, self.match)
+
+        follow()
+        handover = _Handover(progress, None, set(), None, kept=follow)  # the merge is another task's
         results = run_tiles([replace(item, tiling=None) for item in items], handover.arrived_of(ids))
         handover.take({i: r.detections for i, r in zip(ids, results, strict=True) if r.status is Status.OK})
         handover.keep()
@@ -310,14 +312,15 @@ class Tiler:
 class _Handover:
     """Finished tiles of one image on their way: to the merge (if any) as they come, and to disk for
     a resume, at most every ``KEEP_EVERY_S`` while a batch runs and at its end. The tiles that
-    complete the image are not kept: its merge ends at once. Each tile is taken once."""
+    complete the image's ``total`` are not kept: its merge ends at once (no ``total``: the image is
+    merged by another task, everything is kept). Each tile is taken once."""
 
     def __init__(
         self,
         progress: TileProgress,
         merging: RemoteMerge | None,
         taken: set[str],
-        total: int,
+        total: int | None,
         kept: Callable[[], None] | None = None,
         running: Callable[[], None] | None = None,
     ) -> None:
@@ -357,7 +360,7 @@ class _Handover:
         is taken once, so no later file overwrites it); a folder that cannot be written only costs
         them on resume."""
         unkept, self.unkept, self.kept_at = self.unkept, {}, time.monotonic()
-        if not unkept or len(self.taken) >= self.total:
+        if not unkept or (self.total is not None and len(self.taken) >= self.total):
             return
         try:
             self.progress.save(next(iter(unkept)), unkept)

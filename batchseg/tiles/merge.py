@@ -35,7 +35,7 @@ import numpy as np
 
 from .. import rle
 from .grid import Tile, TilePlan
-from .sparse import SparseMask, intersection_areas, piecewise_ratios, uncovered
+from .sparse import SparseMask, boxes_meet, intersection_areas, piecewise_ratios, uncovered
 
 __all__ = ["DEFAULT_MATCH", "MergedDetection", "TileDetection", "TileMerger", "merge_tiles"]
 
@@ -172,7 +172,9 @@ def _link(ours: list[_Part], theirs: list[_Part], a: Tile, b: Tile, match: float
         return
     prompts = {p.prompt: k for k, p in enumerate(ours + theirs)}
     candidates = np.nonzero(
-        _boxes_meet_all(np.array([m.bbox for _, m in mine]), np.array([m.bbox for _, m in other]))
+        boxes_meet(
+            np.array([m.bbox for _, m in mine])[:, None], np.array([m.bbox for _, m in other])[None, :]
+        )
         & (
             np.array([prompts[p.prompt] for p, _ in mine])[:, None]
             == np.array([prompts[q.prompt] for q, _ in other])[None, :]
@@ -310,13 +312,3 @@ def _bbox(obj: _Object) -> tuple[int, int, int, int]:
 
 def _boxes_meet(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
-
-
-def _boxes_meet_all(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``_boxes_meet`` for every box of ``a`` (n, 4) against every box of ``b`` (m, 4): (n, m)."""
-    return (
-        (a[:, None, 0] < b[None, :, 2])
-        & (b[None, :, 0] < a[:, None, 2])
-        & (a[:, None, 1] < b[None, :, 3])
-        & (b[None, :, 1] < a[:, None, 3])
-    )

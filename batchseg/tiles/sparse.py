@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import rle
 
-__all__ = ["SparseMask", "intersection_areas", "piecewise_ratios", "uncovered"]
+__all__ = ["SparseMask", "boxes_meet", "intersection_areas", "piecewise_ratios", "uncovered"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -157,7 +157,7 @@ def uncovered(masks: Sequence[SparseMask], boxes: np.ndarray, cell: int = 256) -
     x1 = np.minimum(boxes[later, 2], boxes[earlier, 2]).astype(np.int64) * height
     a_lo, a_hi = every.range_of(later, x0, x1)
     b_lo, b_hi = every.range_of(earlier, x0, x1)
-    ia, ib = _ranges(a_lo, a_hi), _ranges(b_lo, b_hi)
+    ia, ib = rle.ranges(a_lo, a_hi), rle.ranges(b_lo, b_hi)
     span = every.span
     pair_a = np.repeat(np.arange(later.size), a_hi - a_lo)
     pair_b = np.repeat(np.arange(later.size), b_hi - b_lo)
@@ -188,7 +188,7 @@ def _meeting_pairs(boxes: np.ndarray, cell: int) -> tuple[np.ndarray, np.ndarray
     nx, ny = (boxes[:, 2] - 1) // cell - cx0 + 1, (boxes[:, 3] - 1) // cell - cy0 + 1
     count = nx * ny
     obj = np.repeat(np.arange(boxes.shape[0]), count)
-    local = _ranges(np.zeros_like(count), count)
+    local = rle.ranges(np.zeros_like(count), count)
     cells = (cy0[obj] + local // nx[obj]) * (int(cx0.max() + nx.max()) + 1) + cx0[obj] + local % nx[obj]
     order = np.lexsort((obj, cells))  # by cell, then object
     cells, obj = cells[order], obj[order]
@@ -196,12 +196,20 @@ def _meeting_pairs(boxes: np.ndarray, cell: int) -> tuple[np.ndarray, np.ndarray
     run_start = np.repeat(first, np.diff(np.concatenate((first, [cells.size]))))
     before = np.arange(cells.size) - run_start  # objects of the same cell earlier in the order
     later = np.repeat(obj, before)
-    earlier = obj[_ranges(run_start, run_start + before)]
+    earlier = obj[rle.ranges(run_start, run_start + before)]
     code = np.unique(later * boxes.shape[0] + earlier)
     later, earlier = code // boxes.shape[0], code % boxes.shape[0]
-    a, b = boxes[later], boxes[earlier]
-    meet = (a[:, 0] < b[:, 2]) & (b[:, 0] < a[:, 2]) & (a[:, 1] < b[:, 3]) & (b[:, 1] < a[:, 3])
+    meet = boxes_meet(boxes[later], boxes[earlier])
     return later[meet], earlier[meet]
+
+
+def boxes_meet(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Whether boxes (..., 4) as (x0, y0, x1, y1), ends exclusive, share a pixel, elementwise with
+    numpy's broadcasting (``a[:, None]`` against ``b[None, :]`` compares every pair)."""
+    meet: np.ndarray = (
+        (a[..., 0] < b[..., 2]) & (b[..., 0] < a[..., 2]) & (a[..., 1] < b[..., 3]) & (b[..., 1] < a[..., 3])
+    )
+    return meet
 
 
 class _Concatenated:
@@ -222,20 +230,12 @@ class _Concatenated:
         return np.searchsorted(self._lifted, base + lo), np.searchsorted(self._lifted, base + hi)
 
 
-def _ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """The indices lo[0]..hi[0]-1, lo[1]..hi[1]-1, ... in one array (empty ranges where hi <= lo)."""
-    count = np.maximum(hi - lo, 0)
-    first = np.cumsum(count) - count
-    out: np.ndarray = np.repeat(lo - first, count) + np.arange(int(count.sum()))
-    return out
-
-
 def _meets(sa: np.ndarray, ea: np.ndarray, sb: np.ndarray, eb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every pair (i, j) of a run [sa[i], ea[i]) and a run [sb[j], eb[j]) that share a position,
     each side sorted and disjoint: the runs of b that a run of a meets are one index range."""
     lo = np.searchsorted(eb, sa, side="right")
     hi = np.searchsorted(sb, ea, side="left")
-    return np.repeat(np.arange(sa.size), np.maximum(hi - lo, 0)), _ranges(lo, hi)
+    return np.repeat(np.arange(sa.size), np.maximum(hi - lo, 0)), rle.ranges(lo, hi)
 
 
 def _left_of_runs(
