@@ -6,8 +6,13 @@ Stretch: 8-bit data is used as it is. Other data (uint16, int16, float32, ...) g
 stretch per image and band, from the 2nd to the 98th percentile of the valid pixels (QGIS's default
 cumulative cut), computed once from a decimated read of at most ``STATS_SIDE`` pixels on the long side
 (GDAL serves it from an internal overview when the file has one) and applied identically to every
-window, so tiles of one image never differ in contrast. Valid pixels: not nodata in any chosen band
-(GDAL's mask: nodata value incl. NaN, alpha, mask band) and finite.
+window, so tiles of one image never differ in contrast.
+
+Valid pixels follow the dataset's mask as GDAL defines it: a per-dataset mask (an internal mask,
+a ``.msk`` file, an alpha band) when the file has one, else the OR of the chosen bands' nodata
+masks (a pixel is data when ANY chosen band is not at its nodata value), a NaN counting as nodata of
+its band. So a pure red roof (255, 0, 0) in an RGB with nodata 0 is data; the collar, 0 in every
+band, is not.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -25,12 +31,12 @@ from ._extra import GeoreferenceError, missing_extra
 
 try:
     import rasterio
-    from rasterio.enums import ColorInterp, Resampling
+    from rasterio.enums import ColorInterp, MaskFlags, Resampling
     from rasterio.windows import Window
 except ImportError as _exc:  # pragma: no cover
     raise missing_extra(_exc) from _exc
 
-__all__ = ["BandPlan", "PERCENTILES", "STATS_SIDE", "parse_bands", "plan_bands", "read_rgb"]
+__all__ = ["BandPlan", "PERCENTILES", "STATS_SIDE", "parse_bands", "plan_bands", "read_rgb", "valid_mask"]
 
 #: Low and high percentile of the per-image stretch for data that is not 8-bit.
 PERCENTILES = (2.0, 98.0)
@@ -92,11 +98,40 @@ def _decimated(src: rasterio.DatasetReader, bands: tuple[int, ...]) -> tuple[np.
     scale = max(src.width, src.height) / STATS_SIDE
     shape = (max(1, round(src.height / max(scale, 1))), max(1, round(src.width / max(scale, 1))))
     unique = sorted(set(bands))
+    how = {"out_shape": shape, "resampling": Resampling.nearest}
     data = src.read(unique, out_shape=(len(unique), *shape), resampling=Resampling.nearest)
-    masks = src.read_masks(unique, out_shape=(len(unique), *shape), resampling=Resampling.nearest)
-    valid = (masks > 0).all(axis=0) & np.isfinite(data).all(axis=0)
+    valid = valid_mask(src, unique, data, how)
     by_band = {b: data[i] for i, b in enumerate(unique)}
     return np.stack([by_band[b] for b in bands]), valid
+
+
+def valid_mask(
+    src: rasterio.DatasetReader, bands: Sequence[int], data: np.ndarray, how: dict[str, Any]
+) -> npt.NDArray[np.bool_]:
+    """True where a pixel is data, for ``data`` (the values of ``bands``, in that order) read with
+    ``how`` (``window=`` or ``out_shape=``): GDAL's per-dataset mask (internal mask, ``.msk``,
+    alpha) when there is one, else the OR of the bands' nodata masks; NaN is nodata of its band.
+    One band mask is held at a time, so memory stays that of the window."""
+    finite = np.isfinite(data) if np.issubdtype(data.dtype, np.floating) else None
+    dataset = _dataset_mask(src, how)
+    if dataset is not None:
+        return dataset if finite is None else dataset & finite.any(axis=0)
+    valid = np.zeros(data.shape[1:], bool)
+    for i, band in enumerate(bands):
+        band_valid = src.read_masks(band, **how) > 0
+        valid |= band_valid if finite is None else band_valid & finite[i]
+    return valid
+
+
+def _dataset_mask(src: rasterio.DatasetReader, how: dict[str, Any]) -> npt.NDArray[np.bool_] | None:
+    """The mask shared by every band, or None when each band has only its nodata value. An alpha
+    band counts even when a nodata value shadows it for GDAL (as rasterio's ``dataset_mask``)."""
+    for band, flags in enumerate(src.mask_flag_enums, start=1):
+        if MaskFlags.per_dataset in flags:
+            return src.read_masks(band, **how) > 0
+    if ColorInterp.alpha in src.colorinterp:
+        return src.read(src.colorinterp.index(ColorInterp.alpha) + 1, **how) > 0
+    return None
 
 
 def _stretch(
@@ -107,7 +142,11 @@ def _stretch(
         raise GeoreferenceError(f"{name}: every pixel is nodata")
     limits = []
     for band in data:
-        low, high = np.percentile(band[valid].astype(np.float64), PERCENTILES)
+        values = band[valid].astype(np.float64)
+        values = values[np.isfinite(values)]  # a pixel is data when ANY band is: skip this one's NaN
+        if values.size == 0:
+            raise GeoreferenceError(f"{name}: a chosen band is nodata wherever the image has data")
+        low, high = np.percentile(values, PERCENTILES)
         limits.append((float(low), float(high) if high > low else float(low) + 1.0))
     return tuple(limits)
 
@@ -125,7 +164,7 @@ def read_rgb(
     win = Window(x0, y0, x1 - x0, y1 - y0)
     unique = sorted(set(plan.bands))
     data = src.read(unique, window=win)
-    valid = (src.read_masks(unique, window=win) > 0).all(axis=0) & np.isfinite(data).all(axis=0)
+    valid = valid_mask(src, unique, data, {"window": win})
     by_band = {b: data[i] for i, b in enumerate(unique)}
     channels = []
     for i, band in enumerate(plan.bands):
