@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import sys
 import textwrap
@@ -13,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from _runs import read_manifests
 from _tile_shapes import Shape, tile_detections
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from batchseg import imageio
 from batchseg.errors import InvalidImageError
@@ -309,21 +311,44 @@ def test_a_rotated_tiff_is_not_read_by_window(tmp_path: Path) -> None:
     assert (source.read((0, 30, 60, 40)) == 255).all()  # rotated 180 degrees: the white band is at the bottom
 
 
-def test_a_tiff_whose_compression_cannot_be_decoded_says_what_to_install(tmp_path: Path) -> None:
+def test_a_tiff_whose_pixels_cannot_be_decoded_is_an_input_problem(tmp_path: Path) -> None:
+    """Zlib data under an LZW tag: tifffile cannot decode it; within --max-pixels Pillow is tried
+    (decoded whole) and says the data is damaged, above it the message names the compression."""
     path = tmp_path / "c.tif"
     tifffile.imwrite(path, np.zeros((64, 64), np.uint8), tile=(32, 32), compression="zlib")
     data = path.read_bytes()
     entry = b"\x03\x01\x03\x00\x01\x00\x00\x00\x08\x00"  # Compression (259) = 8, DEFLATE
     assert data.count(entry) == 1
     path.write_bytes(data.replace(entry, b"\x03\x01\x03\x00\x01\x00\x00\x00\x05\x00"))  # 5: LZW
-    try:
-        import imagecodecs  # noqa: F401
-    except ImportError:
-        with pytest.raises(InvalidImageError, match="pip install imagecodecs"):
-            open_source(path, max_pixels=10**6)
-    else:  # with the codecs installed the zlib data is not valid LZW: still an input problem
-        with pytest.raises(InvalidImageError, match="cannot be decoded"):
-            open_source(path, max_pixels=10**6)
+    with pytest.raises(InvalidImageError, match="damaged"):
+        open_source(path, max_pixels=10**6)
+    with pytest.raises(InvalidImageError, match="LZW compression.*cannot be decoded.*TILED=YES"):
+        open_source(path, max_pixels=1000)
+
+
+def thunderscan_tiff(path: Path, grey4: np.ndarray) -> Path:
+    """A 4-bit grey TIFF in ThunderScan compression (32809), which libtiff (so Pillow) decodes and
+    tifffile does not: one RAW code (0xC0 | value) per pixel, one strip."""
+    height, width = grey4.shape
+    data = bytes(0xC0 | int(v) for v in grey4.ravel())
+    tags = [(256, width), (257, height), (258, 4), (259, 32809), (262, 1), (273, 0), (277, 1), (278, height)]
+    tags.append((279, len(data)))
+    data_at = 8 + 2 + len(tags) * 12 + 4
+    ifd = b"".join(struct.pack("<HHII", tag, 4, 1, data_at if tag == 273 else value) for tag, value in tags)
+    path.write_bytes(b"II*\x00" + struct.pack("<IH", 8, len(tags)) + ifd + struct.pack("<I", 0) + data)
+    return path
+
+
+def test_a_tiff_compression_tifffile_cannot_decode_is_decoded_whole(tmp_path: Path) -> None:
+    grey4 = np.zeros((40, 60), np.uint8)
+    grey4[5:20, 10:30] = 15
+    path = thunderscan_tiff(tmp_path / "t.tif", grey4)
+    assert source_module.upright_size(path) == (60, 40, False)  # planned as an image decoded whole
+    source = open_source(path, max_pixels=10**6)
+    assert isinstance(source, WholeSource)
+    assert np.array_equal(source.read((0, 0, 60, 40))[..., 0], grey4 * 17)
+    with pytest.raises(InvalidImageError, match="--max-pixels.*TILED=YES"):
+        open_source(path, max_pixels=1000)
 
 
 def test_16_bit_rgb_keeps_its_colours_with_one_range_for_all_channels(tmp_path: Path) -> None:
@@ -390,3 +415,61 @@ def test_the_next_image_is_opened_beside_the_current_one_and_read_as_without(
     reader.close()
     time.sleep(0.5)
     assert left_open("c.jpg") == 0 and left_open("a.jpg") == 0  # nothing kept after close()
+
+
+#: Compressions Pillow writes a TIFF in (one strip per few rows), each read by window at --tile 512.
+PILLOW_COMPRESSIONS = ("tiff_lzw", "group4", "jpeg", "packbits", "tiff_deflate")
+
+
+def _compressed_folder(folder: Path) -> None:
+    """One 1200 x 1200 picture (shapes across the seams of 512 tiles, plus noise far from them)
+    saved in each compression; 1-bit for CCITT G4, where only the white shape is left."""
+    folder.mkdir()
+    picture = Image.new("RGB", (1200, 1200), (0, 0, 0))
+    pen = ImageDraw.Draw(picture)
+    pen.rectangle([300, 420, 900, 600], fill=(255, 0, 0))
+    pen.ellipse([380, 700, 760, 1100], fill=(0, 0, 255))
+    pen.ellipse([40, 40, 560, 330], outline=(255, 255, 255), width=30)
+    for k in range(40):  # small patches: many objects, some cut by seams
+        x, y = 960 + (k % 5) * 45, 40 + (k // 5) * 140
+        pen.rectangle([x, y, x + 20 + k % 7, y + 30], fill=(255, 0, 0) if k % 2 else (255, 255, 255))
+    for compression in PILLOW_COMPRESSIONS:
+        image = picture.convert("1", dither=Image.Dither.NONE) if compression == "group4" else picture
+        image.save(folder / f"{compression}.tif", compression=compression)
+    grey4 = (np.asarray(picture.convert("L")) // 17).astype(np.uint8)
+    thunderscan_tiff(folder / "thunderscan.tif", grey4)
+
+
+def _run_detections(folder: Path, output: Path, tile: str) -> dict[str, list[tuple[object, ...]]]:
+    command = [
+        sys.executable, "-m", "batchseg", "run", str(folder), "--output", str(output), "--tile", tile,
+        "--engine", "batchseg.engines.threshold:load", "--workers", "1", "--max-detections", "10000",
+        "--prompt", "red", "--prompt", "blue", "--prompt", "white",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    images, detections = read_manifests(output)
+    assert {row["path"]: row["status"] for row in images} == {row["path"]: "ok" for row in images}
+    found: dict[str, list[tuple[object, ...]]] = {row["path"]: [] for row in images}
+    for d in detections:
+        box = (d["box_x0"], d["box_y0"], d["box_x1"], d["box_y1"])
+        found[d["path"]].append((d["prompt"], box, d["area_px"], d["mask_rle"]))
+    return {path: sorted(dets, key=str) for path, dets in found.items()}
+
+
+def test_every_tiff_compression_pillow_writes_runs_tiled_as_whole(tmp_path: Path) -> None:
+    """``batchseg run --tile 512`` on TIFFs that Pillow saved in LZW, CCITT G4, JPEG, PackBits and
+    Deflate (read by window through tifffile's codecs) and in ThunderScan (which tifffile cannot
+    decode: read whole): every image ok, with the detections of the same file at --tile off."""
+    folder = tmp_path / "in"
+    _compressed_folder(folder)
+    for compression in PILLOW_COMPRESSIONS:
+        source = open_source(folder / f"{compression}.tif", max_pixels=10)
+        assert isinstance(source, TiffSource), compression  # by window: --max-pixels does not apply
+        source.close()
+    tiled = _run_detections(folder, tmp_path / "tiled", "512")
+    whole = _run_detections(folder, tmp_path / "whole", "off")
+    assert sorted(tiled) == sorted(f"{c}.tif" for c in (*PILLOW_COMPRESSIONS, "thunderscan"))
+    for path in tiled:
+        assert len(tiled[path]) >= 20, path
+        assert tiled[path] == whole[path], path

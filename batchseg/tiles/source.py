@@ -1,10 +1,13 @@
 """Reading big inputs one window at a time.
 
 Tiled and striped TIFF/BigTIFF are read through tifffile chunk by chunk: a window costs the chunks
-it touches, never the whole image, so memory stays flat in the image's area. Other formats (JPEG,
-PNG, WebP...) cannot be read in parts: they are decoded whole, only up to ``--max-pixels``, and
-refused above it with a message naming a conversion to a tiled TIFF. Tiled-readable images have
-their own limit, ``--max-tiled-pixels`` (default 4 GP).
+it touches, never the whole image, so memory stays flat in the image's area. Its codecs come from
+imagecodecs (a dependency: LZW, JPEG, CCITT G3/G4, WebP... in a window as in a whole image); a TIFF
+whose compression tifffile cannot decode even so (rare ones, some old-style JPEG) is decoded whole
+by Pillow's libtiff, like a JPEG. Other formats (JPEG, PNG, WebP...) cannot be read in parts: they
+are decoded whole, only up to ``--max-pixels``, and refused above it with a message naming a
+conversion to a tiled TIFF. Tiled-readable images have their own limit, ``--max-tiled-pixels``
+(default 4 GP).
 
 Pixels come back as RGB uint8 normalised for the whole image, never per window: grey becomes RGB,
 alpha is composited on black, and data of more than 8 bits is stretched from the whole image's
@@ -190,18 +193,13 @@ def open_source(
         except Exception as exc:  # noqa: BLE001 - tifffile's many errors become one input problem
             raise InvalidImageError(f"The TIFF file cannot be read ({type(exc).__name__}: {exc}).") from exc
         pixels = source.width * source.height
-        planar_ok = int(source._page.planarconfig) == 1 or int(source._page.samplesperpixel) == 1
         if pixels > max_tiled_pixels:
             source.close()
             raise InvalidImageError(
                 f"The image is {source.width} x {source.height} = {pixels:,} pixels, more than the limit "
                 f"of {max_tiled_pixels:,} for images read by window (--max-tiled-pixels)."
             )
-        # An Orientation tag other than top-left would make windows of the stored pixels differ
-        # from windows of the upright image: such a file is decoded whole like a JPEG.
-        upright = int(getattr(source._page.tags.get(274), "value", 1)) == 1
-        if source.chunk_bytes <= MAX_CHUNK_BYTES and planar_ok and upright:
-            _check_decodable(source)
+        if _by_window(source) and _check_decodable(source, max_pixels):
             return source
         source.close()
     return _whole(path, max_pixels)
@@ -237,17 +235,34 @@ def _geo_source(
     return source
 
 
-def _check_decodable(source: TiffSource) -> None:
-    """Decode one chunk now, so that a compression this installation cannot decode (JPEG, LZW,
-    WebP... need the ``imagecodecs`` package) is an input problem with a remedy, found up front."""
+def _by_window(source: TiffSource) -> bool:
+    """Whether the TIFF can be read by window: chunks of a bounded size, interleaved samples, no
+    Orientation tag other than top-left (windows of the stored pixels would differ from windows
+    of the upright image), and a compression and predictor that tifffile can decode (with
+    imagecodecs, nearly all; old-style JPEG variants and rare ones such as ThunderScan not).
+    Otherwise the file is decoded whole by Pillow (libtiff), within --max-pixels, like a JPEG."""
+    page = source._page
+    planar_ok = int(page.planarconfig) == 1 or int(page.samplesperpixel) == 1
+    upright = int(getattr(page.tags.get(274), "value", 1)) == 1
+    codecs = page.compression in tifffile.TIFF.DECOMPRESSORS and page.predictor in tifffile.TIFF.UNPREDICTORS
+    return source.chunk_bytes <= MAX_CHUNK_BYTES and planar_ok and upright and codecs
+
+
+def _check_decodable(source: TiffSource, max_pixels: int) -> bool:
+    """Decode one chunk now, so that pixels tifffile cannot decode are found up front: False when
+    the image fits --max-pixels (it is then decoded whole, and Pillow says what is wrong if it
+    cannot read it either), else an input problem with the reason."""
     try:
         source.read_samples((0, 0, 1, 1))
+        return True
     except Exception as exc:  # noqa: BLE001 - every decoding failure is the same input problem
+        if source.width * source.height <= max_pixels:
+            return False
         source.close()
         compression = getattr(source._page.compression, "name", source._page.compression)
         raise InvalidImageError(
             f"The TIFF's pixels ({compression} compression) cannot be decoded ({type(exc).__name__}: "
-            f"{exc}); `pip install imagecodecs` adds the codecs, or {CONVERT_HINT}."
+            f"{exc}); the file may be damaged: copy or export it again, or {CONVERT_HINT}."
         ) from exc
 
 
@@ -297,10 +312,8 @@ def upright_size(path: str | os.PathLike[str]) -> tuple[int, int, bool]:
         except Exception as exc:  # noqa: BLE001 - tifffile's many errors become one input problem
             raise InvalidImageError(f"The TIFF file cannot be read ({type(exc).__name__}: {exc}).") from exc
         try:
-            page = source._page
-            planar_ok = int(page.planarconfig) == 1 or int(page.samplesperpixel) == 1
-            orientation = int(getattr(page.tags.get(274), "value", 1))
-            windowed = source.chunk_bytes <= MAX_CHUNK_BYTES and planar_ok and orientation == 1
+            orientation = int(getattr(source._page.tags.get(274), "value", 1))
+            windowed = _by_window(source)
             width, height = source.width, source.height
         finally:
             source.close()
