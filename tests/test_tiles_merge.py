@@ -158,13 +158,32 @@ def test_no_merging_across_prompts_or_below_the_threshold() -> None:
     results = {
         "r000c000": [Found("roof", 0.7, _window_rle(plan, "r000c000", disc))],
         "r000c001": [
-            Found("tree", 0.9, _window_rle(plan, "r000c001", disc)),
+            # A little smaller than the roof, so the roof keeps pixels of its own (rule 5).
+            Found("tree", 0.9, _window_rle(plan, "r000c001", disc, erode=3)),
             Found("roof", 0.8, _window_rle(plan, "r000c001", shifted)),
         ],
     }
     merged = merge_tiles(plan, results)
     assert sorted((d.prompt, d.score) for d in merged) == [("roof", 0.7), ("roof", 0.8), ("tree", 0.9)]
     assert len(merge_tiles(plan, results, match=0.2)) == 2  # a looser threshold joins the roofs
+
+
+def test_an_object_that_better_ones_cover_entirely_is_no_detection() -> None:
+    """Two prompts on the same pixels: the better score owns them all, and the other object, left
+    without a pixel, is dropped rather than kept as a row of area 0; numbering has no gap."""
+    plan = plan_tiles(1800, 1000, 1000, 200)
+    disc = Shape("disc", 900.0, 500.0, 60.0, 60.0)
+    far = Shape("disc", 300.0, 300.0, 20.0, 20.0)
+    results = {
+        "r000c000": [
+            Found("roof", 0.7, _window_rle(plan, "r000c000", disc)),
+            Found("roof", 0.5, _window_rle(plan, "r000c000", far)),
+        ],
+        "r000c001": [Found("tree", 0.9, _window_rle(plan, "r000c001", disc))],
+    }
+    merged = merge_tiles(plan, results)
+    assert [(d.index, d.prompt, d.score) for d in merged] == [(1, "tree", 0.9), (2, "roof", 0.5)]
+    assert all(d.area_px == d.mask.area > 0 for d in merged)
 
 
 def test_two_objects_of_one_tile_stay_two_when_a_neighbour_sees_them_as_one() -> None:
@@ -194,7 +213,7 @@ def test_one_view_per_tile_is_folded_into_an_object() -> None:
     plan = plan_tiles(1800, 1000, 1000, 200)
     big = Shape("rect", 900.0, 500.0, 60.0, 40.0)
     part = Shape("rect", 900.0, 500.0, 60.0, 30.0)  # inside big, 3/4 of it
-    sliver = Shape("rect", 870.0, 500.0, 20.0, 10.0)  # inside big too, a small part
+    sliver = Shape("rect", 870.0, 535.0, 20.0, 10.0)  # mostly inside big, a quarter below it
     results = {
         "r000c000": [Found("p", 0.9, _window_rle(plan, "r000c000", big))],
         "r000c001": [

@@ -4,15 +4,17 @@ Tiles are squares of ``side`` source pixels on a regular grid of step ``side - o
 row and column are shifted inward so they end on the image border (never padded, never resized
 here: the engine resizes each tile to its input like any image). An image shorter than ``side``
 in one dimension gets square tiles of its short side (a small, isotropic zoom for the model; a
-rectangle would be squashed anisotropically into the model's square input); an image no larger
-than ``side`` in both dimensions is not tiled. Tile ids ``r{row}c{col}`` are deterministic for an
-image size, side and overlap.
+rectangle would be squashed anisotropically into the model's square input), as long as that short
+side is at least ``strip_floor(side)``: a thinner strip is refused (``strip_refusal``) rather than
+cut into thousands of slivers. An image no larger than ``side`` in both dimensions is not tiled.
+Tile ids ``r{row}c{col}`` are deterministic for an image size, side and overlap.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -26,6 +28,8 @@ __all__ = [
     "parse_overlap",
     "parse_tile",
     "plan_tiles",
+    "strip_floor",
+    "strip_refusal",
 ]
 
 #: ``--tile auto`` tiles an image whose long side exceeds this many times the model's input
@@ -173,17 +177,19 @@ class TilePlan:
 
     def neighbours(self, tile: Tile) -> list[Tile]:
         """Later tiles (row-major) whose windows overlap ``tile``'s: each pair is listed once."""
-        out = []
-        for r in range(tile.row, len(self.ys)):
-            for c in range(len(self.xs)):
-                other = self.tile(r, c)
-                if (r, c) <= (tile.row, tile.col):
-                    continue
-                if other.x0 < tile.x1 and tile.x0 < other.x1 and other.y0 < tile.y1 and tile.y0 < other.y1:
-                    out.append(other)
-                elif r > tile.row + 1:
-                    return out
-        return out
+        return [other for other in self.overlapping(tile) if (other.row, other.col) > (tile.row, tile.col)]
+
+    def overlapping(self, tile: Tile) -> list[Tile]:
+        """Every other tile whose window overlaps ``tile``'s, row-major. Along each axis the starts
+        less than a side away are one index range, found by bisection: a tile of a strip of
+        100,000 tiles costs what one of a 3 x 3 plan does (a scan of the row was quadratic)."""
+        rows, cols = _within(self.ys, tile.y0, self.side), _within(self.xs, tile.x0, self.side)
+        return [self.tile(r, c) for r in rows for c in cols if (r, c) != (tile.row, tile.col)]
+
+
+def _within(starts: tuple[int, ...], start: int, side: int) -> range:
+    """Indices of the (sorted) starts of tiles that overlap a tile starting at ``start``."""
+    return range(bisect_right(starts, start - side), bisect_left(starts, start + side))
 
 
 def plan_tiles(width: int, height: int, side: int, overlap: int) -> TilePlan:
@@ -201,4 +207,29 @@ def plan_tiles(width: int, height: int, side: int, overlap: int) -> TilePlan:
         overlap,
         tuple(axis_starts(width, side, overlap)),
         tuple(axis_starts(height, side, overlap)),
+    )
+
+
+def strip_floor(side: int) -> int:
+    """The thinnest image that tiles of ``side`` may cut: a quarter of the side, and never less
+    than ``MIN_SIDE``. Below it the tiles, squares of the image's short side, would each be
+    enlarged more than four times for the model and a long strip would be tens of thousands of
+    them (a 3,158,064 x 48 image was 131,000 tiles of 48 px)."""
+    return max(MIN_SIDE, side // 4)
+
+
+def strip_refusal(width: int, height: int, side: int, overlap: int) -> str | None:
+    """Why a width x height image is too thin to be cut into tiles of ``side`` (with ``overlap``
+    for tiles of that side), as a sentence saying what to do; None when it may be."""
+    short, long = min(width, height), max(width, height)
+    floor = strip_floor(side)
+    if short >= min(side, floor) or long <= side:  # tiles of the full side, or not tiled
+        return None
+    count = len(axis_starts(long, short, min(overlap, short // 2)))
+    smaller = f", or a --tile of at most {4 * short}" if short >= MIN_SIDE else ""
+    return (
+        f"The image is {width} x {height} pixels, a strip too thin to tile: tiles of {side} px "
+        f"would shrink to its short side: {count:,} tiles of {short} x {short} px. Tiles of {side} px "
+        f"need a short side of at least {floor} px: crop it into pieces, pad it, or process it whole "
+        f"in a run with --tile off{smaller}."
     )

@@ -17,18 +17,26 @@ per-tile masks are the object cut to the window (the colour-threshold engine):
    of the view farthest from a tile edge (a union of views would inflate the shape).
 4. A group of cut detections only is an object larger than what one tile holds whole: each tile
    contributes its mask inside its core (the window cut at the middle of each overlap, so each
-   pixel comes from exactly one tile) and the pieces are joined across every seam.
+   pixel comes from exactly one tile) and the pieces are joined across every seam. A model's
+   tiles disagree: where the tile owning a pixel gave no view to the group (it missed the
+   object, or saw it as another one), the pixel is taken from the views that saw it (their
+   union there). So a group is never empty, even when all its views lie outside their own cores.
 5. Objects are numbered 1..N by descending score; on overlap the better score owns a pixel
-   (``area_px`` and the RLE describe ``label map == index``, as for whole images); ``tiles`` says
-   how many tiles had a detection folded into it. There is no cap: N is at most the sum of the
-   tiles' detections (each tile capped by ``--max-detections`` before any upsampling).
+   (``area_px`` and the RLE describe ``label map == index``, as for whole images); an object left
+   without a pixel (better objects took them all) is no detection. ``tiles`` says how many tiles
+   had a detection folded into it. There is no cap: N is at most the sum of the tiles' detections
+   (each tile capped by ``--max-detections`` before any upsampling).
+
+A failure says where: ``MergeError`` names the tile being added, or the tiles of the object being
+made, and what went wrong (``describe``).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -37,7 +45,15 @@ from .. import rle
 from .grid import Tile, TilePlan
 from .sparse import SparseMask, boxes_meet, intersection_areas, piecewise_ratios, uncovered
 
-__all__ = ["DEFAULT_MATCH", "MergedDetection", "TileDetection", "TileMerger", "merge_tiles"]
+__all__ = [
+    "DEFAULT_MATCH",
+    "MergeError",
+    "MergedDetection",
+    "TileDetection",
+    "TileMerger",
+    "describe",
+    "merge_tiles",
+]
 
 #: Intersection over the smaller mask inside the overlap above which two tiles saw one object.
 DEFAULT_MATCH = 0.5
@@ -45,6 +61,29 @@ DEFAULT_MATCH = 0.5
 _POSITION_BITS = 32
 #: Grid cell (pixels) used to find the better-scored objects that may overlap an object.
 _CELL = 256
+#: Tiles named in a failing object's message.
+_NAMED_TILES = 4
+
+
+class MergeError(RuntimeError):
+    """A merge that failed: ``where`` (a tile, or the tiles of an object) and the ``cause``."""
+
+    def __init__(self, where: str, cause: BaseException) -> None:
+        super().__init__(f"{describe(cause)} ({where})")
+        self.where, self.cause = where, cause
+
+
+def describe(exc: BaseException) -> str:
+    """``Class: message`` of a failure, for a user: an exception without a message (a bare
+    ``assert``) is named by the line that raised it, never as an empty ``AssertionError:``."""
+    if isinstance(exc, MergeError):
+        return str(exc)
+    text = str(exc)
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not text and frames:
+        last = frames[-1]
+        text = f"raised in {last.name} ({Path(last.filename).name}, line {last.lineno})"
+    return f"{type(exc).__name__}: {text or repr(exc)}"
 
 
 class TileDetection(Protocol):
@@ -112,13 +151,8 @@ class TileMerger:
     def __init__(self, plan: TilePlan, *, match: float = DEFAULT_MATCH) -> None:
         if not 0.0 < match <= 1.0:
             raise ValueError(f"the match threshold must be in (0, 1], not {match}")
+        # Nothing per tile here: a strip's 100,000 tiles cost nothing before they come.
         self.plan, self.match = plan, match
-        self._tiles = {tile.id: (k, tile) for k, tile in enumerate(plan.tiles)}
-        self._near: dict[str, list[Tile]] = defaultdict(list)
-        for tile in plan.tiles:
-            for other in plan.neighbours(tile):
-                self._near[tile.id].append(other)
-                self._near[other.id].append(tile)
         self._parts: dict[str, list[_Part]] = {}
 
     def __contains__(self, tile_id: object) -> bool:
@@ -129,17 +163,45 @@ class TileMerger:
         """One finished tile's detections (RLE of its window); each tile once."""
         if tile_id in self._parts:
             raise ValueError(f"tile {tile_id} was added twice")
-        ordinal, tile = self._tiles[tile_id]
-        ours = self._parts[tile_id] = _parts(self.plan, tile, ordinal, detections)
-        for other in self._near[tile_id]:
-            if other.id in self._parts:
-                _link(ours, self._parts[other.id], tile, other, self.match)
+        try:
+            tile = self.plan.by_id(tile_id)
+        except KeyError:
+            raise ValueError(f"{tile_id!r} is not a tile of this plan") from None
+        try:
+            ordinal = tile.row * len(self.plan.xs) + tile.col
+            ours = _parts(self.plan, tile, ordinal, detections)
+            for other in self.plan.overlapping(tile):
+                if other.id in self._parts:
+                    _link(ours, self._parts[other.id], tile, other, self.match)
+        except Exception as exc:
+            raise MergeError(_tile_where(tile), exc) from exc
+        self._parts[tile_id] = ours
 
     def finish(self) -> list[MergedDetection]:
         """The image's detections, numbered 1..N by descending score (tiles never added had none)."""
         parts = {part.key: part for tile_parts in self._parts.values() for part in tile_parts}
-        objects = [obj for group in _groups(parts) for obj in _objects(self.plan, group)]
-        return _number(self.plan, objects)
+        objects = []
+        for group in _groups(parts):
+            try:
+                objects += _objects(self.plan, group)
+            except Exception as exc:
+                raise MergeError(_group_where(group), exc) from exc
+        try:
+            return _number(self.plan, objects)
+        except Exception as exc:
+            raise MergeError(f"numbering the {len(objects)} merged objects", exc) from exc
+
+
+def _tile_where(tile: Tile) -> str:
+    return f"tile {tile.id}, window x {tile.x0}-{tile.x1}, y {tile.y0}-{tile.y1}"
+
+
+def _group_where(group: list[_Part]) -> str:
+    """The object a group makes, by prompt and the tiles that saw it (the first few)."""
+    tiles = sorted({p.tile.id: p.tile for p in group}.values(), key=lambda t: (t.row, t.col))
+    named = "; ".join(_tile_where(t) for t in tiles[:_NAMED_TILES])
+    more = f"; and {len(tiles) - _NAMED_TILES} more" if len(tiles) > _NAMED_TILES else ""
+    return f"the {group[0].prompt!r} object seen by {named}{more}"
 
 
 def _parts(plan: TilePlan, tile: Tile, ordinal: int, detections: Sequence[TileDetection]) -> list[_Part]:
@@ -240,14 +302,7 @@ def _objects(plan: TilePlan, group: list[_Part]) -> list[_Object]:
     wholes = sorted((p for p in group if not p.cut), key=lambda p: (-p.score, p.key))
     if not wholes:
         tiles = {p.tile.id for p in group}
-        if len(tiles) == 1:
-            mask = group[0].mask.union(*(p.mask for p in group[1:]))
-        else:
-            mask = (
-                group[0]
-                .mask.clip(plan.core(group[0].tile))
-                .union(*(p.mask.clip(plan.core(p.tile)) for p in group[1:]))
-            )
+        mask = group[0].mask.union(*(p.mask for p in group[1:])) if len(tiles) == 1 else _joined(plan, group)
         return [_Object(group[0].prompt, max(p.score for p in group), mask, tiles)]
     # Work through links, never all pairs: a dense scene's group can hold thousands of views
     # (measured: 72,900 tile detections took 45 s in an all-pairs loop here, now under one).
@@ -283,6 +338,18 @@ def _objects(plan: TilePlan, group: list[_Part]) -> list[_Object]:
     return out
 
 
+def _joined(plan: TilePlan, group: list[_Part]) -> SparseMask:
+    """Rule 4: each view inside its own tile's core, and where the owning tile gave the group no
+    view, the union of the views that saw the pixel. Never empty: every pixel of a view is
+    either in its own core, in the core of another tile of the group (which then gave a view),
+    or outside every such core (taken from the views)."""
+    owned = [p.mask.clip(plan.core(p.tile)) for p in group]
+    cores = [SparseMask.box(plan.core(t), plan.height) for t in {p.tile.id: p.tile for p in group}.values()]
+    seen = group[0].mask.union(*(p.mask for p in group[1:]))
+    unowned = seen.minus(cores[0].union(*cores[1:]))
+    return unowned.union(*owned)
+
+
 def _edge_distance(plan: TilePlan, part: _Part) -> int:
     """Pixels between the part's box and the nearest edge of its tile inside the image (where a
     model's view is least reliable); image borders do not count."""
@@ -293,21 +360,19 @@ def _edge_distance(plan: TilePlan, part: _Part) -> int:
 
 
 def _number(plan: TilePlan, objects: list[_Object]) -> list[MergedDetection]:
-    """Rule 5: order, indices, and the visible mask of each object (better scores own overlaps)."""
-    objects.sort(key=lambda o: (-o.score, _bbox(o)[1], _bbox(o)[0], o.prompt))
-    boxes = [_bbox(o) for o in objects]
-    visible = uncovered([o.mask for o in objects], np.array(boxes, np.int64).reshape(-1, 4), _CELL)
+    """Rule 5: order, indices, and the visible mask of each object (better scores own overlaps);
+    an object without a visible pixel is no detection."""
+    boxed = [(o, o.mask.bbox) for o in objects if o.mask.bbox is not None]
+    boxed.sort(key=lambda ob: (-ob[0].score, ob[1][1], ob[1][0], ob[0].prompt))
+    boxes = np.array([box for _, box in boxed], np.int64).reshape(-1, 4)
+    visible = uncovered([o.mask for o, _ in boxed], boxes, _CELL)
+    shown = [(o, box, v) for (o, box), v in zip(boxed, visible, strict=True) if v]
     return [
         MergedDetection(
             k, o.prompt, o.score, (float(x0), float(y0), float(x1), float(y1)), v.area, len(o.tiles), v
         )
-        for k, (o, (x0, y0, x1, y1), v) in enumerate(zip(objects, boxes, visible, strict=True), start=1)
+        for k, (o, (x0, y0, x1, y1), v) in enumerate(shown, start=1)
     ]
-
-
-def _bbox(obj: _Object) -> tuple[int, int, int, int]:
-    assert obj.mask.bbox is not None  # parts are never empty, and joins of parts are not either
-    return obj.mask.bbox
 
 
 def _boxes_meet(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
