@@ -208,6 +208,50 @@ def test_uint16_stretch_ignores_nodata_and_is_the_same_for_every_window(tmp_path
     assert (whole[:, :32] == 0).all() and whole[:, 32:].max() == 255 and whole[:, 32:].min() == 0
 
 
+def _valid(path: Path, bands: tuple[int, ...] | None = None) -> np.ndarray:
+    plan = plan_bands(path, bands)
+    with rasterio.open(path) as src:
+        whole = read_rgb(src, plan)[1]
+        halves = [read_rgb(src, plan, (0, 0, 5, 4))[1], read_rgb(src, plan, (5, 0, 8, 4))[1]]
+    assert np.array_equal(np.concatenate(halves, axis=1), whole)  # a window's mask is the same
+    return whole
+
+
+def test_valid_pixels_follow_the_datasets_mask(tmp_path: Path) -> None:
+    """GDAL's rule: a per-dataset mask (internal mask, .msk, alpha) first, else the OR of the chosen
+    bands' nodata masks; NaN is nodata of its band."""
+    data = np.full((4, 4, 8), 120, np.uint8)
+    data[:, 0, :] = 0  # row 0: every band at nodata
+    data[1:, 1, :] = 0  # row 1: red only, (120, 0, 0): data
+    data[:3, 2, :] = 0  # row 2: band 4 only
+    nodata = make_geotiff(tmp_path / "nodata.tif", data, nodata=0, photometric="MINISBLACK")
+    assert _valid(nodata)[:, 0].tolist() == [False, True, False, True]
+    assert _valid(nodata, (4, 3, 2))[:, 0].tolist() == [False, False, True, True]
+    assert _valid(nodata, (2,))[:, 0].tolist() == [False, False, False, True]  # a subset keeps the OR
+    mask = np.full((4, 8), 255, np.uint8)
+    mask[:, :3] = 0
+    for internal in (True, False):  # an internal mask, then a .msk beside the file
+        name = tmp_path / f"masked_{internal}.tif"
+        with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=internal):
+            with rasterio.open(make_geotiff(name, data, photometric="MINISBLACK"), "r+") as dst:
+                dst.write_mask(mask)
+        assert (tmp_path / f"{name.name}.msk").is_file() != internal
+        assert np.array_equal(_valid(name), mask > 0)  # the mask wins over the values
+    rgba = np.concatenate([data[:3], mask[None]])
+    alpha = make_geotiff(tmp_path / "alpha.tif", rgba, nodata=0, photometric="RGB")
+    with rasterio.open(alpha, "r+") as dst:
+        ci = rasterio.enums.ColorInterp
+        dst.colorinterp = [ci.red, ci.green, ci.blue, ci.alpha]
+    assert np.array_equal(_valid(alpha), mask > 0)  # alpha, although nodata 0 shadows it for GDAL
+    floats = np.ones((3, 4, 8), np.float32)
+    floats[:, 0] = np.nan
+    floats[0, 1] = np.nan
+    for value in (None, float("nan")):  # NaN is nodata with or without a nodata value
+        path = make_geotiff(tmp_path / f"float_{value}.tif", floats, nodata=value)
+        assert _valid(path)[:, 0].tolist() == [False, True, True, True]
+        assert _valid(path, (1,))[:, 0].tolist() == [False, False, True, True]
+
+
 def test_float32_with_nan_nodata(tmp_path: Path) -> None:
     data = np.random.default_rng(2).uniform(-1.0, 1.0, (1, 64, 64)).astype(np.float32)
     data[0, 40:, :] = np.nan
