@@ -26,7 +26,16 @@ from ..geo.detect import looks_georeferenced
 from ..records import Detection, FailureCategory, FanOut, Item, ItemResult, Status, failure_result
 from ..sources import georef_fields
 from ..tiles import merge_process
-from ..tiles.grid import MIN_SIDE, Tile, TilePlan, TileSetting, parse_overlap, parse_tile, plan_tiles
+from ..tiles.grid import (
+    MIN_SIDE,
+    Tile,
+    TilePlan,
+    TileSetting,
+    parse_overlap,
+    parse_tile,
+    plan_tiles,
+    strip_refusal,
+)
 from ..tiles.labelmap import label_map_relpath, write_label_map
 from ..tiles.merge_process import RemoteMerge
 from ..tiles.progress import PROGRESS_DIR, TileProgress
@@ -135,6 +144,11 @@ class Tiler:
             side = self.setting.side_for(width, height, self.model_input or 0)
         if side is None or max(width, height) <= side:
             return None  # small, or one --gsd tile covers it: the engine resizes it as it would a tile
+        strip = strip_refusal(width, height, side, self.overlap)
+        if strip is not None:  # a thin strip would be thousands of slivers: refused, saying what to do
+            return failure_result(
+                item, Status.INVALID_INPUT, error_type="InvalidImageError", message=strip, device=self.device
+            )
         pixels = width * height
         limit, flag = (
             (self.max_tiled_pixels, "--max-tiled-pixels") if windowed else (self.max_pixels, "--max-pixels")

@@ -32,7 +32,7 @@ from typing import IO, Any, NamedTuple
 
 from .. import rle
 from .grid import TilePlan, plan_tiles
-from .merge import MergedDetection, TileDetection, TileMerger
+from .merge import MergedDetection, TileDetection, TileMerger, describe
 from .progress import TileProgress
 
 __all__ = ["MergeProcess", "RemoteMerge", "shared"]
@@ -217,7 +217,7 @@ def serve(inbox: IO[bytes], outbox: IO[bytes]) -> None:
                     if tile_id not in merger:  # a followed merge has most of them already
                         merger.add(tile_id, rows)
             except Exception as exc:  # noqa: BLE001 - the image's error, said at its finish
-                error = f"{type(exc).__name__}: {exc}"
+                error = describe(exc)  # names the tile, and what went wrong even without a message
         elif kind == "finish":
             try:
                 _write(outbox, _answer(serial, merger, error))
@@ -271,7 +271,7 @@ class _Following:
                 if tile_id not in followed.merger:  # a tile kept twice (a rerun): the first counts
                     followed.merger.add(tile_id, detections)
         except Exception as exc:  # noqa: BLE001 - the image's error, said at its finish
-            followed.error = f"{type(exc).__name__}: {exc}"
+            followed.error = describe(exc)
 
     def adopt(
         self, geometry: tuple[int, int, int, int], match: float, folder: str | None, key: Any
@@ -291,7 +291,7 @@ def _answer(serial: int, merger: TileMerger, error: str) -> tuple[Any, ...]:
             rles = rle.encode_runs_many(runs, merger.plan.height, merger.plan.width)
             return ("merged", serial, merged, rles)
         except Exception as exc:  # noqa: BLE001
-            error = f"{type(exc).__name__}: {exc}"
+            error = describe(exc)
     return ("failed", serial, error)
 
 
