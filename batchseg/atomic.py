@@ -7,6 +7,10 @@ mid-write, its supervisor removes that worker's files (:func:`remove_temp_files_
 On Windows a file held open by another program (an image viewer, a preview pane, an antivirus)
 makes the rename fail with a sharing violation for a while: it is retried with back-off (see
 :func:`backoff_delays`) before :class:`FileHeldError` says which file and for how long.
+
+A finished file has the mode any new file of the process gets (``0o666`` less the umask, see
+:data:`FILE_MODE`), not the private ``0o600`` of its temp file: colleagues who can open the report
+on a share can open the masks and manifests it links to.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import BinaryIO
 from .errors import OutputError
 
 __all__ = [
+    "FILE_MODE",
     "FileHeldError",
     "HELD_FILE_PATIENCE_S",
     "TEMP_SUFFIX",
@@ -46,6 +51,26 @@ MAX_DELAY_S = 2.0
 #: Windows errors of a rename onto a file another process holds: access denied (the usual one for
 #: a target opened without delete sharing), sharing violation, lock violation.
 HELD_WINERRORS = frozenset({5, 32, 33})
+
+
+def _read_umask() -> int:
+    """The process's umask. Linux shows it in /proc (read without changing it); elsewhere it is
+    set and put back at once, at import, before this process writes a file."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: The mode of every finished file: what ``open(path, "w")`` would have given it (0o644 under the
+#: usual umask 022, 0o640 under 027).
+FILE_MODE = 0o666 & ~_read_umask()
 
 #: The rename hook: os.replace, swapped by tests to simulate a sharing violation.
 _rename: Callable[[str | os.PathLike[str], str | os.PathLike[str]], None] = os.replace
@@ -122,7 +147,14 @@ def atomic_path(dst: str | os.PathLike[str]) -> Iterator[Path]:
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=f".{os.getpid()}{TEMP_SUFFIX}", dir=dst.parent)
-    os.close(fd)
+    try:
+        # mkstemp's 0o600 would survive the rename. POSIX only (Windows has no such modes); a
+        # share that refuses modes keeps its own.
+        if hasattr(os, "fchmod"):
+            with contextlib.suppress(OSError):
+                os.fchmod(fd, FILE_MODE)
+    finally:
+        os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path

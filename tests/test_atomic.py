@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 from misbehaving_engines import SharingViolation
+from PIL import Image, ImageDraw
 
 from batchseg import atomic
 from batchseg.atomic import (
@@ -121,3 +124,33 @@ def test_start_up_cleanup_survives_a_held_temp_file(tmp_path: Path, monkeypatch:
     monkeypatch.setattr(os, "unlink", unlink)
     assert remove_stale_temp_files(tmp_path) == 1
     assert held.exists() and not free.exists()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="Windows files have no POSIX modes")
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640)])
+def test_written_files_follow_the_umask(tmp_path: Path, umask: int, mode: int) -> None:
+    """A run started under a umask writes every file (masks, the tiled label map, manifests,
+    checkpoint, log, previews, report) with the mode any other program would: 0o666 less the
+    umask, never the 0o600 of a temp file. Workers inherit the umask, so their files too."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    big = Image.new("RGB", (1200, 1000))
+    ImageDraw.Draw(big).rectangle([300, 300, 800, 700], fill=(255, 0, 0))
+    big.save(folder / "big.png")  # tiled at 512: a TIFF label map written by window
+    big.resize((120, 100)).save(folder / "small.png")
+    output = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "batchseg", "run", str(folder), "--output", str(output), "--tile", "512",
+        "--engine", "batchseg.engines.threshold:load", "--prompt", "red", "--workers", "1", "--previews",
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.umask(umask)
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    modes = {
+        str(p.relative_to(output)): stat.S_IMODE(p.stat().st_mode) for p in output.rglob("*") if p.is_file()
+    }
+    for name in ("masks/big.png.tif", "masks/small.png.png", "manifest/images.parquet", "report.html"):
+        assert name in modes, sorted(modes)
+    assert "checkpoint.sqlite" in modes and "previews/big.png.jpg" in modes
+    assert {name: m for name, m in modes.items() if m != mode} == {}, oct(mode)

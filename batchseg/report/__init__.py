@@ -33,7 +33,6 @@ from .previews import (
     PreviewMaker,
     PreviewSpec,
     preview_relpath,
-    readable_by_all,
 )
 
 __all__ = [
@@ -59,7 +58,6 @@ def write_report(output_dir: Path) -> Path:
                 fh.write(page.encode("utf-8"))
                 fh.flush()
                 os.fsync(fh.fileno())  # the rename must not reach the disk before the page
-            readable_by_all(tmp)
     except OSError as exc:
         raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from exc
     return target

@@ -292,12 +292,6 @@ def _sample_bands(
 _BAND_ROWS = 512
 
 
-def readable_by_all(path: Path) -> None:
-    """rw-r--r--: temp files are made private (0600), but a preview or report is for everyone who
-    can open the output folder (a file share, a colleague). Windows ignores this."""
-    os.chmod(path, 0o644)
-
-
 def write_preview(
     spec: PreviewSpec, rel: str, mask_path: str | None, detections: Sequence[tuple[str, int]]
 ) -> Path:
@@ -306,7 +300,6 @@ def write_preview(
     image = render_preview(spec, rel, mask_path, detections)
     with atomic_path(target) as tmp:
         image.save(tmp, "JPEG", quality=JPEG_QUALITY)
-        readable_by_all(tmp)
     return target
 
 
