@@ -33,6 +33,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 PROMPT = "roof"
+#: ``--prompts N`` takes the first N: the cost of each further prompt on the same vision features.
+PROMPTS = ("roof", "solar panel", "tree", "car")
+#: Dense bf16 tensor-core peak (TFLOP/s, no sparsity) of the cards benchmarks run on, by name.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
 
 
 # ---- inputs ---------------------------------------------------------------------------------------
@@ -119,6 +123,8 @@ def phase_model_only(args: argparse.Namespace) -> dict[str, Any]:
     set_threads(args.threads)
     dtype, _ = resolve_dtype(args.device, args.dtype)
     model, processor = load_model(str(args.model_dir), args.device, dtype)
+    first = sorted(Path(args.images_dir).glob("*.jpg"))[0]
+    tflop = _tflop_per_image(model, processor, Image.open(first).convert("RGB"), args.device, dtype)
     # The model as batchseg runs it: the model-only limit is the model as it is run.
     from batchseg.engines.sam3.speedups import speed_up
 
@@ -130,7 +136,6 @@ def phase_model_only(args: argparse.Namespace) -> dict[str, Any]:
         cuda_graphs=not args.no_cuda_graphs,
         fuse=not args.no_fuse_rope,
     )
-    first = sorted(Path(args.images_dir).glob("*.jpg"))[0]
     batch = processor(
         images=[Image.open(first).convert("RGB")] * args.batch_size,
         text=[PROMPT] * args.batch_size,
@@ -149,13 +154,45 @@ def phase_model_only(args: argparse.Namespace) -> dict[str, Any]:
             if i >= args.warmup:
                 times.append(time.perf_counter() - start)
     per_batch = float(np.median(times))
+    achieved = tflop * args.batch_size / per_batch
     return {
+        "tflop_per_img": round(tflop, 3),
+        "tflop_per_s": round(achieved, 1),
+        "of_peak": _of_peak(args.device, achieved),
         "img_per_s": args.batch_size / per_batch,
         "ms_per_img": 1000 * per_batch / args.batch_size,
         "batch_size": args.batch_size,
         "dtype": dtype,
         "peak_gib": _peak_gib(args.device),
     }
+
+
+def _tflop_per_image(model: Any, processor: Any, image: Image.Image, device: str, dtype: str) -> float:
+    """TFLOP of one image with one prompt (vision encoder, text, DETR and mask decoder), counted by
+    ``torch.utils.flop_counter`` on the eager model (matrix products and attention)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = processor(images=[image], text=[PROMPT], return_tensors="pt")
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model(
+            pixel_values=batch["pixel_values"].to(device, getattr(torch, dtype)),
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+        )
+    return counter.get_total_flops() / 1e12
+
+
+def _of_peak(device: str, tflop_per_s: float) -> float | None:
+    """The achieved rate as a fraction of the card's dense bf16 peak, where the card is known."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return round(tflop_per_s / peak, 3) if peak else None
 
 
 def phase_end_to_end(args: argparse.Namespace) -> dict[str, Any]:
@@ -185,6 +222,8 @@ def phase_end_to_end(args: argparse.Namespace) -> dict[str, Any]:
         "--threshold",
         str(args.threshold),
     ]
+    for extra in PROMPTS[1 : args.prompts]:
+        command += ["--prompt", extra]
     if args.compile:
         command.append("--compile")
     if args.previews:
@@ -218,6 +257,7 @@ def phase_end_to_end(args: argparse.Namespace) -> dict[str, Any]:
         "wall_s": wall,
         "wall_img_per_s": n / wall,
         "images": n,
+        "prompts": args.prompts,
         "device": table["device"][0],
         "batch_size": args.batch_size,
         **per_worker(table),
@@ -308,6 +348,7 @@ def run_phase(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "warmup",
         "naive_images",
         "threshold",
+        "prompts",
     ):
         value = getattr(args, key)
         if value is not None:
@@ -369,6 +410,11 @@ def to_markdown(report: dict[str, Any]) -> str:
             )
         if r.get("peak_gib") is not None:
             notes.append(f"peak {r['peak_gib']:.1f} GiB")
+        if r.get("tflop_per_img") is not None:
+            share = f", {r['of_peak']:.0%} of bf16 peak" if r.get("of_peak") else ""
+            notes.append(f"{r['tflop_per_img']:.2f} TFLOP/img, {r['tflop_per_s']:.0f} TFLOP/s{share}")
+        if r.get("prompts", 1) > 1:
+            notes.append(f"{r['prompts']} prompts")
         lines.append(f"| {name} | {r['img_per_s']:.2f} | {r['ms_per_img']:.1f} | {'; '.join(notes)} |")
     ratios = report["ratios"]
     lines += [
@@ -395,6 +441,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--naive-images", type=int, default=None, help="images for the naive loop [all]")
     parser.add_argument("--threshold", type=float, default=0.3)
+    parser.add_argument("--prompts", type=int, default=1, help="prompts per image, 1 to 4 (end to end)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbone (CUDA)")
     parser.add_argument("--previews", action="store_true", help="end to end with --previews")
     parser.add_argument("--backend", default="local", help="end to end with --backend ray")
