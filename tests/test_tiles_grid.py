@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _tile_shapes import Found
 
+from batchseg import rle
 from batchseg.tiles.grid import (
     AUTO_FACTOR,
+    Tile,
+    TilePlan,
     axis_starts,
     default_overlap,
     parse_overlap,
     parse_tile,
     plan_tiles,
+    strip_floor,
+    strip_refusal,
 )
+from batchseg.tiles.merge import TileMerger
 
 
 @pytest.mark.parametrize(
@@ -52,8 +59,20 @@ def test_tiles_cover_the_image_and_cores_partition_it(
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
 
 
-def test_neighbours_are_the_overlapping_later_tiles() -> None:
-    plan = plan_tiles(6000, 4000, 1008, 252)
+@pytest.mark.parametrize(
+    ("width", "height", "side", "overlap"),
+    [
+        (6000, 4000, 1008, 252),
+        (3001, 1009, 1008, 2),
+        (5000, 600, 1008, 252),  # a strip: tiles of its short side
+        (700, 6000, 256, 0),  # no overlap: tiles that only touch are no neighbours
+        (1000, 1000, 400, 100),
+        (777, 333, 64, 32),  # half the side: the shifted last tiles overlap two others
+        (64, 9000, 64, 31),
+    ],
+)
+def test_neighbours_are_the_overlapping_later_tiles(width: int, height: int, side: int, overlap: int) -> None:
+    plan = plan_tiles(width, height, side, overlap)
     pairs = {(t.id, n.id) for t in plan.tiles for n in plan.neighbours(t)}
     brute = {
         (a.id, b.id)
@@ -62,6 +81,67 @@ def test_neighbours_are_the_overlapping_later_tiles() -> None:
         if a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
     }
     assert pairs == brute
+    for tile in plan.tiles:
+        both = {n.id for n in plan.overlapping(tile)}
+        assert both == {b for a, b in brute if a == tile.id} | {a for a, b in brute if b == tile.id}
+
+
+class _CountingPlan(TilePlan):
+    """A plan that counts its tile lookups."""
+
+    lookups = 0
+
+    def tile(self, row: int, col: int) -> Tile:
+        type(self).lookups += 1
+        return super().tile(row, col)
+
+
+def _counting(plan: TilePlan) -> _CountingPlan:
+    return _CountingPlan(plan.width, plan.height, plan.side, plan.overlap, plan.xs, plan.ys)
+
+
+def test_neighbours_of_a_strip_of_131585_tiles_cost_what_they_find() -> None:
+    """The strip that kept a merge helper busy for over 35 minutes (neighbours scanned the whole
+    row for every tile): each lookup now is a tile that overlaps, and a merge starts with no work
+    per tile. Counted, not timed."""
+    _CountingPlan.lookups = 0
+    short = _counting(plan_tiles(48_024, 48, 1008, 252))  # 2,000 tiles: a scan would fail here fast
+    assert sum(len(short.neighbours(tile)) for tile in short.tiles) == _CountingPlan.lookups // 2 == 1999
+    _CountingPlan.lookups = 0
+    counting = _counting(plan_tiles(3_158_064, 48, 1008, 252))
+    assert len(counting) == 131_585
+    merger = TileMerger(counting)
+    assert "tiles" not in vars(counting) and _CountingPlan.lookups == 0  # nothing per tile yet
+    pairs = sum(len(counting.neighbours(tile)) for tile in counting.tiles)
+    assert pairs == len(counting) - 1  # a row whose step is half a tile: each tile overlaps the next
+    assert _CountingPlan.lookups == 2 * pairs  # every lookup found an overlapping tile (each way)
+    # The far end merges like the start: a bar across the last seam, seen by the last two tiles.
+    a, b = counting.tiles[-2], counting.tiles[-1]
+    bar = (b.x0, 10, a.x1, 20)
+    _CountingPlan.lookups = 0
+    for tile in (a, b):
+        canvas = np.zeros((48, 48), bool)
+        canvas[bar[1] : bar[3], bar[0] - tile.x0 : bar[2] - tile.x0] = True
+        merger.add(tile.id, [Found("p", 0.9, rle.encode(canvas))])
+    assert _CountingPlan.lookups <= 2 * 3  # by id, then the overlapping tiles of each
+    (merged,) = merger.finish()
+    assert merged.box == tuple(float(v) for v in bar) and merged.tiles == 2
+
+
+def test_a_strip_thinner_than_a_quarter_of_the_tile_is_refused_saying_what_to_do() -> None:
+    assert strip_floor(1008) == 252 and strip_floor(256) == 64 == strip_floor(64)
+    message = strip_refusal(3_158_064, 48, 1008, 252)
+    assert message is not None
+    for part in ("3158064 x 48", "131,585 tiles of 48 x 48 px", "at least 252 px", "--tile off"):
+        assert part in message, message
+    assert "--tile of at most" not in message  # under 64 px no tile side would do
+    assert strip_refusal(5000, 252, 1008, 252) is None  # at the floor: tiles of 252
+    assert strip_refusal(5000, 251, 1008, 252) is not None
+    assert strip_refusal(251, 5000, 1008, 252) is not None  # a column is a strip too
+    assert strip_refusal(5000, 600, 1008, 252) is None
+    assert "or a --tile of at most 400" in (strip_refusal(20000, 100, 512, 128) or "")
+    assert strip_refusal(500, 40, 512, 128) is None  # not tiled at all: processed whole
+    assert strip_refusal(20000, 5000, 1008, 252) is None
 
 
 def test_an_image_shorter_than_a_tile_gets_square_tiles_of_its_short_side() -> None:
