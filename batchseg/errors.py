@@ -1,7 +1,9 @@
 """Errors batchseg raises, each carrying the exit code the CLI turns it into, and the exit codes.
 
     BatchsegError                 exit 1, the root: anything fatal to a run
-    ├── ConfigError               bad option, job file or prompt
+    ├── ConfigError               a configuration the input, model or engine cannot use
+    │   └── BadValueError         exit 2: a value the options refuse, from a flag, a BATCHSEG_*
+    │                             variable or a job file (a usage error, like click's own)
     ├── ModelLoadError            the model folder is incomplete or cannot be loaded
     ├── OutputError               the output folder cannot be written (read-only, disk full, path too long)
     ├── ConfigMismatchError       the output folder holds a run with another configuration
@@ -22,6 +24,7 @@ __all__ = [
     "ExitCode",
     "BatchsegError",
     "CircuitBreakerTripped",
+    "BadValueError",
     "ConfigError",
     "ConfigMismatchError",
     "ModelLoadError",
@@ -49,8 +52,11 @@ class ExitCode(IntEnum):
 
 _MEANINGS = {
     ExitCode.OK: "all images ok",
-    ExitCode.FATAL: "fatal error (bad config, model cannot load, output not writable)",
-    ExitCode.USAGE: "usage error",
+    ExitCode.FATAL: (
+        "fatal error (a configuration the input, model or engine refuses, model cannot load, "
+        "output not writable)"
+    ),
+    ExitCode.USAGE: "usage error (a bad option or value: flag, BATCHSEG_* variable or job file)",
     ExitCode.NOT_ALL_OK: "finished, some images not ok",
     ExitCode.STOPPED: (
         "stopped early (Ctrl-C, deadline, circuit breaker), run the same command again to resume"
@@ -66,6 +72,13 @@ class BatchsegError(Exception):
 
 class ConfigError(BatchsegError):
     """An option, job file or prompt that cannot be used."""
+
+
+class BadValueError(ConfigError):
+    """A value the options themselves refuse: a bad value, an unknown option or job-file key, options
+    that cannot go together. Exit 2 wherever the value came from (flag, variable or job file)."""
+
+    exit_code: ClassVar[ExitCode] = ExitCode.USAGE
 
 
 class ModelLoadError(BatchsegError):

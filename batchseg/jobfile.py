@@ -21,11 +21,13 @@ Paths in a job file
     (``facebook/sam3``) is kept as written. Write ``./models/sam3`` to mean a local folder for sure.
 
 Values
-    Every key is an option of :mod:`batchseg.options` and is read by that option's kind
-    (:mod:`batchseg.values`), the same parser the command line uses: ``timeout = "90m"`` means
-    ``--timeout 90m``. TOML types are kept: durations take seconds (a number) or a duration string,
-    ``deadline`` takes ``"HH:MM"`` or a TOML local time (``06:30:00``), ``workers``, ``threads`` and
-    ``batch-size`` also take ``"auto"``; ``workers = "2"`` is refused.
+    A job file that cannot be read, an unknown key or a bad value is a usage error (exit 2), as the
+    same mistake on the command line is. Every key is an option of :mod:`batchseg.options` and is
+    read by that option's kind (:mod:`batchseg.values`), the same parser the command line uses:
+    ``timeout = "90m"`` means ``--timeout 90m``. TOML types are kept: durations take seconds (a
+    number) or a duration string, ``deadline`` takes ``"HH:MM"`` or a TOML local time
+    (``06:30:00``), ``workers``, ``threads`` and ``batch-size`` also take ``"auto"``;
+    ``workers = "2"`` is refused.
 
 This module is imported by the parent process: it never imports torch.
 """
@@ -37,7 +39,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import BadValueError, ConfigError
 from .options import OPTIONS, Option
 from .values import WINDOWS_PATH_HINT, did_you_mean, duration_seconds, is_local_model_path, parse_hhmm
 
@@ -82,19 +84,19 @@ def _read_toml(path: Path) -> dict[str, Any]:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise ConfigError(f"{path}: job file not found") from None
+        raise BadValueError(f"{path}: job file not found") from None
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the job file: {exc.strerror or exc}") from exc
+        raise BadValueError(f"{path}: cannot read the job file: {exc.strerror or exc}") from exc
     try:
         text = _decode(raw)
     except UnicodeDecodeError as exc:
-        raise ConfigError(
+        raise BadValueError(
             f"{path}: the job file is not UTF-8 text (byte {exc.start}); save it as UTF-8"
         ) from exc
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: {_syntax_message(exc)}") from exc
+        raise BadValueError(f"{path}: {_syntax_message(exc)}") from exc
 
 
 def _decode(raw: bytes) -> str:
@@ -125,8 +127,8 @@ def load_job_file(path: Path) -> dict[str, Any]:
 
     Values come back as RunConfig holds them: ``input``/``output`` as absolute Paths and ``model``
     as an absolute folder or a hub id (see the module doc for the rules), lists as tuples of strings,
-    durations as float seconds, ``deadline`` as ``"HH:MM"``, ``"auto"`` as None. Raises ConfigError
-    naming the file, the key and what was expected.
+    durations as float seconds, ``deadline`` as ``"HH:MM"``, ``"auto"`` as None. Raises BadValueError
+    (exit 2, as a bad flag is) naming the file, the key and what was expected.
     """
     path = Path(path)
     data = _read_toml(path)
@@ -136,12 +138,12 @@ def load_job_file(path: Path) -> dict[str, Any]:
     for key, value in data.items():
         found = option_for_key(key)
         if found is None:
-            raise ConfigError(f"{path}: {_unknown_key_message(key)}")
+            raise BadValueError(f"{path}: {_unknown_key_message(key)}")
         if found.name in spelled:
-            raise ConfigError(f"{path}: keys {spelled[found.name]!r} and {key!r} set the same option")
+            raise BadValueError(f"{path}: keys {spelled[found.name]!r} and {key!r} set the same option")
         spelled[found.name] = key
         try:
             options[found.name] = found.kind.from_toml(value, base)
         except ConfigError as exc:
-            raise ConfigError(f"{path}: key {key!r}: {exc}") from None
+            raise BadValueError(f"{path}: key {key!r}: {exc}") from None
     return options

@@ -1,6 +1,7 @@
 """The library entry points behind the CLI: ``run`` a folder, ``retry`` failed images, ``demo``.
 
-Data flow: RunConfig -> lock -> store.rebuild.open_run -> discover(input) -> checkpoint.plan(items)
+Data flow: RunConfig -> preflight (every check; nothing written) -> lock -> store.rebuild.open_run
+-> discover(input) -> checkpoint.plan(items)
 -> processing.PoolPass (the pool, results durable before an image counts as done, manifest exports)
 -> final export -> RunSummary with the exit code.
 
@@ -12,27 +13,29 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import os
+import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 from . import __version__
 from .config import RunConfig
-from .discover import check_input_folder, discover
-from .errors import BatchsegError, ExitCode, OutputError, StoppedEarly
+from .discover import discover
+from .errors import BatchsegError, ConfigError, ExitCode, OutputError, StoppedEarly
 from .lock import RunLock
 from .logs import RunLog
+from .preflight import preflight, stored_run
 from .processing import PoolPass
 from .records import FINAL_FAILURES, Item, ItemResult, Status, failure_result
 from .report import report_after_run
 from .sources import check_geo_extra
-from .store.checkpoint import Checkpoint
+from .store.checkpoint import CHECKPOINT_NAME, Checkpoint
 from .store.folder import check_output_writable, remove_stale_temp_files
-from .store.manifest import read_manifest_run
+from .store.manifest import export_manifest
 from .store.rebuild import open_run
-from .supervise.contract import check_in_parent
+from .store.tables import MANIFEST_DIR
 from .upkeep import export, warn_empty_input
 
 __all__ = ["RunSummary", "run", "retry", "exit_code_for"]
@@ -86,18 +89,61 @@ def run(
     """Process every pending image of ``config.input``; resumable at any point.
 
     ``retry_statuses``: rerun the images whose recorded status is one of these (``batchseg retry``).
-    ``factory`` overrides ``config.engine`` for this run only (it is not stored).
+    ``factory`` overrides ``config.engine`` for this run only (it is not stored). Every check of
+    the configuration comes first (``preflight``): a run refused for it writes nothing.
     """
     config = resolve_config(config)
     factory = factory or config.engine
+    checked = preflight(config, factory)
+    config = checked.config
     output_dir = config.output_dir
-    check_output_writable(output_dir)
-    with RunLock(output_dir), RunLog(output_dir / "logs", keep=config.log_keep) as log:
-        try:
-            return _run_locked(config, factory, retry_statuses, log, stream)
-        except BatchsegError as exc:
-            log.warning(f"run ended: {type(exc).__name__}: {exc}")
-            raise
+    with _left_as_found_on_config_error(output_dir):
+        check_output_writable(output_dir)
+        with RunLock(output_dir), RunLog(output_dir / "logs", keep=config.log_keep) as log:
+            for note in checked.notes:
+                log.info(note)
+            try:
+                return _run_locked(config, factory, retry_statuses, log, stream)
+            except BatchsegError as exc:
+                log.warning(f"run ended: {type(exc).__name__}: {exc}")
+                raise
+
+
+#: What makes a folder hold a run: a configuration error never removes a thing from one.
+_RUN_MARKERS = frozenset({CHECKPOINT_NAME, MANIFEST_DIR})
+
+
+@contextlib.contextmanager
+def _left_as_found_on_config_error(output_dir: Path) -> Iterator[None]:
+    """The configuration errors only a loaded engine can find (an overlap past half its input
+    size, a prompt its processor refuses) come after the run began writing. In a folder that held
+    no run, what this run made goes again, so the corrected command just runs; a folder that
+    holds a run keeps it (its configuration passed this engine before)."""
+    before = _top_level_names(output_dir)
+    try:
+        yield
+    except ConfigError:
+        if before is None:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        elif not before & _RUN_MARKERS:
+            for name in (_top_level_names(output_dir) or set()) - before:
+                _remove(output_dir / name)
+        raise
+
+
+def _top_level_names(folder: Path) -> set[str] | None:
+    try:
+        return set(os.listdir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def _run_locked(
@@ -116,8 +162,6 @@ def _run_locked(
     removed = remove_stale_temp_files(output_dir)
     if removed:
         log.info(f"removed {removed} unfinished temp file(s) left by an interrupted run")
-    check_input_folder(config.input)  # before the checkpoint stores a run for a folder that is not there
-    config = _resolve_tile(config, log)
     checkpoint = open_run(output_dir, config, new_run=config.new_run)
     try:
         found = discover(
@@ -140,10 +184,12 @@ def _run_locked(
         for path, kept in found.collisions.items():
             _record_collision(checkpoint, config, path, kept, log)
         _record_skipped(checkpoint, config.input, found.excluded)
-        if plan.pending:
-            check_in_parent(factory, config)  # e.g. a prompt too long for the model: before any worker
         work = PoolPass(config, factory, checkpoint, plan.pending, log, stream, _stop_time(config))
-        stopped, message, processed = work.run()
+        try:
+            stopped, message, processed = work.run()
+        except KeyboardInterrupt:
+            _export_on_the_way_out(checkpoint, output_dir, log, stream)
+            raise
         export(checkpoint, output_dir, log, final=True, stream=stream)
         counts = checkpoint.counts()
     finally:
@@ -163,25 +209,25 @@ def _run_locked(
     return summary
 
 
-def _resolve_tile(config: RunConfig, log: RunLog) -> RunConfig:
-    """``--tile`` not given: ``auto`` for a new output folder, the stored value for an existing
-    one, and ``off`` for a folder made before tiling existed (so it resumes as it was made)."""
-    if config.tile is not None:
-        return config
-    stored: dict[str, Any] | None = None
-    if not config.new_run:
-        with contextlib.suppress(BatchsegError):
-            stored = _stored_config(config.output_dir)
-    if stored is None:
-        return config.with_changes(tile="auto")
-    tile = stored.get("tile")
-    if tile is None:
-        log.info(
-            "--tile not given: off, as in the run this output folder holds (made before tiling); "
-            "pass --tile auto with --new-run to tile large images"
+def _export_on_the_way_out(
+    checkpoint: Checkpoint, output_dir: Path, log: RunLog, stream: TextIO | None
+) -> None:
+    """Stopped at once (a second Ctrl-C): the workers are gone, but what the checkpoint holds is
+    exported, so the folder shows the images recorded so far (the polygons of --vectors wait for
+    the next run: they read every image). Another Ctrl-C here, or a failure, is said, not hidden."""
+    folder = output_dir / MANIFEST_DIR
+    try:
+        export_manifest(checkpoint, output_dir, polygons=False)
+        text = f"stopped at once: {folder} holds the images recorded so far"
+    except (BatchsegError, OSError, KeyboardInterrupt) as exc:
+        why = "interrupted again" if isinstance(exc, KeyboardInterrupt) else str(exc)
+        text = (
+            f"stopped at once: the manifest in {folder} was not exported ({why}); the checkpoint "
+            "holds every result recorded, and the next run exports it"
         )
-        return config.with_changes(tile="off")
-    return config.with_changes(tile=str(tile))
+    log.warning(text)
+    if stream is not None:
+        stream.write(f"{text}\n")
 
 
 def _record_collision(checkpoint: Checkpoint, config: RunConfig, path: str, kept: str, log: RunLog) -> None:
@@ -237,17 +283,10 @@ def deadline_epoch(deadline: str, now: _dt.datetime) -> float:
 
 def _stored_config(output_dir: Path) -> dict[str, Any]:
     """The configuration of the run in ``output_dir``: from the checkpoint, else the manifest."""
-    try:
-        checkpoint = Checkpoint.open_existing(output_dir, read_only=True)
-    except BatchsegError:
-        run_info = read_manifest_run(output_dir)
-        if run_info is None:
-            raise OutputError(f"{output_dir} holds no batchseg run (no checkpoint, no manifest)") from None
-        return run_info.config
-    try:
-        return checkpoint.stored_config()
-    finally:
-        checkpoint.close()
+    found = stored_run(output_dir)
+    if found is None:
+        raise OutputError(f"{output_dir} holds no batchseg run (no checkpoint, no manifest)")
+    return found.config
 
 
 def retry(

@@ -3,7 +3,7 @@
 A kind reads text (a command-line flag, a ``BATCHSEG_*`` variable) and a TOML value (a job file)
 into the same Python value: ``--timeout 90m``, ``BATCHSEG_TIMEOUT=90m`` and ``timeout = "90m"`` are
 all 5400.0 seconds. TOML values keep their types (``workers = "2"`` is refused, ``workers = 2`` is
-not). A refusal is a ConfigError that says what was expected and what was given. Torch-free.
+not). A refusal is a BadValueError (exit 2) that says what was expected and what was given. Torch-free.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Generic, TypeGuard, TypeVar
 
-from .errors import ConfigError
+from .errors import BadValueError, ConfigError
 
 __all__ = [
     "Choice",
@@ -37,6 +37,7 @@ __all__ = [
     "TextList",
     "TileSide",
     "TimeOfDay",
+    "SHOWN_CHARS",
     "WINDOWS_PATH_HINT",
     "duration_seconds",
     "is_local_model_path",
@@ -61,6 +62,8 @@ _DURATION_RE = re.compile(
 )
 _HHMM_RE = re.compile(r"^(\d{1,2}):(\d{2})$")
 _DRIVE_RE = re.compile(r"^[A-Za-z]:")
+#: The longest a value is echoed in a message; a longer one is cut, with its length said.
+SHOWN_CHARS = 80
 
 
 # --------------------------------------------------------------------------------------- messages
@@ -85,7 +88,8 @@ def toml_type(value: object) -> str:
 
 
 def show(value: object) -> str:
-    """A value as the user wrote it, escaped and shortened for one line of message."""
+    """A value as the user wrote it, escaped and cut to ``SHOWN_CHARS`` for one line of message:
+    a 10,000-character prompt shows as its first characters, ``...`` and its length."""
     if isinstance(value, bool):
         text = "true" if value else "false"
     elif isinstance(value, str):
@@ -96,7 +100,10 @@ def show(value: object) -> str:
         text = "[" + ", ".join(show(v) for v in value[:5]) + (", ...]" if len(value) > 5 else "]")
     else:
         text = str(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    if len(text) <= SHOWN_CHARS:
+        return text
+    length = f" ({len(value):,} characters)" if isinstance(value, str) else ""
+    return text[: SHOWN_CHARS - 3] + "..." + length
 
 
 def did_you_mean(word: str, choices: Sequence[str]) -> str:
@@ -114,7 +121,7 @@ def _is_number(value: object) -> TypeGuard[int | float]:
 def duration_seconds(text: str) -> float:
     """Seconds in a duration such as ``"6h"``, ``"90m"``, ``"45s"``, ``"1h30m"``, ``"2d"`` or ``"3600"``.
 
-    Raises ConfigError for anything else, and for a duration of zero.
+    Raises BadValueError for anything else, and for a duration of zero.
     """
     cleaned = str(text).strip().lower().replace(" ", "")
     seconds: float | None = None
@@ -131,20 +138,20 @@ def duration_seconds(text: str) -> float:
                 + parts.get("s", 0.0)
             )
     if seconds is None or not math.isfinite(seconds) or seconds <= 0:
-        raise ConfigError(
+        raise BadValueError(
             f"expected a duration like 6h, 90m, 45s or 1h30m (more than zero), got {show(text)}"
         )
     return seconds
 
 
 def parse_hhmm(text: str) -> tuple[int, int]:
-    """``"02:00"`` -> ``(2, 0)``: a time of day on the 24-hour clock. ConfigError if it is not one."""
+    """``"02:00"`` -> ``(2, 0)``: a time of day on the 24-hour clock. BadValueError if it is not one."""
     match = _HHMM_RE.match(str(text).strip())
     if match:
         hour, minute = int(match.group(1)), int(match.group(2))
         if hour <= 23 and minute <= 59:
             return hour, minute
-    raise ConfigError(f"expected a time of day HH:MM on the 24-hour clock (e.g. 02:00), got {show(text)}")
+    raise BadValueError(f"expected a time of day HH:MM on the 24-hour clock (e.g. 02:00), got {show(text)}")
 
 
 def is_local_model_path(value: str, base: Path | None = None) -> bool:
@@ -199,9 +206,9 @@ class Kind(Generic[T_co]):
         """Inverse of ``to_json``."""
         return value
 
-    def refuse(self, value: object, toml: bool, hint: str = "") -> ConfigError:
+    def refuse(self, value: object, toml: bool, hint: str = "") -> BadValueError:
         got = f"{show(value)} ({toml_type(value)})" if toml else show(value)
-        return ConfigError(f"expected {self.expected}, got {got}{hint}")
+        return BadValueError(f"expected {self.expected}, got {got}{hint}")
 
 
 class Text(Kind[str]):
@@ -216,7 +223,9 @@ class Text(Kind[str]):
             # In a job file this usually is a mangled backslash escape ("C:\new" holds a newline).
             hint = f"; a backslash escape in a double-quoted string? {WINDOWS_PATH_HINT}" if toml else ""
             got = f"{show(value)} (string)" if toml else show(value)
-            raise ConfigError(f"the value contains a control character (tab, newline, ...), got {got}{hint}")
+            raise BadValueError(
+                f"the value contains a control character (tab, newline, ...), got {got}{hint}"
+            )
         return value
 
 

@@ -375,7 +375,8 @@ def test_gsd_sets_the_tile_side_from_the_ground_resolution(tmp_path: Path) -> No
     refused = python_m_batchseg(
         "run", folder, "--engine", ENGINE, "--output", tmp_path / "o2", *flags, "--tile", "off"
     )
-    assert refused.returncode == 1 and "--gsd" in refused.stderr
+    assert refused.returncode == 2 and "--gsd" in refused.stderr  # a usage error, before any write
+    assert not (tmp_path / "o2").exists()
 
 
 def test_a_20000_pixel_tiled_geotiff_gives_one_polygon_per_object_across_seams(tmp_path: Path) -> None:

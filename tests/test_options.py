@@ -22,8 +22,15 @@ from conftest import make_image
 
 from batchseg.cli import Commands, cli, run_config
 from batchseg.config import FINGERPRINT_UPGRADES, RunConfig, upgrade_fingerprint
-from batchseg.errors import CircuitBreakerTripped, ConfigError, ExitCode, OutputError, StoppedEarly
-from batchseg.options import DEFAULT_ENGINE, OPTIONS, BandList, Option, Reader, fingerprint_options
+from batchseg.errors import (
+    BadValueError,
+    CircuitBreakerTripped,
+    ConfigError,
+    ExitCode,
+    OutputError,
+    StoppedEarly,
+)
+from batchseg.options import DEFAULT_ENGINE, OPTIONS, BandList, Option, Reader, by_name, fingerprint_options
 from batchseg.store.checkpoint import Checkpoint
 from batchseg.values import (
     BOOL_WORDS,
@@ -288,16 +295,53 @@ def test_a_bad_value_is_a_usage_error_naming_the_option_from_a_flag_or_a_variabl
     assert gpu.exit_code == 2 and "got \"gpu\"; did you mean 'cuda'?" in gpu.output
 
 
-def test_a_bad_job_file_ends_at_the_error_boundary_with_exit_1(tmp_path: Path) -> None:
+def test_a_bad_job_file_is_a_usage_error_like_a_bad_flag(tmp_path: Path) -> None:
     job = tmp_path / "night.toml"
     job.write_text("worker = 2\n", encoding="utf-8")
     result = invoke("run", "--job", str(job))
-    assert result.exit_code == ExitCode.FATAL
+    assert result.exit_code == ExitCode.USAGE  # as an unknown --worker flag is
     assert result.output.strip() == f"error: {job}: unknown key 'worker'; did you mean 'workers'?"
     job.write_text('timeout = "soon"\n', encoding="utf-8")
     result = invoke("run", "--job", str(job))
-    assert result.exit_code == 1
+    assert result.exit_code == ExitCode.USAGE
     assert "key 'timeout': expected seconds > 0" in result.output and 'got "soon" (string)' in result.output
+    job.write_text("timeout = \n", encoding="utf-8")
+    assert invoke("run", "--job", str(job)).exit_code == ExitCode.USAGE  # TOML syntax
+    assert invoke("run", "--job", str(tmp_path / "none.toml")).exit_code == ExitCode.USAGE
+
+
+#: One bad value of each kind, as text (a flag, a variable) and in a job file.
+BAD_VALUES = [
+    ("--timeout", "timeout", "soon", '"soon"'),
+    ("--workers", "workers", "two", '"two"'),
+    ("--threshold", "threshold", "1.5", "1.5"),
+    ("--device", "device", "gpu", '"gpu"'),
+    ("--deadline", "deadline", "25:00", '"25:00"'),
+    ("--tile", "tile", "32", "32"),
+    ("--hash", "hash", "maybe", '"maybe"'),
+]
+
+
+@pytest.mark.parametrize("flag, key, text, toml", BAD_VALUES, ids=[b[1] for b in BAD_VALUES])
+def test_a_bad_value_is_exit_2_wherever_it_comes_from(
+    tmp_path: Path, flag: str, key: str, text: str, toml: str
+) -> None:
+    (tmp_path / "in").mkdir()
+    base = ["run", str(tmp_path / "in"), "--prompt", "p", "--output", str(tmp_path / "out")]
+    option = by_name(key)
+    job = tmp_path / "night.toml"
+    job.write_text(f"{key} = {toml}\n", encoding="utf-8")
+    variable = {option.envvars[0]: text}
+    as_flag = [flag, text] if not isinstance(option.kind, Flag) else []
+    sources = {
+        "job file": invoke(*base, "--job", str(job)),
+        "variable": invoke(*base, env=variable),
+    }
+    if as_flag:
+        sources["flag"] = invoke(*base, *as_flag)
+    for where, result in sources.items():
+        assert result.exit_code == ExitCode.USAGE, (where, result.output)
+    assert not (tmp_path / "out").exists()
 
 
 def test_retry_refuses_options_fixed_by_the_fingerprint(tmp_path: Path) -> None:
@@ -312,6 +356,7 @@ def test_retry_refuses_options_fixed_by_the_fingerprint(tmp_path: Path) -> None:
     "raised, code, message",
     [
         (ConfigError("bad option"), 1, "error: bad option"),
+        (BadValueError("bad value"), 2, "error: bad value"),
         (OutputError("disk full"), 1, "error: disk full"),
         (StoppedEarly("deadline"), 4, "error: deadline"),
         (CircuitBreakerTripped("same error"), 4, "error: same error"),

@@ -21,6 +21,7 @@ from ..errors import ConfigError, InvalidImageError
 from ..records import Detection, FailureCategory, Item, ItemResult, Status, failure_result
 from ..supervise.contract import Capabilities, EngineSpec, HeartbeatFn
 from ..tiles.source import DEFAULT_MAX_TILED_PIXELS, WindowReader
+from ..values import show
 
 __all__ = ["TOLERANCE", "ThresholdEngine", "check", "components", "load", "parse_colour"]
 
@@ -60,7 +61,7 @@ def parse_colour(prompt: str) -> tuple[int, int, int]:
         rgb = ImageColor.getrgb(prompt.strip())
     except ValueError:
         raise ConfigError(
-            f"the threshold engine reads each prompt as a colour; {prompt!r} is not one: "
+            f"the threshold engine reads each prompt as a colour; {show(prompt)} is not one: "
             "use #rrggbb or a CSS colour name such as red"
         ) from None
     return int(rgb[0]), int(rgb[1]), int(rgb[2])

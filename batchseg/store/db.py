@@ -17,12 +17,15 @@ from typing import Any
 from .. import __version__
 from ..config import RunConfig, upgrade_fingerprint
 from ..errors import ConfigMismatchError, OutputError
+from ..options import OPTIONS
+from ..values import show
 from .tables import DETECTIONS, IMAGES, PENDING, PREVIOUS_RUNS, RESULT_COLUMNS, RUNNING
 
 __all__ = [
     "WRITTEN_COLUMNS",
     "RunInfo",
     "Seed",
+    "check_fingerprint",
     "connect_readonly",
     "connect_writer",
     "database_error",
@@ -82,13 +85,18 @@ class Seed:
     detections: Callable[[], Iterator[list[tuple[Any, ...]]]]
 
 
+_CLI_NAMES = {o.name: o.cli_name for o in OPTIONS}
+
+
 def describe_fingerprint_change(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """One ``name: old -> new`` line per field that differs."""
+    """One ``--option: old -> new`` line per field that differs, named as the user gives it, each
+    value cut to one line (``values.show``)."""
     lines = []
     for key in sorted(set(old) | set(new)):
         before, after = old.get(key, "(not set)"), new.get(key, "(not set)")
         if before != after:
-            lines.append(f"{key}: {before!r} -> {after!r}")
+            name = _CLI_NAMES.get(key, key)  # output_format is no option
+            lines.append(f"{name}: {show(before)} -> {show(after)}")
     return lines
 
 
@@ -203,13 +211,13 @@ def init_run(
             if run is None:
                 seed = make_seed() if make_seed is not None else None
                 if seed is not None:
-                    _check_fingerprint(seed.source.parent.parent, seed.run.fingerprint, config)
+                    check_fingerprint(seed.source.parent.parent, seed.run.fingerprint, config)
                 run_id = seed.run.run_id if seed is not None else new_run_id()
                 _insert_run(conn, run_id, config, seed.run.created_at if seed is not None else None)
                 if seed is not None:
                     _load_seed(conn, seed)
             else:
-                _check_fingerprint(path.parent, run.fingerprint, config)
+                check_fingerprint(path.parent, run.fingerprint, config)
                 run_id = run.run_id
                 conn.execute(
                     "UPDATE run SET config=?, updated_at=?, batchseg_version=?",
@@ -276,7 +284,9 @@ def _config_json(config: RunConfig) -> str:
     return json.dumps(config.to_dict(), sort_keys=True, default=str)
 
 
-def _check_fingerprint(folder: Path, stored: dict[str, Any], config: RunConfig) -> None:
+def check_fingerprint(folder: Path, stored: dict[str, Any], config: RunConfig) -> None:
+    """ConfigMismatchError naming each fingerprint option of ``config`` that differs from ``stored``
+    (the fingerprint of the run in ``folder``)."""
     # Compare through JSON so tuples/lists and ints/floats read back the same way.
     current = json.loads(json.dumps(config.fingerprint_fields(), sort_keys=True))
     changes = describe_fingerprint_change(upgrade_fingerprint(stored), current)

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..config import RunConfig
-from ..errors import ConfigError
+from ..errors import BadValueError
 from ..records import ItemResult
 
 __all__ = ["PoolEvent", "PoolOutcome", "PoolSettings"]
@@ -44,7 +44,7 @@ class PoolSettings:
         }
         for name, value in positive.items():
             if value is not None and value <= 0:
-                raise ConfigError(f"{name.replace('_', '-')} must be greater than 0, not {value}")
+                raise BadValueError(f"{name.replace('_', '-')} must be greater than 0, not {value}")
 
     @classmethod
     def from_config(cls, config: RunConfig, **overrides: object) -> PoolSettings:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from .. import __version__, imageio
 from ..config import RunConfig
-from ..errors import ConfigError, InvalidImageError
+from ..errors import BadValueError, ConfigError, InvalidImageError
 from ..geo.detect import looks_georeferenced
 from ..records import Detection, FailureCategory, FanOut, Item, ItemResult, Status, failure_result
 from ..sources import georef_fields
@@ -87,10 +87,9 @@ class Tiler:
     @classmethod
     def for_run(cls, config: RunConfig, capabilities: Capabilities) -> Tiler | None:
         """None when nothing is ever tiled (``--tile off``, or ``auto`` for an engine without a
-        model input). ConfigError for an overlap of more than half the tile or a match of 0."""
-        setting = parse_tile(config.tile or "auto")
-        if setting.mode == "off" and config.gsd:
-            raise ConfigError("--gsd resamples tiles: it needs tiling (--tile auto or N, not off)")
+        model input). The options' own checks are ``check_options``'s (run in the parent first);
+        left here: the overlap under ``auto``, whose tile is the engine's input, a ConfigError."""
+        setting = cls.check_options(config)
         if setting.mode == "off" or (setting.mode == "auto" and not (capabilities.model_input or config.gsd)):
             return None
         side = setting.side or capabilities.model_input or GSD_MODEL_INPUT
@@ -98,8 +97,6 @@ class Tiler:
             overlap = parse_overlap(config.tile_overlap, side)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        if not config.tile_match > 0.0:
-            raise ConfigError("--tile-match must be more than 0: at 0 every two detections would be one")
         return cls(
             setting,
             overlap,
@@ -114,6 +111,27 @@ class Tiler:
             config.fingerprint(),
             config.gsd,
         )
+
+    @staticmethod
+    def check_options(config: RunConfig) -> TileSetting:
+        """The tiling options' checks that need no engine, which the parent runs before anything
+        is written (BadValueError, exit 2): ``--gsd`` without tiles, a match of 0, and an overlap
+        of more than half a tile given with ``--tile N``. (Under ``auto`` the tile is the engine's
+        input size, known only once it is loaded: ``for_run`` checks that overlap.)"""
+        try:
+            setting = parse_tile(config.tile or "auto")
+        except ValueError as exc:
+            raise BadValueError(str(exc)) from None
+        if setting.mode == "off" and config.gsd:
+            raise BadValueError("--gsd resamples tiles: it needs tiling (--tile auto or N, not off)")
+        if not config.tile_match > 0.0:
+            raise BadValueError("--tile-match must be more than 0: at 0 every two detections would be one")
+        if setting.side is not None:
+            try:
+                parse_overlap(config.tile_overlap, setting.side)
+            except ValueError as exc:
+                raise BadValueError(str(exc)) from None
+        return setting
 
     def plan(self, item: Item) -> TilePlan | ItemResult | None:
         """The tiles of a whole-image item, None to run it whole (a window, a small image, or a

@@ -32,6 +32,7 @@ from ...errors import ConfigError, InvalidImageError, OutputError
 from ...records import Detection, FailureCategory, Item, ItemResult, Status, failure_result
 from ...supervise.contract import Capabilities, HeartbeatFn
 from ...tiles.source import WindowReader
+from ...values import show
 from .ladder import OutOfMemoryLadder
 from .model import max_prompt_tokens, resolve_device
 from .postprocess import (
@@ -188,7 +189,7 @@ class Sam3Engine:
             n_tokens = int(tokens["attention_mask"].sum())
             if tokens["input_ids"].shape[-1] > limit:
                 raise ConfigError(
-                    f"prompt {prompt!r} is {n_tokens} tokens long (start and end tokens "
+                    f"prompt {show(prompt)} is {n_tokens} tokens long (start and end tokens "
                     f"included) but the model reads at most {limit}: shorten it"
                 )
             input_ids = tokens["input_ids"].to(self.torch_device)

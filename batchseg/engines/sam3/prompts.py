@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ...errors import ConfigError, ModelLoadError
+from ...values import show
 from .model import max_prompt_tokens
 
 __all__ = ["check_prompts", "count_tokens"]
@@ -35,7 +36,7 @@ def check_prompts(model: str, prompts: Sequence[str]) -> None:
     for prompt, n_tokens in zip(prompts, count_tokens(folder, prompts), strict=True):
         if n_tokens > limit:
             raise ConfigError(
-                f"prompt {prompt!r} is {n_tokens} tokens long (start and end tokens included) but "
+                f"prompt {show(prompt)} is {n_tokens} tokens long (start and end tokens included) but "
                 f"the model reads at most {limit}: shorten it"
             )
 
