@@ -12,7 +12,7 @@ from _tile_shapes import Found, Shape, components, tile_detections
 
 from batchseg import rle
 from batchseg.tiles.grid import TilePlan, plan_tiles
-from batchseg.tiles.merge import TileMerger, merge_tiles
+from batchseg.tiles.merge import MergeError, TileMerger, describe, merge_tiles
 from batchseg.tiles.sparse import SparseMask, intersection_areas, piecewise_ratios, uncovered
 
 
@@ -370,3 +370,68 @@ def test_uncovered_is_each_mask_minus_every_earlier_one(cell: int) -> None:
         painted |= canvas
     assert got[1].area == 0 and got[0] is masks[0] and got[5] is masks[5]  # nothing earlier meets them
     assert uncovered([], np.zeros((0, 4)), cell) == []
+
+
+def _box_view(plan: TilePlan, tile_id: str, box: tuple[int, int, int, int], score: float = 0.9) -> Found:
+    """A tile's view of the rectangle ``box`` (x0, y0, x1, y1 in image pixels), cut to its window."""
+    tile = plan.by_id(tile_id)
+    canvas = np.zeros((tile.y1 - tile.y0, tile.x1 - tile.x0), bool)
+    x0, y0, x1, y1 = (max(box[0], tile.x0), max(box[1], tile.y0), min(box[2], tile.x1), min(box[3], tile.y1))
+    canvas[y0 - tile.y0 : y1 - tile.y0, x0 - tile.x0 : x1 - tile.x0] = True
+    return Found("p", score, rle.encode(canvas))
+
+
+def test_an_object_only_the_tiles_that_cut_it_report_is_what_they_saw() -> None:
+    """Tiles of 400, overlap 100 (cores cut at 350): a 30 x 50 object at x 360-390, y 370-420 lies
+    in the core of r001c001. Only the two upper tiles report it, cut at their bottom edge (y 400),
+    both outside their own cores; the lower tiles, which own it, missed it, as a model does."""
+    plan = plan_tiles(1000, 1000, 400, 100)
+    box = (360, 370, 390, 420)
+    results = {t: [_box_view(plan, t, box)] for t in ("r000c000", "r000c001")}
+    (merged,) = merge_tiles(plan, results)
+    assert (merged.box, merged.area_px, merged.tiles) == ((360.0, 370.0, 390.0, 400.0), 900, 2)
+    # A lower tile that sees it whole gives the object its mask (rule 3), with the group's best score.
+    results["r001c000"] = [_box_view(plan, "r001c000", box, score=0.5)]
+    (merged,) = merge_tiles(plan, results)
+    assert (merged.box, merged.area_px, merged.score) == ((360.0, 370.0, 390.0, 420.0), 1500, 0.9)
+
+
+def test_a_cut_object_takes_each_pixel_from_its_owner_when_it_saw_it_else_from_the_others() -> None:
+    """2 x 2 tiles of 1000 (cores cut at x = 900 and y = 900). The upper tiles see a bar across
+    their seam, cut, and disagree: the left view is taller (y 850-950) than the right (860-940).
+    Inside an upper tile's core its own view counts, even where it says no; below y 900 the lower
+    tiles own the pixels but gave no view, so the views that saw them count (their union)."""
+    plan = plan_tiles(1800, 1800, 1000, 200)
+    left = _box_view(plan, "r000c000", (600, 850, 1000, 950))  # cut at x 1000
+    right = _box_view(plan, "r000c001", (800, 860, 1300, 940))  # cut at x 800
+    (obj,) = merge_tiles(plan, {"r000c000": [left], "r000c001": [right]})
+    assert obj.mask.clip((600, 0, 900, 1800)).area == 300 * 100  # the left view, above and below 900
+    assert obj.mask.clip((900, 850, 1000, 860)).area == 0  # in r000c001's core: its view says no
+    assert obj.mask.clip((900, 0, 1300, 900)).area == 400 * 40  # r000c001's own view, rows 860-900
+    assert obj.mask.clip((900, 900, 1300, 1800)).area == 400 * 40 + 100 * 10  # both views' union
+    assert obj.area_px == obj.mask.area == 300 * 100 + 400 * 80 + 100 * 10
+
+
+def test_a_failing_tile_is_named_with_what_went_wrong() -> None:
+    plan = plan_tiles(3000, 1000, 1000, 200)
+    merger = TileMerger(plan)
+    with pytest.raises(MergeError) as caught:
+        merger.add("r000c001", [Found("p", 0.9, "not an RLE")])
+    text = str(caught.value)
+    assert text.startswith("ValueError: ") and text.endswith("(tile r000c001, window x 800-1800, y 0-1000)")
+    assert "r000c001" not in merger  # a tile that failed is not half added
+    with pytest.raises(ValueError, match="'r009c000' is not a tile of this plan"):
+        merger.add("r009c000", [])
+
+
+def test_a_failure_without_a_message_is_described_by_where_it_was_raised() -> None:
+    def check() -> None:
+        raise AssertionError  # as a bare ``assert`` does (pytest rewrites those in tests)
+
+    try:
+        check()
+    except AssertionError as exc:
+        text = describe(exc)
+    assert text.startswith("AssertionError: raised in check (test_tiles_merge.py, line "), text
+    assert describe(KeyError("r001c002")) == "KeyError: 'r001c002'"
+    assert describe(MergeError("tile r000c000", ValueError("bad"))) == "ValueError: bad (tile r000c000)"
