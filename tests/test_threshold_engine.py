@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -14,12 +15,12 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
 from batchseg.cli import cli
-from batchseg.config import RunConfig
-from batchseg.engines.threshold import TOLERANCE, components, load, parse_colour
+from batchseg.config import DEFAULT_ENGINE, DEFAULT_MODEL, RunConfig
+from batchseg.engines.threshold import MODEL_ID, TOLERANCE, components, load, parse_colour
 from batchseg.errors import ConfigError
 from batchseg.imageio import read_label_map
 from batchseg.records import Item, Status
-from batchseg.supervise.contract import EngineSpec
+from batchseg.supervise.contract import EngineSpec, recorded_model
 
 ENGINE = "batchseg.engines.threshold:load"
 SIZE = (160, 120)
@@ -209,3 +210,30 @@ def test_no_detection_result_is_ok(tmp_path: Path) -> None:
     assert run_threshold(folder, tmp_path / "out", "red").exit_code == 0
     labels = read_label_map(tmp_path / "out" / "masks" / "plain.png.png")
     assert labels.shape == (20, 30) and not labels.any()
+
+
+def test_a_run_records_the_engine_as_its_model_not_the_default_model(tmp_path: Path) -> None:
+    """The colour engine has no model: images.parquet, ``status`` and the report name the engine
+    ("colour-threshold"), never the --model default facebook/sam3 it does not read."""
+    make_picture(tmp_path / "in" / "shapes.png")
+    output = tmp_path / "out"
+    result = invoke(
+        "run", tmp_path / "in", "--engine", ENGINE, "--output", output, "--prompt", "red", "--report"
+    )
+    assert result.exit_code == 0, result.output
+    images = pq.read_table(output / "manifest" / "images.parquet").to_pylist()
+    assert [row["model_id"] for row in images] == [MODEL_ID] == ["colour-threshold"]
+    status = invoke("status", output, "--json")
+    assert json.loads(status.output)["model_id"] == MODEL_ID
+    page = (output / "report.html").read_text(encoding="utf-8")
+    assert MODEL_ID in page and DEFAULT_MODEL not in page
+
+
+def test_the_recorded_model_of_each_kind_of_engine(tmp_path: Path) -> None:
+    config = RunConfig(input=tmp_path, prompts=("red",))
+    own = "fault_engine:load"  # an engine of the tests, without a model_id hook
+    assert recorded_model(ENGINE, config) == MODEL_ID
+    assert recorded_model(DEFAULT_ENGINE, config) == DEFAULT_MODEL
+    assert recorded_model(DEFAULT_ENGINE, config.with_changes(model="models/sam3")) == "models/sam3"
+    assert recorded_model(own, config) == own
+    assert recorded_model(own, config.with_changes(model="models/x")) == f"{own} (models/x)"

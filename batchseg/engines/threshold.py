@@ -23,18 +23,34 @@ from ..supervise.contract import Capabilities, EngineSpec, HeartbeatFn
 from ..tiles.source import DEFAULT_MAX_TILED_PIXELS, WindowReader
 from ..values import show
 
-__all__ = ["TOLERANCE", "ThresholdEngine", "check", "components", "load", "parse_colour"]
+__all__ = [
+    "MODEL_ID",
+    "TOLERANCE",
+    "ThresholdEngine",
+    "check",
+    "components",
+    "load",
+    "model_id",
+    "parse_colour",
+]
 
 #: A pixel matches a colour when each of its R, G and B values is within this many levels of the
 #: colour's: enough for a PNG exported with slight colour management, not for JPEG edges (lossy
 #: compression moves pixels along an edge by tens of levels; use PNG for exact masks).
 TOLERANCE = 8
+#: What a run with this engine records as its ``model_id``: there is no model, --model is unused.
+MODEL_ID = "colour-threshold"
 
 
 def check(config: RunConfig) -> None:
     """In the parent, before any worker: every prompt must be a colour."""
     for prompt in config.prompts:
         parse_colour(prompt)
+
+
+def model_id(config: RunConfig) -> str:
+    """In the parent, for the run's record (``contract.recorded_model``): this engine, not --model."""
+    return MODEL_ID
 
 
 def load(spec: EngineSpec, slot: int) -> ThresholdEngine:

@@ -220,8 +220,8 @@ def init_run(
                 check_fingerprint(path.parent, run.fingerprint, config)
                 run_id = run.run_id
                 conn.execute(
-                    "UPDATE run SET config=?, updated_at=?, batchseg_version=?",
-                    (_config_json(config), time.time(), __version__),
+                    "UPDATE run SET config=?, updated_at=?, batchseg_version=?, model_id=?",
+                    (_config_json(config), time.time(), __version__, _model_id(config)),
                 )
             conn.execute("COMMIT")
         except BaseException:
@@ -275,9 +275,17 @@ def _insert_run(conn: sqlite3.Connection, run_id: str, config: RunConfig, create
             config.fingerprint(),
             _config_json(config),
             __version__,
-            config.model,
+            _model_id(config),
         ),
     )
+
+
+def _model_id(config: RunConfig) -> str:
+    """The engine and its model as the engine names them (a run resumed after an upgrade gets the
+    name too: a colour-threshold run once recorded the default --model)."""
+    from ..supervise.contract import recorded_model  # imports the engine module: only here
+
+    return recorded_model(config.engine, config)
 
 
 def _config_json(config: RunConfig) -> str:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..config import RunConfig
+from ..config import DEFAULT_ENGINE, DEFAULT_MODEL, RunConfig
 from ..errors import ConfigError
 from ..records import Item, ItemResult
 
@@ -25,6 +25,7 @@ __all__ = [
     "HeartbeatFn",
     "check_in_parent",
     "load_factory",
+    "recorded_model",
 ]
 
 
@@ -132,3 +133,20 @@ def check_in_parent(factory: str, config: RunConfig) -> None:
     hook = getattr(module, "check", None)
     if callable(hook):
         hook(config)
+
+
+def recorded_model(factory: str, config: RunConfig) -> str:
+    """What the run's ``model_id`` records: the factory module's ``model_id(config)`` if it defines
+    one (the colour-threshold engine has no model, so says what it is); else ``--model`` for the
+    default SAM3 engine, and for another engine its ``MODULE:FUNCTION``, with ``--model`` after it
+    when that was given (an engine of one's own may read it or not: batchseg cannot tell)."""
+    module_name = factory.partition(":")[0]
+    try:
+        hook = getattr(importlib.import_module(module_name), "model_id", None)
+        if callable(hook):
+            return str(hook(config))
+    except Exception:  # noqa: BLE001, S110 - the worker's load reports such a module; this is a label
+        pass
+    if factory == DEFAULT_ENGINE:
+        return config.model
+    return factory if config.model == DEFAULT_MODEL else f"{factory} ({config.model})"
