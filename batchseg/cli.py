@@ -26,6 +26,7 @@ from .records import FINAL_FAILURES, Status
 from .values import Flag, Kind, Text, TextList
 
 if TYPE_CHECKING:
+    from .geo.export import ExportResult
     from .runner import RunSummary
 
     _ParamType = click.ParamType[Any]  # generic in newer click only: subscripted for the checker
@@ -370,7 +371,10 @@ def main() -> None:
 
 @cli.command(
     epilog="Example:\n\n\b\n  batchseg export output/aerial --format gpkg\n"
-    "  batchseg export output/aerial --format geojson --to-crs EPSG:4326"
+    "  batchseg export output/aerial --format geojson --to-crs EPSG:4326\n"
+    "  batchseg export output/aerial --split-by-crs --skip-unreferenced\n\n"
+    "Exit codes: 0 written; 1 nothing written (no polygons.parquet, several CRSs without a choice, "
+    "a bad CRS); 3 written, but some images' polygons could not be reprojected (named on stderr)."
 )
 @click.argument("output", type=click.Path(path_type=Path, file_okay=False, exists=True))
 @click.option(
@@ -379,21 +383,53 @@ def main() -> None:
 )  # fmt: skip
 @click.option(
     "--to-crs", default=None, metavar="CRS",
-    help="Reproject to this CRS (EPSG:XXXX); needed when the images are in different CRSs.",
+    help="Reproject to this CRS (EPSG:XXXX) into one file.",
+)  # fmt: skip
+@click.option(
+    "--split-by-crs", is_flag=True,
+    help="One file per CRS, nothing reprojected: <dest stem>.EPSG_32633.<format>, ... "
+    "(.pixels. for images without georeference).",
+)  # fmt: skip
+@click.option(
+    "--skip-unreferenced", is_flag=True,
+    help="Leave out the polygons of images without a CRS (no georeference, or a world file without .prj).",
 )  # fmt: skip
 @click.option(
     "--dest", type=click.Path(path_type=Path, dir_okay=False), default=None,
     help="File to write [default: OUTPUT/manifest/polygons.<format>].",
 )  # fmt: skip
-def export(output: Path, fmt: str, to_crs: str | None, dest: Path | None) -> None:
-    """Write the polygons of a run made with --vectors to one file QGIS opens (needs batchseg[geo]).
+def export(
+    output: Path, fmt: str, to_crs: str | None, split_by_crs: bool, skip_unreferenced: bool, dest: Path | None
+) -> None:
+    """Write the polygons of a run made with --vectors to files QGIS opens (needs batchseg[geo]).
 
-    Nothing is reprojected unless --to-crs is given.
+    One file holds one CRS and nothing is reprojected unless --to-crs is given: images in several
+    CRSs need --to-crs, --split-by-crs or --skip-unreferenced.
     """
     from .geo.export import export_polygons  # GeoExtraMissing (a ConfigError) names the extra
 
-    done = export_polygons(output, fmt, to_crs, dest)
-    safe_echo(f"wrote {done.count} polygon(s) to {done.path} (CRS: {done.crs or 'none, pixel coordinates'})")
+    if split_by_crs and to_crs is not None:
+        raise click.UsageError("give --split-by-crs (one file per CRS) or --to-crs (one file), not both")
+    done = export_polygons(
+        output, fmt, to_crs, dest, skip_unreferenced=skip_unreferenced, split_by_crs=split_by_crs
+    )
+    _report_export(done)
+    if done.skipped:  # the files are written, but without these images' polygons
+        click.get_current_context().exit(ExitCode.NOT_ALL_OK)
+
+
+def _report_export(done: ExportResult) -> None:
+    for file in done.files:
+        safe_echo(f"wrote {file.count} polygon(s) to {file.path} (CRS: {file.crs or 'none'})")
+    if done.left_out:
+        names = ", ".join(s.path for s in done.left_out[:5]) + (" ..." if len(done.left_out) > 5 else "")
+        count = sum(s.count for s in done.left_out)
+        safe_echo(f"left out {count} polygon(s) of {len(done.left_out)} image(s) without a CRS: {names}")
+    for skipped in done.skipped:
+        safe_echo(f"not written: {skipped.path}: {skipped.count} polygon(s) {skipped.reason}", err=True)
+    if done.skipped:
+        count = sum(s.count for s in done.skipped)
+        safe_echo(f"{count} polygon(s) of {len(done.skipped)} image(s) are not in the file(s)", err=True)
 
 
 @cli.command(

@@ -241,7 +241,7 @@ def run_folder(tmp_path: Path, rows: list[PolygonRow]) -> Path:
 @pytest.mark.parametrize(("fmt", "suffix"), [("gpkg", ".gpkg"), ("geojson", ".geojson"), ("shp", ".shp")])
 def test_export_is_read_back_by_pyogrio(tmp_path: Path, fmt: str, suffix: str) -> None:
     utm, _ = utm_and_wgs84_rows(tmp_path)
-    done = export_polygons(run_folder(tmp_path, utm), fmt)
+    (done,) = export_polygons(run_folder(tmp_path, utm), fmt).files
     assert done.path == tmp_path / "out" / "manifest" / f"polygons{suffix}" and done.count == 3
     info = pyogrio.read_info(done.path)
     assert info["features"] == 3 and info["geometry_type"] == ("Polygon" if fmt == "shp" else "MultiPolygon")
@@ -258,9 +258,11 @@ def test_export_is_read_back_by_pyogrio(tmp_path: Path, fmt: str, suffix: str) -
 def test_export_of_mixed_crs_needs_to_crs(tmp_path: Path) -> None:
     utm, wgs = utm_and_wgs84_rows(tmp_path)
     output = run_folder(tmp_path, utm + wgs)
-    with pytest.raises(ConfigError, match=r"EPSG:32633, EPSG:4326.*--to-crs"):
+    with pytest.raises(ConfigError, match=r"2 CRSs \(EPSG:32633: a.tif; EPSG:4326: b.tif\).*--to-crs"):
         export_polygons(output, "gpkg")
-    done = export_polygons(output, "gpkg", to_crs="EPSG:4326")
+    result = export_polygons(output, "gpkg", to_crs="EPSG:4326")
+    ((done,), skipped) = result.files, result.skipped
+    assert skipped == ()
     frame = pyogrio.read_dataframe(done.path)
     assert frame.crs.to_epsg() == 4326 and len(frame) == 6
     field = shapely.from_wkb(utm[1].geometry)
@@ -285,6 +287,114 @@ def test_export_command(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "run with --vectors first" in result.output
     help_text = CliRunner().invoke(cli, ["export", "--help"]).output
     assert "Example" in help_text and "batchseg export" in help_text
+
+
+#: A geostationary view (as satellite scenes come): points off the Earth's disk have no longitude.
+GEOS = CRS.from_proj4("+proj=geos +h=35785831 +lon_0=0 +sweep=y +ellps=WGS84 +units=m +no_defs")
+#: 3 km pixels from x = 5,250 km: the disk's edge at the equator is near column 60.
+GEOS_GRID = Affine(3000.0, 0.0, 5_250_000.0, 0.0, -3000.0, 300_000.0)
+
+
+def geostationary_rows(tmp_path: Path) -> list[PolygonRow]:
+    """Three squares: on the disk (columns 5-20), off it (70-90) and across its edge (50-70)."""
+    image = make_geotiff(
+        tmp_path / "geos.tif", np.zeros((1, 60, 100), np.uint8), crs=GEOS, transform=GEOS_GRID
+    )
+    georef = read_georef(image)
+    assert georef is not None and georef.epsg is None
+    labels = np.zeros((60, 100), np.uint16)
+    for value, (c0, c1) in enumerate(((5, 20), (70, 90), (50, 70)), start=1):
+        labels[20:40, c0:c1] = value
+    return image_polygons("geos.tif", labels, georef, DETECTIONS, run_id="r", model="m")
+
+
+def test_polygons_that_cannot_be_reprojected_are_named_and_never_written_as_null(tmp_path: Path) -> None:
+    rows = geostationary_rows(tmp_path)
+    utm, _ = utm_and_wgs84_rows(tmp_path)
+    output = run_folder(tmp_path, rows + utm)
+    done = export_polygons(output, "gpkg", to_crs="EPSG:4326")
+    assert [(s.path, s.count) for s in done.skipped] == [("geos.tif", 2)]  # off the disk, across it
+    assert "cannot be reprojected to EPSG:4326" in done.skipped[0].reason
+    frame = pyogrio.read_dataframe(done.files[0].path)
+    assert frame["path"].tolist() == ["geos.tif", "a.tif", "a.tif", "a.tif"] and done.files[0].count == 4
+    assert frame.geometry.notna().all() and frame.geometry.is_valid.all()
+    assert 60 < frame.geometry.iloc[0].bounds[0] < frame.geometry.iloc[0].bounds[2] < 70  # on the disk
+    result = CliRunner().invoke(cli, ["export", str(output), "--to-crs", "EPSG:4326", "--format", "geojson"])
+    assert result.exit_code == 3, result.output
+    assert "not written: geos.tif: 2 polygon(s) cannot be reprojected to EPSG:4326" in result.stderr
+    assert "wrote 4 polygon(s)" in result.stdout
+    features = json.loads((output / "manifest" / "polygons.geojson").read_text())["features"]
+    assert len(features) == 4 and all(f["geometry"] is not None for f in features)
+    assert CliRunner().invoke(cli, ["export", str(output), "--split-by-crs"]).exit_code == 0  # as they are
+
+
+def mixed_frames(tmp_path: Path) -> Path:
+    """A run with images in two CRSs, a photo without georeference and a world file without a CRS."""
+    utm, wgs = utm_and_wgs84_rows(tmp_path)
+    labels = np.zeros((40, 50), np.uint16)
+    labels[5:15, 10:30] = 1
+    photo = image_polygons("photo.jpg", labels, None, DETECTIONS[:1], run_id="r", model="m")
+    world = Georef(tuple(UTM_GRID)[:6], None, None, 50, 40, 3, "uint8", None, "scan.pgw")  # type: ignore[arg-type]
+    scan = image_polygons("scan.png", labels, world, DETECTIONS[:1], run_id="r", model="m")
+    return run_folder(tmp_path, utm + photo + wgs + scan)
+
+
+def test_export_of_several_crss_names_the_images_and_splits_or_skips(tmp_path: Path) -> None:
+    output = mixed_frames(tmp_path)
+    refused = CliRunner().invoke(cli, ["export", str(output)])
+    assert refused.exit_code == 1
+    message = " ".join(refused.stderr.split())
+    for part in (
+        "4 CRSs",
+        "EPSG:32633: a.tif",
+        "EPSG:4326: b.tif",
+        "no georeference (pixel coordinates): photo.jpg",
+        "world file without a CRS: scan.png",
+        "--to-crs",
+        "--split-by-crs",
+        "--skip-unreferenced",
+    ):
+        assert part in message, part
+    refused = CliRunner().invoke(cli, ["export", str(output), "--to-crs", "EPSG:4326"])
+    assert refused.exit_code == 1 and "photo.jpg, scan.png" in refused.stderr
+    both = CliRunner().invoke(cli, ["export", str(output), "--to-crs", "EPSG:4326", "--split-by-crs"])
+    assert both.exit_code == 2
+    done = CliRunner().invoke(cli, ["export", str(output), "--to-crs", "EPSG:4326", "--skip-unreferenced"])
+    assert done.exit_code == 0, done.output
+    assert "left out 2 polygon(s) of 2 image(s) without a CRS: photo.jpg, scan.png" in done.stdout
+    assert (
+        pyogrio.read_dataframe(output / "manifest" / "polygons.gpkg")["path"].tolist()
+        == ["a.tif"] * 3 + ["b.tif"] * 3
+    )
+
+
+@pytest.mark.parametrize("fmt", ["gpkg", "shp"])
+def test_split_by_crs_writes_one_file_per_crs(tmp_path: Path, fmt: str) -> None:
+    output = mixed_frames(tmp_path)
+    manifest = output / "manifest"
+    done = export_polygons(output, fmt, split_by_crs=True)
+    expected = {
+        f"polygons.EPSG_32633.{fmt}": (32633, ["a.tif"] * 3),
+        f"polygons.EPSG_4326.{fmt}": (4326, ["b.tif"] * 3),
+        f"polygons.no_crs.{fmt}": (None, ["scan.png"]),
+        f"polygons.pixels.{fmt}": (None, ["photo.jpg"]),
+    }
+    assert sorted(f.path.name for f in done.files) == sorted(expected)
+    for name, (epsg, paths) in expected.items():
+        frame = pyogrio.read_dataframe(manifest / name)
+        assert frame["path"].tolist() == paths and (frame.crs.to_epsg() if frame.crs else None) == epsg
+    utm = pyogrio.read_dataframe(manifest / f"polygons.EPSG_32633.{fmt}")
+    parquet = pq.read_table(manifest / "polygons.parquet").to_pylist()
+    for geom, row in zip(utm.geometry, [r for r in parquet if r["path"] == "a.tif"], strict=True):
+        parts = [shapely.get_parts(g).tolist() for g in (geom, shapely.from_wkb(row["geometry"]))]
+        a, b = (shapely.MultiPolygon(p).normalize() for p in parts)  # a Shapefile turns rings round
+        assert shapely.equals_exact(a, b, 0)
+    skipped = export_polygons(
+        output, fmt, split_by_crs=True, skip_unreferenced=True, dest=tmp_path / f"x.{fmt}"
+    )
+    assert sorted(f.path.name for f in skipped.files) == [f"x.EPSG_32633.{fmt}", f"x.EPSG_4326.{fmt}"]
+    assert [(s.path, s.count) for s in skipped.left_out] == [("photo.jpg", 1), ("scan.png", 1)]
+    assert not list(manifest.glob("*batchseg-tmp*")) and not list(tmp_path.glob(".*"))
 
 
 def test_doctor_reports_gdal() -> None:
