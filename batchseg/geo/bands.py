@@ -126,11 +126,14 @@ def valid_mask(
 def _dataset_mask(src: rasterio.DatasetReader, how: dict[str, Any]) -> npt.NDArray[np.bool_] | None:
     """The mask shared by every band, or None when each band has only its nodata value. An alpha
     band counts even when a nodata value shadows it for GDAL (as rasterio's ``dataset_mask``)."""
+    mask: npt.NDArray[np.bool_]
     for band, flags in enumerate(src.mask_flag_enums, start=1):
         if MaskFlags.per_dataset in flags:
-            return src.read_masks(band, **how) > 0
+            mask = src.read_masks(band, **how) > 0
+            return mask
     if ColorInterp.alpha in src.colorinterp:
-        return src.read(src.colorinterp.index(ColorInterp.alpha) + 1, **how) > 0
+        mask = src.read(src.colorinterp.index(ColorInterp.alpha) + 1, **how) > 0
+        return mask
     return None
 
 
