@@ -373,8 +373,9 @@ def main() -> None:
     epilog="Example:\n\n\b\n  batchseg export output/aerial --format gpkg\n"
     "  batchseg export output/aerial --format geojson --to-crs EPSG:4326\n"
     "  batchseg export output/aerial --split-by-crs --skip-unreferenced\n\n"
-    "Exit codes: 0 written; 1 nothing written (no polygons.parquet, several CRSs without a choice, "
-    "a bad CRS); 3 written, but some images' polygons could not be reprojected (named on stderr)."
+    "Exit codes: 0 written; 1 nothing written (no polygons.parquet, several CRSs without a choice); "
+    "2 a bad option or CRS; 3 written, but some images' polygons could not be reprojected "
+    "(named on stderr)."
 )
 @click.argument("output", type=click.Path(path_type=Path, file_okay=False, exists=True))
 @click.option(
@@ -382,7 +383,7 @@ def main() -> None:
     help="GeoPackage, GeoJSON or Shapefile.",
 )  # fmt: skip
 @click.option(
-    "--to-crs", default=None, metavar="CRS",
+    "--to-crs", default=None, metavar="CRS", callback=lambda ctx, param, value: _a_crs(value),
     help="Reproject to this CRS (EPSG:XXXX) into one file.",
 )  # fmt: skip
 @click.option(
@@ -416,6 +417,21 @@ def export(
     _report_export(done)
     if done.skipped:  # the files are written, but without these images' polygons
         click.get_current_context().exit(ExitCode.NOT_ALL_OK)
+
+
+def _a_crs(value: str | None) -> str | None:
+    """A --to-crs PROJ cannot read is a bad value (exit 2), refused before anything is read."""
+    if value is None:
+        return None
+    try:
+        import pyproj
+    except ImportError:
+        return value  # the export itself names the missing extra
+    try:
+        pyproj.CRS.from_user_input(value)
+    except pyproj.exceptions.CRSError as exc:
+        raise click.BadParameter(f"{value!r} is not a CRS ({exc})") from None
+    return value
 
 
 def _report_export(done: ExportResult) -> None:

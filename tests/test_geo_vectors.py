@@ -359,6 +359,8 @@ def test_export_of_several_crss_names_the_images_and_splits_or_skips(tmp_path: P
     assert refused.exit_code == 1 and "photo.jpg, scan.png" in refused.stderr
     both = CliRunner().invoke(cli, ["export", str(output), "--to-crs", "EPSG:4326", "--split-by-crs"])
     assert both.exit_code == 2
+    bad = CliRunner().invoke(cli, ["export", str(output), "--to-crs", "EPSG:0"])
+    assert bad.exit_code == 2 and "'EPSG:0' is not a CRS" in bad.stderr
     done = CliRunner().invoke(cli, ["export", str(output), "--to-crs", "EPSG:4326", "--skip-unreferenced"])
     assert done.exit_code == 0, done.output
     assert "left out 2 polygon(s) of 2 image(s) without a CRS: photo.jpg, scan.png" in done.stdout
