@@ -39,16 +39,16 @@ def preflight(config: RunConfig, factory: str) -> Preflight:
     """Check ``config`` (paths already absolute) for a run of the engine ``factory``; raises the
     BatchsegError that ends the run: BadValueError (exit 2) for options that cannot go together,
     ConfigError for what the input or the engine refuses, ConfigMismatchError for another run's
-    folder. The engine's own check comes last: it may read the model's tokenizer."""
+    folder."""
     check_input_folder(config.input)  # before anything is stored for a folder that is not there
     stored = None if config.new_run else stored_run(config.output_dir)
     config, notes = _resolve_tile(config, stored)
     Tiler.check_options(config)
     PoolSettings.from_config(config)
     check_geo_extra(config, ())  # --vectors without the extra; georeferenced images once planned
+    check_in_parent(factory, config)  # a value the engine cannot use is said before a mere change
     if stored is not None:
         check_fingerprint(config.output_dir, stored.fingerprint, config)
-    check_in_parent(factory, config)
     return Preflight(config, notes)
 
 

@@ -1,16 +1,21 @@
 """The output folder through the real runner (spawned workers, the fault engine of tests/): names
-that are not UTF-8, a newcomer's name clash, nested runs, mask files without a record."""
+that are not UTF-8, a newcomer's name clash, nested runs, mask files without a record, and a run
+refused for its configuration, which leaves the folder as it found it."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
+import subprocess
 import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from _storage import python
+from conftest import make_image
+from PIL import Image
 
 from batchseg.atomic import TEMP_SUFFIX
 from batchseg.config import RunConfig
@@ -116,3 +121,123 @@ def test_cleanup_leaves_a_nested_live_run_alone_and_removes_masks_without_a_reco
     finally:
         child.kill()
         child.communicate(timeout=30)
+
+
+# ---- a configuration error writes nothing ------------------------------------------------------------
+
+THRESHOLD = "batchseg.engines.threshold:load"
+#: Runs the CLI in a child and says on stderr, at exit, whether it imported torch: the parent of a
+#: run never does, not even to check a configuration.
+CLI_SAYING_TORCH = """
+import atexit, sys
+atexit.register(lambda: sys.stderr.write(f"\\ntorch imported: {'torch' in sys.modules}\\n"))
+from batchseg.cli import main
+sys.argv = ["batchseg", *sys.argv[1:]]
+main()
+"""
+#: (extra options, exit code, words of the message): each refused before anything is written.
+CONFIG_ERRORS = {
+    "gsd-without-tiles": (["--tile", "off", "--gsd", "0.3"], 2, "--gsd resamples tiles"),
+    "overlap-past-half-a-tile": (["--tile", "256", "--tile-overlap", "200"], 2, "--tile-overlap must be"),
+    "tile-match-0": (["--tile-match", "0"], 2, "--tile-match must be more than 0"),
+    "a-bad-value": (["--timeout", "soon"], 2, "expected seconds > 0"),
+    "the-engine-refuses-a-prompt": (["--prompt", "no-such-colour"], 1, "is not one"),
+    "the-input-folder-is-gone": (["--input-gone"], 1, "does not exist"),
+}
+
+
+def batchseg_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", CLI_SAYING_TORCH, *[str(a) for a in args]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def colour_run(folder: Path, output: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    if "--input-gone" in extra:
+        folder, extra = folder.parent / "not-mounted", tuple(e for e in extra if e != "--input-gone")
+    prompt = [] if "--prompt" in extra else ["--prompt", "red"]
+    return batchseg_cli("run", folder, "--engine", THRESHOLD, *prompt, "--output", output, *extra)
+
+
+def snapshot(folder: Path) -> dict[str, bytes | None]:
+    """Every path under ``folder`` (folders as None) with its bytes: what 'as it found it' means."""
+    if not folder.exists():
+        return {}
+    return {
+        p.relative_to(folder).as_posix(): (None if p.is_dir() else p.read_bytes()) for p in folder.rglob("*")
+    } | {".": None}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A colour folder and the output folder of its finished run."""
+    root = tmp_path_factory.mktemp("finished")
+    folder = root / "in"
+    folder.mkdir()
+    for name, colour in (("a.png", "red"), ("b.png", "blue")):
+        Image.new("RGB", (40, 30), colour).save(folder / name)
+    done = colour_run(folder, root / "out")
+    assert done.returncode == 0, done.stderr
+    return folder, root / "out"
+
+
+@pytest.mark.parametrize("case", list(CONFIG_ERRORS))
+def test_a_configuration_error_leaves_the_output_folder_as_it_found_it(
+    finished_run: tuple[Path, Path], tmp_path: Path, case: str
+) -> None:
+    extra, code, words = CONFIG_ERRORS[case]
+    folder, finished = finished_run
+    # A folder that is not there stays away, so the corrected command just runs.
+    fresh = tmp_path / "fresh"
+    refused = colour_run(folder, fresh, *extra)
+    assert (refused.returncode, words in refused.stderr) == (code, True), refused.stderr
+    assert "torch imported: False" in refused.stderr
+    assert not fresh.exists()
+    corrected = colour_run(folder, fresh)
+    assert corrected.returncode == 0, corrected.stderr
+    assert "torch imported: False" in corrected.stderr
+
+    # The folder of a finished run stays byte for byte (no log, lock or checkpoint file added).
+    kept = tmp_path / "kept"
+    shutil.copytree(finished, kept)
+    before = snapshot(kept)
+    refused = colour_run(folder, kept, *extra)
+    assert (refused.returncode, words in refused.stderr) == (code, True), refused.stderr
+    assert snapshot(kept) == before
+
+
+def test_another_runs_settings_are_refused_without_touching_its_folder(
+    finished_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    folder, finished = finished_run
+    kept = tmp_path / "kept"
+    shutil.copytree(finished, kept)
+    before = snapshot(kept)
+    refused = colour_run(folder, kept, "--tile", "512")
+    assert refused.returncode == 1 and 'holds a run made with other settings:\n  --tile: "auto" -> "512"' in (
+        refused.stderr
+    ), refused.stderr
+    assert snapshot(kept) == before
+
+
+def test_an_overlap_only_the_loaded_engine_refuses_leaves_a_new_folder_as_it_was(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Under --tile auto the tile is the model's input (112 px for the tiny SAM3): only a worker
+    knows, after the run began writing. A folder that held no run is left as it was found."""
+    folder = tmp_path / "in"
+    make_image(folder / "a.png", (64, 48))
+    args = ["run", folder, "--model", tiny_model, "--prompt", "roof", "--device", "cpu", "--workers", "1"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for output in (tmp_path / "absent", empty):
+        refused = batchseg_cli(*args, "--output", output, "--tile-overlap", "60")
+        assert refused.returncode == 1 and "--tile-overlap must be from 2 to half the tile side (56)" in (
+            refused.stderr
+        ), refused.stderr
+        assert "torch imported: False" in refused.stderr
+    assert not (tmp_path / "absent").exists() and list(empty.iterdir()) == []
+    assert batchseg_cli(*args, "--output", empty, "--tile-overlap", "20").returncode == 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -41,8 +42,13 @@ from conftest import make_image
 
 from batchseg.atomic import TEMP_SUFFIX
 from batchseg.cli import cli
+from batchseg.config import RunConfig
 from batchseg.engines.sam3.engine import CPU_SUB_BATCHES_PER_TASK
+from batchseg.errors import ConfigMismatchError
+from batchseg.options import Option, fingerprint_options
 from batchseg.processing import COMMIT_WINDOW_S
+from batchseg.runner import resolve_config, run
+from batchseg.store.checkpoint import Checkpoint
 
 # ---- kill -9 at 20 points, resume each time -------------------------------------------------------
 
@@ -253,13 +259,10 @@ def test_config_change_is_refused_naming_the_field_and_new_run_starts_afresh(
     before = checkpoint_rows(output)
     old_run_id = manifest_rows(output)["a.png"]["run_id"]
 
-    for flag, value, field_name in (
-        ("--threshold", "0.5", "threshold"),
-        ("--max-detections", "7", "max_detections"),
-    ):
+    for flag, value in (("--threshold", "0.5"), ("--max-detections", "7")):
         refused = invoke(*run_args(folder, output, tiny_model), flag, value)
         assert refused.exit_code == 1, refused.output
-        assert field_name in refused.output and value in refused.output, refused.output
+        assert f"{flag}: " in refused.output and value in refused.output, refused.output
         assert "--new-run" in refused.output
         assert checkpoint_rows(output) == before, "a refused run must not touch the checkpoint"
 
@@ -515,3 +518,62 @@ def test_full_disk_stops_with_exit_1_and_resumes_after_space_is_freed(
     for path, row in done.items():
         assert after[path] == row
     check_masks(output, *read_manifests(output))
+
+
+# ---- every fingerprint option, changed on resume --------------------------------------------------
+
+#: A value other than the base run's for each fingerprint option. Keyed by the registry's names and
+#: checked against it, so a new fingerprint option fails this test until it has a value here.
+CHANGED = {
+    "prompts": ("blue",),
+    "model": "other/model",
+    "engine": "batchseg.engines.sam3.engine:load_engine",
+    "dtype": "float32",
+    "threshold": 0.5,
+    "mask_threshold": 0.4,
+    "max_detections": 7,
+    "max_pixels": 1_000_000,
+    "tile": "512",
+    "tile_overlap": 20,
+    "tile_match": 0.7,
+    "gsd": 0.3,
+    "bands": (1,),
+    "simplify": 1.0,
+}
+
+
+def test_every_fingerprint_option_has_a_changed_value_here() -> None:
+    assert set(CHANGED) == {o.name for o in fingerprint_options()}
+
+
+def colour_config(folder: Path, output: Path) -> RunConfig:
+    return RunConfig(
+        input=folder, output=output, prompts=("red",), engine="batchseg.engines.threshold:load", workers=1
+    )
+
+
+@pytest.fixture(scope="module")
+def colour_run_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("fingerprint")
+    folder = folder_of(root / "in", "a.png", "b.png")
+    assert run(colour_config(folder, root / "out")).exit_code == 0
+    return folder, root / "out"
+
+
+@pytest.mark.parametrize("option", fingerprint_options(), ids=lambda o: o.name)
+def test_each_fingerprint_option_changed_on_resume_is_refused_naming_it(
+    colour_run_folder: tuple[Path, Path], tmp_path: Path, option: Option
+) -> None:
+    folder, finished = colour_run_folder
+    output = tmp_path / "out"
+    shutil.copytree(finished, output)
+    before = {p: p.read_bytes() for p in output.rglob("*") if p.is_file()}
+    config = colour_config(folder, output).with_changes(**{option.name: CHANGED[option.name]})
+    shown = f"{option.cli_name}: "
+    with pytest.raises(ConfigMismatchError, match="--new-run") as refused:  # before anything is written
+        run(config)
+    assert shown in str(refused.value) and str(refused.value).count("\n  ") == 1, refused.value
+    assert {p: p.read_bytes() for p in output.rglob("*") if p.is_file()} == before
+    with pytest.raises(ConfigMismatchError) as again:  # and by the checkpoint itself, under the lock
+        Checkpoint.open(output, resolve_config(config))
+    assert shown in str(again.value)
