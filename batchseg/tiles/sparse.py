@@ -242,6 +242,9 @@ class _Concatenated:
     def range_of(self, which: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For each mask ``which[i]``, the index range of its runs starting in [lo[i], hi[i])."""
         base = which * self.span
+        # Every position is below ``span``: a bound past it (the end of a box's last column, below
+        # every run's end) would reach into the next mask's runs.
+        lo, hi = np.minimum(lo, self.span), np.minimum(hi, self.span)
         return np.searchsorted(self._lifted, base + lo), np.searchsorted(self._lifted, base + hi)
 
 
