@@ -31,9 +31,10 @@ from batchseg.errors import (
     StoppedEarly,
 )
 from batchseg.options import DEFAULT_ENGINE, OPTIONS, BandList, Option, Reader, by_name, fingerprint_options
-from batchseg.store.checkpoint import Checkpoint
+from batchseg.store.checkpoint import Checkpoint, describe_fingerprint_change
 from batchseg.values import (
     BOOL_WORDS,
+    SHOWN_CHARS,
     Choice,
     Count,
     CountOrAuto,
@@ -49,6 +50,7 @@ from batchseg.values import (
     TextList,
     TileSide,
     TimeOfDay,
+    show,
 )
 
 DATA = Path(__file__).parent / "data"
@@ -400,3 +402,39 @@ def test_a_run_through_the_cli_stores_the_same_values_from_each_source(tmp_path:
     with Checkpoint.open_existing(output, read_only=True) as checkpoint:
         stored = checkpoint.stored_config()
     assert stored["workers"] is None and stored["timeout"] == 3600.0 and stored["load_timeout"] == 5400.0
+
+
+# ----------------------------------------------------------------------------- long values, cut
+
+
+def test_a_long_value_is_echoed_cut_with_its_length() -> None:
+    assert show("a" * 10_000) == '"' + "a" * 76 + f"... ({10_000:,} characters)"
+    assert show("short") == '"short"'
+    lines = describe_fingerprint_change({"prompts": ["x" * 10_000]}, {"prompts": ["roof"]})
+    assert lines[0].startswith("--prompt: [") and len(lines[0]) < 2 * SHOWN_CHARS, lines
+
+
+@pytest.mark.parametrize(
+    "engine, extra, words",
+    [
+        ("batchseg.engines.threshold:load", [], "is not one"),
+        ("batchseg.engines.sam3.engine:load_engine", ["--model"], "tokens long"),
+        ("batchseg.engines.threshold:load", ["--tile"], "expected auto, off or a tile side"),
+    ],
+    ids=["a-prompt-the-engine-refuses", "a-prompt-the-model-cannot-read", "a-bad-value"],
+)
+def test_a_10000_character_value_is_not_echoed_whole(
+    tiny_model: Path, tmp_path: Path, engine: str, extra: list[str], words: str
+) -> None:
+    (tmp_path / "in").mkdir()
+    long = "roof " * 2_000
+    args = ["run", str(tmp_path / "in"), "--engine", engine, "--output", str(tmp_path / "out")]
+    if extra == ["--model"]:
+        args += ["--model", str(tiny_model), "--prompt", long]
+    elif extra == ["--tile"]:
+        args += ["--prompt", "red", "--tile", long]
+    else:
+        args += ["--prompt", long]
+    result = invoke(*args)
+    assert result.exit_code in (1, 2) and words in result.output, result.output[:500]
+    assert "(10,000 characters)" in result.output and len(result.output) < 1_000, result.output[:500]
