@@ -375,20 +375,27 @@ def test_uncovered_is_each_mask_minus_every_earlier_one(cell: int) -> None:
 def test_uncovered_when_the_last_column_of_the_masks_stops_above_the_bottom() -> None:
     """A box's columns end at x1 * height, past every run when no mask reaches the bottom row of
     the last column: the runs looked up there must not come from the next mask (they did: a pixel
-    in two detections, or runs that could not be encoded). Found by the property test."""
+    in two detections, or runs that could not be encoded). The masks of a case the property test
+    found (an 8 x 15 image, column-major runs)."""
     h, w = 15, 8
-    canvases = [np.zeros((h, w), bool) for _ in range(4)]
-    canvases[0][3:12, :] = True  # the last column ends at row 12, not 15
-    canvases[1][0:8, 5:8] = True
-    canvases[2][3:8, 0:6] = True
-    canvases[3][6, :] = True  # hidden whole by the first
-    masks = [SparseMask.from_rle(rle.encode(c), (0, 0, w, h), h) for c in canvases]
+    runs = [
+        ([3, 18, 34, 49, 65, 80, 95, 110], [12, 27, 42, 56, 70, 84, 97, 112]),
+        ([75, 90, 105], [83, 98, 113]),
+        ([3, 18, 34, 49, 65, 82], [7, 23, 38, 53, 68, 83]),
+        ([6, 21, 36, 51, 66, 81, 96, 111], [7, 22, 37, 52, 67, 82, 97, 112]),  # hidden whole
+    ]
+    masks = [SparseMask(np.array(a, np.int64), np.array(b, np.int64), h) for a, b in runs]
+    canvases = []
+    for mask in masks:
+        canvas = np.zeros((h, w), bool)
+        rle.paint_runs(canvas, *mask.columns())
+        canvases.append(canvas)
     got = uncovered(masks, np.array([m.bbox for m in masks]), 256)
     painted = np.zeros((h, w), bool)
     for canvas, mask in zip(canvases, got, strict=True):
         assert mask.to_rle(w) == rle.encode(canvas & ~painted)
         painted |= canvas
-    assert got[3].area == 0
+    assert got[2].area == got[3].area == 0
 
 
 def _box_view(plan: TilePlan, tile_id: str, box: tuple[int, int, int, int], score: float = 0.9) -> Found:
