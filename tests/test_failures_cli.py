@@ -13,7 +13,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
-from _runs import checkpoint_rows, log_text, start_run, survivors_after, temp_files
+from _runs import checkpoint_rows, log_text, start_run, survivors_after, temp_files, wait_until
 from click.testing import CliRunner
 from conftest import make_image
 from misbehaving_engines import SharingViolation
@@ -240,3 +240,36 @@ def test_deadline_crossing_midnight_with_a_fixed_clock() -> None:
     config = RunConfig(input=Path("x"), prompts=("roof",), deadline="06:00", max_runtime=60.0)
     stop = _stop_time(config)
     assert stop is not None and stop - 61 < _dt.datetime.now().timestamp() <= stop
+
+
+def test_a_second_ctrl_c_stops_at_once_and_exports_what_is_recorded(tmp_path: Path) -> None:
+    # Real SIGINTs to a real process group, as a terminal sends them. bad.png hangs, so the first
+    # Ctrl-C's drain would wait for ever: only the second ends the run, long before any periodic
+    # export (--manifest-interval 1h).
+    folder = folder_with(tmp_path / "in", "a.png", "b.png", "bad.png")
+    output = tmp_path / "out"
+    args = ["run", str(folder), "--engine", "misbehaving_engines:hangs", "--output", str(output)]
+    args += ["--prompt", "roof", "--workers", "1", "--timeout", "1h", "--manifest-interval", "1h"]
+    env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    live = start_run(args, tmp_path / "console.txt", cwd=tmp_path, env=env)
+    try:
+        hanging = lambda: checkpoint_rows(output).get("bad.png", {}).get("status") == "running"  # noqa: E731
+        assert wait_until(hanging, 120, while_alive=live), live.output()
+        assert not (output / "manifest").exists(), "no export yet: the test would prove nothing"
+        live.interrupt()
+        stopping = lambda: "stopping (interrupted)" in log_text(output)  # noqa: E731
+        assert wait_until(stopping, 60, while_alive=live), live.output()  # the first one is handled
+        live.interrupt()
+        code = live.wait(60)
+    finally:
+        if live.alive():
+            live.kill()
+    console = live.output()
+    assert code == 4, console
+    assert f"stopped at once: {output / 'manifest'} holds the images recorded so far" in console, console
+    assert "interrupted: stopped at once; run the same command again to resume" in console
+    assert not survivors_after(live.tag, 5.0)
+    rows = {r["path"]: r["status"] for r in pq.read_table(output / "manifest" / "images.parquet").to_pylist()}
+    assert rows == {"a.png": "ok", "b.png": "ok", "bad.png": "pending"}, rows
+    assert "holds the images recorded so far" in log_text(output)
+    assert not temp_files(output / "manifest")
