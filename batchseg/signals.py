@@ -6,7 +6,9 @@
 The first SIGINT, SIGTERM (or SIGBREAK, Ctrl-Break on Windows) makes ``stop()`` return
 "interrupted": the pool starts no new image and lets those in progress finish, and the run exits 4,
 resumable. The second raises KeyboardInterrupt in the main thread, and the pool kills its workers
-at once. The previous handlers come back when the block ends. Python only runs signal handlers in
+at once; on its way out the runner exports the manifest of what is recorded (a third signal then
+meets the previous handler and is said, not hidden). The previous handlers come back when the
+block ends. Python only runs signal handlers in
 the main thread, so outside it ``StopRequest`` installs nothing (``request()`` still works).
 """
 
