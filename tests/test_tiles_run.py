@@ -357,8 +357,9 @@ def test_an_overlap_past_half_a_tile_ends_the_run_before_any_image(
         "run", seams_folder, "--output", output, "--engine", THRESHOLD, "--prompt", "red",
         "--tile", "1008", "--tile-overlap", "600",
     )  # fmt: skip
-    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.returncode == 2, done.stdout + done.stderr  # a bad value: refused before any write
     assert "--tile-overlap must be from 2 to half the tile side (504)" in done.stdout + done.stderr
+    assert not output.exists()
 
 
 def test_an_output_folder_made_before_tiling_resumes_with_tiling_off(tmp_path: Path) -> None:
