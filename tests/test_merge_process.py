@@ -100,29 +100,119 @@ def test_a_killed_helper_fails_its_image_and_the_next_image_gets_a_new_one(helpe
     assert len(merged) == len(SHAPES)
 
 
-def test_the_helper_exits_when_its_worker_is_killed() -> None:
-    """A worker killed by the watchdog (SIGKILL) leaves no merge process behind."""
-    script = textwrap.dedent(
-        """
-        import sys, time
-        from batchseg.tiles.grid import plan_tiles
-        from batchseg.tiles.merge_process import shared
-        helper = shared()
-        helper.begin(plan_tiles(3000, 2500, 1008, 252), 0.5)
-        print(helper._proc.pid, flush=True)
-        time.sleep(600)
-        """
-    )
-    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) as worker:
-        assert worker.stdout is not None
-        child = psutil.Process(int(worker.stdout.readline()))
-        assert child.is_running()
-        worker.send_signal(signal.SIGKILL)
-        worker.wait()
-        deadline = time.monotonic() + 20
-        while child.is_running() and child.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+#: A merge that keeps a helper busy for minutes: a hundred small squares on each of 10,816 tiles,
+#: the same rows for every tile (so the message is small: pickle sends the list once).
+BUSY = textwrap.dedent(
+    """
+    import numpy as np
+    from batchseg import rle
+    from batchseg.tiles.grid import plan_tiles
+    from batchseg.tiles.merge_process import _Row
+
+    def busy(helper):
+        plan = plan_tiles(20000, 20000, 256, 64)
+        rows = []
+        for k in range(100):
+            mask = np.zeros((256, 256), bool)
+            x, y = k * 37 % 246, k * 53 % 246
+            mask[y : y + 8, x : x + 8] = True
+            rows.append(_Row("red", 0.5 + k / 1000, rle.encode(mask)))
+        merge = helper.begin(plan, 0.5)
+        merge.add({tile.id: rows for tile in plan.tiles})
+        return merge
+    """
+)
+
+
+def _busy(helper: MergeProcess):  # type: ignore[no-untyped-def]
+    scope: dict[str, object] = {}
+    exec(BUSY, scope)  # noqa: S102 - the same code the stand-in worker below runs
+    return scope["busy"](helper)  # type: ignore[operator]
+
+
+def _wait_busy(pid: int) -> psutil.Process:
+    """The helper once it has spent 1.2 s of CPU (its start costs a fraction of that): deep in a merge."""
+    helper = psutil.Process(pid)
+    for _ in range(1200):  # polls, not a time limit: a loaded machine only makes it slower
+        times = helper.cpu_times()
+        if times.user + times.system >= 1.2:
+            return helper
+        time.sleep(0.05)
+    raise AssertionError("the merge helper never got busy")
+
+
+def _gone_soon(process: psutil.Process) -> bool:
+    """Whether ``process`` is gone (or a zombie nobody reaped yet) within 30 polls of 0.1 s."""
+    for _ in range(30):
+        try:
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_an_image_given_up_ends_a_busy_helper_and_the_next_image_gets_a_new_one(helper: MergeProcess) -> None:
+    """A tiled image that fails (a bad tile) while its helper is deep in a long merge step: the
+    helper ends at once, so the worker's next image is merged by a new helper instead of waiting
+    behind the abandoned merge until the watchdog kills the worker."""
+    abandoned = _busy(helper)
+    assert helper.pid is not None
+    busy = _wait_busy(helper.pid)
+    abandoned.close()
+    assert not busy.is_running() or busy.status() == psutil.STATUS_ZOMBIE
+    plan = plan_tiles(3000, 2500, 1008, 252)
+    tiles = _tiles(plan)
+    merged, _ = _merge(helper, plan, tiles)
+    assert helper.pid != busy.pid
+    assert _rows(merged) == _rows(merge_tiles(plan, tiles))
+
+
+def test_an_image_begun_over_an_unfinished_one_gets_a_new_helper(helper: MergeProcess) -> None:
+    _busy(helper)  # never finished nor closed
+    assert helper.pid is not None
+    busy = _wait_busy(helper.pid)
+    plan = plan_tiles(3000, 2500, 1008, 252)
+    tiles = _tiles(plan)
+    merged, _ = _merge(helper, plan, tiles)
+    assert not busy.is_running() or busy.status() == psutil.STATUS_ZOMBIE
+    assert _rows(merged) == _rows(merge_tiles(plan, tiles))
+
+
+#: A stand-in worker: starts its merge helper through the worker's own code, makes it busy, says
+#: the helper's pid, and waits; "exit" on its stdin ends it normally.
+STAND_IN = BUSY + textwrap.dedent(
+    """
+    import sys
+    from batchseg.tiles.merge_process import shared
+    merge = busy(shared())
+    print(shared().pid, flush=True)
+    sys.stdin.readline()
+    """
+)
+
+
+@pytest.mark.parametrize("end", ["SIGKILL", "SIGTERM", "exit"])
+def test_a_busy_helper_ends_with_its_worker_however_the_worker_ends(end: str) -> None:
+    """The helper is CPU-bound in a merge (no message read for minutes) when its worker ends: it
+    is gone within 3 s all the same (parent-death signal, parent watch, end of its input)."""
+    with subprocess.Popen(
+        [sys.executable, "-c", STAND_IN], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as worker:
+        assert worker.stdout is not None and worker.stdin is not None
+        busy = _wait_busy(int(worker.stdout.readline()))
+        try:
+            if end == "exit":
+                worker.stdin.write("exit\n")
+                worker.stdin.flush()
+            else:
+                worker.send_signal(getattr(signal, end))
+            worker.wait()
+            assert _gone_soon(busy), f"the merge helper outlived its worker ({end})"
+        finally:
+            if busy.is_running():
+                busy.kill()
 
 
 def _kept(folder: Path, key: str = "a") -> TileProgress:

@@ -21,6 +21,7 @@ from multiprocessing.connection import Connection, wait
 
 from ..errors import BatchsegError, ConfigError
 from ..records import FailureCategory, Item, ItemResult, Status, failure_result
+from ..tiles import merge_process
 from ..tiles.grid import TilePlan, plan_tiles
 from .contract import Capabilities, Engine, EngineSpec, load_factory
 from .messages import Ack, Done, Heartbeat, LoadFailed, Ready, Task, Threads
@@ -59,6 +60,7 @@ def serve_connection(spec: EngineSpec, slot: int, conn: Connection, threads: int
         _serve(engine, capabilities, conn, tiler)
     finally:
         warnings.showwarning = show
+        merge_process.stop_shared()  # a Ray actor's process outlives this call: so would the helper
         try:
             engine.close()
         except Exception:  # noqa: S110 - closing is best effort; the process ends anyway

@@ -8,9 +8,13 @@ tiles is seconds of small numpy steps. In a thread of the worker the two fought 
 The helper (``python -m batchseg.tiles.merge_process``) starts at a worker's first tiled image and
 stays for the next ones. It gets each batch's finished tiles as (prompt, score, RLE) rows, never
 pixels, through its stdin (written by a thread, so the engine's thread never waits on a full
-pipe), and answers the merged detections with their RLE on its stdout. It exits when its stdin
-closes: when the worker ends or is killed. A helper that died is started again for the next image;
-the image it was merging fails with an error saying so. For an image whose tiles are spread over
+pipe), and answers the merged detections with their RLE on its stdout. It never outlives its
+worker by more than a moment, even deep in a long merge step: a thread reads its stdin and ends it
+at end of input, a thread watches the worker (its parent id on POSIX, its process handle on
+Windows), and on Linux the kernel kills it with the worker (parent-death signal). A helper that died
+is started again for the next image; the image it was merging fails with an error saying so. An
+image given up before its merge's end (a failing tile) ends its helper at once, so the next image
+never waits behind an abandoned merge. For an image whose tiles are spread over
 several workers, the helper of each worker that runs some of them follows the image's folder of
 kept tiles (``follow``), so the worker that takes the image's merge finds it mostly done.
 """
@@ -21,10 +25,12 @@ import contextlib
 import os
 import pickle
 import queue
+import signal
 import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,9 +41,13 @@ from .grid import TilePlan, plan_tiles
 from .merge import MergedDetection, TileDetection, TileMerger, describe
 from .progress import TileProgress
 
-__all__ = ["MergeProcess", "RemoteMerge", "shared"]
+__all__ = ["MergeProcess", "RemoteMerge", "shared", "stop_shared"]
 
 _HEADER = struct.Struct("<Q")
+
+#: Exit status of a helper that found its worker gone.
+ORPHAN_EXIT_CODE = 70
+_PARENT_POLL_S = 0.5
 
 
 class _Row(NamedTuple):
@@ -55,13 +65,17 @@ class MergeProcess:
         self._proc: subprocess.Popen[bytes] | None = None
         self._sends: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._serial = 0
+        self._open = False  # the image of ``_serial`` was begun and neither finished nor given up
 
     def begin(self, plan: TilePlan, match: float, progress: TileProgress | None = None) -> RemoteMerge:
-        """A new image's merge (any earlier one not finished is dropped by the helper). With the
-        image's ``progress``, a merge the helper has been following there (``follow``) goes on
-        instead of a new one: its tiles are in already."""
+        """A new image's merge. With the image's ``progress``, a merge the helper has been following
+        there (``follow``) goes on instead of a new one: its tiles are in already. An earlier image
+        left unfinished ends the helper first (it may be deep in that image's merge)."""
+        if self._open:
+            self.stop()
         self._ensure_started()
         self._serial += 1
+        self._open = True
         self._send(("begin", self._serial, _geometry(plan), match, *_where(progress)))
         return RemoteMerge(self, self._serial)
 
@@ -74,24 +88,35 @@ class MergeProcess:
         self._ensure_started()
         self._send(("follow", 0, _geometry(plan), match, *_where(progress)))
 
+    @property
+    def pid(self) -> int | None:
+        """The helper's process id, None when none is running."""
+        return None if self._proc is None else self._proc.pid
+
     def _ensure_started(self) -> None:
         if self._proc is None or self._proc.poll() is not None:
             self._start()
 
     def _start(self) -> None:
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", __name__],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=None if sys.stderr is not None else subprocess.DEVNULL,  # pythonw.exe has none
-            creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0),  # no console from a nightly job
-        )
-        self._sends = queue.SimpleQueue()
-        assert self._proc.stdin is not None
+        # The thread that starts the helper also feeds it, and lives exactly as long as it: Linux
+        # sends the parent-death signal when the starting THREAD ends, not the process.
+        sends: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        started: queue.SimpleQueue[subprocess.Popen[bytes] | BaseException] = queue.SimpleQueue()
         feeder = threading.Thread(
-            target=_feed, args=(self._proc.stdin, self._sends), name="batchseg-merge-feed", daemon=True
+            target=_start_and_feed, args=(sends, started), name="batchseg-merge-feed", daemon=True
         )
         feeder.start()
+        proc = started.get()
+        if isinstance(proc, BaseException):
+            raise proc
+        self._proc, self._sends = proc, sends
+
+    def _abandon(self, serial: int) -> None:
+        """Image ``serial`` is given up before its end: end the helper, which may be busy with it
+        for a long time yet (a huge plan, a dense tile); the next image starts a new one."""
+        if serial == self._serial and self._open:
+            self._open = False
+            self.stop()
 
     def _send(self, message: tuple[Any, ...]) -> None:
         self._sends.put(message)
@@ -114,7 +139,7 @@ class MergeProcess:
 
     def stop(self) -> None:
         """End the helper (the next image starts a new one)."""
-        proc, self._proc = self._proc, None
+        proc, self._proc, self._open = self._proc, None, False
         if proc is not None:
             self._sends.put(None)  # the feeder closes the helper's input
             proc.kill()
@@ -137,12 +162,15 @@ class RemoteMerge:
     def result(self) -> tuple[list[MergedDetection], list[str]]:
         """The merged detections and the RLE of each over the whole image."""
         self._done = True
+        self._helper._open = False  # answered or failed, the helper is done with this image
         self._helper._send(("finish", self._serial))
         return self._helper._reply(self._serial)
 
     def close(self) -> None:
+        """The image is over; given up before ``result`` (a failed tile), its helper ends at once."""
         if not self._done:
-            self._helper._send(("drop", self._serial))  # a failed image: the helper forgets it
+            self._done = True
+            self._helper._abandon(self._serial)
 
 
 def _geometry(plan: TilePlan) -> tuple[int, int, int, int]:
@@ -162,6 +190,31 @@ def shared() -> MergeProcess:
     if _SHARED is None:
         _SHARED = MergeProcess()
     return _SHARED
+
+
+def stop_shared() -> None:
+    """End this process's merge helper, if one runs (a worker's last act)."""
+    if _SHARED is not None:
+        _SHARED.stop()
+
+
+def _start_and_feed(
+    sends: queue.SimpleQueue[Any], started: queue.SimpleQueue[subprocess.Popen[bytes] | BaseException]
+) -> None:
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", __name__, str(os.getpid())],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None if sys.stderr is not None else subprocess.DEVNULL,  # pythonw.exe has none
+            creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0),  # no console from a nightly job
+        )
+    except BaseException as exc:  # noqa: BLE001 - raised again in the thread that asked
+        started.put(exc)
+        return
+    started.put(proc)
+    assert proc.stdin is not None
+    _feed(proc.stdin, sends)
 
 
 def _feed(stream: IO[bytes], sends: queue.SimpleQueue[Any]) -> None:
@@ -192,14 +245,13 @@ def _read_exactly(stream: IO[bytes], size: int) -> bytes:
 
 def serve(inbox: IO[bytes], outbox: IO[bytes]) -> None:
     """The helper's loop: one image at a time, until its input closes; meanwhile it may follow the
-    kept tiles of images spread over several workers (``MergeProcess.follow``)."""
+    kept tiles of images spread over several workers (``MergeProcess.follow``). The input is read
+    by a thread of its own, so its end ends the process at once, even in a long merge step."""
+    messages = _read_in_background(inbox)
     serial, merger, error = 0, None, ""
     following = _Following()
     while True:
-        try:
-            kind, got, *body = _read(inbox)
-        except EOFError:
-            return
+        kind, got, *body = messages.get()
         if kind == "follow":
             following.scan(*body)
         elif kind == "begin":
@@ -224,8 +276,74 @@ def serve(inbox: IO[bytes], outbox: IO[bytes]) -> None:
             except OSError:
                 return  # the worker is gone (killed while it waited): nobody to answer
             merger = None
-        elif kind == "drop":
-            merger = None
+
+
+def _read_in_background(inbox: IO[bytes]) -> queue.SimpleQueue[Any]:
+    """The messages on ``inbox``, read by a thread that ends the process when the input closes:
+    the worker ended, was killed, or stopped this helper, and nobody wants an answer any more."""
+    messages: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+    def read() -> None:
+        try:
+            while True:
+                messages.put(_read(inbox))
+        except (EOFError, OSError, ValueError, pickle.UnpicklingError):
+            os._exit(0)
+
+    threading.Thread(target=read, name="batchseg-merge-inbox", daemon=True).start()
+    return messages
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """End this helper when its worker ends, however it ends and whatever the main thread is doing:
+    the kernel's parent-death signal on Linux (a C call holding the GIL cannot delay it), and a
+    thread watching the parent id (POSIX) or waiting on the parent's process handle (Windows)."""
+    if sys.platform == "win32":
+        _wait_for_parent_process(parent_pid)
+        return
+    if sys.platform.startswith("linux"):
+        # The kernel SIGKILLs this process when the worker's thread that started it ends (that
+        # thread feeds the helper and ends only with it, or with the worker).
+        with contextlib.suppress(Exception):  # the watching thread still covers this case
+            import ctypes
+
+            pr_set_pdeathsig = 1
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent_pid:  # the worker died before the signal was asked for
+        os._exit(ORPHAN_EXIT_CODE)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(_PARENT_POLL_S)
+        os._exit(ORPHAN_EXIT_CODE)
+
+    threading.Thread(target=watch, name="batchseg-merge-parent-watch", daemon=True).start()
+
+
+if sys.platform == "win32":
+
+    def _wait_for_parent_process(parent_pid: int) -> None:
+        """Windows: a thread waits on the worker's process handle and ends this helper with it."""
+        import ctypes
+        from ctypes import wintypes
+
+        synchronize, infinite, no_such_process = 0x00100000, 0xFFFFFFFF, 87  # ERROR_INVALID_PARAMETER
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        kernel32.OpenProcess.argtypes = (wintypes.DWORD, wintypes.BOOL, wintypes.DWORD)
+        kernel32.OpenProcess.restype = wintypes.HANDLE
+        kernel32.WaitForSingleObject.argtypes = (wintypes.HANDLE, wintypes.DWORD)
+        kernel32.WaitForSingleObject.restype = wintypes.DWORD
+        handle = kernel32.OpenProcess(synchronize, False, parent_pid)
+        if not handle:
+            if ctypes.get_last_error() == no_such_process:
+                os._exit(ORPHAN_EXIT_CODE)  # the worker is gone already
+            return  # cannot watch it: the end of the input still ends this helper
+
+        def wait() -> None:
+            kernel32.WaitForSingleObject(handle, infinite)  # ctypes releases the GIL meanwhile
+            os._exit(ORPHAN_EXIT_CODE)
+
+        threading.Thread(target=wait, name="batchseg-merge-parent-watch", daemon=True).start()
 
 
 @dataclass
@@ -296,6 +414,8 @@ def _answer(serial: int, merger: TileMerger, error: str) -> tuple[Any, ...]:
 
 
 def main() -> None:
+    # The worker names itself: by the time this runs it may be gone, and our parent someone else.
+    _exit_with_parent(int(sys.argv[1]) if len(sys.argv) > 1 else os.getppid())
     # Answers go to the real stdout; anything a library prints goes to stderr, not into the stream.
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     if sys.stderr is not None:
