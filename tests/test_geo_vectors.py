@@ -81,6 +81,30 @@ def label_map(tmp_path: Path, crs: CRS, t: Affine) -> tuple[Path, Georef, dict[i
     return tmp_path / "labels.tif", georef, shapes
 
 
+def pixel_outline(mask: np.ndarray) -> shapely.Geometry:
+    """The outline of the True pixels of ``mask`` made of their squares (x right, y down)."""
+    rows, cols = np.nonzero(mask)
+    return shapely.union_all(shapely.box(cols, rows, cols + 1, rows + 1)).simplify(0)
+
+
+def assert_pixel_outline(geom: shapely.Geometry, t: Affine, mask: np.ndarray) -> None:
+    """``geom`` (map coordinates) is, vertex for vertex, the outline of ``mask``'s pixels through
+    ``t``: taken back to pixels, its vertices are corners (integers up to float rounding, far below
+    a pixel) and the outline is exactly that of the pixel squares."""
+    inverse = ~t
+
+    def to_pixels(xy: np.ndarray) -> np.ndarray:
+        x, y = xy[:, 0], xy[:, 1]
+        return np.column_stack(
+            [inverse.a * x + inverse.b * y + inverse.c, inverse.d * x + inverse.e * y + inverse.f]
+        )
+
+    back = shapely.transform(geom, to_pixels)
+    corners = shapely.transform(back, np.round)
+    assert np.abs(shapely.get_coordinates(back) - shapely.get_coordinates(corners)).max() < 1e-6
+    assert shapely.equals_exact(corners.normalize(), pixel_outline(mask).normalize(), tolerance=0)
+
+
 @pytest.mark.parametrize(
     ("crs", "t"), [(UTM, UTM_GRID), (WGS84, WGS84_GRID), (UTM, ROTATED)], ids=["utm", "wgs84", "rotated"]
 )
@@ -88,12 +112,13 @@ def test_polygons_come_back_at_their_map_coordinates(tmp_path: Path, crs: CRS, t
     labels, georef, drawn = label_map(tmp_path, crs, t)
     rows = image_polygons("scene.tif", labels, georef, DETECTIONS, run_id="r1", model="m", window=64)
     assert [(r.index, r.prompt, r.tiles) for r in rows] == [(1, "roof", 1), (2, "field", 4), (3, "car", 1)]
-    pixel = float(np.hypot(t.a, t.d)) * (2**0.5 if t is ROTATED else 1.0)
+    with rasterio.open(labels) as src:
+        array = src.read(1)
     geod = crs.to_epsg() == 4326
     for row in rows:
         geom, want = shapely.from_wkb(row.geometry), drawn[row.index]
-        assert np.allclose(geom.bounds, want.bounds, atol=pixel), (row.index, geom.bounds, want.bounds)
-        assert geom.area == pytest.approx(want.area, rel=0.01)
+        assert_pixel_outline(geom, t, array == row.index)
+        assert geom.area == pytest.approx(want.area, rel=0.01)  # the drawing, rasterized
         assert row.bbox == pytest.approx(geom.bounds)
         assert row.crs == f"EPSG:{crs.to_epsg()}" and row.area_unit == "m2"
         if geod:  # square metres on the ellipsoid, about 1.1 m pixels
