@@ -303,6 +303,8 @@ def _objects(plan: TilePlan, group: list[_Part]) -> list[_Object]:
     if not wholes:
         tiles = {p.tile.id for p in group}
         mask = group[0].mask.union(*(p.mask for p in group[1:])) if len(tiles) == 1 else _joined(plan, group)
+        if not mask:  # cannot happen (``_joined``), and must not pass unseen: an object would be lost
+            raise ValueError("the views of an object joined to an empty mask")
         return [_Object(group[0].prompt, max(p.score for p in group), mask, tiles)]
     # Work through links, never all pairs: a dense scene's group can hold thousands of views
     # (measured: 72,900 tile detections took 45 s in an all-pairs loop here, now under one).
@@ -362,7 +364,7 @@ def _edge_distance(plan: TilePlan, part: _Part) -> int:
 def _number(plan: TilePlan, objects: list[_Object]) -> list[MergedDetection]:
     """Rule 5: order, indices, and the visible mask of each object (better scores own overlaps);
     an object without a visible pixel is no detection."""
-    boxed = [(o, o.mask.bbox) for o in objects if o.mask.bbox is not None]
+    boxed = [(o, o.mask.bbox) for o in objects if o.mask.bbox is not None]  # all: objects have pixels
     boxed.sort(key=lambda ob: (-ob[0].score, ob[1][1], ob[1][0], ob[0].prompt))
     boxes = np.array([box for _, box in boxed], np.int64).reshape(-1, 4)
     visible = uncovered([o.mask for o, _ in boxed], boxes, _CELL)
