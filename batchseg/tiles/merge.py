@@ -303,7 +303,7 @@ def _objects(plan: TilePlan, group: list[_Part]) -> list[_Object]:
     if not wholes:
         tiles = {p.tile.id for p in group}
         mask = group[0].mask.union(*(p.mask for p in group[1:])) if len(tiles) == 1 else _joined(plan, group)
-        if not mask:  # cannot happen (``_joined``), and must not pass unseen: an object would be lost
+        if not mask:  # cannot happen (parts have pixels, ``_joined`` keeps some), and must not pass unseen
             raise ValueError("the views of an object joined to an empty mask")
         return [_Object(group[0].prompt, max(p.score for p in group), mask, tiles)]
     # Work through links, never all pairs: a dense scene's group can hold thousands of views
@@ -341,15 +341,15 @@ def _objects(plan: TilePlan, group: list[_Part]) -> list[_Object]:
 
 
 def _joined(plan: TilePlan, group: list[_Part]) -> SparseMask:
-    """Rule 4: each view inside its own tile's core, and where the owning tile gave the group no
-    view, the union of the views that saw the pixel. Never empty: every pixel of a view is
-    either in its own core, in the core of another tile of the group (which then gave a view),
-    or outside every such core (taken from the views)."""
+    """Rule 4: each view inside its own tile's core and, where the tile owning a pixel gave the
+    group no view, the union of the views that saw the pixel. A pixel is lost only where its
+    owner's view says no; should that leave nothing (views that agree nowhere), the union of the
+    views is the object: a group is never empty."""
     owned = [p.mask.clip(plan.core(p.tile)) for p in group]
     cores = [SparseMask.box(plan.core(t), plan.height) for t in {p.tile.id: p.tile for p in group}.values()]
     seen = group[0].mask.union(*(p.mask for p in group[1:]))
-    unowned = seen.minus(cores[0].union(*cores[1:]))
-    return unowned.union(*owned)
+    joined = seen.minus(cores[0].union(*cores[1:])).union(*owned)
+    return joined if joined else seen
 
 
 def _edge_distance(plan: TilePlan, part: _Part) -> int:
