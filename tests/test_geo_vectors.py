@@ -359,7 +359,7 @@ def mixed_frames(tmp_path: Path) -> Path:
     labels = np.zeros((40, 50), np.uint16)
     labels[5:15, 10:30] = 1
     photo = image_polygons("photo.jpg", labels, None, DETECTIONS[:1], run_id="r", model="m")
-    world = Georef(tuple(UTM_GRID)[:6], None, None, 50, 40, 3, "uint8", None, "scan.pgw")  # type: ignore[arg-type]
+    world = Georef(tuple(UTM_GRID)[:6], None, None, 50, 40, 3, "uint8", None, "scan.pgw")
     scan = image_polygons("scan.png", labels, world, DETECTIONS[:1], run_id="r", model="m")
     return run_folder(tmp_path, utm + photo + wgs + scan)
 
