@@ -145,7 +145,7 @@ def test_a_prompt_that_is_not_a_colour_ends_the_run_before_any_image(tmp_path: P
     make_picture(tmp_path / "in" / "shapes.png")
     result = run_threshold(tmp_path / "in", tmp_path / "out", "red", "roof")
     assert result.exit_code == 1
-    assert "'roof' is not one: use #rrggbb or a CSS colour name" in result.output
+    assert '"roof" is not one: use #rrggbb or a CSS colour name' in result.output
 
 
 @pytest.mark.parametrize(
@@ -157,7 +157,7 @@ def test_colours(prompt: str, rgb: tuple[int, int, int]) -> None:
 
 
 def test_not_a_colour() -> None:
-    with pytest.raises(ConfigError, match="'#ff00f' is not one"):
+    with pytest.raises(ConfigError, match='"#ff00f" is not one'):
         parse_colour("#ff00f")
 
 
