@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from PIL import Image, ImageDraw
+
+#: Set for the test by ``no_process_left``; every process the test starts inherits it.
+PROCESS_MARK_ENV = "BATCHSEG_TEST_PROCESS_MARK"
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +56,48 @@ def image_folder(tmp_path: Path) -> Path:
     make_image(root / "sub" / "d.png", (96, 96), 4)
     make_image(root / "sub" / "deeper" / "e.jpg", (130, 170), 5)
     return root
+
+
+def marked_processes(mark: str) -> list[psutil.Process]:
+    """Live processes started under ``mark`` (a run, its workers, their merge helpers), found by
+    the environment they inherited, whoever their parent is now. The test process's own
+    multiprocessing resource tracker serves every later test too: it is not the run's."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid == os.getpid() or proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if proc.environ().get(PROCESS_MARK_ENV) != mark:
+                continue
+            if proc.ppid() == os.getpid() and any("resource_tracker" in part for part in proc.cmdline()):
+                continue
+            found.append(proc)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+@pytest.fixture
+def no_process_left(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Fails the test if a process it started (a ``batchseg run``, CLI in this process or not, its
+    workers and their merge helpers) is still alive 30 polls of 0.1 s after the test; whatever
+    is left is killed so the next test starts clean. Yields the mark its processes carry."""
+    mark = uuid.uuid4().hex
+    monkeypatch.setenv(PROCESS_MARK_ENV, mark)
+    yield mark
+    for _ in range(30):
+        left = marked_processes(mark)
+        if not left:
+            return
+        time.sleep(0.1)
+    described = []
+    for proc in left:
+        try:
+            described.append(f"pid {proc.pid} (parent {proc.ppid()}): {' '.join(proc.cmdline())[:200]}")
+            proc.kill()
+        except psutil.Error:
+            continue
+    pytest.fail("processes of the test's run left behind:\n" + "\n".join(described))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -5,6 +5,8 @@
 raise, so the worker must rerun that batch's tiles alone and fail the image.
 ``BATCHSEG_TEST_WINDOWS=FILE``: every window processed is appended to FILE as ``x0,y0``.
 ``BATCHSEG_TEST_SLEEP=S``: each window takes S seconds more (time to kill a run mid-image).
+``BATCHSEG_TEST_STALL_AFTER=N``: once the windows FILE holds N windows (of every worker), each
+later window hangs (a run killed mid-image at a known point, however slow the machine).
 ``BATCHSEG_TEST_PIDS=FILE``: every window processed is appended to FILE as ``x0,y0,pid``.
 ``BATCHSEG_TEST_TASK_SIZE=N``: the items per task the engine asks for (the threshold engine's 8).
 ``BATCHSEG_TEST_PREFETCH=FILE``: every image the worker says comes next (``prefetch``) is appended
@@ -36,6 +38,7 @@ class PoisonEngine:
         self.poison = tuple(int(v) for v in poison.split(",")) if poison else None
         self.log = os.environ.get("BATCHSEG_TEST_WINDOWS")
         self.sleep = float(os.environ.get("BATCHSEG_TEST_SLEEP", "0"))
+        self.stall_after = int(os.environ.get("BATCHSEG_TEST_STALL_AFTER", "0"))
         self.pids = os.environ.get("BATCHSEG_TEST_PIDS")
         self.prefetched = os.environ.get("BATCHSEG_TEST_PREFETCH")
         if self.prefetched:
@@ -47,6 +50,7 @@ class PoisonEngine:
                 raise RuntimeError(f"poisoned window {item.window}")
         results = []
         for k, item in enumerate(items):
+            self._stall()
             time.sleep(self.sleep)
             results.append(self.inner.one(item))
             if self.log and item.window is not None:
@@ -57,6 +61,14 @@ class PoisonEngine:
                     fh.write(f"{item.window[0]},{item.window[1]},{os.getpid()}\n")
             heartbeat([(k, results[-1])])
         return results
+
+    def _stall(self) -> None:
+        if not (self.stall_after and self.log and os.path.exists(self.log)):
+            return
+        with open(self.log, encoding="utf-8") as fh:
+            done = len(fh.read().split())
+        while done >= self.stall_after:
+            time.sleep(1)  # until the test kills the run
 
     @staticmethod
     def _log_opens(log: str) -> None:

@@ -18,6 +18,9 @@ from pycocotools import mask as mask_utils
 from batchseg.cli import cli
 from batchseg.imageio import read_label_map
 
+# Every run a test here starts (its workers and merge helpers too) is gone when the test ends.
+pytestmark = pytest.mark.usefixtures("no_process_left")
+
 
 def invoke(*args: str | Path) -> Result:
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
