@@ -34,6 +34,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .atomic import atomic_write_bytes
 from .errors import InvalidImageError
+from .logs import about_image
 
 __all__ = [
     "PILLOW_LIMIT_LOCK",
@@ -88,6 +89,11 @@ def read_image(
     empty, is not an image, has more than ``max_pixels`` pixels, is damaged or truncated, or uses a
     color mode that cannot become RGB. ``MemoryError`` is not an input problem and propagates.
     """
+    with about_image(path):  # what Pillow's libtiff or a warning says names the image
+        return _read_image(path, max_pixels, draft_side)
+
+
+def _read_image(path: str | os.PathLike[str], max_pixels: int, draft_side: int | None) -> Image.Image:
     check_not_empty(path)
     try:
         fh = open(path, "rb")  # we own and close it, so Windows never keeps a handle

@@ -6,11 +6,17 @@ undecodable bytes (as lone surrogates). :func:`clean` escapes all of those, so o
 one line and nothing in a log file can rewrite the terminal that later shows it. Records that other
 batchseg modules send to the ``batchseg`` logger while a :class:`RunLog` is open land in the same file.
 
+What libraries say (tifffile's and rasterio's log records, warnings, libtiff's messages) goes to the
+run log too, naming the image being read (:func:`about_image`), never to the console, where a folder
+of odd files printed thousands of lines over the progress: :func:`capture_library_output` in a
+worker, the :class:`RunLog` itself in the parent.
+
 This module is imported by the parent process: it never imports torch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import itertools
 import logging
@@ -19,7 +25,9 @@ import platform
 import re
 import sys
 import unicodedata
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
@@ -27,12 +35,22 @@ from typing import Any, TextIO
 from . import __version__
 from .errors import BatchsegError, OutputError
 
-__all__ = ["LOG_NAME_RE", "RunLog", "clean", "prune_logs", "safe_echo"]
+__all__ = [
+    "LOG_NAME_RE",
+    "RunLog",
+    "about_image",
+    "capture_library_output",
+    "clean",
+    "prune_logs",
+    "safe_echo",
+]
 
 #: Names of run log files: a local timestamp, then -N when two runs start in the same second.
 LOG_NAME_RE = re.compile(r"^(\d{8}-\d{6})(?:-(\d+))?\.log$")
 #: The logger other modules log to; a RunLog copies its records into the run's file.
 PACKAGE_LOGGER = "batchseg"
+#: The image the current thread (or task) is reading, named in what libraries say meanwhile.
+_IMAGE: ContextVar[str | None] = ContextVar("batchseg_image", default=None)
 
 
 def _needs_escape(ch: str, keep: str) -> bool:
@@ -81,6 +99,166 @@ def safe_echo(text: str, err: bool = False, nl: bool = True) -> None:
         line = line.encode("ascii", errors="replace").decode("ascii")
     stream.write(line)
     stream.flush()
+
+
+@contextlib.contextmanager
+def about_image(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Within the block, what libraries say in this thread names ``path`` (the readers of
+    ``imageio`` and ``tiles.source`` open one around every read)."""
+    token = _IMAGE.set(os.fspath(path))
+    try:
+        yield
+    finally:
+        _IMAGE.reset(token)
+        if not _GDAL_ROUTED and "rasterio" in sys.modules:  # the first image read with GDAL
+            _route_gdal_messages()
+
+
+def _about(text: str) -> str:
+    image = _IMAGE.get()
+    return f"{image}: {text}" if image else text
+
+
+class _LibraryHandler(logging.Handler):
+    """Log records of libraries (tifffile; rasterio, which passes on GDAL's messages) handed to
+    ``sink`` as one line naming the image; on the root logger it also keeps Python's last-resort
+    handler from printing them on the console. ``skip_own``: not batchseg's records (a RunLog has a
+    handler of its own for those)."""
+
+    def __init__(self, sink: Callable[[str], None], skip_own: bool) -> None:
+        super().__init__(logging.WARNING)
+        self.sink, self.skip_own = sink, skip_own
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.skip_own and (record.name == PACKAGE_LOGGER or record.name.startswith(PACKAGE_LOGGER + ".")):
+            return
+        try:
+            self.sink(_about(f"{record.name} {record.levelname.lower()}: {record.getMessage()}"))
+        except Exception:  # noqa: BLE001 - logging never raises into the code that logged
+            self.handleError(record)
+
+
+def capture_library_output(sink: Callable[[str], None]) -> Callable[[], None]:
+    """For a worker: from now on warnings (any thread) and log records reach ``sink`` as lines
+    naming the image being read, instead of the console (the worker sends them to the run log).
+    Returns what puts things back."""
+
+    def show(message: Warning | str, category: type[Warning], *_where: object, **_kw: object) -> None:
+        sink(_about(f"{category.__name__}: {message}"))  # the filters still decide what is shown
+
+    previous = warnings.showwarning
+    warnings.showwarning = show
+    handler = _LibraryHandler(sink, skip_own=False)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    undo_libtiff = _libtiff_errors_to(sink)
+
+    def undo() -> None:
+        undo_libtiff()
+        root.removeHandler(handler)
+        if warnings.showwarning is show:
+            warnings.showwarning = previous
+
+    return undo
+
+
+#: The ctypes callbacks given to libtiff and GDAL, kept for the life of the process: the library
+#: holds a pointer, and an undo may hand an earlier one back.
+_C_CALLBACKS: list[Any] = []
+
+
+def _libtiff_errors_to(sink: Callable[[str], None]) -> Callable[[], None]:
+    """Pillow's libtiff prints its errors on stderr itself ("Using code not yet in table" for a
+    damaged LZW strip, after which Pillow raises a bare "decoder error"): its error handler is
+    pointed at ``sink``, naming the image. Where the library is not found (Windows links it into
+    Pillow), nothing changes; its warnings Pillow handles itself."""
+    try:
+        import ctypes
+
+        library = _pillow_libtiff()
+        if library is None:
+            return lambda: None
+        lib, libc = ctypes.CDLL(library), ctypes.CDLL(None)
+        handler = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p)
+
+        def on_error(module: bytes | None, fmt: bytes | None, args: int | None) -> None:
+            try:
+                text = ctypes.create_string_buffer(1024)
+                # The va_list is passed on as the pointer it arrives as (x86-64 and arm64 ABIs).
+                libc.vsnprintf(text, ctypes.c_size_t(len(text)), fmt, ctypes.c_void_p(args))
+                sink(_about(f"libtiff error: {text.value.decode('utf-8', 'replace')}"))
+            except Exception:  # noqa: BLE001, S110 - a C callback must never raise
+                pass
+
+        _C_CALLBACKS.append(handler(on_error))
+        lib.TIFFSetErrorHandler.restype = ctypes.c_void_p
+        lib.TIFFSetErrorHandler.argtypes = [ctypes.c_void_p]
+        previous = lib.TIFFSetErrorHandler(ctypes.cast(_C_CALLBACKS[-1], ctypes.c_void_p))
+    except Exception:  # noqa: BLE001 - best effort: libtiff keeps printing on stderr
+        return lambda: None
+    return lambda: lib.TIFFSetErrorHandler(previous)
+
+
+#: GDAL's messages were pointed at Python's logging (once per process).
+_GDAL_ROUTED = False
+
+
+def _route_gdal_messages() -> None:
+    """GDAL prints what it says outside a rasterio environment (reading a window of an open
+    dataset, for instance: "Warning 1: TIFFFetchNormalTag: ...") on stderr itself: its default
+    handler is pointed at the ``gdal`` logger, which the handlers above take, naming the image.
+    rasterio's own handler, inside its environments, still comes first."""
+    global _GDAL_ROUTED
+    _GDAL_ROUTED = True
+    try:
+        import ctypes
+
+        library = _loaded_library("libgdal", "rasterio")
+        if library is None:
+            return
+        gdal = ctypes.CDLL(library)
+        handler = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_int, ctypes.c_char_p)
+        levels = {2: logging.WARNING, 3: logging.ERROR, 4: logging.CRITICAL}  # 1: debug, dropped
+
+        def on_message(kind: int, number: int, message: bytes | None) -> None:
+            try:
+                if kind in levels:
+                    text = (message or b"").decode("utf-8", "replace")
+                    logging.getLogger("gdal").log(levels[kind], "CPLE %d: %s", number, text)
+            except Exception:  # noqa: BLE001, S110 - a C callback must never raise
+                pass
+
+        _C_CALLBACKS.append(handler(on_message))
+        gdal.CPLSetErrorHandler.restype = ctypes.c_void_p
+        gdal.CPLSetErrorHandler.argtypes = [ctypes.c_void_p]
+        gdal.CPLSetErrorHandler(ctypes.cast(_C_CALLBACKS[-1], ctypes.c_void_p))
+    except Exception:  # noqa: BLE001, S110 - best effort: GDAL keeps printing on stderr
+        pass
+
+
+def _pillow_libtiff() -> str | None:
+    return _loaded_library("libtiff", "PIL")
+
+
+def _loaded_library(name: str, package: str) -> str | None:
+    """The shared library ``name`` that ``package`` loaded: from the process's memory map (Linux),
+    else the copy its macOS wheel ships; None when not found (not loaded yet, linked in)."""
+    if os.path.exists("/proc/self/maps"):
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as fh:
+            fields = [line.split(maxsplit=5) for line in fh]
+        found = sorted(
+            {f[5].strip() for f in fields if len(f) == 6 and name in f[5].rsplit("/", 1)[-1]},
+            key=lambda path: package.lower() not in path.lower(),  # the package's own copy first
+        )
+        return found[0] if found else None
+    if sys.platform == "darwin":
+        import glob
+        import importlib
+
+        folder = os.path.dirname(importlib.import_module(package).__file__ or "")
+        dylibs = glob.glob(os.path.join(folder, ".dylibs", f"{name}*.dylib"))
+        return dylibs[0] if dylibs else None
+    return None
 
 
 class _CleanFormatter(logging.Formatter):
@@ -160,6 +338,8 @@ class RunLog:
         self._handler: logging.FileHandler | None = None
         self._logger = logging.Logger(f"{PACKAGE_LOGGER}.run-log.{id(self)}", logging.INFO)
         self._package_level: int | None = None
+        self._library: _LibraryHandler | None = None
+        self._undo_libtiff: Callable[[], None] = lambda: None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -181,6 +361,10 @@ class RunLog:
         if package.getEffectiveLevel() > logging.INFO:
             self._package_level = package.level
             package.setLevel(logging.INFO)
+        # Libraries read images in this process too (previews, planning): their words go here.
+        self._library = _LibraryHandler(self._logger.warning, skip_own=True)
+        logging.getLogger().addHandler(self._library)
+        self._undo_libtiff = _libtiff_errors_to(self._logger.warning)
         prune_logs(log_dir, self.keep, protect=self.path)
         return self
 
@@ -189,6 +373,10 @@ class RunLog:
         handler, self._handler = self._handler, None
         if handler is None:
             return
+        if self._library is not None:
+            self._undo_libtiff()
+            logging.getLogger().removeHandler(self._library)
+            self._library = None
         package = logging.getLogger(PACKAGE_LOGGER)
         package.removeHandler(handler)
         if self._package_level is not None:

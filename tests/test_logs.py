@@ -5,11 +5,17 @@ from __future__ import annotations
 import datetime as dt
 import io
 import logging
+import os
 import re
+import struct
+import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import rasterio
+import tifffile
 
 from batchseg.errors import OutputError, StoppedEarly
 from batchseg.logs import RunLog, clean, prune_logs, safe_echo
@@ -222,3 +228,72 @@ def test_safe_echo_without_a_stream_or_with_an_unknown_encoding(monkeypatch: pyt
     monkeypatch.setattr(sys, "stdout", odd)
     safe_echo("dach_𝔸.jpg", nl=False)
     assert odd.getvalue() == "dach_?.jpg"
+
+
+def _odd_tiff(path: Path) -> Path:
+    """A tiled TIFF whose ImageDescription has an invalid data type (99): tifffile logs a message
+    each time it opens it, and reads the pixels."""
+    pixels = np.zeros((300, 300, 3), np.uint8)
+    pixels[10:130, 10:130] = (255, 0, 0)
+    tifffile.imwrite(path, pixels, photometric="rgb", description="a note", metadata=None, tile=(64, 64))
+    data = path.read_bytes()
+    entry = struct.pack("<HH", 270, 2)  # ImageDescription, ASCII
+    assert data.count(entry) == 1
+    path.write_bytes(data.replace(entry, struct.pack("<HH", 270, 99)))
+    return path
+
+
+def _damaged_lzw_tiff(path: Path) -> Path:
+    """Deflate data under an LZW tag: Pillow's libtiff prints "Using code not yet in table"."""
+    tifffile.imwrite(path, np.zeros((64, 64), np.uint8), tile=(32, 32), compression="zlib")
+    deflate, lzw = b"\x03\x01\x03\x00\x01\x00\x00\x00\x08\x00", b"\x03\x01\x03\x00\x01\x00\x00\x00\x05\x00"
+    path.write_bytes(path.read_bytes().replace(deflate, lzw))
+    return path
+
+
+def _odd_geotiff(path: Path) -> Path:
+    """A tiled GeoTIFF whose PhotometricInterpretation has an invalid data type: GDAL's messages
+    about it come through rasterio's logger ("rasterio._env"), tifffile's through its own."""
+    from affine import Affine
+
+    pixels = np.zeros((3, 300, 300), np.uint8)
+    pixels[0, 10:130, 10:130] = 255
+    profile = {"driver": "GTiff", "width": 300, "height": 300, "count": 3, "dtype": "uint8"}
+    profile |= {"crs": "EPSG:32633", "transform": Affine(1.0, 0.0, 500000.0, 0.0, -1.0, 5000000.0)}
+    with rasterio.open(path, "w", tiled=True, blockxsize=64, blockysize=64, **profile) as dst:
+        dst.write(pixels)
+    data = path.read_bytes()
+    entry = struct.pack("<HH", 262, 3)  # PhotometricInterpretation, SHORT
+    assert data.count(entry) == 1
+    path.write_bytes(data.replace(entry, struct.pack("<HH", 262, 99)))
+    return path
+
+
+def test_library_messages_go_to_the_log_with_their_image_not_to_the_console(tmp_path: Path) -> None:
+    """``python -m batchseg run`` on odd TIFFs, tiled, with previews (so the parent reads them too):
+    tifffile's log records, GDAL's messages through rasterio and libtiff's error lines never reach
+    the console; the run log has each, naming the image it concerns."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _odd_tiff(folder / "odd.tif")
+    _odd_tiff(folder / "odd2.tif")
+    _damaged_lzw_tiff(folder / "lzw.tif")
+    _odd_geotiff(folder / "geo.tif")
+    output = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "batchseg", "run", str(folder), "--output", str(output), "--tile", "128",
+        "--engine", "batchseg.engines.threshold:load", "--prompt", "red", "--workers", "1", "--previews",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 3, done.stdout + done.stderr  # lzw.tif is invalid_input
+    console = done.stdout + done.stderr
+    for said in ("TiffTag", "not yet in table", "CPLE_", "TIFFFetch", "Warning"):
+        assert said not in console, console
+    assert "progress: 4/4" in console
+    log = "".join(p.read_text(encoding="utf-8") for p in (output / "logs").glob("*.log"))
+    for name in ("odd.tif", "odd2.tif"):
+        assert f"{folder / name}: tifffile error: <TiffTag.fromfile> raised" in log, log
+    assert f"{folder / 'lzw.tif'}: libtiff error: Using code not yet in table" in log, log
+    assert f"{folder / 'geo.tif'}: gdal warning: CPLE 1: TIFFFetchNormalTag" in log, log
+    from_workers = [line for line in log.splitlines() if "worker_warning" in line]
+    assert from_workers and all(f"{folder}{os.sep}" in line for line in from_workers), from_workers

@@ -20,6 +20,7 @@ from dataclasses import replace
 from multiprocessing.connection import Connection, wait
 
 from ..errors import BatchsegError, ConfigError
+from ..logs import about_image, capture_library_output
 from ..records import FailureCategory, Item, ItemResult, Status, failure_result
 from ..tiles import merge_process
 from ..tiles.grid import TilePlan, plan_tiles
@@ -55,11 +56,11 @@ def serve_connection(spec: EngineSpec, slot: int, conn: Connection, threads: int
     engine, capabilities, tiler = loaded
     # While serving tasks, warnings go to the pool (the run log); while loading and closing, with
     # no message to carry them, to stderr as usual.
-    show = _collect_warnings()
+    restore = _collect_warnings()
     try:
         _serve(engine, capabilities, conn, tiler)
     finally:
-        warnings.showwarning = show
+        restore()
         merge_process.stop_shared()  # a Ray actor's process outlives this call: so would the helper
         try:
             engine.close()
@@ -127,7 +128,7 @@ def run_items(
     with ``fan_out``, is answered with its tiles for the pool to spread (``Tiler.fan_out``); tiles
     the pool sent run one image's at a time (``Tiler.run_tile_items``), and an image whose tiles are
     all in is merged (``Tiler.run`` again, finding them on disk)."""
-    plans = [tiler.plan(item) if item.tiling is None else None for item in items] if tiler else []
+    plans = [_plan(tiler, item) if item.tiling is None else None for item in items] if tiler else []
     if tiler is None or all(p is None and i.tiling is None for p, i in zip(plans, items, strict=True)):
         return run_task(engine, capabilities, items, heartbeat)
     results: list[ItemResult] = []
@@ -170,7 +171,8 @@ def run_items(
         upcoming = items[k + 1] if k + 1 < len(items) and isinstance(plans[k + 1], TilePlan) else None
         started = time.time()
         try:
-            result = _tiled_image(tiler, item, plan, fan_out, run_tiles, _prefetcher(engine, upcoming))
+            with about_image(tiler.input_root / item.path):  # what libraries say names it
+                result = _tiled_image(tiler, item, plan, fan_out, run_tiles, _prefetcher(engine, upcoming))
         except Exception as exc:  # noqa: BLE001 - the worker never raises across the pipe
             result = failure_result(item, Status.ERROR, exc=exc)
         _stamp(result, capabilities, started, time.time())
@@ -178,6 +180,11 @@ def run_items(
         heartbeat([(k, result)])
     flush()
     return results
+
+
+def _plan(tiler: Tiler, item: Item) -> TilePlan | ItemResult | None:
+    with about_image(tiler.input_root / item.path):  # a header a library finds odd names its image
+        return tiler.plan(item)
 
 
 def _tiled_image(
@@ -368,20 +375,15 @@ def _send_done(
         return _send_quietly(conn, Done(task_id, failed, notes))
 
 
-#: Warnings shown in this worker (by any thread), sent with its next Heartbeat or Done, so they
-#: reach the run log instead of a console nobody reads at night.
+#: Warnings and library messages of this worker (by any thread), each naming the image being
+#: read, sent with its next Heartbeat or Done, so they reach the run log instead of a console
+#: nobody reads at night, where a folder of odd TIFFs printed thousands of lines over the progress.
 _NOTES: list[str] = []
 
 
-def _collect_warnings() -> Callable[..., None]:
-    """Keep shown warnings for the next message; returns the ``showwarning`` it replaced."""
-
-    def keep(message: Warning | str, category: type[Warning], *_where: object, **_kw: object) -> None:
-        _NOTES.append(f"{category.__name__}: {message}")  # list.append is atomic: any thread
-
-    previous = warnings.showwarning
-    warnings.showwarning = keep  # the filters still decide what is shown (once per place, ...)
-    return previous
+def _collect_warnings() -> Callable[[], None]:
+    """Keep shown warnings and library log records for the next message; returns what undoes it."""
+    return capture_library_output(_NOTES.append)  # list.append is atomic: any thread
 
 
 def _take_notes() -> tuple[str, ...]:

@@ -28,6 +28,7 @@ import tifffile
 
 from .. import imageio
 from ..errors import InvalidImageError
+from ..logs import about_image
 
 __all__ = [
     "DEFAULT_MAX_TILED_PIXELS",
@@ -182,6 +183,13 @@ def open_source(
     conversion to run) when it is too big for how it can be read. A georeferenced input (GeoTIFF
     keys or a world file) is a ``geo.source.GeoSource``: ``bands`` (``--bands``) and one stretch per
     image, its ``valid(window)`` says where nodata must carry no detection."""
+    with about_image(path):  # what tifffile, rasterio or libtiff say names the image
+        return _open_source(path, max_pixels, max_tiled_pixels, bands)
+
+
+def _open_source(
+    path: str | os.PathLike[str], max_pixels: int, max_tiled_pixels: int, bands: Sequence[int] | None
+) -> ImageSource:
     geo = _geo_source(path, bands, max_tiled_pixels)
     if geo is not None:
         return geo
@@ -302,6 +310,11 @@ def upright_size(path: str | os.PathLike[str]) -> tuple[int, int, bool]:
     """(width, height, windowed) of the upright image from its header only, no pixel decoded;
     ``windowed``: ``open_source`` reads it by window rather than whole. InvalidImageError when
     even the header cannot be read."""
+    with about_image(path):
+        return _upright_size(path)
+
+
+def _upright_size(path: str | os.PathLike[str]) -> tuple[int, int, bool]:
     try:
         is_tiff = _is_tiff(path)
     except OSError as exc:
@@ -348,7 +361,7 @@ class WindowReader:
         """(pixels of ``window``, width, height of the whole upright image, the window's valid-pixel
         mask where a georeferenced input has nodata in it, else None); ValueError for a window
         outside the image, InvalidImageError for an image that cannot be read."""
-        with self._lock:
+        with self._lock, about_image(path):
             key = os.fspath(path)
             if self._source is None or self._path != key:
                 self.close_unlocked()
