@@ -33,7 +33,14 @@ COMMIT_GROUP = 64
 #: Pool events too frequent to log one line each (a recycled worker every N images is routine).
 QUIET_EVENTS = {"worker_started", "task_started"}
 #: Pool events the log shows as warnings.
-WARNING_EVENTS = {"attempt_failed", "worker_timeout", "worker_lost", "load_failed", "worker_warning"}
+WARNING_EVENTS = {
+    "attempt_failed",
+    "worker_timeout",
+    "worker_lost",
+    "worker_unplaced",
+    "load_failed",
+    "worker_warning",
+}
 
 
 class PoolPass:

@@ -1,17 +1,21 @@
 """The Ray backend on a real two-node Ray cluster on loopback (`ray start --head` plus
 `ray start --address`, nodes on 127.0.0.2 and 127.0.0.3), with the misbehaving test engine:
 the same manifest as the local pool, a hanging image, an actor killed from outside, and the driver
-killed with SIGKILL and resumed. The cluster is stopped at the end and no Ray process is left."""
+killed with SIGKILL and resumed; and on a one-node cluster of 2 CPUs, workers sized to fit and
+those that cannot be placed. Each cluster runs in its own temp dir, and its own processes (never
+any other Ray on the machine) are stopped at the end and checked gone."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -23,13 +27,16 @@ import pytest
 
 from batchseg.config import RunConfig
 from batchseg.runner import run
+from batchseg.supervise import ray_backend
 
 pytest.importorskip("ray", reason="the Ray backend needs batchseg[ray]")
 
 TESTS = Path(__file__).parent
 RAY = str(Path(sys.executable).with_name("ray"))
 FACTORY = "fault_engine:load_faulty"
+GATED = "gate_engine:load_gated"
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
+LONE_IP = "127.0.0.4"  # the one-node cluster
 
 
 def _free_port() -> int:
@@ -38,44 +45,131 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _ray_processes() -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["name", "cmdline", "status"]):
-        if proc.info["status"] == psutil.STATUS_ZOMBIE:
-            continue  # exited, only waiting to be reaped (by init, in a container): it holds nothing
-        text = " ".join(proc.info["cmdline"] or []) + (proc.info["name"] or "")
-        if "raylet" in text or "gcs_server" in text:
-            found.append(proc)
-    return found
+class LoopbackCluster:
+    """Ray nodes started here with ``ray start --block``, all in one temp dir of their own: every
+    process of the cluster is a descendant of a node's ``ray start`` or names that dir, so
+    ``stop`` ends exactly those (``ray stop`` would end every Ray on the machine)."""
+
+    def __init__(self) -> None:
+        # Short, so the session's socket paths stay under the system's limit.
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="bsray"))
+        # No token authentication: a driver given an explicit address does not send the machine's
+        # token (~/.ray/auth_token, which any earlier ray.init may have made) unless told to.
+        self.env = {
+            **os.environ,
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "PYTHONUNBUFFERED": "1",
+            "RAY_AUTH_MODE": "disabled",
+        }
+        self.nodes: list[subprocess.Popen[bytes]] = []
+
+    def start_node(self, *args: str) -> None:
+        """``ray start ARGS``; returns once the node says it runs."""
+        log = self.temp_dir / f"node-{len(self.nodes)}.out"
+        command = [RAY, "start", "--block", f"--temp-dir={self.temp_dir}", "--disable-usage-stats", *args]
+        with log.open("wb") as out:
+            node = subprocess.Popen(command, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        self.nodes.append(node)
+        deadline = time.monotonic() + 120
+        while "Ray runtime started" not in log.read_text(errors="replace"):
+            assert node.poll() is None, f"ray start ended: {log.read_text(errors='replace')[-2000:]}"
+            assert time.monotonic() < deadline, "ray start did not start within 120 s"
+            time.sleep(0.2)
+
+    def processes(self) -> list[psutil.Process]:
+        found: dict[int, psutil.Process] = {}
+        for node in self.nodes:
+            try:
+                root = psutil.Process(node.pid)
+                for proc in [root, *root.children(recursive=True)]:
+                    found[proc.pid] = proc
+            except psutil.NoSuchProcess:
+                pass
+        mark = str(self.temp_dir)
+        for proc in psutil.process_iter(["cmdline"]):
+            if any(mark in part for part in proc.info["cmdline"] or []):
+                found[proc.pid] = proc
+        return [proc for proc in found.values() if _running(proc)]
+
+    def stop(self) -> None:
+        """Ends the cluster's own processes (terminate, then kill) and checks that none is left."""
+        procs = self.processes()
+        for node in reversed(self.nodes):  # a blocking `ray start` stops its node's processes
+            node.terminate()
+        for node in self.nodes:
+            try:
+                node.wait(30)
+            except subprocess.TimeoutExpired:
+                node.kill()
+                node.wait(10)
+        for proc in procs:
+            if _running(proc):
+                _signal(proc, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while any(_running(proc) for proc in procs) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for proc in procs:
+            if _running(proc):
+                _signal(proc, signal.SIGKILL)
+        time.sleep(0.5)
+        left = [f"{proc.pid} {proc.name()}" for proc in procs if _running(proc)]
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        assert not left, f"the cluster's processes outlived it: {left}"
+
+
+def _running(proc: psutil.Process) -> bool:
+    """Alive and not a zombie (an exited process waiting to be reaped holds nothing)."""
+    try:
+        return bool(proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _signal(proc: psutil.Process, sig: signal.Signals) -> None:
+    try:
+        proc.send_signal(sig)
+    except psutil.NoSuchProcess:
+        pass
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def cluster() -> Iterator[str]:
     """A head and a second node on this machine's loopback, one CPU each."""
     if shutil.which(RAY) is None:
         pytest.skip("the ray command is not installed")
     port = _free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    common = ["--num-cpus=1", "--object-store-memory=80000000", "--disable-usage-stats"]
-    head = [
-        RAY,
-        "start",
-        "--head",
-        f"--port={port}",
-        f"--node-ip-address={HEAD_IP}",
-        "--include-dashboard=false",
-    ]
-    second = [RAY, "start", f"--address={HEAD_IP}:{port}", f"--node-ip-address={WORKER_IP}"]
+    common = ["--num-cpus=1", "--object-store-memory=80000000"]
+    nodes = LoopbackCluster()
     try:
-        subprocess.run(head + common, check=True, env=env, capture_output=True, timeout=120)
-        subprocess.run(second + common, check=True, env=env, capture_output=True, timeout=120)
+        nodes.start_node(
+            "--head", f"--port={port}", f"--node-ip-address={HEAD_IP}", "--include-dashboard=false", *common
+        )
+        nodes.start_node(f"--address={HEAD_IP}:{port}", f"--node-ip-address={WORKER_IP}", *common)
         yield f"{HEAD_IP}:{port}"
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
-        deadline = time.monotonic() + 20
-        while _ray_processes() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not _ray_processes(), "ray stop left Ray processes behind"
+        nodes.stop()
+
+
+@pytest.fixture
+def two_cpu_node() -> Iterator[str]:
+    """A one-node cluster of 2 CPUs on loopback (function scope: it never runs beside ``cluster``
+    when these tests come first in the module)."""
+    if shutil.which(RAY) is None:
+        pytest.skip("the ray command is not installed")
+    port = _free_port()
+    nodes = LoopbackCluster()
+    try:
+        nodes.start_node(
+            "--head",
+            f"--port={port}",
+            f"--node-ip-address={LONE_IP}",
+            "--include-dashboard=false",
+            "--num-cpus=2",
+            "--object-store-memory=80000000",
+        )
+        yield f"{LONE_IP}:{port}"
+    finally:
+        nodes.stop()
 
 
 def _folder(root: Path, names: list[str]) -> Path:
@@ -95,6 +189,79 @@ def _config(folder: Path, out: Path, state: Path, **changes: object) -> RunConfi
 def _rows(out: Path) -> dict[str, tuple[str, int]]:
     table = pq.read_table(out / "manifest" / "images.parquet").to_pylist()
     return {r["path"]: (r["status"], r["n_detections"]) for r in table}
+
+
+def _log_text(out: Path) -> str:
+    return "".join(path.read_text() for path in sorted((out / "logs").glob("*.log")))
+
+
+def _open_gate_when_logged(out: Path, state: Path, phrase: str) -> None:
+    """Opens the gate images' gate once the run's log holds ``phrase`` (at the latest after 120 s,
+    so that a run that never tells still ends, and the test fails on the missing line)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if (out / "logs").is_dir() and phrase in _log_text(out):
+            break
+        time.sleep(0.1)
+    (state / "open").touch()
+
+
+# These two come first: their one-node cluster never runs beside the module's two-node one.
+def test_workers_that_cannot_be_placed_are_told_and_the_run_goes_on(
+    two_cpu_node: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--workers 3 on 2 CPUs: two workers of one CPU each run (the barrier images finish only while
+    both do); the third is told in the log while the run goes on (the gate image finishes only
+    after that line), never as a killed process; the run ends ok on the two."""
+    monkeypatch.setattr(ray_backend, "PLACEMENT_WAIT_S", 2.0)  # the driver's bridge runs in this process
+    names = ["barrier_1.jpg", "barrier_2.jpg", "gate_1.jpg"] + [f"ok_{i}.jpg" for i in range(3)]
+    folder = _folder(tmp_path / "in", names)
+    out, state = tmp_path / "out", tmp_path / "s"
+    config = _config(
+        folder,
+        out,
+        state,
+        backend="ray",
+        ray_address=two_cpu_node,
+        workers=3,
+        timeout=120.0,
+        max_attempts=1,
+        extra={"barrier": 2},
+    )
+    opener = threading.Thread(target=_open_gate_when_logged, args=(out, state, "cannot be placed"))
+    opener.start()
+    summary = run(config, factory=GATED)
+    opener.join()
+    log = _log_text(out)
+    told = re.findall(r"worker \d cannot be placed: needs 1 CPU, the cluster has 0 free of 2", log)
+    assert len(told) == 1, log
+    assert summary.exit_code == 0 and {status for status, _ in _rows(out).values()} == {"ok"}, log
+    assert "killed by signal" not in log and "pid None" not in log, log
+
+
+def test_two_workers_on_a_two_cpu_node_both_run(two_cpu_node: str, tmp_path: Path) -> None:
+    """--workers 2 and no --threads on one node of 2 CPUs: each actor gets one thread (one CPU), so
+    both are placed. The barrier images can only finish while two workers run at once."""
+    names = ["barrier_1.jpg", "barrier_2.jpg", "threads_1.jpg", "threads_2.jpg"]
+    folder = _folder(tmp_path / "in", names)
+    out, state = tmp_path / "out", tmp_path / "s"
+    config = _config(
+        folder,
+        out,
+        state,
+        backend="ray",
+        ray_address=two_cpu_node,
+        workers=2,
+        timeout=60.0,
+        max_attempts=1,
+        extra={"barrier": 2},
+    )
+    summary = run(config, factory=GATED)
+    rows = {r["path"]: r for r in pq.read_table(out / "manifest" / "images.parquet").to_pylist()}
+    assert {r["status"] for r in rows.values()} == {"ok"} and summary.exit_code == 0
+    assert rows["barrier_1.jpg"]["worker_pid"] != rows["barrier_2.jpg"]["worker_pid"]
+    assert rows["threads_1.jpg"]["height"] == rows["threads_2.jpg"]["height"] == 1  # OMP_NUM_THREADS
+    assert "cannot be placed" not in _log_text(out)
 
 
 def test_ray_gives_the_local_pools_manifest_on_two_nodes(cluster: str, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 pool -> worker   Task | Threads | Shutdown
 worker -> pool   Ready | LoadFailed | Ack | Heartbeat | Done
+launcher -> pool Unplaced (a worker the launcher found no room for, in the worker's stead)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ __all__ = [
     "Task",
     "Threads",
     "ToWorker",
+    "Unplaced",
 ]
 
 
@@ -100,5 +102,15 @@ class Done:
     notes: tuple[str, ...] = ()  # warnings raised in the worker since its last message
 
 
+@dataclass(frozen=True)
+class Unplaced:
+    """No node had room for the worker within the launcher's wait (a Ray cluster without the CPUs
+    or GPUs it asks for): it never started, and its process ends right after this. ``detail``:
+    what it asked for and what is free, e.g. "cannot be placed: needs 2 CPU, the cluster has 0
+    free of 2"."""
+
+    detail: str
+
+
 ToWorker = Task | Threads | Shutdown
-FromWorker = Ready | LoadFailed | Ack | Heartbeat | Done
+FromWorker = Ready | LoadFailed | Ack | Heartbeat | Done | Unplaced

@@ -17,7 +17,7 @@ from .contract import EngineSpec
 from .handle import InFlight, WorkerHandle, describe_exit, kill_all
 from .launch import Launcher, LocalLauncher, usable_cores
 from .ledger import RETRYABLE, Entry, Ledger
-from .messages import Ack, Done, Heartbeat, LoadFailed, Ready
+from .messages import Ack, Done, Heartbeat, LoadFailed, Ready, Unplaced
 from .settings import PoolEvent, PoolOutcome, PoolSettings
 
 __all__ = [
@@ -77,6 +77,10 @@ class Pool:
     ``threads``, else the usable cores shared out among the workers, so the total never exceeds
     the cores. A first worker that loaded before the pool knew its size is told its share.
 
+    Placement: a worker the launcher finds no room for (``Unplaced``: a Ray cluster without the
+    CPUs or GPUs it asks for) leaves its slot empty for the rest of the run; the others go on, and
+    the run ends with ConfigError only when no slot is left.
+
     Stopping: ``should_stop()`` returning a reason drains the pool: no new task starts (retries
     included), tasks in flight finish or time out, and the outcome says ``stopped=reason``. Items
     with attempts left are not reported; a resumed run does them.
@@ -99,6 +103,7 @@ class Pool:
         self.should_stop = should_stop
         self.workers: list[WorkerHandle] = []  # every process not yet reaped, stopping ones included
         self.target = settings.workers or 1
+        self.unplaced: set[int] = set()  # slots the launcher found no room for; never refilled
         self.kind: str | None = None  # "cuda" or "cpu", from the first Ready
         self.device: str | None = None
         self.load_failures = 0
@@ -170,7 +175,7 @@ class Pool:
         if not self.ledger.has_work():
             return
         for slot in range(self.target):
-            if self._occupant(slot) is None and self._slot_clear(slot):
+            if slot not in self.unplaced and self._occupant(slot) is None and self._slot_clear(slot):
                 self._spawn(slot)
 
     def _occupant(self, slot: int) -> WorkerHandle | None:
@@ -203,7 +208,7 @@ class Pool:
         """A queued retry that no live worker may take and no empty slot will."""
         if not self.ledger.retries:
             return False
-        if any(self._occupant(slot) is None for slot in range(self.target)):
+        if any(self._occupant(slot) is None for slot in range(self.target) if slot not in self.unplaced):
             return False
         live = [w.wid for w in self.workers if w.live]
         return any(all(wid in entry.tried for wid in live) for entry in self.ledger.retries)
@@ -271,6 +276,8 @@ class Pool:
                 self._stop(worker, graceful=False)
                 raise ConfigError(message.detail)
             self._on_load_failure(worker, message.detail, message.traceback)
+        elif isinstance(message, Unplaced):
+            self._on_unplaced(worker, message.detail)
         elif (
             isinstance(message, Ack | Heartbeat | Done)
             and task is not None
@@ -357,14 +364,30 @@ class Pool:
         result.worker_pid = worker.pid
         return result
 
+    def _on_unplaced(self, worker: WorkerHandle, detail: str) -> None:
+        worker.state, worker.deadline = "unplaced", None  # its process ends by itself, now
+        self.unplaced.add(worker.slot)
+        text = f"worker {worker.slot} {detail}"
+        self.emit(PoolEvent("worker_unplaced", text, worker.slot))
+        if len(self.unplaced) >= self.target:
+            raise ConfigError(f"no worker could be placed; last: {text}")
+
     def _on_exit(self, worker: WorkerHandle) -> None:
         self._read(worker)  # words sent just before the end (Done, LoadFailed)
         worker.process.join(0)
         self.workers.remove(worker)
         worker.conn.close()
         how = describe_exit(worker.process.exitcode)
+        if worker.state == "unplaced":
+            return  # told when it was given up; it never started
         if worker.state == "stopping":
-            self.emit(PoolEvent("worker_exited", f"{worker.name} {how}", worker.slot, worker.pid))
+            # pid None: a Ray actor that was still waiting for a node, never a process that died
+            text = (
+                f"{worker.name} {how}"
+                if worker.pid is not None
+                else f"worker {worker.slot} stopped before it started"
+            )
+            self.emit(PoolEvent("worker_exited", text, worker.slot, worker.pid))
         elif worker.state == "loading":
             self._on_load_failure(worker, f"the worker process {how} while loading the model", None)
         else:
@@ -482,7 +505,7 @@ class Pool:
     def _close_all(self) -> None:
         """Ask every worker to exit (idle ones close their engine), then wait, escalating as needed."""
         for worker in list(self.workers):
-            if worker.state != "stopping":
+            if worker.state not in ("stopping", "unplaced"):
                 self._stop(worker, graceful=worker.state == "idle")
         while self.workers:
             self._pump(self._wait_time())

@@ -6,6 +6,11 @@ The actor runs the worker's own serving loop (``worker.serve_connection``) on a 
 engine contract, heartbeats and results are exactly a local worker's, while the watchdog, retries,
 circuit breaker and drain stay in the driver. Stopping the "process" kills the actor.
 
+Sizing: a CPU actor reserves as many CPUs as its torch threads, so the threads are shared out
+(``cpu_share``) until the workers asked for fit the nodes. An actor that no node has room for within
+``PLACEMENT_WAIT_S`` is given up and the pool told (``messages.Unplaced``), with what it asked for
+and what the cluster has free; the pool goes on with the others.
+
 Only the driver imports this module's Ray parts; it never imports torch.
 """
 
@@ -28,14 +33,22 @@ from typing import Any
 from ..errors import ConfigError, OutputError
 from .contract import EngineSpec
 from .launch import WorkerProcess
+from .messages import Unplaced
 from .worker import serve_connection
 
-__all__ = ["RayLauncher", "RayWorker", "EngineActor"]
+__all__ = ["RayLauncher", "RayWorker", "EngineActor", "cpu_share"]
 
 #: Longest a bridge's call for messages waits inside the actor before it returns empty.
 _RECEIVE_WAIT_S = 0.5
 #: CPU actors' torch threads when --threads is not given (at most the smallest node's CPUs).
 _CPU_ACTOR_THREADS = 4
+#: Longest a new actor waits for a node with room before it is reported and given up. Longer than
+#: Ray takes to hand a killed actor's CPUs to its replacement; a cluster that is simply full stays full.
+PLACEMENT_WAIT_S = 20.0
+#: Between two looks at whether a waiting actor has started.
+_PLACEMENT_POLL_S = 0.5
+#: Ray's states of an actor that has no process yet.
+_NOT_PLACED = ("DEPENDENCIES_UNREADY", "PENDING_CREATION")
 #: Exit code the pool is told when an actor died without being asked (node lost, process killed).
 LOST_EXIT_CODE = 1
 
@@ -110,10 +123,11 @@ class RayWorker:
     long-polling ``receive``). When the actor ends, asked or not, the pool's end of the pipe reads
     EOF and ``sentinel`` becomes readable, as for a process that exited."""
 
-    def __init__(self, ray: Any, actor: Any, bridge_end: Connection) -> None:
+    def __init__(self, ray: Any, actor: Any, bridge_end: Connection, needs: dict[str, float]) -> None:
         self._ray = ray
         self._actor = actor
         self._end = bridge_end
+        self._needs = needs  # the resources the actor asked Ray for
         self._dead_r, self._dead_w = os.pipe()
         self._finished = threading.Event()
         self._killed = False
@@ -156,7 +170,8 @@ class RayWorker:
     def _uplink(self) -> None:
         ray = self._ray
         try:
-            self._pid = ray.get(self._actor.pid.remote())
+            if not self._await_start():
+                return
             while True:
                 for message in ray.get(self._actor.receive.remote(_RECEIVE_WAIT_S)):
                     if isinstance(message, _Ended):
@@ -167,7 +182,39 @@ class RayWorker:
             self._finish(0)  # the supervisor closed its end: it no longer listens
         except Exception as exc:  # noqa: BLE001 - a dead actor or node: Ray raises its own errors
             self.reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            self._finish(-int(signal.SIGKILL) if self._killed else LOST_EXIT_CODE)
+            if not self._killed:
+                self._finish(LOST_EXIT_CODE)
+            else:  # killed while still waiting for a node: no process was there to kill
+                self._finish(-int(signal.SIGKILL) if self._pid is not None else 0)
+
+    def _await_start(self) -> bool:
+        """Wait for the actor's process; False when no node had room for it within
+        ``PLACEMENT_WAIT_S``: the pool is told, and the actor given up."""
+        ref = self._actor.pid.remote()
+        give_up_at = time.monotonic() + PLACEMENT_WAIT_S
+        while not self._ray.wait([ref], timeout=_PLACEMENT_POLL_S)[0]:
+            if time.monotonic() >= give_up_at and not self._killed and self._unplaceable():
+                self._end.send(Unplaced(self._placement_detail()))
+                self._finish(0)  # kills the waiting actor: Ray forgets its request
+                return False
+        self._pid = self._ray.get(ref)  # raises when it died (or was killed) first
+        return True
+
+    def _unplaceable(self) -> bool:
+        """Ray has not placed the actor, and no node has the free resources it asks for."""
+        if not _still_waiting(self._actor):
+            return False  # placed; its process is starting (the pool's load timeout bounds that)
+        return not any(
+            all(free.get(name, 0.0) >= amount for name, amount in self._needs.items())
+            for free in _free_per_node(self._ray)
+        )
+
+    def _placement_detail(self) -> str:
+        name = "GPU" if self._needs.get("GPU") else "CPU"
+        free = self._ray.available_resources().get(name, 0.0)
+        total = self._ray.cluster_resources().get(name, 0.0)
+        need = self._needs[name]
+        return f"cannot be placed: needs {need:g} {name}, the cluster has {free:g} free of {total:g}"
 
     def _downlink(self) -> None:
         while not self._finished.is_set():
@@ -199,8 +246,9 @@ class RayWorker:
 
 class RayLauncher:
     """Starts the pool's workers as Ray actors: one per GPU of the cluster, or one per ``--threads``
-    CPUs on CPU-only clusters. A context manager: connects to (or starts) Ray, checks that every
-    node can write the output folder and read the input, and disconnects at the end."""
+    CPUs on CPU-only clusters (see ``cpu_share`` for the threads when --threads is not given). A
+    context manager: connects to (or starts) Ray, checks that every node can write the output
+    folder and read the input, and disconnects at the end."""
 
     def __init__(self, address: str | None, output_dir: Path, input_dir: Path) -> None:
         self.address = address
@@ -239,32 +287,69 @@ class RayLauncher:
     # -- Launcher ----------------------------------------------------------------------------------
 
     def start(self, spec: EngineSpec, slot: int, threads: int) -> tuple[WorkerProcess, Connection]:
-        gpus = 1 if self._wants_gpu(spec) else 0
-        # A CPU actor reserves its threads' CPUs, at most a whole node (more could never be placed).
-        options = {"num_gpus": gpus, "num_cpus": 1 if gpus else min(threads, self._smallest_node_cpus())}
+        gpu = self._wants_gpu(spec)
+        # A CPU actor reserves its threads' CPUs, at most the largest node's (more could never be
+        # placed); a GPU actor its GPU and one CPU.
+        needs = {"GPU": 1.0, "CPU": 1.0} if gpu else {"CPU": float(min(threads, max(self._node_cpus())))}
+        options = {"num_gpus": needs.get("GPU", 0), "num_cpus": needs["CPU"]}
         # Ray gives each GPU actor its own device as cuda:0, so the factory's slot picks nothing.
-        factory_slot = 0 if gpus else slot
+        factory_slot = 0 if gpu else slot
         actor = self._actor_class.options(**options).remote(spec, factory_slot, threads, list(sys.path))
         pool_end, bridge_end = multiprocessing.Pipe(duplex=True)
-        return RayWorker(self._ray, actor, bridge_end), pool_end
+        return RayWorker(self._ray, actor, bridge_end, needs), pool_end
 
     def pool_size(self, spec: EngineSpec, cuda: bool, gpu_count: int) -> int:
         if cuda:
             return max(1, int(self._resources().get("GPU", 0)))
-        return max(1, int(self._resources().get("CPU", 1)) // self.threads(1))
+        cpus = self._node_cpus()
+        return max(1, sum(count // cpu_share(cpus, 1) for count in cpus))
 
     def threads(self, workers: int) -> int:
-        return max(1, min(_CPU_ACTOR_THREADS, self._smallest_node_cpus()))
+        return cpu_share(self._node_cpus(), workers)
 
-    def _smallest_node_cpus(self) -> int:
-        cpus = [int(n["Resources"].get("CPU", 1)) for n in self._ray.nodes() if n.get("Alive")]
-        return max(1, min(cpus, default=1))
+    def _node_cpus(self) -> list[int]:
+        """The CPUs of each live node that has any (a head started with --num-cpus=0 runs none)."""
+        cpus = [int(n["Resources"].get("CPU", 0)) for n in self._ray.nodes() if n.get("Alive")]
+        return [count for count in cpus if count > 0] or [1]
 
     def _wants_gpu(self, spec: EngineSpec) -> bool:
         return spec.config.device != "cpu" and self._resources().get("GPU", 0) >= 1
 
     def _resources(self) -> dict[str, float]:
         return dict(self._ray.cluster_resources())
+
+
+def cpu_share(node_cpus: list[int], workers: int) -> int:
+    """Torch threads (and CPUs reserved) per CPU actor when --threads is not given: at most 4 and
+    at most the smallest node's CPUs, then fewer until ``workers`` actors fit on the nodes, as the
+    local pool shares the cores among its workers. One at least: past one actor per CPU the rest
+    cannot be placed, and the pool is told so."""
+    threads = max(1, min(_CPU_ACTOR_THREADS, *node_cpus))
+    while threads > 1 and sum(count // threads for count in node_cpus) < workers:
+        threads -= 1
+    return threads
+
+
+def _still_waiting(actor: Any) -> bool:
+    """Ray has not given the actor a process yet (from the cluster's actor table)."""
+    try:
+        from ray._private.state import actors  # no public call says this without the dashboard
+
+        entry = actors(actor._actor_id.hex())
+    except Exception:  # noqa: BLE001 - the table could not be read: the free resources decide alone
+        return True
+    return entry.get("State") in _NOT_PLACED and not entry.get("Pid")
+
+
+def _free_per_node(ray: Any) -> list[dict[str, float]]:
+    """Each live node's free resources (the whole cluster's as one, where Ray cannot say)."""
+    try:
+        from ray._private import state
+
+        per_node: Any = state.available_resources_per_node
+        return [dict(free) for free in per_node().values()]
+    except Exception:  # noqa: BLE001 - a private call that may move between Ray versions
+        return [dict(ray.available_resources())]
 
 
 def check_nodes(ray: Any, output_dir: Path, input_dir: Path) -> None:

@@ -70,9 +70,10 @@ class PoolEvent:
     """Something the log should tell: a failed attempt, a worker started, ready, stopped or replaced.
 
     ``kind`` is one of: worker_started, worker_ready, worker_exited, worker_timeout, worker_lost,
-    load_failed, recycle, pool_size, attempt_failed (an attempt that will be retried; final
-    results go to ``on_result``), batch_split, stopping, circuit_breaker, worker_warning (a
-    warning shown in a worker), and task_started (a worker took a task: ``paths`` are its items).
+    worker_unplaced (the launcher found no room for it), load_failed, recycle, pool_size,
+    attempt_failed (an attempt that will be retried; final results go to ``on_result``),
+    batch_split, stopping, circuit_breaker, worker_warning (a warning shown in a worker), and
+    task_started (a worker took a task: ``paths`` are its items).
     """
 
     kind: str
