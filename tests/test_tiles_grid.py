@@ -63,6 +63,7 @@ def test_tiles_cover_the_image_and_cores_partition_it(
     ("width", "height", "side", "overlap"),
     [
         (6000, 4000, 1008, 252),
+        (5000, 5000, 1008, 252),  # the last row, shifted back, overlaps the row two above too
         (3001, 1009, 1008, 2),
         (5000, 600, 1008, 252),  # a strip: tiles of its short side
         (700, 6000, 256, 0),  # no overlap: tiles that only touch are no neighbours

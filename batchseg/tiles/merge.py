@@ -341,15 +341,20 @@ def _objects(plan: TilePlan, group: list[_Part]) -> list[_Object]:
 
 
 def _joined(plan: TilePlan, group: list[_Part]) -> SparseMask:
-    """Rule 4: each view inside its own tile's core and, where the tile owning a pixel gave the
-    group no view, the union of the views that saw the pixel. A pixel is lost only where its
-    owner's view says no; should that leave nothing (views that agree nowhere), the union of the
-    views is the object: a group is never empty."""
-    owned = [p.mask.clip(plan.core(p.tile)) for p in group]
-    cores = [SparseMask.box(plan.core(t), plan.height) for t in {p.tile.id: p.tile for p in group}.values()]
-    seen = group[0].mask.union(*(p.mask for p in group[1:]))
-    joined = seen.minus(cores[0].union(*cores[1:])).union(*owned)
-    return joined if joined else seen
+    """Rule 4: each view inside its own tile's core and, inside the core of a tile that gave the
+    group no view, every view that saw those pixels (the cores partition the image, so this is
+    each pixel from its owner's view when there is one, else from the views that saw it). A pixel
+    is lost only where its owner's view says no; should that leave nothing (views that agree
+    nowhere), the union of the views is the object: a group is never empty."""
+    viewed = {p.tile.id for p in group}
+    pieces = []
+    for part in group:
+        for tile in (part.tile, *plan.overlapping(part.tile)):
+            core = plan.core(tile)
+            if (tile is part.tile or tile.id not in viewed) and _boxes_meet(part.bbox, core):
+                pieces.append(part.mask.clip(core))
+    joined = pieces[0].union(*pieces[1:])
+    return joined if joined else group[0].mask.union(*(p.mask for p in group[1:]))
 
 
 def _edge_distance(plan: TilePlan, part: _Part) -> int:

@@ -46,15 +46,6 @@ class SparseMask:
         base = col.astype(np.int64) * height
         return cls(base + row0, base + row1, height)
 
-    @classmethod
-    def box(cls, window: tuple[int, int, int, int], height: int) -> SparseMask:
-        """Every pixel of ``window`` (x0, y0, x1, y1): one run per column."""
-        x0, y0, x1, y1 = window
-        if x0 >= x1 or y0 >= y1:
-            return cls.empty(height)
-        col = np.arange(x0, x1, dtype=np.int64)
-        return cls.from_columns(col, np.full(col.size, y0, np.int64), np.full(col.size, y1, np.int64), height)
-
     @cached_property
     def area(self) -> int:
         return int((self.ends - self.starts).sum())
@@ -89,12 +80,6 @@ class SparseMask:
 
     def union(self, *others: SparseMask) -> SparseMask:
         return _union([self, *others])
-
-    def minus(self, other: SparseMask) -> SparseMask:
-        """The pixels of this mask that ``other`` does not hold."""
-        if not self or not other:
-            return self
-        return uncovered([other, self], np.array([other.bbox, self.bbox], np.int64))[1]
 
     def intersection_area(self, other: SparseMask) -> int:
         return int(intersection_areas([(self, other)])[0])
