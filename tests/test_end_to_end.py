@@ -103,7 +103,7 @@ def test_run_writes_masks_and_manifests(image_folder: Path, tiny_model: Path, tm
     # Another prompt in the same folder is refused, naming what changed; --new-run starts afresh.
     refused = invoke(*run_args(image_folder, output, tiny_model, "--prompt", "tree"))
     assert refused.exit_code == 1
-    assert "prompts" in refused.output and "--new-run" in refused.output
+    assert "--prompt: " in refused.output and "--new-run" in refused.output
 
 
 def test_bad_inputs_get_a_status_and_the_run_finishes(tiny_model: Path, tmp_path: Path) -> None:
