@@ -1,40 +1,35 @@
 """Tiled images through ``python -m batchseg run`` with what a model and the world send: tiles that
 miss an object their neighbours report cut, and a strip too thin to tile. Each run is a real
-process (its workers and merge helpers too), and none of them may be left when it ends."""
+process (its workers and merge helpers too), and none of them may be left when it ends
+(``no_process_left``)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 import tifffile
-from _runs import TAG_ENV, describe, survivors_after
 from PIL import Image
 
 from batchseg.tiles.progress import PROGRESS_DIR
 from batchseg.tiles.sparse import SparseMask
 
 TESTS = Path(__file__).resolve().parent
-#: How long the processes of a finished run may take to be gone (they end with their worker).
-GONE_S = 10.0
+pytestmark = pytest.mark.usefixtures("no_process_left")
 
 
 def _run(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    """``python -m batchseg ARGS`` with tests/ on the path; no process of it may outlive it."""
-    tag = uuid.uuid4().hex
-    env = {**os.environ, TAG_ENV: tag}
+    """``python -m batchseg ARGS`` with tests/ on the path (for ``--engine tile_engines:...``)."""
+    env = {**os.environ}
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
     command = [sys.executable, "-m", "batchseg", *(str(a) for a in args)]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
-    left = survivors_after(tag, GONE_S)
-    assert not left, f"processes of the run left behind:\n{describe(left)}"
-    return done
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
 
 
 def _manifests(output: Path) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
