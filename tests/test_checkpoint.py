@@ -42,8 +42,8 @@ def test_a_changed_fingerprint_is_refused_naming_each_field(tmp_path: Path) -> N
     with pytest.raises(ConfigMismatchError) as err:
         Checkpoint.open(tmp_path, make_config(threshold=0.5, prompts=("roof", "tree")))
     message = str(err.value)
-    assert "threshold: 0.3 -> 0.5" in message
-    assert "prompts: ['roof'] -> ['roof', 'tree']" in message
+    assert "--threshold: 0.3 -> 0.5" in message  # named as the user gives it
+    assert '--prompt: ["roof"] -> ["roof", "tree"]' in message
     assert "model" not in message.split("\n", 1)[1].split("Pass")[0]  # unchanged fields are not listed
     assert "--new-run" in message and "--output" in message
 
