@@ -3,27 +3,36 @@
 A run refused for its configuration leaves the output folder as it found it (no checkpoint, lock,
 log or folder of its own), so the corrected command just runs. What is read here is read without
 a trace: the stored run of an existing output folder is peeked at, never opened for writing.
-Torch-free: an engine's ``check`` hook runs here, in the parent.
+``FreshFolder`` covers what only a loaded engine can refuse. Torch-free: an engine's ``check``
+hook runs here, in the parent.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 
 from .config import RunConfig
 from .discover import check_input_folder
-from .errors import BatchsegError
+from .errors import BatchsegError, ConfigError
 from .sources import check_geo_extra
 from .store.checkpoint import CHECKPOINT_NAME, RunInfo, connect_readonly, read_run_info
 from .store.db import check_fingerprint
 from .store.manifest import read_manifest_run
+from .store.tables import MANIFEST_DIR
 from .supervise.contract import check_in_parent
 from .supervise.settings import PoolSettings
 from .supervise.tiling import Tiler
 
-__all__ = ["Preflight", "preflight", "stored_run"]
+__all__ = ["FreshFolder", "Preflight", "preflight", "stored_run"]
+
+#: What makes a folder hold a run: a configuration error never removes a thing from one.
+RUN_MARKERS = frozenset({CHECKPOINT_NAME, MANIFEST_DIR})
 
 
 @dataclass(frozen=True)
@@ -97,3 +106,48 @@ def _resolve_tile(config: RunConfig, stored: RunInfo | None) -> tuple[RunConfig,
         )
         return config.with_changes(tile="off"), (note,)
     return config.with_changes(tile=str(tile)), ()
+
+
+class FreshFolder:
+    """Undoes a run in a folder that held none when a ConfigError ends it before any image was
+    done. The errors only a loaded engine finds (an overlap past half its input size, a prompt its
+    processor refuses) come after the run began writing: what it made goes again, so the corrected
+    command just runs. A folder that holds a run keeps everything (its configuration passed this
+    engine before), and so does a run once an image is done (``work_done``)."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir = output_dir
+        self.before = _top_level_names(output_dir)
+        self.undo = self.before is None or not self.before & RUN_MARKERS
+
+    def work_done(self) -> None:
+        self.undo = False
+
+    def __enter__(self) -> FreshFolder:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if not self.undo or exc_type is None or not issubclass(exc_type, ConfigError):
+            return
+        if self.before is None:
+            shutil.rmtree(self.output_dir, ignore_errors=True)
+            return
+        for name in (_top_level_names(self.output_dir) or set()) - self.before:
+            _remove(self.output_dir / name)
+
+
+def _top_level_names(folder: Path) -> set[str] | None:
+    try:
+        return set(os.listdir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()

@@ -10,12 +10,10 @@ The parent never imports torch: SAM3 lives in the worker processes only.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import os
-import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -26,12 +24,12 @@ from .discover import discover
 from .errors import BatchsegError, ConfigError, ExitCode, OutputError, StoppedEarly
 from .lock import RunLock
 from .logs import RunLog
-from .preflight import preflight, stored_run
+from .preflight import FreshFolder, preflight, stored_run
 from .processing import PoolPass
 from .records import FINAL_FAILURES, Item, ItemResult, Status, failure_result
 from .report import report_after_run
 from .sources import check_geo_extra
-from .store.checkpoint import CHECKPOINT_NAME, Checkpoint
+from .store.checkpoint import Checkpoint
 from .store.folder import check_output_writable, remove_stale_temp_files
 from .store.manifest import export_manifest
 from .store.rebuild import open_run
@@ -97,53 +95,16 @@ def run(
     checked = preflight(config, factory)
     config = checked.config
     output_dir = config.output_dir
-    with _left_as_found_on_config_error(output_dir):
+    with FreshFolder(output_dir) as fresh:
         check_output_writable(output_dir)
         with RunLock(output_dir), RunLog(output_dir / "logs", keep=config.log_keep) as log:
             for note in checked.notes:
                 log.info(note)
             try:
-                return _run_locked(config, factory, retry_statuses, log, stream)
+                return _run_locked(config, factory, retry_statuses, log, stream, fresh)
             except BatchsegError as exc:
                 log.warning(f"run ended: {type(exc).__name__}: {exc}")
                 raise
-
-
-#: What makes a folder hold a run: a configuration error never removes a thing from one.
-_RUN_MARKERS = frozenset({CHECKPOINT_NAME, MANIFEST_DIR})
-
-
-@contextlib.contextmanager
-def _left_as_found_on_config_error(output_dir: Path) -> Iterator[None]:
-    """The configuration errors only a loaded engine can find (an overlap past half its input
-    size, a prompt its processor refuses) come after the run began writing. In a folder that held
-    no run, what this run made goes again, so the corrected command just runs; a folder that
-    holds a run keeps it (its configuration passed this engine before)."""
-    before = _top_level_names(output_dir)
-    try:
-        yield
-    except ConfigError:
-        if before is None:
-            shutil.rmtree(output_dir, ignore_errors=True)
-        elif not before & _RUN_MARKERS:
-            for name in (_top_level_names(output_dir) or set()) - before:
-                _remove(output_dir / name)
-        raise
-
-
-def _top_level_names(folder: Path) -> set[str] | None:
-    try:
-        return set(os.listdir(folder))
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
 
 
 def _run_locked(
@@ -152,6 +113,7 @@ def _run_locked(
     retry_statuses: Sequence[Status] | None,
     log: RunLog,
     stream: TextIO | None,
+    fresh: FreshFolder,
 ) -> RunSummary:
     started = time.monotonic()
     output_dir = config.output_dir
@@ -190,6 +152,11 @@ def _run_locked(
         except KeyboardInterrupt:
             _export_on_the_way_out(checkpoint, output_dir, log, stream)
             raise
+        except ConfigError:  # a worker's load refused the configuration
+            if work.progress.done:
+                fresh.work_done()
+            raise
+        fresh.work_done()
         export(checkpoint, output_dir, log, final=True, stream=stream)
         counts = checkpoint.counts()
     finally:
