@@ -13,12 +13,14 @@ The part of the name before the first ``_`` or ``.`` picks the behaviour::
     warn        warns (RuntimeWarning naming the image), then ok
     flakyexit   os._exit(3) on its first attempt, ok afterwards (a marker file in state_dir)
     flakyraise  ValueError on its first attempt, ok afterwards
+    await       waits until ``extra["await_loads"]`` loads have begun (in any worker), then ok
     anything    ok at once
 
-Loading follows ``spec.config.extra``: ``load`` = "fail" | "hang" | "exit"; ``load_delay`` seconds
-(after the first ``fast_loads`` loads); ``ok_loads`` = N: the first N loads succeed, later ones
-fail; ``device`` = "cuda" pretends to be on GPU ``slot`` with ``gpu_count`` GPUs;
-``preferred_task_size`` is the task size it states. Every load appends "pid slot" to
+Loading follows ``spec.config.extra``: ``load`` = "fail" | "hang" | "exit" | "killonce" (the
+first load SIGKILLs its own process, as the out-of-memory killer does; a marker file in state_dir);
+``load_delay`` seconds (after the first ``fast_loads`` loads); ``ok_loads`` = N: the first N loads
+succeed, later ones fail; ``device`` = "cuda" pretends to be on GPU ``slot`` with ``gpu_count``
+GPUs; ``preferred_task_size`` is the task size it states. Every load appends "pid slot" to
 ``state_dir``/loads.txt.
 
 Module-level factory and no heavy imports, so spawned workers start fast and it pickles by name.
@@ -27,6 +29,7 @@ Module-level factory and no heavy imports, so spawned workers start fast and it 
 from __future__ import annotations
 
 import os
+import signal
 import time
 import warnings
 from collections.abc import Sequence
@@ -87,6 +90,10 @@ class FaultyEngine:
         if kind == "threads":
             time.sleep(float(self.extra.get("slow_s", 0.3)))
             return ItemResult(item.path, Status.OK, width=4, height=int(os.environ["OMP_NUM_THREADS"]))
+        if kind == "await":
+            assert self.state_dir is not None, "await needs extra['state_dir']"
+            while len(loads(self.state_dir)) < int(self.extra["await_loads"]):
+                time.sleep(0.02)  # the pool's watchdog bounds a pool that never gets there
         if kind == "warn":
             warnings.warn(f"something to know about {item.path}", RuntimeWarning, stacklevel=1)
         return ItemResult(item.path, Status.OK, width=4, height=3)
@@ -116,12 +123,23 @@ def load_faulty(spec: EngineSpec, slot: int) -> FaultyEngine:
         raise RuntimeError("weights are corrupt")
     if mode == "exit":
         os._exit(5)
+    if mode == "killonce" and _first_load_killed(extra):
+        os.kill(os.getpid(), signal.SIGKILL)
     if mode == "hang":
         while True:
             time.sleep(0.05)
     if "ok_loads" in extra and loads > int(extra["ok_loads"]):
         raise RuntimeError(f"load {loads}: the model folder vanished")
     return FaultyEngine(extra, slot)
+
+
+def _first_load_killed(extra: dict[str, Any]) -> bool:
+    marker = Path(extra["state_dir"]) / "load-killed"
+    try:
+        marker.open("x").close()
+    except FileExistsError:
+        return False
+    return True
 
 
 def loads(state_dir: Path) -> list[tuple[int, int]]:

@@ -67,11 +67,16 @@ class Pool:
     worker: it waits on every pipe and process sentinel at once, so a worker that hangs, dies or
     reloads never stalls the others.
 
-    Size: the pool starts ONE worker first; if the engine cannot load (LoadFailed, death or
-    ``load_timeout`` before Ready) the run ends with ModelLoadError before any image is touched
-    (ConfigError when the engine refuses the configuration). Then it grows to ``workers``, or
-    with ``workers=None`` to one per GPU when the first worker reports CUDA (one if the device
-    names a GPU, e.g. ``cuda:1``) and to one on CPU.
+    Size: with ``workers`` given, every worker loads at once; with ``workers=None`` one loads
+    first, and its Ready sets the size: one per GPU when it reports CUDA (one if the device names
+    a GPU, e.g. ``cuda:1``), one on CPU.
+
+    Loading: an engine that raises while loading (LoadFailed: a bad model folder) ends the run
+    with ModelLoadError before any image is touched, unless a worker is ready already
+    (ConfigError when the engine refuses the configuration). A worker that dies (a signal: the
+    out-of-memory killer) or passes ``load_timeout`` while loading is replaced after a back-off,
+    first load or not, and the run goes on with the workers that are ready; see
+    ``_on_load_failure`` for when it ends.
 
     Threads: the pool owns the thread count, since only it knows how many workers there are:
     ``threads``, else the usable cores shared out among the workers, so the total never exceeds
@@ -107,7 +112,8 @@ class Pool:
         self.kind: str | None = None  # "cuda" or "cpu", from the first Ready
         self.device: str | None = None
         self.load_failures = 0
-        self.spawn_after = 0.0  # monotonic; backoff after a failed replacement load
+        self.given_up: set[int] = set()  # slots whose loads kept failing while others served
+        self.spawn_after = 0.0  # monotonic; backoff after a failed load
         self.draining: str | None = None
         self.started = 0
         self._wids = itertools.count(1)
@@ -167,22 +173,27 @@ class Pool:
 
     def _fill_slots(self) -> None:
         """Replacement: a slot without a live worker gets a new one, loading in the background
-        while the others keep taking tasks. On CUDA it starts only once the process it replaces
-        has exited, so two models never share one GPU's memory; on CPU at once (a recycled worker
-        closes its engine while its replacement loads)."""
-        if self.draining or self.kind is None or time.monotonic() < self.spawn_after:
+        while the others keep taking tasks (or load). On CUDA, or before any worker said where it
+        runs, it starts only once the process it replaces has exited, so two models never share
+        one GPU's memory; on CPU at once (a recycled worker closes its engine while its
+        replacement loads)."""
+        if self.draining or time.monotonic() < self.spawn_after:
             return
         if not self.ledger.has_work():
             return
         for slot in range(self.target):
-            if slot not in self.unplaced and self._occupant(slot) is None and self._slot_clear(slot):
+            if (
+                slot not in self.unplaced | self.given_up
+                and self._occupant(slot) is None
+                and self._slot_clear(slot)
+            ):
                 self._spawn(slot)
 
     def _occupant(self, slot: int) -> WorkerHandle | None:
         return next((w for w in self.workers if w.slot == slot and w.live), None)
 
     def _slot_clear(self, slot: int) -> bool:
-        return self.kind != "cuda" or not any(w.slot == slot for w in self.workers)
+        return self.kind == "cpu" or not any(w.slot == slot for w in self.workers)
 
     def _dispatch(self) -> None:
         """Retries first, each to a worker that has not failed it. After an ``error`` the worker
@@ -208,7 +219,11 @@ class Pool:
         """A queued retry that no live worker may take and no empty slot will."""
         if not self.ledger.retries:
             return False
-        if any(self._occupant(slot) is None for slot in range(self.target) if slot not in self.unplaced):
+        if any(
+            self._occupant(slot) is None
+            for slot in range(self.target)
+            if slot not in self.unplaced | self.given_up
+        ):
             return False
         live = [w.wid for w in self.workers if w.live]
         return any(all(wid in entry.tried for wid in live) for entry in self.ledger.retries)
@@ -275,7 +290,7 @@ class Pool:
                 # e.g. a prompt the engine cannot read: the user's to fix, not the model's.
                 self._stop(worker, graceful=False)
                 raise ConfigError(message.detail)
-            self._on_load_failure(worker, message.detail, message.traceback)
+            self._on_load_failure(worker, message.detail, message.traceback, raised=True)
         elif isinstance(message, Unplaced):
             self._on_unplaced(worker, message.detail)
         elif (
@@ -369,7 +384,7 @@ class Pool:
         self.unplaced.add(worker.slot)
         text = f"worker {worker.slot} {detail}"
         self.emit(PoolEvent("worker_unplaced", text, worker.slot))
-        if len(self.unplaced) >= self.target:
+        if len(self.unplaced | self.given_up) >= self.target:  # no slot left to fill
             raise ConfigError(f"no worker could be placed; last: {text}")
 
     def _on_exit(self, worker: WorkerHandle) -> None:
@@ -482,25 +497,44 @@ class Pool:
     def _stop(self, worker: WorkerHandle, graceful: bool) -> None:
         worker.stop(graceful, self.settings.close_grace, self.settings.stop_grace)
 
-    def _on_load_failure(self, worker: WorkerHandle, detail: str, trace: str | None) -> None:
-        """A first worker that cannot load ends the run. A replacement that fails is retried after
-        ``load_backoff`` seconds, doubling; after ``load_retries`` failures in a row the run ends
-        with ModelLoadError (never an endless respawn loop). Any worker's Ready resets the count."""
+    def _on_load_failure(
+        self, worker: WorkerHandle, detail: str, trace: str | None, raised: bool = False
+    ) -> None:
+        """A load that failed. An engine that ``raised`` before any worker was ready ends the run:
+        the model or its folder is at fault, and every worker would fail the same way. Otherwise
+        (a death, a timeout, or any failure of a replacement) the slot gets a new worker after
+        ``load_backoff`` seconds, doubling; a process killed while loading (the out-of-memory
+        killer on a busy machine) says nothing about the model. After ``load_retries`` failures in
+        a row (never an endless respawn loop) the slot is given up while other workers live, and
+        the run ends with ModelLoadError when none does. Any worker's Ready resets the count."""
         if worker.process.is_alive():
             self._stop(worker, graceful=False)
         message = f"{worker.name}: {detail}"
         self.emit(PoolEvent("load_failed", message, worker.slot, worker.pid, traceback=trace))
-        if self.kind is None:
+        if raised and self.kind is None:
             raise ModelLoadError(f"the model could not be loaded: {detail}")
         if self.draining:
             return  # no replacement is needed any more
         self.load_failures += 1
         if self.load_failures > self.settings.load_retries:
-            raise ModelLoadError(
-                f"a replacement worker failed to load the model {self.load_failures} times in a row; "
-                f"last: {detail}"
-            )
+            self._give_up(worker, detail)
+            return
         self.spawn_after = time.monotonic() + self.settings.load_backoff * 2 ** (self.load_failures - 1)
+
+    def _give_up(self, worker: WorkerHandle, detail: str) -> None:
+        """Loads failed ``load_retries`` + 1 times in a row, the last in ``worker``'s slot: the run
+        goes on without that slot while another worker lives, and ends when none does."""
+        failures = self.load_failures  # counted on: only a Ready starts it again
+        if not any(w.live for w in self.workers):
+            if self.kind is None:
+                raise ModelLoadError(f"the model could not be loaded ({failures} tries): {detail}")
+            raise ModelLoadError(
+                f"a replacement worker failed to load the model {failures} times in a row; last: {detail}"
+            )
+        self.given_up.add(worker.slot)
+        live = sum(w.live for w in self.workers)
+        text = f"worker {worker.slot}: {failures} loads failed in a row; going on with {live} worker(s)"
+        self.emit(PoolEvent("load_failed", text, worker.slot))
 
     def _close_all(self) -> None:
         """Ask every worker to exit (idle ones close their engine), then wait, escalating as needed."""
