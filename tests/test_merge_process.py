@@ -3,6 +3,7 @@ is left behind (a real ``python -m batchseg.tiles.merge_process`` each time, no 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -12,9 +13,14 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
+import pyarrow.parquet as pq
 import pytest
+from _runs import start_run, wait_until
 from _tile_shapes import Found, Shape, tile_detections
+from conftest import marked_processes
+from PIL import Image
 
 from batchseg.records import Detection
 from batchseg.tiles.grid import TilePlan, plan_tiles
@@ -213,6 +219,61 @@ def test_a_busy_helper_ends_with_its_worker_however_the_worker_ends(end: str) ->
         finally:
             if busy.is_running():
                 busy.kill()
+
+
+TESTS = Path(__file__).resolve().parent
+
+
+def test_a_worker_killed_during_a_merge_leaves_no_helper_and_the_run_records_every_image(
+    tmp_path: Path, no_process_left: str
+) -> None:
+    """Through ``python -m batchseg run``: the worker is SIGKILLed while its helper holds a tiled
+    image's merge (20 of its 30 tiles run, 16 or more kept; the engine stalls). The helper is gone
+    3 s later; the run goes on, the image's second attempt runs the tiles not kept, and every
+    image is recorded."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pixels = np.zeros((1800, 2500, 3), np.uint8)
+    pixels[400:700, 450:1300] = (255, 0, 0)  # across seams of --tile 500
+    Image.fromarray(pixels).save(folder / "a.png")
+    Image.fromarray(pixels[:300, :400]).save(folder / "b.png")  # whole
+    windows = tmp_path / "windows.txt"
+    args = ["run", folder, "--engine", "poison_engine:load", "--prompt", "red", "--tile", "500"]
+    live = start_run(
+        [*args, "--tile-overlap", "100", "--workers", "1", "--output", tmp_path / "out"],
+        tmp_path / "console.txt",
+        cwd=tmp_path,
+        env={
+            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+            "BATCHSEG_TEST_WINDOWS": str(windows),
+            "BATCHSEG_TEST_STALL_AFTER": "20",
+        },
+    )
+
+    def helpers() -> list[psutil.Process]:
+        found = []
+        for proc in marked_processes(no_process_left):
+            with contextlib.suppress(psutil.Error):
+                if "batchseg.tiles.merge_process" in proc.cmdline():
+                    found.append(proc)
+        return found
+
+    stalled = lambda: windows.exists() and len(windows.read_text().split()) >= 20  # noqa: E731
+    assert wait_until(lambda: stalled() and len(helpers()) == 1, 120, while_alive=live), live.output()
+    (helper,) = helpers()
+    worker = psutil.Process(helper.ppid())
+    assert any("spawn_main" in part for part in worker.cmdline())  # the run's worker process
+    windows.unlink()  # the stall counts this run's windows: the second attempt runs to the end
+    worker.kill()
+    assert _gone_soon(helper), "the merge helper outlived its SIGKILLed worker"
+    assert live.wait(300) == 0, live.output()
+    rows = {r["path"]: r for r in pq.read_table(tmp_path / "out" / "manifest" / "images.parquet").to_pylist()}
+    assert {path: (r["status"], r["attempts"]) for path, r in rows.items()} == {
+        "a.png": ("ok", 2),
+        "b.png": ("ok", 1),
+    }
+    assert rows["a.png"]["n_detections"] == 1
+    assert len(windows.read_text().split()) <= 30 - 16  # the kept tiles were not run again
 
 
 def _kept(folder: Path, key: str = "a") -> TileProgress:
