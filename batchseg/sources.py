@@ -39,6 +39,7 @@ __all__ = [
     "VALID_KEY",
     "check_geo_extra",
     "drop_nodata",
+    "drop_unpainted",
     "georef_fields",
     "georef_of",
     "mask_relpath",
@@ -171,10 +172,22 @@ def drop_nodata(
     one's pixel count: nodata never carries a detection."""
     labels = np.where(valid, labels, 0).astype(labels.dtype)
     counts = np.bincount(labels.ravel(), minlength=len(instances) + 1)
-    kept = [k for k in range(1, len(instances) + 1) if counts[k] > 0]
+    return drop_unpainted(labels, instances, counts[1:].astype(np.int64))
+
+
+def drop_unpainted(
+    labels: np.ndarray, instances: Sequence[T], areas: np.ndarray
+) -> tuple[np.ndarray, list[T], np.ndarray]:
+    """The instances with at least one pixel in ``labels`` (``areas[k - 1]`` pixels of label k),
+    renumbered 1..N in their order, and the map renumbered to match: a detection whose pixels all
+    went to better ones is no detection (as in a tiled image's merge). The map is only rewritten
+    when some instance has no pixel."""
+    kept = np.flatnonzero(areas > 0) + 1
+    if kept.size == len(instances):
+        return labels, list(instances), areas
     lookup = np.zeros(len(instances) + 1, labels.dtype)
-    lookup[kept] = np.arange(1, len(kept) + 1)
-    return lookup[labels], [instances[k - 1] for k in kept], counts[kept].astype(np.int64)
+    lookup[kept] = np.arange(1, kept.size + 1)
+    return lookup[labels], [instances[k - 1] for k in kept.tolist()], areas[kept - 1]
 
 
 def mask_relpath(rel: str, image: Image.Image) -> str:

@@ -72,7 +72,7 @@ def check_masks_match_detections(output: Path, images: list[dict], detections: l
             rle = {"size": [det["mask_height"], det["mask_width"]], "counts": det["mask_rle"].encode()}
             decoded = mask_utils.decode(rle).astype(bool)
             assert np.array_equal(decoded, labels == det["index"]), det
-            assert det["area_px"] == int(decoded.sum())
+            assert det["area_px"] == int(decoded.sum()) > 0
             assert 0 <= det["box_x0"] <= det["box_x1"] <= row["width"]
             assert 0 <= det["box_y0"] <= det["box_y1"] <= row["height"]
 
@@ -88,7 +88,9 @@ def test_run_writes_masks_and_manifests(image_folder: Path, tiny_model: Path, tm
     assert {r["status"] for r in images} == {"ok"}
     assert all(r["attempts"] == 1 for r in images)
     assert all(r["mask_path"] == f"masks/{r['path']}.png" for r in images)
-    assert {d["prompt"] for d in detections} == {"roof", "solar panel"}
+    # The tiny random model paints both prompts' masks alike, so the better-scored roofs may take
+    # every pixel of the solar panels: a detection left without a pixel is no detection.
+    assert "roof" in {d["prompt"] for d in detections} <= {"roof", "solar panel"}
     assert len(detections) == sum(r["n_detections"] for r in images) > 0
     check_masks_match_detections(output, images, detections)
     assert not list(output.rglob("*.batchseg-tmp")), "no temp files left behind"

@@ -338,6 +338,8 @@ class Sam3Engine:
         valid = sources.valid_of(image)
         if valid is not None:  # nodata pixels never carry a detection
             seg = ImageSegmentation(*sources.drop_nodata(seg.labels, seg.instances, valid))
+        else:  # nor does a detection whose pixels all went to better-scored ones
+            seg = ImageSegmentation(*sources.drop_unpainted(seg.labels, seg.instances, seg.areas))
         mask_rel: str | None = None
         left = top = 0.0
         if item.window is None:
