@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchseg.config import RunConfig
+from batchseg.errors import ConfigError, ExitCode
 from batchseg.runner import run
 from batchseg.supervise import ray_backend
 
@@ -262,6 +263,47 @@ def test_two_workers_on_a_two_cpu_node_both_run(two_cpu_node: str, tmp_path: Pat
     assert rows["barrier_1.jpg"]["worker_pid"] != rows["barrier_2.jpg"]["worker_pid"]
     assert rows["threads_1.jpg"]["height"] == rows["threads_2.jpg"]["height"] == 1  # OMP_NUM_THREADS
     assert "cannot be placed" not in _log_text(out)
+
+
+#: A driver whose actor holds every CPU of the cluster at argv[1] until the driver is killed.
+_HOLD_ALL_CPUS = """
+import sys, time, ray
+host = sys.argv[1].rsplit(":", 1)[0]
+ray.init(address=sys.argv[1], _node_ip_address=host, include_dashboard=False, log_to_driver=False)
+holder = ray.remote(num_cpus=int(ray.cluster_resources()["CPU"]))(type("Holder", (), {"ok": lambda self: 1}))
+held = holder.remote()  # kept: an actor ends with its last handle
+ray.get(held.ok.remote())
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_run_none_of_whose_workers_can_be_placed_ends_with_exit_1(
+    two_cpu_node: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another job holds both CPUs: the run's one worker is told as unplaced and the run ends
+    (exit 1, nothing processed) instead of waiting for ever."""
+    monkeypatch.setattr(ray_backend, "PLACEMENT_WAIT_S", 2.0)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_ALL_CPUS, two_cpu_node],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"holding\n"
+        folder = _folder(tmp_path / "in", ["ok_1.jpg"])
+        config = _config(folder, tmp_path / "out", tmp_path / "s", backend="ray", ray_address=two_cpu_node)
+        told = "worker 0 cannot be placed: needs 2 CPU, the cluster has 0 free of 2"
+        expected = f"no worker could be placed; last: {told}"
+        with pytest.raises(ConfigError, match=re.escape(expected)) as raised:
+            run(config, factory=FACTORY)
+        assert raised.value.exit_code == ExitCode.FATAL
+        assert not (tmp_path / "s" / "loads.txt").exists()
+    finally:
+        holder.kill()
+        holder.wait(30)
+        holder.stdout.close()  # type: ignore[union-attr]
 
 
 def test_ray_gives_the_local_pools_manifest_on_two_nodes(cluster: str, tmp_path: Path) -> None:
