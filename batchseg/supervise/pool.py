@@ -76,15 +76,12 @@ class Pool:
     (ConfigError when the engine refuses the configuration). A worker that dies (a signal: the
     out-of-memory killer) or passes ``load_timeout`` while loading is replaced after a back-off,
     first load or not, and the run goes on with the workers that are ready; see
-    ``_on_load_failure`` for when it ends.
+    ``_on_load_failure`` for when it ends. A worker the launcher finds no room for (``Unplaced``:
+    a Ray cluster short of CPUs or GPUs) leaves its slot empty; ConfigError when no slot is left.
 
     Threads: the pool owns the thread count, since only it knows how many workers there are:
     ``threads``, else the usable cores shared out among the workers, so the total never exceeds
     the cores. A first worker that loaded before the pool knew its size is told its share.
-
-    Placement: a worker the launcher finds no room for (``Unplaced``: a Ray cluster without the
-    CPUs or GPUs it asks for) leaves its slot empty for the rest of the run; the others go on, and
-    the run ends with ConfigError only when no slot is left.
 
     Stopping: ``should_stop()`` returning a reason drains the pool: no new task starts (retries
     included), tasks in flight finish or time out, and the outcome says ``stopped=reason``. Items
@@ -108,11 +105,10 @@ class Pool:
         self.should_stop = should_stop
         self.workers: list[WorkerHandle] = []  # every process not yet reaped, stopping ones included
         self.target = settings.workers or 1
-        self.unplaced: set[int] = set()  # slots the launcher found no room for; never refilled
         self.kind: str | None = None  # "cuda" or "cpu", from the first Ready
         self.device: str | None = None
         self.load_failures = 0
-        self.given_up: set[int] = set()  # slots whose loads kept failing while others served
+        self.given_up: set[int] = set()  # never refilled: loads kept failing, or no room (Unplaced)
         self.spawn_after = 0.0  # monotonic; backoff after a failed load
         self.draining: str | None = None
         self.started = 0
@@ -182,11 +178,7 @@ class Pool:
         if not self.ledger.has_work():
             return
         for slot in range(self.target):
-            if (
-                slot not in self.unplaced | self.given_up
-                and self._occupant(slot) is None
-                and self._slot_clear(slot)
-            ):
+            if slot not in self.given_up and self._occupant(slot) is None and self._slot_clear(slot):
                 self._spawn(slot)
 
     def _occupant(self, slot: int) -> WorkerHandle | None:
@@ -219,11 +211,7 @@ class Pool:
         """A queued retry that no live worker may take and no empty slot will."""
         if not self.ledger.retries:
             return False
-        if any(
-            self._occupant(slot) is None
-            for slot in range(self.target)
-            if slot not in self.unplaced | self.given_up
-        ):
+        if any(self._occupant(slot) is None for slot in range(self.target) if slot not in self.given_up):
             return False
         live = [w.wid for w in self.workers if w.live]
         return any(all(wid in entry.tried for wid in live) for entry in self.ledger.retries)
@@ -381,10 +369,10 @@ class Pool:
 
     def _on_unplaced(self, worker: WorkerHandle, detail: str) -> None:
         worker.state, worker.deadline = "unplaced", None  # its process ends by itself, now
-        self.unplaced.add(worker.slot)
+        self.given_up.add(worker.slot)
         text = f"worker {worker.slot} {detail}"
         self.emit(PoolEvent("worker_unplaced", text, worker.slot))
-        if len(self.unplaced | self.given_up) >= self.target:  # no slot left to fill
+        if len(self.given_up) >= self.target:  # no slot left to fill
             raise ConfigError(f"no worker could be placed; last: {text}")
 
     def _on_exit(self, worker: WorkerHandle) -> None:
@@ -395,13 +383,8 @@ class Pool:
         how = describe_exit(worker.process.exitcode)
         if worker.state == "unplaced":
             return  # told when it was given up; it never started
-        if worker.state == "stopping":
-            # pid None: a Ray actor that was still waiting for a node, never a process that died
-            text = (
-                f"{worker.name} {how}"
-                if worker.pid is not None
-                else f"worker {worker.slot} stopped before it started"
-            )
+        if worker.state == "stopping":  # pid None: a Ray actor still waiting for a node, no process
+            text = f"{worker.name} {how}" if worker.pid else f"worker {worker.slot} stopped before it started"
             self.emit(PoolEvent("worker_exited", text, worker.slot, worker.pid))
         elif worker.state == "loading":
             self._on_load_failure(worker, f"the worker process {how} while loading the model", None)
