@@ -184,7 +184,7 @@ class RayWorker:
             self.reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             if not self._killed:
                 self._finish(LOST_EXIT_CODE)
-            else:  # killed while still waiting for a node: no process was there to kill
+            else:  # asked to stop; an actor still waiting for a node had no process to kill
                 self._finish(-int(signal.SIGKILL) if self._pid is not None else 0)
 
     def _await_start(self) -> bool:
