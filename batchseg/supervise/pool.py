@@ -11,12 +11,13 @@ import time
 from collections.abc import Callable, Iterable
 from multiprocessing.connection import wait
 
-from ..errors import ConfigError, ModelLoadError
+from ..errors import ConfigError
 from ..records import Item, ItemResult, Status, failure_result
 from .contract import EngineSpec
 from .handle import InFlight, WorkerHandle, describe_exit, kill_all
 from .launch import Launcher, LocalLauncher, usable_cores
 from .ledger import RETRYABLE, Entry, Ledger
+from .loads import LoadFailures
 from .messages import Ack, Done, Heartbeat, LoadFailed, Ready, Unplaced
 from .settings import PoolEvent, PoolOutcome, PoolSettings
 
@@ -71,13 +72,11 @@ class Pool:
     first, and its Ready sets the size: one per GPU when it reports CUDA (one if the device names
     a GPU, e.g. ``cuda:1``), one on CPU.
 
-    Loading: an engine that raises while loading (LoadFailed: a bad model folder) ends the run
-    with ModelLoadError before any image is touched, unless a worker is ready already
-    (ConfigError when the engine refuses the configuration). A worker that dies (a signal: the
-    out-of-memory killer) or passes ``load_timeout`` while loading is replaced after a back-off,
-    first load or not, and the run goes on with the workers that are ready; see
-    ``_on_load_failure`` for when it ends. A worker the launcher finds no room for (``Unplaced``:
-    a Ray cluster short of CPUs or GPUs) leaves its slot empty; ConfigError when no slot is left.
+    Loading (``loads.LoadFailures``): an engine that raises before any worker is ready ends the
+    run (ModelLoadError; ConfigError when it refuses the configuration); a worker that dies or
+    times out while loading is replaced after a back-off, and the run goes on with the workers that
+    are ready. A worker the launcher finds no room for (``Unplaced``: a Ray cluster short of CPUs
+    or GPUs) leaves its slot empty; ConfigError when no slot is left.
 
     Threads: the pool owns the thread count, since only it knows how many workers there are:
     ``threads``, else the usable cores shared out among the workers, so the total never exceeds
@@ -107,9 +106,7 @@ class Pool:
         self.target = settings.workers or 1
         self.kind: str | None = None  # "cuda" or "cpu", from the first Ready
         self.device: str | None = None
-        self.load_failures = 0
-        self.given_up: set[int] = set()  # never refilled: loads kept failing, or no room (Unplaced)
-        self.spawn_after = 0.0  # monotonic; backoff after a failed load
+        self.loads = LoadFailures(settings)
         self.draining: str | None = None
         self.started = 0
         self._wids = itertools.count(1)
@@ -161,8 +158,8 @@ class Pool:
     def _wait_time(self) -> float:
         now = time.monotonic()
         moments = [w.deadline for w in self.workers if w.deadline is not None]
-        if self.spawn_after > now:
-            moments.append(self.spawn_after)
+        if self.loads.spawn_after > now:
+            moments.append(self.loads.spawn_after)
         return max(0.0, min([_TICK_S] + [moment - now for moment in moments]))
 
     # -- scheduling -------------------------------------------------------------------------------
@@ -173,13 +170,15 @@ class Pool:
         runs, it starts only once the process it replaces has exited, so two models never share
         one GPU's memory; on CPU at once (a recycled worker closes its engine while its
         replacement loads)."""
-        if self.draining or time.monotonic() < self.spawn_after:
+        if self.draining or time.monotonic() < self.loads.spawn_after or not self.ledger.has_work():
             return
-        if not self.ledger.has_work():
-            return
-        for slot in range(self.target):
-            if slot not in self.given_up and self._occupant(slot) is None and self._slot_clear(slot):
+        for slot in self._empty_slots():
+            if self._slot_clear(slot):
                 self._spawn(slot)
+
+    def _empty_slots(self) -> list[int]:
+        """Slots without a live worker, less those given up."""
+        return [s for s in range(self.target) if s not in self.loads.given_up and self._occupant(s) is None]
 
     def _occupant(self, slot: int) -> WorkerHandle | None:
         return next((w for w in self.workers if w.slot == slot and w.live), None)
@@ -211,7 +210,7 @@ class Pool:
         """A queued retry that no live worker may take and no empty slot will."""
         if not self.ledger.retries:
             return False
-        if any(self._occupant(slot) is None for slot in range(self.target) if slot not in self.given_up):
+        if self._empty_slots():
             return False
         live = [w.wid for w in self.workers if w.live]
         return any(all(wid in entry.tried for wid in live) for entry in self.ledger.retries)
@@ -308,15 +307,9 @@ class Pool:
         worker.device = capabilities.device
         worker.task_size = capabilities.task_size
         worker.heartbeat_every = capabilities.heartbeat_every
-        self.load_failures = 0
-        self.emit(
-            PoolEvent(
-                "worker_ready",
-                f"{worker.name} ready on {capabilities.device} ({worker.threads} thread(s))",
-                worker.slot,
-                ready.pid,
-            )
-        )
+        self.loads.ready()
+        text = f"{worker.name} ready on {capabilities.device} ({worker.threads} thread(s))"
+        self.emit(PoolEvent("worker_ready", text, worker.slot, ready.pid))
         if self.kind is None:
             self.device = capabilities.device
             self.kind = "cuda" if capabilities.device.startswith("cuda") else "cpu"
@@ -369,10 +362,10 @@ class Pool:
 
     def _on_unplaced(self, worker: WorkerHandle, detail: str) -> None:
         worker.state, worker.deadline = "unplaced", None  # its process ends by itself, now
-        self.given_up.add(worker.slot)
+        self.loads.given_up.add(worker.slot)
         text = f"worker {worker.slot} {detail}"
         self.emit(PoolEvent("worker_unplaced", text, worker.slot))
-        if len(self.given_up) >= self.target:  # no slot left to fill
+        if len(self.loads.given_up) >= self.target:  # no slot left to fill
             raise ConfigError(f"no worker could be placed; last: {text}")
 
     def _on_exit(self, worker: WorkerHandle) -> None:
@@ -483,41 +476,18 @@ class Pool:
     def _on_load_failure(
         self, worker: WorkerHandle, detail: str, trace: str | None, raised: bool = False
     ) -> None:
-        """A load that failed. An engine that ``raised`` before any worker was ready ends the run:
-        the model or its folder is at fault, and every worker would fail the same way. Otherwise
-        (a death, a timeout, or any failure of a replacement) the slot gets a new worker after
-        ``load_backoff`` seconds, doubling; a process killed while loading (the out-of-memory
-        killer on a busy machine) says nothing about the model. After ``load_retries`` failures in
-        a row (never an endless respawn loop) the slot is given up while other workers live, and
-        the run ends with ModelLoadError when none does. Any worker's Ready resets the count."""
+        """A load that failed (``raised``: the engine raised): the worker is stopped and the failure
+        told; ``LoadFailures.failed`` says whether the run ends, or the slot is tried again or given up."""
         if worker.process.is_alive():
             self._stop(worker, graceful=False)
         message = f"{worker.name}: {detail}"
         self.emit(PoolEvent("load_failed", message, worker.slot, worker.pid, traceback=trace))
-        if raised and self.kind is None:
-            raise ModelLoadError(f"the model could not be loaded: {detail}")
-        if self.draining:
+        if self.draining and not (raised and self.kind is None):
             return  # no replacement is needed any more
-        self.load_failures += 1
-        if self.load_failures > self.settings.load_retries:
-            self._give_up(worker, detail)
-            return
-        self.spawn_after = time.monotonic() + self.settings.load_backoff * 2 ** (self.load_failures - 1)
-
-    def _give_up(self, worker: WorkerHandle, detail: str) -> None:
-        """Loads failed ``load_retries`` + 1 times in a row, the last in ``worker``'s slot: the run
-        goes on without that slot while another worker lives, and ends when none does."""
-        failures = self.load_failures  # counted on: only a Ready starts it again
-        if not any(w.live for w in self.workers):
-            if self.kind is None:
-                raise ModelLoadError(f"the model could not be loaded ({failures} tries): {detail}")
-            raise ModelLoadError(
-                f"a replacement worker failed to load the model {failures} times in a row; last: {detail}"
-            )
-        self.given_up.add(worker.slot)
         live = sum(w.live for w in self.workers)
-        text = f"worker {worker.slot}: {failures} loads failed in a row; going on with {live} worker(s)"
-        self.emit(PoolEvent("load_failed", text, worker.slot))
+        given_up = self.loads.failed(worker.slot, detail, raised=raised, first=self.kind is None, live=live)
+        if given_up:
+            self.emit(PoolEvent("load_failed", given_up, worker.slot))
 
     def _close_all(self) -> None:
         """Ask every worker to exit (idle ones close their engine), then wait, escalating as needed."""
