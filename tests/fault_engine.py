@@ -224,6 +224,30 @@ def load_streaming(spec: EngineSpec, slot: int) -> StreamingEngine:
     return StreamingEngine(spec.config.extra, slot)
 
 
+class SubBatchEngine(FaultyEngine):
+    """Reports like the SAM3 engine with sub-batches: each result once its sub-batch of
+    ``extra["sub_batch"]`` items (default 2) is done, never in between."""
+
+    def __init__(self, extra: dict[str, Any], slot: int) -> None:
+        self.heartbeat_every = int(extra.get("sub_batch", 2))
+        super().__init__(extra, slot)
+
+    def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[ItemResult]:
+        results: list[ItemResult] = []
+        for start in range(0, len(items), self.heartbeat_every):
+            part = items[start : start + self.heartbeat_every]
+            heartbeat((), start + len(part))
+            done = super().process(part, heartbeat)
+            heartbeat(list(enumerate(done, start)))
+            results.extend(done)
+        return results
+
+
+def load_sub_batch(spec: EngineSpec, slot: int) -> SubBatchEngine:
+    _record_load(spec.config.extra, slot)
+    return SubBatchEngine(spec.config.extra, slot)
+
+
 def started(state_dir: Path) -> list[str]:
     """Paths the streaming engine started, in order, over every worker."""
     path = state_dir / "started.txt"

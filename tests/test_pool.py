@@ -364,6 +364,30 @@ def test_heartbeats_give_each_part_of_a_task_its_own_budget(tmp_path: Path) -> N
     assert all(done.results[f"slow_{k}.jpg"].status is Status.OK for k in (1, 2, 3))
 
 
+SUB_BATCH = f"{fault_engine.__name__}:load_sub_batch"
+
+
+@pytest.mark.parametrize("factory", [FACTORY, f"{fault_engine.__name__}:load_streaming", SUB_BATCH])
+def test_a_task_longer_than_the_timeout_of_images_each_within_it_is_not_timed_out(
+    tmp_path: Path, factory: str
+) -> None:
+    # --timeout is per image: four images of half the timeout each, in one task (two timeouts in
+    # all), with no heartbeat (a budget of timeout x 4 from the Ack), a heartbeat per image (a
+    # timeout each) and one per sub-batch of two (timeout x 2 each). Half the timeout is the margin
+    # for a loaded machine: one image would have to take twice as long as its sleep to time out.
+    timeout = 3.0
+    spec = EngineSpec(make_spec(tmp_path, slow_s=timeout / 2, sub_batch=2).config, factory)
+    todo = items(*(f"slow_{k}" for k in range(4)))
+    done = run(spec, todo, workers=1, task_size=4, timeout=timeout, max_attempts=1)
+    assert [event.paths for event in done.kinds("task_started")] == [tuple(i.path for i in todo)]
+    assert not done.kinds("worker_timeout") and not done.kinds("batch_split")
+    assert all(r.status is Status.OK and r.attempts == 1 for r in done.results.values())
+    assert len(done.results) == 4 and len(fault_engine.loads(tmp_path)) == 1  # no worker replaced
+    started = min(r.started_at or 0 for r in done.results.values())
+    finished = max(r.finished_at or 0 for r in done.results.values())
+    assert finished - started >= 4 * timeout / 2 * 0.99  # the task itself was twice the timeout
+
+
 def test_a_pinned_gpu_gets_one_worker(tmp_path: Path) -> None:
     spec = make_spec(tmp_path, device="cuda", gpu_count=2)
     spec = EngineSpec(spec.config.with_changes(device="cuda:1"), FACTORY)
