@@ -11,11 +11,17 @@ later window hangs (a run killed mid-image at a known point, however slow the ma
 ``BATCHSEG_TEST_TASK_SIZE=N``: the items per task the engine asks for (the threshold engine's 8).
 ``BATCHSEG_TEST_PREFETCH=FILE``: every image the worker says comes next (``prefetch``) is appended
 to FILE, and every image the engine's window reader opens as ``name thread``.
+``BATCHSEG_TEST_KEEP_EACH=1``: every tile reported is kept on disk at once (the worker's keep
+interval set to 0), so a tile reported is a tile kept, however fast or slow the machine.
+``BATCHSEG_TEST_CRASH_ONCE=FILE``: the first batch of two or more windows that any worker runs
+(FILE created exclusively, holding the batch's first window) reports its first window, then the
+worker SIGKILLs itself before the second, as the out-of-memory killer would.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from collections.abc import Sequence
@@ -25,6 +31,7 @@ from typing import Any
 from batchseg.engines.threshold import ThresholdEngine
 from batchseg.engines.threshold import load as load_threshold
 from batchseg.records import Item, ItemResult
+from batchseg.supervise import tiling
 from batchseg.supervise.contract import EngineSpec, HeartbeatFn
 from batchseg.tiles import source as source_module
 
@@ -43,13 +50,20 @@ class PoisonEngine:
         self.prefetched = os.environ.get("BATCHSEG_TEST_PREFETCH")
         if self.prefetched:
             self._log_opens(self.prefetched)
+        if os.environ.get("BATCHSEG_TEST_KEEP_EACH"):
+            tiling.KEEP_EVERY_S = 0.0  # read at each report: every tile reported is written at once
+        self.crash_once = os.environ.get("BATCHSEG_TEST_CRASH_ONCE")
 
     def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[ItemResult]:
         for item in items:
             if item.window is not None and item.window[:2] == self.poison:
                 raise RuntimeError(f"poisoned window {item.window}")
+        windows = [item.window for item in items if item.window is not None]
+        crash = self._crash_here(windows)
         results = []
         for k, item in enumerate(items):
+            if crash and k == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
             self._stall()
             time.sleep(self.sleep)
             results.append(self.inner.one(item))
@@ -69,6 +83,18 @@ class PoisonEngine:
             done = len(fh.read().split())
         while done >= self.stall_after:
             time.sleep(1)  # until the test kills the run
+
+    def _crash_here(self, windows: list[tuple[int, int, int, int]]) -> bool:
+        """Whether this batch is the one to die in: the first of two or more windows, by any worker."""
+        if not self.crash_once or len(windows) < 2:
+            return False
+        try:
+            fd = os.open(self.crash_once, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False  # another batch died already
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(f"{windows[0][0]},{windows[0][1]}\n")
+        return True
 
     @staticmethod
     def _log_opens(log: str) -> None:

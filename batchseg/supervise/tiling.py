@@ -12,10 +12,11 @@ tile and its window. Torch-free: this runs in the worker, above any engine.
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -83,6 +84,10 @@ class Tiler:
     device: str
     fingerprint: str  # of the run's configuration: finished tiles kept on disk are for it only
     gsd: float | None = None  # metres per pixel the model should see on georeferenced inputs
+    #: What ``_kept_ids`` read of an image's kept tiles, for its next tile (this process only).
+    kept_files: dict[tuple[str, str], dict[str, tuple[tuple[int, int], frozenset[str]]]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @classmethod
     def for_run(cls, config: RunConfig, capabilities: Capabilities) -> Tiler | None:
@@ -312,6 +317,13 @@ class Tiler:
         progress = self.progress(first, plan)
         ids = [item.tiling.tile for item in items if item.tiling is not None and item.tiling.tile is not None]
         assert len(ids) == len(items), "the pool sends tiles here, each with its id"
+        if len(items) == 1 and ids[0] in self._kept_ids(progress):
+            # A tile that may have run before comes alone: a retry, or one of the tiles of a task
+            # whose worker died or was stopped (the pool heard of none of its tiles, so it runs
+            # them again one at a time). Kept on disk, it is done: running it again costs its time.
+            return [
+                ItemResult(first.path, Status.OK, width=plan.width, height=plan.height, device=self.device)
+            ]
         # This worker may take the image's merge: its helper merges the kept tiles (every worker's)
         # as they land, so that little is left when the last one is in.
         helper = merge_process.shared()
@@ -325,6 +337,14 @@ class Tiler:
         handover.take({i: r.detections for i, r in zip(ids, results, strict=True) if r.status is Status.OK})
         handover.keep()
         return [replace(r, detections=[]) if r.status is Status.OK else r for r in results]
+
+    def _kept_ids(self, progress: TileProgress) -> set[str]:
+        """The tiles kept for ``progress``'s image; what was read is remembered for the next tile of
+        that image (only one image's: the tiles that come back alone are those of one task)."""
+        where = (str(progress.folder), json.dumps(progress.key, sort_keys=True))
+        for other in [w for w in self.kept_files if w != where]:
+            del self.kept_files[other]
+        return progress.kept_ids(self.kept_files.setdefault(where, {}))
 
     def progress(self, item: Item, plan: TilePlan) -> TileProgress:
         """Where the finished tiles of ``item`` are kept, for this input, configuration and plan."""

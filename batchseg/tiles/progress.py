@@ -62,6 +62,34 @@ class TileProgress:
             seen.add(name)
         return found
 
+    def kept_ids(self, known: dict[str, tuple[tuple[int, int], frozenset[str]]]) -> set[str]:
+        """The ids of the tiles kept with this key. ``known`` (file name -> its (mtime_ns, size) and
+        the ids it holds) is what an earlier call read: only new or changed files are read again,
+        and files gone are forgotten, so asking once per tile costs a listing, not a re-read."""
+        try:
+            files = {e.name: e for e in os.scandir(self.folder) if e.name.endswith(".json")}
+        except OSError:
+            files = {}
+        for name in [n for n in known if n not in files]:
+            del known[name]
+        for name, entry in files.items():
+            try:
+                stat = entry.stat()
+            except OSError:
+                known.pop(name, None)
+                continue
+            signature = (stat.st_mtime_ns, stat.st_size)
+            if name not in known or known[name][0] != signature:
+                known[name] = (signature, self._ids_in(name))
+        return set().union(*(ids for _, ids in known.values()))
+
+    def _ids_in(self, name: str) -> frozenset[str]:
+        try:
+            data = json.loads((self.folder / name).read_text(encoding="utf-8"))
+            return frozenset(data["tiles"]) if data.get("key") == self.key else frozenset()
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return frozenset()  # unreadable: its tiles are run again, as ``load`` would have it
+
     def save(self, first: str, tiles: Mapping[str, Sequence[Detection]]) -> None:
         """Keep a batch of finished tiles (named by its first tile); OSError when it cannot."""
         rows = {
