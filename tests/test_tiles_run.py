@@ -599,6 +599,91 @@ def test_a_killed_run_resumes_a_half_done_image_without_redoing_finished_tiles(
     assert_exact(shapes, resumed, 2500, 1800)
 
 
+#: What replaces the half-tiled image: (width, height, shapes) drawn as an uncompressed TIFF,
+#: whose byte size depends on its width and height only.
+REPLACEMENTS = {
+    "pixels": (2500, 1800, [Shape("disc", 800, 1200, 80, 80), Shape("rect", 1800, 420, 400, 300)]),
+    "size": (2000, 2300, [Shape("disc", 300, 1900, 60, 60), Shape("ring", 1000, 1000, 300, 300, 0.5)]),
+    "content": (2500, 1800, [Shape("ellipse", 1250, 900, 900, 60), Shape("disc", 450, 420, 40, 40)]),
+}
+
+
+@pytest.mark.parametrize(("change", "workers"), [("pixels", "1"), ("size", "2"), ("content", "1")])
+def test_an_image_changed_while_half_tiled_is_tiled_afresh_on_resume(
+    tmp_path: Path, change: str, workers: str
+) -> None:
+    """The run is killed with 20 of the image's 30 tiles kept; the image is replaced; the same
+    command resumes. None of the tiles kept from the old file is used (every tile of the new
+    file runs, once) and the result equals a clean run on the new file.
+
+    pixels: other shapes, the same width, height and byte size, a later mtime. size: another
+    width and height (another tile plan). content: other shapes with the byte size and mtime put
+    back as they were, which only ``--hash`` sees: kept tiles are keyed by what tells a changed
+    image everywhere in batchseg, the size and mtime, and the content hash with ``--hash``."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    image = folder / "a.tif"
+    old_shapes = [Shape("disc", 450, 420, 70, 70), Shape("rect", 1300, 900, 500, 300)]
+    tifffile.imwrite(image, draw(old_shapes, 2500, 1800), photometric="rgb")
+    tiling = ["--tile", "500", "--tile-overlap", "100", "--workers", workers]
+    args = ["run", folder, "--engine", "poison_engine:load", "--prompt", "red", *tiling]
+    args += ["--hash"] if change == "content" else []
+    output, windows = tmp_path / "out", tmp_path / "windows.txt"
+    kept = output / "tiles-in-progress" / "a.tif"
+    live = start_run(
+        [*args, "--output", output],
+        tmp_path / "console.txt",
+        cwd=tmp_path,
+        env={
+            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+            "BATCHSEG_TEST_WINDOWS": str(windows),
+            "BATCHSEG_TEST_KEEP_EACH": "1",  # each tile reported is kept: 20 kept at the stall
+            "BATCHSEG_TEST_STALL_AFTER": "20",
+        },
+    )
+    assert wait_until(lambda: len(_kept_windows(kept)) >= 20, 60, while_alive=live), live.output()
+    live.kill()
+    before = image.stat()
+    width, height, shapes = REPLACEMENTS[change]
+    tifffile.imwrite(image, draw(shapes, width, height), photometric="rgb")
+    later = before.st_mtime_ns if change == "content" else before.st_mtime_ns + 1_000_000_000
+    os.utime(image, ns=(before.st_atime_ns, later))
+    after = image.stat()
+    if change != "size":  # the same byte size: only the mtime (or with --hash the content) tells
+        same_mtime = after.st_mtime_ns == before.st_mtime_ns
+        assert after.st_size == before.st_size and same_mtime == (change == "content")
+    again = batchseg(*args, "--output", output, env={"BATCHSEG_TEST_WINDOWS": str(tmp_path / "again.txt")})
+    assert again.returncode == 0, again.stdout + again.stderr
+    ran = (tmp_path / "again.txt").read_text().split()
+    assert sorted(ran) == sorted(_windows(plan_tiles(width, height, 500, 100))), ran
+    assert not (output / "tiles-in-progress").exists()
+    clean = tmp_path / "clean"
+    assert batchseg(*args, "--output", clean).returncode == 0
+    _assert_same_result(output, clean, "a.tif")
+    images, detections = manifests(output)
+    row = images["a.tif"]
+    assert (row["width"], row["height"], row["size_bytes"], row["mtime_ns"]) == (
+        width, height, after.st_size, after.st_mtime_ns
+    )  # fmt: skip
+    assert_exact(shapes, detections, width, height)
+
+
+def _assert_same_result(output: Path, clean: Path, path: str) -> None:
+    """The image's row, detections and label map in ``output`` are those of ``clean``."""
+    runs = ("run_id", "started_at", "finished_at", "duration_s", "worker_pid", "attempts")
+    (images, detections), (clean_images, clean_detections) = manifests(output), manifests(clean)
+    drop = ("run_id",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in detections] == [
+        {k: v for k, v in r.items() if k not in drop} for r in clean_detections
+    ]
+    row, clean_row = images[path], clean_images[path]
+    assert {k: v for k, v in row.items() if k not in runs} == {
+        k: v for k, v in clean_row.items() if k not in runs
+    }
+    labels = tifffile.imread(output / row["mask_path"])
+    assert np.array_equal(labels, tifffile.imread(clean / clean_row["mask_path"]))
+
+
 def _windows(plan: TilePlan) -> list[str]:
     """Every tile of ``plan`` as the engine logs it, ``x0,y0``."""
     return [f"{t.window[0]},{t.window[1]}" for t in plan.tiles]

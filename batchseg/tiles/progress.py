@@ -6,8 +6,10 @@ and at the end of each batch: ``supervise.tiling``). When the
 image is processed again (the run was killed, the worker crashed, a tile failed), the tiles found
 there are not run again. Each file carries a key (the input's size, mtime and hash, the run's
 configuration fingerprint, the batchseg version and the tile plan); a file whose key differs is
-ignored, so a changed image or other settings never reuse old tiles. The folder goes when the
-image's label map is written. Torch-free.
+ignored, so a changed image or other settings never reuse old tiles. A changed image is one the
+run sees as changed: another size or mtime, or with ``--hash`` other content (the hash is None
+without it), as for whole images. The folder goes when the image's label map is written.
+Torch-free.
 """
 
 from __future__ import annotations
