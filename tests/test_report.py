@@ -1,4 +1,5 @@
-"""report.html from a real run (tiny SAM3, previews on), opened in a real headless browser.
+"""report.html from real runs (tiny SAM3 with previews; the colour engine with chosen scores, whose
+every figure is checked against the manifest), opened in a real headless browser.
 
 The browser is Debian's chromium driven by Playwright's Python package through its executable path
 (``.ci/run`` installs chromium with apt-get; where it is missing these tests say so and skip).
@@ -6,9 +7,12 @@ The browser is Debian's chromium driven by Playwright's Python package through i
 
 from __future__ import annotations
 
+import datetime as _dt
+import math
 import shutil
 import time
 from collections.abc import Iterator
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,7 @@ from batchseg.cli import cli
 from batchseg.config import RunConfig
 from batchseg.records import Item, ItemResult, Status
 from batchseg.report import REPORT_NAME, write_report
+from batchseg.report.data import COUNT_BUCKETS, SCORE_BINS, collect_report
 from batchseg.runner import retry, run
 from batchseg.store.checkpoint import Checkpoint
 from batchseg.store.manifest import export_manifest, manifest_paths
@@ -90,6 +95,9 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> 
         output=root.parent / "out",
         device="cpu",
         threshold=0.0,
+        # The tiny random model's masks are faint: at the default 0.5 every one is empty, and a
+        # detection without a pixel is none; at 0.3 each image keeps one (it covers the others).
+        mask_threshold=0.3,
         max_detections=3,
         workers=1,
         timeout=60,
@@ -154,7 +162,8 @@ def test_report_in_a_browser_matches_the_manifest(finished_run: Path, browser: A
     assert group.count() == 1
     assert (group.get_attribute("data-status"), group.get_attribute("data-count")) == ("invalid_input", "1")
     assert "broken.jpg" in group.inner_text()
-    assert opened.page.locator("#score-histogram rect").count() > 0
+    bars = {(r["prompt"], score_bin(r["score"])) for r in detections.select(["prompt", "score"]).to_pylist()}
+    assert opened.page.locator("#score-histogram rect").count() == len(bars) > 0
     # Links to the manifest files and the log resolve to files that are there.
     for href in opened.page.eval_on_selector_all("#files a", "els => els.map(a => a.href)"):
         assert Path(href.removeprefix("file://").replace("%20", " ")).is_file(), href
@@ -324,3 +333,182 @@ def test_end_of_run_makes_missing_previews_unless_stopped_early(finished_run: Pa
         assert gone.is_file()
     assert log.path is not None
     assert "previews made after the run: 1; could not be made: 0" in log.path.read_text(encoding="utf-8")
+
+
+# -- the figures, against a run whose every detection is known --------------------------------------
+
+#: Patches drawn per image as (colour prompt, left edge): 4 x 4 squares apart from each other, each
+#: one detection scoring left / 256 (tests/scored_engine.py); 64, 128 and 192 score 0.25, 0.5 and
+#: 0.75, on edges of the score bins. "yellow" is a prompt drawn nowhere.
+PATCHES: dict[str, list[tuple[str, int]]] = {
+    "a.png": [("red", 13), ("red", 64), ("red", 200), ("blue", 128)],
+    "b.png": [("red", 100)],
+    "sub/c.png": [("blue", 5), ("blue", 192), ("blue", 250)],
+    "d.png": [],
+    "e.png": [("lime", 64), ("lime", 70)],
+}
+SCORED_PROMPTS = ("red", "blue", "lime", "yellow")
+
+
+def scored_run_in(folder: Path) -> Path:
+    """A run of the scored colour engine over PATCHES and a file that is no image, with --report.
+    Its load takes a second, so its log's start and end stamps (whole seconds) differ."""
+    from PIL import Image, ImageColor, ImageDraw
+
+    root = folder / "in"
+    for name, patches in PATCHES.items():
+        image = Image.new("RGB", (256, 24))
+        for colour, left in patches:
+            ImageDraw.Draw(image).rectangle([left, 10, left + 3, 13], fill=ImageColor.getrgb(colour))
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        image.save(root / name)
+    (root / "broken.png").write_bytes(b"not a PNG")
+    config = RunConfig(
+        input=root,
+        prompts=SCORED_PROMPTS,
+        engine="scored_engine:load",
+        output=folder / "out",
+        workers=1,
+        report=True,
+        extra={"load_s": 1.0},
+    )
+    summary = run(config)
+    assert summary.exit_code == 3 and summary.counts["ok"] == len(PATCHES)
+    assert (summary.output_dir / REPORT_NAME).is_file()
+    return summary.output_dir
+
+
+@pytest.fixture(scope="module")
+def scored_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return scored_run_in(tmp_path_factory.mktemp("scored"))
+
+
+def score_bin(score: float) -> int:
+    """The bin of [k/20, (k+1)/20) holding ``score`` exactly (1.0 in the last), in rational numbers."""
+    return min(math.floor(Fraction(score) * SCORE_BINS), SCORE_BINS - 1)
+
+
+def expected_prompts(detections: pa.Table) -> dict[str, dict[str, Any]]:
+    """Per prompt, from detections.parquet row by row: detections, images with one, mean score and
+    the score histogram."""
+    rows = detections.select(["path", "prompt", "score"]).to_pylist()
+    out = {}
+    for prompt in SCORED_PROMPTS:
+        scores = [r["score"] for r in rows if r["prompt"] == prompt]
+        hist = [0] * SCORE_BINS
+        for score in scores:
+            hist[score_bin(score)] += 1
+        out[prompt] = {
+            "detections": len(scores),
+            "images": len({r["path"] for r in rows if r["prompt"] == prompt}),
+            "mean": math.fsum(scores) / len(scores) if scores else None,
+            "hist": hist,
+        }
+    return out
+
+
+def stamp(line: str) -> float:
+    return _dt.datetime.fromisoformat(line.split()[0]).timestamp()
+
+
+def latest_session(output: Path, images: pa.Table) -> tuple[float, list[str]]:
+    """The latest session's rate (images finished per second between its log's first line and
+    its summary line), and the paths it finished. Log stamps are whole seconds, cut down: an image
+    of the session finished at or after its start stamp and before its end stamp + 1."""
+    sessions = []
+    for log in (output / "logs").glob("*.log"):
+        lines = log.read_text(encoding="utf-8").splitlines()
+        (summary,) = [line for line in lines if " summary " in line]
+        sessions.append((stamp(lines[0]), stamp(summary)))
+    start, end = max(sessions)
+    assert end - start >= 1  # the engine's load alone took a second
+    paths = [
+        row["path"]
+        for row in images.select(["path", "finished_at"]).to_pylist()
+        if row["finished_at"] is not None and start <= row["finished_at"].timestamp() < end + 1
+    ]
+    return len(paths) / (end - start), paths
+
+
+def expected_rate(output: Path, images: pa.Table) -> float:
+    """The rate of a run of one session, in which every image finished."""
+    rate, paths = latest_session(output, images)
+    assert len(paths) == images.num_rows
+    return rate
+
+
+def test_scored_run_holds_what_was_drawn(scored_run: Path) -> None:
+    detections = pq.read_table(scored_run / "manifest/detections.parquet")
+    drawn = sorted(
+        (name, prompt, left / 256) for name, patches in PATCHES.items() for prompt, left in patches
+    )
+    stored = sorted((r["path"], r["prompt"], r["score"]) for r in detections.to_pylist())
+    assert stored == drawn  # the run is what the figures below are checked against
+
+
+def test_report_figures_match_the_manifest(scored_run: Path) -> None:
+    images = pq.read_table(scored_run / "manifest/images.parquet")
+    expected = expected_prompts(pq.read_table(scored_run / "manifest/detections.parquet"))
+    data = collect_report(scored_run)
+    assert [p.prompt for p in data.prompts] == list(SCORED_PROMPTS)
+    for stats in data.prompts:
+        want = expected[stats.prompt]
+        assert (stats.detections, stats.images, stats.score_hist) == (
+            want["detections"],
+            want["images"],
+            want["hist"],
+        ), stats.prompt
+        assert stats.mean_score == (None if want["mean"] is None else pytest.approx(want["mean"], rel=1e-12))
+    # Drawn: red in a.png and b.png, blue in a.png and c.png, lime twice in e.png, yellow nowhere.
+    assert [expected[p]["images"] for p in SCORED_PROMPTS] == [2, 2, 1, 0]
+    assert expected["red"]["hist"][5] == 1 and expected["blue"]["hist"][10] == 1  # 0.25, 0.5: bins' low edges
+    ok = [r["n_detections"] for r in images.to_pylist() if r["status"] == "ok"]
+    buckets = {label: sum(lo <= n <= hi for n in ok) for label, lo, hi in COUNT_BUCKETS}
+    assert data.count_hist == list(buckets.items()) and buckets["2-5"] == 3
+    assert data.images_per_s == pytest.approx(expected_rate(scored_run, images), rel=1e-12)
+
+
+def test_report_figures_in_a_browser(scored_run: Path, browser: Any) -> None:
+    images = pq.read_table(scored_run / "manifest/images.parquet")
+    expected = expected_prompts(pq.read_table(scored_run / "manifest/detections.parquet"))
+    opened = Opened(browser, scored_run / REPORT_NAME)
+    assert opened.errors == [] and opened.failed == []
+    for prompt, want in expected.items():
+        row = opened.page.locator(f'tr.prompt-row[data-prompt="{prompt}"] td')
+        mean = "-" if want["mean"] is None else f"{want['mean']:,.3f}"
+        assert row.all_inner_texts() == [str(want["detections"]), str(want["images"]), mean], prompt
+    # One bar per prompt and bin with scores, its title saying how many, its height in proportion.
+    bars = opened.page.eval_on_selector_all(
+        "#score-histogram rect", "els => els.map(e => [e.textContent, +e.getAttribute('height')])"
+    )
+    shown = sorted(title for title, _height in bars)
+    wanted = sorted(
+        f"{prompt}: {count:,} with score {b / SCORE_BINS:.2f}-{(b + 1) / SCORE_BINS:.2f}"
+        for prompt, want in expected.items()
+        for b, count in enumerate(want["hist"])
+        if count
+    )
+    assert shown == wanted
+    counts = [int(title.split(": ")[1].split()[0]) for title, _height in bars]
+    tallest = max(height for _title, height in bars)
+    for count, (_title, height) in zip(counts, bars, strict=True):
+        assert height / tallest == pytest.approx(count / max(counts), abs=0.01)
+    rate = expected_rate(scored_run, images)
+    assert opened.page.inner_text("#images-per-s") == f"{rate:,.2f}"
+    opened.page.close()
+
+
+def test_images_per_second_counts_only_the_latest_session(tmp_path: Path) -> None:
+    """A retry that starts in the second after the run's last image finished: its rate is its one
+    image over its own span, none of the run's (a window reaching a second before its start stamp
+    would count the run's last images)."""
+    output = scored_run_in(tmp_path)
+    finished = pq.read_table(output / "manifest/images.parquet")["finished_at"].to_pylist()
+    last = max(t.timestamp() for t in finished)
+    time.sleep(max(0.0, math.floor(last) + 1 - time.time()))
+    assert retry(output, (Status.INVALID_INPUT,)).processed == 1
+    images = pq.read_table(output / "manifest/images.parquet")
+    rate, paths = latest_session(output, images)
+    assert paths == ["broken.png"]
+    data = collect_report(output)
+    assert data.images_per_s == pytest.approx(rate, rel=1e-12)

@@ -186,7 +186,10 @@ def _rate(started: np.ndarray, finished: np.ndarray, session: LogSession | None)
     else from the first start to the last finish in the manifest."""
     if session is not None and session.started is not None and session.ended is not None:
         span = session.ended - session.started
-        done = np.count_nonzero((finished >= session.started - 1) & (finished <= session.ended + 1))
+        # Log stamps are whole seconds, cut down: the session's images finished at or after its
+        # start stamp and before its end stamp + 1. A second before the start belongs to the session
+        # before (a retry right after a run counted that run's last images as its own).
+        done = np.count_nonzero((finished >= session.started) & (finished < session.ended + 1))
         return done / span if span > 0 and done else None
     first, last = _min(started), _max(finished)
     if first is None or last is None or last <= first:

@@ -1,0 +1,42 @@
+"""The colour engine (``batchseg.engines.threshold``) with scores a test chooses by where it draws:
+a detection scores its box's left edge / 256, so a patch drawn at x = 64 scores exactly 0.25.
+
+``--engine scored_engine:load`` (tests/ on the path). Loading waits ``extra["load_s"]`` seconds
+first, so a run lasts at least that long: its log's start and end stamps (whole seconds) differ.
+Masks, label maps and everything else are the colour engine's own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from batchseg.config import RunConfig
+from batchseg.engines import threshold
+from batchseg.records import Item, ItemResult
+from batchseg.supervise.contract import EngineSpec
+
+check = threshold.check  # prompts are colours, checked in the parent as for the colour engine
+
+
+def model_id(config: RunConfig) -> str:
+    return "scored-colour"
+
+
+def score_of(left: float) -> float:
+    return left / 256
+
+
+class ScoredEngine(threshold.ThresholdEngine):
+    def one(self, item: Item) -> ItemResult:
+        result = super().one(item)
+        result.detections = [dataclasses.replace(d, score=score_of(d.box[0])) for d in result.detections]
+        return result
+
+
+def load(spec: EngineSpec, slot: int) -> ScoredEngine:
+    time.sleep(float(spec.config.extra.get("load_s", 0)))
+    engine = threshold.load(spec, slot)
+    engine.__class__ = ScoredEngine  # the colour engine as it loads, scoring the way above
+    assert isinstance(engine, ScoredEngine)
+    return engine
