@@ -364,6 +364,8 @@ def test_the_tiles_kept_are_read_again_only_from_files_new_or_changed(tmp_path: 
     assert progress.kept_ids(known) == {"r000c000", "r000c001", "r001c000", "r001c001"}
     (progress.folder / "batch-r000c000.json").unlink()
     assert progress.kept_ids(known) == {"r001c000", "r001c001"}
+    (progress.folder / "batch-r002c000.json").write_text("[1]")  # damaged: its tiles run again
+    assert progress.kept_ids(known) == {"r001c000", "r001c001"} == set(progress.load())
 
 
 def test_the_next_tiled_image_is_prefetched_while_the_current_one_runs(tmp_path: Path) -> None:

@@ -59,7 +59,7 @@ class TileProgress:
                         Detection(p, int(i), float(s), (b[0], b[1], b[2], b[3]), int(a), str(r))
                         for p, i, s, b, a, r in rows
                     ]
-            except (OSError, ValueError, KeyError, TypeError):
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 continue  # unreadable: those tiles are simply run again
             seen.add(name)
         return found
