@@ -25,6 +25,7 @@ from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .engine_names import SAM3_ENGINE, EngineRef
 from .option_spec import NO_UPGRADE, REQUIRED, Option, Reader, option
 from .values import (
     Choice,
@@ -36,7 +37,6 @@ from .values import (
     Fraction,
     Kind,
     ModelRef,
-    ModuleFunction,
     Number,
     PathValue,
     Text,
@@ -62,7 +62,7 @@ __all__ = [
 
 DEFAULT_MODEL = "facebook/sam3"
 #: The engine factory (``MODULE:FUNCTION``) a run uses unless ``--engine`` names another.
-DEFAULT_ENGINE = "batchseg.engines.sam3.engine:load_engine"
+DEFAULT_ENGINE = SAM3_ENGINE
 
 
 ENGINE, POOL, RUNNER = Reader.ENGINE, Reader.POOL, Reader.RUNNER
@@ -118,9 +118,10 @@ class RunOptions:
         fingerprint=True,
     )
     engine: str = option(
-        ModuleFunction(),
+        EngineRef(),
         DEFAULT_ENGINE,
-        help="Engine factory loaded in each worker (see README, 'Bring your own engine').",
+        help="Engine loaded in each worker: sam3, threshold, a name a package registers in the entry-point "
+        "group batchseg.engines, or MODULE:FUNCTION (see README, 'Bring your own engine').",
         reader=RUNNER,
         fingerprint=True,
         upgrade=DEFAULT_ENGINE,  # 0.1.0 had only the SAM3 engine

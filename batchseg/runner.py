@@ -21,6 +21,7 @@ from typing import Any, TextIO
 from . import __version__
 from .config import RunConfig
 from .discover import discover
+from .engine_names import engine_target
 from .errors import BatchsegError, ConfigError, ExitCode, OutputError, StoppedEarly
 from .lock import RunLock
 from .logs import RunLog
@@ -65,8 +66,9 @@ def exit_code_for(counts: dict[str, int], stopped: str | None) -> int:
 
 
 def resolve_config(config: RunConfig) -> RunConfig:
-    """Absolute paths: workers and logs must not depend on the working folder. (Threads are the
-    pool's to share out: only it knows how many workers there are.)"""
+    """Absolute paths: workers and logs must not depend on the working folder; the engine as
+    ``MODULE:FUNCTION``, the form the fingerprint holds. (Threads are the pool's to share out: only
+    it knows how many workers there are.)"""
     model = config.model
     if Path(model).expanduser().exists():
         model = str(Path(model).expanduser().resolve())
@@ -74,6 +76,7 @@ def resolve_config(config: RunConfig) -> RunConfig:
         input=Path(config.input).expanduser().resolve(),
         output=Path(config.output_dir).expanduser().resolve(),
         model=model,
+        engine=engine_target(config.engine),
     )
 
 
@@ -91,7 +94,7 @@ def run(
     the configuration comes first (``preflight``): a run refused for it writes nothing.
     """
     config = resolve_config(config)
-    factory = factory or config.engine
+    factory = engine_target(factory) if factory else config.engine
     checked = preflight(config, factory)
     config = checked.config
     output_dir = config.output_dir

@@ -30,7 +30,6 @@ __all__ = [
     "Fraction",
     "Kind",
     "ModelRef",
-    "ModuleFunction",
     "Number",
     "PathValue",
     "Text",
@@ -467,18 +466,6 @@ class Device(Kind[str]):
             wants_gpu = "gpu" in value.lower()
             hint = "; did you mean 'cuda'?" if wants_gpu else did_you_mean(value, ["auto", "cpu", "cuda"])
         raise self.refuse(value, toml, hint)
-
-
-class ModuleFunction(Kind[str]):
-    """``MODULE:FUNCTION``, a function importable in a worker process."""
-
-    expected = "MODULE:FUNCTION (e.g. batchseg.engines.threshold:load)"
-    metavar = "MODULE:FUNCTION"
-
-    def read(self, value: object, toml: bool) -> str:
-        if isinstance(value, str) and re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value.strip()):
-            return value.strip()
-        raise self.refuse(value, toml)
 
 
 def looks_like_path(model_id: str) -> bool:

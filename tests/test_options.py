@@ -22,6 +22,7 @@ from conftest import make_image
 
 from batchseg.cli import Commands, cli, run_config
 from batchseg.config import FINGERPRINT_UPGRADES, RunConfig, upgrade_fingerprint
+from batchseg.engine_names import BUILT_IN_ENGINES, EngineRef
 from batchseg.errors import (
     BadValueError,
     CircuitBreakerTripped,
@@ -43,7 +44,6 @@ from batchseg.values import (
     Flag,
     Fraction,
     ModelRef,
-    ModuleFunction,
     Number,
     PathValue,
     Text,
@@ -80,7 +80,7 @@ def example(opt: Option, folder: Path) -> tuple[list[str], str, str, Any]:
         Fraction: [("0.25", 0.25), ("0.75", 0.75)],
         Device: [("cuda:1", "cuda:1"), ("cpu", "cpu")],
         ModelRef: [("owner/name", "owner/name"), ("other/name", "other/name")],
-        ModuleFunction: [("some.module:load", "some.module:load"), ("other:load", "other:load")],
+        EngineRef: [("threshold", BUILT_IN_ENGINES["threshold"]), ("some.module:load", "some.module:load")],
         PathValue: [(str(folder / "there"), folder / "there"), (str(folder / "else"), folder / "else")],
         Text: [("some text", "some text"), ("other text", "other text")],
         TileSide: [("off", "off"), ("auto", "auto")],
