@@ -12,7 +12,9 @@ import traceback
 from dataclasses import dataclass, field
 
 __all__ = [
+    "FAILURE_VALUES",
     "FINAL_FAILURES",
+    "FINAL_STATUSES",
     "Detection",
     "FailureCategory",
     "FanOut",
@@ -52,8 +54,13 @@ class FailureCategory(str, enum.Enum):
         return self.value
 
 
-#: Statuses that ``batchseg retry`` reruns by default.
+#: The statuses of an image that failed, the one list of them: ``batchseg retry`` reruns these by
+#: default, and a count of failures counts these.
 FINAL_FAILURES = (Status.ERROR, Status.TIMEOUT, Status.CRASHED, Status.INVALID_INPUT)
+#: The same as the ``status`` column stores them.
+FAILURE_VALUES = tuple(s.value for s in FINAL_FAILURES)
+#: Final statuses: an image in one of these, its input unchanged, is done (a resume does not redo it).
+FINAL_STATUSES = (Status.OK, *FINAL_FAILURES)
 
 
 @dataclass(frozen=True)

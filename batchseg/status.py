@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 
 from .errors import OutputError
 from .lock import LockInfo, is_locked
-from .records import FINAL_FAILURES, Status
+from .records import FAILURE_VALUES, Status
 from .store.db import RunInfo
 from .store.manifest import read_manifest_run, read_manifest_table
 from .store.summary import summarize
@@ -31,7 +31,6 @@ __all__ = ["ErrorGroup", "StatusReport", "collect_status", "format_status"]
 #: Throughput is measured over the images finished in this last stretch of activity.
 RATE_WINDOW_S = 300.0
 TOP_ERRORS = 5
-_FAILURES = tuple(s.value for s in FINAL_FAILURES)
 
 
 @dataclass
@@ -156,7 +155,7 @@ def _from_manifest(output_dir: Path, run: RunInfo) -> StatusReport:
     finished = _epoch(table["finished_at"])
     started = _epoch(table["started_at"])
     rate, last = _rate_rows(started, finished)
-    failed = table.filter(pc.is_in(table["status"], pa.array(_FAILURES))).sort_by("path").to_pylist()
+    failed = table.filter(pc.is_in(table["status"], pa.array(FAILURE_VALUES))).sort_by("path").to_pylist()
     return _report(
         output_dir, "manifest", run, counts, durations, rate, last, _errors_rows(failed), run.updated_at
     )
@@ -230,7 +229,7 @@ def _report(
         updated_at=updated,
         counts=counts,
         total=sum(counts.values()),
-        not_ok=sum(counts[s] for s in _FAILURES),
+        not_ok=sum(counts[s] for s in FAILURE_VALUES),
         in_flight=counts[RUNNING],
         pending=counts[PENDING],
         images_per_s=rate,

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from ..errors import OutputError
 from ..logs import LOG_NAME_RE
-from ..records import ALL_STATES, FINAL_FAILURES, Status
+from ..records import ALL_STATES, FAILURE_VALUES, Status
 from ..store.manifest import manifest_paths, read_manifest_run
 from .previews import PREVIEW_STATUSES, preview_relpath
 
@@ -43,7 +43,6 @@ COUNT_BUCKETS = (
     ("51-100", 51, 100),
     (">100", 101, 2**31),
 )
-_FAILURES = [s.value for s in FINAL_FAILURES]
 _STAMP = r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d)"
 _SUMMARY_RE = re.compile(_STAMP + r" INFO +summary .*; ([0-9hms]+) elapsed; exit code (\d+)$")
 _START_RE = re.compile(_STAMP + r" INFO +batchseg \S+ run started")
@@ -198,7 +197,7 @@ def _rate(started: np.ndarray, finished: np.ndarray, session: LogSession | None)
 
 
 def _failures(images: pa.Table) -> tuple[list[FailureGroup], int]:
-    failed = images.filter(pc.is_in(images["status"], pa.array(_FAILURES)))
+    failed = images.filter(pc.is_in(images["status"], pa.array(FAILURE_VALUES)))
     failed = failed.set_column(
         failed.schema.get_field_index("error_type"),
         "error_type",

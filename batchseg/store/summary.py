@@ -7,13 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import OutputError
-from ..records import FINAL_FAILURES
+from ..records import FAILURE_VALUES
 from .db import RunInfo, connect_readonly, read_run_info
 from .tables import CHECKPOINT_NAME
 
 __all__ = ["StoreSummary", "summarize"]
-
-_FAILURES = tuple(s.value for s in FINAL_FAILURES)
 
 
 @dataclass
@@ -67,11 +65,11 @@ def summarize(output_dir: Path, window_s: float, top: int) -> StoreSummary:
 
 
 def _errors(conn: sqlite3.Connection, top: int) -> list[tuple[str, str | None, int, str, str | None]]:
-    marks = ",".join("?" * len(_FAILURES))
+    marks = ",".join("?" * len(FAILURE_VALUES))
     groups = conn.execute(
         f"SELECT status, error_type, count(*), min(path) FROM images WHERE status IN ({marks})"
         " GROUP BY status, error_type ORDER BY count(*) DESC, status LIMIT ?",
-        (*_FAILURES, top),
+        (*FAILURE_VALUES, top),
     ).fetchall()
     out = []
     for status, error_type, count, example in groups:

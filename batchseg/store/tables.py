@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from ..records import ALL_STATES, RowState, Status
+from ..records import ALL_STATES, FINAL_STATUSES, RowState
 
 __all__ = [
     "ALL_STATES",
@@ -39,9 +39,7 @@ PREVIOUS_RUNS = "previous-runs"
 PENDING = RowState.PENDING.value
 RUNNING = RowState.RUNNING.value
 #: Final statuses: a row in one of these for an unchanged input is not redone on a plain resume.
-DONE_STATUSES = frozenset(
-    s.value for s in (Status.OK, Status.ERROR, Status.TIMEOUT, Status.CRASHED, Status.INVALID_INPUT)
-)
+DONE_STATUSES = frozenset(s.value for s in FINAL_STATUSES)
 
 UTC_US = pa.timestamp("us", tz="UTC")
 
