@@ -422,16 +422,18 @@ class TimeOfDay(Kind[str]):
 
 
 class TileSide(Kind[str | None]):
-    """``auto``, ``off`` or a tile side in pixels (at least 64), kept as text: "auto", "off", "1008"."""
+    """``auto``, ``off`` or a tile side in pixels (at least 64), kept as text: "auto", "off", "1008".
+    The one parser of ``--tile``: ``tiles.grid.parse_tile`` reads the option through it."""
 
-    expected = "auto, off or a tile side in pixels (an integer >= 64)"
+    minimum = 64  # merging compares masks inside the overlap: a smaller tile leaves too little
+    expected = f"auto, off or a tile side in pixels (an integer >= {minimum})"
     metavar = "auto|off|N"
 
     def read(self, value: object, toml: bool) -> str | None:
         if isinstance(value, str) and value.strip().lower() in ("auto", "off"):
             return value.strip().lower()
         number = _read_int(value, toml)
-        if number is None or number < 64:
+        if number is None or number < self.minimum:
             raise self.refuse(value, toml)
         return str(number)
 

@@ -18,6 +18,9 @@ from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from functools import cached_property
 
+from ..errors import ConfigError
+from ..values import TileSide
+
 __all__ = [
     "AUTO_FACTOR",
     "TileSetting",
@@ -38,7 +41,7 @@ __all__ = [
 #: 10x slower (README, Tiles).
 AUTO_FACTOR = 4.0
 #: Smallest tile side and overlap accepted: merging compares masks inside the overlap.
-MIN_SIDE = 64
+MIN_SIDE = TileSide.minimum
 MIN_OVERLAP = 2
 
 
@@ -63,14 +66,16 @@ class TileSetting:
 
 
 def parse_tile(text: str | int) -> TileSetting:
-    """``auto``, ``off`` or a side in pixels (at least 64); ValueError with a sentence otherwise."""
-    value = str(text).strip().lower()
-    if value in ("auto", "off"):
-        return TileSetting(value)
-    if not re.fullmatch(r"\d+", value) or int(value) < MIN_SIDE:
+    """``auto``, ``off`` or a side in pixels (at least 64), read by the option's own parser
+    (``values.TileSide``); ValueError with a sentence otherwise."""
+    try:
+        value = TileSide().from_text(str(text))
+    except ConfigError:
         raise ValueError(
             f"--tile must be auto, off or a tile side of at least {MIN_SIDE} pixels, not {text!r}."
-        )
+        ) from None
+    if value is None or value in ("auto", "off"):
+        return TileSetting(value or "auto")
     return TileSetting("fixed", int(value))
 
 
