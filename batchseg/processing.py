@@ -22,6 +22,7 @@ from .signals import StopRequest
 from .store.checkpoint import Checkpoint
 from .supervise.contract import EngineSpec
 from .supervise.pool import Launcher, PoolEvent, PoolOutcome, PoolSettings, run_pool
+from .supervise.settings import EventKind
 from .upkeep import WorkerFiles, export
 
 __all__ = ["COMMIT_GROUP", "COMMIT_WINDOW_S", "PoolPass"]
@@ -31,15 +32,15 @@ COMMIT_WINDOW_S = 0.5
 #: ...or until this many are waiting.
 COMMIT_GROUP = 64
 #: Pool events too frequent to log one line each (a recycled worker every N images is routine).
-QUIET_EVENTS = {"worker_started", "task_started"}
+QUIET_EVENTS = {EventKind.WORKER_STARTED, EventKind.TASK_STARTED}
 #: Pool events the log shows as warnings.
 WARNING_EVENTS = {
-    "attempt_failed",
-    "worker_timeout",
-    "worker_lost",
-    "worker_unplaced",
-    "load_failed",
-    "worker_warning",
+    EventKind.ATTEMPT_FAILED,
+    EventKind.WORKER_TIMEOUT,
+    EventKind.WORKER_LOST,
+    EventKind.WORKER_UNPLACED,
+    EventKind.LOAD_FAILED,
+    EventKind.WORKER_WARNING,
 }
 
 
@@ -125,7 +126,7 @@ class PoolPass:
 
     def on_event(self, event: PoolEvent) -> None:
         self.in_flight.see(event)
-        if event.kind == "task_started":
+        if event.kind == EventKind.TASK_STARTED:
             self.checkpoint.mark_started(event.paths)  # `batchseg status` shows what is in flight
         if event.kind in QUIET_EVENTS:
             return

@@ -15,6 +15,7 @@ from .records import Status
 from .store.checkpoint import Checkpoint
 from .store.manifest import export_manifest
 from .supervise.pool import PoolEvent
+from .supervise.settings import EventKind
 
 __all__ = [
     "FINAL_EXPORT_PATIENCE_S",
@@ -77,9 +78,9 @@ class WorkerFiles:
     def see(self, event: PoolEvent) -> None:
         if event.pid is None:
             return
-        if event.kind == "task_started":
+        if event.kind == EventKind.TASK_STARTED:
             self.folders[event.pid] = {(self.output_dir / mask_relpath(p)).parent for p in event.paths}
-        elif event.kind == "worker_exited":
+        elif event.kind == EventKind.WORKER_EXITED:
             removed = remove_temp_files_of(event.pid, self.folders.pop(event.pid, ()))
             if removed:
                 self.log.info(f"removed {removed} unfinished temp file(s) of worker pid {event.pid}")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from ..records import FailureCategory, Item, ItemResult, Status
 from .fanout import TiledImages
-from .settings import PoolEvent, PoolSettings
+from .settings import EventKind, PoolEvent, PoolSettings
 
 __all__ = ["RETRYABLE", "Entry", "Ledger"]
 
@@ -146,7 +146,7 @@ class Ledger:
             self.retries.append(entry)
             self._emit(
                 PoolEvent(
-                    "attempt_failed",
+                    EventKind.ATTEMPT_FAILED,
                     f"{_where(entry)}: attempt {entry.attempts} of {self._settings.max_attempts} "
                     f"{_failure_text(result)}; retrying on another worker process",
                     pid=result.worker_pid,
@@ -193,7 +193,7 @@ class Ledger:
                 f"(for example {result.path}{detail}); fix the cause, then run the same command "
                 "again to resume"
             )
-            self._emit(PoolEvent("circuit_breaker", self.tripped, result=result))
+            self._emit(PoolEvent(EventKind.CIRCUIT_BREAKER, self.tripped, result=result))
 
 
 def _where(entry: Entry) -> str:

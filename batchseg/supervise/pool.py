@@ -19,7 +19,7 @@ from .launch import Launcher, LocalLauncher, usable_cores
 from .ledger import RETRYABLE, Entry, Ledger
 from .loads import LoadFailures
 from .messages import Ack, Done, Heartbeat, LoadFailed, Ready, Unplaced
-from .settings import PoolEvent, PoolOutcome, PoolSettings
+from .settings import EventKind, PoolEvent, PoolOutcome, PoolSettings
 
 __all__ = [
     "Launcher",
@@ -108,7 +108,6 @@ class Pool:
         self.device: str | None = None
         self.loads = LoadFailures(settings)
         self.draining: str | None = None
-        self.started = 0
         self._wids = itertools.count(1)
         self._task_ids = itertools.count(1)
 
@@ -145,7 +144,8 @@ class Pool:
         if reason:
             self.draining = reason
             busy = sum(w.state == "busy" for w in self.workers)
-            self.emit(PoolEvent("stopping", f"stopping ({reason}): finishing {busy} task(s) in progress"))
+            text = f"stopping ({reason}): finishing {busy} task(s) in progress"
+            self.emit(PoolEvent(EventKind.STOPPING, text))
 
     def _finished(self) -> bool:
         if any(w.state == "busy" for w in self.workers):
@@ -153,7 +153,7 @@ class Pool:
         return bool(self.draining) or not self.ledger.has_work()
 
     def _outcome(self, stopped: str | None, message: str) -> PoolOutcome:
-        return PoolOutcome(stopped, message, dict(self.ledger.counts), self.device, self.started)
+        return PoolOutcome(stopped, message, dict(self.ledger.counts), self.device)
 
     def _wait_time(self) -> float:
         now = time.monotonic()
@@ -269,7 +269,8 @@ class Pool:
         task = worker.task
         if isinstance(message, Heartbeat | Done):
             for note in message.notes:
-                self.emit(PoolEvent("worker_warning", f"{worker.name}: {note}", worker.slot, worker.pid))
+                text = f"{worker.name}: {note}"
+                self.emit(PoolEvent(EventKind.WORKER_WARNING, text, worker.slot, worker.pid))
         if isinstance(message, Ready):
             self._on_ready(worker, message)
         elif isinstance(message, LoadFailed):
@@ -294,7 +295,7 @@ class Pool:
             worker.deadline = time.monotonic() + self._budget(task, worker)
             paths = tuple(entry.item.path for entry in task.entries)
             text = f"{worker.name} took {len(paths)} image(s)"
-            self.emit(PoolEvent("task_started", text, worker.slot, worker.pid, paths=paths))
+            self.emit(PoolEvent(EventKind.TASK_STARTED, text, worker.slot, worker.pid, paths=paths))
         elif isinstance(message, Heartbeat):
             self._on_heartbeat(worker, task, message)
         else:
@@ -309,14 +310,14 @@ class Pool:
         worker.heartbeat_every = capabilities.heartbeat_every
         self.loads.ready()
         text = f"{worker.name} ready on {capabilities.device} ({worker.threads} thread(s))"
-        self.emit(PoolEvent("worker_ready", text, worker.slot, ready.pid))
+        self.emit(PoolEvent(EventKind.WORKER_READY, text, worker.slot, ready.pid))
         if self.kind is None:
             self.device = capabilities.device
             self.kind = "cuda" if capabilities.device.startswith("cuda") else "cpu"
             if not self.settings.workers:
                 self.target = self._pool_size(capabilities.gpu_count)
                 if self.target > 1:
-                    self.emit(PoolEvent("pool_size", f"starting {self.target - 1} more worker(s)"))
+                    self.emit(PoolEvent(EventKind.POOL_SIZE, f"starting {self.target - 1} more worker(s)"))
                 worker.set_threads(self._threads())
 
     def _pool_size(self, gpu_count: int) -> int:
@@ -364,7 +365,7 @@ class Pool:
         worker.state, worker.deadline = "unplaced", None  # its process ends by itself, now
         self.loads.given_up.add(worker.slot)
         text = f"worker {worker.slot} {detail}"
-        self.emit(PoolEvent("worker_unplaced", text, worker.slot))
+        self.emit(PoolEvent(EventKind.WORKER_UNPLACED, text, worker.slot))
         if len(self.loads.given_up) >= self.target:  # no slot left to fill
             raise ConfigError(f"no worker could be placed; last: {text}")
 
@@ -378,12 +379,12 @@ class Pool:
             return  # told when it was given up; it never started
         if worker.state == "stopping":  # pid None: a Ray actor still waiting for a node, no process
             text = f"{worker.name} {how}" if worker.pid else f"worker {worker.slot} stopped before it started"
-            self.emit(PoolEvent("worker_exited", text, worker.slot, worker.pid))
+            self.emit(PoolEvent(EventKind.WORKER_EXITED, text, worker.slot, worker.pid))
         elif worker.state == "loading":
             self._on_load_failure(worker, f"the worker process {how} while loading the model", None)
         else:
             message = f"{worker.name} {how} unexpectedly"
-            self.emit(PoolEvent("worker_exited", message, worker.slot, worker.pid))
+            self.emit(PoolEvent(EventKind.WORKER_EXITED, message, worker.slot, worker.pid))
             if worker.task is not None:
                 self._fail_task(worker, worker.task, Status.CRASHED, worker.process.exitcode)
 
@@ -402,14 +403,13 @@ class Pool:
                 task = worker.task
                 budget = self._budget(task, worker)
                 text = f"{worker.name}: no result within {budget:g} s; stopping it"
-                self.emit(PoolEvent("worker_timeout", text, worker.slot, worker.pid))
+                self.emit(PoolEvent(EventKind.WORKER_TIMEOUT, text, worker.slot, worker.pid))
                 self._stop(worker, graceful=False)
                 self._fail_task(worker, task, Status.TIMEOUT, None)
             elif worker.state == "stopping" and not worker.escalate(self.settings.stop_grace):
                 self.workers.remove(worker)
-                self.emit(
-                    PoolEvent("worker_lost", f"{worker.name} did not die; giving up on it", worker.slot)
-                )
+                text = f"{worker.name} did not die; giving up on it"
+                self.emit(PoolEvent(EventKind.WORKER_LOST, text, worker.slot))
 
     def _fail_task(self, worker: WorkerHandle, task: InFlight, status: Status, code: int | None) -> None:
         """A task ended by a timeout or a crash: results already reported stand; items the engine
@@ -424,7 +424,7 @@ class Pool:
         if len(suspects) > 1:
             self.emit(
                 PoolEvent(
-                    "batch_split",
+                    EventKind.BATCH_SPLIT,
                     f"a batch of {len(task.entries)} images ended {status.value} on {worker.name}; "
                     f"running the {len(suspects)} unfinished ones it had started again one at a time",
                     worker.slot,
@@ -457,8 +457,7 @@ class Pool:
             self.launcher, next(self._wids), slot, self.spec, self._threads(), self.settings.load_timeout
         )
         self.workers.append(worker)
-        self.started += 1
-        self.emit(PoolEvent("worker_started", f"{worker.name} loading the model", slot, worker.pid))
+        self.emit(PoolEvent(EventKind.WORKER_STARTED, f"{worker.name} loading the model", slot, worker.pid))
 
     def _threads(self) -> int:
         """This worker's torch threads: the user's count, else its share of the usable cores."""
@@ -467,7 +466,7 @@ class Pool:
         return self.launcher.threads(self.target)
 
     def _retire(self, worker: WorkerHandle, why: str) -> None:
-        self.emit(PoolEvent("recycle", f"{worker.name}: {why}", worker.slot, worker.pid))
+        self.emit(PoolEvent(EventKind.RECYCLE, f"{worker.name}: {why}", worker.slot, worker.pid))
         self._stop(worker, graceful=True)
 
     def _stop(self, worker: WorkerHandle, graceful: bool) -> None:
@@ -481,13 +480,13 @@ class Pool:
         if worker.process.is_alive():
             self._stop(worker, graceful=False)
         message = f"{worker.name}: {detail}"
-        self.emit(PoolEvent("load_failed", message, worker.slot, worker.pid, traceback=trace))
+        self.emit(PoolEvent(EventKind.LOAD_FAILED, message, worker.slot, worker.pid, traceback=trace))
         if self.draining and not (raised and self.kind is None):
             return  # no replacement is needed any more
         live = sum(w.live for w in self.workers)
         given_up = self.loads.failed(worker.slot, detail, raised=raised, first=self.kind is None, live=live)
         if given_up:
-            self.emit(PoolEvent("load_failed", given_up, worker.slot))
+            self.emit(PoolEvent(EventKind.LOAD_FAILED, given_up, worker.slot))
 
     def _close_all(self) -> None:
         """Ask every worker to exit (idle ones close their engine), then wait, escalating as needed."""

@@ -5,6 +5,7 @@ Parent side: must not import torch.
 
 from __future__ import annotations
 
+import enum
 import time
 from dataclasses import dataclass, field
 
@@ -12,7 +13,7 @@ from ..config import RunConfig
 from ..errors import BadValueError
 from ..records import ItemResult
 
-__all__ = ["PoolEvent", "PoolOutcome", "PoolSettings"]
+__all__ = ["EventKind", "PoolEvent", "PoolOutcome", "PoolSettings"]
 
 
 @dataclass(frozen=True)
@@ -65,18 +66,34 @@ class PoolSettings:
         return cls(**values)  # type: ignore[arg-type]
 
 
+class EventKind(str, enum.Enum):
+    """What a PoolEvent tells; the value is the word the log shows."""
+
+    WORKER_STARTED = "worker_started"
+    WORKER_READY = "worker_ready"
+    WORKER_EXITED = "worker_exited"
+    WORKER_TIMEOUT = "worker_timeout"
+    WORKER_LOST = "worker_lost"
+    WORKER_UNPLACED = "worker_unplaced"  # the launcher found no room for it
+    WORKER_WARNING = "worker_warning"  # a warning shown in a worker
+    LOAD_FAILED = "load_failed"
+    RECYCLE = "recycle"
+    POOL_SIZE = "pool_size"
+    ATTEMPT_FAILED = "attempt_failed"  # to be retried; final results go to ``on_result``
+    BATCH_SPLIT = "batch_split"
+    STOPPING = "stopping"
+    CIRCUIT_BREAKER = "circuit_breaker"
+    TASK_STARTED = "task_started"  # a worker took a task: the event's ``paths`` are its items
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass(frozen=True)
 class PoolEvent:
-    """Something the log should tell: a failed attempt, a worker started, ready, stopped or replaced.
+    """Something the log should tell: a failed attempt, a worker started, ready, stopped or replaced."""
 
-    ``kind`` is one of: worker_started, worker_ready, worker_exited, worker_timeout, worker_lost,
-    worker_unplaced (the launcher found no room for it), load_failed, recycle, pool_size,
-    attempt_failed (an attempt that will be retried; final results go to ``on_result``),
-    batch_split, stopping, circuit_breaker, worker_warning (a warning shown in a worker), and
-    task_started (a worker took a task: ``paths`` are its items).
-    """
-
-    kind: str
+    kind: EventKind
     message: str
     slot: int | None = None
     pid: int | None = None
@@ -94,4 +111,3 @@ class PoolOutcome:
     message: str = ""
     counts: dict[str, int] = field(default_factory=dict)  # final results by status value
     device: str | None = None  # as the first worker reported it
-    workers_started: int = 0
