@@ -65,10 +65,6 @@ class RunConfig(RunOptions):
             known["extra"] = data["extra"]
         return cls(**known)
 
-    @classmethod
-    def option_names(cls) -> list[str]:
-        return [o.name for o in OPTIONS]
-
 
 def upgrade_fingerprint(stored: dict[str, Any]) -> dict[str, Any]:
     """A stored fingerprint with the fields later versions added, as the version that wrote it behaved."""
