@@ -1,14 +1,13 @@
-"""What the engines read and write per image, georeferenced or not: one place for both engines.
+"""What the engines read per image, georeferenced or not: one place for every engine.
 
 ``read_for_engine`` gives the RGB image the model sees. A plain image goes through
 ``imageio.read_image`` (EXIF orientation and all). A georeferenced input (GeoTIFF keys, or a world
 file beside the image) is read through rasterio (``geo.bands``: band choice, one stretch per image,
 nodata mask) and never EXIF-transposed; its :class:`~batchseg.geo.georef.Georef` and valid-pixel
 mask travel in ``image.info``, as the size of a draft-decoded JPEG does, so an engine's pipeline
-carries them without new parameters. ``drop_nodata`` clears nodata pixels from a label map before
-its detections are described; ``mask_relpath``, ``save_label_map`` and ``write_vectors`` put the
-label map (a GeoTIFF on the source grid, or a PNG with world-file sidecars) and the polygons part
-file in place. ``check_geo_extra`` is the parent's check that the extra is there when needed.
+carries them without new parameters. What is written of an image is the worker's
+(``supervise.writer``); ``polygons_relpath`` names its polygons part file for the store too.
+``check_geo_extra`` is the parent's check that the extra is there when needed.
 Torch-free; the geo modules are imported only for georeferenced inputs and ``--vectors``.
 """
 
@@ -17,9 +16,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -32,30 +31,22 @@ from .geo.detect import folder_listing, looks_georeferenced
 if TYPE_CHECKING:
     from .config import RunConfig
     from .geo.georef import Georef
-    from .records import Detection
 
 __all__ = [
     "GEOREF_KEY",
     "VALID_KEY",
     "check_geo_extra",
-    "drop_nodata",
-    "drop_unpainted",
     "georef_fields",
     "georef_of",
-    "mask_relpath",
     "polygons_relpath",
     "read_for_engine",
     "read_georeferenced",
-    "save_label_map",
     "valid_of",
-    "write_vectors",
 ]
 
 #: ``image.info`` keys: the input's Georef, and its HxW bool mask of valid pixels (absent: all valid).
 GEOREF_KEY = "batchseg_georef"
 VALID_KEY = "batchseg_valid"
-
-T = TypeVar("T")
 
 
 # ---- the parent's check ------------------------------------------------------------------------
@@ -161,92 +152,9 @@ def georef_fields(image: Image.Image | Georef | None) -> dict[str, Any]:
     }
 
 
-# ---- label maps --------------------------------------------------------------------------------
-
-
-def drop_nodata(
-    labels: np.ndarray, instances: Sequence[T], valid: np.ndarray
-) -> tuple[np.ndarray, list[T], np.ndarray]:
-    """``labels`` with the pixels where ``valid`` is False (nodata, from ``valid_of`` or a tile's
-    read) cleared, the instances that still have pixels (renumbered 1..N in their order) and each
-    one's pixel count: nodata never carries a detection."""
-    labels = np.where(valid, labels, 0).astype(labels.dtype)
-    counts = np.bincount(labels.ravel(), minlength=len(instances) + 1)
-    return drop_unpainted(labels, instances, counts[1:].astype(np.int64))
-
-
-def drop_unpainted(
-    labels: np.ndarray, instances: Sequence[T], areas: np.ndarray
-) -> tuple[np.ndarray, list[T], np.ndarray]:
-    """The instances with at least one pixel in ``labels`` (``areas[k - 1]`` pixels of label k),
-    renumbered 1..N in their order, and the map renumbered to match: a detection whose pixels all
-    went to better ones is no detection (as in a tiled image's merge). The map is only rewritten
-    when some instance has no pixel."""
-    kept = np.flatnonzero(areas > 0) + 1
-    if kept.size == len(instances):
-        return labels, list(instances), areas
-    lookup = np.zeros(len(instances) + 1, labels.dtype)
-    lookup[kept] = np.arange(1, kept.size + 1)
-    return lookup[labels], [instances[k - 1] for k in kept.tolist()], areas[kept - 1]
-
-
-def mask_relpath(rel: str, image: Image.Image) -> str:
-    """``masks/<rel>.tif`` for an input with its own georeference (GeoTIFF), else ``masks/<rel>.png``
-    (a world-file image gets its sidecars beside the PNG)."""
-    georef = georef_of(image)
-    if georef is not None and georef.source == "internal":
-        return f"masks/{rel}.tif"
-    return imageio.mask_relpath(rel)
-
-
-def save_label_map(target: str | os.PathLike[str], labels: np.ndarray, image: Image.Image) -> None:
-    """The label map at ``target`` (from ``mask_relpath``): a GeoTIFF on the source grid, a PNG with
-    world file, ``.prj`` and ``.aux.xml`` for a world-file image, or the plain 16-bit PNG."""
-    georef = georef_of(image)
-    if georef is not None and os.fspath(target).endswith(".tif"):
-        from .geo.raster import write_label_geotiff
-
-        write_label_geotiff(target, georef, labels)
-        return
-    imageio.save_label_map(target, labels)
-    if georef is not None:
-        from .geo.raster import write_png_sidecars
-
-        write_png_sidecars(target, georef)
-
-
 # ---- polygons ----------------------------------------------------------------------------------
 
 
 def polygons_relpath(rel: str) -> str:
     """The per-image polygons part file, beside the label map; combined at manifest export."""
     return f"masks/{rel}.polygons.parquet"
-
-
-def write_vectors(
-    output_dir: Path,
-    rel: str,
-    labels: np.ndarray | str | os.PathLike[str],
-    georef: Georef | None,
-    detections: Sequence[Detection],
-    config: RunConfig,
-    tiles: Sequence[int] | None = None,
-) -> str | None:
-    """With ``--vectors``: one polygon per detection of this image to its part file (written every
-    time, empty too, so a redone image never keeps stale polygons); returns its path or None.
-    ``labels``: the label map in memory or its file; ``tiles``: per detection, tiles it was seen in."""
-    if not config.vectors:
-        return None
-    from .geo.vectors import DetectionInfo, image_polygons, write_polygons
-
-    infos = [
-        DetectionInfo(d.index, d.prompt, float(d.score), tiles[i] if tiles else 1, d.box, d.area_px)
-        for i, d in enumerate(detections)
-    ]
-    source: Any = labels if isinstance(labels, np.ndarray) else Path(labels)
-    rows = image_polygons(
-        rel, source, georef, infos, run_id="", model=config.model, simplify=config.simplify
-    )  # run id and model are set when the parts are combined
-    part = polygons_relpath(rel)
-    write_polygons(imageio.safe_output_path(output_dir, part), rows)
-    return part

@@ -30,9 +30,9 @@ from typing import Any
 
 from batchseg.engines.threshold import ThresholdEngine
 from batchseg.engines.threshold import load as load_threshold
-from batchseg.records import Item, ItemResult
+from batchseg.records import Item
 from batchseg.supervise import tiling
-from batchseg.supervise.contract import EngineSpec, HeartbeatFn
+from batchseg.supervise.contract import EngineSpec, HeartbeatFn, Outcome
 from batchseg.tiles import source as source_module
 
 
@@ -54,7 +54,7 @@ class PoisonEngine:
             tiling.KEEP_EVERY_S = 0.0  # read at each report: every tile reported is written at once
         self.crash_once = os.environ.get("BATCHSEG_TEST_CRASH_ONCE")
 
-    def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[ItemResult]:
+    def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[Outcome]:
         for item in items:
             if item.window is not None and item.window[:2] == self.poison:
                 raise RuntimeError(f"poisoned window {item.window}")

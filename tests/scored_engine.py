@@ -13,8 +13,8 @@ import time
 
 from batchseg.config import RunConfig
 from batchseg.engines import threshold
-from batchseg.records import Item, ItemResult
-from batchseg.supervise.contract import EngineSpec
+from batchseg.records import Item
+from batchseg.supervise.contract import EngineSpec, Outcome, Segmentation
 
 check = threshold.check  # prompts are colours, checked in the parent as for the colour engine
 
@@ -28,10 +28,15 @@ def score_of(left: float) -> float:
 
 
 class ScoredEngine(threshold.ThresholdEngine):
-    def one(self, item: Item) -> ItemResult:
-        result = super().one(item)
-        result.detections = [dataclasses.replace(d, score=score_of(d.box[0])) for d in result.detections]
-        return result
+    def one(self, item: Item) -> Outcome:
+        found = super().one(item)
+        if isinstance(found, Segmentation):  # boxes are in the window's frame: scored in the image's
+            left = item.window[0] if item.window is not None else 0
+            found.instances = [
+                dataclasses.replace(inst, score=score_of((inst.box or (0.0,))[0] + left))
+                for inst in found.instances
+            ]
+        return found
 
 
 def load(spec: EngineSpec, slot: int) -> ScoredEngine:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _sam3 import quiet
+from _writing import written
 from test_segment import _scores, engine_for, items
 
 from batchseg.engines.sam3 import fused
@@ -51,10 +51,10 @@ def test_fused_rope_matches_the_original_on_cuda(tiny_model: Path, tmp_path: Pat
     todo = items("0.png", "1.png", "2.png")
     plain = engine_for(tiny_model, root, tmp_path / "plain", ("roof",), device="cuda", fuse_rope=False)
     assert not plain.fused_rope
-    expected = plain.process(todo, quiet)
+    expected = written(plain, todo)
     fast = engine_for(tiny_model, root, tmp_path / "fast", ("roof",), device="cuda", batch_size=2)
     assert fast.fused_rope and hasattr(_current(), "batchseg_original")
-    got = fast.process(todo, quiet)
+    got = written(fast, todo)
     for x, y in zip(_scores(got), _scores(expected), strict=True):
         assert np.allclose(x, y, atol=1e-3)
     fused.restore_rope()

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from _sam3 import quiet, save_noise_image
+from _sam3 import save_noise_image
+from _writing import written
 
 from batchseg.config import RunConfig
 from batchseg.engines.sam3.engine import load_engine
@@ -68,7 +69,7 @@ def reference(
 ) -> list[ItemResult]:
     """Every image alone: no pipeline at all."""
     engine = make_engine(tiny_model, folder, tmp_path_factory.mktemp("ref"), batch_size=1, overlap=False)
-    return [engine.process([item], quiet)[0] for item in task]
+    return [written(engine, [item])[0] for item in task]
 
 
 def assert_same(results: list[ItemResult], reference: list[ItemResult], skip: tuple[str, ...] = ()) -> None:
@@ -113,7 +114,7 @@ def test_sub_batches_equal_images_alone_and_report_as_they_go(
         assert all(index < furthest for index, _ in finished), "a result before its read was announced"
         furthest = max(furthest, reached or 0)
 
-    results = engine.process(task, heartbeat)
+    results = written(engine, task, heartbeat)
     assert_same(results, reference)
     # 7 images in sub-batches of 3, 3, 1: a beat after each, and one before each new read-ahead.
     assert len([b for b in beats if b[1] is None]) == 3
@@ -144,7 +145,7 @@ def test_out_of_memory_while_decoding_halves_the_batch_for_good(
     wrap(engine, "launch_prompts", no_room_for_four)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        results = engine.process(task, quiet)
+        results = written(engine, task)
     assert_same(results, reference)
     # 4 fails and goes again as 2 + 2; with overlap the 3 encoded meanwhile fail too and go as 2 + 1.
     assert engine.max_batch == 2
@@ -152,7 +153,7 @@ def test_out_of_memory_while_decoding_halves_the_batch_for_good(
     assert any("continuing with batch 2" in str(w.message) for w in caught)
     # The smaller size is kept for the next task.
     seen.clear()
-    assert_same(engine.process(task, quiet), reference)
+    assert_same(written(engine, task), reference)
     assert seen == [2, 2, 2, 1]
 
 
@@ -169,7 +170,7 @@ def test_out_of_memory_while_post_processing_reruns_that_sub_batch_smaller(
 
     wrap(engine, "land", only_one_fits)
     with pytest.warns(RuntimeWarning, match="at batch 3; continuing with batch 1"):
-        results = engine.process(task, quiet)
+        results = written(engine, task)
     assert_same(results, reference)
     # A sub-batch of 3 out of memory goes again in sub-batches of 1 (3 // 2 would not fit either):
     # the first and the second (encoded before the first failed) alike; the last holds 1 image.
@@ -190,7 +191,7 @@ def test_an_image_that_breaks_its_sub_batch_fails_alone(
             raise ValueError("this image breaks the model (injected)")
 
     wrap(engine, stage, poison)
-    results = engine.process(task, quiet)
+    results = written(engine, task)
     assert_same(results, reference, skip=(POISON,))
     bad = results[3]
     assert bad.path == POISON and bad.status is Status.ERROR
@@ -218,7 +219,7 @@ def test_out_of_memory_in_the_warm_up_halves_the_batch_until_it_fits(
         engine.warm_up()
     assert tried == [8, 4, 2] and engine.max_batch == 2
     assert [str(w.message)[-23:] for w in caught] == ["continuing with batch 4", "continuing with batch 2"]
-    assert_same(engine.process(task, quiet), reference)
+    assert_same(written(engine, task), reference)
 
 
 @pytest.mark.parametrize("overlap", [True, False])
@@ -229,7 +230,7 @@ def test_each_image_is_timed_by_its_own_sub_batch(
     image's duration holds none of the later sub-batches (a task's start was every image's)."""
     engine = make_engine(tiny_model, folder, tmp_path, batch_size=2, overlap=overlap)
     before = time.time()
-    results = engine.process(task, quiet)  # sub-batches 0-1, 2-3, 4-5, 6
+    results = written(engine, task)  # sub-batches 0-1, 2-3, 4-5, 6
     after = time.time()
     starts = [r.started_at for r in results]
     assert all(r.status is Status.OK for r in results)

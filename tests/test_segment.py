@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from _sam3 import quiet, save_noise_image
+from _sam3 import save_noise_image
+from _writing import written
 from PIL import Image
 
 from batchseg import imageio
@@ -72,7 +73,7 @@ def test_results_files_and_detections_agree(tiny_model: Path, images: Path, tmp_
     out = tmp_path / "out"
     engine = engine_for(tiny_model, images, out, ("roof", "solar panel"), max_detections=7)
     assert engine.device == "cpu float32"
-    [a, b] = engine.process(items("a.png", "sub/b.jpg"), quiet)
+    [a, b] = written(engine, items("a.png", "sub/b.jpg"))
     assert (a.width, a.height, b.width, b.height) == (131, 77, 50, 64)
     for result in (a, b):
         labels = check_consistent(result, out)
@@ -91,11 +92,11 @@ def test_several_prompts_equal_separate_single_prompt_runs(
     tiny_model: Path, images: Path, tmp_path: Path
 ) -> None:
     both = engine_for(tiny_model, images, tmp_path / "both", ("roof", "tree"))
-    [joint] = both.process(items("a.png"), quiet)
+    [joint] = written(both, items("a.png"))
     singles = {}
     for prompt in ("roof", "tree"):
         engine = engine_for(tiny_model, images, tmp_path / prompt, (prompt,))
-        [singles[prompt]] = engine.process(items("a.png"), quiet)
+        [singles[prompt]] = written(engine, items("a.png"))
     joint_labels = check_consistent(joint, tmp_path / "both")
     single_labels = {p: check_consistent(r, tmp_path / p) for p, r in singles.items()}
     for prompt, single in singles.items():
@@ -124,7 +125,7 @@ def test_processor_gets_the_original_image(tiny_model: Path, images: Path, tmp_p
         return real_call(*args, **kwargs)
 
     engine.processor = type("Spy", (), {"__call__": staticmethod(spy)})()
-    [result] = engine.process(items("a.png"), quiet)
+    [result] = written(engine, items("a.png"))
     assert result.status is Status.OK
     assert seen == [(131, 77)]
     encoded = Sam3Engine.encode_images(engine, [imageio.read_image(images / "a.png", 10**8)])
@@ -134,20 +135,20 @@ def test_processor_gets_the_original_image(tiny_model: Path, images: Path, tmp_p
 def test_bad_image_then_good_ones(tiny_model: Path, images: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     engine = engine_for(tiny_model, images, out, ("roof",))
-    broken, after = engine.process(items("broken.jpg", "a.png"), quiet)
+    broken, after = written(engine, items("broken.jpg", "a.png"))
     assert broken.status is Status.INVALID_INPUT and broken.error_type == "InvalidImageError"
     assert broken.error_message and broken.mask_path is None
     check_consistent(after, out)
-    [alone] = engine.process(items("sub/b.jpg"), quiet)
+    [alone] = written(engine, items("sub/b.jpg"))
     check_consistent(alone, out)
-    [missing] = engine.process(items("gone.png"), quiet)
+    [missing] = written(engine, items("gone.png"))
     assert missing.status is Status.INVALID_INPUT
 
 
 def test_batch_matches_one_by_one(tiny_model: Path, images: Path, tmp_path: Path) -> None:
     engine = engine_for(tiny_model, images, tmp_path / "out", ("roof", "car"))
-    batched = engine.process(items("a.png", "sub/b.jpg"), quiet)
-    alone = [engine.process(items(path), quiet)[0] for path in ("a.png", "sub/b.jpg")]
+    batched = written(engine, items("a.png", "sub/b.jpg"))
+    alone = [written(engine, items(path))[0] for path in ("a.png", "sub/b.jpg")]
     for x, y in zip(batched, alone, strict=True):
         assert [d.prompt for d in x.detections] == [d.prompt for d in y.detections]
         assert np.allclose([d.score for d in x.detections], [d.score for d in y.detections], atol=1e-5)
@@ -159,7 +160,7 @@ def test_unwritable_output_is_an_output_error(tiny_model: Path, images: Path, tm
     out.mkdir()
     (out / "masks").write_text("a file where the masks folder should be")
     engine = engine_for(tiny_model, images, out, ("roof",))
-    [result] = engine.process(items("a.png"), quiet)
+    [result] = written(engine, items("a.png"))
     assert result.status is Status.ERROR and result.error_type == "OutputError"
     assert "Traceback" in (result.traceback or "")
 
@@ -168,7 +169,7 @@ def test_zero_detections_still_writes_an_empty_map(tiny_model: Path, images: Pat
     out = tmp_path / "out"
     engine = engine_for(tiny_model, images, out, ("roof",))
     engine.config = engine.config.with_changes(threshold=1.0)
-    [result] = engine.process(items("a.png"), quiet)
+    [result] = written(engine, items("a.png"))
     assert result.status is Status.OK and result.detections == []
     assert not imageio.read_label_map(out / result.mask_path).any()
 
@@ -187,8 +188,8 @@ def test_cuda_engine_agrees_with_cpu(tiny_model: Path, images: Path, tmp_path: P
     gpu = engine_for(tiny_model, images, tmp_path / "gpu", ("roof", "tree"), device="cuda")
     assert gpu.device.startswith("cuda:0 ") and gpu.device.endswith(" float32")
     cpu = engine_for(tiny_model, images, tmp_path / "cpu", ("roof", "tree"))
-    on_gpu = gpu.process(items("a.png", "sub/b.jpg", "broken.jpg"), quiet)
-    on_cpu = cpu.process(items("a.png", "sub/b.jpg", "broken.jpg"), quiet)
+    on_gpu = written(gpu, items("a.png", "sub/b.jpg", "broken.jpg"))
+    on_cpu = written(cpu, items("a.png", "sub/b.jpg", "broken.jpg"))
     assert on_gpu[2].status is Status.INVALID_INPUT
     for x, y in zip(on_gpu[:2], on_cpu[:2], strict=True):
         check_consistent(x, tmp_path / "gpu")
@@ -200,7 +201,7 @@ def test_cuda_engine_agrees_with_cpu(tiny_model: Path, images: Path, tmp_path: P
             assert len(gpu_scores) == len(cpu_scores) > 0
             assert np.allclose(gpu_scores, cpu_scores, atol=1e-3)
     auto = engine_for(tiny_model, images, tmp_path / "auto", ("roof",), device="cuda", dtype="auto")
-    check_consistent(auto.process(items("a.png"), quiet)[0], tmp_path / "auto")
+    check_consistent(written(auto, items("a.png"))[0], tmp_path / "auto")
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
@@ -251,7 +252,7 @@ def test_draft_decoded_jpeg_gives_full_size_masks(tiny_model: Path, tmp_path: Pa
     engine = engine_for(tiny_model, tmp_path / "in", tmp_path / "out", ("roof",))
     drafted = imageio.read_image(tmp_path / "in" / "side.jpg", 10**9, draft_side=engine.draft_side)
     assert drafted.size[0] < 1200 and imageio.original_size(drafted) == (1200, 1600)
-    (result,) = engine.process(items("side.jpg"), quiet)
+    (result,) = written(engine, items("side.jpg"))
     assert (result.width, result.height) == (1200, 1600)
     check_consistent(result, tmp_path / "out")
     assert result.detections and all(d.box[2] <= 1200 and d.box[3] <= 1600 for d in result.detections)
@@ -287,7 +288,7 @@ def test_compiled_backbone_pads_short_batches(tiny_model: Path, images: Path, tm
     )
     shutil.copy(images / "a.png", images / "c.png")
     todo = items("a.png", "sub/b.jpg", "c.png")  # batches of 2, then 1 (padded)
-    for x, y in zip(fast.process(todo, quiet), plain.process(todo, quiet), strict=True):
+    for x, y in zip(written(fast, todo), written(plain, todo), strict=True):
         check_consistent(x, tmp_path / "fast")
         assert np.allclose([d.score for d in x.detections], [d.score for d in y.detections], atol=1e-3)
 
@@ -313,8 +314,8 @@ def test_cuda_graph_backbone_matches_launching_its_kernels(
     )
     graphed = engine_for(tiny_model, images, tmp_path / "graph", prompts, device="cuda", batch_size=2)
     assert graphed._backbone is not None and graphed._backbone._captured is not None  # captured at load
-    expected = plain.process(todo, quiet)
-    got = graphed.process(todo, quiet)
+    expected = written(plain, todo)
+    got = written(graphed, todo)
     for result in got:
         check_consistent(result, tmp_path / "graph")
     for x, y in zip(_scores(got), _scores(expected), strict=True):
@@ -322,7 +323,7 @@ def test_cuda_graph_backbone_matches_launching_its_kernels(
     with pytest.warns(RuntimeWarning, match="batch 1"):
         graphed.ladder.halve(2)
     assert graphed._backbone._captured is None
-    again = graphed.process(todo, quiet)
+    again = written(graphed, todo)
     assert graphed._backbone._captured is not None and graphed._backbone.batch == 1
     for x, y in zip(_scores(again), _scores(expected), strict=True):
         assert np.allclose(x, y, atol=1e-4)
@@ -342,5 +343,5 @@ def test_failed_graph_capture_warns_and_launches_as_usual(
     with pytest.warns(RuntimeWarning, match="CUDA graph capture of the vision backbone failed"):
         engine = engine_for(tiny_model, images, tmp_path / "out", ("roof",), device="cuda", batch_size=2)
     assert engine._backbone is not None and not engine._backbone.graph
-    for result in engine.process(items("a.png", "sub/b.jpg"), quiet):
+    for result in written(engine, items("a.png", "sub/b.jpg")):
         check_consistent(result, tmp_path / "out")

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from _writing import written
 from click.testing import CliRunner, Result
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
@@ -126,7 +127,7 @@ def test_a_window_gives_boxes_in_the_image_frame_and_no_label_map(tmp_path: Path
     beats: list[tuple[Any, Any]] = []
     stat = (tmp_path / "in" / "shapes.png").stat()
     item = Item("shapes.png", stat.st_size, stat.st_mtime_ns, window=window)
-    (result,) = engine.process([item], lambda finished=(), reached=None: beats.append((finished, reached)))
+    (result,) = written(engine, [item], lambda finished=(), reached=None: beats.append((finished, reached)))
     assert result.status is Status.OK and result.mask_path is None
     assert not (tmp_path / "out").exists(), "a window writes no label map"
     (det,) = result.detections
@@ -137,7 +138,7 @@ def test_a_window_gives_boxes_in_the_image_frame_and_no_label_map(tmp_path: Path
     assert det.box == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
     assert [reached for _finished, reached in beats] == [1, None]  # before and after the image
     bad = Item("shapes.png", stat.st_size, stat.st_mtime_ns, window=(0, 0, 500, 10))
-    (outside,) = engine.process([bad], lambda *_a, **_k: None)
+    (outside,) = written(engine, [bad])
     assert outside.status is Status.ERROR and "not inside the 160x120 image" in (outside.error_message or "")
 
 

@@ -483,13 +483,15 @@ from batchseg.config import RunConfig
 from batchseg.engines.sam3.engine import load_engine
 from batchseg.records import Item
 from batchseg.supervise.contract import EngineSpec
+from batchseg.supervise.writer import OutputWriter, WritingBeat
 
 folder, model, output = (Path(a) for a in sys.argv[1:4])
 config = RunConfig(input=folder, prompts=("roof",), model=str(model), output=output, device="cpu",
                    threshold=0.0, max_detections=3, tile="off")
 engine = load_engine(EngineSpec(config), 0)
 items = [Item("scene.png", 1, 1, window=(300, 200, 700, 520)), Item("crop.png", 1, 1)]
-results = engine.process(items, lambda *a, **k: None)
+writing = WritingBeat(OutputWriter(config, engine.capabilities.device), items, lambda *a, **k: None)
+results = [writing.result(k, found) for k, found in enumerate(engine.process(items, writing))]
 engine.close()
 print(json.dumps([{"status": str(r.status), "size": [r.width, r.height], "mask": r.mask_path,
                    "dets": [[d.prompt, d.index, d.score, list(d.box), d.area_px, d.mask_rle]

@@ -13,9 +13,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
+import numpy as np
+
 from batchseg.engines import threshold
-from batchseg.records import Item, ItemResult
-from batchseg.supervise.contract import EngineSpec, HeartbeatFn
+from batchseg.records import Item
+from batchseg.supervise.contract import EngineSpec, HeartbeatFn, Outcome, Segmentation
 
 
 class MissesBelow:
@@ -25,7 +27,7 @@ class MissesBelow:
         self.inner = inner
         self.capabilities = inner.capabilities
 
-    def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[ItemResult]:
+    def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[Outcome]:
         results = []
         for k, item in enumerate(items):
             heartbeat((), k + 1)
@@ -33,11 +35,11 @@ class MissesBelow:
             heartbeat([(k, results[-1])])  # the tiles' detections travel with the heartbeat too
         return results
 
-    def _one(self, item: Item) -> ItemResult:
-        result = self.inner.one(item)
-        if item.window is not None and item.window[1] > 0:
-            return replace(result, detections=[])
-        return result
+    def _one(self, item: Item) -> Outcome:
+        found = self.inner.one(item)
+        if item.window is not None and item.window[1] > 0 and isinstance(found, Segmentation):
+            return replace(found, labels=np.zeros_like(found.labels), instances=[], areas=None)
+        return found
 
     def close(self) -> None:
         self.inner.close()

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageColor
+from PIL import ImageColor
 
-from .. import imageio, rle, sources
+from .. import imageio, sources
 from ..config import RunConfig
 from ..errors import ConfigError, InvalidImageError
-from ..records import Detection, FailureCategory, Item, ItemResult, Status, failure_result
-from ..supervise.contract import Capabilities, EngineSpec, HeartbeatFn
+from ..records import Item, Status, failure_result
+from ..supervise.contract import Capabilities, EngineSpec, HeartbeatFn, Instance, Outcome, Segmentation
 from ..tiles.source import DEFAULT_MAX_TILED_PIXELS, WindowReader
 from ..values import show
 
@@ -83,12 +82,6 @@ def parse_colour(prompt: str) -> tuple[int, int, int]:
     return int(rgb[0]), int(rgb[1]), int(rgb[2])
 
 
-@dataclass(frozen=True)
-class _Instance:
-    prompt: str
-    box: tuple[float, float, float, float]
-
-
 class ThresholdEngine:
     """Turns images into label maps: prompts in order, each claiming the still unlabelled pixels
     within ``TOLERANCE`` of its colour (the first prompt wins a pixel two colours share); each
@@ -115,7 +108,7 @@ class ThresholdEngine:
         self.capabilities = Capabilities(device="cpu numpy", task_size=8, heartbeat_every=1)
         self.reader = WindowReader(max_pixels, max_tiled_pixels)
 
-    def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[ItemResult]:
+    def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[Outcome]:
         if all(item.window is None for item in items):
             self.reader.close()  # a tiled image is done: its pixels are not kept while others run
         results = []
@@ -132,69 +125,34 @@ class ThresholdEngine:
     def close(self) -> None:
         self.reader.close()
 
-    def one(self, item: Item) -> ItemResult:
-        """One image (or its window): its result, failures included."""
+    def one(self, item: Item) -> Outcome:
+        """One image (or its window): its instances, or its failure."""
         started = time.time()
         device = self.capabilities.device
         try:
-            image: Image.Image | None = None
             if item.window is None:
                 image = sources.read_for_engine(self.input_root / item.path, self.config)
-                pixels, (left, top), (width, height) = np.asarray(image.convert("RGB")), (0, 0), image.size
-                valid = sources.valid_of(image)
+                pixels, size = np.asarray(image.convert("RGB")), None
+                georef, valid = sources.georef_of(image), sources.valid_of(image)
             else:
                 # The tiles of an image come one after another: the image is read once, a tiled
                 # TIFF only chunk by chunk (tiles.WindowReader).
                 pixels, width, height, valid = self.reader.read(self.input_root / item.path, item.window)
-                left, top = item.window[:2]
+                size, georef = (width, height), None
         except InvalidImageError as exc:
             return failure_result(item, Status.INVALID_INPUT, exc=exc, device=device, started_at=started)
         except Exception as exc:  # noqa: BLE001 - any per-image failure is that image's result
             return failure_result(item, Status.ERROR, exc=exc, device=device, started_at=started)
         try:
-            labels, instances = self.label(pixels, left, top)
-            if valid is not None:  # a georeferenced image or tile: nodata pixels carry no detection
-                labels, instances, areas = sources.drop_nodata(labels, instances, valid)
-            else:
-                areas = np.bincount(labels.ravel(), minlength=len(instances) + 1)[1:]
+            labels, instances = self.label(pixels)
         except Exception as exc:  # noqa: BLE001 - any per-image failure is that image's result
             return failure_result(item, Status.ERROR, exc=exc, device=device, started_at=started)
-        counts = rle.encode_labels(labels, n_labels=len(instances))
-        detections = [
-            Detection(inst.prompt, k, 1.0, inst.box, int(areas[k - 1]), counts[k])
-            for k, inst in enumerate(instances, start=1)
-        ]
-        mask_path = None
-        if image is not None:
-            mask_path = sources.mask_relpath(item.path, image)
-            try:
-                sources.save_label_map(imageio.safe_output_path(self.output_dir, mask_path), labels, image)
-                georef = sources.georef_of(image)
-                sources.write_vectors(self.output_dir, item.path, labels, georef, detections, self.config)
-            except OSError as exc:
-                category = FailureCategory.OUTPUT
-                return failure_result(
-                    item, Status.ERROR, exc=exc, category=category, device=device, started_at=started
-                )
-            except Exception as exc:  # noqa: BLE001 - a polygon that cannot be made fails its image
-                return failure_result(item, Status.ERROR, exc=exc, device=device, started_at=started)
-        return ItemResult(
-            path=item.path,
-            status=Status.OK,
-            width=width,
-            height=height,
-            detections=detections,
-            mask_path=mask_path,
-            started_at=started,
-            finished_at=time.time(),
-            device=device,
-            **(sources.georef_fields(image) if image is not None else {}),
-        )
+        return Segmentation(labels, instances, size=size, georef=georef, valid=valid, started_at=started)
 
-    def label(self, pixels: np.ndarray, left: int = 0, top: int = 0) -> tuple[np.ndarray, list[_Instance]]:
-        """The uint16 label map of an RGB array and its instances (boxes shifted by left, top)."""
+    def label(self, pixels: np.ndarray) -> tuple[np.ndarray, list[Instance]]:
+        """The uint16 label map of an RGB array and its instances."""
         labels = np.zeros(pixels.shape[:2], np.uint16)
-        instances: list[_Instance] = []
+        instances: list[Instance] = []
         signed = pixels.astype(np.int16)
         for prompt, colour in self.colours:
             near = np.abs(signed - np.array(colour, np.int16)).max(axis=2) <= TOLERANCE
@@ -204,16 +162,12 @@ class ThresholdEngine:
                 raise ValueError("more instances than a uint16 label map holds; lower --max-detections")
             lookup = np.zeros(len(boxes) + 1, np.uint16)  # component -> its index in the label map
             for component in keep:
-                instances.append(_Instance(prompt, _shifted(boxes[component], left, top)))
+                x0, y0, x1, y1 = boxes[component]
+                instances.append(Instance(prompt, 1.0, (float(x0), float(y0), float(x1), float(y1))))
                 lookup[component + 1] = len(instances)
             painted = lookup[found]
             labels = np.where(painted > 0, painted, labels)
         return labels, instances
-
-
-def _shifted(box: tuple[int, int, int, int], left: int, top: int) -> tuple[float, float, float, float]:
-    x0, y0, x1, y1 = box
-    return float(x0 + left), float(y0 + top), float(x1 + left), float(y1 + top)
 
 
 def _largest(found: np.ndarray, count: int, limit: int) -> list[int]:

@@ -1,8 +1,10 @@
 """The public engine contract: what the pool gives an engine, what an engine gives back.
 
 An engine is loaded once per worker process by a factory named ``MODULE:FUNCTION`` (``--engine``),
-states its ``Capabilities`` once, then turns batches of ``Item``s into ``ItemResult``s. The pool
-knows nothing else of it: SAM3 (``batchseg.engines.sam3.engine:load_engine``), the colour
+states its ``Capabilities`` once, then turns batches of ``Item``s into their instances
+(``Segmentation``: pixels in, instances out) or failures; it writes no file: the worker's
+``writer.OutputWriter`` makes every output and the ok ``ItemResult``. The pool knows nothing else
+of it: SAM3 (``batchseg.engines.sam3.engine:load_engine``), the colour
 threshold engine (``batchseg.engines.threshold:load``) and the tests' engines all fit here.
 """
 
@@ -10,12 +12,17 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
 
 from ..config import DEFAULT_ENGINE, DEFAULT_MODEL, RunConfig
 from ..errors import ConfigError
 from ..records import Item, ItemResult
+
+if TYPE_CHECKING:
+    from ..geo.georef import Georef
 
 __all__ = [
     "Capabilities",
@@ -23,6 +30,9 @@ __all__ = [
     "EngineFactory",
     "EngineSpec",
     "HeartbeatFn",
+    "Instance",
+    "Outcome",
+    "Segmentation",
     "check_in_parent",
     "load_factory",
     "recorded_model",
@@ -60,8 +70,42 @@ class Capabilities:
             raise TypeError(f"Capabilities.model_input must be None or an int of at least 1, not {side!r}")
 
 
+@dataclass(frozen=True)
+class Instance:
+    """One detection an engine found: its prompt, score and box (x0, y0, x1, y1, pixel edges in the
+    frame of its ``Segmentation.labels``: a window's own; None: the writer takes its pixels' box)."""
+
+    prompt: str
+    score: float
+    box: tuple[float, float, float, float] | None = None
+
+
+@dataclass
+class Segmentation:
+    """What an engine found in one item (the image, or its window): ``instances[k - 1]`` is the
+    detection painted with value k in ``labels`` (uint16, the image's or window's height x width).
+
+    ``size``: (width, height) of the whole upright image (None: ``labels`` is the whole image);
+    ``georef`` and ``valid`` (HxW bool, False on nodata) as ``sources.georef_of``/``valid_of`` give
+    them for a georeferenced input; ``started_at`` when its work began (None: the batch's start);
+    ``areas``: pixels of each label when the engine counted them already."""
+
+    labels: np.ndarray
+    instances: list[Instance]
+    size: tuple[int, int] | None = None
+    georef: Georef | None = None
+    valid: np.ndarray | None = None
+    started_at: float | None = None
+    areas: np.ndarray | None = field(default=None, repr=False)
+
+
+#: What an engine gives back for an item: its instances, or its failure (``failure_result``).
+Outcome = Segmentation | ItemResult
+
+
 #: ``heartbeat(finished=(), reached=None)``, always passed to ``Engine.process``:
-#: ``finished``: results done since the last call, as (index in items, result), recorded at once;
+#: ``finished``: outcomes done since the last call, as (index in items, outcome), written and
+#: recorded at once;
 #: ``reached``: no item at or after this index has been touched yet (after a crash they go back to
 #: the queue as fresh work instead of being suspects). Each call restarts the watchdog's clock.
 HeartbeatFn = Callable[..., None]
@@ -77,11 +121,14 @@ class Engine(Protocol):
 
     capabilities: Capabilities
 
-    def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[ItemResult]:
-        """One result per item, in order; per-image problems are results (``failure_result``),
-        never exceptions. An exception marks every item not yet reported ``error`` (items of a
-        batch are then run again one by one). ``heartbeat`` is always passed (a no-op where the
-        engine declared ``heartbeat_every=0``)."""
+    def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[Outcome]:
+        """One outcome per item, in order: its ``Segmentation``, or its failure (``failure_result``);
+        per-image problems are failures, never exceptions. No file is written here: the worker
+        writes each segmentation's outputs (``heartbeat.write(item, segmentation)``, where the
+        heartbeat has it, does so at once in the caller's thread and returns the item's result,
+        for an engine that overlaps writing with its model). An exception marks every item not
+        yet reported ``error`` (items of a batch are then run again one by one). ``heartbeat`` is
+        always passed (it sends nothing where the engine declared ``heartbeat_every=0``)."""
         ...
 
     def close(self) -> None:

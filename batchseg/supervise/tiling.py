@@ -5,8 +5,9 @@ For each whole-image item the worker asks ``Tiler.plan``: the upright size comes
 a ``window``, a batch of the engine's task size at a time (the caller restarts the watchdog's clock
 after each batch); ``tiles.TileMerger``, in a helper process fed as the engine reports tiles
 finished (``tiles.merge_process``; for an image spread over several workers, the helper follows
-the image's kept tiles on disk), makes one detection per object, ``tiles.labelmap`` writes the label map
-as a tiled TIFF, and the image gets one ``ItemResult``. A failing tile fails the image, naming the
+the image's kept tiles on disk), makes one detection per object, and the worker's
+``writer.OutputWriter`` writes the label map as a tiled TIFF and makes the image's one
+``ItemResult``, as for a whole image. A failing tile fails the image, naming the
 tile and its window. Torch-free: this runs in the worker, above any engine.
 """
 
@@ -24,8 +25,7 @@ from .. import __version__, imageio
 from ..config import RunConfig
 from ..errors import BadValueError, ConfigError, InvalidImageError
 from ..geo.detect import looks_georeferenced
-from ..records import Detection, FailureCategory, FanOut, Item, ItemResult, Status, failure_result
-from ..sources import georef_fields
+from ..records import Detection, FanOut, Item, ItemResult, Status, failure_result
 from ..tiles import merge_process
 from ..tiles.grid import (
     MIN_SIDE,
@@ -37,12 +37,12 @@ from ..tiles.grid import (
     plan_tiles,
     strip_refusal,
 )
-from ..tiles.labelmap import label_map_relpath, write_label_map
 from ..tiles.merge_process import RemoteMerge
 from ..tiles.progress import PROGRESS_DIR, TileProgress
 from ..tiles.source import CONVERT_HINT, upright_size
 from .contract import Capabilities
 from .fanout import tile_failure
+from .writer import OutputWriter
 
 if TYPE_CHECKING:
     from ..geo.georef import Georef
@@ -83,6 +83,7 @@ class Tiler:
     max_tiled_pixels: int
     device: str
     fingerprint: str  # of the run's configuration: finished tiles kept on disk are for it only
+    writer: OutputWriter  # writes the merged image's label map and makes its result
     gsd: float | None = None  # metres per pixel the model should see on georeferenced inputs
     #: What ``_kept_ids`` read of an image's kept tiles, for its next tile (this process only).
     kept_files: dict[tuple[str, str], dict[str, tuple[tuple[int, int], frozenset[str]]]] = field(
@@ -114,6 +115,7 @@ class Tiler:
             config.max_tiled_pixels,
             capabilities.device,
             config.fingerprint(),
+            OutputWriter(config, capabilities.device),
             config.gsd,
         )
 
@@ -235,32 +237,12 @@ class Tiler:
                 return failure_result(item, Status.ERROR, exc=exc, device=self.device, started_at=started)
         finally:
             merging.close()
-        mask_rel = label_map_relpath(item.path, tiled=True)
-        try:
-            target = imageio.safe_output_path(self.output_dir, mask_rel)
-            write_label_map(target, merged, plan.width, plan.height, georef=georef)
-        except OSError as exc:
-            return failure_result(
-                item,
-                Status.ERROR,
-                exc=exc,
-                category=FailureCategory.OUTPUT,
-                device=self.device,
-                started_at=started,
-            )
-        progress.clear()
-        return ItemResult(
-            path=item.path,
-            status=Status.OK,
-            width=plan.width,
-            height=plan.height,
-            detections=detections,
-            mask_path=mask_rel,
-            started_at=started,
-            finished_at=time.time(),
-            device=self.device,
-            **georef_fields(georef),  # polygons (--vectors) are made from the map at the next export
+        result = self.writer.write_merged(
+            item, (plan.width, plan.height), merged, detections, georef, started
         )
+        if result.status is Status.OK:
+            progress.clear()
+        return result
 
     def _run_tiles(
         self,

@@ -27,6 +27,7 @@ from ..tiles.grid import TilePlan, plan_tiles
 from .contract import Capabilities, Engine, EngineSpec, load_factory
 from .messages import Ack, Done, Heartbeat, LoadFailed, Ready, Task, Threads
 from .tiling import Arrived, RunTiles, Tiler
+from .writer import OutputWriter, WritingBeat
 
 __all__ = ["THREAD_ENV_VARS", "configure_openmp", "run_items", "run_task", "serve_connection", "worker_main"]
 
@@ -54,11 +55,12 @@ def serve_connection(spec: EngineSpec, slot: int, conn: Connection, threads: int
     if loaded is None:
         return
     engine, capabilities, tiler = loaded
+    writer = OutputWriter(spec.config, capabilities.device)
     # While serving tasks, warnings go to the pool (the run log); while loading and closing, with
     # no message to carry them, to stderr as usual.
     restore = _collect_warnings()
     try:
-        _serve(engine, capabilities, conn, tiler)
+        _serve(engine, capabilities, conn, tiler, writer)
     finally:
         restore()
         merge_process.stop_shared()  # a Ray actor's process outlives this call: so would the helper
@@ -93,7 +95,9 @@ def _capabilities(engine: Engine) -> Capabilities:
     return capabilities
 
 
-def _serve(engine: Engine, capabilities: Capabilities, conn: Connection, tiler: Tiler | None) -> None:
+def _serve(
+    engine: Engine, capabilities: Capabilities, conn: Connection, tiler: Tiler | None, writer: OutputWriter
+) -> None:
     while True:
         try:
             message = conn.recv()
@@ -110,7 +114,7 @@ def _serve(engine: Engine, capabilities: Capabilities, conn: Connection, tiler: 
         if not _send_quietly(conn, Ack(message.task_id)):
             return
         beat = _Beat(conn, message.task_id, capabilities, live=capabilities.heartbeat_every > 0)
-        results = run_items(engine, capabilities, message.items, beat, tiler, message.fan_out)
+        results = run_items(engine, capabilities, message.items, beat, tiler, writer, message.fan_out)
         if not _send_done(conn, message.task_id, message.items, results, capabilities):
             return
 
@@ -121,6 +125,7 @@ def run_items(
     items: Sequence[Item],
     heartbeat: _Beat,
     tiler: Tiler | None,
+    writer: OutputWriter,
     fan_out: bool = False,
 ) -> list[ItemResult]:
     """Run a task's items; never raises. Whole images go in runs of consecutive items through
@@ -130,16 +135,16 @@ def run_items(
     all in is merged (``Tiler.run`` again, finding them on disk)."""
     plans = [_plan(tiler, item) if item.tiling is None else None for item in items] if tiler else []
     if tiler is None or all(p is None and i.tiling is None for p, i in zip(plans, items, strict=True)):
-        return run_task(engine, capabilities, items, heartbeat)
+        return run_task(engine, capabilities, items, heartbeat, writer)
     results: list[ItemResult] = []
     whole: list[int] = []
     tiles: list[int] = []
-    run_tiles = _tile_runner(engine, capabilities, heartbeat)
+    run_tiles = _tile_runner(engine, capabilities, heartbeat, writer)
 
     def flush() -> None:
         if whole:
             batch = [items[i] for i in whole]
-            results.extend(run_task(engine, capabilities, batch, heartbeat.shifted(whole[0])))
+            results.extend(run_task(engine, capabilities, batch, heartbeat.shifted(whole[0]), writer))
             whole.clear()
         if tiles:
             heartbeat((), tiles[-1] + 1)
@@ -226,10 +231,12 @@ def _prefetcher(engine: Engine, upcoming: Item | None) -> Callable[[], None] | N
     return tell
 
 
-def _tile_runner(engine: Engine, capabilities: Capabilities, heartbeat: _Beat) -> RunTiles:
+def _tile_runner(
+    engine: Engine, capabilities: Capabilities, heartbeat: _Beat, writer: OutputWriter
+) -> RunTiles:
     def run_tiles(items: Sequence[Item], arrived: Arrived | None = None) -> list[ItemResult]:
         beat = _TileBeat(heartbeat.conn, heartbeat.task_id, capabilities, arrived=arrived)
-        done = run_task(engine, capabilities, items, beat)
+        done = run_task(engine, capabilities, items, beat, writer)
         beat()  # the watchdog's budget is per batch of tiles
         return done
 
@@ -237,7 +244,7 @@ def _tile_runner(engine: Engine, capabilities: Capabilities, heartbeat: _Beat) -
 
 
 def run_task(
-    engine: Engine, capabilities: Capabilities, items: Sequence[Item], heartbeat: _Beat
+    engine: Engine, capabilities: Capabilities, items: Sequence[Item], heartbeat: _Beat, writer: OutputWriter
 ) -> list[ItemResult]:
     """Run the engine on a batch; never raises.
 
@@ -245,26 +252,31 @@ def run_task(
     reported through ``heartbeat`` is run again on its own, so only the image that raises fails.
     """
     try:
-        return _process(engine, capabilities, items, heartbeat)
+        return _process(engine, capabilities, items, heartbeat, writer)
     except BaseException as exc:  # noqa: BLE001 - the worker never raises across the pipe
         if len(items) == 1:
             return [failure_result(items[0], Status.ERROR, exc=exc, device=capabilities.device)]
     streamed = heartbeat.sent
     return [
-        streamed[k] if k in streamed else run_task(engine, capabilities, [item], heartbeat.shifted(k))[0]
+        streamed[k]
+        if k in streamed
+        else run_task(engine, capabilities, [item], heartbeat.shifted(k), writer)[0]
         for k, item in enumerate(items)
     ]
 
 
 def _process(
-    engine: Engine, capabilities: Capabilities, items: Sequence[Item], heartbeat: _Beat
+    engine: Engine, capabilities: Capabilities, items: Sequence[Item], heartbeat: _Beat, writer: OutputWriter
 ) -> list[ItemResult]:
+    """The engine's outcomes, each segmentation written (``writer``) as it is reported or returned."""
     started = time.time()
-    results = engine.process(items, heartbeat)
-    finished = time.time()
-    if not isinstance(results, list) or len(results) != len(items):
-        count = len(results) if isinstance(results, list) else type(results).__name__
+    writing = WritingBeat(writer, items, heartbeat)
+    outcomes = engine.process(items, writing)
+    if not isinstance(outcomes, list) or len(outcomes) != len(items):
+        count = len(outcomes) if isinstance(outcomes, list) else type(outcomes).__name__
         raise TypeError(f"engine returned {count} results for {len(items)} items")
+    results = [writing.result(k, outcome) for k, outcome in enumerate(outcomes)]
+    finished = time.time()
     for result in results:
         _stamp(result, capabilities, started, finished)
     return results

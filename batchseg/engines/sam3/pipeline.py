@@ -1,13 +1,14 @@
-"""The SAM3 engine's per-image work: read, encode, decode every prompt, post-process, write.
+"""The SAM3 engine's per-image work: read, encode, decode every prompt, post-process.
 
     read (imageio) -> encode images (processor on the original image, vision features once)
     -> decode every prompt on those features -> post-process (score filter, top-k, bounded-memory
-    masks, one label map) -> write the label map, RLE per detection -> ItemResult
+    masks, one label map) -> the image's instances (``contract.Segmentation``), which the worker's
+    writer writes in this engine's I/O threads (label map, RLE per detection, ItemResult)
 
 Each step is a method of ``Sam3Engine`` so a tiling loop (many crops of one image) or another
 backend can reuse them; ``task.Task`` runs them as a pipeline, ``ladder.OutOfMemoryLadder`` after a
 failure. Per-image problems come back as results: ``invalid_input`` for unreadable images,
-``error`` with the traceback for anything else (``OutputError`` for an unwritable output folder).
+``error`` with the traceback for anything else; whose failure a write is, the writer decides.
 """
 
 from __future__ import annotations
@@ -25,12 +26,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ... import imageio, rle, sources
-from ...atomic import FileHeldError
+from ... import imageio, sources
 from ...config import RunConfig
-from ...errors import ConfigError, InvalidImageError, OutputError
-from ...records import Detection, FailureCategory, Item, ItemResult, Status, failure_result
-from ...supervise.contract import Capabilities, HeartbeatFn
+from ...errors import ConfigError, InvalidImageError
+from ...records import Item, ItemResult, Status, failure_result
+from ...supervise.contract import Capabilities, HeartbeatFn, Instance, Outcome, Segmentation
 from ...tiles.source import WindowReader
 from ...values import show
 from .ladder import OutOfMemoryLadder
@@ -47,7 +47,7 @@ from .postprocess import (
 )
 from .sizing import batch_for_free_memory, task_size
 from .speedups import priority_stream, speed_up
-from .task import Task
+from .task import Task, WriteFn
 
 __all__ = ["EncodedImages", "PromptText", "Sam3Engine", "pick_device", "plan_gpu_use"]
 
@@ -159,8 +159,8 @@ class Sam3Engine:
 
     # --- the Engine contract ------------------------------------------------------------------
 
-    def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[ItemResult]:
-        """One result per item, in order, as a pipeline (``task.Task``)."""
+    def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[Outcome]:
+        """One outcome per item, in order, as a pipeline (``task.Task``)."""
         if all(item.window is None for item in items):
             self.windows.close()  # a tiled image is done: its pixels are not kept while others run
         return Task(self, items, heartbeat).run()
@@ -329,78 +329,37 @@ class Sam3Engine:
         scored = self.launch_prompts(encoded)
         return self.land(scored, encoded.sizes, post_on_cpu=post_on_cpu)
 
-    def write(
-        self, item: Item, seg: ImageSegmentation, image: Image.Image
-    ) -> tuple[str | None, list[Detection]]:
-        """Save the label map atomically and describe each detection (RLE, area, box, score);
-        ``image`` (from ``read``) says where a georeferenced input's label map goes and how. A
-        window gets no label map: RLE of the window's map, boxes moved to the whole image's frame."""
-        valid = sources.valid_of(image)
-        if valid is not None:  # nodata pixels never carry a detection
-            seg = ImageSegmentation(*sources.drop_nodata(seg.labels, seg.instances, valid))
-        else:  # nor does a detection whose pixels all went to better-scored ones
-            seg = ImageSegmentation(*sources.drop_unpainted(seg.labels, seg.instances, seg.areas))
-        mask_rel: str | None = None
-        left = top = 0.0
-        if item.window is None:
-            mask_rel = sources.mask_relpath(item.path, image)
-            target = imageio.safe_output_path(self.output_dir, mask_rel)
-            try:
-                sources.save_label_map(target, seg.labels, image)
-            except OSError as exc:
-                raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from exc
-        else:
-            left, top = float(item.window[0]), float(item.window[1])
-        counts = rle.encode_labels(seg.labels, n_labels=len(seg.instances))
-        detections = [
-            Detection(
-                prompt=self.prompts[inst.prompt_index].prompt,
-                index=k,
-                score=inst.score,
-                box=(inst.box[0] + left, inst.box[1] + top, inst.box[2] + left, inst.box[3] + top),
-                area_px=int(seg.areas[k - 1]),
-                mask_rle=counts[k],
-            )
-            for k, inst in enumerate(seg.instances, start=1)
+    def found(self, item: Item, image: Image.Image, seg: ImageSegmentation, started: float) -> Segmentation:
+        """One image's (or window's) instances as the worker's writer takes them; ``image`` (from
+        ``read``) says the whole image's size, its georeference and its nodata pixels."""
+        instances = [
+            Instance(self.prompts[inst.prompt_index].prompt, inst.score, inst.box) for inst in seg.instances
         ]
-        if item.window is None:  # a tiled image's polygons are made from its merged map
-            sources.write_vectors(
-                self.output_dir, item.path, seg.labels, sources.georef_of(image), detections, self.config
-            )
-        return mask_rel, detections
-
-    def finish(self, item: Item, image: Image.Image, seg: ImageSegmentation, started: float) -> ItemResult:
-        """``write``, then the image's result: from ``started`` (its sub-batch's start) to now."""
-        try:
-            mask_rel, detections = self.write(item, seg, image)
-        except Exception as exc:  # noqa: BLE001 - OutputError included: the runner decides if it is fatal
-            return self.failure(item, exc, started)
-        width, height = image.info.get(WHOLE_SIZE) or imageio.original_size(image)
-        return ItemResult(
-            path=item.path,
-            status=Status.OK,
-            width=width,
-            height=height,
-            detections=detections,
-            mask_path=mask_rel,
+        return Segmentation(
+            seg.labels,
+            instances,
+            size=image.info.get(WHOLE_SIZE) or imageio.original_size(image),
+            georef=sources.georef_of(image),
+            valid=sources.valid_of(image),
             started_at=started,
-            finished_at=time.time(),
-            worker_pid=os.getpid(),
-            device=self.device,
-            **sources.georef_fields(image),
+            areas=seg.areas,
         )
+
+    def finish(
+        self, item: Item, image: Image.Image, seg: ImageSegmentation, started: float, write: WriteFn | None
+    ) -> Outcome:
+        """``found``, and written by ``write`` (the worker's, in this I/O thread) when there is one."""
+        try:
+            segmentation = self.found(item, image, seg, started)
+        except Exception as exc:  # noqa: BLE001 - any per-image failure is that image's result
+            return self.failure(item, exc, started)
+        return segmentation if write is None else write(item, segmentation)
 
     def failure(
         self, item: Item, exc: BaseException, started: float, status: Status = Status.ERROR
     ) -> ItemResult:
-        """The failure result of ``item``: an unwritable output folder is the run's failure
-        (``output``: the run stops, the image stays pending), anything else the image's."""
-        # A file another program holds past every retry (FileHeldError) fails only this image.
-        fatal = isinstance(exc, OutputError) and not isinstance(exc, FileHeldError)
-        category = FailureCategory.OUTPUT if fatal else FailureCategory.IMAGE
-        return failure_result(
-            item, status, exc=exc, category=category, device=self.device, started_at=started
-        )
+        """The failure result of ``item``: this image's (the engine writes no file)."""
+        return failure_result(item, status, exc=exc, device=self.device, started_at=started)
 
     # --- device memory ------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ encoder runs, so the device is not left idle. A sub-batch that fails goes down t
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -19,11 +19,16 @@ import torch
 from PIL import Image
 
 from ...records import Item, ItemResult
-from ...supervise.contract import HeartbeatFn
+from ...supervise.contract import HeartbeatFn, Segmentation
+from ...supervise.contract import Outcome as EngineOutcome
 from .ladder import Failure, Outcome, OutOfMemoryLadder
 from .postprocess import ImageSegmentation
 
-__all__ = ["Task"]
+__all__ = ["Task", "WriteFn"]
+
+#: ``write(item, segmentation) -> ItemResult``: the worker's writer (``heartbeat.write``), called in
+#: an I/O thread so label maps are written while the device runs the next sub-batch.
+WriteFn = Callable[[Item, Segmentation], ItemResult]
 
 
 class _Engine(Protocol):
@@ -43,8 +48,8 @@ class _Engine(Protocol):
     def decode(self, encoded: Any) -> list[ImageSegmentation]: ...
 
     def finish(
-        self, item: Item, image: Image.Image, seg: ImageSegmentation, started: float
-    ) -> ItemResult: ...
+        self, item: Item, image: Image.Image, seg: ImageSegmentation, started: float, write: WriteFn | None
+    ) -> EngineOutcome: ...
 
     def failure(self, item: Item, exc: BaseException, started: float) -> ItemResult: ...
 
@@ -74,16 +79,17 @@ class Task:
         self.engine = engine
         self.items = items
         self.heartbeat = heartbeat
-        self.results: dict[int, ItemResult] = {}
+        self.write: WriteFn | None = getattr(heartbeat, "write", None)  # None: outcomes unwritten
+        self.results: dict[int, EngineOutcome] = {}
         self.loads: dict[int, Future[Image.Image | ItemResult]] = {}
-        self.writes: dict[int, Future[ItemResult]] = {}
+        self.writes: dict[int, Future[EngineOutcome]] = {}
         self.held: dict[int, Image.Image] = {}  # images read and not yet handed to a write
         self.started: dict[int, float] = {}  # when each image's sub-batch started
         self.pending: _Flight | None = None
         self.reported: set[int] = set()
 
-    def run(self) -> list[ItemResult]:
-        """One result per item, in order."""
+    def run(self) -> list[EngineOutcome]:
+        """One outcome per item, in order."""
         try:
             done = 0
             while done < len(self.items):
@@ -183,7 +189,8 @@ class Task:
                 self.results[i] = outcome
             else:
                 item, started = self.items[i], self.started[i]
-                self.writes[i] = self.engine.io.submit(self.engine.finish, item, image, outcome, started)
+                finish = self.engine.finish
+                self.writes[i] = self.engine.io.submit(finish, item, image, outcome, started, self.write)
         self.beat()
 
     def fail(self, position: int, exc: BaseException, message: str | None = None) -> ItemResult:
