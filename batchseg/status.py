@@ -13,17 +13,13 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from .errors import OutputError
 from .lock import LockInfo, is_locked
 from .records import FAILURE_VALUES, Status
 from .store.db import RunInfo
-from .store.manifest import read_manifest_run, read_manifest_table
-from .store.summary import summarize
+from .store.manifest import read_manifest_run
+from .store.summary import StoreSummary, summarize, summarize_manifest
 from .store.tables import ALL_STATES, CHECKPOINT_NAME, PENDING, RUNNING
 
 __all__ = ["ErrorGroup", "StatusReport", "collect_status", "format_status"]
@@ -122,17 +118,25 @@ def _starting(output_dir: Path, live: LockInfo) -> StatusReport:
     )
 
 
-# ---- from the checkpoint --------------------------------------------------------------------------
+# ---- from the store's summary ----------------------------------------------------------------------
 
 
 def _from_checkpoint(output_dir: Path) -> StatusReport:
-    summary = summarize(output_dir, RATE_WINDOW_S, TOP_ERRORS)
+    return _from_summary(output_dir, "checkpoint", summarize(output_dir, RATE_WINDOW_S, TOP_ERRORS))
+
+
+def _from_manifest(output_dir: Path, run: RunInfo) -> StatusReport:
+    summary = summarize_manifest(output_dir, run, RATE_WINDOW_S, TOP_ERRORS)
+    return _from_summary(output_dir, "manifest", summary)
+
+
+def _from_summary(output_dir: Path, source: str, summary: StoreSummary) -> StatusReport:
     n, first_start = summary.recent
     rate = _rate(n, first_start, summary.last_finished) if summary.last_finished is not None else None
     errors = [ErrorGroup(*group) for group in summary.errors]
     return _report(
         output_dir,
-        "checkpoint",
+        source,
         summary.run,
         summary.counts,
         summary.ok_durations,
@@ -141,50 +145,6 @@ def _from_checkpoint(output_dir: Path) -> StatusReport:
         errors,
         summary.updated_at,
     )
-
-
-# ---- from the manifest ----------------------------------------------------------------------------
-
-
-def _from_manifest(output_dir: Path, run: RunInfo) -> StatusReport:
-    columns = ["path", "status", "error_type", "error_message", "started_at", "finished_at", "duration_s"]
-    table = read_manifest_table(output_dir, columns)
-    counts = {row["values"]: row["counts"] for row in pc.value_counts(table["status"]).to_pylist()}
-    ok = table.filter(pc.equal(table["status"], Status.OK.value))
-    durations = [d for d in ok["duration_s"].to_pylist() if d is not None]
-    finished = _epoch(table["finished_at"])
-    started = _epoch(table["started_at"])
-    rate, last = _rate_rows(started, finished)
-    failed = table.filter(pc.is_in(table["status"], pa.array(FAILURE_VALUES))).sort_by("path").to_pylist()
-    return _report(
-        output_dir, "manifest", run, counts, durations, rate, last, _errors_rows(failed), run.updated_at
-    )
-
-
-def _epoch(column: pa.ChunkedArray) -> list[float | None]:
-    return [None if m is None else m / 1_000_000 for m in column.cast(pa.int64()).to_pylist()]
-
-
-def _rate_rows(
-    started: list[float | None], finished: list[float | None]
-) -> tuple[float | None, float | None]:
-    done = [(s if s is not None else f, f) for s, f in zip(started, finished, strict=True) if f is not None]
-    if not done:
-        return None, None
-    last = max(f for _, f in done)
-    recent = [s for s, f in done if f >= last - RATE_WINDOW_S]
-    return _rate(len(recent), min(recent), last), last
-
-
-def _errors_rows(failed: list[dict[str, Any]]) -> list[ErrorGroup]:
-    groups: dict[tuple[str, str | None], ErrorGroup] = {}
-    for row in failed:  # sorted by path: the first of a group is its example, as min(path) in SQL
-        key = (row["status"], row["error_type"])
-        if key in groups:
-            groups[key].count += 1
-        else:
-            groups[key] = ErrorGroup(row["status"], row["error_type"], 1, row["path"], row["error_message"])
-    return sorted(groups.values(), key=lambda g: (-g.count, g.status))[:TOP_ERRORS]
 
 
 # ---- shared ---------------------------------------------------------------------------------------
