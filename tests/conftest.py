@@ -77,11 +77,12 @@ def marked_processes(mark: str) -> list[psutil.Process]:
     return found
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def no_process_left(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Fails the test if a process it started (a ``batchseg run``, CLI in this process or not, its
     workers and their merge helpers) is still alive 30 polls of 0.1 s after the test; whatever
-    is left is killed so the next test starts clean. Yields the mark its processes carry."""
+    is left is killed so the next test starts clean. Yields the mark its processes carry. Every
+    test has it: after any test of a run, no process of that run is left."""
     mark = uuid.uuid4().hex
     monkeypatch.setenv(PROCESS_MARK_ENV, mark)
     yield mark
