@@ -19,7 +19,7 @@ gave the library's pixels on every machine tried. CUDA computes each output pixe
 are safe there.
 
 The pixel area of each label is counted on the final map (a detection covered entirely by better ones
-has area 0 here; the engine's writer drops it and renumbers, ``sources.drop_unpainted``). Boxes are
+has area 0 here; the worker's writer drops it and renumbers, ``writer.drop_unpainted``). Boxes are
 the model's boxes scaled to original pixels like the library's,
 then clipped to the image.
 """
