@@ -35,6 +35,7 @@ def main() -> None:
     from batchseg.engines.sam3.engine import load_engine
     from batchseg.records import Item
     from batchseg.supervise.contract import EngineSpec
+    from batchseg.supervise.writer import OutputWriter
 
     out = Path(tempfile.mkdtemp(prefix="batchseg-profile-"))
     config = RunConfig(
@@ -66,8 +67,12 @@ def main() -> None:
     def post_all(parts, sizes):  # type: ignore[no-untyped-def]
         return [engine.postprocess(p, s) for p, s in zip(parts, sizes, strict=True)]
 
-    def write_all(items, segs):  # type: ignore[no-untyped-def]
-        return [engine.write(i, s) for i, s in zip(items, segs, strict=True)]
+    writer = OutputWriter(config, engine.device)
+
+    def write_all(items, images, segs):  # type: ignore[no-untyped-def]
+        now = time.time()
+        found = [engine.found(i, im, s, now) for i, im, s in zip(items, images, segs, strict=True)]
+        return [writer.write(i, f) for i, f in zip(items, found, strict=True)]
 
     for b in range(args.batches + 1):
         chunk = paths[b * args.batch_size : (b + 1) * args.batch_size]
@@ -77,7 +82,7 @@ def main() -> None:
         sizes = encoded.sizes
         parts = timed("prompts", engine.decode_prompts, encoded)
         segs = timed("postprocess", post_all, parts, sizes)
-        timed("write", write_all, items, segs)
+        timed("write", write_all, items, images, segs)
         if b == 0:
             steps.clear()
     report = {k: float(np.median(v)) for k, v in steps.items()}

@@ -22,6 +22,7 @@ from batchseg.config import RunConfig
 from batchseg.engines.sam3.engine import load_engine
 from batchseg.records import Item
 from batchseg.supervise.contract import EngineSpec
+from batchseg.supervise.writer import OutputWriter, WritingBeat
 
 
 def main() -> None:
@@ -50,7 +51,8 @@ def main() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         # One task of all images: a batch that does not fit is halved until it does (CUDA OOM).
-        results = engine.process(items, lambda *_: None)  # no watchdog listens
+        writing = WritingBeat(OutputWriter(config, engine.device), items, lambda *_: None)  # no watchdog
+        results = writing.results(engine.process(items, writing))
     print(
         json.dumps(
             {

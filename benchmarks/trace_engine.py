@@ -190,6 +190,7 @@ def main() -> None:
     from batchseg.engines.sam3.engine import load_engine
     from batchseg.records import Item
     from batchseg.supervise.contract import EngineSpec
+    from batchseg.supervise.writer import OutputWriter, WritingBeat
 
     config = RunConfig(
         input=args.images_dir.resolve(),
@@ -213,7 +214,13 @@ def main() -> None:
         [Item(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in paths[i * size : (i + 1) * size]]
         for i in range(args.tasks + 1)
     ]
-    engine.process(tasks[0], _quiet)  # warm-up: allocator, cuDNN/cuBLAS choices
+    writer = OutputWriter(config, engine.device)
+
+    def process(task: list[Any]) -> list[Any]:  # as the worker runs it: label maps written
+        writing = WritingBeat(writer, task, _quiet)
+        return writing.results(engine.process(task, writing))
+
+    process(tasks[0])  # warm-up: allocator, cuDNN/cuBLAS choices
     DURATIONS.clear()
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     sync()
@@ -221,7 +228,7 @@ def main() -> None:
     with torch.profiler.profile(activities=activities, record_shapes=bool(args.ops)) as prof:
         with torch.profiler.record_function("tasks"):
             start = time.perf_counter()
-            results = [r for task in tasks[1:] for r in engine.process(task, _quiet)]
+            results = [r for task in tasks[1:] for r in process(task)]
             sync()
             seconds = time.perf_counter() - start
     report = analyse(prof)

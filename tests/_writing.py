@@ -17,4 +17,4 @@ def _quiet(finished: Sequence[tuple[int, ItemResult]] = (), reached: int | None 
 def written(engine: Any, items: Sequence[Item], heartbeat: Callable[..., None] = _quiet) -> list[ItemResult]:
     """``engine.process(items)``, each outcome written into ``engine.config``'s output folder."""
     writing = WritingBeat(OutputWriter(engine.config, engine.capabilities.device), items, heartbeat)
-    return [writing.result(k, outcome) for k, outcome in enumerate(engine.process(items, writing))]
+    return writing.results(engine.process(items, writing))

@@ -491,7 +491,7 @@ config = RunConfig(input=folder, prompts=("roof",), model=str(model), output=out
 engine = load_engine(EngineSpec(config), 0)
 items = [Item("scene.png", 1, 1, window=(300, 200, 700, 520)), Item("crop.png", 1, 1)]
 writing = WritingBeat(OutputWriter(config, engine.capabilities.device), items, lambda *a, **k: None)
-results = [writing.result(k, found) for k, found in enumerate(engine.process(items, writing))]
+results = writing.results(engine.process(items, writing))
 engine.close()
 print(json.dumps([{"status": str(r.status), "size": [r.width, r.height], "mask": r.mask_path,
                    "dets": [[d.prompt, d.index, d.score, list(d.box), d.area_px, d.mask_rle]

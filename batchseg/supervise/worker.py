@@ -275,7 +275,7 @@ def _process(
     if not isinstance(outcomes, list) or len(outcomes) != len(items):
         count = len(outcomes) if isinstance(outcomes, list) else type(outcomes).__name__
         raise TypeError(f"engine returned {count} results for {len(items)} items")
-    results = [writing.result(k, outcome) for k, outcome in enumerate(outcomes)]
+    results = writing.results(outcomes)
     finished = time.time()
     for result in results:
         _stamp(result, capabilities, started, finished)

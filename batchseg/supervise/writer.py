@@ -275,6 +275,10 @@ class WritingBeat:
     def write(self, item: Item, seg: Segmentation) -> ItemResult:
         return self.writer.write(item, seg)
 
+    def results(self, outcomes: Sequence[Outcome]) -> list[ItemResult]:
+        """What ``Engine.process`` returned, one outcome per item, as results (written once)."""
+        return [self.result(k, outcome) for k, outcome in enumerate(outcomes)]
+
     def result(self, index: int, outcome: Outcome) -> ItemResult:
         """The result of item ``index``: the same outcome reported again is not written again."""
         known = self.done.get(index)
