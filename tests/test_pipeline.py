@@ -6,6 +6,7 @@ is the real code path."""
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -23,7 +24,8 @@ from batchseg.engines.sam3.engine import load_engine
 from batchseg.engines.sam3.pipeline import Sam3Engine
 from batchseg.engines.sam3.sizing import batch_for_free_memory, task_size
 from batchseg.records import Item, ItemResult, Status
-from batchseg.supervise.contract import Capabilities, EngineSpec
+from batchseg.supervise.contract import Capabilities, EngineSpec, Segmentation
+from batchseg.supervise.writer import OutputWriter, WritingBeat
 
 SIZES = [(131, 77), (50, 64), (90, 90), (64, 48), (120, 80), (77, 131), (40, 40)]
 POISON = "img_3.png"  # 64x48
@@ -258,3 +260,24 @@ def test_the_batch_planned_from_free_gpu_memory() -> None:
     assert batch_for_free_memory(4 * gib) == 6  # 4 x 0.7 = 2.8 GiB: (2.8 - 0.55) / 0.36
     assert batch_for_free_memory(gib // 2) == 1  # never below one image
     assert task_size(6, cuda=True) == 6 * 32 and task_size(1, cuda=False) == 4
+
+
+def test_label_maps_are_written_in_the_io_threads_beside_the_model(
+    tiny_model: Path, folder: Path, task: list[Item], tmp_path: Path
+) -> None:
+    """The engine writes no file: it hands each image's instances to the worker's writer
+    (``heartbeat.write``) from its I/O threads, so a label map is written while the model's thread
+    goes on with the next sub-batch, never in the model's thread."""
+    engine = make_engine(tiny_model, folder, tmp_path / "out", batch_size=2)
+    threads: list[str] = []
+
+    class Noting(OutputWriter):  # the worker's writer, noting the thread each image is written in
+        def write(self, item: Item, seg: Segmentation) -> ItemResult:
+            threads.append(threading.current_thread().name)
+            return super().write(item, seg)
+
+    writing = WritingBeat(Noting(engine.config, engine.device), task, lambda *_a, **_k: None)
+    results = writing.results(engine.process(task, writing))
+    assert [r.status for r in results] == [Status.OK] * len(task)
+    assert len(threads) == len(task) and all(name.startswith("batchseg-io") for name in threads), threads
+    assert all((tmp_path / "out" / r.mask_path).is_file() for r in results if r.mask_path)
