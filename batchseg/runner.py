@@ -2,7 +2,7 @@
 
 Data flow: RunConfig -> preflight (every check; nothing written) -> lock -> store.rebuild.open_run
 -> discover(input) -> checkpoint.plan(items)
--> processing.PoolPass (the pool, results durable before an image counts as done, manifest exports)
+-> pool_pass.PoolPass (the pool, results durable before an image counts as done, manifest exports)
 -> final export -> RunSummary with the exit code.
 
 The parent never imports torch: SAM3 lives in the worker processes only.
@@ -25,8 +25,8 @@ from .engine_names import engine_target
 from .errors import BatchsegError, ConfigError, ExitCode, OutputError, StoppedEarly
 from .lock import RunLock
 from .logs import RunLog
+from .pool_pass import PoolPass
 from .preflight import FreshFolder, preflight, stored_run
-from .processing import PoolPass
 from .records import FINAL_FAILURES, Item, ItemResult, Status, failure_result
 from .report import report_after_run
 from .sources import check_geo_extra

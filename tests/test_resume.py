@@ -46,7 +46,7 @@ from batchseg.config import RunConfig
 from batchseg.engines.sam3.engine import CPU_SUB_BATCHES_PER_TASK
 from batchseg.errors import ConfigMismatchError
 from batchseg.options import Option, fingerprint_options
-from batchseg.processing import COMMIT_WINDOW_S
+from batchseg.pool_pass import COMMIT_WINDOW_S
 from batchseg.runner import resolve_config, run
 from batchseg.store.checkpoint import Checkpoint
 
