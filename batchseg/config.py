@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +27,7 @@ __all__ = ["RunConfig", "DEFAULT_MODEL", "DEFAULT_ENGINE", "FINGERPRINT_UPGRADES
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig(RunOptions):
-    """All settings of one run. Frozen and picklable: it travels to the worker processes.
-
-    ``extra`` is free-form data for an engine (tests use it); it is stored but not an option.
-    """
-
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    """All settings of one run. Frozen and picklable: it travels to the worker processes."""
 
     @property
     def output_dir(self) -> Path:
@@ -53,16 +48,14 @@ class RunConfig(RunOptions):
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
-        """Every option in its stored (JSON) form, and ``extra``."""
-        data = {o.name: o.kind.to_json(getattr(self, o.name)) for o in OPTIONS}
-        return {**data, "extra": dict(self.extra)}
+        """Every option in its stored (JSON) form."""
+        return {o.name: o.kind.to_json(getattr(self, o.name)) for o in OPTIONS}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        """Inverse of ``to_dict`` (a stored configuration); unknown keys are ignored."""
+        """Inverse of ``to_dict`` (a stored configuration); unknown keys (``extra``, which earlier
+        versions stored) are ignored."""
         known = {o.name: o.kind.from_json(data[o.name]) for o in OPTIONS if o.name in data}
-        if isinstance(data.get("extra"), dict):
-            known["extra"] = data["extra"]
         return cls(**known)
 
 

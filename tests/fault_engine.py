@@ -8,26 +8,28 @@ The part of the name before the first ``_`` or ``.`` picks the behaviour::
     raise       raises ValueError("bad pixels in <path>")
     oom         allocates until MemoryError, under an RLIMIT_AS cap so the machine is safe
     invalid     returns invalid_input
-    slow        sleeps extra["slow_s"] seconds (default 0.3), then ok
+    slow        sleeps the setting ``slow_s`` seconds (default 0.3), then ok
     threads     like slow, with ``height`` = the worker's OMP_NUM_THREADS (what the pool told it)
     warn        warns (RuntimeWarning naming the image), then ok
     flakyexit   os._exit(3) on its first attempt, ok afterwards (a marker file in state_dir)
     flakyraise  ValueError on its first attempt, ok afterwards
-    await       waits until ``extra["await_loads"]`` loads have begun (in any worker), then ok
+    await       waits until ``await_loads`` (a setting) loads have begun (in any worker), then ok
     anything    ok at once
 
-Loading follows ``spec.config.extra``: ``load`` = "fail" | "hang" | "exit" | "killonce" (the
-first load SIGKILLs its own process, as the out-of-memory killer does; a marker file in state_dir);
-``load_delay`` seconds (after the first ``fast_loads`` loads); ``ok_loads`` = N: the first N loads
-succeed, later ones fail; ``device`` = "cuda" pretends to be on GPU ``slot`` with ``gpu_count``
-GPUs; ``preferred_task_size`` is the task size it states. Every load appends "pid slot" to
-``state_dir``/loads.txt.
+The settings (``settings``) are a JSON object a test writes beside the run's inputs
+(``write_settings``), {} when there is none. Loading follows them: ``load`` = "fail" | "hang" |
+"exit" | "killonce" (the first load SIGKILLs its own process, as the out-of-memory killer does; a
+marker file in state_dir); ``load_delay`` seconds (after the first ``fast_loads`` loads);
+``ok_loads`` = N: the first N loads succeed, later ones fail; ``device`` = "cuda" pretends to be
+on GPU ``slot`` with ``gpu_count`` GPUs; ``preferred_task_size`` is the task size it states. Every
+load appends "pid slot" to ``state_dir``/loads.txt.
 
 Module-level factory and no heavy imports, so spawned workers start fast and it pickles by name.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -36,10 +38,26 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from batchseg.config import RunConfig
 from batchseg.records import Item, ItemResult, Status, failure_result
 from batchseg.supervise.contract import Capabilities, EngineSpec, HeartbeatFn
 
 OOM_HEADROOM = 256 * 1024 * 1024
+#: The file in a run's input folder that holds the test engines' settings (hidden: never an image).
+SETTINGS_NAME = ".engine-settings.json"
+
+
+def write_settings(folder: Path, **values: Any) -> Path:
+    """Settings for the test engines of a run whose input is ``folder``; returns ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / SETTINGS_NAME).write_text(json.dumps(values), encoding="utf-8")
+    return folder
+
+
+def settings(config: RunConfig) -> dict[str, Any]:
+    """What ``write_settings`` wrote beside the inputs of ``config``; {} when nothing was."""
+    path = Path(config.input) / SETTINGS_NAME
+    return dict(json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else {}
 
 
 class FaultyEngine:
@@ -47,16 +65,16 @@ class FaultyEngine:
 
     heartbeat_every = 0
 
-    def __init__(self, extra: dict[str, Any], slot: int) -> None:
-        self.extra = extra
-        self.state_dir = Path(extra["state_dir"]) if "state_dir" in extra else None
-        cuda = extra.get("device") == "cuda"
+    def __init__(self, chosen: dict[str, Any], slot: int) -> None:
+        self.chosen = chosen
+        self.state_dir = Path(chosen["state_dir"]) if "state_dir" in chosen else None
+        cuda = chosen.get("device") == "cuda"
         self.capabilities = Capabilities(
             device=f"cuda:{slot} fake" if cuda else "cpu fault-engine",
             # A suggestion a real engine derives from free GPU memory.
-            task_size=int(extra.get("preferred_task_size", 1)),
+            task_size=int(chosen.get("preferred_task_size", 1)),
             heartbeat_every=self.heartbeat_every,
-            gpu_count=int(extra.get("gpu_count", 1)) if cuda else 0,
+            gpu_count=int(chosen.get("gpu_count", 1)) if cuda else 0,
         )
 
     def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[ItemResult]:
@@ -86,20 +104,20 @@ class FaultyEngine:
             message = f"{item.path} is not an image"
             return failure_result(item, Status.INVALID_INPUT, error_type="InvalidImageError", message=message)
         if kind == "slow":
-            time.sleep(float(self.extra.get("slow_s", 0.3)))
+            time.sleep(float(self.chosen.get("slow_s", 0.3)))
         if kind == "threads":
-            time.sleep(float(self.extra.get("slow_s", 0.3)))
+            time.sleep(float(self.chosen.get("slow_s", 0.3)))
             return ItemResult(item.path, Status.OK, width=4, height=int(os.environ["OMP_NUM_THREADS"]))
         if kind == "await":
-            assert self.state_dir is not None, "await needs extra['state_dir']"
-            while len(loads(self.state_dir)) < int(self.extra["await_loads"]):
+            assert self.state_dir is not None, "await needs the setting state_dir"
+            while len(loads(self.state_dir)) < int(self.chosen["await_loads"]):
                 time.sleep(0.02)  # the pool's watchdog bounds a pool that never gets there
         if kind == "warn":
             warnings.warn(f"something to know about {item.path}", RuntimeWarning, stacklevel=1)
         return ItemResult(item.path, Status.OK, width=4, height=3)
 
     def _first_attempt(self, item: Item) -> bool:
-        assert self.state_dir is not None, "flaky images need extra['state_dir']"
+        assert self.state_dir is not None, "flaky images need the setting state_dir"
         marker = self.state_dir / f"tried-{Path(item.path).name}"
         if marker.exists():
             return False
@@ -114,27 +132,27 @@ def behaviour(path: str) -> str:
 
 def load_faulty(spec: EngineSpec, slot: int) -> FaultyEngine:
     """The factory the pool's workers call (``EngineSpec.factory = "fault_engine:load_faulty"``)."""
-    extra = spec.config.extra
-    loads = _record_load(extra, slot)
-    if loads > int(extra.get("fast_loads", 0)):
-        time.sleep(float(extra.get("load_delay", 0)))
-    mode = extra.get("load")
+    chosen = settings(spec.config)
+    loads = _record_load(chosen, slot)
+    if loads > int(chosen.get("fast_loads", 0)):
+        time.sleep(float(chosen.get("load_delay", 0)))
+    mode = chosen.get("load")
     if mode == "fail":
         raise RuntimeError("weights are corrupt")
     if mode == "exit":
         os._exit(5)
-    if mode == "killonce" and _first_load_killed(extra):
+    if mode == "killonce" and _first_load_killed(chosen):
         os.kill(os.getpid(), signal.SIGKILL)
     if mode == "hang":
         while True:
             time.sleep(0.05)
-    if "ok_loads" in extra and loads > int(extra["ok_loads"]):
+    if "ok_loads" in chosen and loads > int(chosen["ok_loads"]):
         raise RuntimeError(f"load {loads}: the model folder vanished")
-    return FaultyEngine(extra, slot)
+    return FaultyEngine(chosen, slot)
 
 
-def _first_load_killed(extra: dict[str, Any]) -> bool:
-    marker = Path(extra["state_dir"]) / "load-killed"
+def _first_load_killed(chosen: dict[str, Any]) -> bool:
+    marker = Path(chosen["state_dir"]) / "load-killed"
     try:
         marker.open("x").close()
     except FileExistsError:
@@ -150,10 +168,10 @@ def loads(state_dir: Path) -> list[tuple[int, int]]:
     return [(int(pid), int(slot)) for pid, slot in (line.split() for line in path.read_text().splitlines())]
 
 
-def _record_load(extra: dict[str, Any], slot: int) -> int:
-    if "state_dir" not in extra:
+def _record_load(chosen: dict[str, Any], slot: int) -> int:
+    if "state_dir" not in chosen:
         return 1
-    path = Path(extra["state_dir"]) / "loads.txt"
+    path = Path(chosen["state_dir"]) / "loads.txt"
     with path.open("a") as log:  # appends of one short line are atomic enough for these tests
         log.write(f"{os.getpid()} {slot}\n")
     return len(path.read_text().splitlines())
@@ -197,8 +215,8 @@ class HeartbeatEngine(FaultyEngine):
 
 
 def load_heartbeat(spec: EngineSpec, slot: int) -> HeartbeatEngine:
-    _record_load(spec.config.extra, slot)
-    return HeartbeatEngine(spec.config.extra, slot)
+    _record_load(settings(spec.config), slot)
+    return HeartbeatEngine(settings(spec.config), slot)
 
 
 class StreamingEngine(FaultyEngine):
@@ -220,17 +238,17 @@ class StreamingEngine(FaultyEngine):
 
 
 def load_streaming(spec: EngineSpec, slot: int) -> StreamingEngine:
-    _record_load(spec.config.extra, slot)
-    return StreamingEngine(spec.config.extra, slot)
+    _record_load(settings(spec.config), slot)
+    return StreamingEngine(settings(spec.config), slot)
 
 
 class SubBatchEngine(FaultyEngine):
     """Reports like the SAM3 engine with sub-batches: each result once its sub-batch of
-    ``extra["sub_batch"]`` items (default 2) is done, never in between."""
+    ``sub_batch`` (a setting) items (default 2) is done, never in between."""
 
-    def __init__(self, extra: dict[str, Any], slot: int) -> None:
-        self.heartbeat_every = int(extra.get("sub_batch", 2))
-        super().__init__(extra, slot)
+    def __init__(self, chosen: dict[str, Any], slot: int) -> None:
+        self.heartbeat_every = int(chosen.get("sub_batch", 2))
+        super().__init__(chosen, slot)
 
     def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[ItemResult]:
         results: list[ItemResult] = []
@@ -244,8 +262,8 @@ class SubBatchEngine(FaultyEngine):
 
 
 def load_sub_batch(spec: EngineSpec, slot: int) -> SubBatchEngine:
-    _record_load(spec.config.extra, slot)
-    return SubBatchEngine(spec.config.extra, slot)
+    _record_load(settings(spec.config), slot)
+    return SubBatchEngine(settings(spec.config), slot)
 
 
 def started(state_dir: Path) -> list[str]:

@@ -2,7 +2,7 @@
 
     gate        waits until the file ``state_dir``/open exists, then ok (the test opens it when
                 what it waits for has happened)
-    barrier     marks its arrival in ``state_dir``, then waits until ``extra["barrier"]`` barrier
+    barrier     marks its arrival in ``state_dir``, then waits until the setting ``barrier``
                 images have arrived, then ok: they can only finish while that many workers run
                 at once
 
@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from fault_engine import FaultyEngine, behaviour, load_faulty
+from fault_engine import FaultyEngine, behaviour, load_faulty, settings
 
 from batchseg.records import Item, ItemResult, Status
 from batchseg.supervise.contract import EngineSpec
@@ -29,12 +29,12 @@ class GatedEngine(FaultyEngine):
         if kind not in ("gate", "barrier"):
             return super()._one(item)
         state = self.state_dir
-        assert state is not None, "gate and barrier images need extra['state_dir']"
+        assert state is not None, "gate and barrier images need the setting state_dir"
         if kind == "gate":
             _wait_until(lambda: (state / "open").exists())
         else:
             (state / f"arrived-{Path(item.path).name}").touch()
-            count = int(self.extra["barrier"])
+            count = int(self.chosen["barrier"])
             _wait_until(lambda: len(list(state.glob("arrived-*"))) >= count)
         return ItemResult(item.path, Status.OK, width=4, height=3)
 
@@ -47,4 +47,4 @@ def _wait_until(condition: Callable[[], bool]) -> None:
 def load_gated(spec: EngineSpec, slot: int) -> GatedEngine:
     """The factory (``gate_engine:load_gated``): ``load_faulty``'s loading, then this engine."""
     load_faulty(spec, slot)
-    return GatedEngine(spec.config.extra, slot)
+    return GatedEngine(settings(spec.config), slot)

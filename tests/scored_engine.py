@@ -1,8 +1,9 @@
 """The colour engine (``batchseg.engines.threshold``) with scores a test chooses by where it draws:
 a detection scores its box's left edge / 256, so a patch drawn at x = 64 scores exactly 0.25.
 
-``--engine scored_engine:load`` (tests/ on the path). Loading waits ``extra["load_s"]`` seconds
-first, so a run lasts at least that long: its log's start and end stamps (whole seconds) differ.
+``--engine scored_engine:load`` (tests/ on the path). Loading waits the setting ``load_s``
+(``fault_engine.write_settings``) seconds first, so a run lasts at least that long: its log's start
+and end stamps (whole seconds) differ.
 Masks, label maps and everything else are the colour engine's own.
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+
+from fault_engine import settings
 
 from batchseg.config import RunConfig
 from batchseg.engines import threshold
@@ -40,7 +43,7 @@ class ScoredEngine(threshold.ThresholdEngine):
 
 
 def load(spec: EngineSpec, slot: int) -> ScoredEngine:
-    time.sleep(float(spec.config.extra.get("load_s", 0)))
+    time.sleep(float(settings(spec.config).get("load_s", 0)))
     engine = threshold.load(spec, slot)
     engine.__class__ = ScoredEngine  # the colour engine as it loads, scoring the way above
     assert isinstance(engine, ScoredEngine)

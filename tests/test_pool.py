@@ -22,6 +22,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 from conftest import make_image
+from fault_engine import write_settings
 
 from batchseg.config import RunConfig
 from batchseg.errors import ConfigError, ModelLoadError
@@ -58,9 +59,10 @@ def no_orphans() -> Iterator[None]:
     assert not left, f"processes left behind: {left}"
 
 
-def make_spec(tmp_path: Path, **extra: Any) -> EngineSpec:
-    config = RunConfig(input=tmp_path, prompts=("roof",), extra={"state_dir": str(tmp_path), **extra})
-    return EngineSpec(config, factory=FACTORY)
+def make_spec(tmp_path: Path, **chosen: Any) -> EngineSpec:
+    """A spec for the fault engine, its settings (state_dir: tmp_path) beside the inputs."""
+    write_settings(tmp_path, state_dir=str(tmp_path), **chosen)
+    return EngineSpec(RunConfig(input=tmp_path, prompts=("roof",)), factory=FACTORY)
 
 
 def items(*names: str) -> list[Item]:
@@ -590,10 +592,11 @@ from batchseg.supervise.contract import EngineSpec
 from batchseg.supervise.pool import PoolSettings, run_pool
 from batchseg.records import Item
 from batchseg.signals import StopRequest
+from fault_engine import write_settings
 
 def main():
     state = sys.argv[1]
-    config = RunConfig(input=Path(state), prompts=("roof",), extra={"state_dir": state, "slow_s": 1.5})
+    config = RunConfig(input=write_settings(Path(state), state_dir=state, slow_s=1.5), prompts=("roof",))
     spec = EngineSpec(config, factory="fault_engine:load_faulty")
     todo = [Item(f"{sys.argv[2]}_{k}.jpg", 1, 1) for k in range(20)]
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import pytest
+from fault_engine import write_settings
 
 from batchseg.config import RunConfig
 from batchseg.errors import ConfigError, ExitCode
@@ -182,8 +183,8 @@ def _folder(root: Path, names: list[str]) -> Path:
 
 def _config(folder: Path, out: Path, state: Path, **changes: object) -> RunConfig:
     state.mkdir(parents=True, exist_ok=True)
-    extra = {"state_dir": str(state), **changes.pop("extra", {})}  # type: ignore[dict-item]
-    base = RunConfig(input=folder, prompts=("roof",), output=out, timeout=20.0, extra=extra)
+    write_settings(folder, state_dir=str(state), **changes.pop("chosen", {}))  # type: ignore[arg-type]
+    base = RunConfig(input=folder, prompts=("roof",), output=out, timeout=20.0)
     return base.with_changes(**changes)
 
 
@@ -227,7 +228,7 @@ def test_workers_that_cannot_be_placed_are_told_and_the_run_goes_on(
         workers=3,
         timeout=120.0,
         max_attempts=1,
-        extra={"barrier": 2},
+        chosen={"barrier": 2},
     )
     opener = threading.Thread(target=_open_gate_when_logged, args=(out, state, "cannot be placed"))
     opener.start()
@@ -255,7 +256,7 @@ def test_two_workers_on_a_two_cpu_node_both_run(two_cpu_node: str, tmp_path: Pat
         workers=2,
         timeout=60.0,
         max_attempts=1,
-        extra={"barrier": 2},
+        chosen={"barrier": 2},
     )
     summary = run(config, factory=GATED)
     rows = {r["path"]: r for r in pq.read_table(out / "manifest" / "images.parquet").to_pylist()}
@@ -343,7 +344,7 @@ def test_an_actor_killed_from_outside_is_replaced_and_its_image_retried(cluster:
     folder = _folder(tmp_path / "in", [f"slow_{i:02d}.jpg" for i in range(10)])
     state = tmp_path / "s"
     config = _config(
-        folder, tmp_path / "out", state, backend="ray", ray_address=cluster, extra={"slow_s": 0.6}
+        folder, tmp_path / "out", state, backend="ray", ray_address=cluster, chosen={"slow_s": 0.6}
     )
     killed: list[int] = []
 

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from conftest import make_image
+from fault_engine import write_settings
 
 from batchseg.cli import cli
 from batchseg.config import RunConfig
@@ -370,8 +371,8 @@ def scored_run_in(folder: Path) -> Path:
         output=folder / "out",
         workers=1,
         report=True,
-        extra={"load_s": 1.0},
     )
+    write_settings(root, load_s=1.0)
     summary = run(config)
     assert summary.exit_code == 3 and summary.counts["ok"] == len(PATCHES)
     assert (summary.output_dir / REPORT_NAME).is_file()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from _storage import failed_result, make_config, make_items, ok_result, python
+from fault_engine import write_settings
 
 from batchseg.config import RunConfig
 from batchseg.errors import OutputError, RunLockedError
@@ -149,8 +150,8 @@ def test_a_live_run_shows_its_task_as_running_and_leaves_none(tmp_path: Path) ->
         output=tmp_path / "out",
         workers=1,
         progress_interval=60,
-        extra={"state_dir": str(state), "slow_s": 0.4, "preferred_task_size": 3},
     )
+    write_settings(folder, state_dir=str(state), slow_s=0.4, preferred_task_size=3)
     seen: list[int] = []
     finished = threading.Event()
 
