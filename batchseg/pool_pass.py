@@ -15,9 +15,9 @@ from typing import TextIO
 from .config import RunConfig
 from .errors import BatchsegError, OutputError
 from .logs import RunLog
-from .progress import Progress
 from .records import FailureCategory, Item, ItemResult, Status, failure_result
 from .report import PreviewMaker
+from .run_progress import Progress
 from .signals import StopRequest
 from .store.checkpoint import Checkpoint
 from .supervise.contract import EngineSpec

@@ -161,7 +161,7 @@ def test_nothing_to_do_starts_no_worker(tmp_path: Path) -> None:
 
 def test_pool_modules_never_import_torch() -> None:
     code = (
-        "import sys, batchseg.supervise.pool, batchseg.supervise.worker, batchseg.progress, "
+        "import sys, batchseg.supervise.pool, batchseg.supervise.worker, batchseg.run_progress, "
         "batchseg.signals; "
         "heavy = {'torch', 'transformers'} & set(sys.modules); assert not heavy, heavy"
     )

@@ -7,8 +7,8 @@ import string
 
 import pytest
 
-from batchseg.progress import Progress, format_duration
 from batchseg.records import ItemResult, Status
+from batchseg.run_progress import Progress, format_duration
 
 
 class Clock:
