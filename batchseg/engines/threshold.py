@@ -62,7 +62,6 @@ def load(spec: EngineSpec, slot: int) -> ThresholdEngine:
     return ThresholdEngine(
         colours,
         Path(config.input),
-        Path(config.output_dir),
         config.max_pixels,
         config.max_detections,
         config.max_tiled_pixels,
@@ -83,7 +82,8 @@ def parse_colour(prompt: str) -> tuple[int, int, int]:
 
 
 class ThresholdEngine:
-    """Turns images into label maps: prompts in order, each claiming the still unlabelled pixels
+    """Turns images into label arrays and their instances (``contract.Segmentation``; the worker
+    writes them): prompts in order, each claiming the still unlabelled pixels
     within ``TOLERANCE`` of its colour (the first prompt wins a pixel two colours share); each
     8-connected component is one instance with score 1.0. Boxes are pixel edges: a component on
     columns 3..5 has x0 = 3, x1 = 6."""
@@ -92,7 +92,6 @@ class ThresholdEngine:
         self,
         colours: Sequence[tuple[str, tuple[int, int, int]]],
         input_root: Path,
-        output_dir: Path,
         max_pixels: int,
         max_detections: int,
         max_tiled_pixels: int = DEFAULT_MAX_TILED_PIXELS,
@@ -102,7 +101,6 @@ class ThresholdEngine:
         self.config = config
         self.colours = list(colours)
         self.input_root = input_root
-        self.output_dir = output_dir
         self.max_pixels = max_pixels
         self.max_detections = max_detections
         self.capabilities = Capabilities(device="cpu numpy", task_size=8, heartbeat_every=1)
