@@ -1,8 +1,8 @@
 """A night as users have it: a folder of photos, big tiled orthophotos, a strip, damaged files, two
 prompts, dense output (threshold 0), default options; then every output checked.
 
-    # GPU: full-size SAM3 architecture (random weights), a few hundred photos, two 12000x12000 TIFFs
-    python benchmarks/night.py --model full --device cuda --photos 300 --ortho-size 12000
+    # GPU: full-size SAM3 architecture (random weights), 200 photos, two 12000x12000 TIFFs
+    python benchmarks/night.py --model full --device cuda --photos 200 --ortho-size 12000
     # CPU, the small night (tests/test_night.py runs this one): tiny model, --tile 512
     python benchmarks/night.py --model tiny --device cpu --photos 6 --photo-size 640x480 \\
         --ortho-size 2000 --strip-size 20000x40 --tile 512
