@@ -21,7 +21,7 @@ from multiprocessing.connection import Connection, wait
 
 from ..errors import BatchsegError, ConfigError
 from ..logs import about_image, capture_library_output
-from ..records import FailureCategory, Item, ItemResult, Status, failure_result
+from ..records import FINAL_FAILURES, FailureCategory, Item, ItemResult, Status, failure_result
 from ..tiles import merge_process
 from ..tiles.grid import TilePlan, plan_tiles
 from .contract import Capabilities, Engine, EngineSpec, load_factory
@@ -290,11 +290,8 @@ def _stamp(result: object, capabilities: Capabilities, started: float, finished:
     result.device = result.device or capabilities.device
     result.started_at = result.started_at if result.started_at is not None else started
     result.finished_at = result.finished_at if result.finished_at is not None else finished
-    if result.status in _FAILED and result.category is None:
+    if result.status in FINAL_FAILURES and result.category is None:
         result.category = FailureCategory.IMAGE
-
-
-_FAILED = frozenset({Status.ERROR, Status.TIMEOUT, Status.CRASHED, Status.INVALID_INPUT})
 
 
 class _Beat:
