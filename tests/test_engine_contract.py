@@ -211,3 +211,18 @@ def test_failure_result_from_an_exception() -> None:
         item, Status.CRASHED, message="gone", exit_code=-9, category=FailureCategory.OUTPUT
     )
     assert (crashed.traceback, crashed.exit_code, crashed.category) == (None, -9, FailureCategory.OUTPUT)
+
+
+def test_boxes_of_an_engine_that_gave_none_are_the_pixel_edges_of_each_label() -> None:
+    """The writer's boxes for instances without one, found in one pass, equal each label's own."""
+    from batchseg.supervise.writer import _boxes
+
+    rng = np.random.default_rng(3)
+    labels = np.zeros((37, 53), np.uint16)
+    for k in range(1, 9):
+        x, y = rng.integers(0, 45), rng.integers(0, 30)
+        labels[y : y + rng.integers(1, 8), x : x + rng.integers(1, 9)] = k
+    found = _boxes(labels, 8)
+    for k in np.unique(labels[labels > 0]).tolist():
+        ys, xs = np.nonzero(labels == k)
+        assert found[k] == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1), k

@@ -128,9 +128,10 @@ class OutputWriter:
             labels, instances, areas = drop_unpainted(seg.labels, seg.instances, counted)
         left, top = (float(item.window[0]), float(item.window[1])) if item.window is not None else (0.0, 0.0)
         counts = rle.encode_labels(labels, n_labels=len(instances))
+        found = _boxes(labels, len(instances)) if any(i.box is None for i in instances) else []
         detections = []
         for k, inst in enumerate(instances, start=1):
-            x0, y0, x1, y1 = inst.box if inst.box is not None else _box(labels, k)
+            x0, y0, x1, y1 = inst.box if inst.box is not None else found[k]
             box = (x0 + left, y0 + top, x1 + left, y1 + top)
             detections.append(Detection(inst.prompt, k, inst.score, box, int(areas[k - 1]), counts[k]))
         return labels, detections
@@ -167,10 +168,19 @@ def _output_error(exc: OSError, target: Path) -> OutputError:
     return error
 
 
-def _box(labels: np.ndarray, k: int) -> tuple[float, float, float, float]:
-    """The box (pixel edges) of label ``k``, for an engine that gave none."""
-    ys, xs = np.nonzero(labels == k)
-    return float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)
+def _boxes(labels: np.ndarray, n: int) -> list[tuple[float, float, float, float]]:
+    """The box (pixel edges) of every label 1..n at index k (index 0 unused), for an engine that
+    gave none: one pass over the map, not one per label."""
+    ys, xs = np.nonzero(labels)
+    ks = labels[ys, xs].astype(np.int64)
+    lo_x, lo_y = np.full(n + 1, labels.shape[1]), np.full(n + 1, labels.shape[0])
+    hi_x, hi_y = np.zeros(n + 1, np.int64), np.zeros(n + 1, np.int64)
+    np.minimum.at(lo_x, ks, xs)
+    np.minimum.at(lo_y, ks, ys)
+    np.maximum.at(hi_x, ks, xs + 1)
+    np.maximum.at(hi_y, ks, ys + 1)
+    edges = np.stack([lo_x, lo_y, hi_x, hi_y], axis=1).astype(float)
+    return [(x0, y0, x1, y1) for x0, y0, x1, y1 in edges.tolist()]
 
 
 # ---- label maps --------------------------------------------------------------------------------
