@@ -47,13 +47,15 @@ UTC_US = pa.timestamp("us", tz="UTC")
 @dataclass(frozen=True)
 class Column:
     """One stored column. ``sql`` None: only in the manifest (per-run values); ``arrow`` None: only
-    in the checkpoint. ``arrow_name`` renames it in the manifest (SQL's reserved ``index``)."""
+    in the checkpoint. ``arrow_name`` renames it in the manifest (SQL's reserved ``index``). ``doc``
+    says what a manifest column holds: the documentation's reference of outputs is made from it."""
 
     name: str
     sql: str | None
     arrow: pa.DataType | None
     arrow_name: str | None = None
     default: object = None  # the value of rows written before the column existed
+    doc: str = ""  # what it holds, for the reader of the manifest (markdown, one paragraph)
 
     @property
     def manifest_name(self) -> str:
@@ -100,46 +102,128 @@ def _c(
     arrow: pa.DataType | None,
     arrow_name: str | None = None,
     default: object = None,
+    *,
+    doc: str = "",
 ) -> Column:
-    return Column(name, sql, arrow, arrow_name, default)
+    return Column(name, sql, arrow, arrow_name, default, doc)
 
 
 IMAGES = Table(
     "images",
     (
-        _c("path", "TEXT NOT NULL", pa.string()),  # path_text(): valid UTF-8, escaped where not
-        _c("path_raw", "BLOB", pa.binary()),  # the name's bytes, only when it is not valid UTF-8
-        _c("size_bytes", "INTEGER NOT NULL", pa.int64()),
-        _c("mtime_ns", "INTEGER NOT NULL", pa.int64()),
-        _c("content_hash", "TEXT", pa.string()),
-        _c("width", "INTEGER", pa.int32()),
-        _c("height", "INTEGER", pa.int32()),
-        _c("status", "TEXT NOT NULL", pa.string()),
-        _c("attempts", "INTEGER NOT NULL DEFAULT 0", pa.int32()),
-        _c("error_type", "TEXT", pa.string()),
-        _c("error_message", "TEXT", pa.string()),
-        _c("traceback", "TEXT", pa.string()),
-        _c("exit_code", "INTEGER", pa.int32()),
-        _c("n_detections", "INTEGER", pa.int32()),
-        _c("mask_path", "TEXT", pa.string()),  # path_text() of the mask file
-        _c("preview_path", None, pa.string()),  # its overlay preview, where one exists (at export)
-        _c("started_at", "REAL", UTC_US),
-        _c("finished_at", "REAL", UTC_US),
-        _c("duration_s", "REAL", pa.float64()),
-        _c("worker_pid", "INTEGER", pa.int64()),
-        _c("device", "TEXT", pa.string()),
-        _c("run_id", "TEXT", pa.string()),
-        _c("crs_wkt", "TEXT", pa.string()),  # the input's CRS as WKT2, when it has one
-        _c("crs_epsg", "INTEGER", pa.int32()),
+        _c(
+            "path",
+            "TEXT NOT NULL",
+            pa.string(),
+            doc="relative to the input folder, forward slashes (undecodable bytes of a name as `\\xNN`)",
+        ),  # path_text(): valid UTF-8, escaped where not
+        _c(
+            "path_raw",
+            "BLOB",
+            pa.binary(),
+            doc="the name's bytes, only when it is not valid UTF-8 (else null)",
+        ),  # the name's bytes, only when it is not valid UTF-8
+        _c("size_bytes", "INTEGER NOT NULL", pa.int64(), doc="size of the input file when it was processed"),
+        _c(
+            "mtime_ns",
+            "INTEGER NOT NULL",
+            pa.int64(),
+            doc="modification time of the input file when it was processed (ns since the epoch)",
+        ),
+        _c(
+            "content_hash",
+            "TEXT",
+            pa.string(),
+            doc="sha256 of the input file's content, with `--hash` (else null)",
+        ),
+        _c(
+            "width",
+            "INTEGER",
+            pa.int32(),
+            doc="width in pixels, after EXIF orientation (a georeferenced input: the raster's)",
+        ),
+        _c(
+            "height",
+            "INTEGER",
+            pa.int32(),
+            doc="height in pixels, after EXIF orientation (a georeferenced input: the raster's)",
+        ),
+        _c(
+            "status",
+            "TEXT NOT NULL",
+            pa.string(),
+            doc=(
+                "`ok`, `error`, `timeout`, `crashed`, `invalid_input`, `skipped`, `missing`; `pending` or "
+                "`running` for an image not finished yet"
+            ),
+        ),
+        _c("attempts", "INTEGER NOT NULL DEFAULT 0", pa.int32(), doc="tries made"),
+        _c("error_type", "TEXT", pa.string(), doc="a failure's exception class or kind (null when ok)"),
+        _c("error_message", "TEXT", pa.string(), doc="a failure's message"),
+        _c("traceback", "TEXT", pa.string(), doc="a failure's traceback, where there is one"),
+        _c("exit_code", "INTEGER", pa.int32(), doc="of a crashed worker (negative: signal number)"),
+        _c("n_detections", "INTEGER", pa.int32(), doc="detections of the image (rows of detections.parquet)"),
+        # path_text() of the mask file
+        _c("mask_path", "TEXT", pa.string(), doc="the label map, relative to OUTPUT"),
+        _c(
+            "preview_path",
+            None,
+            pa.string(),
+            doc=(
+                "the overlay preview (`previews/<path>.jpg`, relative to OUTPUT) where one exists: filled "
+                "at each export, and again when `batchseg report --previews` or the end of a run makes "
+                "missing ones"
+            ),
+        ),  # its overlay preview, where one exists (at export)
+        _c("started_at", "REAL", UTC_US, doc="when the image's processing started"),
+        _c("finished_at", "REAL", UTC_US, doc="when its result was made"),
+        _c("duration_s", "REAL", pa.float64(), doc="seconds the image took"),
+        _c("worker_pid", "INTEGER", pa.int64(), doc="the process that processed it"),
+        _c(
+            "device",
+            "TEXT",
+            pa.string(),
+            doc="where it ran, e.g. `cuda:0 NVIDIA H100 80GB HBM3 bfloat16`, `cpu float32`",
+        ),
+        _c("run_id", "TEXT", pa.string(), doc="the run that made the result"),
+        _c(
+            "crs_wkt",
+            "TEXT",
+            pa.string(),
+            doc="the input's CRS as WKT2 (null: no georeference, or a world file without a CRS)",
+        ),  # the input's CRS as WKT2, when it has one
+        _c("crs_epsg", "INTEGER", pa.int32(), doc="its EPSG code, where one exists"),
         # Six numbers, JSON text in SQLite (JSON_LIST_COLUMNS). A plain list, not a fixed-size one:
         # pyarrow releases the project accepts fail to read back a null in a fixed-size list column.
-        _c("transform", "TEXT", pa.list_(pa.float64())),
-        _c("georef_source", "TEXT", pa.string()),
+        _c(
+            "transform",
+            "TEXT",
+            pa.list_(pa.float64()),
+            doc=(
+                "the input's affine transform `[a, b, c, d, e, f]` (rasterio/GDAL order: x = a·col + b·row "
+                "+ c, y = d·col + e·row + f, from the upper-left corner of pixel (0, 0)); null without "
+                "georeference"
+            ),
+        ),
+        _c(
+            "georef_source",
+            "TEXT",
+            pa.string(),
+            doc="`internal` (the GeoTIFF's own keys) or the name of the world file it came from",
+        ),
         _c("updated_at", "REAL NOT NULL", None),
         _c("prior_status", "TEXT", None),  # the status a row had before it became missing
-        _c("config_hash", None, pa.string()),
-        _c("model_id", None, pa.string()),
-        _c("batchseg_version", None, pa.string()),
+        _c("config_hash", None, pa.string(), doc="the configuration fingerprint of the run"),
+        _c(
+            "model_id",
+            None,
+            pa.string(),
+            doc=(
+                "the engine and its model as the engine names them: `--model` for SAM3, `colour-threshold` "
+                "for the colour engine, else the engine's own `model_id(config)` or its `MODULE:FUNCTION`"
+            ),
+        ),
+        _c("batchseg_version", None, pa.string(), doc="the version that wrote the manifest"),
     ),
     key=("path",),
 )
@@ -147,22 +231,57 @@ IMAGES = Table(
 DETECTIONS = Table(
     "detections",
     (
-        _c("path", "TEXT NOT NULL", pa.string()),
-        _c("prompt", "TEXT NOT NULL", pa.string()),
-        _c("idx", "INTEGER NOT NULL", pa.int32(), "index"),
-        _c("score", "REAL NOT NULL", pa.float64()),
-        _c("box_x0", "REAL NOT NULL", pa.float64()),
-        _c("box_y0", "REAL NOT NULL", pa.float64()),
-        _c("box_x1", "REAL NOT NULL", pa.float64()),
-        _c("box_y1", "REAL NOT NULL", pa.float64()),
-        _c("area_px", "INTEGER NOT NULL", pa.int64()),
-        _c("mask_rle", "TEXT NOT NULL", pa.string()),
-        _c("mask_height", "INTEGER", pa.int32()),
-        _c("mask_width", "INTEGER", pa.int32()),
-        _c("run_id", "TEXT", pa.string()),
+        _c("path", "TEXT NOT NULL", pa.string(), doc="the image"),
+        _c("prompt", "TEXT NOT NULL", pa.string(), doc="the prompt that found it"),
+        _c(
+            "idx",
+            "INTEGER NOT NULL",
+            pa.int32(),
+            "index",
+            doc="its value in the label map (1-based; label 1 is the image's best detection)",
+        ),
+        _c(
+            "score",
+            "REAL NOT NULL",
+            pa.float64(),
+            doc="sigmoid(logit) x sigmoid(presence) for SAM3; 1.0 for the colour engine",
+        ),
+        _c("box_x0", "REAL NOT NULL", pa.float64(), doc="left edge of the box, pixels of the original image"),
+        _c("box_y0", "REAL NOT NULL", pa.float64(), doc="top edge of the box, pixels of the original image"),
+        _c(
+            "box_x1", "REAL NOT NULL", pa.float64(), doc="right edge of the box, pixels of the original image"
+        ),
+        _c(
+            "box_y1",
+            "REAL NOT NULL",
+            pa.float64(),
+            doc="bottom edge of the box, pixels of the original image",
+        ),
+        _c("area_px", "INTEGER NOT NULL", pa.int64(), doc="pixels of this instance in the label map"),
+        _c(
+            "mask_rle",
+            "TEXT NOT NULL",
+            pa.string(),
+            doc=(
+                "COCO compressed RLE (column-major `counts` string) of `label map == index`; "
+                '`pycocotools.mask.decode({"size": [h, w], "counts": rle})` gives the mask'
+            ),
+        ),
+        _c("mask_height", "INTEGER", pa.int32(), doc="the RLE's height (the image's)"),
+        _c("mask_width", "INTEGER", pa.int32(), doc="the RLE's width (the image's)"),
+        _c("run_id", "TEXT", pa.string(), doc="the run that made it"),
         # Tiles of a tiled image folded into this detection (1 for an image processed whole);
         # a checkpoint or manifest written before tiling reads as 1.
-        _c("tiles", "INTEGER NOT NULL DEFAULT 1", pa.int32(), default=1),
+        _c(
+            "tiles",
+            "INTEGER NOT NULL DEFAULT 1",
+            pa.int32(),
+            default=1,
+            doc=(
+                "tiles of a tiled image that had a view of this object folded into it (1 for an image "
+                "processed whole; rows written before tiling read as 1)"
+            ),
+        ),
     ),
     key=("path", "idx"),
     without_rowid=True,
