@@ -22,7 +22,7 @@ from .discover import check_input_folder
 from .errors import BatchsegError, ConfigError
 from .sources import check_geo_extra
 from .store.checkpoint import CHECKPOINT_NAME, RunInfo, connect_readonly, read_run_info
-from .store.db import check_fingerprint
+from .store.db import check_fingerprint, resolve_tile
 from .store.manifest import read_manifest_run
 from .store.tables import MANIFEST_DIR
 from .supervise.contract import check_in_parent
@@ -92,20 +92,9 @@ def _peek(path: Path) -> sqlite3.Connection:
 
 
 def _resolve_tile(config: RunConfig, stored: RunInfo | None) -> tuple[RunConfig, tuple[str, ...]]:
-    """``--tile`` not given: ``auto`` for a new output folder, the stored value for an existing
-    one, and ``off`` for a folder made before tiling existed (so it resumes as it was made)."""
-    if config.tile is not None:
-        return config, ()
-    if stored is None:
-        return config.with_changes(tile="auto"), ()
-    tile = stored.config.get("tile")
-    if tile is None:
-        note = (
-            "--tile not given: off, as in the run this output folder holds (made before tiling); "
-            "pass --tile auto with --new-run to tile large images"
-        )
-        return config.with_changes(tile="off"), (note,)
-    return config.with_changes(tile=str(tile)), ()
+    """``--tile`` not given: resolved as ``Checkpoint.open`` resolves it (``store.db.resolve_tile``)."""
+    config, note = resolve_tile(config, stored)
+    return config, (note,) if note else ()
 
 
 class FreshFolder:

@@ -32,6 +32,7 @@ __all__ = [
     "describe_fingerprint_change",
     "init_run",
     "read_run_info",
+    "resolve_tile",
     "rollback",
 ]
 
@@ -210,6 +211,7 @@ def init_run(
             run = read_run_info(conn, path)
             if run is None:
                 seed = make_seed() if make_seed is not None else None
+                config = resolve_tile(config, seed.run if seed is not None else None)[0]
                 if seed is not None:
                     check_fingerprint(seed.source.parent.parent, seed.run.fingerprint, config)
                 run_id = seed.run.run_id if seed is not None else new_run_id()
@@ -217,6 +219,7 @@ def init_run(
                 if seed is not None:
                     _load_seed(conn, seed)
             else:
+                config = resolve_tile(config, run)[0]
                 check_fingerprint(path.parent, run.fingerprint, config)
                 run_id = run.run_id
                 conn.execute(
@@ -297,7 +300,10 @@ def check_fingerprint(folder: Path, stored: dict[str, Any], config: RunConfig) -
     (the fingerprint of the run in ``folder``)."""
     # Compare through JSON so tuples/lists and ints/floats read back the same way.
     current = json.loads(json.dumps(config.fingerprint_fields(), sort_keys=True))
-    changes = describe_fingerprint_change(upgrade_fingerprint(stored), current)
+    before = upgrade_fingerprint(stored)  # an absent tile: made before tiling, "off"
+    if before["tile"] is None:  # stored unresolved: the engine tiled it as "auto"
+        before = {**before, "tile": TILE_NOT_GIVEN}
+    changes = describe_fingerprint_change(before, current)
     if changes:
         raise ConfigMismatchError(
             f"the output folder {folder} holds a run made with other settings:\n  "
@@ -305,3 +311,30 @@ def check_fingerprint(folder: Path, stored: dict[str, Any], config: RunConfig) -
             + "\nPass --new-run to start a new run there (the earlier one moves to"
             f" {PREVIOUS_RUNS}/), or use another --output."
         )
+
+
+#: What ``--tile`` not given means for a new output folder (and what the engine does with a None).
+TILE_NOT_GIVEN = "auto"
+#: What it means for a folder whose run has no ``tile`` at all: made by 0.1.0, before tiling.
+TILE_BEFORE_TILING = "off"
+
+
+def resolve_tile(config: RunConfig, stored: RunInfo | None) -> tuple[RunConfig, str | None]:
+    """``config`` with ``tile`` not given (None) resolved against the run of its output folder, and
+    a note for the log when that run predates tiling. One rule for the CLI (``preflight``) and the
+    library (``Checkpoint.open``), so a folder made through either resumes through the other:
+    ``auto`` for a new folder, the stored value for an existing one, ``off`` for a run that stored
+    no ``tile`` key (0.1.0), and ``auto`` for a run that stored None (a configuration opened before
+    this rule existed: the engine tiled it as ``auto``). An absent key and a stored None differ."""
+    if config.tile is not None:
+        return config, None
+    if stored is None:
+        return config.with_changes(tile=TILE_NOT_GIVEN), None
+    if "tile" not in stored.config:
+        note = (
+            "--tile not given: off, as in the run this output folder holds (made before tiling); "
+            "pass --tile auto with --new-run to tile large images"
+        )
+        return config.with_changes(tile=TILE_BEFORE_TILING), note
+    tile = stored.config["tile"]
+    return config.with_changes(tile=TILE_NOT_GIVEN if tile is None else str(tile)), None
