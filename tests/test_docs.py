@@ -1,6 +1,7 @@
 """The project documents itself: every command has help with an example, every run option has its
-row in the README (default, fixed by the fingerprint, accepted by retry, as the registry declares),
-CI runs the README's tests, and the parent process never imports torch."""
+row in the documentation's reference of options (default, fixed by the fingerprint, accepted by
+retry, as the registry declares; docs/gen_reference.py writes it), the README stays a front page
+whose test command CI runs, and the parent process never imports torch."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ from batchseg.options import OPTIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = sorted(cli.commands)
+OPTIONS_PAGE = ROOT / "docs" / "reference" / "options.md"
+EXIT_CODES_PAGE = ROOT / "docs" / "reference" / "exit-codes.md"
+REGENERATE = "run `python docs/gen_reference.py`"
 
 
 def test_all_commands_are_there() -> None:
@@ -52,42 +56,53 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert command in ci.splitlines(), f"{command!r} is not a line of .ci/run"
 
 
-def test_every_run_option_is_in_the_readme() -> None:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+def test_every_run_option_is_in_the_reference() -> None:
+    page = OPTIONS_PAGE.read_text(encoding="utf-8")
     options = [opt for p in cli.commands["run"].params for opt in p.opts if opt.startswith("--")]
-    missing = [opt for opt in options if f"`{opt}" not in readme]
-    assert not missing, f"options not documented in README.md: {missing}"
+    missing = [opt for opt in options if f"`{opt}" not in page]
+    assert not missing, f"options not in docs/reference/options.md ({REGENERATE}): {missing}"
 
 
-def _readme_table(heading: str) -> list[list[str]]:
-    """The rows of the first table after ``heading``, as lists of stripped cells."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+def _table(page: Path, heading: str) -> list[list[str]]:
+    """The rows of the first table after ``heading`` in ``page``, as lists of stripped cells."""
+    text = page.read_text(encoding="utf-8")
+    assert heading in text, f"{page.name}: no {heading!r}"
     rows: list[list[str]] = []
-    for line in readme.split(heading, 1)[1].splitlines():
+    for line in text.split(heading, 1)[1].splitlines():
         if line.startswith("|"):
-            rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+            rows.append([cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip()[1:-1])])
         elif rows:
             break
     assert rows, f"no table after {heading!r}"
     return rows[2:]  # without the header and the --- line
 
 
-def test_every_registry_option_has_its_readme_row() -> None:
-    rows = {row[0].strip("`").split(" / ")[0]: row for row in _readme_table("### Options of `run`")}
+def test_every_registry_option_has_its_row_in_the_reference() -> None:
+    rows = {
+        row[0].strip("`").split(" / ")[0]: row for row in _table(OPTIONS_PAGE, "# Options of `batchseg run`")
+    }
     for opt in OPTIONS:
-        assert opt.cli_name in rows, f"README.md: no row for {opt.cli_name} in 'Options of `run`'"
+        assert opt.cli_name in rows, f"docs/reference/options.md: no row for {opt.cli_name} ({REGENERATE})"
         _, default, fixed, retry, meaning = rows[opt.cli_name]
-        assert default == opt.shown_default, f"{opt.cli_name}: README default {default!r}"
+        assert default == opt.shown_default, f"{opt.cli_name}: default {default!r} ({REGENERATE})"
         assert fixed == ("yes" if opt.fingerprint else ""), f"{opt.cli_name}: 'fixed' column"
         assert retry == ("yes" if opt.retry else ""), f"{opt.cli_name}: 'retry' column"
         assert meaning, opt.cli_name
-    documented = set(rows) - {"--job"}
-    assert documented == {o.cli_name for o in OPTIONS}, "README rows for options that do not exist"
+    assert set(rows) == {o.cli_name for o in OPTIONS}, f"rows for options that do not exist ({REGENERATE})"
 
 
-def test_exit_codes_in_the_readme_are_the_named_ones() -> None:
-    rows = _readme_table("## Exit codes")
-    assert [int(row[0]) for row in rows] == [int(code) for code in ExitCode]
+def test_exit_codes_in_the_reference_are_the_named_ones() -> None:
+    rows = _table(EXIT_CODES_PAGE, "# Exit codes")
+    assert [(int(row[0]), row[1]) for row in rows] == [(int(c), f"`{c.name}`") for c in ExitCode]
+
+
+def test_the_readme_is_a_front_page() -> None:
+    """What a new user needs first, and links to the rest: details go to docs/."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(readme.splitlines()) <= 300, "README.md is a front page: move details into docs/"
+    assert "activate" in readme, "the set-up commands activate the virtual environment"
+    assert "batchseg demo" in readme and "--engine threshold" in readme, "a first run without weights"
+    assert "chromium" in readme and "minutes" in readme, "the test command's needs and duration"
 
 
 def parent_side_modules() -> list[str]:

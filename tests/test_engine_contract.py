@@ -1,7 +1,7 @@
 """The public engine contract: engines from outside the package run through ``python -m batchseg``.
 
-``stripe_engine`` (tests/) and the README's example engine are loaded with ``--engine``; the
-first in a real ``python -m batchseg run`` subprocess, as a user would run it.
+``stripe_engine`` (tests/) and the documentation's example engine (docs/engines.md) are loaded with
+``--engine``; the first in a real ``python -m batchseg run`` subprocess, as a user would run it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from batchseg.records import FailureCategory, Item, Status, failure_result
 from batchseg.supervise.contract import Capabilities
 
 TESTS_DIR = Path(stripe_engine.__file__).resolve().parent
-README = TESTS_DIR.parent / "README.md"
+ENGINES_PAGE = TESTS_DIR.parent / "docs" / "engines.md"
 
 
 def python_m_batchseg(*args: str | Path, path: Path = TESTS_DIR) -> subprocess.CompletedProcess[str]:
@@ -94,16 +94,18 @@ def test_an_engine_that_cannot_be_found_is_a_clear_exit_1(tmp_path: Path, engine
     assert result.exit_code == 1 and message in result.output, result.output
 
 
-def readme_engine() -> str:
-    """The code block of the README's "Bring your own engine" section."""
-    section = README.read_text(encoding="utf-8").split("## Bring your own engine", 1)[1].split("\n## ", 1)[0]
+def documented_engine() -> str:
+    """The code block of the "Bring your own engine" section of the documentation (docs/engines.md)."""
+    section = (
+        ENGINES_PAGE.read_text(encoding="utf-8").split("## Bring your own engine", 1)[1].split("\n## ", 1)[0]
+    )
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
     assert len(blocks) == 1, "the section shows one complete engine"
     return str(blocks[0])
 
 
-def test_the_readme_engine_runs_as_shown(tmp_path: Path) -> None:
-    code = readme_engine()
+def test_the_documented_engine_runs_as_shown(tmp_path: Path) -> None:
+    code = documented_engine()
     assert len(code.strip().splitlines()) <= 40, "the model call and little else: the worker writes"
     (tmp_path / "bright.py").write_text(code, encoding="utf-8")
     folder = tmp_path / "in"
