@@ -46,7 +46,7 @@ class ExitCode(IntEnum):
 
     @property
     def meaning(self) -> str:
-        """One line for ``--help`` and the README."""
+        """One line for ``--help``; docs/reference/exit-codes.md lists the codes."""
         return _MEANINGS[self]
 
 

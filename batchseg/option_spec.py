@@ -81,7 +81,7 @@ class Option:
 
     @property
     def shown_default(self) -> str:
-        """The default as ``--help`` and the README's table show it."""
+        """The default as ``--help`` and the reference of options (docs/reference/options.md) show it."""
         if self.default_text:
             return self.default_text
         if self.required:

@@ -58,7 +58,7 @@ TASK_FOLDER = "batchseg"
 
 #: --logon choices and the Task Scheduler LogonType each one writes.
 LOGON_TYPES = {"interactive": "InteractiveToken", "s4u": "S4U", "password": "Password"}
-#: Which --logon to pick, and why; printed by ``batchseg schedule`` and repeated in the README.
+#: Which --logon to pick, and why; printed by ``batchseg schedule`` and repeated in docs/nightly-windows.md.
 LOGON_ADVICE = {
     "interactive": "runs only while you are logged on (locked is fine); nothing is stored. A PC left "
     "logged off at the start time skips the night: use --logon s4u or password for that.",

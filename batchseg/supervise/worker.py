@@ -414,7 +414,7 @@ def configure_openmp(threads: int | None) -> None:
     """OpenMP's settings for this worker, made before torch is imported (they are read then).
 
     ``OMP_WAIT_POLICY=PASSIVE`` unless the environment says otherwise: an idle OpenMP thread sleeps
-    instead of spinning on a core an I/O thread needs (measured: README, "Threads")."""
+    instead of spinning on a core an I/O thread needs (measured: docs/how-it-works.md, "Threads")."""
     if threads:
         for name in THREAD_ENV_VARS:
             os.environ[name] = str(threads)

@@ -8,7 +8,7 @@ turns them into one detection per object with boxes, RLE and ``SparseMask`` runs
 array: duplicates are found by mask intersection over the smaller mask inside the overlap, objects
 larger than a tile are joined across seams, labels run 1..N by score. ``write_label_map`` then
 writes a tiled TIFF block by block, and ``open_source`` reads big inputs by window. Nothing here
-imports torch. See the README, "Large images: tiles".
+imports torch. See docs/aerial-tiles.md.
 """
 
 from .grid import AUTO_FACTOR, Tile, TilePlan, TileSetting, parse_overlap, parse_tile, plan_tiles

@@ -38,7 +38,7 @@ __all__ = [
 #: ``--tile auto`` tiles an image whose long side exceeds this many times the model's input
 #: (4032 px for SAM3's 1008): past it the model sees objects at less than a quarter of their size.
 #: Below it a photograph stays one forward pass: at 2 a 2048x1536 image became 6 tiles and a run
-#: 10x slower (README, Tiles).
+#: 10x slower (docs/aerial-tiles.md).
 AUTO_FACTOR = 4.0
 #: Smallest tile side and overlap accepted: merging compares masks inside the overlap.
 MIN_SIDE = TileSide.minimum
