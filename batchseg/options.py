@@ -5,9 +5,12 @@ One field of :class:`RunOptions` is one option: its name (the RunConfig field, t
 value (:mod:`batchseg.values`), default, help, whether it belongs to the configuration fingerprint,
 whether ``batchseg retry`` accepts it, and which part reads it. Derived from it: the click options of
 ``run`` and ``retry`` (cli), the job-file checks (jobfile), RunConfig's fields and defaults (config,
-a subclass), the fingerprint fields and upgrades, and the README check (tests/test_docs.py).
+a subclass), the fingerprint fields and upgrades, and the documentation's reference of options
+(docs/gen_reference.py writes docs/reference/options.md and the README's short table from here;
+tests/test_docs.py and tests/test_docs_site.py check they are current).
 
-Adding an option is one field here and one row in the README's table of run options:
+Adding an option is one field here, then `python docs/gen_reference.py` (a longer explanation than
+the help line goes in docs/reference-notes.toml):
 
     previews: bool = option(Flag(), False, help="Write overlay previews.", reader=RUNNER, retry=True)
     tile_overlap: float = option(Fraction(), 0.0, help="Overlap of neighbouring tiles.",
@@ -121,7 +124,7 @@ class RunOptions:
         EngineRef(),
         DEFAULT_ENGINE,
         help="Engine loaded in each worker: sam3, threshold, a name a package registers in the entry-point "
-        "group batchseg.engines, or MODULE:FUNCTION (see README, 'Bring your own engine').",
+        "group batchseg.engines, or MODULE:FUNCTION (see docs/engines.md).",
         reader=RUNNER,
         fingerprint=True,
         upgrade=DEFAULT_ENGINE,  # 0.1.0 had only the SAM3 engine
