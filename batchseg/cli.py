@@ -295,7 +295,7 @@ def schedule(
 
     The task runs this Python with `-m batchseg run --job <job>` in the job's folder, never twice at
     once, with a time limit, and starts late after a missed start. Pick --logon by where your files
-    are (see README, 'Nightly runs'); --wake for a PC that sleeps at night.
+    are (see docs/nightly-windows.md); --wake for a PC that sleeps at night.
     """
     from .schedule import crontab_line, task_xml, write_task
 
