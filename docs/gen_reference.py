@@ -19,15 +19,15 @@ tests/test_docs_site.py runs the check, so a page that is not regenerated fails 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import click
 import pyarrow as pa
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # Python 3.10
+else:  # Python 3.10
     import tomli as tomllib
 
 from batchseg.cli import cli
@@ -65,7 +65,7 @@ def cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
 
-def table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+def table(head: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
@@ -142,12 +142,12 @@ def readme_options(readme: str) -> str:
 
 def command_help(name: str) -> str:
     """``batchseg NAME --help`` (``batchseg --help`` for an empty name) at a fixed width."""
-    width = {"terminal_width": 100, "max_content_width": 100}
-    root = click.Context(cli, info_name="batchseg", **width)
+    root = click.Context(cli, info_name="batchseg", terminal_width=100, max_content_width=100)
     if not name:
         return cli.get_help(root)
     command = cli.commands[name]
-    return command.get_help(click.Context(command, info_name=name, parent=root, **width))
+    context = click.Context(command, info_name=name, parent=root, terminal_width=100, max_content_width=100)
+    return command.get_help(context)
 
 
 def commands_page() -> str:
