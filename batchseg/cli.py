@@ -92,7 +92,7 @@ def _parameter(opt: Option, retrying: bool) -> Callable[[F], F]:
         decls[0] = f"{opt.cli_name}/--no-{opt.cli_name[2:]}"
     elif isinstance(opt.kind, TextList):
         attrs |= {"multiple": True, "metavar": opt.kind.metavar}
-        attrs["type"] = KindType(Text(), separator=opt.kind.separator)
+        attrs["type"] = KindType(getattr(opt.kind, "item", Text()), separator=opt.kind.separator)
     else:
         attrs |= {"type": KindType(opt.kind), "metavar": opt.kind.metavar}
     return click.option(*decls, **attrs)
@@ -209,8 +209,8 @@ def run_config(ctx: click.Context) -> RunConfig:
     given = _given(ctx, (o.name for o in OPTIONS))
     if "input" not in given:
         raise click.UsageError("missing INPUT folder (give it as an argument or as 'input' in the job file)")
-    if not given.get("prompts"):
-        raise click.UsageError("give at least one --prompt (or 'prompt' in the job file)")
+    if not given.get("prompts") and not given.get("exemplars"):
+        raise click.UsageError("give at least one --prompt or --exemplars (or 'prompt' in the job file)")
     return RunConfig(**given)
 
 

@@ -40,7 +40,7 @@ class RunConfig(RunOptions):
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """What decides the content of the outputs (the fingerprint options): a change needs --new-run."""
-        values = {o.name: o.kind.to_json(getattr(self, o.name)) for o in fingerprint_options()}
+        values = {o.name: o.kind.to_fingerprint(getattr(self, o.name)) for o in fingerprint_options()}
         return {**values, "output_format": OUTPUT_FORMAT_VERSION}
 
     def fingerprint(self) -> str:

@@ -30,6 +30,7 @@ from typing import Any
 
 from .engine_names import SAM3_ENGINE, EngineRef
 from .option_spec import NO_UPGRADE, REQUIRED, Option, Reader, option
+from .prompt_values import CLASS_KIND, THRESHOLD_KIND, ExemplarFile, ExemplarsKind
 from .values import (
     Choice,
     Count,
@@ -107,11 +108,54 @@ class RunOptions:
     )
     prompts: tuple[str, ...] = option(
         TextList("prompts"),
+        (),
         help="Text prompt; repeat for several (each image is encoded once).",
         reader=ENGINE,
         fingerprint=True,
         flag="--prompt",
         aliases=("prompt",),
+        default_text="(required unless --exemplars)",
+    )
+    exemplars: ExemplarFile | None = option(
+        ExemplarsKind(),
+        None,
+        help="Exemplar boxes: CSV path,x0,y0,x1,y1,label[,prompt] in pixels, or a vector file in map "
+        "coordinates (docs/prompts.md).",
+        reader=ENGINE,
+        fingerprint=True,
+        upgrade=None,
+    )
+    classes: tuple[tuple[str, str], ...] = option(
+        CLASS_KIND,
+        (),
+        help="PROMPT=CLASS: the class of a prompt's detections (outputs' class column); repeatable.",
+        reader=RUNNER,
+        fingerprint=True,
+        upgrade=(),
+        flag="--class",
+        aliases=("class",),
+        default_text="the prompt",
+    )
+    prompt_thresholds: tuple[tuple[str, float], ...] = option(
+        THRESHOLD_KIND,
+        (),
+        help="PROMPT=SCORE: minimum detection score of one prompt; repeatable.",
+        reader=ENGINE,
+        fingerprint=True,
+        upgrade=(),
+        flag="--prompt-threshold",
+        aliases=("prompt_threshold",),
+        default_text="--threshold",
+    )
+    suppress_iou: float | None = option(
+        Fraction(),
+        None,
+        help="Fold a detection into a better-scored one of another prompt whose mask overlaps it by "
+        "this IoU.",
+        reader=ENGINE,
+        fingerprint=True,
+        upgrade=None,
+        default_text="off",
     )
     model: str = option(
         ModelRef(),
@@ -417,5 +461,5 @@ def retry_options() -> tuple[Option, ...]:
 #: Fingerprint fields added after the first release, with the value that means what earlier
 #: versions did: a stored fingerprint that lacks one reads as this, so old output folders resume.
 FINGERPRINT_UPGRADES: dict[str, Any] = {
-    o.name: o.kind.to_json(o.upgrade) for o in fingerprint_options() if o.upgrade is not NO_UPGRADE
+    o.name: o.kind.to_fingerprint(o.upgrade) for o in fingerprint_options() if o.upgrade is not NO_UPGRADE
 }

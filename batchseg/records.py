@@ -109,6 +109,7 @@ class Detection:
     area_px: int  # pixels of this instance in the label map
     mask_rle: str  # COCO compressed RLE counts of (label map == index), column-major
     tiles: int = 1  # tiles of a tiled image that had a view of it folded into this detection
+    folded: tuple[str, ...] = ()  # prompts whose detection of this object was folded into it
 
 
 @dataclass

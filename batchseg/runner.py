@@ -23,6 +23,7 @@ from .config import RunConfig
 from .discover import discover
 from .engine_names import engine_target
 from .errors import BatchsegError, ConfigError, ExitCode, OutputError, StoppedEarly
+from .exemplars import unplaced_lines
 from .lock import RunLock
 from .logs import RunLog
 from .pool_pass import PoolPass
@@ -142,6 +143,10 @@ def _run_locked(
         plan = checkpoint.plan(found.items, use_hash=config.hash)
         check_geo_extra(config, (item.path for item in plan.pending))  # before any worker starts
         log.info(f"found {len(found.items)} images in {config.input}; {len(plan.pending)} to process")
+        for line in unplaced_lines(config, (item.path for item in found.items)):
+            log.warning(line)  # exemplar boxes that fall in no image: said, never dropped silently
+            if stream is not None:
+                stream.write(f"{line}\n")
         if plan.counts["orphan_masks"]:
             log.info(f"removed {plan.counts['orphan_masks']} mask file(s) whose result was never recorded")
         if not found.items and not found.excluded and not found.collisions:

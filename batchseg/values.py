@@ -205,6 +205,10 @@ class Kind(Generic[T_co]):
         """Inverse of ``to_json``."""
         return value
 
+    def to_fingerprint(self, value: Any) -> Any:
+        """The value as the fingerprint holds it (a file's content rather than its path)."""
+        return self.to_json(value)
+
     def refuse(self, value: object, toml: bool, hint: str = "") -> BadValueError:
         got = f"{show(value)} ({toml_type(value)})" if toml else show(value)
         return BadValueError(f"expected {self.expected}, got {got}{hint}")

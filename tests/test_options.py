@@ -33,6 +33,7 @@ from batchseg.errors import (
     StoppedEarly,
 )
 from batchseg.options import DEFAULT_ENGINE, OPTIONS, BandList, Option, Reader, by_name, fingerprint_options
+from batchseg.prompt_values import ExemplarFile, ExemplarsKind, PromptMap, file_digest
 from batchseg.store.checkpoint import Checkpoint, describe_fingerprint_change
 from batchseg.values import (
     BOOL_WORDS,
@@ -73,8 +74,17 @@ def example(opt: Option, folder: Path) -> tuple[list[str], str, str, Any]:
         value = not opt.default
         flags = [flag if value else f"--no-{flag[2:]}"]
         return flags, "yes" if value else "off", json.dumps(value), value
+    if isinstance(kind, PromptMap):  # PROMPT=VALUE pairs
+        one, two = ("a b=0.25", "c=0.5") if isinstance(kind.item.value, Fraction) else ("a b=x y", "c=z")
+        expected_pairs = tuple(kind.item.from_text(p) for p in (one, two))
+        return [flag, one, flag, two], f"{one};{two}", json.dumps([one, two]), expected_pairs
     if isinstance(kind, TextList):
         return [flag, "a b", flag, "*.c"], "a b;*.c", '["a b", "*.c"]', ("a b", "*.c")
+    if isinstance(kind, ExemplarsKind):
+        boxes = folder / "boxes.csv"
+        boxes.write_text("path,x0,y0,x1,y1,label\na.png,1,1,5,5,1\n", encoding="utf-8")
+        given = ExemplarFile(boxes.resolve(), file_digest(boxes))
+        return [flag, str(boxes)], str(boxes), json.dumps(str(boxes)), given
     candidates: list[tuple[str, Any]] = {
         Duration: [("90m", 5400.0), ("1h30m15s", 5415.0)],
         TimeOfDay: [("6:30", "06:30"), ("7:45", "07:45")],
@@ -206,7 +216,8 @@ def test_every_default_reads_back_through_its_kind(name: str) -> None:
     opt = next(o for o in OPTIONS if o.name == name)
     if opt.required:
         return
-    assert getattr(RunConfig(input=Path("x"), prompts=("p",)), name) == opt.default
+    given = {} if name == "prompts" else {"prompts": ("p",)}  # a prompt, or --exemplars, is needed
+    assert getattr(RunConfig(input=Path("x"), **given), name) == opt.default
     assert opt.kind.from_json(json.loads(json.dumps(opt.kind.to_json(opt.default)))) == opt.default
     if opt.default not in (None, ()):
         text = str(opt.default).lower() if isinstance(opt.default, bool) else str(opt.default)

@@ -17,6 +17,8 @@ from PIL import ImageColor
 from .. import imageio, sources
 from ..config import RunConfig
 from ..errors import ConfigError, InvalidImageError
+from ..exemplars import ExemplarSet, Placed, load_exemplars, run_prompts, within
+from ..prompting import check_prompt_maps, fold_duplicates
 from ..records import Item, Status, failure_result
 from ..supervise.contract import Capabilities, EngineSpec, HeartbeatFn, Instance, Outcome, Segmentation
 from ..tiles.source import DEFAULT_MAX_TILED_PIXELS, WindowReader
@@ -42,9 +44,11 @@ MODEL_ID = "colour-threshold"
 
 
 def check(config: RunConfig) -> None:
-    """In the parent, before any worker: every prompt must be a colour."""
+    """In the parent, before any worker: every text prompt must be a colour (exemplar boxes add
+    prompts whose colours come from their boxes), and --class / --prompt-threshold name prompts."""
     for prompt in config.prompts:
         parse_colour(prompt)
+    check_prompt_maps(config, run_prompts(config))
 
 
 def model_id(config: RunConfig) -> str:
@@ -56,9 +60,11 @@ def load(spec: EngineSpec, slot: int) -> ThresholdEngine:
     """The factory: every prompt parsed as a colour now, so a bad one ends the run before any image."""
     config = spec.config
     imageio.configure_pillow(config.max_pixels)
-    colours = [(prompt, parse_colour(prompt)) for prompt in config.prompts]
+    exemplars = load_exemplars(config)
+    colours: list[tuple[str, tuple[int, int, int] | None]] = [(p, parse_colour(p)) for p in config.prompts]
+    colours += [(prompt, None) for prompt in run_prompts(config, exemplars)[len(colours) :]]
     if not colours:
-        raise ConfigError("give at least one colour (--prompt red, --prompt '#00ff00')")
+        raise ConfigError("give at least one colour (--prompt red, --prompt '#00ff00') or --exemplars")
     return ThresholdEngine(
         colours,
         Path(config.input),
@@ -66,6 +72,7 @@ def load(spec: EngineSpec, slot: int) -> ThresholdEngine:
         config.max_detections,
         config.max_tiled_pixels,
         config=config,
+        exemplars=exemplars,
     )
 
 
@@ -84,22 +91,30 @@ def parse_colour(prompt: str) -> tuple[int, int, int]:
 class ThresholdEngine:
     """Turns images into label arrays and their instances (``contract.Segmentation``; the worker
     writes them): prompts in order, each claiming the still unlabelled pixels
-    within ``TOLERANCE`` of its colour (the first prompt wins a pixel two colours share); each
+    within ``TOLERANCE`` of its colours (the first prompt wins a pixel two colours share); each
     8-connected component is one instance with score 1.0. Boxes are pixel edges: a component on
-    columns 3..5 has x0 = 3, x1 = 6."""
+    columns 3..5 has x0 = 3, x1 = 6.
+
+    Exemplar boxes (``--exemplars``) are read exactly: the median colour of a positive box is one
+    more colour of its prompt, pixels within ``TOLERANCE`` of a negative box's median colour are
+    none of its prompt's. A box's colour holds for the whole image it falls in, every tile of a
+    tiled one included (read from the box's own pixels). With ``--suppress-iou`` each prompt finds
+    its components on its own and duplicates across prompts are folded (``prompting``)."""
 
     def __init__(
         self,
-        colours: Sequence[tuple[str, tuple[int, int, int]]],
+        colours: Sequence[tuple[str, tuple[int, int, int] | None]],
         input_root: Path,
         max_pixels: int,
         max_detections: int,
         max_tiled_pixels: int = DEFAULT_MAX_TILED_PIXELS,
         *,
         config: RunConfig,
+        exemplars: ExemplarSet | None = None,
     ) -> None:
         self.config = config
         self.colours = list(colours)
+        self.exemplars = exemplars
         self.input_root = input_root
         self.max_pixels = max_pixels
         self.max_detections = max_detections
@@ -112,7 +127,7 @@ class ThresholdEngine:
         results = []
         for k, item in enumerate(items):
             heartbeat((), k + 1)  # nothing past this item is touched yet
-            results.append(self.one(item))
+            results.append(_above_threshold(self.config, self.one(item)))
             heartbeat([(k, results[-1])])
         return results
 
@@ -142,20 +157,62 @@ class ThresholdEngine:
         except Exception as exc:  # noqa: BLE001 - any per-image failure is that image's result
             return failure_result(item, Status.ERROR, exc=exc, device=device, started_at=started)
         try:
-            labels, instances = self.label(pixels)
+            examples = self.examples(item, pixels, size, georef)
+            labels, instances = self.label(pixels, examples)
         except Exception as exc:  # noqa: BLE001 - any per-image failure is that image's result
             return failure_result(item, Status.ERROR, exc=exc, device=device, started_at=started)
         return Segmentation(labels, instances, size=size, georef=georef, valid=valid, started_at=started)
 
-    def label(self, pixels: np.ndarray) -> tuple[np.ndarray, list[Instance]]:
+    def examples(
+        self, item: Item, pixels: np.ndarray, size: tuple[int, int] | None, georef: object
+    ) -> list[tuple[Placed, tuple[int, int, int]]]:
+        """The exemplar boxes of the item's image, each with its median colour."""
+        if self.exemplars is None:
+            return []
+        if item.window is None:
+            placed = self.exemplars.place(item.path, pixels.shape[1], pixels.shape[0], georef)  # type: ignore[arg-type]
+            return [(p, _median(pixels, p.box)) for p in placed]
+        whole = None
+        if self.exemplars.map_coordinates:
+            from ..geo.georef import read_georef
+
+            whole = read_georef(self.input_root / item.path)
+        width, height = size or (pixels.shape[1], pixels.shape[0])
+        found = []
+        for p in self.exemplars.place(item.path, width, height, whole):
+            inside = within(p.box, item.window)
+            if inside is not None:  # the window holds it: its pixels are here
+                found.append((p, _median(pixels, inside)))
+                continue
+            x0, y0, x1, y1 = _pixel_span(p.box)
+            box_pixels = self.reader.read(self.input_root / item.path, (x0, y0, x1, y1))[0]
+            found.append((p, _median(box_pixels, (0.0, 0.0, float(x1 - x0), float(y1 - y0)))))
+        return found
+
+    def label(
+        self, pixels: np.ndarray, examples: Sequence[tuple[Placed, tuple[int, int, int]]] = ()
+    ) -> tuple[np.ndarray, list[Instance]]:
         """The uint16 label map of an RGB array and its instances."""
         labels = np.zeros(pixels.shape[:2], np.uint16)
         instances: list[Instance] = []
         signed = pixels.astype(np.int16)
+        text = self.config.prompts
+        folding = self.config.suppress_iou is not None
+        candidates: list[tuple[str, np.ndarray, tuple[int, int, int, int]]] = []
         for prompt, colour in self.colours:
-            near = np.abs(signed - np.array(colour, np.int16)).max(axis=2) <= TOLERANCE
-            found, boxes = components(near & (labels == 0))
+            mine = self.exemplars.for_prompt([p for p, _ in examples], prompt, text) if self.exemplars else []
+            ids = {id(p) for p in mine}
+            wanted = [colour] if colour is not None else []
+            wanted += [c for p, c in examples if id(p) in ids and p.positive]
+            unwanted = [c for p, c in examples if id(p) in ids and not p.positive]
+            if not wanted:
+                continue
+            near = _near(signed, wanted) & ~_near(signed, unwanted)
+            found, boxes = components(near if folding else near & (labels == 0))
             keep = _largest(found, len(boxes), self.max_detections)
+            if folding:
+                candidates += [(prompt, found == k + 1, boxes[k]) for k in keep]
+                continue
             if len(instances) + len(keep) > np.iinfo(np.uint16).max:
                 raise ValueError("more instances than a uint16 label map holds; lower --max-detections")
             lookup = np.zeros(len(boxes) + 1, np.uint16)  # component -> its index in the label map
@@ -165,7 +222,69 @@ class ThresholdEngine:
                 lookup[component + 1] = len(instances)
             painted = lookup[found]
             labels = np.where(painted > 0, painted, labels)
+        if folding:
+            return _fold(labels, candidates, float(self.config.suppress_iou or 0.0))
         return labels, instances
+
+
+def _fold(
+    labels: np.ndarray, candidates: Sequence[tuple[str, np.ndarray, tuple[int, int, int, int]]], iou: float
+) -> tuple[np.ndarray, list[Instance]]:
+    """Duplicates across prompts folded (``prompting.fold_duplicates``); the kept ones painted in
+    prompt order, each on the pixels no earlier one took."""
+    prompts = [c[0] for c in candidates]
+    kept, folded = fold_duplicates([c[1] for c in candidates], prompts, [1.0] * len(candidates), iou)
+    if len(kept) > np.iinfo(np.uint16).max:
+        raise ValueError("more instances than a uint16 label map holds; lower --max-detections")
+    instances = []
+    for k in kept:
+        prompt, mask, (x0, y0, x1, y1) = candidates[k]
+        box = (float(x0), float(y0), float(x1), float(y1))
+        instances.append(Instance(prompt, 1.0, box, folded.get(k, ())))
+        labels[mask & (labels == 0)] = len(instances)
+    return labels, instances
+
+
+def _near(signed: np.ndarray, colours: Sequence[tuple[int, int, int]]) -> np.ndarray:
+    """Pixels within ``TOLERANCE`` of any of ``colours``."""
+    near = np.zeros(signed.shape[:2], bool)
+    for colour in colours:
+        near |= np.abs(signed - np.array(colour, np.int16)).max(axis=2) <= TOLERANCE
+    return near
+
+
+def _pixel_span(box: tuple[float, float, float, float]) -> tuple[int, int, int, int]:
+    """The pixels whose centres a box (pixel edges) holds; at least one."""
+    x0, y0 = int(np.floor(box[0] + 0.5)), int(np.floor(box[1] + 0.5))
+    x1, y1 = max(int(np.floor(box[2] + 0.5)), x0 + 1), max(int(np.floor(box[3] + 0.5)), y0 + 1)
+    return x0, y0, x1, y1
+
+
+def _median(pixels: np.ndarray, box: tuple[float, float, float, float]) -> tuple[int, int, int]:
+    """The median colour of the pixels a box holds."""
+    x0, y0, x1, y1 = _pixel_span(box)
+    inside = pixels[y0:y1, x0:x1].reshape(-1, pixels.shape[2])[:, :3]
+    r, g, b = (int(v) for v in np.rint(np.median(inside, axis=0)))
+    return r, g, b
+
+
+def _above_threshold(config: RunConfig, outcome: Outcome) -> Outcome:
+    """Instances scoring below their prompt's ``--prompt-threshold`` dropped (this engine's own
+    scores are 1.0; an engine built on it may score otherwise)."""
+    if not isinstance(outcome, Segmentation) or not config.prompt_thresholds:
+        return outcome
+    given = dict(config.prompt_thresholds)
+    instances = outcome.instances
+    keep = [k for k, inst in enumerate(instances) if inst.score >= given.get(inst.prompt, 0.0)]
+    if len(keep) < len(instances):
+        lookup = np.zeros(len(instances) + 1, outcome.labels.dtype)
+        lookup[np.array(keep, int) + 1] = np.arange(1, len(keep) + 1)
+        outcome.labels, outcome.instances, outcome.areas = (
+            lookup[outcome.labels],
+            [instances[k] for k in keep],
+            None,
+        )
+    return outcome
 
 
 def _largest(found: np.ndarray, count: int, limit: int) -> list[int]:

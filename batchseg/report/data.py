@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from ..errors import OutputError
 from ..logs import LOG_NAME_RE
+from ..prompting import classes_of
 from ..records import ALL_STATES, FAILURE_VALUES, Status
 from ..store.manifest import manifest_paths, read_manifest_run
 from .previews import PREVIEW_STATUSES, preview_relpath
@@ -106,6 +107,7 @@ class ReportData:
     failures: list[FailureGroup]
     failure_total: int
     prompts: list[PromptStats]
+    classes: list[tuple[str, int, int]]  # (class, detections, images with one), where --class was given
     count_hist: list[tuple[str, int]]
     gallery: dict[str, list[GalleryItem]]
     session: LogSession | None
@@ -159,6 +161,7 @@ def collect_report(output_dir: Path) -> ReportData:
         failures=failures,
         failure_total=failure_total,
         prompts=_prompt_stats(dets, prompts),
+        classes=_class_counts(dets, classes_of(run.config)),
         count_hist=_count_hist(images),
         gallery=_gallery(output_dir, images),
         session=session,
@@ -224,6 +227,23 @@ def _failures(images: pa.Table) -> tuple[list[FailureGroup], int]:
             )
         )
     return out, failed.num_rows
+
+
+def _class_counts(dets: pa.Table, classes: dict[str, str]) -> list[tuple[str, int, int]]:
+    """Detections and images with one per class (``--class``; a prompt without one is its own
+    class), largest first; empty where no class was given."""
+    if not classes:
+        return []
+    detections: dict[str, int] = {}
+    images: dict[str, set[str]] = {}
+    for path, prompt in zip(dets["path"].to_pylist(), dets["prompt"].to_pylist(), strict=True):
+        name = classes.get(prompt, prompt)
+        detections[name] = detections.get(name, 0) + 1
+        images.setdefault(name, set()).add(path)
+    for name in classes.values():
+        detections.setdefault(name, 0)
+    ordered = sorted(detections.items(), key=lambda kv: (-kv[1], kv[0]))
+    return [(name, count, len(images.get(name, ()))) for name, count in ordered]
 
 
 def _prompt_stats(dets: pa.Table, run_prompts: list[str]) -> list[PromptStats]:

@@ -226,6 +226,17 @@ def _detections(d: ReportData) -> str:
         "<table><tr><th>prompt</th><th class=n>detections</th><th class=n>images with one</th>"
         f"<th class=n>mean score</th></tr>{''.join(rows)}</table>"
     )
+    if d.classes:
+        table += (
+            "<h3>Detections per class</h3><table><tr><th>class</th><th class=n>detections</th>"
+            "<th class=n>images with one</th></tr>"
+            + "".join(
+                f'<tr class="class-row"><th>{_e(name)}</th><td class="n">{_n(count)}</td>'
+                f'<td class="n">{_n(images)}</td></tr>'
+                for name, count, images in d.classes
+            )
+            + "</table>"
+        )
     return (
         f'<section id="detections"><h2>Detections per prompt</h2>{table}'
         f"<h3>Scores</h3>{_score_svg(d)}<h3>Detections per image (ok images)</h3>{_count_svg(d)}</section>"

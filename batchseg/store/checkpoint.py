@@ -14,6 +14,7 @@ read-only connection, which WAL lets run beside the writer.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -377,6 +378,7 @@ class Checkpoint:
                 "mask_width": result.width,
                 "run_id": self.run_id,
                 "tiles": int(d.tiles),
+                "folded": json.dumps(list(d.folded)) if d.folded else None,
             }
             rows.append(tuple(values[c] for c in _DETECTION_COLUMNS))
         return rows

@@ -33,6 +33,8 @@ import pyarrow.parquet as pq
 from .. import __version__
 from ..atomic import atomic_path
 from ..errors import OutputError
+from ..geo.mosaic import label_maps, write_mosaics
+from ..prompting import classes_of
 from ..records import FINAL_FAILURES, Item, Status
 from .checkpoint import Checkpoint, RunInfo, read_run_info
 from .folder import existing_previews, preview_relpath
@@ -61,7 +63,7 @@ IMAGES_SCHEMA = IMAGES.arrow_schema()
 DETECTIONS_SCHEMA = DETECTIONS.arrow_schema()
 
 _IMAGE_SQL = IMAGES.select(tuple(c.name for c in IMAGES.exported if c.sql), order="path")
-_DETECTION_SQL = DETECTIONS.select(tuple(c.name for c in DETECTIONS.exported), order="path, idx")
+_DETECTION_SQL = DETECTIONS.select(tuple(c.name for c in DETECTIONS.exported if c.sql), order="path, idx")
 _META_PREFIX = "batchseg."
 
 
@@ -110,6 +112,7 @@ def export_manifest(
                 n_detections = _write_detections(conn, det_tmp, run, export_id)
             if polygons and run.config.get("vectors"):  # polygons.parquet from the same snapshot
                 export_polygons(conn, output_dir, run.run_id, run.model_id, run.config)
+            write_mosaics(output_dir, label_maps(conn))  # labels.vrt: the run's maps as one layer
             conn.execute("COMMIT")
     except sqlite3.DatabaseError as exc:
         raise OutputError(f"cannot read the checkpoint {checkpoint.path} for the manifest: {exc}") from exc
@@ -148,7 +151,8 @@ def _write_images(
             for name in TIME_COLUMNS:
                 columns[name] = tuple(None if t is None else round(t * 1_000_000) for t in columns[name])
             for name in JSON_LIST_COLUMNS:
-                columns[name] = tuple(None if v is None else json.loads(v) for v in columns[name])
+                if name in columns:
+                    columns[name] = tuple(None if v is None else json.loads(v) for v in columns[name])
             for name, value in per_run.items():
                 columns[name] = (value,) * len(rows)
             named = (preview_relpath(p) for p in columns["path"])
@@ -165,10 +169,16 @@ def _write_detections(conn: sqlite3.Connection, dst: Path, run: RunInfo, export_
         {_META_PREFIX + "run_id": run.run_id, _META_PREFIX + "export_id": export_id}
     )
     total = 0
+    stored = [c.manifest_name for c in DETECTIONS.exported if c.sql]
+    classes = classes_of(run.config)
     with pq.ParquetWriter(dst, schema) as writer:
         for rows in _batches(conn, _DETECTION_SQL):
-            columns = zip(*rows, strict=True)
-            arrays = [pa.array(column, f.type) for column, f in zip(columns, schema, strict=True)]
+            columns = dict(zip(stored, zip(*rows, strict=True), strict=True))
+            for name in JSON_LIST_COLUMNS:
+                if name in columns:
+                    columns[name] = tuple(None if v is None else json.loads(v) for v in columns[name])
+            columns["class"] = tuple(classes.get(p, p) for p in columns["prompt"])
+            arrays = [pa.array(columns[f.name], f.type) for f in schema]
             writer.write_batch(pa.record_batch(arrays, schema))
             total += len(rows)
     _fsync(dst)

@@ -5,7 +5,7 @@ Only images whose status is ``ok`` count, so the part of an image that failed la
 is being redone is left out. An ``ok`` image with detections but no part file (processed before
 ``--vectors`` was given) gets its part made here from its label map, its detections and the
 georeference stored in its row, so turning ``--vectors`` on for an output folder covers every image.
-Run id and model are set here for every row. Imports the geo extra only when called.
+Run id, model and class (``--class``) are set here for every row. Imports the geo extra only when called.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import imageio
+from ..prompting import classes_of
 from ..records import Detection
 from ..sources import polygons_relpath
 from .tables import MANIFEST_DIR, path_from
@@ -63,6 +64,9 @@ def export_polygons(
     table = table.set_column(
         table.schema.get_field_index("model"), "model", pa.array([model] * table.num_rows, pa.string())
     )
+    classes = classes_of(config)  # the class of each prompt (--class), as the detections have it
+    named = [classes.get(p, p) for p in table.column("prompt").to_pylist()]
+    table = table.append_column("class", pa.array(named, pa.string()))
     return write_polygons(output_dir / MANIFEST_DIR / POLYGONS_FILE, table)
 
 

@@ -72,7 +72,7 @@ def manifest_seed(output_dir: Path) -> Seed | None:
             columns = DETECTIONS.stored
             names = [c.manifest_name for c in columns if c.manifest_name in have]
             for batch in source.iter_batches(BATCH_ROWS, columns=names):
-                cols = batch.to_pydict()
+                cols = _columns_as_epoch(batch)
                 n = batch.num_rows
                 # A column added after the manifest was written: its default for every row.
                 full = [cols.get(c.manifest_name, [c.default] * n) for c in columns]

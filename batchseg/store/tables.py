@@ -282,6 +282,14 @@ DETECTIONS = Table(
                 "processed whole; rows written before tiling read as 1)"
             ),
         ),
+        # JSON text in the checkpoint (JSON_LIST_COLUMNS).
+        _c(
+            "folded",
+            "TEXT",
+            pa.list_(pa.string()),
+            doc="prompts whose detection of this object was folded into it (`--suppress-iou`); null: none",
+        ),
+        _c("class", None, pa.string(), doc="the class of its prompt (`--class`, else the prompt)"),
     ),
     key=("path", "idx"),
     without_rowid=True,
@@ -290,7 +298,7 @@ DETECTIONS = Table(
 #: Columns that hold epoch seconds in SQLite and UTC timestamps in the manifest.
 TIME_COLUMNS = ("started_at", "finished_at")
 #: Columns held as JSON text in SQLite and as a list in the manifest (the input's affine transform).
-JSON_LIST_COLUMNS = ("transform",)
+JSON_LIST_COLUMNS = ("transform", "folded")
 #: images columns a result sets (the rest: updated_at and prior_status, set by the store).
 RESULT_COLUMNS = tuple(c.name for c in IMAGES.stored if c.name not in ("updated_at", "prior_status"))
 

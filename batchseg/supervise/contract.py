@@ -78,6 +78,8 @@ class Instance:
     prompt: str
     score: float
     box: tuple[float, float, float, float] | None = None
+    #: other prompts whose detection of the same object was folded into this one (--suppress-iou)
+    folded: tuple[str, ...] = ()
 
 
 @dataclass

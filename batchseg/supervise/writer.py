@@ -133,7 +133,8 @@ class OutputWriter:
         for k, inst in enumerate(instances, start=1):
             x0, y0, x1, y1 = inst.box if inst.box is not None else found[k]
             box = (x0 + left, y0 + top, x1 + left, y1 + top)
-            detections.append(Detection(inst.prompt, k, inst.score, box, int(areas[k - 1]), counts[k]))
+            area = int(areas[k - 1])
+            detections.append(Detection(inst.prompt, k, inst.score, box, area, counts[k], folded=inst.folded))
         return labels, detections
 
     def _ok(

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 from ... import imageio
 from ...config import RunConfig
+from ...exemplars import run_prompts
+from ...prompting import check_prompt_maps
 from ...supervise.contract import EngineSpec
 from .prompts import check_prompts
 from .sizing import CPU_SUB_BATCHES_PER_TASK, SUB_BATCHES_PER_TASK
@@ -38,5 +40,9 @@ def load_engine(spec: EngineSpec, slot: int) -> Sam3Engine:
 
 def check(config: RunConfig) -> None:
     """What the parent can refuse before any worker starts: prompts that are empty or longer than
-    the model reads (``prompts.check_prompts``). Raises ConfigError (exit 1)."""
-    check_prompts(config.model, config.prompts)
+    the model reads (``prompts.check_prompts``; those the exemplar boxes add included), an
+    exemplar file that cannot be read. Raises ConfigError (exit 1); BadValueError (exit 2) for a
+    --class or --prompt-threshold that names no prompt."""
+    prompts = run_prompts(config)
+    check_prompt_maps(config, prompts)
+    check_prompts(config.model, prompts)
