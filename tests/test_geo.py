@@ -26,7 +26,8 @@ from batchseg.geo.georef import (
     world_file_for,
     world_file_text,
 )
-from batchseg.geo.raster import label_dtype, open_label_geotiff, write_label_geotiff, write_png_sidecars
+from batchseg.geo.raster import label_dtype, write_label_geotiff, write_png_sidecars
+from batchseg.tiles.cog import write_cog_atomically
 
 __all__ = ["UTM", "UTM_GRID", "WGS84", "WGS84_GRID", "make_geotiff", "rgb"]
 
@@ -305,7 +306,7 @@ def test_label_geotiff_has_the_input_grid_exactly(tmp_path: Path, crs: object, t
     assert geo is not None
     labels = np.zeros((600, 700), np.uint16)
     labels[100:300, 50:650] = 7
-    write_label_geotiff(tmp_path / "labels.tif", geo, labels, rows_per_write=128)
+    write_label_geotiff(tmp_path / "labels.tif", geo, labels)
     with rasterio.open(source) as src, rasterio.open(tmp_path / "labels.tif") as out:
         assert out.crs == src.crs and out.transform == src.transform
         assert (out.width, out.height, out.count, out.dtypes[0], out.nodata) == (700, 600, 1, "uint16", 0)
@@ -316,12 +317,12 @@ def test_label_geotiff_has_the_input_grid_exactly(tmp_path: Path, crs: object, t
     assert not list(tmp_path.glob("*.batchseg-tmp"))
 
 
-def test_label_geotiff_window_by_window_and_uint32(tmp_path: Path) -> None:
+def test_label_geotiff_uint32(tmp_path: Path) -> None:
     geo = read_georef(make_geotiff(tmp_path / "in.tif", rgb(40, 50)))
     assert geo is not None and label_dtype(65535) == "uint16" and label_dtype(65536) == "uint32"
-    with open_label_geotiff(tmp_path / "big.tif", geo, 70000) as writer:
-        writer.write(0, 0, np.full((40, 25), 70000, np.uint32))
-        writer.write(25, 0, np.full((40, 25), 3, np.uint32))
+    labels = np.full((40, 50), 3, np.uint32)
+    labels[:, :25] = 70000
+    write_label_geotiff(tmp_path / "big.tif", geo, labels)
     with rasterio.open(tmp_path / "big.tif") as out:
         assert out.dtypes[0] == "uint32" and out.read(1)[0, :].tolist() == [70000] * 25 + [3] * 25
 
@@ -329,8 +330,14 @@ def test_label_geotiff_window_by_window_and_uint32(tmp_path: Path) -> None:
 def test_a_failed_write_leaves_no_label_map(tmp_path: Path) -> None:
     geo = read_georef(make_geotiff(tmp_path / "in.tif", rgb(40, 50)))
     assert geo is not None
-    with pytest.raises(RuntimeError), open_label_geotiff(tmp_path / "out.tif", geo, 5):
+    with pytest.raises(ValueError, match="do not match"):
+        write_label_geotiff(tmp_path / "out.tif", geo, np.zeros((41, 50), np.uint16))
+
+    def fail(out: np.ndarray, cols: np.ndarray, rows: np.ndarray) -> bool:
         raise RuntimeError("engine failed half way")
+
+    with pytest.raises(RuntimeError):  # a failure half way through the blocks: no file either
+        write_cog_atomically(tmp_path / "out.tif", 2000, 2000, np.uint16, fail)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"]
 
 

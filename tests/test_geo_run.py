@@ -22,12 +22,12 @@ from PIL import Image
 from pyproj import CRS as ProjCRS
 from pyproj.enums import WktVersion
 from rasterio.crs import CRS
+from rio_cogeo.cogeo import cog_validate
 
 from batchseg.config import RunConfig
 from batchseg.geo import GeoExtraMissing
 from batchseg.geo.georef import world_file_text
 from batchseg.geo.source import GeoSource
-from batchseg.imageio import read_label_map
 from batchseg.sources import check_geo_extra, read_for_engine, valid_of
 from batchseg.tiles import MergedDetection, SparseMask, open_source, write_label_map
 
@@ -174,17 +174,24 @@ def test_world_file_images_keep_their_georeference(geo_run: tuple[Path, Any]) ->
     images = _images(output)
     for name, world in (("ortho.png", "ortho.pgw"), ("photo.jpg", "photo.jgw")):
         row = images[name]
-        assert row["mask_path"] == f"masks/{name}.png" and row["georef_source"] == world
+        assert row["mask_path"] == f"masks/{name}.tif" and row["georef_source"] == world
         assert row["crs_epsg"] == 32633 and row["transform"] == list(GRID)[:6]
-        mask = output / row["mask_path"]
-        assert (output / f"masks/{name}.pgw").is_file() and (output / f"masks/{name}.prj").is_file()
-        with rasterio.open(mask) as src:  # GDAL finds the sidecars as QGIS does
+        with rasterio.open(output / row["mask_path"]) as src:  # a GeoTIFF on the world file's grid
             assert src.crs == UTM and src.transform == GRID
-        labels = read_label_map(mask)
+            labels = src.read(1)
         assert labels.shape == (160, 200) and labels.max() >= 2
     png = geopandas.read_parquet(output / "manifest" / "polygons.parquet")
     png = png[png["path"] == "ortho.png"].set_index("prompt")
     assert png.loc["blue", "geometry"].normalize().equals_exact(shapely.box(*BLUE_BOX).normalize(), 1e-6)
+
+
+def test_every_label_map_is_a_cog(geo_run: tuple[Path, Any]) -> None:
+    output, _ = geo_run
+    masks = sorted((output / "masks").glob("*.tif"))
+    assert [m.name for m in masks] == ["nodata16.tif.tif", "ortho.png.tif", "photo.jpg.tif", "utm.tif.tif"]
+    for mask in masks:
+        valid, errors, warnings = cog_validate(mask, strict=True, quiet=True)
+        assert valid, (mask.name, errors, warnings)
 
 
 def test_nodata_never_carries_a_detection(geo_run: tuple[Path, Any]) -> None:

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 
 from batchseg import imageio
 from batchseg.errors import InvalidImageError
-from batchseg.tiles import labelmap
+from batchseg.tiles import cog, labelmap
 from batchseg.tiles import source as source_module
 from batchseg.tiles.grid import plan_tiles
 from batchseg.tiles.labelmap import label_map_relpath, read_label_window, write_label_map
@@ -106,7 +106,7 @@ def test_more_than_65535_detections_make_a_uint32_map(tmp_path: Path) -> None:
 
 
 def test_bigtiff_past_the_size_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(labelmap, "_BIGTIFF_FROM", 1000)
+    monkeypatch.setattr(cog, "_BIGTIFF_FROM", 1000)
     merged = _merged(3000, 3500)
     write_label_map(tmp_path / "big.tif", merged, 3000, 3500)
     with tifffile.TiffFile(tmp_path / "big.tif") as tf:

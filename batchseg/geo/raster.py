@@ -1,42 +1,48 @@
-"""Label maps on the source grid: a GeoTIFF written window by window, or sidecars for a PNG mask.
+"""Label maps on the source grid: a cloud-optimized GeoTIFF written block by block, or sidecars
+for a PNG mask.
 
 The GeoTIFF has the input's CRS, transform and size exactly; uint16 (uint32 past 65535 labels),
-nodata 0, 512x512 tiles, DEFLATE with PREDICTOR=2, BIGTIFF=IF_SAFER. It is written to a temp name
-beside the target and renamed into place, so a reader never sees half a label map.
+nodata 0, the layout of ``tiles.cog`` (512x512 tiles, DEFLATE with the predictor, nearest overviews,
+IFDs first). Its GeoTIFF keys are GDAL's own: GDAL writes a one-pixel GeoTIFF with the CRS and
+transform in memory and its tags are copied, so every CRS GDAL can encode is encoded as GDAL does.
+It is written to a temp name beside the target and renamed into place, so a reader never sees half
+a label map.
 """
 
 from __future__ import annotations
 
-import contextlib
+import io
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from ..atomic import atomic_path, atomic_write_bytes
+from ..atomic import atomic_write_bytes
+from ..tiles.cog import _TYPE_SIZE, Tag, nodata_tag, write_cog_atomically
 from ._extra import missing_extra
 from .georef import Georef, world_file_text
 
 try:
     import pyproj
     import rasterio
-    from rasterio.windows import Window
+    import tifffile
+    from rasterio.io import MemoryFile
 except ImportError as _exc:  # pragma: no cover
     raise missing_extra(_exc) from _exc
 
 __all__ = [
-    "LabelWriter",
+    "GEO_TAGS",
+    "geotiff_tags",
     "label_dtype",
-    "label_profile",
-    "open_label_geotiff",
     "write_label_geotiff",
     "write_png_sidecars",
 ]
 
-BLOCK = 512
+#: ModelPixelScale, ModelTiepoint, ModelTransformation, GeoKeyDirectory, GeoDoubleParams,
+#: GeoAsciiParams: the tags that say where a GeoTIFF lies.
+GEO_TAGS = (33550, 33922, 34264, 34735, 34736, 34737)
 
 
 def label_dtype(max_label: int) -> str:
@@ -44,58 +50,50 @@ def label_dtype(max_label: int) -> str:
     return "uint16" if max_label <= np.iinfo(np.uint16).max else "uint32"
 
 
-def label_profile(georef: Georef, max_label: int) -> dict[str, Any]:
-    """The creation options of a label GeoTIFF on ``georef``'s grid."""
-    return {
-        "driver": "GTiff",
-        "width": georef.width,
-        "height": georef.height,
-        "count": 1,
-        "dtype": label_dtype(max_label),
-        "crs": georef.crs,
-        "transform": georef.affine,
-        "nodata": 0,
-        "tiled": True,
-        "blockxsize": BLOCK,
-        "blockysize": BLOCK,
-        "compress": "deflate",
-        "predictor": 2,
-        "BIGTIFF": "IF_SAFER",
-    }
+def geotiff_tags(georef: Georef, nodata: int | None = 0) -> list[Tag]:
+    """The GeoTIFF tags of ``georef``'s CRS and transform as GDAL writes them, plus GDAL's nodata."""
+    profile = {"driver": "GTiff", "width": 1, "height": 1, "count": 1, "dtype": "uint8"}
+    with rasterio.Env(GTIFF_WRITE_TOWGS84="AUTO"), MemoryFile() as memory:
+        with memory.open(**profile, crs=georef.crs, transform=georef.affine) as dst:
+            dst.write(np.zeros((1, 1, 1), np.uint8))
+        data = memory.read()
+    tags = []
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        if tif.byteorder != "<":  # pragma: no cover - GDAL writes the machine's order, little-endian
+            raise ValueError("GDAL wrote a big-endian GeoTIFF")
+        for tag in tif.pages.first.tags:
+            if tag.code in GEO_TAGS:
+                size = tag.count * _TYPE_SIZE[int(tag.dtype)]
+                raw = data[tag.valueoffset : tag.valueoffset + size]
+                tags.append(Tag(tag.code, int(tag.dtype), tag.count, raw))
+    return tags + ([nodata_tag(nodata)] if nodata is not None else [])
 
 
-class LabelWriter:
-    """An open label GeoTIFF; ``write`` puts one window (x0, y0 from the upper-left) at a time."""
+class _Array:
+    """A label array in memory as a ``cog.Painter``."""
 
-    def __init__(self, dst: rasterio.io.DatasetWriter, dtype: str) -> None:
-        self._dst = dst
-        self._dtype = dtype
+    def __init__(self, labels: npt.NDArray[np.integer[Any]]) -> None:
+        self.labels = labels
 
-    def write(self, x0: int, y0: int, labels: npt.NDArray[np.integer[Any]]) -> None:
-        height, width = labels.shape
-        self._dst.write(labels.astype(self._dtype, copy=False), 1, window=Window(x0, y0, width, height))
-
-
-@contextlib.contextmanager
-def open_label_geotiff(path: str | os.PathLike[str], georef: Georef, max_label: int) -> Iterator[LabelWriter]:
-    """Yield a writer; the file appears at ``path`` only when the block ends without error."""
-    profile = label_profile(georef, max_label)
-    with atomic_path(path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
-        yield LabelWriter(dst, profile["dtype"])
+    def __call__(self, out: np.ndarray, cols: np.ndarray, rows: np.ndarray) -> bool:
+        if cols[-1] - cols[0] + 1 == cols.size and rows[-1] - rows[0] + 1 == rows.size:
+            part = self.labels[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        else:
+            part = self.labels[np.ix_(rows, cols)]
+        if not part.any():
+            return False
+        out[...] = part
+        return True
 
 
 def write_label_geotiff(
-    path: str | os.PathLike[str],
-    georef: Georef,
-    labels: npt.NDArray[np.integer[Any]],
-    rows_per_write: int = BLOCK * 8,
+    path: str | os.PathLike[str], georef: Georef, labels: npt.NDArray[np.integer[Any]]
 ) -> None:
-    """Write a whole label array (rows at a time, so GDAL never holds a second full copy)."""
+    """Write a whole label array as a COG GeoTIFF on ``georef``'s grid."""
     if labels.shape != (georef.height, georef.width):
         raise ValueError(f"labels {labels.shape} do not match the grid {(georef.height, georef.width)}")
-    with open_label_geotiff(path, georef, int(labels.max(initial=0))) as writer:
-        for y0 in range(0, georef.height, rows_per_write):
-            writer.write(0, y0, labels[y0 : y0 + rows_per_write])
+    dtype = np.uint16 if label_dtype(int(labels.max(initial=0))) == "uint16" else np.uint32
+    write_cog_atomically(path, georef.width, georef.height, dtype, _Array(labels), geotiff_tags(georef))
 
 
 def write_png_sidecars(png_path: str | os.PathLike[str], georef: Georef) -> list[Path]:

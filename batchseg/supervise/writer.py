@@ -214,16 +214,16 @@ def drop_unpainted(
 
 
 def mask_relpath(rel: str, georef: Georef | None) -> str:
-    """``masks/<rel>.tif`` for an input with its own georeference (GeoTIFF), else ``masks/<rel>.png``
-    (a world-file image gets its sidecars beside the PNG)."""
-    if georef is not None and georef.source == "internal":
+    """``masks/<rel>.tif`` (a cloud-optimized GeoTIFF) for a georeferenced input, its own keys or a
+    world file, else ``masks/<rel>.png``."""
+    if georef is not None:
         return f"masks/{rel}.tif"
     return imageio.mask_relpath(rel)
 
 
 def save_label_map(target: str | os.PathLike[str], labels: np.ndarray, georef: Georef | None) -> None:
-    """The label map at ``target`` (from ``mask_relpath``): a GeoTIFF on the source grid, a PNG with
-    world file, ``.prj`` and ``.aux.xml`` for a world-file image, or the plain 16-bit PNG."""
+    """The label map at ``target`` (from ``mask_relpath``): a COG GeoTIFF on the source grid, or the
+    plain 16-bit PNG (given a ``georef``, a PNG gets world file, ``.prj`` and ``.aux.xml``)."""
     if georef is not None and os.fspath(target).endswith(".tif"):
         from ..geo.raster import write_label_geotiff
 
