@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,13 @@ from PIL import Image
 from ... import imageio, sources
 from ...config import RunConfig
 from ...errors import ConfigError, InvalidImageError
+from ...exemplars import load_exemplars, run_prompts
+from ...prompting import EXEMPLAR_PROMPT, threshold_of
 from ...records import Item, ItemResult, Status, failure_result
 from ...supervise.contract import Capabilities, HeartbeatFn, Instance, Outcome, Segmentation
 from ...tiles.source import WindowReader
 from ...values import show
+from .exemplar_boxes import EXEMPLARS_KEY, VISUAL_TEXT, Boxes, Placer, forward_prompt, nothing_scored
 from .ladder import OutOfMemoryLadder
 from .model import max_prompt_tokens, resolve_device
 from .postprocess import (
@@ -88,6 +91,7 @@ class EncodedImages:
     vision: Any  # Sam3VisionEncoderOutput
     sizes: list[tuple[int, int]]
     done: Any = None  # torch.cuda.Event recorded after the vision encoder's work, on a GPU
+    boxes: list[Boxes] = field(default_factory=list)  # each image's exemplar boxes per prompt
 
 
 class Sam3Engine:
@@ -105,7 +109,14 @@ class Sam3Engine:
         self.device = _describe_device(device, dtype)
         self.input_root = Path(config.input)
         self.output_dir = Path(config.output_dir)
-        self.prompts = self.encode_prompts(config.prompts)
+        # --prompt, then the prompts the exemplar boxes add (those run only where they have boxes).
+        self.exemplars = load_exemplars(config)
+        names = run_prompts(config, self.exemplars)
+        self.prompts = self.encode_prompts(names)
+        self.boxes_only = [name not in config.prompts for name in names]
+        self.placer = (
+            Placer(self.exemplars, names, config.prompts, Path(config.input)) if self.exemplars else None
+        )
         cuda = self.torch_device.type == "cuda"
         # Images per forward pass: --batch-size, else 1 on CPU (a batch of 2 was slower than two
         # singles there) and what free memory allows on a GPU; halved for good after CUDA OOM.
@@ -185,7 +196,9 @@ class Sam3Engine:
         limit = max_prompt_tokens(self.model)
         encoded = []
         for prompt in prompts:
-            tokens = self.processor(text=prompt, return_tensors="pt")
+            # Boxes alone (no --prompt): the processor's own text for a visual prompt.
+            alone = prompt == EXEMPLAR_PROMPT and not self.config.prompts
+            tokens = self.processor(text=VISUAL_TEXT if alone else prompt, return_tensors="pt")
             n_tokens = int(tokens["attention_mask"].sum())
             if tokens["input_ids"].shape[-1] > limit:
                 raise ConfigError(
@@ -210,6 +223,8 @@ class Sam3Engine:
                 image = sources.read_for_engine(
                     self.input_root / item.path, self.config, draft_side=self.draft_side
                 )
+            if self.placer is not None:  # the image's exemplar boxes, in its own pixels
+                image.info[EXEMPLARS_KEY] = self.placer.boxes(item, image, image.info.get(WHOLE_SIZE))
             if self.torch_device.type == "cuda":
                 self._pinned_pixels[id(image)] = self._pinned(image)
             return image
@@ -251,7 +266,7 @@ class Sam3Engine:
             vision = self.model.get_vision_features(pixel_values=pixels)
         # Masks and boxes are made at the full size, also for a JPEG decoded at a reduced scale.
         full = [imageio.original_size(image)[::-1] for image in images]
-        encoded = EncodedImages(vision, full)
+        encoded = EncodedImages(vision, full, boxes=[image.info.get(EXEMPLARS_KEY) or {} for image in images])
         if self._decode_stream is not None:
             encoded.done = torch.cuda.Event()  # type: ignore[no-untyped-call]
             encoded.done.record()
@@ -268,13 +283,26 @@ class Sam3Engine:
             if stream is not None:
                 stream.wait_event(encoded.done)
             for index, text in enumerate(self.prompts):
+                threshold = threshold_of(self.config, text.prompt)
+                boxed = any(boxes.get(index) for boxes in encoded.boxes)
                 with torch.inference_mode():
-                    outputs = self.model(
-                        vision_embeds=encoded.vision,
-                        text_embeds=_TextEmbeds(text.features.expand(batch, -1, -1)),
-                        attention_mask=text.attention_mask.expand(batch, -1),
-                    )
-                    scored.append(score_outputs(outputs, index, encoded.sizes, self.config.threshold))
+                    if not boxed and self.boxes_only[index]:
+                        outputs = None  # a prompt of boxes alone, none in this sub-batch
+                    elif not boxed:  # text alone: one forward
+                        outputs = self.model(
+                            vision_embeds=encoded.vision,
+                            text_embeds=_TextEmbeds(text.features.expand(batch, -1, -1)),
+                            attention_mask=text.attention_mask.expand(batch, -1),
+                        )
+                    else:
+                        outputs = forward_prompt(
+                            self.model, encoded.vision, text, encoded.boxes, index, encoded.sizes,
+                            self.boxes_only[index], self.dtype,
+                        )  # fmt: skip
+                    if outputs is None:
+                        scored.append(nothing_scored(index, batch))
+                    else:
+                        scored.append(score_outputs(outputs, index, encoded.sizes, threshold))
                 del outputs
         return scored
 
