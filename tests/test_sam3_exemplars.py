@@ -156,3 +156,37 @@ def test_a_prompt_threshold_is_that_prompts_least_score(tiny_model: Path, images
     assert scores_of(after, "roof") and min(scores_of(after, "roof")) > cut
     assert len(scores_of(after, "roof")) < len(scores_of(before, "roof"))
     assert scores_of(after, "tree") == scores_of(before, "tree")  # --threshold (0) for the other
+
+
+def test_one_object_under_two_prompts_is_one_detection(tiny_model: Path, images: Path) -> None:
+    """With --suppress-iou 0 a detection whose mask meets a better one of the other prompt goes into
+    it, and the better one names the folded prompt (the random model's masks overlap widely)."""
+    plain = engine_for(tiny_model, images, ("roof", "tree"), None)
+    [before] = written(plain, [Item("a.png", 0, 0)])
+    engine = engine_for(tiny_model, images, ("roof", "tree"), None, suppress_iou=0.0)
+    [after] = written(engine, [Item("a.png", 0, 0)])
+    assert len(after.detections) < len(before.detections)
+    folded = [d for d in after.detections if d.folded]
+    assert folded and all(d.folded == ("tree" if d.prompt == "roof" else "roof",) for d in folded)
+    kept = {(d.prompt, d.score) for d in after.detections}
+    best = max(before.detections, key=lambda d: d.score)
+    assert (best.prompt, best.score) in kept  # the best score always keeps its object
+
+
+def test_fold_keeps_the_better_score_and_names_the_folded_prompts() -> None:
+    from batchseg.engines.sam3.postprocess import Candidates, fold
+    from batchseg.engines.sam3.postprocess import Instance as Found
+
+    masks = torch.full((4, 8, 8), -10.0)
+    masks[0, :4, :4] = 10  # prompt 0, best
+    masks[1, :4, :3] = 10  # prompt 1: IoU 12/16 = 0.75 with the first
+    masks[2, :4, :4] = 10  # prompt 0 again: the same prompt is never folded
+    masks[3, 4:, 4:] = 10  # prompt 1 elsewhere
+    found = [
+        Found(p, k, s, (0.0, 0.0, 1.0, 1.0))
+        for k, (p, s) in enumerate([(0, 0.9), (1, 0.8), (0, 0.7), (1, 0.6)])
+    ]
+    kept = fold(Candidates(found, masks), 0.75, 0.5)
+    assert [(i.query, i.folded) for i in kept.instances] == [(0, (1,)), (2, ()), (3, ())]
+    assert torch.equal(kept.masks, masks[[0, 2, 3]])
+    assert [i.query for i in fold(Candidates(found, masks), 0.76, 0.5).instances] == [0, 1, 2, 3]

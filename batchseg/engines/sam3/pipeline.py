@@ -45,6 +45,7 @@ from .postprocess import (
     choose,
     compose,
     compose_many,
+    fold,
     merge,
     score_outputs,
 )
@@ -318,7 +319,14 @@ class Sam3Engine:
 
     def postprocess(self, parts: Sequence[Candidates], size: tuple[int, int]) -> ImageSegmentation:
         """One image's candidates of every prompt -> its label map, detections in label order."""
-        return compose(merge(parts), size[0], size[1], self.config.mask_threshold)
+        return compose(self.merged(parts), size[0], size[1], self.config.mask_threshold)
+
+    def merged(self, parts: Sequence[Candidates]) -> Candidates:
+        """An image's candidates of every prompt, best first; duplicates across prompts folded
+        with --suppress-iou."""
+        found = merge(parts)
+        iou = self.config.suppress_iou
+        return found if iou is None else fold(found, iou, self.config.mask_threshold)
 
     def land(
         self, scored: Sequence[Scored], sizes: Sequence[tuple[int, int]], post_on_cpu: bool = False
@@ -346,7 +354,7 @@ class Sam3Engine:
             parts = [[Candidates(c.instances, c.masks.cpu()) for c in part] for part in parts]
         # Every image's label map queued before one wait for all of them (dense scenes: see
         # docs/performance.md).
-        return compose_many([merge(p) for p in parts], sizes, self.config.mask_threshold)
+        return compose_many([self.merged(p) for p in parts], sizes, self.config.mask_threshold)
 
     def segment(self, images: Sequence[Image.Image], post_on_cpu: bool = False) -> list[ImageSegmentation]:
         """Encode, decode every prompt, post-process: the whole model side for a batch of images."""
@@ -361,7 +369,13 @@ class Sam3Engine:
         """One image's (or window's) instances as the worker's writer takes them; ``image`` (from
         ``read``) says the whole image's size, its georeference and its nodata pixels."""
         instances = [
-            Instance(self.prompts[inst.prompt_index].prompt, inst.score, inst.box) for inst in seg.instances
+            Instance(
+                self.prompts[inst.prompt_index].prompt,
+                inst.score,
+                inst.box,
+                tuple(self.prompts[k].prompt for k in inst.folded),
+            )
+            for inst in seg.instances
         ]
         return Segmentation(
             seg.labels,

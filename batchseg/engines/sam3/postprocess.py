@@ -26,6 +26,7 @@ then clipped to the image.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,7 @@ __all__ = [
     "choose",
     "compose",
     "compose_many",
+    "fold",
     "iter_masks",
     "merge",
     "score_outputs",
@@ -65,6 +67,7 @@ class Instance:
     query: int  # index among the model's queries, for tracing back to raw outputs
     score: float
     box: tuple[float, float, float, float]  # x0, y0, x1, y1 in original-image pixels, clipped
+    folded: tuple[int, ...] = ()  # prompts whose detection of this object was folded into it
 
 
 @dataclass
@@ -158,6 +161,43 @@ def merge(parts: Sequence[Candidates]) -> Candidates:
     order = sorted(range(len(instances)), key=lambda i: -instances[i].score)  # sorted() is stable
     index = torch.tensor(order, dtype=torch.long, device=masks.device)
     return Candidates([instances[i] for i in order], masks[index])
+
+
+def fold(candidates: Candidates, iou: float, mask_threshold: float) -> Candidates:
+    """One object under one prompt (``--suppress-iou``): a candidate whose mask overlaps a better one
+    of another prompt by at least ``iou`` (intersection over union of the low-resolution masks at
+    ``mask_threshold``) is folded into it; ``candidates`` come best first (``merge``), so the better
+    score keeps the object, a tie the earlier prompt. ``prompting.fold_duplicates`` on the device."""
+    instances = candidates.instances
+    if len(instances) < 2:
+        return candidates
+    masks = (candidates.masks.float().sigmoid() > mask_threshold).flatten(1).float()
+    inter = masks @ masks.T
+    areas = masks.sum(dim=1)
+    overlap = (inter / (areas[:, None] + areas[None, :] - inter).clamp(min=1)).cpu()
+    touching = (inter > 0).cpu()
+    kept: list[int] = []
+    folded: dict[int, list[int]] = {}
+    for k, inst in enumerate(instances):
+        into = next(
+            (
+                j
+                for j in kept
+                if instances[j].prompt_index != inst.prompt_index
+                and bool(touching[j, k])
+                and float(overlap[j, k]) >= iou
+            ),
+            None,
+        )
+        if into is None:
+            kept.append(k)
+        elif inst.prompt_index not in folded.setdefault(into, []):
+            folded[into].append(inst.prompt_index)
+    if len(kept) == len(instances):
+        return candidates
+    chosen = [dataclasses.replace(instances[k], folded=tuple(folded.get(k, ()))) for k in kept]
+    index = torch.tensor(kept, device=candidates.masks.device)
+    return Candidates(chosen, candidates.masks.index_select(0, index))
 
 
 def compose(
