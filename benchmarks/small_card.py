@@ -46,6 +46,7 @@ def main() -> None:
         batch_size=args.batch,
     )
     engine = load_engine(EngineSpec(config=config), 0)
+    loaded_gib = torch.cuda.memory_allocated() / 2**30  # weights on the GPU, text tower released
     paths = sorted(args.images_dir.glob("*.jpg"))[: args.images]
     items = [Item(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
     with warnings.catch_warnings(record=True) as caught:
@@ -60,6 +61,7 @@ def main() -> None:
                 "statuses": [str(r.status) for r in results],
                 "detections": [len(r.detections) for r in results],
                 "errors": [r.error_message for r in results if r.error_message],
+                "allocated_after_load_gib": loaded_gib,
                 "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
                 "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
                 "device": engine.device,

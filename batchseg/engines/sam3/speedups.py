@@ -15,7 +15,7 @@ import torch
 
 from .fused import fuse_rope, restore_rope
 
-__all__ = ["FixedBatchBackbone", "priority_stream", "speed_up"]
+__all__ = ["FixedBatchBackbone", "priority_stream", "release_text_tower", "speed_up"]
 
 
 def speed_up(
@@ -32,6 +32,16 @@ def speed_up(
     backbone = FixedBatchBackbone(model.vision_encoder.backbone, batch, compile, cuda_graphs)
     model.vision_encoder.backbone = backbone
     return backbone, fused
+
+
+def release_text_tower(model: Any, device: torch.device) -> None:
+    """Move the text encoder off the GPU once every prompt is encoded: the engine keeps the
+    prompts' features and never runs it again, and on a 4 GiB card its weights are memory the
+    images need (docs/performance.md has the figures)."""
+    if device.type != "cuda" or getattr(model, "text_encoder", None) is None:
+        return
+    model.text_encoder.to("cpu")
+    torch.cuda.empty_cache()
 
 
 def priority_stream(device: torch.device) -> Any:
