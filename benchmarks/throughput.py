@@ -13,7 +13,12 @@ Each phase runs in its own process so GPU memory and threads never leak between 
     python benchmarks/throughput.py --model full --device cuda --images 200 --batch-size 16
     python benchmarks/throughput.py --model tiny --device cpu --images 300
     python benchmarks/throughput.py --model path/to/sam3 --device cuda
+    python benchmarks/throughput.py --model full --device cuda --images 400 --exemplars 3 \
+        --phases end_to_end                # text only, then text + 3 exemplar boxes per image
 
+``--exemplars N`` adds a run end to end with N positive exemplar boxes per image (a CSV given to
+``--exemplars``, each box on a different part of the image) beside the text-only one, on the same
+images, card and settings: the cost of exemplars in images/s.
 Writes ``<out>/throughput.json`` and ``<out>/throughput.md``.
 """
 
@@ -195,7 +200,27 @@ def _of_peak(device: str, tflop_per_s: float) -> float | None:
     return round(tflop_per_s / peak, 3) if peak else None
 
 
-def phase_end_to_end(args: argparse.Namespace) -> dict[str, Any]:
+def exemplar_csv(target: Path, images: Path, per_image: int) -> Path:
+    """``per_image`` positive boxes on every image of ``images`` (a quarter of its short side,
+    side by side along a diagonal): the ``--exemplars`` file of the run with exemplars."""
+    lines = ["path,x0,y0,x1,y1,label"]
+    for path in sorted(images.iterdir()):
+        with Image.open(path) as image:
+            width, height = image.size
+        side = min(width, height) // 4
+        for k in range(per_image):
+            x0 = (k * (width - side)) // max(per_image - 1, 1)
+            y0 = (k * (height - side)) // max(per_image - 1, 1)
+            lines.append(f"{path.name},{x0},{y0},{x0 + side},{y0 + side},1")
+    target.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return target
+
+
+def phase_end_to_end_exemplars(args: argparse.Namespace) -> dict[str, Any]:
+    return phase_end_to_end(args, exemplars=args.exemplars)
+
+
+def phase_end_to_end(args: argparse.Namespace, exemplars: int = 0) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     output = Path(args.work) / f"e2e-{time.time_ns()}"
@@ -224,6 +249,10 @@ def phase_end_to_end(args: argparse.Namespace) -> dict[str, Any]:
     ]
     for extra in PROMPTS[1 : args.prompts]:
         command += ["--prompt", extra]
+    if exemplars:
+        output.mkdir(parents=True)
+        boxes = exemplar_csv(output.parent / f"{output.name}-exemplars.csv", Path(args.images_dir), exemplars)
+        command += ["--exemplars", str(boxes)]
     if args.compile:
         command.append("--compile")
     if args.previews:
@@ -258,6 +287,7 @@ def phase_end_to_end(args: argparse.Namespace) -> dict[str, Any]:
         "wall_img_per_s": n / wall,
         "images": n,
         "prompts": args.prompts,
+        "exemplars": exemplars,
         "device": table["device"][0],
         "batch_size": args.batch_size,
         **per_worker(table),
@@ -319,7 +349,12 @@ def phase_naive(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-PHASES = {"model_only": phase_model_only, "end_to_end": phase_end_to_end, "naive": phase_naive}
+PHASES = {
+    "model_only": phase_model_only,
+    "end_to_end": phase_end_to_end,
+    "end_to_end_exemplars": phase_end_to_end_exemplars,
+    "naive": phase_naive,
+}
 
 
 # ---- driver ---------------------------------------------------------------------------------------
@@ -349,6 +384,7 @@ def run_phase(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "naive_images",
         "threshold",
         "prompts",
+        "exemplars",
     ):
         value = getattr(args, key)
         if value is not None:
@@ -390,6 +426,9 @@ def to_markdown(report: dict[str, Any]) -> str:
         ("batchseg run, end to end (steady state)", report["end_to_end"]),
         ("naive loop (fp32, library post-processing)", report["naive"]),
     ]
+    if "end_to_end_exemplars" in report:
+        with_boxes = f"batchseg run, end to end, {report['exemplars']} exemplar boxes per image"
+        rows.insert(2, (with_boxes, report["end_to_end_exemplars"]))
     lines = [
         f"Hardware: {report['hardware']}; model: {report['model']}; images: {report['images']} "
         f"JPEG {report['image_size']}; batch size {report['batch_size']}; dtype {report['dtype']}; "
@@ -422,6 +461,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"end to end / model-only: {ratios.get('e2e_over_model', float('nan')):.3f}; "
         f"end to end / naive: {ratios.get('e2e_over_naive', float('nan')):.2f}",
     ]
+    if "exemplars_over_text" in ratios:
+        lines.append(f"with exemplars / text only (end to end): {ratios['exemplars_over_text']:.3f}")
     return "\n".join(lines) + "\n"
 
 
@@ -442,6 +483,9 @@ def main() -> None:
     parser.add_argument("--naive-images", type=int, default=None, help="images for the naive loop [all]")
     parser.add_argument("--threshold", type=float, default=0.3)
     parser.add_argument("--prompts", type=int, default=1, help="prompts per image, 1 to 4 (end to end)")
+    parser.add_argument(
+        "--exemplars", type=int, default=0, help="also end to end with N exemplar boxes per image"
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbone (CUDA)")
     parser.add_argument("--previews", action="store_true", help="end to end with --previews")
     parser.add_argument("--backend", default="local", help="end to end with --backend ray")
@@ -483,6 +527,11 @@ def main() -> None:
     for name in ("model_only", "end_to_end", "naive"):
         report[name] = run_phase(name, args) if name in args.phases.split(",") else {"error": "not run"}
     ratios = {}
+    if args.exemplars and "end_to_end" in args.phases.split(","):
+        report["exemplars"] = args.exemplars
+        boxed = report["end_to_end_exemplars"] = run_phase("end_to_end_exemplars", args)
+        if "img_per_s" in boxed and "img_per_s" in report["end_to_end"]:
+            ratios["exemplars_over_text"] = boxed["img_per_s"] / report["end_to_end"]["img_per_s"]
     e2e, model, naive = report["end_to_end"], report["model_only"], report["naive"]
     if "img_per_s" in e2e and "img_per_s" in model:
         ratios["e2e_over_model"] = e2e["img_per_s"] / model["img_per_s"]
