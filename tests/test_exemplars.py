@@ -319,3 +319,25 @@ def test_prompt_maps_read_text_and_tables() -> None:
         by_name("prompt_thresholds").kind.from_text("roof=2")
     with pytest.raises(BadValueError):
         kind.from_text("roof")
+
+
+def test_retry_reuses_the_stored_boxes_and_refuses_a_changed_file(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(picture()).save(folder / "a.png")
+    (folder / "broken.png").write_bytes(b"not a PNG")  # invalid_input: something to retry
+    boxes = write_csv(tmp_path / "boxes.csv", ["a.png,14,14,20,20,1,roof"])
+    out = tmp_path / "out"
+    run_args = ["run", str(folder), "--engine", ENGINE, "--exemplars", str(boxes), "--output", str(out)]
+    first = CliRunner().invoke(cli, run_args)
+    assert first.exit_code == 3, first.output
+    retry_args = ["retry", str(out), "--status", "invalid_input"]
+    again = CliRunner().invoke(cli, retry_args, catch_exceptions=False)
+    assert again.exit_code == 3, again.output  # ran with the stored exemplars; broken.png still is
+    assert len(found(out)["a.png"]) == 3
+    write_csv(boxes, ["a.png,44,49,56,61,1,roof"])  # edited since the run began
+    changed = CliRunner().invoke(cli, retry_args)
+    assert changed.exit_code == 1 and "changed since this run's configuration was made" in changed.output
+    resumed = CliRunner().invoke(cli, run_args)
+    assert resumed.exit_code == 1 and "--exemplars:" in resumed.output  # the fingerprint holds the content
+    assert "Pass --new-run" in resumed.output

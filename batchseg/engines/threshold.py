@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import ImageColor
@@ -115,6 +116,7 @@ class ThresholdEngine:
         self.config = config
         self.colours = list(colours)
         self.exemplars = exemplars
+        self._georef: tuple[str | None, Any] = (None, None)  # (path, its Georef) of tiled exemplars
         self.input_root = input_root
         self.max_pixels = max_pixels
         self.max_detections = max_detections
@@ -173,10 +175,12 @@ class ThresholdEngine:
             placed = self.exemplars.place(item.path, pixels.shape[1], pixels.shape[0], georef)  # type: ignore[arg-type]
             return [(p, _median(pixels, p.box)) for p in placed]
         whole = None
-        if self.exemplars.map_coordinates:
-            from ..geo.georef import read_georef
+        if self.exemplars.map_coordinates:  # the whole image's georeference, read once per image
+            if self._georef[0] != item.path:
+                from ..geo.georef import read_georef
 
-            whole = read_georef(self.input_root / item.path)
+                self._georef = (item.path, read_georef(self.input_root / item.path))
+            whole = self._georef[1]
         width, height = size or (pixels.shape[1], pixels.shape[0])
         found = []
         for p in self.exemplars.place(item.path, width, height, whole):
