@@ -341,3 +341,32 @@ def test_retry_reuses_the_stored_boxes_and_refuses_a_changed_file(tmp_path: Path
     resumed = CliRunner().invoke(cli, run_args)
     assert resumed.exit_code == 1 and "--exemplars:" in resumed.output  # the fingerprint holds the content
     assert "Pass --new-run" in resumed.output
+
+
+def test_the_class_reaches_polygons_and_the_gis_export(tmp_path: Path) -> None:
+    pytest.importorskip("pyogrio")
+    import pyogrio
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_geotiff(folder / "ortho.tif", picture())
+    boxes = geojson_box(tmp_path / "roofs.geojson", (73, 53, 86, 66))
+    config = config_for(
+        folder,
+        boxes,
+        output=tmp_path / "out",
+        prompts=("#2828c8",),
+        classes=(("roof", "building"),),
+        vectors=True,
+    )
+    assert run(config).exit_code == 0
+    polygons = pq.read_table(tmp_path / "out" / "manifest" / "polygons.parquet").to_pylist()
+    assert (
+        sorted((p["prompt"], p["class"]) for p in polygons)
+        == [("#2828c8", "#2828c8")] + [("roof", "building")] * 3
+    )
+    exported = CliRunner().invoke(cli, ["export", str(tmp_path / "out"), "--format", "gpkg"])
+    assert exported.exit_code == 0, exported.output
+    _meta, _fids, _geoms, fields = pyogrio.raw.read(tmp_path / "out" / "manifest" / "polygons.gpkg")
+    names = list(pyogrio.read_info(tmp_path / "out" / "manifest" / "polygons.gpkg")["fields"])
+    assert sorted(fields[names.index("class")].tolist()) == ["#2828c8", "building", "building", "building"]

@@ -297,8 +297,10 @@ def polygons_table(rows: Sequence[PolygonRow]) -> pa.Table:
 
 def with_geo_metadata(table: pa.Table) -> pa.Table:
     """``table`` (the polygons schema) with its ``geo`` metadata computed from its own columns, so
-    per-image tables concatenated for the manifest get metadata true for all their rows."""
-    table = table.select(_SCHEMA.names).cast(_SCHEMA)
+    per-image tables concatenated for the manifest get metadata true for all their rows. The
+    manifest's table also has ``class`` (``--class``, set at export), last."""
+    schema = _SCHEMA.append(pa.field("class", pa.string())) if "class" in table.column_names else _SCHEMA
+    table = table.select(schema.names).cast(schema)
     crss = set(table.column("crs").to_pylist())
     one = len(crss) == 1 and None not in crss
     crs_json = pyproj.CRS.from_user_input(crss.pop()).to_json_dict() if one else None
