@@ -31,6 +31,7 @@ from typing import Any
 from .engine_names import SAM3_ENGINE, EngineRef
 from .option_spec import NO_UPGRADE, REQUIRED, Option, Reader, option
 from .prompt_values import CLASS_KIND, THRESHOLD_KIND, ExemplarFile, ExemplarsKind
+from .remote import InputPath
 from .values import (
     Choice,
     Count,
@@ -104,7 +105,10 @@ class RunOptions:
 
     # --- what to segment, with what: the outputs depend on these ---------------------------------
     input: Path = option(
-        PathValue(), help="Folder of images, walked recursively.", reader=RUNNER, argument=True
+        InputPath(),
+        help="Folder of images, walked recursively, or s3://BUCKET/PREFIX (docs/object-storage.md).",
+        reader=RUNNER,
+        argument=True,
     )
     prompts: tuple[str, ...] = option(
         TextList("prompts"),

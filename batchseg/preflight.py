@@ -20,6 +20,7 @@ from types import TracebackType
 from .config import RunConfig
 from .discover import check_input_folder
 from .errors import BatchsegError, ConfigError
+from .remote import check_input, is_remote
 from .sources import check_geo_extra
 from .store.checkpoint import CHECKPOINT_NAME, RunInfo, connect_readonly, read_run_info
 from .store.db import check_fingerprint, resolve_tile
@@ -49,7 +50,8 @@ def preflight(config: RunConfig, factory: str) -> Preflight:
     BatchsegError that ends the run: BadValueError (exit 2) for options that cannot go together,
     ConfigError for what the input or the engine refuses, ConfigMismatchError for another run's
     folder."""
-    check_input_folder(config.input)  # before anything is stored for a folder that is not there
+    # before anything is stored for a folder (or an S3 bucket) that is not there
+    (check_input if is_remote(config.input) else check_input_folder)(config.input)
     stored = None if config.new_run else stored_run(config.output_dir)
     config, notes = _resolve_tile(config, stored)
     Tiler.check_options(config)

@@ -29,6 +29,7 @@ from .logs import RunLog
 from .pool_pass import PoolPass
 from .preflight import FreshFolder, preflight, stored_run
 from .records import FINAL_FAILURES, Item, ItemResult, Status, failure_result
+from .remote import discover_objects, is_remote, stat_item
 from .report import report_after_run
 from .sources import check_geo_extra
 from .store.checkpoint import Checkpoint
@@ -130,7 +131,7 @@ def _run_locked(
         log.info(f"removed {removed} unfinished temp file(s) left by an interrupted run")
     checkpoint = open_run(output_dir, config, new_run=config.new_run)
     try:
-        found = discover(
+        found = (discover_objects if is_remote(config.input) else discover)(  # a folder or an S3 prefix
             config.input,
             config.include,
             config.exclude,
@@ -140,7 +141,8 @@ def _run_locked(
         )
         if retry_statuses:
             checkpoint.reset_for_retry([i.path for i in checkpoint.failed_items(list(retry_statuses))])
-        plan = checkpoint.plan(found.items, use_hash=config.hash)
+        # An object in S3 is known by its ETag (Item.content_hash) and size, as a file with --hash.
+        plan = checkpoint.plan(found.items, use_hash=config.hash or is_remote(config.input))
         check_geo_extra(config, (item.path for item in plan.pending))  # before any worker starts
         log.info(f"found {len(found.items)} images in {config.input}; {len(plan.pending)} to process")
         for line in unplaced_lines(config, (item.path for item in found.items)):
@@ -230,6 +232,8 @@ def _record_skipped(checkpoint: Checkpoint, root: Path, paths: Sequence[str]) ->
 
 
 def _stat_item(root: Path, rel: str) -> Item:
+    if is_remote(root):
+        return stat_item(root, rel)
     st = (root / rel).stat()
     return Item(path=rel, size_bytes=st.st_size, mtime_ns=st.st_mtime_ns)
 

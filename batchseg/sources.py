@@ -27,6 +27,7 @@ from . import imageio
 from .geo import RUN_MODULES, require_geo
 from .geo._extra import raster_unreadable
 from .geo.detect import folder_listing, looks_georeferenced
+from .remote import localize
 
 if TYPE_CHECKING:
     from .config import RunConfig
@@ -88,6 +89,7 @@ def read_for_engine(
 ) -> Image.Image:
     """The RGB image of ``path`` for the model; see the module docstring. InvalidImageError (and its
     GeoreferenceError) for a per-image problem."""
+    path = localize(path)  # an object in S3: its /vsis3/ path (georeferenced TIFF) or a local copy
     if looks_georeferenced(path):
         image = read_georeferenced(path, config)
         if image is not None:

@@ -34,6 +34,7 @@ from batchseg.errors import (
 )
 from batchseg.options import DEFAULT_ENGINE, OPTIONS, BandList, Option, Reader, by_name, fingerprint_options
 from batchseg.prompt_values import ExemplarFile, ExemplarsKind, PromptMap, file_digest
+from batchseg.remote import InputPath
 from batchseg.store.checkpoint import Checkpoint, describe_fingerprint_change
 from batchseg.values import (
     BOOL_WORDS,
@@ -93,6 +94,10 @@ def example(opt: Option, folder: Path) -> tuple[list[str], str, str, Any]:
         ModelRef: [("owner/name", "owner/name"), ("other/name", "other/name")],
         EngineRef: [("threshold", BUILT_IN_ENGINES["threshold"]), ("some.module:load", "some.module:load")],
         PathValue: [(str(folder / "there"), folder / "there"), (str(folder / "else"), folder / "else")],
+        InputPath: [
+            ("s3://bucket/prefix", Path("/vsis3/bucket/prefix")),
+            (str(folder / "else"), folder / "else"),
+        ],
         Text: [("some text", "some text"), ("other text", "other text")],
         TileSide: [("off", "off"), ("auto", "auto")],
         BandList: [("4,3,2", (4, 3, 2)), ("2", (2,))],

@@ -63,7 +63,10 @@ def has_geotiff_keys(path: str | os.PathLike[str]) -> bool:
 
 def looks_georeferenced(path: str | os.PathLike[str], listing: frozenset[str] | None = None) -> bool:
     """A world file beside ``path`` or, for a TIFF, GeoTIFF keys. ``listing``: the names in the
-    image's folder (``folder_listing``), for a scan of many images: one listing, not six stats each."""
+    image's folder (``folder_listing``), for a scan of many images: one listing, not six stats each.
+    An object's /vsis3/ path reaches the readers only for a georeferenced TIFF (``remote.localize``)."""
+    if os.fspath(path).startswith("/vsis3/"):
+        return True
     path = Path(path)
     names = world_file_names(path)
     if listing is not None:

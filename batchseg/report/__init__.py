@@ -106,7 +106,7 @@ def make_missing_previews(
     if run is None:
         raise OutputError(f"no readable batchseg manifest at {images_path}: run batchseg first")
     input_dir = Path(run.config.get("input", ""))
-    if not input_dir.is_dir():
+    if not input_dir.is_dir() and not os.fspath(input_dir).startswith("/vsis3/"):  # S3: read per object
         raise OutputError(f"the run's input folder {input_dir} is not there: previews need the images")
     try:
         images = pq.read_table(images_path, columns=["path", "status", "mask_path"])

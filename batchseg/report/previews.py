@@ -210,6 +210,10 @@ def render_preview(
 ) -> Image.Image:
     """The preview of input ``rel`` (image, overlay of ``mask_path`` if given, legend strip)."""
     source = spec.input_dir / rel
+    if not (mask_path or "").lower().endswith(".tif"):  # read whole: an object in S3, its local copy
+        from ..remote import localize
+
+        source = Path(localize(source))
     labels_path = spec.output_dir / mask_path if mask_path else None
     if labels_path is not None and labels_path.suffix.lower() == ".tif":
         return _render_tiled(spec, source, labels_path, detections)

@@ -183,6 +183,9 @@ def open_source(
     conversion to run) when it is too big for how it can be read. A georeferenced input (GeoTIFF
     keys or a world file) is a ``geo.source.GeoSource``: ``bands`` (``--bands``) and one stretch per
     image, its ``valid(window)`` says where nodata must carry no detection."""
+    from ..remote import localize
+
+    path = localize(path)  # an object in S3: its /vsis3/ path (georeferenced TIFF) or a local copy
     with about_image(path):  # what tifffile, rasterio or libtiff say names the image
         return _open_source(path, max_pixels, max_tiled_pixels, bands)
 
