@@ -75,7 +75,7 @@ def resolve_config(config: RunConfig) -> RunConfig:
     if Path(model).expanduser().exists():
         model = str(Path(model).expanduser().resolve())
     return config.with_changes(
-        input=Path(config.input).expanduser().resolve(),
+        input=config.input if is_remote(config.input) else Path(config.input).expanduser().resolve(),
         output=Path(config.output_dir).expanduser().resolve(),
         model=model,
         engine=engine_target(config.engine),
@@ -153,6 +153,7 @@ def _run_locked(
             log.info(f"removed {plan.counts['orphan_masks']} mask file(s) whose result was never recorded")
         if not found.items and not found.excluded and not found.collisions:
             warn_empty_input(config.input, checkpoint, log, stream)
+        found.items = []  # a million Items are let go: the plan holds those left to do
         for path, kept in found.collisions.items():
             _record_collision(checkpoint, config, path, kept, log)
         _record_skipped(checkpoint, config.input, found.excluded)

@@ -171,6 +171,19 @@ def test_a_bucket_runs_resumes_and_redoes_what_changed(
     assert _rows(output)["photos/broken.jpg"]["status"] == "ok"
 
 
+def test_a_cog_in_tiles_is_read_by_window(store: Store, proxy: FaultProxy, tmp_path: Path) -> None:
+    """A COG cut into tiles: each tile's worker reads its window with range requests."""
+    output = tmp_path / "out"
+    result = _run(store.env(url=proxy.url), output, "--include", "ortho/*", "--tile", "512")
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = _rows(output)
+    assert {rows[p]["status"] for p in ("ortho/a.tif", "ortho/b.tif")} == {"ok"}
+    with rasterio.open(output / rows["ortho/a.tif"]["mask_path"]) as src:
+        labels = src.read(1)
+    assert np.count_nonzero(labels) == 40 * 40 and labels[100:140, 100:140].all()
+    assert proxy.gets["a.tif"] >= 2 and "a.tif" not in proxy.whole and "b.tif" not in proxy.whole
+
+
 def test_a_killed_run_resumes_and_repeats_nothing(store: Store, proxy: FaultProxy, tmp_path: Path) -> None:
     """The run is SIGKILLed while a worker waits for the last object (the proxy holds its read):
     the resumed run processes that object alone."""

@@ -23,6 +23,7 @@ from ..atomic import atomic_path
 from ..config import RunConfig
 from ..errors import OutputError
 from ..logs import RunLog
+from ..remote import is_remote
 from ..store.folder import existing_previews
 from ..store.manifest import manifest_paths, read_manifest_run, refresh_preview_paths
 from .data import collect_report
@@ -106,7 +107,7 @@ def make_missing_previews(
     if run is None:
         raise OutputError(f"no readable batchseg manifest at {images_path}: run batchseg first")
     input_dir = Path(run.config.get("input", ""))
-    if not input_dir.is_dir() and not os.fspath(input_dir).startswith("/vsis3/"):  # S3: read per object
+    if not input_dir.is_dir() and not is_remote(input_dir):  # an S3 prefix: read object by object
         raise OutputError(f"the run's input folder {input_dir} is not there: previews need the images")
     try:
         images = pq.read_table(images_path, columns=["path", "status", "mask_path"])

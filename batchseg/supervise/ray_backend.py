@@ -377,7 +377,8 @@ def check_nodes(ray: Any, output_dir: Path, input_dir: Path) -> None:
 
 
 def _probe_node(output_dir: str, input_dir: str) -> str | None:
-    if not os.path.isdir(input_dir):
+    remote = input_dir.replace("\\", "/").startswith("/vsis3/")  # an S3 prefix: each node reads objects
+    if not remote and not os.path.isdir(input_dir):
         return f"the input folder {input_dir} does not exist there"
     probe = os.path.join(output_dir, f".batchseg-node-probe-{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
     try:
