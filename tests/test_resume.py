@@ -47,6 +47,7 @@ from batchseg.engines.sam3.engine import CPU_SUB_BATCHES_PER_TASK
 from batchseg.errors import ConfigMismatchError
 from batchseg.options import Option, fingerprint_options
 from batchseg.pool_pass import COMMIT_WINDOW_S
+from batchseg.prompt_values import ExemplarsKind
 from batchseg.runner import resolve_config, run
 from batchseg.store.checkpoint import Checkpoint
 
@@ -526,6 +527,10 @@ def test_full_disk_stops_with_exit_1_and_resumes_after_space_is_freed(
 #: checked against it, so a new fingerprint option fails this test until it has a value here.
 CHANGED = {
     "prompts": ("blue",),
+    "exemplars": ExemplarsKind().from_text(str(Path(__file__).parent / "data" / "exemplars" / "red.csv")),
+    "classes": (("red", "paint"),),
+    "prompt_thresholds": (("red", 0.5),),
+    "suppress_iou": 0.5,
     "model": "other/model",
     "engine": "batchseg.engines.sam3.engine:load_engine",
     "dtype": "float32",
