@@ -87,6 +87,7 @@ class ExemplarSet:
     crs_wkt: str | None = None
     map_coordinates: bool = False
     _transformers: dict[str, Any] = field(default_factory=dict, repr=False)
+    _by_path: dict[str | None, list[Exemplar]] | None = field(default=None, repr=False)
 
     def prompts(self, text_prompts: Sequence[str]) -> list[str]:
         """The prompts the boxes add to ``text_prompts``: named ones not among them, in order, and
@@ -104,8 +105,12 @@ class ExemplarSet:
 
     def place(self, rel: str, width: int, height: int, georef: Georef | None) -> list[Placed]:
         """The boxes that fall wholly in the image ``rel`` (``width`` x ``height``, upright)."""
+        if self._by_path is None:  # pixel boxes by image: a run looks each image's up once
+            self._by_path = {}
+            for exemplar in self.items:
+                self._by_path.setdefault(exemplar.path, []).append(exemplar)
         found = []
-        for exemplar in self.items:
+        for exemplar in self.items if self.map_coordinates else self._by_path.get(rel, []):
             box = self._box_on(exemplar, rel, georef)
             if box is not None and _inside(box, (0.0, 0.0, float(width), float(height))):
                 found.append(Placed(exemplar, box))
