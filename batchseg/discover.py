@@ -33,7 +33,7 @@ import re
 import stat
 import sys
 import unicodedata
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
@@ -64,12 +64,10 @@ class Discovery:
     unreadable: list[str] = field(default_factory=list)
 
 
-@dataclass
-class _Found:
-    rel: str
-    size_bytes: int
-    mtime_ns: int
-    real_path: str  # where to read the bytes (a link's target for a linked file)
+#: One image found: (relative path, size, mtime in ns, where to read its bytes: a link's target for
+#: a linked file; None when nothing will read it). Tuples: a folder of a million images is a
+#: million of these, and a tuple costs a third of an object's memory and time.
+_Found = tuple[str, int, int, str | None]
 
 
 def discover(
@@ -89,25 +87,37 @@ def discover(
     Raises ``ConfigError`` if ``root`` is missing, not a folder, or unreadable.
     """
     root_real = check_input_folder(root)
-    walker = _Walker(root_real, {_norm(os.path.realpath(p)) for p in skip})
+    walker = _Walker(root_real, {_norm(os.path.realpath(p)) for p in skip}, with_real_path=with_hash)
     walker.walk()
-    found = sorted(walker.found, key=lambda f: f.rel)
+    found = walker.found
+    walker.found = []
+    found.sort(key=_rel_of)
 
     included = _compile(include)
     excluded_rx = _compile(exclude)
-    kept: list[_Found] = []
     excluded: list[str] = []
-    for f in found:
-        if (included and not _matches(included, f.rel)) or _matches(excluded_rx, f.rel):
-            excluded.append(f.rel)
-        else:
-            kept.append(f)
+    if included or excluded_rx:
+        kept: list[_Found] = []
+        for f in found:
+            if (included and not _matches(included, f[0])) or _matches(excluded_rx, f[0]):
+                excluded.append(f[0])
+            else:
+                kept.append(f)
+        found = kept
 
-    kept, collisions = _drop_collisions(kept, keep)
-    items = [
-        Item(f.rel, f.size_bytes, f.mtime_ns, file_sha256(f.real_path) if with_hash else None) for f in kept
-    ]
+    found, collisions = _drop_collisions(found, keep)
+    if with_hash:
+        items = [
+            Item(rel, size, mtime, file_sha256(real or os.path.join(root_real, rel)))
+            for rel, size, mtime, real in found
+        ]
+    else:
+        items = [Item(rel, size, mtime) for rel, size, mtime, _ in found]
     return Discovery(items, collisions, excluded, sorted(walker.unreadable))
+
+
+def _rel_of(found: _Found) -> str:
+    return found[0]
 
 
 def check_input_folder(root: str | os.PathLike[str]) -> str:
@@ -137,8 +147,9 @@ def _norm(path: str) -> str:
 class _Walker:
     """One walk: plain folders depth-first, then linked folders round by round."""
 
-    def __init__(self, root_real: str, skip: set[str]) -> None:
+    def __init__(self, root_real: str, skip: set[str], *, with_real_path: bool = True) -> None:
         self.root_real = root_real
+        self.with_real_path = with_real_path
         self.root_prefix = _norm(root_real).rstrip(os.sep) + os.sep
         self.visited: set[str] = set(skip)
         self.found: list[_Found] = []
@@ -170,13 +181,39 @@ class _Walker:
         subdirs: list[tuple[str, str]] = []
         try:
             with os.scandir(real) as it:
-                for entry in it:
-                    sub = self._entry(entry, prefix)
-                    if sub is not None:
-                        subdirs.append(sub)
+                if _IS_WINDOWS:
+                    for entry in it:
+                        sub = self._entry(entry, prefix)
+                        if sub is not None:
+                            subdirs.append(sub)
+                else:
+                    self._scan_posix(it, prefix, subdirs)
         except OSError:
             self.unreadable.append(prefix.rstrip("/") or ".")
         return subdirs
+
+    def _scan_posix(
+        self, entries: Iterator[os.DirEntry[str]], prefix: str, subdirs: list[tuple[str, str]]
+    ) -> None:
+        """``_entry``'s rules in one loop (a folder of a million images pays per entry): no hidden
+        attribute, and the entry's type comes with the listing, so only an image costs a stat."""
+        found, real_path = self.found, self.with_real_path
+        for entry in entries:
+            name = entry.name
+            if name.startswith("."):
+                continue
+            try:
+                if entry.is_symlink():
+                    self._link(entry, prefix)
+                elif entry.is_dir(follow_symlinks=False):
+                    subdirs.append((entry.path, prefix + name + "/"))
+                elif _is_image_name(name) and entry.is_file(follow_symlinks=False):
+                    st = entry.stat(follow_symlinks=False)
+                    found.append(
+                        (prefix + name, st.st_size, st.st_mtime_ns, entry.path if real_path else None)
+                    )
+            except OSError:
+                pass  # vanished or unreadable between listing and stat: not an image we can offer
 
     def _entry(self, entry: os.DirEntry[str], prefix: str) -> tuple[str, str] | None:
         name = entry.name
@@ -197,7 +234,8 @@ class _Walker:
                 return entry.path, prefix + name + "/"
             if _is_image_name(name) and entry.is_file(follow_symlinks=False):
                 st = entry.stat(follow_symlinks=False)
-                self.found.append(_Found(prefix + name, st.st_size, st.st_mtime_ns, entry.path))
+                real = entry.path if self.with_real_path else None
+                self.found.append((prefix + name, st.st_size, st.st_mtime_ns, real))
         except OSError:
             pass  # vanished or unreadable between listing and stat: not an image we can offer
         return None
@@ -211,7 +249,7 @@ class _Walker:
         if stat.S_ISDIR(st.st_mode):
             self.linked_dirs.append((rel, target))
         elif stat.S_ISREG(st.st_mode) and _is_image_name(entry.name):
-            self.found.append(_Found(rel, st.st_size, st.st_mtime_ns, target))
+            self.found.append((rel, st.st_size, st.st_mtime_ns, target))
 
 
 def _is_image_name(name: str) -> bool:
@@ -221,24 +259,29 @@ def _is_image_name(name: str) -> bool:
 
 def _collision_key(rel: str) -> str:
     # NTFS and APFS ignore case; APFS also ignores Unicode normalisation (NFC vs NFD).
+    if rel.isascii() and rel.islower():
+        return rel  # its own key (no new string): the usual name
     return unicodedata.normalize("NFC", rel).lower()
 
 
 def _drop_collisions(found: list[_Found], keep: Container[str]) -> tuple[list[_Found], dict[str, str]]:
-    """Keep one path per collision key: the first in ``keep``, else the first in order."""
-    keys = [_collision_key(f.rel) for f in found]
+    """Keep one path per collision key: the first in ``keep``, else the first in order. ``keep``
+    is asked only about the paths of a clash."""
+    keys = [_collision_key(f[0]) for f in found]
+    if len(set(keys)) == len(keys):
+        return found, {}  # no clash: the usual folder
     winner: dict[str, str] = {}
     for f, key in zip(found, keys, strict=True):
-        if key not in winner or (f.rel in keep and winner[key] not in keep):
-            winner[key] = f.rel
+        if key not in winner or (f[0] in keep and winner[key] not in keep):
+            winner[key] = f[0]
     kept: list[_Found] = []
     collisions: dict[str, str] = {}
     for f, key in zip(found, keys, strict=True):
         chosen = winner[key]
-        if chosen == f.rel:
+        if chosen == f[0]:
             kept.append(f)
         else:
-            collisions[f.rel] = chosen
+            collisions[f[0]] = chosen
     return kept, collisions
 
 

@@ -8,6 +8,11 @@ The run is stopped with --max-runtime once it has started (exit 4, resumable), s
 measures start-up, not the 10,000 remaining images.
 
     python benchmarks/scale.py --files 200000 --done 190000 --work .bench/scale
+    python benchmarks/scale.py --files 1000000 --done 950000 --work .bench/scale-1m
+
+The checkpoint is written through the library (``Checkpoint.open`` with the options left at their
+defaults) and resumed through the CLI, as a folder made by a script and run at night is. The
+folder is made once per --work (a ``ready`` file marks it); each run starts from the same state.
 """
 
 from __future__ import annotations

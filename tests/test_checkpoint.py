@@ -307,16 +307,22 @@ def _plan_timing(tmp_path: Path, total: int, done: int) -> float:
     return elapsed
 
 
-def test_plan_reads_the_checkpoint_with_one_select_whatever_the_size(tmp_path: Path) -> None:
-    items = make_items(600)
-    with Checkpoint.open(tmp_path, make_config()) as cp:
-        cp.record_many([(ok_result(item, tmp_path), item) for item in items[:500]])
+def _plan_selects(folder: Path, total: int, done: int) -> list[str]:
+    items = make_items(total)
+    with Checkpoint.open(folder, make_config()) as cp:
+        cp.record_many([(ok_result(item, folder), item) for item in items[:done]])
         statements: list[str] = []
         cp._conn.set_trace_callback(statements.append)
         plan = cp.plan(items, use_hash=False)
         cp._conn.set_trace_callback(None)
-    assert plan.counts["done"] == 500 and len(plan.pending) == 100
-    assert len([s for s in statements if s.lstrip().upper().startswith("SELECT")]) == 1
+    assert plan.counts["done"] == done and len(plan.pending) == total - done
+    return [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+
+
+def test_plan_reads_the_checkpoint_with_two_selects_whatever_the_size(tmp_path: Path) -> None:
+    """The rows' mask paths (merged with the walk of masks/) and the rows (merged with the items)."""
+    small = _plan_selects(tmp_path / "small", 60, 50)
+    assert len(small) == 2 and small == _plan_selects(tmp_path / "large", 600, 500)
 
 
 @pytest.mark.slow

@@ -19,14 +19,14 @@ from pathlib import Path
 
 import pytest
 from _runs import checkpoint_rows
-from _storage import make_config
+from _storage import make_config, ok_result
 from conftest import make_image
 
 from batchseg.config import RunConfig
 from batchseg.discover import discover
 from batchseg.errors import ConfigMismatchError
 from batchseg.imageio import mask_relpath
-from batchseg.records import ItemResult, Status
+from batchseg.records import Item, ItemResult, Status
 from batchseg.store.checkpoint import CHECKPOINT_NAME, Checkpoint
 
 TESTS = Path(__file__).parent
@@ -110,3 +110,30 @@ def test_a_stored_none_is_auto_and_an_absent_tile_is_off(tmp_path: Path) -> None
         assert cp.stored_config()["tile"] == "off" and cp.counts()["ok"] == 1
     with pytest.raises(ConfigMismatchError, match="tile"):
         Checkpoint.open(old, make_config(tile="auto"))
+
+
+def test_the_merged_plan_finds_every_mask_and_orphan_whatever_the_order_of_names(tmp_path: Path) -> None:
+    """``plan`` merges the rows with the items and the mask paths with a walk of masks/, each in
+    code point order: names that sort differently as paths than as folder entries ("a-b" < "a/"
+    < "a0"; "." < "/"), a mask gone, an orphan in a nested folder. Items in discovery's order and
+    shuffled (the rows then looked up by path) plan the same."""
+    names = ["a-b.jpg", "a.jpg", "a/x.jpg", "a/y/z.jpg", "a0.jpg", "b.jpg", "zz/q.jpg", "é.jpg"]
+    items = [Item(name, 100, 1_700_000_000_000_000_000) for name in names]
+    assert items == sorted(items, key=lambda i: i.path)
+    for order in ("sorted", "shuffled"):
+        folder = tmp_path / order
+        with Checkpoint.open(folder, make_config()) as cp:
+            cp.record_many([(ok_result(item, folder), item) for item in items if item.path != "zz/q.jpg"])
+        (folder / mask_relpath("a/x.jpg")).unlink()  # its image is done again
+        orphan = folder / mask_relpath("a/y/never-recorded.jpg")
+        orphan.write_bytes(b"\x89PNG")
+        other = folder / "masks" / "a" / "notes.txt"  # not a mask name: left alone
+        other.write_text("someone's file")
+        given = items if order == "sorted" else items[::-1]
+        with Checkpoint.open(folder, make_config()) as cp:
+            plan = cp.plan(given, use_hash=False)
+        assert sorted(i.path for i in plan.pending) == ["a/x.jpg", "zz/q.jpg"], order
+        assert plan.counts["mask_missing"] == 1 and plan.counts["new"] == 1, order
+        assert plan.counts["done"] == 6 and plan.counts["orphan_masks"] == 1, order
+        assert not orphan.exists() and other.exists()
+        assert all((folder / mask_relpath(n)).is_file() for n in names if n not in ("a/x.jpg", "zz/q.jpg"))

@@ -14,11 +14,13 @@ read-only connection, which WAL lets run beside the writer.
 
 from __future__ import annotations
 
+import itertools
 import json
+import operator
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -40,8 +42,8 @@ from .db import (
     read_run_info,
     rollback,
 )
-from .folder import check_output_writable, mask_files, remove_orphan_masks
-from .plan import Plan, Planner
+from .folder import MaskCheck, check_masks, check_output_writable, remove_orphan_masks
+from .plan import Plan, Planner, Row
 from .tables import ALL_STATES, CHECKPOINT_NAME, DETECTIONS, IMAGES, path_from, path_raw, path_text
 
 __all__ = [
@@ -196,14 +198,19 @@ class Checkpoint:
             ).fetchall()
         return [Item(path_from(text, raw), size, mtime, digest) for text, raw, size, mtime, digest in rows]
 
-    def settled_paths(self) -> set[str]:
+    def settled_paths(self) -> Container[str]:
         """Paths whose row holds a result of their own (not a name clash): discovery keeps these
-        when a newcomer's name clashes with them."""
+        when a newcomer's name clashes with them. Asked one path at a time (discovery asks only
+        about a clash), so a folder of a million rows is not read into memory for it."""
+        return _SettledPaths(self)
+
+    def is_settled(self, path: str) -> bool:
+        """Whether ``path`` has a row holding a result of its own (``settled_paths``)."""
         with self._guard():
-            rows = self._conn.execute(
-                "SELECT path, path_raw FROM images WHERE error_type IS NOT 'NameCollision'"
-            ).fetchall()
-        return {path_from(text, raw) for text, raw in rows}
+            row = self._conn.execute(
+                "SELECT 1 FROM images WHERE path=? AND error_type IS NOT 'NameCollision'", (path_text(path),)
+            ).fetchone()
+        return row is not None
 
     @contextmanager
     def read_connection(self) -> Iterator[sqlite3.Connection]:
@@ -221,23 +228,25 @@ class Checkpoint:
 
         Writes the outcome (new rows ``pending``, changed rows reset, vanished rows ``missing``,
         stale ``running`` rows ``pending``) in one transaction, and removes the mask files no row
-        names. One SELECT, one scan of masks/.
+        names. Two SELECTs and one walk of masks/, each in path order: a folder of a million images
+        holds no row nor mask name in memory beyond its items.
         """
         with self._guard():
-            known = {
-                row[0]: row[1:]
-                for row in self._conn.execute(
-                    "SELECT path, size_bytes, mtime_ns, content_hash, status, mask_path, prior_status"
-                    " FROM images"
-                )
-            }
-        recorded = {row[4] for row in known.values() if row[4] is not None}
-        masks = mask_files(self.output_dir)
-        planner = Planner(known, masks.names.__contains__, use_hash)
-        for item in items:
-            planner.add(item, path_text(item.path))
-        planner.finish()
-        planner.counts["orphan_masks"] = remove_orphan_masks(self.output_dir, masks, recorded)
+            named = self._conn.execute(
+                "SELECT mask_path FROM images WHERE mask_path IS NOT NULL ORDER BY mask_path"
+            )
+            masks = check_masks(self.output_dir, (row[0] for row in named))
+        keys = [path_text(i.path) for i in items]  # the same strings: a path is valid UTF-8 as a rule
+        ordered = all(map(operator.lt, keys, itertools.islice(keys, 1, None)))  # as discover gives them
+        planner = Planner(use_hash)
+        with self._guard():
+            rows = self._conn.execute(
+                "SELECT path, size_bytes, mtime_ns, content_hash, status, mask_path, prior_status FROM images"
+                + (" ORDER BY path" if ordered else "")
+            )
+            planner.match(items, keys, self._plan_rows(rows, masks), ordered)
+        del keys
+        planner.counts["orphan_masks"] = remove_orphan_masks(self.output_dir, masks.orphans)
         now = time.time()
         key = path_text
         with self._write() as conn:
@@ -279,6 +288,16 @@ class Checkpoint:
                 ((now, p) for p in planner.missing),
             )
         return Plan(planner.pending, planner.counts)
+
+    def _plan_rows(self, rows: Iterable[tuple[Any, ...]], masks: MaskCheck) -> Iterator[tuple[str, Row]]:
+        """Each stored row as the ``Planner`` reads it."""
+        gone, statuses = masks.gone, {s: s for s in ALL_STATES}  # one string per status, not per row
+        for path, size, mtime, digest, status, mask_path, prior in rows:
+            missing = mask_path is not None and mask_path in gone
+            yield (
+                path,
+                (size, mtime, digest, statuses.get(status, status), missing, statuses.get(prior, prior)),
+            )
 
     # ---- writing -------------------------------------------------------------------------------
 
@@ -406,3 +425,13 @@ class Checkpoint:
             except BaseException:
                 rollback(conn)
                 raise
+
+
+class _SettledPaths(Container[str]):
+    """``Checkpoint.settled_paths``: membership asked of the checkpoint."""
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self.checkpoint = checkpoint
+
+    def __contains__(self, path: object) -> bool:
+        return isinstance(path, str) and self.checkpoint.is_settled(path)

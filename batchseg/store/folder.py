@@ -25,8 +25,8 @@ from .tables import CHECKPOINT_NAME, MASKS_DIR, PREVIOUS_RUNS, path_text
 __all__ = [
     "archive_previous_run",
     "check_output_writable",
-    "MaskFiles",
-    "mask_files",
+    "MaskCheck",
+    "check_masks",
     "remove_orphan_masks",
     "remove_stale_temp_files",
 ]
@@ -74,46 +74,75 @@ def remove_stale_temp_files(output_dir: Path) -> int:
 
 
 @dataclass
-class MaskFiles:
-    """The files under masks/: ``names`` in their stored form (``path_text`` of the path relative to
-    the output folder, forward slashes); ``escaped``: stored form -> real name, for the few names
-    that are not valid UTF-8."""
+class MaskCheck:
+    """The files under masks/ against the mask paths the rows name, in stored form (``path_text`` of
+    the path relative to the output folder, forward slashes): ``gone``, named by a row but not
+    there; ``orphans``, there but named by no row, as (stored form, name on disk)."""
 
-    names: set[str]
-    escaped: dict[str, str]
-
-    def location(self, output_dir: Path, name: str) -> Path:
-        return output_dir / self.escaped.get(name, name)
+    gone: set[str]
+    orphans: list[tuple[str, str]]
 
 
-def mask_files(output_dir: Path) -> MaskFiles:
-    """One walk of masks/, much cheaper than a stat per image on large folders and network disks."""
-    found = MaskFiles(set(), {})
-    for folder, files in _walk_own(output_dir / MASKS_DIR):
-        prefix = Path(folder).relative_to(output_dir).as_posix() + "/"
-        names = [prefix + n for n in files if not n.endswith(TEMP_SUFFIX)]
-        try:
-            "".join(names).encode("utf-8")  # one check for the whole folder: the usual case
-            found.names.update(names)
-        except UnicodeEncodeError:
-            for name in names:
-                text = path_text(name)
-                found.names.add(text)
-                if text != name:
-                    found.escaped[text] = name
-    return found
+def check_masks(output_dir: Path, named: Iterator[str]) -> MaskCheck:
+    """One walk of masks/ merged with ``named`` (the rows' mask paths, ascending in code point
+    order: SQLite's ``ORDER BY``), much cheaper than a stat per image on large folders and network
+    disks. The walk goes in the same order, one folder's listing at a time, so a million masks are
+    never all in memory. Temp files and nested folders that hold a run are left out."""
+    check = MaskCheck(set(), [])
+    wanted = next(named, None)
+    for text, real in _sorted_files(output_dir, MASKS_DIR):
+        while wanted is not None and wanted < text:
+            check.gone.add(wanted)
+            wanted = next(named, None)
+        if wanted == text:
+            while wanted == text:  # two rows naming one file (never written so) find it both
+                wanted = next(named, None)
+        else:
+            check.orphans.append((text, real))
+    while wanted is not None:
+        check.gone.add(wanted)
+        wanted = next(named, None)
+    return check
 
 
-def remove_orphan_masks(output_dir: Path, files: MaskFiles, recorded: set[str]) -> int:
-    """Delete the mask files that no row names: written by a worker whose result was not committed
-    when the process died. Their image is pending and is redone, writing it again. Only names
-    batchseg gives a mask (``<image name>.png`` or ``.tif``) are touched: any other file was put there by
-    someone else."""
+def _sorted_files(output_dir: Path, rel: str) -> Iterator[tuple[str, str]]:
+    """(stored form, name on disk) of the files under ``output_dir/rel`` but temp files, ascending
+    by stored form: a folder's entries sort with ``/`` after a folder's name, so that each comes
+    where its paths do. Symbolic links to folders and folders that hold a run are not entered (as
+    ``_walk_own``)."""
+    folder = os.path.join(output_dir, rel)
+    entries: list[tuple[str, str, bool]] = []
+    try:
+        with os.scandir(folder) as it:
+            for entry in it:
+                is_dir = entry.is_dir()
+                if is_dir and (entry.is_symlink() or _holds_a_run(entry.path)):
+                    continue
+                if not is_dir and entry.name.endswith(TEMP_SUFFIX):
+                    continue
+                entries.append((path_text(entry.name) + ("/" if is_dir else ""), entry.name, is_dir))
+    except OSError:
+        return
+    entries.sort()
+    prefix = path_text(rel) + "/"
+    for key, name, is_dir in entries:
+        if is_dir:
+            yield from _sorted_files(output_dir, f"{rel}/{name}")
+        else:
+            yield prefix + key, f"{rel}/{name}"
+
+
+def remove_orphan_masks(output_dir: Path, orphans: list[tuple[str, str]]) -> int:
+    """Delete the mask files that no row names (``MaskCheck.orphans``): written by a worker whose
+    result was not committed when the process died. Their image is pending and is redone, writing
+    it again. Only names batchseg gives a mask (``<image name>.png`` or ``.tif``) are touched: any
+    other file was put there by someone else."""
     removed = 0
-    for name in sorted(n for n in files.names - recorded if _is_mask_name(n)):
-        with contextlib.suppress(FileNotFoundError, PermissionError):
-            os.unlink(files.location(output_dir, name))
-            removed += 1
+    for text, real in sorted(orphans):
+        if _is_mask_name(text):
+            with contextlib.suppress(FileNotFoundError, PermissionError):
+                os.unlink(output_dir / real)
+                removed += 1
     return removed
 
 

@@ -14,14 +14,14 @@ runs a :class:`Planner` and writes its outcome.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..records import Item, Status
 from .tables import DONE_STATUSES, PENDING, RUNNING
 
-__all__ = ["Plan", "Planner", "PLAN_COUNTS"]
+__all__ = ["Plan", "Planner", "PLAN_COUNTS", "Row"]
 
 _OK = Status.OK.value
 _MISSING = Status.MISSING.value
@@ -57,15 +57,15 @@ class Plan:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-class Planner:
-    """Sorts discovered items against the known rows (path text -> (size, mtime, hash, status,
-    mask path text, prior status)); ``mask_exists`` answers for a stored mask path."""
+#: A stored row as the planner reads it: (size, mtime, hash, status, whether the mask file the row
+#: names is gone, prior status).
+Row = tuple[Any, ...]
 
-    def __init__(
-        self, known: dict[str, tuple[Any, ...]], mask_exists: Callable[[str], bool], use_hash: bool
-    ) -> None:
-        self.known = known
-        self.mask_exists = mask_exists
+
+class Planner:
+    """Sorts discovered items against the stored rows (``match``)."""
+
+    def __init__(self, use_hash: bool) -> None:
         self.use_hash = use_hash
         self.pending: list[Item] = []
         self.new: list[Item] = []
@@ -76,13 +76,42 @@ class Planner:
         self.missing: list[str] = []
         self.counts = dict.fromkeys(PLAN_COUNTS, 0)
 
-    def add(self, item: Item, key: str) -> None:
-        """Sort ``item``, stored under the path text ``key``."""
-        row = self.known.pop(key, None)
+    def match(
+        self, items: list[Item], keys: list[str], rows: Iterator[tuple[str, Row]], ordered: bool
+    ) -> None:
+        """Sort every item (stored under the path text ``keys[i]``) against ``rows`` (path text,
+        row). ``ordered``: the keys ascend strictly and ``rows`` come in the same order (SQLite's
+        ``ORDER BY path`` is code point order for UTF-8 text), so one merge pass pairs them and no
+        row is held (a million rows: the memory of none); otherwise the rows are looked up by path."""
+        if not ordered:
+            known = dict(rows)
+            for item, key in zip(items, keys, strict=True):
+                self.add(item, key, known.pop(key, None))
+            for key, row in known.items():
+                self.vanished(key, row)
+        else:
+            stored = next(rows, None)
+            for item, key in zip(items, keys, strict=True):
+                while stored is not None and stored[0] < key:
+                    self.vanished(*stored)
+                    stored = next(rows, None)
+                if stored is not None and stored[0] == key:
+                    self.add(item, key, stored[1])
+                    stored = next(rows, None)
+                else:
+                    self.add(item, key, None)
+            while stored is not None:
+                self.vanished(*stored)
+                stored = next(rows, None)
+        self.counts["missing"] = len(self.missing)
+        self.counts["pending"] = len(self.pending)
+
+    def add(self, item: Item, key: str, row: Row | None) -> None:
+        """Sort ``item``, stored under the path text ``key`` in ``row`` (None: no row)."""
         if row is None:
             self._pend(item, "new", self.new)
             return
-        size, mtime, digest, status, mask_path, prior = row
+        size, mtime, digest, status, mask_gone, prior = row
         if self._changed(item, size, mtime, digest):
             self._pend(item, "changed", self.changed)
             return
@@ -91,7 +120,7 @@ class Planner:
         restored = status == _MISSING
         if restored:
             status = prior if prior is not None else PENDING
-        mask_gone = status == _OK and mask_path is not None and not self.mask_exists(mask_path)
+        mask_gone = mask_gone and status == _OK
         if status in DONE_STATUSES and not mask_gone:
             self.counts["done"] += 1
             self.counts["failed"] += status != _OK
@@ -110,10 +139,10 @@ class Planner:
         if status != PENDING or restored:
             self.reopen.append(key)
 
-    def finish(self) -> None:
-        self.missing = [path for path, row in self.known.items() if row[3] != _MISSING]
-        self.counts["missing"] = len(self.missing)
-        self.counts["pending"] = len(self.pending)
+    def vanished(self, key: str, row: Row) -> None:
+        """A stored row whose file was not discovered: ``missing`` (unless it is already)."""
+        if row[3] != _MISSING:
+            self.missing.append(key)
 
     def _pend(self, item: Item, reason: str, bucket: list[Item]) -> None:
         self.counts[reason] += 1
