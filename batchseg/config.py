@@ -41,7 +41,8 @@ class RunConfig(RunOptions):
     def fingerprint_fields(self) -> dict[str, Any]:
         """What decides the content of the outputs (the fingerprint options): a change needs --new-run."""
         values = {o.name: o.kind.to_fingerprint(getattr(self, o.name)) for o in fingerprint_options()}
-        return {**values, "output_format": OUTPUT_FORMAT_VERSION}
+        unset = {o.name for o in fingerprint_options() if o.quiet and getattr(self, o.name) == o.upgrade}
+        return {**{k: v for k, v in values.items() if k not in unset}, "output_format": OUTPUT_FORMAT_VERSION}
 
     def fingerprint(self) -> str:
         blob = json.dumps(self.fingerprint_fields(), sort_keys=True).encode()

@@ -51,6 +51,9 @@ class Option:
     fingerprint: bool = False  # decides the outputs: fixed for an output folder
     retry: bool = False  # `batchseg retry` accepts it
     upgrade: Any = NO_UPGRADE  # fingerprint options added later: the value that means the old behaviour
+    #: left out of the fingerprint while at ``upgrade``: a run that does not use the option has the
+    #: fingerprint (and hash) of the version before it
+    quiet: bool = False
     argument: bool = False  # a positional argument (INPUT) rather than --name
     flag: str = ""  # the long option when it is not --name (--prompt)
     aliases: tuple[str, ...] = ()  # more job-file keys and BATCHSEG_* names
@@ -105,6 +108,7 @@ def option(
     fingerprint: bool = ...,
     retry: bool = ...,
     upgrade: Any = ...,
+    quiet: bool = ...,
     argument: bool = ...,
     flag: str = ...,
     aliases: tuple[str, ...] = ...,
@@ -119,6 +123,7 @@ def option(
     fingerprint: bool = ...,
     retry: bool = ...,
     upgrade: Any = ...,
+    quiet: bool = ...,
     argument: bool = ...,
     flag: str = ...,
     aliases: tuple[str, ...] = ...,

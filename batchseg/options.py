@@ -19,7 +19,9 @@ the help line goes in docs/reference-notes.toml):
 A fingerprint option needs ``upgrade``: the value that means what batchseg did before the option
 existed. A stored fingerprint without the field reads as that value, so an output folder made by an
 earlier version resumes without --new-run as long as the run's value equals it (keep the default
-there when you can). A new kind of value goes in batchseg.values. Torch-free.
+there when you can). With ``quiet=True`` the option is left out of the fingerprint while at that
+value, so a run that does not use it keeps the fingerprint and hash of earlier versions. A new kind
+of value goes in batchseg.values. Torch-free.
 """
 
 from __future__ import annotations
@@ -128,6 +130,7 @@ class RunOptions:
         reader=ENGINE,
         fingerprint=True,
         upgrade=None,
+        quiet=True,
     )
     classes: tuple[tuple[str, str], ...] = option(
         CLASS_KIND,
@@ -136,6 +139,7 @@ class RunOptions:
         reader=RUNNER,
         fingerprint=True,
         upgrade=(),
+        quiet=True,
         flag="--class",
         aliases=("class",),
         default_text="the prompt",
@@ -147,6 +151,7 @@ class RunOptions:
         reader=ENGINE,
         fingerprint=True,
         upgrade=(),
+        quiet=True,
         flag="--prompt-threshold",
         aliases=("prompt_threshold",),
         default_text="--threshold",
@@ -159,6 +164,7 @@ class RunOptions:
         reader=ENGINE,
         fingerprint=True,
         upgrade=None,
+        quiet=True,
         default_text="off",
     )
     model: str = option(
@@ -465,5 +471,7 @@ def retry_options() -> tuple[Option, ...]:
 #: Fingerprint fields added after the first release, with the value that means what earlier
 #: versions did: a stored fingerprint that lacks one reads as this, so old output folders resume.
 FINGERPRINT_UPGRADES: dict[str, Any] = {
-    o.name: o.kind.to_fingerprint(o.upgrade) for o in fingerprint_options() if o.upgrade is not NO_UPGRADE
+    o.name: o.kind.to_fingerprint(o.upgrade)
+    for o in fingerprint_options()
+    if o.upgrade is not NO_UPGRADE and not o.quiet
 }
