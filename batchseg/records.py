@@ -17,11 +17,11 @@ __all__ = [
     "FINAL_STATUSES",
     "Detection",
     "FailureCategory",
-    "FanOut",
+    "Part",
+    "Split",
     "Item",
     "ItemResult",
     "Status",
-    "TileJob",
     "failure_result",
 ]
 
@@ -75,27 +75,31 @@ class Item:
     #: returns boxes in the whole image's frame, masks of the window's size and no label map.
     #: None: the whole image.
     window: tuple[int, int, int, int] | None = None
-    #: Set by the pool on the items of an image spread over the workers as tiles (see
-    #: ``supervise.fanout``); engines never see it. None: an image as discovery found it.
-    tiling: TileJob | None = None
+    #: Set by the pool on the items of an item a worker split into parts (see
+    #: ``supervise.splits``); engines never see it. None: an image as discovery found it.
+    part: Part | None = None
 
 
 @dataclass(frozen=True)
-class TileJob:
-    """One part of a tiled image's work: a tile (``tile`` its id; the item's window is the tile) or,
-    with ``tile`` None, the merge of the image's finished tiles into its one result."""
+class Part:
+    """One part of a split item's work: part ``key`` (the item's window is its region) or, with
+    ``key`` None, the join of the item's finished parts into its one result. ``plan`` is the
+    worker's own description of the split (for tiles, ``tiles.grid.plan_tiles``'s arguments): the
+    pool carries it without reading it. ``noun`` names a part in messages ("tile")."""
 
-    plan: tuple[int, int, int, int]  # width, height, side, overlap: tiles.grid.plan_tiles's arguments
-    tile: str | None = None
+    plan: tuple[int, ...]
+    key: str | None = None
+    noun: str = "part"
 
 
 @dataclass(frozen=True)
-class FanOut:
-    """A worker's answer for an image it planned as tiles, when the pool spreads tiles over its
-    workers: the tiles still to run (id and window), finished ones on disk left out."""
+class Split:
+    """A worker's answer splitting an item into parts for the pool to spread over its workers:
+    the parts still to run (key and window; parts already done left out)."""
 
-    plan: tuple[int, int, int, int]
-    todo: tuple[tuple[str, tuple[int, int, int, int]], ...]
+    plan: tuple[int, ...]
+    parts: tuple[tuple[str, tuple[int, int, int, int]], ...]
+    noun: str = "part"
 
 
 @dataclass(frozen=True)
@@ -137,7 +141,7 @@ class ItemResult:
     crs_epsg: int | None = None
     transform: str | None = None  # JSON [a, b, c, d, e, f]: x = a*col + b*row + c, y = d*col + e*row + f
     georef_source: str | None = None  # "internal" (GeoTIFF keys) or the world file's name
-    fan_out: FanOut | None = None  # not a final result: the image's tiles, for the pool to spread
+    split: Split | None = None  # not a final result: the item's parts, for the pool to spread
 
     @property
     def duration_s(self) -> float | None:

@@ -84,15 +84,15 @@ class WorkerHandle:
     def name(self) -> str:
         return f"worker {self.slot} (pid {self.pid})"
 
-    def send_task(self, task: InFlight, budget: float, fan_out: bool = False) -> None:
+    def send_task(self, task: InFlight, budget: float, may_split: bool = False) -> None:
         """Hand over a task; ``budget`` bounds a worker that never acknowledges (the Ack restarts it);
-        ``fan_out``: see ``messages.Task``."""
+        ``may_split``: see ``messages.Task``."""
         self.task = task
         self.state = "busy"
         self.acked_wall = None
         self.deadline = time.monotonic() + budget
         try:
-            self.conn.send(Task(task.task_id, tuple(entry.item for entry in task.entries), fan_out))
+            self.conn.send(Task(task.task_id, tuple(entry.item for entry in task.entries), may_split))
         except OSError:
             pass  # the worker died; its exit settles the task
 

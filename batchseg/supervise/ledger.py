@@ -11,8 +11,8 @@ from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass, field
 
 from ..records import FailureCategory, Item, ItemResult, Status
-from .fanout import TiledImages
 from .settings import EventKind, PoolEvent, PoolSettings
+from .splits import SplitItems
 
 __all__ = ["RETRYABLE", "Entry", "Ledger"]
 
@@ -50,9 +50,9 @@ class Ledger:
     files are the user's data, not a broken setup, and a folder of unreadable files must still be
     walked to the end.
 
-    Tiles: a result that fans an image out into tiles (``supervise.fanout``) is no attempt; the
-    tiles go in front of the fresh work, each settled like an item, and the image's merge follows
-    its last tile. Only images reach ``on_result`` and the breaker.
+    Splits: a result that splits an item into parts (``supervise.splits``) is no attempt; the
+    parts go in front of the fresh work, each settled like an item, and the item's join follows
+    its last part. Only whole items reach ``on_result`` and the breaker.
     """
 
     def __init__(
@@ -76,9 +76,9 @@ class Ledger:
         self.counts: Counter[str] = Counter()
         self._streak: tuple[str, int] = ("", 0)
         self.tripped: str | None = None
-        self._tiled = TiledImages()
-        self._spread: dict[str, Entry] = {}  # images out as tiles: their entries wait for the merge
-        self._began: dict[str, float] = {}  # when a spread image's worker planned it: its start
+        self._splits = SplitItems()
+        self._spread: dict[str, Entry] = {}  # items out as parts: their entries wait for the join
+        self._began: dict[str, float] = {}  # when a split item's worker split it: its start
 
     def has_fresh(self) -> bool:
         if self._returned:
@@ -97,7 +97,7 @@ class Ledger:
         entries: list[Entry] = []
         while len(entries) < count and self._returned:
             entry = self._returned.popleft()
-            if not self._tiled.dropped(entry.item):
+            if not self._splits.dropped(entry.item):
                 entries.append(entry)
         while len(entries) < count and self.has_fresh():
             assert self._lookahead is not None
@@ -109,7 +109,7 @@ class Ledger:
 
     def take_retry(self, wid: int) -> Entry | None:
         """The first queued retry that worker ``wid`` has not failed."""
-        for entry in [e for e in self.retries if self._tiled.dropped(e.item)]:
+        for entry in [e for e in self.retries if self._splits.dropped(e.item)]:
             self.retries.remove(entry)
         for index, entry in enumerate(self.retries):
             if wid not in entry.tried:
@@ -131,14 +131,14 @@ class Ledger:
 
     def settle(self, entry: Entry, result: ItemResult, wid: int) -> None:
         """Count one attempt: queue a retry, or report the final result."""
-        if result.fan_out is not None and entry.item.tiling is None:
+        if result.split is not None and entry.item.part is None:
             began = self._began[entry.item.path] = result.started_at or time.time()
             self._spread[entry.item.path] = entry
-            tiles = [Entry(item) for item in self._tiled.split(entry.item, result.fan_out, began)]
-            self._returned.extendleft(reversed(tiles))  # before other images: this one finishes first
+            parts = [Entry(item) for item in self._splits.split(entry.item, result.split, began)]
+            self._returned.extendleft(reversed(parts))  # before other items: this one finishes first
             return
-        if self._tiled.dropped(entry.item):
-            return  # its image failed by another tile meanwhile
+        if self._splits.dropped(entry.item):
+            return  # its item failed by another part meanwhile
         entry.attempts += 1
         result.attempts = entry.attempts
         if self._retry(result, entry):
@@ -155,17 +155,17 @@ class Ledger:
                 )
             )
             return
-        if entry.item.tiling is not None and entry.item.tiling.tile is not None:
-            outcome = self._tiled.settle_tile(entry.item, result)
+        if entry.item.part is not None and entry.item.part.key is not None:
+            outcome = self._splits.settle_part(entry.item, result)
             if outcome is None:
                 return
-            image = self._spread.pop(entry.item.path)
+            whole = self._spread.pop(entry.item.path)
             if isinstance(outcome, Item):
-                image.item = outcome  # the image's merge, next in line, with the image's attempts
-                self._returned.appendleft(image)
+                whole.item = outcome  # the item's join, next in line, with the item's attempts
+                self._returned.appendleft(whole)
                 return
             result = outcome
-        if entry.item.tiling is not None:  # a spread image's result: its time runs from the plan
+        if entry.item.part is not None:  # a split item's result: its time runs from the split
             result.started_at = self._began.pop(entry.item.path, result.started_at)
         self.counts[result.status.value] += 1
         self._on_result(result)
@@ -197,10 +197,10 @@ class Ledger:
 
 
 def _where(entry: Entry) -> str:
-    tiling = entry.item.tiling
-    if tiling is None or tiling.tile is None:
+    part = entry.item.part
+    if part is None or part.key is None:
         return entry.item.path
-    return f"{entry.item.path} tile {tiling.tile}"
+    return f"{entry.item.path} {part.noun} {part.key}"
 
 
 def _failure_key(result: ItemResult) -> str | None:

@@ -33,9 +33,9 @@ class Task:
 
     task_id: int
     items: tuple[Item, ...]
-    #: Several workers: answer an image planned as tiles with its tiles (``ItemResult.fan_out``)
-    #: for the pool to spread, instead of running them here.
-    fan_out: bool = False
+    #: Several workers: an item the worker would run in parts may be answered with its parts
+    #: (``ItemResult.split``) for the pool to spread, instead of running them here.
+    may_split: bool = False
 
 
 @dataclass(frozen=True)

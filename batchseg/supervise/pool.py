@@ -229,7 +229,7 @@ class Pool:
 
     def _send(self, worker: WorkerHandle, entries: list[Entry]) -> None:
         task = InFlight(next(self._task_ids), entries)
-        worker.send_task(task, self._budget(task), fan_out=self.target > 1)
+        worker.send_task(task, self._budget(task), may_split=self.target > 1)
 
     def _budget(self, task: InFlight, worker: WorkerHandle | None = None) -> float:
         """Watchdog: ``timeout`` x the items the worker may finish before it next reports (Done,

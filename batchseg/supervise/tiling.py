@@ -25,7 +25,7 @@ from .. import __version__, imageio
 from ..config import RunConfig
 from ..errors import BadValueError, ConfigError, InvalidImageError
 from ..geo.detect import looks_georeferenced
-from ..records import Detection, FanOut, Item, ItemResult, Status, failure_result
+from ..records import Detection, Item, ItemResult, Split, Status, failure_result
 from ..tiles import merge_process
 from ..tiles.grid import (
     MIN_SIDE,
@@ -41,7 +41,7 @@ from ..tiles.merge_process import RemoteMerge
 from ..tiles.progress import PROGRESS_DIR, TileProgress
 from ..tiles.source import CONVERT_HINT, upright_size
 from .contract import Capabilities
-from .fanout import tile_failure
+from .splits import part_failure
 from .writer import OutputWriter
 
 if TYPE_CHECKING:
@@ -218,7 +218,7 @@ class Tiler:
             failed = self._run_tiles(item, plan, progress, run_tiles, merging, running)
             if failed is not None:
                 tile, result = failed
-                return tile_failure(item, tile.id, tile.window, result, started)
+                return part_failure(item, "tile", tile.id, tile.window, result, started)
             try:
                 georef = _georef(self.input_root / item.path)  # the label map lands on the source grid
             except InvalidImageError as exc:
@@ -273,7 +273,7 @@ class Tiler:
                 return failed[0]
         return None
 
-    def fan_out(self, item: Item, plan: TilePlan) -> ItemResult | None:
+    def split(self, item: Item, plan: TilePlan) -> ItemResult | None:
         """The answer for an image planned as tiles when the pool spreads them: the tiles not yet
         on disk, for the pool to hand out; None when all are (the caller merges them at once)."""
         found = self.progress(item, plan).load()
@@ -287,17 +287,17 @@ class Tiler:
             width=plan.width,
             height=plan.height,
             device=self.device,
-            fan_out=FanOut(geometry, todo),
+            split=Split(geometry, todo, "tile"),
         )
 
     def run_tile_items(self, items: Sequence[Item], run_tiles: RunTiles) -> list[ItemResult]:
         """Tiles of one image that the pool spread: through the engine, the finished ones kept on
         disk for the image's merge; each answered without its detections (they stay on disk)."""
         first = items[0]
-        assert first.tiling is not None
-        plan = plan_tiles(*first.tiling.plan)
+        assert first.part is not None
+        plan = plan_tiles(*first.part.plan)
         progress = self.progress(first, plan)
-        ids = [item.tiling.tile for item in items if item.tiling is not None and item.tiling.tile is not None]
+        ids = [item.part.key for item in items if item.part is not None and item.part.key is not None]
         assert len(ids) == len(items), "the pool sends tiles here, each with its id"
         if len(items) == 1 and ids[0] in self._kept_ids(progress):
             # A tile that may have run before comes alone: a retry, or one of the tiles of a task
@@ -315,7 +315,7 @@ class Tiler:
 
         follow()
         handover = _Handover(progress, None, set(), None, kept=follow)  # the merge is another task's
-        results = run_tiles([replace(item, tiling=None) for item in items], handover.arrived_of(ids))
+        results = run_tiles([replace(item, part=None) for item in items], handover.arrived_of(ids))
         handover.take({i: r.detections for i, r in zip(ids, results, strict=True) if r.status is Status.OK})
         handover.keep()
         return [replace(r, detections=[]) if r.status is Status.OK else r for r in results]

@@ -114,7 +114,7 @@ def _serve(
         if not _send_quietly(conn, Ack(message.task_id)):
             return
         beat = _Beat(conn, message.task_id, capabilities, live=capabilities.heartbeat_every > 0)
-        results = run_items(engine, capabilities, message.items, beat, tiler, writer, message.fan_out)
+        results = run_items(engine, capabilities, message.items, beat, tiler, writer, message.may_split)
         if not _send_done(conn, message.task_id, message.items, results, capabilities):
             return
 
@@ -126,15 +126,15 @@ def run_items(
     heartbeat: _Beat,
     tiler: Tiler | None,
     writer: OutputWriter,
-    fan_out: bool = False,
+    may_split: bool = False,
 ) -> list[ItemResult]:
     """Run a task's items; never raises. Whole images go in runs of consecutive items through
     ``run_task``; an image the tiler plans as tiles runs through its tiles here (``Tiler.run``) or,
-    with ``fan_out``, is answered with its tiles for the pool to spread (``Tiler.fan_out``); tiles
+    with ``may_split``, is answered with its tiles for the pool to spread (``Tiler.split``); tiles
     the pool sent run one image's at a time (``Tiler.run_tile_items``), and an image whose tiles are
     all in is merged (``Tiler.run`` again, finding them on disk)."""
-    plans = [_plan(tiler, item) if item.tiling is None else None for item in items] if tiler else []
-    if tiler is None or all(p is None and i.tiling is None for p, i in zip(plans, items, strict=True)):
+    plans = [_plan(tiler, item) if item.part is None else None for item in items] if tiler else []
+    if tiler is None or all(p is None and i.part is None for p, i in zip(plans, items, strict=True)):
         return run_task(engine, capabilities, items, heartbeat, writer)
     results: list[ItemResult] = []
     whole: list[int] = []
@@ -161,12 +161,12 @@ def run_items(
             tiles.clear()
 
     for k, (item, plan) in enumerate(zip(items, plans, strict=True)):
-        if item.tiling is not None and item.tiling.tile is not None:  # a tile the pool sent
+        if item.part is not None and item.part.key is not None:  # a tile the pool sent
             if whole or (tiles and items[tiles[0]].path != item.path):
                 flush()
             tiles.append(k)
             continue
-        if plan is None and item.tiling is None:
+        if plan is None and item.part is None:
             if tiles:
                 flush()
             whole.append(k)
@@ -177,7 +177,7 @@ def run_items(
         started = time.time()
         try:
             with about_image(tiler.input_root / item.path):  # what libraries say names it
-                result = _tiled_image(tiler, item, plan, fan_out, run_tiles, _prefetcher(engine, upcoming))
+                result = _tiled_image(tiler, item, plan, may_split, run_tiles, _prefetcher(engine, upcoming))
         except Exception as exc:  # noqa: BLE001 - the worker never raises across the pipe
             result = failure_result(item, Status.ERROR, exc=exc)
         _stamp(result, capabilities, started, time.time())
@@ -196,7 +196,7 @@ def _tiled_image(
     tiler: Tiler,
     item: Item,
     plan: TilePlan | ItemResult | None,
-    fan_out: bool,
+    may_split: bool,
     run_tiles: RunTiles,
     running: Callable[[], None] | None = None,
 ) -> ItemResult:
@@ -204,11 +204,11 @@ def _tiled_image(
     ``running`` is called once its tiles run here (not for an image spread over the workers)."""
     if isinstance(plan, ItemResult):
         return plan
-    if item.tiling is not None:  # every tile is in: the merge
-        return tiler.run(replace(item, tiling=None), plan_tiles(*item.tiling.plan), run_tiles)
+    if item.part is not None:  # every tile is in: the merge
+        return tiler.run(replace(item, part=None), plan_tiles(*item.part.plan), run_tiles)
     assert plan is not None
-    if fan_out:
-        answer = tiler.fan_out(item, plan)
+    if may_split:
+        answer = tiler.split(item, plan)
         if answer is not None:
             return answer
     return tiler.run(item, plan, run_tiles, running)

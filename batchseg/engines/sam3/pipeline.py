@@ -50,7 +50,7 @@ from .postprocess import (
     score_outputs,
 )
 from .sizing import batch_for_free_memory, task_size
-from .speedups import priority_stream, speed_up
+from .speedups import priority_stream, release_text_tower, speed_up
 from .task import Task, WriteFn
 
 __all__ = ["EncodedImages", "PromptText", "Sam3Engine", "pick_device", "plan_gpu_use"]
@@ -114,6 +114,7 @@ class Sam3Engine:
         self.exemplars = load_exemplars(config)
         names = run_prompts(config, self.exemplars)
         self.prompts = self.encode_prompts(names)
+        release_text_tower(model, self.torch_device)  # the features above are all it gives
         self.boxes_only = [name not in config.prompts for name in names]
         self.placer = (
             Placer(self.exemplars, names, config.prompts, Path(config.input)) if self.exemplars else None
@@ -301,7 +302,7 @@ class Sam3Engine:
                             self.boxes_only[index], self.dtype,
                         )  # fmt: skip
                     if outputs is None:
-                        scored.append(nothing_scored(index, batch))
+                        scored.append(nothing_scored(index, batch, self.torch_device))
                     else:
                         scored.append(score_outputs(outputs, index, encoded.sizes, threshold))
                 del outputs
