@@ -130,6 +130,19 @@ def test_boxes_alone_are_the_prompt_where_they_are(tiny_model: Path, images: Pat
     assert c.status is Status.OK and c.detections == []  # no box on c: the prompt does not run there
 
 
+def test_a_prompt_named_only_by_boxes_runs_where_they_are_beside_a_text_prompt(
+    tiny_model: Path, images: Path, tmp_path: Path
+) -> None:
+    boxes = boxes_file(tmp_path, ["a.png,20,10,70,50,1,lawn"])
+    engine = engine_for(tiny_model, images, ("roof",), boxes, batch_size=1)  # c: a sub-batch without
+    a, c = written(engine, [Item("a.png", 0, 0), Item("c.png", 0, 0)])
+    image = Image.open(images / "a.png").convert("RGB")
+    assert kept_from(scores_of(a, "lawn"), reference_scores(engine, image, "lawn", [(BOX, 1)]))
+    assert scores_of(a, "roof") and {d.prompt for d in c.detections} == {"roof"}
+    [c_alone] = written(engine_for(tiny_model, images, ("roof",), None), [Item("c.png", 0, 0)])
+    assert scores_of(c, "roof") == scores_of(c_alone, "roof")
+
+
 def test_a_tile_gets_the_boxes_it_holds_whole_in_its_own_frame(tmp_path: Path) -> None:
     boxes = boxes_file(tmp_path, ["a.png,20,10,70,50,1,roof", "a.png,100,5,125,30,0,roof"])
     exemplars = load_exemplars(

@@ -173,7 +173,9 @@ def forward_prompt(
     return merge_rows(parts, batch) if parts else None
 
 
-def nothing_scored(index: int, batch: int) -> Scored:
-    """A prompt that ran on no image of the sub-batch: no candidate in any of them."""
+def nothing_scored(index: int, batch: int, device: torch.device) -> Scored:
+    """A prompt that ran on no image of the sub-batch: no candidate in any of them (its masks are
+    of no size the model gives: ``postprocess.merge`` leaves a part without candidates out)."""
     empty = torch.zeros((batch, 1))
-    return Scored(index, empty, empty > 0, torch.zeros((batch, 1, 4)), torch.zeros((batch, 1, 1, 1)))
+    masks = torch.zeros((batch, 1, 1, 1), device=device)
+    return Scored(index, empty, empty > 0, torch.zeros((batch, 1, 4)), masks)

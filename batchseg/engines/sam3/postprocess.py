@@ -157,7 +157,9 @@ def merge(parts: Sequence[Candidates]) -> Candidates:
     instances = [inst for part in parts for inst in part.instances]
     if not parts:
         raise ValueError("merge needs at least one set of candidates")
-    masks = torch.cat([part.masks for part in parts])
+    # A prompt that ran on no image of the sub-batch (exemplar boxes alone) has no masks of the
+    # model's size: parts without candidates add nothing.
+    masks = torch.cat([part.masks for part in parts if part.instances] or [parts[0].masks])
     order = sorted(range(len(instances)), key=lambda i: -instances[i].score)  # sorted() is stable
     index = torch.tensor(order, dtype=torch.long, device=masks.device)
     return Candidates([instances[i] for i in order], masks[index])
