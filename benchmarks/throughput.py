@@ -123,9 +123,10 @@ def _peak_gib(device: str) -> float | None:
 def phase_model_only(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from batchseg.engines.sam3.model import load_model, resolve_dtype, set_threads
+    from batchseg.engines.sam3.model import load_model, resolve_dtype
+    from batchseg.supervise.worker import set_torch_threads
 
-    set_threads(args.threads)
+    set_torch_threads(args.threads)
     dtype, _ = resolve_dtype(args.device, args.dtype)
     model, processor = load_model(str(args.model_dir), args.device, dtype)
     first = sorted(Path(args.images_dir).glob("*.jpg"))[0]
@@ -314,9 +315,9 @@ def phase_naive(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import Sam3Model, Sam3Processor
 
-    from batchseg.engines.sam3.model import set_threads
+    from batchseg.supervise.worker import set_torch_threads
 
-    set_threads(args.threads)
+    set_torch_threads(args.threads)
     model = Sam3Model.from_pretrained(str(args.model_dir), dtype=torch.float32).to(args.device).eval()
     processor = Sam3Processor.from_pretrained(str(args.model_dir))
     out = Path(args.work) / f"naive-{time.time_ns()}"

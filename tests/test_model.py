@@ -17,10 +17,10 @@ from batchseg.engines.sam3.model import (
     max_prompt_tokens,
     resolve_device,
     resolve_dtype,
-    set_threads,
     validate_model_folder,
 )
 from batchseg.errors import ConfigError, ModelLoadError
+from batchseg.supervise.worker import set_torch_threads
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -192,12 +192,12 @@ def test_processor_size_must_match_the_model(copy_of_tiny: Path) -> None:
 def test_threads() -> None:
     before = torch.get_num_threads()
     try:
-        set_threads(1)
+        set_torch_threads(1)
+        assert torch.get_num_threads() == 1
+        set_torch_threads(None)  # as they are
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
-    with pytest.raises(ConfigError):
-        set_threads(0)
 
 
 # --- prompts ---------------------------------------------------------------------------------

@@ -29,7 +29,15 @@ from .messages import Ack, Done, Heartbeat, LoadFailed, Ready, Task, Threads
 from .tiling import Arrived, RunTiles, Tiler
 from .writer import OutputWriter, WritingBeat
 
-__all__ = ["THREAD_ENV_VARS", "configure_openmp", "run_items", "run_task", "serve_connection", "worker_main"]
+__all__ = [
+    "THREAD_ENV_VARS",
+    "configure_openmp",
+    "run_items",
+    "run_task",
+    "serve_connection",
+    "set_torch_threads",
+    "worker_main",
+]
 
 #: Read by OpenMP / MKL / OpenBLAS when torch is imported; set before the engine factory runs.
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -77,7 +85,7 @@ def _load(
         engine = load_factory(spec)(spec, slot)
         capabilities = _capabilities(engine)
         tiler = Tiler.for_run(spec.config, capabilities)  # ConfigError: a bad --tile-overlap
-        _set_torch_threads(threads)
+        set_torch_threads(threads)
     except BaseException as exc:  # noqa: BLE001 - whatever the factory raises must reach the pool
         detail = str(exc) if isinstance(exc, BatchsegError) else f"{type(exc).__name__}: {exc}"
         trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
@@ -107,7 +115,7 @@ def _serve(
             # torch takes the new count at once; OpenMP read its variables at import, but what
             # this process starts from now on (and the engine, if it asks) sees the new count.
             configure_openmp(message.count)
-            _set_torch_threads(message.count)
+            set_torch_threads(message.count)
             continue
         if not isinstance(message, Task):
             return  # Shutdown
@@ -421,10 +429,20 @@ def configure_openmp(threads: int | None) -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def _set_torch_threads(threads: int | None) -> None:
+def set_torch_threads(threads: int | None) -> None:
+    """torch's intra-op and inter-op thread counts, where torch is loaded (None: as they are). The
+    one place a worker's thread count reaches torch: after the engine loads (OpenMP's variables,
+    set before, covered the load) and whenever the pool sends ``Threads``."""
     torch = sys.modules.get("torch")
-    if threads and torch is not None:
-        torch.set_num_threads(threads)
+    if not threads or torch is None:
+        return
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(threads)
+    except RuntimeError:
+        # Settable only before the first parallel op; the first value stays, which is harmless
+        # (inter-op threads are idle in inference).
+        pass
 
 
 def _detach_from_terminal_signals() -> None:

@@ -26,11 +26,10 @@ __all__ = ["CPU_SUB_BATCHES_PER_TASK", "SUB_BATCHES_PER_TASK", "check", "load_en
 
 def load_engine(spec: EngineSpec, slot: int) -> Sam3Engine:
     """Factory called once per worker: model on its device, prompts encoded, ready to process."""
-    from .model import load_model, resolve_dtype, set_threads
+    from .model import load_model, resolve_dtype
     from .pipeline import Sam3Engine, pick_device
 
     config = spec.config
-    set_threads(config.threads)
     imageio.configure_pillow(config.max_pixels)
     device = pick_device(config.device, slot)
     dtype, reason = resolve_dtype(device, config.dtype)

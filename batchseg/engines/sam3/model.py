@@ -23,7 +23,6 @@ __all__ = [
     "max_prompt_tokens",
     "resolve_device",
     "resolve_dtype",
-    "set_threads",
     "validate_model_folder",
 ]
 
@@ -166,23 +165,6 @@ def _cuda_dtype(device: str, dtype: str) -> tuple[str, str]:
     if major >= 8:
         return "bfloat16", f"auto: {capability} runs bfloat16 natively"
     return "float16", f"auto: {capability} has no fast bfloat16; float16 halves memory and time"
-
-
-def set_threads(n: int | None) -> None:
-    """Set torch's intra-op and inter-op thread counts (None leaves torch's defaults)."""
-    if n is None:
-        return
-    if n < 1:
-        raise ConfigError(f"threads must be at least 1, got {n}")
-    import torch
-
-    torch.set_num_threads(n)
-    try:
-        torch.set_num_interop_threads(n)
-    except RuntimeError:
-        # Only settable before the first parallel op; a second call in the same process keeps
-        # the first value, which is harmless (inter-op threads are idle in inference).
-        pass
 
 
 def load_model(model_id: str, device: str, dtype: str) -> tuple[Any, Any]:
