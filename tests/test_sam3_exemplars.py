@@ -203,3 +203,27 @@ def test_fold_keeps_the_better_score_and_names_the_folded_prompts() -> None:
     assert [(i.query, i.folded) for i in kept.instances] == [(0, (1,)), (2, ()), (3, ())]
     assert torch.equal(kept.masks, masks[[0, 2, 3]])
     assert [i.query for i in fold(Candidates(found, masks), 0.76, 0.5).instances] == [0, 1, 2, 3]
+
+
+def test_a_tiled_run_through_the_pool_gives_each_tile_its_boxes(tiny_model: Path, tmp_path: Path) -> None:
+    """python -m batchseg's own path: the pool, the tiler, the worker's writer, a merged label map."""
+    import pyarrow.parquet as pq
+
+    from batchseg.runner import run
+
+    folder = tmp_path / "in"
+    save_noise_image(folder / "big.png", 200, 140, seed=5)  # 6 tiles of 128
+    boxes = boxes_file(tmp_path, ["big.png,10,10,50,50,1,roof"])
+
+    def scores(exemplars: Path | None, out: str) -> list[float]:
+        config = RunConfig(
+            input=folder, output=tmp_path / out, prompts=("roof",), model=str(tiny_model), device="cpu",
+            dtype="float32", threshold=0.0, max_detections=KEPT, workers=1, tile="128", tile_overlap=64,
+            exemplars=ExemplarsKind().from_text(str(exemplars)) if exemplars else None,
+        )  # fmt: skip
+        assert run(config).exit_code == 0
+        table = pq.read_table(tmp_path / out / "manifest" / "detections.parquet").to_pylist()
+        assert table and {r["path"] for r in table} == {"big.png"}
+        return sorted(r["score"] for r in table)
+
+    assert scores(boxes, "boxed") != scores(None, "text")
