@@ -241,3 +241,30 @@ def test_refused_credentials_are_exit_1_with_a_sentence(store: Store, tmp_path: 
     assert f"refused access to s3://{BUCKET} (403): check the credentials" in result.stderr
     assert "wrong" not in result.stderr and store.key_id not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_endpoints_are_read_as_boto3_and_gdal_users_set_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    from batchseg import remote
+
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_S3_ENDPOINT", "AWS_HTTPS", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    assert remote.endpoint_url() is None and "AWS_S3_ENDPOINT" not in remote.gdal_options()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio.local:9000")
+    options = remote.gdal_options()
+    assert (options["AWS_S3_ENDPOINT"], options["AWS_HTTPS"], options["AWS_VIRTUAL_HOSTING"]) == (
+        "minio.local:9000",
+        "NO",
+        "FALSE",
+    )
+    assert "AWS_REGION" not in options  # AWS_DEFAULT_REGION is GDAL's too
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "https://s3.example.org")  # the S3 one wins
+    assert remote.endpoint_url() == "https://s3.example.org"
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_S3_ENDPOINT", "ceph.local:7480")  # GDAL's way
+    monkeypatch.setenv("AWS_HTTPS", "NO")
+    assert remote.endpoint_url() == "http://ceph.local:7480"
+    assert "AWS_S3_ENDPOINT" not in remote.gdal_options()  # GDAL reads its own as it is
+    assert remote.vsi_path("s3://b/some/prefix/") == "/vsis3/b/some/prefix"
+    assert remote.url_of("/vsis3/b/k.tif") == "s3://b/k.tif" and remote.is_remote("s3://b")

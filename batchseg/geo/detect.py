@@ -64,9 +64,10 @@ def has_geotiff_keys(path: str | os.PathLike[str]) -> bool:
 def looks_georeferenced(path: str | os.PathLike[str], listing: frozenset[str] | None = None) -> bool:
     """A world file beside ``path`` or, for a TIFF, GeoTIFF keys. ``listing``: the names in the
     image's folder (``folder_listing``), for a scan of many images: one listing, not six stats each.
-    An object's /vsis3/ path reaches the readers only for a georeferenced TIFF (``remote.localize``)."""
+    An object's /vsis3/ path reaches the readers only for a georeferenced TIFF (``remote.localize``);
+    the parent's scan (with a listing) cannot tell without reading it, and says no."""
     if os.fspath(path).startswith("/vsis3/"):
-        return True
+        return listing is None
     path = Path(path)
     names = world_file_names(path)
     if listing is not None:
