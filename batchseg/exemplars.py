@@ -284,7 +284,10 @@ def unplaced(exemplars: ExemplarSet, input_root: Path, paths: Iterable[str]) -> 
             else:
                 with imageio.open_header(input_root / rel) as image:
                     width, height = imageio.oriented_size(image)
-        except Exception:  # noqa: BLE001, S112 - an unreadable image is the run's to report
+        except Exception:  # noqa: BLE001 - an unreadable image is the run's to report
+            # Its header cannot be read here (damaged, or a remote input): its own boxes are not
+            # said to fall in no image; the image's status will say what is wrong with it.
+            left = [e for e in left if e.path != rel] if not exemplars.map_coordinates else left
             continue
         placed = {id(p.exemplar) for p in exemplars.place(rel, width, height, georef)}
         left = [e for e in left if id(e) not in placed]

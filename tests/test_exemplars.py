@@ -186,13 +186,16 @@ def test_placement_whole_image_and_tiles(tmp_path: Path) -> None:
     """A box applies to the image that holds it whole, and to each tile that holds it whole."""
     (tmp_path / "a.png").parent.mkdir(exist_ok=True)
     Image.fromarray(picture()).save(tmp_path / "a.png")
-    boxes = write_csv(tmp_path / "b.csv", ["a.png,10,10,20,20,1,x", "a.png,110,70,121,80,1,x"])
+    (tmp_path / "broken.png").write_bytes(b"not a PNG")  # unreadable: its own status says so
+    rows = ["a.png,10,10,20,20,1,x", "a.png,110,70,121,80,1,x", "broken.png,1,1,2,2,1,x"]
+    boxes = write_csv(tmp_path / "b.csv", rows)
     config = config_for(tmp_path, boxes)
     exemplars = load_exemplars(config)
     assert exemplars is not None
     placed = exemplars.place("a.png", 120, 80, None)
     assert [p.box for p in placed] == [(10.0, 10.0, 20.0, 20.0)]  # the second crosses the edge
-    assert [e.where for e in unplaced(exemplars, tmp_path, ["a.png"])] == ["b.csv line 3"]
+    assert [e.where for e in unplaced(exemplars, tmp_path, ["a.png", "broken.png"])] == ["b.csv line 3"]
+    assert [e.where for e in unplaced(exemplars, tmp_path, ["a.png"])] == ["b.csv line 3", "b.csv line 4"]
     assert within((10.0, 10.0, 20.0, 20.0), (0, 0, 64, 64)) == (10.0, 10.0, 20.0, 20.0)
     assert within((10.0, 10.0, 20.0, 20.0), (8, 8, 72, 72)) == (2.0, 2.0, 12.0, 12.0)
     assert within((10.0, 10.0, 20.0, 20.0), (16, 0, 80, 64)) is None  # cut by the tile's edge
