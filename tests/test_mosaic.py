@@ -82,6 +82,7 @@ def test_several_crss_get_a_mosaic_each_and_finer_maps_keep_their_pixels(tmp_pat
     geographic = _map(tmp_path, "geo.tif", Affine(1e-5, 0.0, 12.0, 0.0, -1e-5, 0.01), wgs84, 3)
     no_crs = _map(tmp_path, "plain.tif", Affine(2.0, 0.0, 0.0, 0.0, -2.0, 0.0), None, 4)
     (tmp_path / "labels.vrt").write_text("stale")
+    (tmp_path / "labels_mine.vrt").write_text("a file of the user's")
     written = write_mosaics(tmp_path, [coarse, fine, geographic, no_crs])
     assert sorted(p.name for p in written) == [
         "labels.EPSG_32633.vrt",
@@ -96,4 +97,4 @@ def test_several_crss_get_a_mosaic_each_and_finer_maps_keep_their_pixels(tmp_pat
     with rasterio.open(tmp_path / "labels.no_crs.vrt") as src:
         assert src.crs is None and (src.read(1) == 4).all()
     assert [p.name for p in write_mosaics(tmp_path, [fine])] == ["labels.vrt"]
-    assert sorted(p.name for p in tmp_path.glob("*.vrt")) == ["labels.vrt"]
+    assert sorted(p.name for p in tmp_path.glob("*.vrt")) == ["labels.vrt", "labels_mine.vrt"]

@@ -90,7 +90,8 @@ def write_mosaics(output_dir: Path, maps: Sequence[LabelMap]) -> list[Path]:
         target = Path(output_dir) / mosaic_name(frame, by_frame)
         atomic_write_bytes(target, vrt_xml(members).encode())
         written.append(target)
-    for stale in Path(output_dir).glob("labels*.vrt"):
+    folder = Path(output_dir)
+    for stale in [*folder.glob(MOSAIC_NAME), *folder.glob("labels.*.vrt")]:
         if stale not in written:
             stale.unlink(missing_ok=True)
     return written
