@@ -20,6 +20,8 @@ from types import TracebackType
 from .config import RunConfig
 from .discover import check_input_folder
 from .errors import BatchsegError, ConfigError
+from .exemplars import run_prompts
+from .prompting import check_prompt_maps
 from .remote import check_input, is_remote
 from .sources import check_geo_extra
 from .store.checkpoint import CHECKPOINT_NAME, RunInfo, connect_readonly, read_run_info
@@ -58,6 +60,7 @@ def preflight(config: RunConfig, factory: str) -> Preflight:
     PoolSettings.from_config(config)
     check_geo_extra(config, ())  # --vectors without the extra; georeferenced images once planned
     check_in_parent(factory, config)  # a value the engine cannot use is said before a mere change
+    check_prompt_maps(config, run_prompts(config))  # --class / --prompt-threshold name prompts, any engine
     if stored is not None:
         check_fingerprint(config.output_dir, stored.fingerprint, config)
     return Preflight(config, notes)

@@ -374,3 +374,17 @@ def test_the_class_reaches_polygons_and_the_gis_export(tmp_path: Path) -> None:
     _meta, _fids, _geoms, fields = pyogrio.raw.read(tmp_path / "out" / "manifest" / "polygons.gpkg")
     names = list(pyogrio.read_info(tmp_path / "out" / "manifest" / "polygons.gpkg")["fields"])
     assert sorted(fields[names.index("class")].tolist()) == ["#2828c8", "building", "building", "building"]
+
+
+def test_a_class_or_threshold_for_no_prompt_is_refused_for_any_engine(tmp_path: Path) -> None:
+    """tests/patch_engine.py has no check of its own: preflight refuses the typo before any file."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(picture()).save(folder / "a.png")
+    for given in ({"classes": (("rooof", "building"),)}, {"prompt_thresholds": (("rooof", 0.5),)}):
+        config = RunConfig(
+            input=folder, output=tmp_path / "out", engine="patch_engine:load", prompts=("roof",), **given
+        )
+        with pytest.raises(BadValueError, match='"rooof": no such prompt'):
+            run(config)
+        assert not (tmp_path / "out").exists()
