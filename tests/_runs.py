@@ -263,6 +263,8 @@ def check_masks(output: Path, images: list[dict[str, Any]], detections: list[dic
             continue
         labels = read_label_map(output / row["mask_path"])
         assert labels.shape == (row["height"], row["width"]), row["path"]
+        if row["mask_path"].endswith(".tif"):
+            assert_cog(output / row["mask_path"])
         dets = sorted(by_path.get(row["path"], []), key=lambda d: d["index"])
         assert [d["index"] for d in dets] == list(range(1, row["n_detections"] + 1)), row["path"]
         assert set(np.unique(labels).tolist()) <= set(range(len(dets) + 1)), row["path"]
@@ -271,6 +273,19 @@ def check_masks(output: Path, images: list[dict[str, Any]], detections: list[dic
             decoded = mask_utils.decode(rle).astype(bool)
             assert np.array_equal(decoded, labels == det["index"]), (row["path"], det["index"])
             assert det["area_px"] == int(decoded.sum()), (row["path"], det["index"])
+
+
+def assert_cog(path: Path) -> None:
+    """A tiled or georeferenced label map is a valid cloud-optimized GeoTIFF (rio-cogeo, strict)."""
+    import warnings
+
+    from rasterio.errors import NotGeoreferencedWarning
+    from rio_cogeo.cogeo import cog_validate
+
+    with warnings.catch_warnings():  # a tiled map of a plain image has no georeference
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        valid, errors, warns = cog_validate(path, strict=True, quiet=True)
+    assert valid, (path, errors, warns)
 
 
 def log_text(output: Path) -> str:
