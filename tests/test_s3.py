@@ -172,7 +172,9 @@ def test_a_bucket_runs_resumes_and_redoes_what_changed(
 
 
 def test_a_cog_in_tiles_is_read_by_window(store: Store, proxy: FaultProxy, tmp_path: Path) -> None:
-    """A COG cut into tiles: each tile's worker reads its window with range requests."""
+    """A COG cut into tiles: each tile's worker reads its window with range requests; GDAL retries
+    a 503 on its first read."""
+    proxy.flaky.add("a.tif")
     output = tmp_path / "out"
     result = _run(store.env(url=proxy.url), output, "--include", "ortho/*", "--tile", "512")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -182,6 +184,7 @@ def test_a_cog_in_tiles_is_read_by_window(store: Store, proxy: FaultProxy, tmp_p
         labels = src.read(1)
     assert np.count_nonzero(labels) == 40 * 40 and labels[100:140, 100:140].all()
     assert proxy.gets["a.tif"] >= 2 and "a.tif" not in proxy.whole and "b.tif" not in proxy.whole
+    assert not proxy.flaky  # the 503 was served, and the read retried
 
 
 def test_a_killed_run_resumes_and_repeats_nothing(store: Store, proxy: FaultProxy, tmp_path: Path) -> None:
