@@ -24,6 +24,7 @@ failure (``RemoteReadError``, status ``error``), never the run's. Imported only 
 from __future__ import annotations
 
 import atexit
+import itertools
 import os
 import shutil
 import tempfile
@@ -58,8 +59,9 @@ __all__ = [
 VSI_PREFIX = "/vsis3/"
 ETAG_PREFIX = "etag:"
 _TIFF_SUFFIXES = (".tif", ".tiff")
-#: Downloads a worker keeps (a plain image cut into tiles is read once per tile).
-_CACHED = 4
+#: Downloads a worker keeps (a plain image cut into tiles is read once per tile; an engine's reader
+#: threads may hold several at once).
+_CACHED = 16
 _MAX_ATTEMPTS = 5
 _EXTRA_HINT = "reading s3:// inputs needs the s3 extra: pip install 'batchseg[s3]'"
 
@@ -267,12 +269,14 @@ def stat_item(root: str | os.PathLike[str], rel: str) -> Item:
 
 
 class _Downloads:
-    """The last few objects a worker fetched whole, in its own temp folder (gone when it exits)."""
+    """The last few objects a worker fetched whole, in its own temp folder (gone when it exits).
+    Downloads run outside the lock: an engine's reader threads fetch their images side by side."""
 
     def __init__(self) -> None:
         self.folder: Path | None = None
         self.files: OrderedDict[str, Path] = OrderedDict()
         self.lock = threading.Lock()
+        self.numbers = itertools.count()
 
     def get(self, path: str) -> Path:
         with self.lock:
@@ -283,13 +287,15 @@ class _Downloads:
             if self.folder is None:
                 self.folder = Path(tempfile.mkdtemp(prefix="batchseg-s3-"))
                 atexit.register(shutil.rmtree, self.folder, True)
-            target = self.folder / f"{len(self.files)}-{os.getpid()}-{Path(path).name}"
-            _download(path, target)
+            target = self.folder / f"{next(self.numbers)}-{Path(path).name}"
+        _download(path, target)
+        with self.lock:
             self.files[path] = target
             while len(self.files) > _CACHED:
                 _, old = self.files.popitem(last=False)
-                old.unlink(missing_ok=True)
-            return target
+                if old != target:
+                    old.unlink(missing_ok=True)
+        return target
 
 
 _downloads = _Downloads()
