@@ -183,6 +183,9 @@ def test_a_cog_in_tiles_is_read_by_window(store: Store, proxy: FaultProxy, tmp_p
     with rasterio.open(output / rows["ortho/a.tif"]["mask_path"]) as src:
         labels = src.read(1)
     assert np.count_nonzero(labels) == 40 * 40 and labels[100:140, 100:140].all()
+    detections = pq.read_table(output / "manifest" / "detections.parquet").to_pylist()
+    (square,) = [d for d in detections if d["path"] == "ortho/b.tif"]
+    assert square["tiles"] >= 2  # seen by several overlapping 512-pixel tiles: the image was tiled
     assert proxy.gets["a.tif"] >= 2 and "a.tif" not in proxy.whole and "b.tif" not in proxy.whole
     assert not proxy.flaky  # the 503 was served, and the read retried
 

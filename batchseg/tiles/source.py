@@ -313,8 +313,31 @@ def upright_size(path: str | os.PathLike[str]) -> tuple[int, int, bool]:
     """(width, height, windowed) of the upright image from its header only, no pixel decoded;
     ``windowed``: ``open_source`` reads it by window rather than whole. InvalidImageError when
     even the header cannot be read."""
+    from ..remote import localize
+
+    path = localize(path)  # an object in S3: its /vsis3/ path (georeferenced TIFF) or a local copy
     with about_image(path):
+        if os.fspath(path).startswith("/vsis3/"):
+            return _remote_size(path)
         return _upright_size(path)
+
+
+def _remote_size(path: str | os.PathLike[str]) -> tuple[int, int, bool]:
+    """A georeferenced TIFF in S3: GDAL reads its header with a range request; read by window."""
+    from rasterio.errors import RasterioError
+
+    from ..geo.source import GeoSource
+
+    try:
+        source = GeoSource.open(path)
+    except RasterioError as exc:
+        raise InvalidImageError(f"The raster cannot be read ({exc}).") from exc
+    if source is None:  # pragma: no cover - remote.localize hands out only georeferenced paths
+        raise InvalidImageError("The raster has no georeference.")
+    try:
+        return source.width, source.height, True
+    finally:
+        source.close()
 
 
 def _upright_size(path: str | os.PathLike[str]) -> tuple[int, int, bool]:
