@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import rasterio
-from _runs import checkpoint_rows, ok_rows, start_run, tagged_processes, wait_until
+from _runs import checkpoint_rows, ok_rows, run_args, start_run, tagged_processes, wait_until
 from _s3 import FaultProxy, Store, fault_proxy, moto_server
 from affine import Affine
 from PIL import Image
@@ -188,6 +188,23 @@ def test_a_cog_in_tiles_is_read_by_window(store: Store, proxy: FaultProxy, tmp_p
     assert square["tiles"] >= 2  # seen by several overlapping 512-pixel tiles: the image was tiled
     assert proxy.gets["a.tif"] >= 2 and "a.tif" not in proxy.whole and "b.tif" not in proxy.whole
     assert not proxy.flaky  # the 503 was served, and the read retried
+
+
+def test_sam3_reads_objects_in_its_reader_threads(store: Store, tiny_model: Path, tmp_path: Path) -> None:
+    """The SAM3 engine (a tiny random checkpoint, CPU) reads objects through the same path: plain
+    images fetched by its reader threads, a COG by window."""
+    output = tmp_path / "out"
+    args = run_args(tmp_path, output, tiny_model, "--include", "photos/p.jpg", "--include", "ortho/a.tif")
+    args[1] = f"s3://{BUCKET}/run"  # run_args takes a folder; here the input is a prefix
+    result = batchseg(store.env(), *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = _rows(output)
+    assert {p: (r["status"], r["width"]) for p, r in rows.items() if r["status"] != "skipped"} == {
+        "photos/p.jpg": ("ok", 300),
+        "ortho/a.tif": ("ok", 1200),
+    }
+    with rasterio.open(output / rows["ortho/a.tif"]["mask_path"]) as src:
+        assert src.crs == UTM and (src.width, src.height) == (1200, 900)
 
 
 def test_a_killed_run_resumes_and_repeats_nothing(store: Store, proxy: FaultProxy, tmp_path: Path) -> None:
