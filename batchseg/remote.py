@@ -51,6 +51,7 @@ __all__ = [
     "gdal_options",
     "is_remote",
     "localize",
+    "remove_orphans",
     "stat_item",
     "url_of",
     "vsi_path",
@@ -285,7 +286,8 @@ class _Downloads:
                 self.files.move_to_end(path)
                 return known
             if self.folder is None:
-                self.folder = Path(tempfile.mkdtemp(prefix="batchseg-s3-"))
+                remove_orphans()
+                self.folder = Path(tempfile.mkdtemp(prefix=f"{_FOLDER_PREFIX}{os.getpid()}-"))
                 atexit.register(shutil.rmtree, self.folder, True)
             target = self.folder / f"{next(self.numbers)}-{Path(path).name}"
         _download(path, target)
@@ -299,6 +301,27 @@ class _Downloads:
 
 
 _downloads = _Downloads()
+_FOLDER_PREFIX = "batchseg-s3-"
+
+
+def remove_orphans() -> None:
+    """Remove the download folders of workers that are gone (a worker stopped by a signal runs no
+    atexit): when a worker first downloads, and in the parent when a run's pool is done."""
+
+    for folder in Path(tempfile.gettempdir()).glob(f"{_FOLDER_PREFIX}*-*"):
+        pid = folder.name[len(_FOLDER_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _download(path: str, target: Path) -> None:

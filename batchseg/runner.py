@@ -29,7 +29,7 @@ from .logs import RunLog
 from .pool_pass import PoolPass
 from .preflight import FreshFolder, preflight, stored_run
 from .records import FINAL_FAILURES, Item, ItemResult, Status, failure_result
-from .remote import discover_objects, is_remote, stat_item
+from .remote import discover_objects, is_remote, remove_orphans, stat_item
 from .report import report_after_run
 from .sources import check_geo_extra
 from .store.checkpoint import Checkpoint
@@ -168,6 +168,8 @@ def _run_locked(
                 fresh.work_done()
             raise
         fresh.work_done()
+        if is_remote(config.input):
+            remove_orphans()  # the workers' downloads of S3 objects: the workers are gone
         export(checkpoint, output_dir, log, final=True, stream=stream)
         counts = checkpoint.counts()
     finally:

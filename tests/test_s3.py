@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,8 @@ def test_a_bucket_runs_resumes_and_redoes_what_changed(
     assert {"photos/p.jpg.jpg", "photos/q.png.jpg", "ortho/a.tif.jpg"} <= previews
     assert (output / "report.html").is_file()
 
+    assert not list(Path(tempfile.gettempdir()).glob("batchseg-s3-*"))  # downloads gone with the run
+
     # credentials are never written into the output folder
     for path in output.rglob("*"):
         if path.is_file():
@@ -221,11 +224,14 @@ def test_a_killed_run_resumes_and_repeats_nothing(store: Store, proxy: FaultProx
     live.kill()
     assert wait_until(lambda: not tagged_processes(live.tag), 30)  # its worker went with it
     before = checkpoint_rows(output)
+    orphans = list(Path(tempfile.gettempdir()).glob("batchseg-s3-*"))
+    assert orphans  # the killed worker's downloads: no atexit ran
     proxy.release.set()
     resumed = batchseg(store.env(url=proxy.url), *args)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     after = checkpoint_rows(output)
     assert {p: after[p]["started_at"] for p in done} == {p: before[p]["started_at"] for p in done}
+    assert not any(p.exists() for p in orphans)  # the next worker removed them
     statuses = {p: r["status"] for p, r in after.items()}
     skipped = {"ortho/a.tif": "skipped", "ortho/b.tif": "skipped"}  # --include, as for a folder
     assert statuses == {**dict.fromkeys(done | {"photos/q.png"}, "ok"), **skipped}
