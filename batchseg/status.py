@@ -133,7 +133,9 @@ def _from_manifest(output_dir: Path, run: RunInfo) -> StatusReport:
 def _from_summary(output_dir: Path, source: str, summary: StoreSummary) -> StatusReport:
     n, first_start = summary.recent
     rate = _rate(n, first_start, summary.last_finished) if summary.last_finished is not None else None
-    errors = [ErrorGroup(*group) for group in summary.errors]
+    errors = [
+        ErrorGroup(g.status, g.error_type, g.count, g.paths[0], g.example_message) for g in summary.errors
+    ]
     return _report(
         output_dir,
         source,

@@ -21,8 +21,9 @@ import pyarrow.parquet as pq
 from ..errors import OutputError
 from ..logs import LOG_NAME_RE
 from ..prompting import classes_of
-from ..records import ALL_STATES, FAILURE_VALUES, Status
+from ..records import ALL_STATES, Status
 from ..store.manifest import manifest_paths, read_manifest_run
+from ..store.summary import FailureGroup, summarize_manifest
 from .previews import PREVIEW_STATUSES, preview_relpath
 
 __all__ = ["FailureGroup", "GalleryItem", "LogSession", "PromptStats", "ReportData", "collect_report"]
@@ -60,15 +61,6 @@ class LogSession:
     elapsed: str | None = None
     exit_code: int | None = None
     devices: list[str] = field(default_factory=list)
-
-
-@dataclass
-class FailureGroup:
-    status: str
-    error_type: str
-    count: int
-    messages: list[tuple[str, int]]  # the most frequent messages, with their counts
-    paths: list[str]  # the first PATHS_PER_FAILURE_GROUP, by path
 
 
 @dataclass
@@ -137,11 +129,12 @@ def collect_report(output_dir: Path) -> ReportData:
         )
     except (OSError, pa.ArrowException) as exc:
         raise OutputError(f"cannot read the manifest in {images_path.parent}: {exc}") from exc
+    # Counts and failure groups: the store's one summary, as ``batchseg status`` shows them.
+    summary = summarize_manifest(output_dir, run, 0.0, FAILURE_GROUPS, PATHS_PER_FAILURE_GROUP)
     counts = dict.fromkeys(ALL_STATES, 0)
-    counts.update({r["values"]: r["counts"] for r in pc.value_counts(images["status"]).to_pylist()})
+    counts.update(summary.counts)
     session = read_session(output_dir)
     started, finished = _epoch(images["started_at"]), _epoch(images["finished_at"])
-    failures, failure_total = _failures(images)
     devices = sorted(d for d in pc.unique(images["device"]).to_pylist() if d)
     prompts = list(run.config.get("prompts", []))
     return ReportData(
@@ -158,8 +151,8 @@ def collect_report(output_dir: Path) -> ReportData:
         first_started=_min(started),
         last_finished=_max(finished),
         devices=devices or (session.devices if session else []),
-        failures=failures,
-        failure_total=failure_total,
+        failures=summary.errors,
+        failure_total=summary.failed,
         prompts=_prompt_stats(dets, prompts),
         classes=_class_counts(dets, classes_of(run.config)),
         count_hist=_count_hist(images),
@@ -197,36 +190,6 @@ def _rate(started: np.ndarray, finished: np.ndarray, session: LogSession | None)
     if first is None or last is None or last <= first:
         return None
     return float(np.count_nonzero(~np.isnan(finished)) / (last - first))
-
-
-def _failures(images: pa.Table) -> tuple[list[FailureGroup], int]:
-    failed = images.filter(pc.is_in(images["status"], pa.array(FAILURE_VALUES)))
-    failed = failed.set_column(
-        failed.schema.get_field_index("error_type"),
-        "error_type",
-        pc.fill_null(failed["error_type"], ""),
-    )
-    groups = failed.group_by(["status", "error_type"]).aggregate([("path", "count")])
-    rows = sorted(groups.to_pylist(), key=lambda r: (-r["path_count"], r["status"], r["error_type"]))
-    out = []
-    for row in rows[:FAILURE_GROUPS]:
-        mask = pc.and_(
-            pc.equal(failed["status"], row["status"]), pc.equal(failed["error_type"], row["error_type"])
-        )
-        group = failed.filter(mask)
-        messages = pc.value_counts(pc.fill_null(group["error_message"], "")).to_pylist()
-        messages.sort(key=lambda m: (-m["counts"], m["values"]))
-        paths = pc.sort_indices(group["path"])[:PATHS_PER_FAILURE_GROUP]
-        out.append(
-            FailureGroup(
-                status=row["status"],
-                error_type=row["error_type"] or "(no type)",
-                count=row["path_count"],
-                messages=[(m["values"], m["counts"]) for m in messages[:3]],
-                paths=group["path"].take(paths).to_pylist(),
-            )
-        )
-    return out, failed.num_rows
 
 
 def _class_counts(dets: pa.Table, classes: dict[str, str]) -> list[tuple[str, int, int]]:

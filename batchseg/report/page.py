@@ -154,9 +154,10 @@ def _failures(d: ReportData) -> str:
         paths = "".join(f'<li class="path">{_e(p)}</li>' for p in g.paths)
         more = g.count - len(g.paths)
         tail = f"<p>and {_n(more)} more: see manifest/images.parquet</p>" if more > 0 else ""
+        kind = _e(g.error_type or "(no type)")
         parts.append(
-            f'<details open class="failure-group" data-status="{_e(g.status)}" data-type="{_e(g.error_type)}"'
-            f' data-count="{g.count}"><summary><b>{_e(g.status)}</b> {_e(g.error_type)}: {_n(g.count)}'
+            f'<details open class="failure-group" data-status="{_e(g.status)}" data-type="{kind}"'
+            f' data-count="{g.count}"><summary><b>{_e(g.status)}</b> {kind}: {_n(g.count)}'
             f"</summary>{messages}<ul>{paths}</ul>{tail}</details>"
         )
     return "".join(parts) + "</section>"
