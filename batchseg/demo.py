@@ -42,7 +42,7 @@ def make_sample_images(folder: Path, count: int = 6, seed: int = 0) -> list[Path
 def build_demo_model(folder: Path) -> Path:
     """Built in a short child process, so this process never imports torch."""
     code = (
-        "import sys, pathlib; from batchseg.engines.sam3.tiny_model import build_tiny_checkpoint as b; "
+        "import sys, pathlib; from batchseg.random_sam3 import build_tiny_checkpoint as b; "
         "b(pathlib.Path(sys.argv[1]))"
     )
     subprocess.run([sys.executable, "-c", code, str(folder)], check=True)

@@ -77,7 +77,7 @@ def main() -> None:
 
 
 def _build(work: Path) -> Path:
-    from batchseg.engines.sam3.tiny_model import build_full_size_checkpoint
+    from batchseg.random_sam3 import build_full_size_checkpoint
 
     return build_full_size_checkpoint(work / "models" / "full-bf16", dtype="bfloat16")
 

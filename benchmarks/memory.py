@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 from throughput import make_images
 
-from batchseg.engines.sam3.tiny_model import build_tiny_checkpoint
+from batchseg.random_sam3 import build_tiny_checkpoint
 
 
 def done_count(output: Path) -> int:

@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(".bench/scale"))
     args = parser.parse_args()
 
-    from batchseg.engines.sam3.tiny_model import build_tiny_checkpoint
+    from batchseg.random_sam3 import build_tiny_checkpoint
 
     images, output = args.work / "images", args.work / "output"
     model = build_tiny_checkpoint(args.work / "tiny-model")

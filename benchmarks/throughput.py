@@ -93,7 +93,7 @@ def exactly(generated: Path, count: int) -> Path:
 
 
 def build_model(kind: str, cache: Path) -> Path:
-    from batchseg.engines.sam3.tiny_model import build_full_size_checkpoint, build_tiny_checkpoint
+    from batchseg.random_sam3 import build_full_size_checkpoint, build_tiny_checkpoint
 
     if kind == "tiny":
         return build_tiny_checkpoint(cache / "tiny")

@@ -26,7 +26,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """
     folder = tmp_path_factory.mktemp("tiny-sam3")
     code = (
-        "import sys, pathlib; from batchseg.engines.sam3.tiny_model import build_tiny_checkpoint as b; "
+        "import sys, pathlib; from batchseg.random_sam3 import build_tiny_checkpoint as b; "
         "b(pathlib.Path(sys.argv[1]))"
     )
     subprocess.run([sys.executable, "-c", code, str(folder)], check=True)

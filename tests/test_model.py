@@ -213,7 +213,7 @@ def test_prompt_limit_comes_from_the_text_model(tiny_model: Path) -> None:
 def test_importing_model_rle_and_tiny_model_leaves_torch_out() -> None:
     # The parent process validates model folders; it must not pay for (or depend on) torch.
     code = (
-        "import sys, batchseg.engines.sam3.model, batchseg.rle, batchseg.engines.sam3.tiny_model; "
+        "import sys, batchseg.engines.sam3.model, batchseg.rle, batchseg.random_sam3; "
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

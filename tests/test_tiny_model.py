@@ -10,7 +10,7 @@ from pathlib import Path
 from transformers import Sam3Config, Sam3Processor
 
 from batchseg.engines.sam3.model import validate_model_folder
-from batchseg.engines.sam3.tiny_model import TINY_IMAGE_SIZE, WORDS, build_tiny_checkpoint
+from batchseg.random_sam3 import TINY_IMAGE_SIZE, WORDS, build_tiny_checkpoint
 
 
 def digest(path: Path) -> str:
