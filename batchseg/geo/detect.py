@@ -66,7 +66,7 @@ def looks_georeferenced(path: str | os.PathLike[str], listing: frozenset[str] | 
     image's folder (``folder_listing``), for a scan of many images: one listing, not six stats each.
     An object's /vsis3/ path reaches the readers only for a georeferenced TIFF (``remote.localize``);
     the parent's scan (with a listing) cannot tell without reading it, and says no."""
-    if os.fspath(path).startswith("/vsis3/"):
+    if os.fspath(path).replace("\\", "/").startswith("/vsis3/"):
         return listing is None
     path = Path(path)
     names = world_file_names(path)

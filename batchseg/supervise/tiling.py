@@ -408,11 +408,14 @@ class _Handover:
 
 def _georef(path: Path) -> Georef | None:
     """The input's georeference, None for a plain image (looked for without the geo extra)."""
-    if not looks_georeferenced(path):
+    from ..remote import localize
+
+    readable = localize(path)  # an object in S3: its /vsis3/ path or the worker's local copy
+    if not looks_georeferenced(readable):
         return None
     from ..geo.georef import read_georef  # the extra: the parent checked it is installed
 
-    return read_georef(path)
+    return read_georef(readable)
 
 
 def _ground_pixel_size(georef: Georef) -> float | None:
