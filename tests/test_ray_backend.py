@@ -1,9 +1,11 @@
 """The Ray backend on a real two-node Ray cluster on loopback (`ray start --head` plus
 `ray start --address`, nodes on 127.0.0.2 and 127.0.0.3), with the misbehaving test engine:
 the same manifest as the local pool, a hanging image, an actor killed from outside, and the driver
-killed with SIGKILL and resumed; and on a one-node cluster of 2 CPUs, workers sized to fit and
-those that cannot be placed. Each cluster runs in its own temp dir, and its own processes (never
-any other Ray on the machine) are stopped at the end and checked gone."""
+killed with SIGKILL and resumed; on a two-node cluster of their own, Ray itself lost mid-run (the
+second node's raylet killed, then every process of the cluster); and on a one-node cluster of 2
+CPUs, workers sized to fit and those that cannot be placed. Each cluster runs in its own temp
+dir, and its own processes (never any other Ray on the machine) are stopped at the end and
+checked gone."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -305,6 +307,154 @@ def test_a_run_none_of_whose_workers_can_be_placed_ends_with_exit_1(
         holder.kill()
         holder.wait(30)
         holder.stdout.close()  # type: ignore[union-attr]
+
+
+# ---- Ray's own machinery lost mid-run ---------------------------------------------------------------
+# Each of these has a two-node cluster of its own (it breaks it); they come before the module's
+# shared cluster is first used, so the two never run side by side.
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[tuple[str, LoopbackCluster]]:
+    """A head and a second node on loopback, one CPU each, for a test that breaks them."""
+    if shutil.which(RAY) is None:
+        pytest.skip("the ray command is not installed")
+    port = _free_port()
+    common = ["--num-cpus=1", "--object-store-memory=80000000"]
+    nodes = LoopbackCluster()
+    try:
+        nodes.start_node(
+            "--head", f"--port={port}", f"--node-ip-address={HEAD_IP}", "--include-dashboard=false", *common
+        )
+        nodes.start_node(f"--address={HEAD_IP}:{port}", f"--node-ip-address={WORKER_IP}", *common)
+        yield f"{HEAD_IP}:{port}", nodes
+    finally:
+        nodes.stop()
+
+
+def _when_ok_rows(
+    out: Path, at_least: int, then: Callable[[], None], running: Callable[[], bool] = lambda: True
+) -> None:
+    """Calls ``then`` once the checkpoint holds ``at_least`` ok rows (or once the run is no longer
+    ``running``, or after 120 s: the test then fails on what the run did)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and running():
+        try:
+            if (out / "checkpoint.sqlite").exists() and len(_ok_finish_times(out)) >= at_least:
+                break
+        except sqlite3.OperationalError:
+            pass
+        time.sleep(0.1)
+    then()
+
+
+def test_a_node_whose_raylet_is_killed_is_told_and_the_run_finishes_on_the_other(
+    own_cluster: tuple[str, LoopbackCluster], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second node's raylet is killed (SIGKILL) while both workers serve: the log names the
+    lost worker, its node and Ray's error within seconds; its image goes back as fresh work (no
+    image's fault: no attempt counted), its replacement, which no node has room for, is told as
+    unplaced; the run finishes on the first node with every image ok, each once."""
+    address, nodes = own_cluster
+    monkeypatch.setattr(ray_backend, "PLACEMENT_WAIT_S", 2.0)  # the driver's bridge runs in this process
+    names = [f"slow_{i:02d}.jpg" for i in range(24)]
+    folder, out, state = _folder(tmp_path / "in", names), tmp_path / "out", tmp_path / "s"
+    config = _config(folder, out, state, backend="ray", ray_address=address, chosen={"slow_s": 0.3})
+    raylet = next(
+        p for p in psutil.Process(nodes.nodes[1].pid).children(recursive=True) if p.name() == "raylet"
+    )
+    killed_at: list[float] = []
+
+    def kill_raylet() -> None:
+        raylet.kill()
+        killed_at.append(time.monotonic())
+
+    def when_both_serve() -> None:  # both workers loaded (a line each in loads.txt), then 3 more images
+        loads = state / "loads.txt"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (loads.exists() and len(loads.read_text().split()) >= 4):
+            time.sleep(0.1)
+        done = len(_ok_finish_times(out)) if (out / "checkpoint.sqlite").exists() else 0
+        _when_ok_rows(out, done + 3, kill_raylet)
+
+    killer = threading.Thread(target=when_both_serve)
+    killer.start()
+    summary = run(config, factory=FACTORY)
+    ended_at = time.monotonic()
+    killer.join()
+    log = _log_text(out)
+    assert killed_at and summary.exit_code == 0, log
+    lost = re.findall(rf"worker_lost: worker 1 \(pid \d+\) was lost \(Ray node {WORKER_IP} is gone: .*", log)
+    assert len(lost) == 1 and "node id " in lost[0] and "Error: " in lost[0], log  # Ray's own words
+    assert "worker_unplaced: worker 1 cannot be placed: needs 1 CPU" in log, log
+    assert "did not load" not in log and "out-of-memory" not in log and "attempt_failed" not in log, log
+    with sqlite3.connect(f"file:{out / 'checkpoint.sqlite'}?mode=ro", uri=True) as conn:
+        rows = conn.execute("SELECT path, status, attempts FROM images").fetchall()
+    assert sorted(rows) == [(name, "ok", 1) for name in names]
+    assert sorted(_rows(out)) == names  # the manifest lists each image once
+    assert ended_at - killed_at[0] < 60  # 21 images on one worker: ~7 s; Ray's loss told at once
+
+
+def test_a_cluster_stopped_mid_run_ends_it_with_exit_1_and_a_fresh_ray_resumes_it(
+    own_cluster: tuple[str, LoopbackCluster], tmp_path: Path
+) -> None:
+    """Every process of the cluster is killed (the machines gone) while the driver runs: it says
+    the cluster is gone and ends with exit 1 within 30 s (before Ray's own end for a driver
+    whose GCS is away, 60 s, which says nothing); a resume on a freshly started cluster finishes
+    without redoing an image."""
+    address, nodes = own_cluster
+    names = [f"slow_{i:02d}.jpg" for i in range(40)]
+    folder, out = _folder(tmp_path / "in", names), tmp_path / "out"
+    (tmp_path / "s").mkdir()
+    write_settings(folder, state_dir=str(tmp_path / "s"), slow_s=0.3)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+
+    def command(at: str) -> list[str]:
+        return [
+            sys.executable, "-m", "batchseg", "run", str(folder), "--prompt", "roof", "--output", str(out),
+            "--engine", FACTORY, "--backend", "ray", "--ray-address", at,
+        ]  # fmt: skip
+
+    driver = subprocess.Popen(command(address), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killed_at: list[float] = []
+
+    def kill_cluster() -> None:
+        for proc in nodes.processes():
+            _signal(proc, signal.SIGKILL)
+        killed_at.append(time.monotonic())
+
+    try:
+        _when_ok_rows(out, 3, kill_cluster, running=lambda: driver.poll() is None)
+        _, err = driver.communicate(timeout=60)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait(30)
+    waited = time.monotonic() - killed_at[0]
+    log = _log_text(out)
+    assert driver.returncode == 1 and waited < 30, (waited, err[-2000:], log)
+    assert "the Ray cluster is gone" in err.decode() and "run ended: ConfigError" in log, log
+    assert re.search(r"worker_lost: worker \d \(pid \d+\) was lost \(the Ray cluster is gone", log), log
+    assert "did not load" not in log and "out-of-memory" not in log, log
+    finished = _ok_finish_times(out)
+    assert 3 <= len(finished) < len(names)
+
+    fresh = LoopbackCluster()  # a new Ray, as after a restart of the machines
+    try:
+        port = _free_port()
+        fresh.start_node(
+            "--head", f"--port={port}", f"--node-ip-address={HEAD_IP}", "--include-dashboard=false",
+            "--num-cpus=2", "--object-store-memory=80000000",
+        )  # fmt: skip
+        again = subprocess.run(
+            command(f"{HEAD_IP}:{port}"), env=env, capture_output=True, text=True, timeout=180
+        )
+    finally:
+        fresh.stop()
+    assert again.returncode == 0, again.stderr[-2000:]
+    after = _ok_finish_times(out)
+    assert sorted(after) == names
+    assert all(after[path] == when for path, when in finished.items()), "a finished image was redone"
 
 
 def test_ray_gives_the_local_pools_manifest_on_two_nodes(cluster: str, tmp_path: Path) -> None:

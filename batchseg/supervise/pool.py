@@ -350,14 +350,11 @@ class Pool:
             self.ledger.settle(entry, results[index], worker.wid)
 
     def _protocol_failure(self, item: Item, worker: WorkerHandle) -> ItemResult:
+        message = "the worker returned a different number of results than items"
         result = failure_result(
-            item,
-            Status.ERROR,
-            error_type="ProtocolError",
-            message="the worker returned a different number of results than items",
-            device=worker.device,
+            item, Status.ERROR, error_type="ProtocolError", message=message, device=worker.device,
             started_at=worker.acked_wall,
-        )
+        )  # fmt: skip
         result.worker_pid = worker.pid
         return result
 
@@ -374,7 +371,8 @@ class Pool:
         worker.process.join(0)
         self.workers.remove(worker)
         worker.conn.close()
-        how = describe_exit(worker.process.exitcode)
+        lost: str | None = getattr(worker.process, "lost", None)  # a Ray actor: its node, Ray's words
+        how = lost or describe_exit(worker.process.exitcode)
         if worker.state == "unplaced":
             return  # told when it was given up; it never started
         if worker.state == "stopping":  # pid None: a Ray actor still waiting for a node, no process
@@ -383,9 +381,13 @@ class Pool:
         elif worker.state == "loading":
             self._on_load_failure(worker, f"the worker process {how} while loading the model", None)
         else:
-            message = f"{worker.name} {how} unexpectedly"
-            self.emit(PoolEvent(EventKind.WORKER_EXITED, message, worker.slot, worker.pid))
-            if worker.task is not None:
+            kind = EventKind.WORKER_LOST if lost else EventKind.WORKER_EXITED
+            self.emit(
+                PoolEvent(kind, f"{worker.name} {lost or how + ' unexpectedly'}", worker.slot, worker.pid)
+            )
+            if worker.task is not None and getattr(worker.process, "node_lost", False):
+                self.ledger.give_back([entry for _, entry in worker.task.unsettled()])  # no image's fault
+            elif worker.task is not None:
                 self._fail_task(worker, worker.task, Status.CRASHED, worker.process.exitcode)
 
     def _enforce_deadlines(self) -> None:

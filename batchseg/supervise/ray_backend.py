@@ -11,6 +11,13 @@ Sizing: a CPU actor reserves as many CPUs as its torch threads, so the threads a
 ``PLACEMENT_WAIT_S`` is given up and the pool told (``messages.Unplaced``), with what it asked for
 and what the cluster has free; the pool goes on with the others.
 
+Ray's own failures: an actor whose node (raylet, agent, machine) or cluster is lost ends as
+``lost``, naming its node, its pid and Ray's own error, and ``node_lost`` when the node or the
+cluster went (its task is then no image's fault). An actor Ray cannot start (no live node, the
+cluster gone: its GCS does not answer for ``CLUSTER_GONE_S``, or no process after ``START_WAIT_S``)
+is ``Unplaced`` with Ray's reason, never a model that did not load. No call to Ray that may wait on
+a lost cluster runs on the pool's thread.
+
 Only the driver imports this module's Ray parts; it never imports torch.
 """
 
@@ -34,6 +41,16 @@ from ..errors import ConfigError, OutputError
 from .contract import EngineSpec
 from .launch import WorkerProcess
 from .messages import Unplaced
+from .ray_health import (
+    GcsWatch,
+    actor_state,
+    gcs_address,
+    kill_quietly,
+    node_alive,
+    ray_error,
+    room_on_a_node,
+    still_waiting,
+)
 from .worker import serve_connection
 
 __all__ = ["RayLauncher", "RayWorker", "EngineActor", "cpu_share"]
@@ -47,10 +64,15 @@ _CPU_ACTOR_THREADS = 4
 PLACEMENT_WAIT_S = 20.0
 #: Between two looks at whether a waiting actor has started.
 _PLACEMENT_POLL_S = 0.5
-#: Ray's states of an actor that has no process yet.
-_NOT_PLACED = ("DEPENDENCIES_UNREADY", "PENDING_CREATION")
 #: Exit code the pool is told when an actor died without being asked (node lost, process killed).
 LOST_EXIT_CODE = 1
+#: An actor that has no process this long after it was asked for is given up, whatever Ray says of
+#: its node (e.g. a node whose agent is gone keeps its free CPUs but starts nothing): far below the
+#: pool's load timeout, far above a worker process's start.
+START_WAIT_S = 60.0
+#: The cluster's GCS not answering this long: the cluster is gone (Ray itself ends a driver whose
+#: GCS is away for 60 s, without a word).
+CLUSTER_GONE_S = 10.0
 
 
 def _import_ray(local: bool) -> Any:
@@ -100,6 +122,13 @@ class EngineActor:
     def pid(self) -> int:
         return os.getpid()
 
+    def where(self) -> tuple[int, str, str]:
+        """This actor's process and node: (pid, node IP, node id)."""
+        import ray
+
+        ip = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+        return os.getpid(), ip, ray.get_runtime_context().get_node_id()
+
     def send(self, message: object) -> None:
         with self._lock:
             self._mine.send(message)
@@ -123,17 +152,25 @@ class RayWorker:
     long-polling ``receive``). When the actor ends, asked or not, the pool's end of the pipe reads
     EOF and ``sentinel`` becomes readable, as for a process that exited."""
 
-    def __init__(self, ray: Any, actor: Any, bridge_end: Connection, needs: dict[str, float]) -> None:
+    def __init__(
+        self, ray: Any, actor: Any, bridge_end: Connection, needs: dict[str, float], gcs: str | None = None
+    ) -> None:  # actor None: Ray could not be asked for one (the pool is told Unplaced)
         self._ray = ray
         self._actor = actor
         self._end = bridge_end
         self._needs = needs  # the resources the actor asked Ray for
+        self._gcs = gcs  # host:port of the cluster's GCS
         self._dead_r, self._dead_w = os.pipe()
         self._finished = threading.Event()
         self._killed = False
         self._pid: int | None = None
+        self.node: tuple[str, str] | None = None  # (IP, id) of the actor's node once it started
         self.exitcode: int | None = None
         self.reason: str | None = None
+        #: How the actor was lost, when it ended without being asked: its node, its pid, Ray's words.
+        self.lost: str | None = None
+        #: The actor went with its node or the cluster (not a death of its own process).
+        self.node_lost = False
         threading.Thread(target=self._uplink, name="batchseg-ray-up", daemon=True).start()
         threading.Thread(target=self._downlink, name="batchseg-ray-down", daemon=True).start()
 
@@ -160,16 +197,23 @@ class RayWorker:
         if self._finished.is_set():
             return
         self._killed = True
-        try:
-            self._ray.kill(self._actor, no_restart=True)
-        except Exception:  # noqa: BLE001, S110 - already gone: the uplink reports the end
-            pass
+        self._kill_actor()  # the uplink reports the end
+
+    def _kill_actor(self) -> None:
+        """``ray.kill`` off the caller's thread: with the cluster gone it may wait for the GCS."""
+        if self._actor is not None:
+            threading.Thread(target=kill_quietly, args=(self._ray, self._actor), daemon=True).start()
 
     # -- bridges -------------------------------------------------------------------------------
 
     def _uplink(self) -> None:
         ray = self._ray
         try:
+            if self._actor is None:  # the cluster was gone when it was asked for
+                self._unplaced(
+                    f"cannot be placed: the Ray cluster is gone (its GCS at {self._gcs} does not answer)"
+                )
+                return
             if not self._await_start():
                 return
             while True:
@@ -181,40 +225,70 @@ class RayWorker:
         except (OSError, EOFError):
             self._finish(0)  # the supervisor closed its end: it no longer listens
         except Exception as exc:  # noqa: BLE001 - a dead actor or node: Ray raises its own errors
-            self.reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            if not self._killed:
-                self._finish(LOST_EXIT_CODE)
-            else:  # asked to stop; an actor still waiting for a node had no process to kill
+            self.reason = ray_error(exc)
+            if self._killed:  # asked to stop; an actor still waiting for a node had no process to kill
                 self._finish(-int(signal.SIGKILL) if self._pid is not None else 0)
+            elif self._pid is None:  # Ray could not start it: no model was loading
+                self._unplaced(f"was not started by Ray: {self.reason}")
+            else:
+                self._on_lost()
+
+    def _on_lost(self) -> None:
+        """The actor ended without being asked: say where and what Ray said, and whether its node
+        (or the whole cluster) went with it."""
+        ip, node_id = self.node or ("?", "")
+        alive, where = node_alive(self._ray, node_id, self._gcs)
+        self.node_lost = alive is not True
+        self.lost = f"was lost ({where}; node id {node_id[:12]}, IP {ip}): {self.reason}"
+        self._finish(LOST_EXIT_CODE)
 
     def _await_start(self) -> bool:
-        """Wait for the actor's process; False when no node had room for it within
-        ``PLACEMENT_WAIT_S``: the pool is told, and the actor given up."""
-        ref = self._actor.pid.remote()
-        give_up_at = time.monotonic() + PLACEMENT_WAIT_S
+        """Wait for the actor's process; False when Ray cannot start it: no node had room for it
+        within ``PLACEMENT_WAIT_S``, the cluster is gone, or no process came within
+        ``START_WAIT_S``. The pool is told (``Unplaced``), and the actor given up."""
+        ref = self._actor.where.remote()
+        started = time.monotonic()
+        give_up_at = started + PLACEMENT_WAIT_S
+        gcs = GcsWatch(self._gcs)
         while not self._ray.wait([ref], timeout=_PLACEMENT_POLL_S)[0]:
-            if time.monotonic() >= give_up_at and not self._killed and self._unplaceable():
-                self._end.send(Unplaced(self._placement_detail()))
-                self._finish(0)  # kills the waiting actor: Ray forgets its request
+            if self._killed:
+                continue  # the kill ends the wait (the reference raises)
+            gone = gcs.gone_for()
+            if gone >= CLUSTER_GONE_S:
+                self._unplaced(
+                    f"cannot be placed: the Ray cluster is gone (its GCS at {self._gcs} "
+                    f"has not answered for {gone:.0f} s)"
+                )
                 return False
-        self._pid = self._ray.get(ref)  # raises when it died (or was killed) first
+            waited = time.monotonic() - started
+            if waited >= START_WAIT_S:
+                self._unplaced(f"was not started by Ray within {waited:.0f} s ({actor_state(self._actor)})")
+                return False
+            if time.monotonic() >= give_up_at and self._unplaceable():
+                self._unplaced(self._placement_detail())
+                return False
+        self._pid, ip, node_id = self._ray.get(ref)  # raises when it died (or was killed) first
+        self.node = (ip, node_id)
         return True
+
+    def _unplaced(self, detail: str) -> None:
+        self._end.send(Unplaced(detail))
+        self._finish(0)  # kills the waiting actor: Ray forgets its request
 
     def _unplaceable(self) -> bool:
         """Ray has not placed the actor, and no node has the free resources it asks for."""
-        if not _still_waiting(self._actor):
+        if not still_waiting(self._actor):
             return False  # placed; its process is starting (the pool's load timeout bounds that)
-        return not any(
-            all(free.get(name, 0.0) >= amount for name, amount in self._needs.items())
-            for free in _free_per_node(self._ray)
-        )
+        return not room_on_a_node(self._ray, self._needs)
 
     def _placement_detail(self) -> str:
         name = "GPU" if self._needs.get("GPU") else "CPU"
         free = self._ray.available_resources().get(name, 0.0)
         total = self._ray.cluster_resources().get(name, 0.0)
         need = self._needs[name]
-        return f"cannot be placed: needs {need:g} {name}, the cluster has {free:g} free of {total:g}"
+        alive = sum(bool(node.get("Alive")) for node in self._ray.nodes())
+        nodes = "" if alive else " (no live node)"
+        return f"cannot be placed: needs {need:g} {name}, the cluster has {free:g} free of {total:g}{nodes}"
 
     def _downlink(self) -> None:
         while not self._finished.is_set():
@@ -223,7 +297,8 @@ class RayWorker:
             except (EOFError, OSError):
                 return
             try:
-                self._actor.send.remote(message)
+                if self._actor is not None:
+                    self._actor.send.remote(message)
             except Exception:  # noqa: BLE001 - the actor is gone; the uplink reports it
                 return
 
@@ -233,10 +308,7 @@ class RayWorker:
         self.exitcode = code
         self._finished.set()
         if code == 0:  # asked to stop: the actor process would otherwise stay, idle
-            try:
-                self._ray.kill(self._actor, no_restart=True)
-            except Exception:  # noqa: BLE001, S110
-                pass
+            self._kill_actor()
         for close in (self._end.close, lambda: os.close(self._dead_w)):
             try:
                 close()
@@ -257,6 +329,8 @@ class RayLauncher:
         self._ray: Any = None
         self._started_here = False
         self._actor_class: Any = None
+        self._gcs: str | None = None
+        self._cpus: list[int] = []
 
     def __enter__(self) -> RayLauncher:
         ray = self._ray = _import_ray(local=not self.address)
@@ -275,6 +349,7 @@ class RayLauncher:
                 raise ConfigError(f"cannot connect to the Ray cluster at {self.address}: {exc}") from exc
             self._started_here = True
         self._actor_class = ray.remote(max_concurrency=4, max_restarts=0)(EngineActor)
+        self._gcs = gcs_address(ray)
         check_nodes(ray, self.output_dir, self.input_dir)
         return self
 
@@ -282,11 +357,18 @@ class RayLauncher:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if self._started_here:
+            if self._gcs and not GcsWatch(self._gcs).answers():
+                # The cluster is gone: Ray's shutdown would wait for it. Its own watch ends this
+                # process 60 s after the GCS went, so the run's end (exit 1) must come before.
+                return
             self._ray.shutdown()
 
     # -- Launcher ----------------------------------------------------------------------------------
 
     def start(self, spec: EngineSpec, slot: int, threads: int) -> tuple[WorkerProcess, Connection]:
+        pool_end, bridge_end = multiprocessing.Pipe(duplex=True)
+        if not GcsWatch(self._gcs).answers():  # asking Ray for an actor now would wait for the GCS
+            return RayWorker(self._ray, None, bridge_end, {}, self._gcs), pool_end
         gpu = self._wants_gpu(spec)
         # A CPU actor reserves its threads' CPUs, at most the largest node's (more could never be
         # placed); a GPU actor its GPU and one CPU.
@@ -295,8 +377,7 @@ class RayLauncher:
         # Ray gives each GPU actor its own device as cuda:0, so the factory's slot picks nothing.
         factory_slot = 0 if gpu else slot
         actor = self._actor_class.options(**options).remote(spec, factory_slot, threads, list(sys.path))
-        pool_end, bridge_end = multiprocessing.Pipe(duplex=True)
-        return RayWorker(self._ray, actor, bridge_end, needs), pool_end
+        return RayWorker(self._ray, actor, bridge_end, needs, self._gcs), pool_end
 
     def pool_size(self, spec: EngineSpec, cuda: bool, gpu_count: int) -> int:
         if cuda:
@@ -308,9 +389,13 @@ class RayLauncher:
         return cpu_share(self._node_cpus(), workers)
 
     def _node_cpus(self) -> list[int]:
-        """The CPUs of each live node that has any (a head started with --num-cpus=0 runs none)."""
+        """The CPUs of each live node that has any (a head started with --num-cpus=0 runs none);
+        the last known ones while the GCS does not answer (asking would wait for it)."""
+        if self._cpus and not GcsWatch(self._gcs).answers():
+            return self._cpus
         cpus = [int(n["Resources"].get("CPU", 0)) for n in self._ray.nodes() if n.get("Alive")]
-        return [count for count in cpus if count > 0] or [1]
+        self._cpus = [count for count in cpus if count > 0] or [1]
+        return self._cpus
 
     def _wants_gpu(self, spec: EngineSpec) -> bool:
         return spec.config.device != "cpu" and self._resources().get("GPU", 0) >= 1
@@ -328,28 +413,6 @@ def cpu_share(node_cpus: list[int], workers: int) -> int:
     while threads > 1 and sum(count // threads for count in node_cpus) < workers:
         threads -= 1
     return threads
-
-
-def _still_waiting(actor: Any) -> bool:
-    """Ray has not given the actor a process yet (from the cluster's actor table)."""
-    try:
-        from ray._private.state import actors  # no public call says this without the dashboard
-
-        entry = actors(actor._actor_id.hex())
-    except Exception:  # noqa: BLE001 - the table could not be read: the free resources decide alone
-        return True
-    return entry.get("State") in _NOT_PLACED and not entry.get("Pid")
-
-
-def _free_per_node(ray: Any) -> list[dict[str, float]]:
-    """Each live node's free resources (the whole cluster's as one, where Ray cannot say)."""
-    try:
-        from ray._private import state
-
-        per_node: Any = state.available_resources_per_node
-        return [dict(free) for free in per_node().values()]
-    except Exception:  # noqa: BLE001 - a private call that may move between Ray versions
-        return [dict(ray.available_resources())]
 
 
 def check_nodes(ray: Any, output_dir: Path, input_dir: Path) -> None:
