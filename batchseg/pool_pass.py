@@ -20,10 +20,10 @@ from .report import PreviewMaker
 from .run_progress import Progress
 from .signals import StopRequest
 from .store.checkpoint import Checkpoint
-from .supervise.contract import EngineSpec
 from .supervise.pool import Launcher, PoolEvent, PoolOutcome, PoolSettings, run_pool
 from .supervise.settings import EventKind
 from .upkeep import WorkerFiles, export
+from .worker.contract import EngineSpec
 
 __all__ = ["COMMIT_GROUP", "COMMIT_WINDOW_S", "PoolPass"]
 

@@ -28,9 +28,9 @@ from .store.checkpoint import CHECKPOINT_NAME, RunInfo, connect_readonly, read_r
 from .store.db import check_fingerprint, resolve_tile
 from .store.manifest import read_manifest_run
 from .store.tables import MANIFEST_DIR
-from .supervise.contract import check_in_parent
 from .supervise.settings import PoolSettings
-from .supervise.tiling import Tiler
+from .worker.contract import check_in_parent
+from .worker.tiling import Tiler
 
 __all__ = ["FreshFolder", "Preflight", "preflight", "stored_run"]
 

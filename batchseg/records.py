@@ -23,6 +23,7 @@ __all__ = [
     "ItemResult",
     "Status",
     "failure_result",
+    "part_failure",
 ]
 
 #: Version of the on-disk output format (masks, manifests, checkpoint); part of the config fingerprint.
@@ -200,3 +201,25 @@ class RowState(str, enum.Enum):
 
 #: Every state an image row can hold, for zero-filled counts.
 ALL_STATES = tuple(s.value for s in Status) + tuple(s.value for s in RowState)
+
+
+def part_failure(
+    item: Item, noun: str, key: str, window: tuple[int, int, int, int], result: ItemResult, started: float
+) -> ItemResult:
+    """The item's failure from its failing part: the part's status, category and error, the
+    message naming the part and its window."""
+    x0, y0, x1, y1 = window
+    where = f"{noun} {key} (window x {x0}-{x1}, y {y0}-{y1})"
+    failed = failure_result(
+        item,
+        result.status,
+        error_type=result.error_type or result.status.value,
+        message=f"{where}: {result.error_message or result.status.value}",
+        category=result.category or FailureCategory.IMAGE,
+        exit_code=result.exit_code,
+        device=result.device,
+        started_at=started,
+    )
+    failed.traceback = result.traceback
+    failed.worker_pid = result.worker_pid
+    return failed

@@ -6,7 +6,7 @@ file beside the image) is read through rasterio (``geo.bands``: band choice, one
 nodata mask) and never EXIF-transposed; its :class:`~batchseg.geo.georef.Georef` and valid-pixel
 mask travel in ``image.info``, as the size of a draft-decoded JPEG does, so an engine's pipeline
 carries them without new parameters. What is written of an image is the worker's
-(``supervise.writer``); ``polygons_relpath`` names its polygons part file for the store too.
+(``worker.writer``); ``polygons_relpath`` names its polygons part file for the store too.
 ``check_geo_extra`` is the parent's check that the extra is there when needed.
 Torch-free; the geo modules are imported only for georeferenced inputs and ``--vectors``.
 """

@@ -34,8 +34,8 @@ def main() -> None:
     from batchseg.config import RunConfig
     from batchseg.engines.sam3.engine import load_engine
     from batchseg.records import Item
-    from batchseg.supervise.contract import EngineSpec
-    from batchseg.supervise.writer import OutputWriter
+    from batchseg.worker.contract import EngineSpec
+    from batchseg.worker.writer import OutputWriter
 
     out = Path(tempfile.mkdtemp(prefix="batchseg-profile-"))
     config = RunConfig(

@@ -124,7 +124,7 @@ def phase_model_only(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from batchseg.engines.sam3.model import load_model, resolve_dtype
-    from batchseg.supervise.worker import set_torch_threads
+    from batchseg.worker.process import set_torch_threads
 
     set_torch_threads(args.threads)
     dtype, _ = resolve_dtype(args.device, args.dtype)
@@ -315,7 +315,7 @@ def phase_naive(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import Sam3Model, Sam3Processor
 
-    from batchseg.supervise.worker import set_torch_threads
+    from batchseg.worker.process import set_torch_threads
 
     set_torch_threads(args.threads)
     model = Sam3Model.from_pretrained(str(args.model_dir), dtype=torch.float32).to(args.device).eval()

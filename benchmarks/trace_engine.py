@@ -189,8 +189,8 @@ def main() -> None:
     from batchseg.config import RunConfig
     from batchseg.engines.sam3.engine import load_engine
     from batchseg.records import Item
-    from batchseg.supervise.contract import EngineSpec
-    from batchseg.supervise.writer import OutputWriter, WritingBeat
+    from batchseg.worker.contract import EngineSpec
+    from batchseg.worker.writer import OutputWriter, WritingBeat
 
     config = RunConfig(
         input=args.images_dir.resolve(),

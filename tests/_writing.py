@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from batchseg.records import Item, ItemResult
-from batchseg.supervise.writer import OutputWriter, WritingBeat
+from batchseg.worker.writer import OutputWriter, WritingBeat
 
 
 def _quiet(finished: Sequence[tuple[int, ItemResult]] = (), reached: int | None = None) -> None:

@@ -40,7 +40,7 @@ from typing import Any
 
 from batchseg.config import RunConfig
 from batchseg.records import Item, ItemResult, Status, failure_result
-from batchseg.supervise.contract import Capabilities, EngineSpec, HeartbeatFn
+from batchseg.worker.contract import Capabilities, EngineSpec, HeartbeatFn
 
 OOM_HEADROOM = 256 * 1024 * 1024
 #: The file in a run's input folder that holds the test engines' settings (hidden: never an image).

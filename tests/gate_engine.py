@@ -18,7 +18,7 @@ from pathlib import Path
 from fault_engine import FaultyEngine, behaviour, load_faulty, settings
 
 from batchseg.records import Item, ItemResult, Status
-from batchseg.supervise.contract import EngineSpec
+from batchseg.worker.contract import EngineSpec
 
 _POLL_S = 0.05
 

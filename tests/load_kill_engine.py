@@ -16,7 +16,7 @@ from pathlib import Path
 
 from misbehaving_engines import MisbehavingEngine
 
-from batchseg.supervise.contract import EngineSpec
+from batchseg.worker.contract import EngineSpec
 
 #: The killed load, the other worker's first load, and the replacement of the killed one.
 LOADS_BEFORE_READY = 3

@@ -29,7 +29,7 @@ import numpy as np
 
 from batchseg import atomic, imageio
 from batchseg.records import Item, ItemResult, Status
-from batchseg.supervise.contract import Capabilities, EngineSpec, HeartbeatFn
+from batchseg.worker.contract import Capabilities, EngineSpec, HeartbeatFn
 
 #: How long a held mask is waited for in these tests (the product's default is 30 s).
 HELD_PATIENCE_S = 0.4

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 
 from batchseg.engines.threshold import components, parse_colour
-from batchseg.supervise.contract import Capabilities, Instance, Segmentation
 from batchseg.tiles.source import WindowReader, upright_size
+from batchseg.worker.contract import Capabilities, Instance, Segmentation
 
 
 class PatchEngine:

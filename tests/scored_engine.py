@@ -17,7 +17,7 @@ from fault_engine import settings
 from batchseg.config import RunConfig
 from batchseg.engines import threshold
 from batchseg.records import Item
-from batchseg.supervise.contract import EngineSpec, Outcome, Segmentation
+from batchseg.worker.contract import EngineSpec, Outcome, Segmentation
 
 check = threshold.check  # prompts are colours, checked in the parent as for the colour engine
 

@@ -15,7 +15,7 @@ import numpy as np
 from batchseg import imageio
 from batchseg.errors import InvalidImageError
 from batchseg.records import Item, Status, failure_result
-from batchseg.supervise.contract import Capabilities, EngineSpec, HeartbeatFn, Instance, Outcome, Segmentation
+from batchseg.worker.contract import Capabilities, EngineSpec, HeartbeatFn, Instance, Outcome, Segmentation
 
 
 def bands(height: int, width: int, count: int) -> np.ndarray:

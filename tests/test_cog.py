@@ -15,9 +15,9 @@ from affine import Affine
 from rasterio.crs import CRS
 from rio_cogeo.cogeo import cog_validate
 
+from batchseg import cog
 from batchseg.geo.georef import Georef
 from batchseg.geo.raster import write_label_geotiff
-from batchseg.tiles import cog
 from batchseg.tiles.grid import plan_tiles
 from batchseg.tiles.labelmap import read_label_window, write_label_map
 from batchseg.tiles.merge import MergedDetection, merge_tiles

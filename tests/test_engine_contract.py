@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 from batchseg.cli import cli
 from batchseg.imageio import read_label_map
 from batchseg.records import FailureCategory, Item, Status, failure_result
-from batchseg.supervise.contract import Capabilities
+from batchseg.worker.contract import Capabilities
 
 TESTS_DIR = Path(stripe_engine.__file__).resolve().parent
 ENGINES_PAGE = TESTS_DIR.parent / "docs" / "engines.md"
@@ -217,7 +217,7 @@ def test_failure_result_from_an_exception() -> None:
 
 def test_boxes_of_an_engine_that_gave_none_are_the_pixel_edges_of_each_label() -> None:
     """The writer's boxes for instances without one, found in one pass, equal each label's own."""
-    from batchseg.supervise.writer import _boxes
+    from batchseg.worker.writer import _boxes
 
     rng = np.random.default_rng(3)
     labels = np.zeros((37, 53), np.uint16)

@@ -16,6 +16,7 @@ from pyproj import CRS as ProjCRS
 from pyproj.enums import WktVersion
 from rasterio.crs import CRS
 
+from batchseg.cog import write_cog_atomically
 from batchseg.errors import ConfigError
 from batchseg.geo import GeoreferenceError
 from batchseg.geo.bands import PERCENTILES, parse_bands, plan_bands, read_rgb
@@ -27,7 +28,6 @@ from batchseg.geo.georef import (
     world_file_text,
 )
 from batchseg.geo.raster import label_dtype, write_label_geotiff, write_png_sidecars
-from batchseg.tiles.cog import write_cog_atomically
 
 __all__ = ["UTM", "UTM_GRID", "WGS84", "WGS84_GRID", "make_geotiff", "rgb"]
 

@@ -20,7 +20,7 @@ from batchseg.engines.sam3.model import (
     validate_model_folder,
 )
 from batchseg.errors import ConfigError, ModelLoadError
-from batchseg.supervise.worker import set_torch_threads
+from batchseg.worker.process import set_torch_threads
 
 HAS_CUDA = torch.cuda.is_available()
 

@@ -24,8 +24,8 @@ from batchseg.engines.sam3.engine import load_engine
 from batchseg.engines.sam3.pipeline import Sam3Engine
 from batchseg.engines.sam3.sizing import batch_for_free_memory, task_size
 from batchseg.records import Item, ItemResult, Status
-from batchseg.supervise.contract import Capabilities, EngineSpec, Segmentation
-from batchseg.supervise.writer import OutputWriter, WritingBeat
+from batchseg.worker.contract import Capabilities, EngineSpec, Segmentation
+from batchseg.worker.writer import OutputWriter, WritingBeat
 
 SIZES = [(131, 77), (50, 64), (90, 90), (64, 48), (120, 80), (77, 131), (40, 40)]
 POISON = "img_3.png"  # 64x48

@@ -29,8 +29,8 @@ from batchseg.errors import ConfigError, ModelLoadError
 from batchseg.records import Item, ItemResult, Status
 from batchseg.signals import StopRequest
 from batchseg.supervise import launch as launch_module
-from batchseg.supervise.contract import EngineSpec
 from batchseg.supervise.pool import PoolEvent, PoolOutcome, PoolSettings, describe_exit, run_pool
+from batchseg.worker.contract import EngineSpec
 
 FACTORY = f"{fault_engine.__name__}:load_faulty"
 TESTS_DIR = Path(fault_engine.__file__).resolve().parent
@@ -161,7 +161,7 @@ def test_nothing_to_do_starts_no_worker(tmp_path: Path) -> None:
 
 def test_pool_modules_never_import_torch() -> None:
     code = (
-        "import sys, batchseg.supervise.pool, batchseg.supervise.worker, batchseg.run_progress, "
+        "import sys, batchseg.supervise.pool, batchseg.worker.process, batchseg.run_progress, "
         "batchseg.signals; "
         "heavy = {'torch', 'transformers'} & set(sys.modules); assert not heavy, heavy"
     )
@@ -588,7 +588,7 @@ PARENT_SCRIPT = """
 import sys, time
 from pathlib import Path
 from batchseg.config import RunConfig
-from batchseg.supervise.contract import EngineSpec
+from batchseg.worker.contract import EngineSpec
 from batchseg.supervise.pool import PoolSettings, run_pool
 from batchseg.records import Item
 from batchseg.signals import StopRequest
@@ -786,7 +786,7 @@ def test_a_warning_in_a_worker_reaches_the_supervisor(tmp_path: Path, factory: s
 
 def test_workers_let_idle_openmp_threads_sleep_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
     """A spinning OpenMP thread takes the core an I/O thread needs (see configure_openmp)."""
-    from batchseg.supervise.worker import THREAD_ENV_VARS, configure_openmp
+    from batchseg.worker.process import THREAD_ENV_VARS, configure_openmp
 
     for name in (*THREAD_ENV_VARS, "OMP_WAIT_POLICY"):
         monkeypatch.delenv(name, raising=False)

@@ -21,7 +21,7 @@ from batchseg.engines.sam3.pipeline import Sam3Engine
 from batchseg.exemplars import load_exemplars
 from batchseg.prompt_values import ExemplarsKind
 from batchseg.records import Item, ItemResult, Status
-from batchseg.supervise.contract import EngineSpec
+from batchseg.worker.contract import EngineSpec
 
 KEPT = 5
 BOX = (20.0, 10.0, 70.0, 50.0)  # on a.png (131 x 77)

@@ -23,7 +23,7 @@ from batchseg.engines.sam3.pipeline import Sam3Engine, pick_device
 from batchseg.errors import ConfigError
 from batchseg.records import Item, ItemResult, Status
 from batchseg.rle import area, decode
-from batchseg.supervise.contract import EngineSpec
+from batchseg.worker.contract import EngineSpec
 
 HAS_CUDA = torch.cuda.is_available()
 

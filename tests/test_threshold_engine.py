@@ -21,7 +21,7 @@ from batchseg.engines.threshold import MODEL_ID, TOLERANCE, components, load, pa
 from batchseg.errors import ConfigError
 from batchseg.imageio import read_label_map
 from batchseg.records import Item, Status
-from batchseg.supervise.contract import EngineSpec, recorded_model
+from batchseg.worker.contract import EngineSpec, recorded_model
 
 ENGINE = "batchseg.engines.threshold:load"
 SIZE = (160, 120)

@@ -18,9 +18,9 @@ from _runs import read_manifests
 from _tile_shapes import Shape, tile_detections
 from PIL import Image, ImageDraw
 
-from batchseg import imageio
+from batchseg import cog, imageio
 from batchseg.errors import InvalidImageError
-from batchseg.tiles import cog, labelmap
+from batchseg.tiles import labelmap
 from batchseg.tiles import source as source_module
 from batchseg.tiles.grid import plan_tiles
 from batchseg.tiles.labelmap import label_map_relpath, read_label_window, write_label_map

@@ -482,8 +482,8 @@ from pathlib import Path
 from batchseg.config import RunConfig
 from batchseg.engines.sam3.engine import load_engine
 from batchseg.records import Item
-from batchseg.supervise.contract import EngineSpec
-from batchseg.supervise.writer import OutputWriter, WritingBeat
+from batchseg.worker.contract import EngineSpec
+from batchseg.worker.writer import OutputWriter, WritingBeat
 
 folder, model, output = (Path(a) for a in sys.argv[1:4])
 config = RunConfig(input=folder, prompts=("roof",), model=str(model), output=output, device="cpu",

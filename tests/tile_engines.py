@@ -17,7 +17,7 @@ import numpy as np
 
 from batchseg.engines import threshold
 from batchseg.records import Item
-from batchseg.supervise.contract import EngineSpec, HeartbeatFn, Outcome, Segmentation
+from batchseg.worker.contract import EngineSpec, HeartbeatFn, Outcome, Segmentation
 
 
 class MissesBelow:

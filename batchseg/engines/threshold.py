@@ -2,7 +2,7 @@
 
 ``--engine batchseg.engines.threshold:load``. Exact to the pixel and without a model (numpy and
 Pillow only), it is what tests use when they need known masks, and a small example of the engine
-contract (``batchseg.supervise.contract``) beside SAM3.
+contract (``batchseg.worker.contract``) beside SAM3.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from ..errors import ConfigError, InvalidImageError
 from ..exemplars import ExemplarSet, Placed, load_exemplars, run_prompts, within
 from ..prompting import check_prompt_maps, fold_duplicates
 from ..records import Item, Status, failure_result
-from ..supervise.contract import Capabilities, EngineSpec, HeartbeatFn, Instance, Outcome, Segmentation
 from ..tiles.source import DEFAULT_MAX_TILED_PIXELS, WindowReader
 from ..values import show
+from ..worker.contract import Capabilities, EngineSpec, HeartbeatFn, Instance, Outcome, Segmentation
 
 __all__ = [
     "MODEL_ID",

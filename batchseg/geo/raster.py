@@ -2,7 +2,7 @@
 for a PNG mask.
 
 The GeoTIFF has the input's CRS, transform and size exactly; uint16 (uint32 past 65535 labels),
-nodata 0, the layout of ``tiles.cog`` (512x512 tiles, DEFLATE with the predictor, nearest overviews,
+nodata 0, the layout of ``cog`` (512x512 tiles, DEFLATE with the predictor, nearest overviews,
 IFDs first). Its GeoTIFF keys are GDAL's own: GDAL writes a one-pixel GeoTIFF with the CRS and
 transform in memory and its tags are copied, so every CRS GDAL can encode is encoded as GDAL does.
 It is written to a temp name beside the target and renamed into place, so a reader never sees half
@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..atomic import atomic_write_bytes
-from ..tiles.cog import _TYPE_SIZE, Tag, nodata_tag, write_cog_atomically
+from ..cog import _TYPE_SIZE, Tag, nodata_tag, write_cog_atomically
 from ._extra import missing_extra
 from .georef import Georef, world_file_text
 

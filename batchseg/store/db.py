@@ -286,7 +286,7 @@ def _insert_run(conn: sqlite3.Connection, run_id: str, config: RunConfig, create
 def _model_id(config: RunConfig) -> str:
     """The engine and its model as the engine names them (a run resumed after an upgrade gets the
     name too: a colour-threshold run once recorded the default --model)."""
-    from ..supervise.contract import recorded_model  # imports the engine module: only here
+    from ..worker.contract import recorded_model  # imports the engine module: only here
 
     return recorded_model(config.engine, config)
 

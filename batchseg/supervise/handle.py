@@ -10,10 +10,10 @@ import time
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 
-from .contract import EngineSpec
+from ..worker.contract import EngineSpec
+from ..worker.messages import Shutdown, Task, Threads
 from .launch import Launcher, WorkerProcess
 from .ledger import Entry
-from .messages import Shutdown, Task, Threads
 
 __all__ = ["InFlight", "WorkerHandle", "describe_exit", "kill_all"]
 

@@ -11,8 +11,8 @@ import os
 from multiprocessing.connection import Connection
 from typing import Protocol
 
-from .contract import EngineSpec
-from .worker import worker_main
+from ..worker.contract import EngineSpec
+from ..worker.process import worker_main
 
 __all__ = ["Launcher", "LocalLauncher", "WorkerProcess", "usable_cores"]
 

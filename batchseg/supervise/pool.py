@@ -13,12 +13,12 @@ from multiprocessing.connection import wait
 
 from ..errors import ConfigError
 from ..records import Item, ItemResult, Status, failure_result
-from .contract import EngineSpec
+from ..worker.contract import EngineSpec
+from ..worker.messages import Ack, Done, Heartbeat, LoadFailed, Ready, Unplaced
 from .handle import InFlight, WorkerHandle, describe_exit, kill_all
 from .launch import Launcher, LocalLauncher, usable_cores
 from .ledger import RETRYABLE, Entry, Ledger
 from .loads import LoadFailures
-from .messages import Ack, Done, Heartbeat, LoadFailed, Ready, Unplaced
 from .settings import EventKind, PoolEvent, PoolOutcome, PoolSettings
 
 __all__ = [
@@ -50,7 +50,7 @@ def run_pool(
     ``ConfigError`` when it refuses the configuration; any exception from a callback propagates.
     No worker process survives: every exit path (normal end, an exception, KeyboardInterrupt)
     goes through a ``finally`` that terminates, kills and joins; workers are daemons; and a
-    worker exits by itself when its parent dies (see ``batchseg.supervise.worker``). ``launcher``
+    worker exits by itself when its parent dies (see ``batchseg.worker.process``). ``launcher``
     says where workers run: processes here (the default) or Ray actors (``ray_backend``).
     """
     emit = on_event or (lambda _event: None)

@@ -38,9 +38,10 @@ from types import TracebackType
 from typing import Any
 
 from ..errors import ConfigError, OutputError
-from .contract import EngineSpec
+from ..worker.contract import EngineSpec
+from ..worker.messages import Unplaced
+from ..worker.process import serve_connection
 from .launch import WorkerProcess
-from .messages import Unplaced
 from .ray_health import (
     GcsWatch,
     actor_state,
@@ -51,7 +52,6 @@ from .ray_health import (
     room_on_a_node,
     still_waiting,
 )
-from .worker import serve_connection
 
 __all__ = ["RayLauncher", "RayWorker", "EngineActor", "cpu_share"]
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ..records import FailureCategory, Item, ItemResult, Part, Split, Status, failure_result
+from ..records import Item, ItemResult, Part, Split, Status, part_failure
 
-__all__ = ["SplitItems", "part_failure"]
+__all__ = ["SplitItems"]
 
 
 @dataclass
@@ -65,25 +65,3 @@ class SplitItems:
             return None
         del self._items[part_item.path]
         return replace(whole.item, part=Part(whole.split.plan, None, whole.split.noun))
-
-
-def part_failure(
-    item: Item, noun: str, key: str, window: tuple[int, int, int, int], result: ItemResult, started: float
-) -> ItemResult:
-    """The item's failure from its failing part: the part's status, category and error, the
-    message naming the part and its window."""
-    x0, y0, x1, y1 = window
-    where = f"{noun} {key} (window x {x0}-{x1}, y {y0}-{y1})"
-    failed = failure_result(
-        item,
-        result.status,
-        error_type=result.error_type or result.status.value,
-        message=f"{where}: {result.error_message or result.status.value}",
-        category=result.category or FailureCategory.IMAGE,
-        exit_code=result.exit_code,
-        device=result.device,
-        started_at=started,
-    )
-    failed.traceback = result.traceback
-    failed.worker_pid = result.worker_pid
-    return failed

@@ -1,6 +1,6 @@
 """The merged image's label map, written window by window.
 
-A tiled image gets ``masks/<rel>.tif``: a cloud-optimized GeoTIFF (``tiles.cog``: 512 x 512 tiles,
+A tiled image gets ``masks/<rel>.tif``: a cloud-optimized GeoTIFF (``batchseg.cog``: 512 x 512 tiles,
 DEFLATE with the horizontal predictor, nearest-neighbour overviews, IFDs before the data), uint16
 (uint32 past 65535 detections), BigTIFF when the uncompressed map would pass 2 GiB; with a
 georeference, its CRS and transform. Each block is painted from the detections' runs (sampled for
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import imageio, rle
-from .cog import BLOCK, write_cog_atomically
+from ..cog import BLOCK, write_cog_atomically
 from .merge import MergedDetection
 from .source import TiffSource
 

@@ -2,7 +2,7 @@
 
 While tiles finish the worker writes their detections (window RLE, prompt, score, box, area) to
 ``OUTPUT/tiles-in-progress/<relative path>/batch-<first tile>.json``, atomically (every second
-and at the end of each batch: ``supervise.tiling``). When the
+and at the end of each batch: ``worker.tiling``). When the
 image is processed again (the run was killed, the worker crashed, a tile failed), the tiles found
 there are not run again. Each file carries a key (the input's size, mtime and hash, the run's
 configuration fingerprint, the batchseg version and the tile plan); a file whose key differs is

@@ -14,7 +14,7 @@ from ... import imageio
 from ...config import RunConfig
 from ...exemplars import run_prompts
 from ...prompting import check_prompt_maps
-from ...supervise.contract import EngineSpec
+from ...worker.contract import EngineSpec
 from .prompts import check_prompts
 from .sizing import CPU_SUB_BATCHES_PER_TASK, SUB_BATCHES_PER_TASK
 

@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 
 from ...records import Item, ItemResult
-from ...supervise.contract import HeartbeatFn, Segmentation
-from ...supervise.contract import Outcome as EngineOutcome
+from ...worker.contract import HeartbeatFn, Segmentation
+from ...worker.contract import Outcome as EngineOutcome
 from .ladder import Failure, Outcome, OutOfMemoryLadder
 from .postprocess import ImageSegmentation
 

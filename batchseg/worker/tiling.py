@@ -25,7 +25,7 @@ from .. import __version__, imageio
 from ..config import RunConfig
 from ..errors import BadValueError, ConfigError, InvalidImageError
 from ..geo.detect import looks_georeferenced
-from ..records import Detection, Item, ItemResult, Split, Status, failure_result
+from ..records import Detection, Item, ItemResult, Split, Status, failure_result, part_failure
 from ..tiles import merge_process
 from ..tiles.grid import (
     MIN_SIDE,
@@ -41,7 +41,6 @@ from ..tiles.merge_process import RemoteMerge
 from ..tiles.progress import PROGRESS_DIR, TileProgress
 from ..tiles.source import CONVERT_HINT, upright_size
 from .contract import Capabilities
-from .splits import part_failure
 from .writer import OutputWriter
 
 if TYPE_CHECKING:

@@ -29,7 +29,7 @@ from typing import BinaryIO, Protocol
 
 import numpy as np
 
-from ..atomic import atomic_path
+from .atomic import atomic_path
 
 __all__ = [
     "BLOCK",
