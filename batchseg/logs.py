@@ -104,7 +104,7 @@ def safe_echo(text: str, err: bool = False, nl: bool = True) -> None:
 @contextlib.contextmanager
 def about_image(path: str | os.PathLike[str]) -> Iterator[None]:
     """Within the block, what libraries say in this thread names ``path`` (the readers of
-    ``imageio`` and ``tiles.source`` open one around every read)."""
+    ``imageio`` and ``tiles.windows`` open one around every read)."""
     token = _IMAGE.set(os.fspath(path))
     try:
         yield

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from batchseg.engines.threshold import components, parse_colour
-from batchseg.tiles.source import WindowReader, upright_size
+from batchseg.tiles.windows import WindowReader, upright_size
 from batchseg.worker.contract import Capabilities, Instance, Segmentation
 
 

@@ -31,7 +31,7 @@ from typing import Any
 from batchseg.engines.threshold import ThresholdEngine
 from batchseg.engines.threshold import load as load_threshold
 from batchseg.records import Item
-from batchseg.tiles import source as source_module
+from batchseg.tiles import windows as source_module
 from batchseg.worker import tiling
 from batchseg.worker.contract import EngineSpec, HeartbeatFn, Outcome
 

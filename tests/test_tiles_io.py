@@ -21,12 +21,12 @@ from PIL import Image, ImageDraw
 from batchseg import cog, imageio
 from batchseg.errors import InvalidImageError
 from batchseg.tiles import labelmap
-from batchseg.tiles import source as source_module
+from batchseg.tiles import windows as source_module
 from batchseg.tiles.grid import plan_tiles
 from batchseg.tiles.labelmap import label_map_relpath, read_label_window, write_label_map
 from batchseg.tiles.merge import MergedDetection, merge_tiles
-from batchseg.tiles.source import TiffSource, WholeSource, open_source
 from batchseg.tiles.sparse import SparseMask
+from batchseg.tiles.windows import TiffSource, WholeSource, open_source
 
 
 def _merged(width: int, height: int) -> list[MergedDetection]:
@@ -216,7 +216,7 @@ _READER = textwrap.dedent(
     import json, sys
     import numpy as np
     from batchseg.tiles.grid import plan_tiles
-    from batchseg.tiles.source import open_source
+    from batchseg.tiles.windows import open_source
     def peak_mb():
         # VmHWM: this process's own peak (getrusage's maxrss keeps the parent's peak across exec).
         with open("/proc/self/status") as status:

@@ -21,7 +21,7 @@ from ..errors import ConfigError, InvalidImageError
 from ..exemplars import ExemplarSet, Placed, load_exemplars, run_prompts, within
 from ..prompting import check_prompt_maps, fold_duplicates
 from ..records import Item, Status, failure_result
-from ..tiles.source import DEFAULT_MAX_TILED_PIXELS, WindowReader
+from ..tiles.windows import DEFAULT_MAX_TILED_PIXELS, WindowReader
 from ..values import show
 from ..worker.contract import Capabilities, EngineSpec, HeartbeatFn, Instance, Outcome, Segmentation
 

@@ -257,7 +257,7 @@ def _render_tiled(
     from window reads, never a full-resolution raster in memory (a 40000 x 40000 map would be
     3.2 GB as one array); nearest-neighbour sampling, as for the labels of any preview."""
     from ..tiles.labelmap import read_label_window
-    from ..tiles.source import TiffSource, open_source
+    from ..tiles.windows import TiffSource, open_source
 
     probe = TiffSource(labels_path)
     try:

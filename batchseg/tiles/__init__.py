@@ -14,8 +14,8 @@ imports torch. See docs/aerial-tiles.md.
 from .grid import AUTO_FACTOR, Tile, TilePlan, TileSetting, parse_overlap, parse_tile, plan_tiles
 from .labelmap import label_map_relpath, read_label_window, write_label_map
 from .merge import DEFAULT_MATCH, MergedDetection, TileDetection, TileMerger, merge_tiles
-from .source import DEFAULT_MAX_TILED_PIXELS, ImageSource, WindowReader, open_source, upright_size
 from .sparse import SparseMask
+from .windows import DEFAULT_MAX_TILED_PIXELS, ImageSource, WindowReader, open_source, upright_size
 
 __all__ = [
     "AUTO_FACTOR",

@@ -20,7 +20,7 @@ import numpy as np
 from .. import imageio, rle
 from ..cog import BLOCK, write_cog_atomically
 from .merge import MergedDetection
-from .source import TiffSource
+from .windows import TiffSource
 
 if TYPE_CHECKING:
     from ..geo.georef import Georef

@@ -39,7 +39,7 @@ from ..tiles.grid import (
 )
 from ..tiles.merge_process import RemoteMerge
 from ..tiles.progress import PROGRESS_DIR, TileProgress
-from ..tiles.source import CONVERT_HINT, upright_size
+from ..tiles.windows import CONVERT_HINT, upright_size
 from .contract import Capabilities
 from .writer import OutputWriter
 

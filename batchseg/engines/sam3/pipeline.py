@@ -32,7 +32,7 @@ from ...errors import ConfigError, InvalidImageError
 from ...exemplars import load_exemplars, run_prompts
 from ...prompting import EXEMPLAR_PROMPT, threshold_of
 from ...records import Item, ItemResult, Status, failure_result
-from ...tiles.source import WindowReader
+from ...tiles.windows import WindowReader
 from ...values import show
 from ...worker.contract import Capabilities, HeartbeatFn, Instance, Outcome, Segmentation
 from .exemplar_boxes import EXEMPLARS_KEY, VISUAL_TEXT, Boxes, Placer, forward_prompt, nothing_scored

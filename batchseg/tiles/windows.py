@@ -181,7 +181,7 @@ def open_source(
 ) -> ImageSource:
     """The image at ``path`` as a windowed source; ``InvalidImageError`` with a sentence (and a
     conversion to run) when it is too big for how it can be read. A georeferenced input (GeoTIFF
-    keys or a world file) is a ``geo.source.GeoSource``: ``bands`` (``--bands``) and one stretch per
+    keys or a world file) is a ``geo.raster_windows.GeoSource``: ``bands`` (``--bands``) and one stretch per
     image, its ``valid(window)`` says where nodata must carry no detection."""
     from ..remote import localize
 
@@ -231,7 +231,7 @@ def _geo_source(
     require_geo(f"{os.path.basename(path)} is georeferenced; reading it")
     from rasterio.errors import RasterioError
 
-    from ..geo.source import GeoSource
+    from ..geo.raster_windows import GeoSource
 
     try:
         source = GeoSource.open(path, bands)
@@ -326,7 +326,7 @@ def _remote_size(path: str | os.PathLike[str]) -> tuple[int, int, bool]:
     """A georeferenced TIFF in S3: GDAL reads its header with a range request; read by window."""
     from rasterio.errors import RasterioError
 
-    from ..geo.source import GeoSource
+    from ..geo.raster_windows import GeoSource
 
     try:
         source = GeoSource.open(path)
@@ -398,7 +398,7 @@ class WindowReader:
             x0, y0, x1, y1 = window
             if not (0 <= x0 < x1 <= source.width and 0 <= y0 < y1 <= source.height):
                 raise ValueError(f"window {window} is not inside the {source.width}x{source.height} image")
-            read_with_valid = getattr(source, "read_with_valid", None)  # geo.source.GeoSource's
+            read_with_valid = getattr(source, "read_with_valid", None)  # geo.raster_windows.GeoSource's
             if read_with_valid is not None:
                 pixels, valid = read_with_valid(window)
                 return pixels, source.width, source.height, valid
