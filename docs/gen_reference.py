@@ -21,8 +21,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-import click
 import pyarrow as pa
 
 if sys.version_info >= (3, 11):
@@ -142,11 +142,13 @@ def readme_options(readme: str) -> str:
 
 def command_help(name: str) -> str:
     """``batchseg NAME --help`` (``batchseg --help`` for an empty name) at a fixed width."""
-    root = click.Context(cli, info_name="batchseg", terminal_width=100, max_content_width=100)
+    # make_context applies each command's own context settings (-h, --help) as a real call does.
+    width: dict[str, Any] = {"terminal_width": 100, "max_content_width": 100}
+    root = cli.make_context("batchseg", [], resilient_parsing=True, **width)
     if not name:
         return cli.get_help(root)
     command = cli.commands[name]
-    context = click.Context(command, info_name=name, parent=root, terminal_width=100, max_content_width=100)
+    context = command.make_context(name, [], parent=root, resilient_parsing=True, **width)
     return command.get_help(context)
 
 
