@@ -9,6 +9,7 @@ checked gone."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -136,9 +137,10 @@ def _signal(proc: psutil.Process, sig: signal.Signals) -> None:
         pass
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[str]:
-    """A head and a second node on this machine's loopback, one CPU each."""
+@contextlib.contextmanager
+def _two_nodes() -> Iterator[tuple[str, LoopbackCluster]]:
+    """A head and a second node on loopback, one CPU each: their address and the nodes; stopped
+    on the way out."""
     if shutil.which(RAY) is None:
         pytest.skip("the ray command is not installed")
     port = _free_port()
@@ -149,9 +151,16 @@ def cluster() -> Iterator[str]:
             "--head", f"--port={port}", f"--node-ip-address={HEAD_IP}", "--include-dashboard=false", *common
         )
         nodes.start_node(f"--address={HEAD_IP}:{port}", f"--node-ip-address={WORKER_IP}", *common)
-        yield f"{HEAD_IP}:{port}"
+        yield f"{HEAD_IP}:{port}", nodes
     finally:
         nodes.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[str]:
+    """A head and a second node on this machine's loopback, one CPU each."""
+    with _two_nodes() as (address, _):
+        yield address
 
 
 @pytest.fixture
@@ -317,19 +326,8 @@ def test_a_run_none_of_whose_workers_can_be_placed_ends_with_exit_1(
 @pytest.fixture
 def own_cluster() -> Iterator[tuple[str, LoopbackCluster]]:
     """A head and a second node on loopback, one CPU each, for a test that breaks them."""
-    if shutil.which(RAY) is None:
-        pytest.skip("the ray command is not installed")
-    port = _free_port()
-    common = ["--num-cpus=1", "--object-store-memory=80000000"]
-    nodes = LoopbackCluster()
-    try:
-        nodes.start_node(
-            "--head", f"--port={port}", f"--node-ip-address={HEAD_IP}", "--include-dashboard=false", *common
-        )
-        nodes.start_node(f"--address={HEAD_IP}:{port}", f"--node-ip-address={WORKER_IP}", *common)
-        yield f"{HEAD_IP}:{port}", nodes
-    finally:
-        nodes.stop()
+    with _two_nodes() as started:
+        yield started
 
 
 def _when_ok_rows(
