@@ -58,10 +58,12 @@ class PoolPass:
         log: RunLog,
         stream: TextIO | None,
         stop_after: float | None,
+        launcher: Launcher | None = None,
     ) -> None:
         self.config, self.factory, self.checkpoint = config, factory, checkpoint
         self.pending, self.log = pending, log
         self.stop_after = stop_after
+        self.launcher = launcher  # None: the configuration's (processes here, or Ray)
         self.recorder = _Recorder(checkpoint, {item.path: item for item in pending}, config.output_dir)
         self.progress = Progress(total=len(pending), stream=stream, interval=config.progress_interval)
         self.output_failures: list[ItemResult] = []
@@ -88,7 +90,8 @@ class PoolPass:
 
     def _run_pool(self) -> PoolOutcome:
         spec = EngineSpec(config=self.config, factory=self.factory)
-        with _launcher(self.config) as launcher:
+        given = contextlib.nullcontext(self.launcher) if self.launcher else None
+        with given or _launcher(self.config) as launcher:
             return run_pool(
                 spec,
                 self.pending,

@@ -10,6 +10,7 @@ The parent never imports torch: SAM3 lives in the worker processes only.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import time
@@ -20,7 +21,7 @@ from typing import Any, TextIO
 
 from . import __version__
 from .config import RunConfig
-from .discover import discover
+from .discover import Discovery, discover
 from .engine_names import engine_target
 from .errors import BatchsegError, ConfigError, ExitCode, OutputError, StoppedEarly
 from .exemplars import unplaced_lines
@@ -37,7 +38,11 @@ from .store.folder import check_output_writable, remove_stale_temp_files
 from .store.manifest import export_manifest
 from .store.rebuild import open_run
 from .store.tables import MANIFEST_DIR
+from .supervise.early import early_start
+from .supervise.launch import Launcher
+from .supervise.settings import PoolSettings
 from .upkeep import export, warn_empty_input
+from .worker.contract import EngineSpec
 
 __all__ = ["RunSummary", "run", "retry", "exit_code_for"]
 
@@ -131,42 +136,19 @@ def _run_locked(
         log.info(f"removed {removed} unfinished temp file(s) left by an interrupted run")
     checkpoint = open_run(output_dir, config, new_run=config.new_run)
     try:
-        found = (discover_objects if is_remote(config.input) else discover)(  # a folder or an S3 prefix
-            config.input,
-            config.include,
-            config.exclude,
-            with_hash=config.hash,
-            skip=[output_dir],
-            keep=checkpoint.settled_paths(),
-        )
-        if retry_statuses:
-            checkpoint.reset_for_retry([i.path for i in checkpoint.failed_items(list(retry_statuses))])
-        # An object in S3 is known by its ETag (Item.content_hash) and size, as a file with --hash.
-        plan = checkpoint.plan(found.items, use_hash=config.hash or is_remote(config.input))
-        check_geo_extra(config, (item.path for item in plan.pending))  # before any worker starts
-        log.info(f"found {len(found.items)} images in {config.input}; {len(plan.pending)} to process")
-        for line in unplaced_lines(config, (item.path for item in found.items)):
-            log.warning(line)  # exemplar boxes that fall in no image: said, never dropped silently
-            if stream is not None:
-                stream.write(f"{line}\n")
-        if plan.counts["orphan_masks"]:
-            log.info(f"removed {plan.counts['orphan_masks']} mask file(s) whose result was never recorded")
-        if not found.items and not found.excluded and not found.collisions:
-            warn_empty_input(config.input, checkpoint, log, stream)
-        found.items = []  # a million Items are let go: the plan holds those left to do
-        for path, kept in found.collisions.items():
-            _record_collision(checkpoint, config, path, kept, log)
-        _record_skipped(checkpoint, config.input, found.excluded)
-        work = PoolPass(config, factory, checkpoint, plan.pending, log, stream, _stop_time(config))
-        try:
-            stopped, message, processed = work.run()
-        except KeyboardInterrupt:
-            _export_on_the_way_out(checkpoint, output_dir, log, stream)
-            raise
-        except ConfigError:  # a worker's load refused the configuration
-            if work.progress.done:
-                fresh.work_done()
-            raise
+        # The first worker loads its model while the folder is walked and planned (EarlyStart).
+        with _first_worker(config, factory) as launcher:
+            found, pending = _plan(config, checkpoint, retry_statuses, log, stream)
+            work = PoolPass(config, factory, checkpoint, pending, log, stream, _stop_time(config), launcher)
+            try:
+                stopped, message, processed = work.run()
+            except KeyboardInterrupt:
+                _export_on_the_way_out(checkpoint, output_dir, log, stream)
+                raise
+            except ConfigError:  # a worker's load refused the configuration
+                if work.progress.done:
+                    fresh.work_done()
+                raise
         fresh.work_done()
         if is_remote(config.input):
             remove_orphans()  # the workers' downloads of S3 objects: the workers are gone
@@ -187,6 +169,51 @@ def _run_locked(
     log.summary(counts, summary.elapsed_s, summary.exit_code)
     report_after_run(config, log, retried=retry_statuses is not None, stopped=summary.stopped)
     return summary
+
+
+def _first_worker(config: RunConfig, factory: str) -> contextlib.AbstractContextManager[Launcher | None]:
+    """This machine's first worker, started now (``EarlyStart``); Ray places its own (None)."""
+    if config.backend == "ray":
+        return contextlib.nullcontext(None)
+    return early_start(EngineSpec(config=config, factory=factory), PoolSettings.from_config(config))
+
+
+def _plan(
+    config: RunConfig,
+    checkpoint: Checkpoint,
+    retry_statuses: Sequence[Status] | None,
+    log: RunLog,
+    stream: TextIO | None,
+) -> tuple[Discovery, list[Item]]:
+    """Discover the input, record what is decided without a worker (collisions, skipped images),
+    and return what is left to process. The discovered items are let go: only the pending stay."""
+    found = (discover_objects if is_remote(config.input) else discover)(  # a folder or an S3 prefix
+        config.input,
+        config.include,
+        config.exclude,
+        with_hash=config.hash,
+        skip=[config.output_dir],
+        keep=checkpoint.settled_paths(),
+    )
+    if retry_statuses:
+        checkpoint.reset_for_retry([i.path for i in checkpoint.failed_items(list(retry_statuses))])
+    # An object in S3 is known by its ETag (Item.content_hash) and size, as a file with --hash.
+    plan = checkpoint.plan(found.items, use_hash=config.hash or is_remote(config.input))
+    check_geo_extra(config, (item.path for item in plan.pending))  # before any image is sent
+    log.info(f"found {len(found.items)} images in {config.input}; {len(plan.pending)} to process")
+    for line in unplaced_lines(config, (item.path for item in found.items)):
+        log.warning(line)  # exemplar boxes that fall in no image: said, never dropped silently
+        if stream is not None:
+            stream.write(f"{line}\n")
+    if plan.counts["orphan_masks"]:
+        log.info(f"removed {plan.counts['orphan_masks']} mask file(s) whose result was never recorded")
+    if not found.items and not found.excluded and not found.collisions:
+        warn_empty_input(config.input, checkpoint, log, stream)
+    found.items = []  # a million Items are let go: the plan holds those left to do
+    for path, kept in found.collisions.items():
+        _record_collision(checkpoint, config, path, kept, log)
+    _record_skipped(checkpoint, config.input, found.excluded)
+    return found, plan.pending
 
 
 def _export_on_the_way_out(

@@ -1,0 +1,21 @@
+"""An engine that logs each of its loads: ``--engine counted_engine:load`` (tests/ on PYTHONPATH)
+with ``BATCHSEG_TEST_LOADS=FOLDER`` appends a line 'PID SLOT' to FOLDER/loads.txt when a load begins; with
+``BATCHSEG_TEST_LOAD_S=N`` the load then takes N seconds more. Images are processed as
+``misbehaving_engines`` does (an empty label map each, ``ok``)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from misbehaving_engines import MisbehavingEngine
+
+from batchseg.worker.contract import EngineSpec
+
+
+def load(spec: EngineSpec, slot: int) -> MisbehavingEngine:
+    with (Path(os.environ["BATCHSEG_TEST_LOADS"]) / "loads.txt").open("a") as log:
+        log.write(f"{os.getpid()} {slot}\n")
+    time.sleep(float(os.environ.get("BATCHSEG_TEST_LOAD_S", "0")))
+    return MisbehavingEngine(spec, lambda engine, item: None)
