@@ -363,6 +363,11 @@ def read_label_map(path: str | os.PathLike[str]) -> np.ndarray:
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
 
+def polygons_relpath(rel: str) -> str:
+    """The per-image polygons part file of input ``rel``, beside its label map; combined at export."""
+    return f"masks/{rel}.polygons.parquet"
+
+
 def mask_relpath(rel: str) -> str:
     """Where the label map of input ``rel`` goes, relative to the output folder: ``masks/<rel>.png``.
 

@@ -21,9 +21,9 @@ from .config import RunConfig
 from .discover import check_input_folder
 from .errors import BatchsegError, ConfigError
 from .exemplars import run_prompts
+from .geo.detect import check_geo_extra
 from .prompting import check_prompt_maps
 from .remote import check_input, is_remote
-from .sources import check_geo_extra
 from .store.checkpoint import CHECKPOINT_NAME, RunInfo, connect_readonly, read_run_info
 from .store.db import check_fingerprint, resolve_tile
 from .store.manifest import read_manifest_run

@@ -137,7 +137,7 @@ class ItemResult:
     worker_pid: int | None = None
     device: str | None = None
     category: FailureCategory | None = None  # of a failed result; None for ok, skipped, missing
-    # Georeference of the input (None for an image without one); see batchseg.sources.
+    # Georeference of the input (None for an image without one); see batchseg.worker.reading.
     crs_wkt: str | None = None  # WKT2; None also for a world file without a CRS
     crs_epsg: int | None = None
     transform: str | None = None  # JSON [a, b, c, d, e, f]: x = a*col + b*row + c, y = d*col + e*row + f

@@ -25,6 +25,7 @@ from .discover import Discovery, discover
 from .engine_names import engine_target
 from .errors import BatchsegError, ConfigError, ExitCode, OutputError, StoppedEarly
 from .exemplars import unplaced_lines
+from .geo.detect import check_geo_extra
 from .lock import RunLock
 from .logs import RunLog
 from .pool_pass import PoolPass
@@ -32,7 +33,6 @@ from .preflight import FreshFolder, preflight, stored_run
 from .records import FINAL_FAILURES, Item, ItemResult, Status, failure_result
 from .remote import discover_objects, is_remote, remove_orphans, stat_item
 from .report import report_after_run
-from .sources import check_geo_extra
 from .store.checkpoint import Checkpoint
 from .store.folder import check_output_writable, remove_stale_temp_files
 from .store.manifest import export_manifest

@@ -1,35 +1,35 @@
 """Pixels in, instances out: each prompt a colour, each 8-connected patch of exactly it one
-instance (``--engine patch_engine:load``, tests/ on the path). It honours windows, so it tiles."""
-
-from pathlib import Path
+instance (``--engine patch_engine:load``, tests/ on the path). Its pixels come from the worker's
+``ImageReader``, which reads windows too, so it tiles."""
 
 import numpy as np
 
 from batchseg.engines.threshold import components, parse_colour
-from batchseg.tiles.windows import WindowReader, upright_size
-from batchseg.worker.contract import Capabilities, Instance, Segmentation
+from batchseg.records import ItemResult
+from batchseg.worker.contract import Capabilities, Instance
+from batchseg.worker.reading import ImageReader
 
 
 class PatchEngine:
     def __init__(self, config):
-        self.root, self.colours = Path(config.input), [(p, parse_colour(p)) for p in config.prompts]
-        self.reader = WindowReader(config.max_pixels, config.max_tiled_pixels)
+        self.colours = [(p, parse_colour(p)) for p in config.prompts]
+        self.reader = ImageReader(config)
         self.capabilities = Capabilities(device="cpu patches", task_size=4)
 
     def process(self, items, heartbeat):
         return [self.found(item) for item in items]
 
     def found(self, item):
-        path = self.root / item.path
-        window = item.window or (0, 0, *upright_size(path)[:2])
-        pixels, width, height, _valid = self.reader.read(path, window)
-        labels, instances = np.zeros(pixels.shape[:2], np.uint16), []
+        picture = self.reader.read(item)
+        if isinstance(picture, ItemResult):  # not an image: its failure
+            return picture
+        labels, instances = np.zeros(picture.pixels.shape[:2], np.uint16), []
         for prompt, colour in self.colours:
-            patches, boxes = components((pixels == colour).all(axis=2) & (labels == 0))
+            patches, boxes = components((picture.pixels == colour).all(axis=2) & (labels == 0))
             for k, box in enumerate(boxes, start=1):
                 instances.append(Instance(prompt, 1.0, tuple(float(v) for v in box)))
                 labels[patches == k] = len(instances)
-        return Segmentation(labels, instances, size=(width, height))
+        return picture.found(labels, instances)
 
     def close(self):
         self.reader.close()

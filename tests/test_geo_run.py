@@ -26,10 +26,11 @@ from rio_cogeo.cogeo import cog_validate
 
 from batchseg.config import RunConfig
 from batchseg.geo import GeoExtraMissing
+from batchseg.geo.detect import check_geo_extra
 from batchseg.geo.georef import world_file_text
 from batchseg.geo.raster_windows import GeoSource
-from batchseg.sources import check_geo_extra, read_for_engine, valid_of
 from batchseg.tiles import MergedDetection, SparseMask, open_source, write_label_map
+from batchseg.worker.reading import read_for_engine, valid_of
 
 ENGINE = "batchseg.engines.threshold:load"
 UTM = CRS.from_epsg(32633)

@@ -461,9 +461,9 @@ def test_a_run_needs_no_pyogrio_but_the_export_does() -> None:
     # pyogrio serves the export only: without it a georeferenced run still passes the parent's check.
     code = (
         "import sys; sys.modules['pyogrio'] = None\n"
-        "from batchseg.sources import _extra_installed\n"
+        "from batchseg.geo.detect import extra_installed\n"
         "from batchseg.geo import GeoExtraMissing, require_geo\n"
-        "require_geo(); print('run', _extra_installed())\n"
+        "require_geo(); print('run', extra_installed())\n"
         "try:\n"
         "    import batchseg.geo.export\n"
         "except GeoExtraMissing as exc:\n"

@@ -7,7 +7,6 @@ contract (``batchseg.worker.contract``) beside SAM3.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,15 +14,15 @@ from typing import Any
 import numpy as np
 from PIL import ImageColor
 
-from .. import imageio, sources
+from .. import imageio
 from ..config import RunConfig
-from ..errors import ConfigError, InvalidImageError
+from ..errors import ConfigError
 from ..exemplars import ExemplarSet, Placed, load_exemplars, run_prompts, within
 from ..prompting import check_prompt_maps, fold_duplicates
-from ..records import Item, Status, failure_result
-from ..tiles.windows import DEFAULT_MAX_TILED_PIXELS, WindowReader
+from ..records import Item, ItemResult, Status, failure_result
 from ..values import show
 from ..worker.contract import Capabilities, EngineSpec, HeartbeatFn, Instance, Outcome, Segmentation
+from ..worker.reading import ImageReader
 
 __all__ = [
     "MODEL_ID",
@@ -66,15 +65,7 @@ def load(spec: EngineSpec, slot: int) -> ThresholdEngine:
     colours += [(prompt, None) for prompt in run_prompts(config, exemplars)[len(colours) :]]
     if not colours:
         raise ConfigError("give at least one colour (--prompt red, --prompt '#00ff00') or --exemplars")
-    return ThresholdEngine(
-        colours,
-        Path(config.input),
-        config.max_pixels,
-        config.max_detections,
-        config.max_tiled_pixels,
-        config=config,
-        exemplars=exemplars,
-    )
+    return ThresholdEngine(colours, config, exemplars)
 
 
 def parse_colour(prompt: str) -> tuple[int, int, int]:
@@ -105,11 +96,6 @@ class ThresholdEngine:
     def __init__(
         self,
         colours: Sequence[tuple[str, tuple[int, int, int] | None]],
-        input_root: Path,
-        max_pixels: int,
-        max_detections: int,
-        max_tiled_pixels: int = DEFAULT_MAX_TILED_PIXELS,
-        *,
         config: RunConfig,
         exemplars: ExemplarSet | None = None,
     ) -> None:
@@ -117,11 +103,10 @@ class ThresholdEngine:
         self.colours = list(colours)
         self.exemplars = exemplars
         self._georef: tuple[str | None, Any] = (None, None)  # (path, its Georef) of tiled exemplars
-        self.input_root = input_root
-        self.max_pixels = max_pixels
-        self.max_detections = max_detections
+        self.input_root = Path(config.input)
+        self.max_detections = config.max_detections
         self.capabilities = Capabilities(device="cpu numpy", task_size=8, heartbeat_every=1)
-        self.reader = WindowReader(max_pixels, max_tiled_pixels)
+        self.reader = ImageReader(config)  # pixels in: whole images and tiles alike
 
     def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[Outcome]:
         if all(item.window is None for item in items):
@@ -135,35 +120,23 @@ class ThresholdEngine:
 
     def prefetch(self, item: Item) -> None:
         """The image of ``item`` comes next as tiles: open (decode) it while the current one runs."""
-        self.reader.prefetch(self.input_root / item.path)
+        self.reader.prefetch(item)
 
     def close(self) -> None:
         self.reader.close()
 
     def one(self, item: Item) -> Outcome:
         """One image (or its window): its instances, or its failure."""
-        started = time.time()
-        device = self.capabilities.device
+        picture = self.reader.read(item)
+        if isinstance(picture, ItemResult):
+            return picture
         try:
-            if item.window is None:
-                image = sources.read_for_engine(self.input_root / item.path, self.config)
-                pixels, size = np.asarray(image.convert("RGB")), None
-                georef, valid = sources.georef_of(image), sources.valid_of(image)
-            else:
-                # The tiles of an image come one after another: the image is read once, a tiled
-                # TIFF only chunk by chunk (tiles.WindowReader).
-                pixels, width, height, valid = self.reader.read(self.input_root / item.path, item.window)
-                size, georef = (width, height), None
-        except InvalidImageError as exc:
-            return failure_result(item, Status.INVALID_INPUT, exc=exc, device=device, started_at=started)
-        except Exception as exc:  # noqa: BLE001 - any per-image failure is that image's result
-            return failure_result(item, Status.ERROR, exc=exc, device=device, started_at=started)
-        try:
-            examples = self.examples(item, pixels, size, georef)
+            pixels = picture.pixels
+            examples = self.examples(item, pixels, picture.size, picture.georef)
             labels, instances = self.label(pixels, examples)
         except Exception as exc:  # noqa: BLE001 - any per-image failure is that image's result
-            return failure_result(item, Status.ERROR, exc=exc, device=device, started_at=started)
-        return Segmentation(labels, instances, size=size, georef=georef, valid=valid, started_at=started)
+            return failure_result(item, Status.ERROR, exc=exc, started_at=picture.started_at)
+        return picture.found(labels, instances)
 
     def examples(
         self, item: Item, pixels: np.ndarray, size: tuple[int, int] | None, georef: object
@@ -189,7 +162,7 @@ class ThresholdEngine:
                 found.append((p, _median(pixels, inside)))
                 continue
             x0, y0, x1, y1 = _pixel_span(p.box)
-            box_pixels = self.reader.read(self.input_root / item.path, (x0, y0, x1, y1))[0]
+            box_pixels = self.reader.windows.read(self.input_root / item.path, (x0, y0, x1, y1))[0]
             found.append((p, _median(box_pixels, (0.0, 0.0, float(x1 - x0), float(y1 - y0)))))
         return found
 

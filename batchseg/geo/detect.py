@@ -5,13 +5,22 @@ in a TIFF's first page. Cheap enough for the parent to scan a run's images when 
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import tifffile
 
+from ._extra import RUN_MODULES, require_geo
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
+
 __all__ = [
     "GEOTIFF_TAGS",
+    "check_geo_extra",
     "has_geotiff_keys",
     "looks_georeferenced",
     "world_file_for",
@@ -77,3 +86,31 @@ def looks_georeferenced(path: str | os.PathLike[str], listing: frozenset[str] | 
     if found:
         return True
     return path.suffix.lower() in _TIFF_SUFFIXES and has_geotiff_keys(path)
+
+
+def extra_installed() -> bool:
+    """Whether each module of the extra a run needs can be found, without importing it (the parent
+    stays light)."""
+    try:
+        return all(importlib.util.find_spec(name) is not None for name in RUN_MODULES)
+    except (ImportError, ValueError):
+        return False
+
+
+def check_geo_extra(config: RunConfig, paths: Iterable[str]) -> None:
+    """Stop the run (GeoExtraMissing, exit 1) when it needs the geo extra and it is missing: with
+    ``--vectors``, or when one of ``paths`` (relative to the input) is georeferenced. Images are
+    looked at only when the extra is missing, and only until the first georeferenced one."""
+    if extra_installed():
+        return
+    if config.vectors:
+        require_geo("--vectors")
+    root = Path(config.input)
+    listings: dict[Path, frozenset[str]] = {}
+    for rel in paths:
+        path = root / rel
+        if path.parent not in listings:
+            listings[path.parent] = folder_listing(path.parent)
+        if looks_georeferenced(path, listings[path.parent]):
+            require_geo(f"{rel} is georeferenced; reading it")
+            return

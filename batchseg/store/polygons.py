@@ -18,7 +18,6 @@ from typing import Any
 from .. import imageio
 from ..prompting import classes_of
 from ..records import Detection
-from ..sources import polygons_relpath
 from .tables import MANIFEST_DIR, path_from
 
 __all__ = ["POLYGONS_FILE", "export_polygons"]
@@ -47,7 +46,7 @@ def export_polygons(
     tables = []
     for row in conn.execute(_OK_IMAGES).fetchall():
         rel = path_from(row[0], row[1])
-        part = imageio.safe_output_path(output_dir, polygons_relpath(rel))
+        part = imageio.safe_output_path(output_dir, imageio.polygons_relpath(rel))
         if not part.is_file():
             if not row[2] or row[3] is None:
                 continue  # no detections, or no label map (tiles only): nothing to trace

@@ -88,7 +88,7 @@ class Segmentation:
     detection painted with value k in ``labels`` (uint16, the image's or window's height x width).
 
     ``size``: (width, height) of the whole upright image (None: ``labels`` is the whole image);
-    ``georef`` and ``valid`` (HxW bool, False on nodata) as ``sources.georef_of``/``valid_of`` give
+    ``georef`` and ``valid`` (HxW bool, False on nodata) as ``reading.ImageReader`` gives
     them for a georeferenced input; ``started_at`` when its work began (None: the batch's start);
     ``areas``: pixels of each label when the engine counted them already."""
 

@@ -16,6 +16,7 @@ program held past every retry) and a polygon that cannot be made included.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -28,7 +29,6 @@ from .. import imageio, rle
 from ..config import RunConfig
 from ..errors import OutputError
 from ..records import Detection, FailureCategory, Item, ItemResult, Status, failure_result
-from ..sources import georef_fields, polygons_relpath
 from ..tiles.labelmap import label_map_relpath, write_label_map
 from .contract import Outcome, Segmentation
 
@@ -263,7 +263,7 @@ def write_vectors(
     rows = image_polygons(
         rel, source, georef, infos, run_id="", model=config.model, simplify=config.simplify
     )  # run id and model are set when the parts are combined
-    part = polygons_relpath(rel)
+    part = imageio.polygons_relpath(rel)
     write_polygons(imageio.safe_output_path(output_dir, part), rows)
     return part
 
@@ -298,3 +298,15 @@ class WritingBeat:
         result = self.writer.result(self.items[index], outcome)
         self.done[index] = (outcome, result)
         return result
+
+
+def georef_fields(georef: Georef | None) -> dict[str, Any]:
+    """The georeference fields of an ItemResult; empty for an image without one."""
+    if georef is None:
+        return {}
+    return {
+        "crs_wkt": georef.crs_wkt,
+        "crs_epsg": georef.epsg,
+        "transform": json.dumps(list(georef.transform)),
+        "georef_source": georef.source,
+    }

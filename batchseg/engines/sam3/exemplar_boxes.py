@@ -21,9 +21,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ... import imageio, sources
+from ... import imageio
 from ...exemplars import ExemplarSet, Placed, within
 from ...records import Item
+from ...worker.reading import georef_of
 from .postprocess import Scored
 
 __all__ = ["EXEMPLARS_KEY", "VISUAL_TEXT", "Placer", "forward_prompt", "nothing_scored"]
@@ -57,7 +58,7 @@ class Placer:
         width and height) is given; boxes a window does not hold whole are left out."""
         if item.window is None:
             width, height = imageio.original_size(image)
-            placed = self.exemplars.place(item.path, width, height, sources.georef_of(image))
+            placed = self.exemplars.place(item.path, width, height, georef_of(image))
             frame: list[tuple[Placed, Box | None]] = [(p, p.box) for p in placed]
         else:
             width, height = whole_size or image.size

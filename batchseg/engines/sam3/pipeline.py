@@ -14,7 +14,6 @@ failure. Per-image problems come back as results: ``invalid_input`` for unreadab
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -26,15 +25,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ... import imageio, sources
+from ... import imageio
 from ...config import RunConfig
-from ...errors import ConfigError, InvalidImageError
+from ...errors import ConfigError
 from ...exemplars import load_exemplars, run_prompts
 from ...prompting import EXEMPLAR_PROMPT, threshold_of
 from ...records import Item, ItemResult, Status, failure_result
-from ...tiles.windows import WindowReader
 from ...values import show
 from ...worker.contract import Capabilities, HeartbeatFn, Instance, Outcome, Segmentation
+from ...worker.reading import VALID_KEY, ImageReader, georef_of, valid_of
 from .exemplar_boxes import EXEMPLARS_KEY, VISUAL_TEXT, Boxes, Placer, forward_prompt, nothing_scored
 from .ladder import OutOfMemoryLadder
 from .model import max_prompt_tokens, resolve_device
@@ -162,8 +161,8 @@ class Sam3Engine:
         self.overlap = cuda
         self._post_stream = priority_stream(self.torch_device) if cuda else None
         self.io = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="batchseg-io")
-        # Windowed items (tiles): the image stays open while its windows are read.
-        self.windows = WindowReader(config.max_pixels, config.max_tiled_pixels)
+        # Pixels in: whole images and windows (a tiled image stays open while its windows are read).
+        self.reader = ImageReader(config)
 
     @property
     def max_batch(self) -> int:
@@ -175,17 +174,17 @@ class Sam3Engine:
     def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[Outcome]:
         """One outcome per item, in order, as a pipeline (``task.Task``)."""
         if all(item.window is None for item in items):
-            self.windows.close()  # a tiled image is done: its pixels are not kept while others run
+            self.reader.close()  # a tiled image is done: its pixels are not kept while others run
         return Task(self, items, heartbeat).run()
 
     def prefetch(self, item: Item) -> None:
         """The image of ``item`` comes next as tiles: open (decode) it while the current one runs."""
-        self.windows.prefetch(self.input_root / item.path)
+        self.reader.prefetch(item)
 
     def close(self) -> None:
         """Drop the model; on CUDA hand the cached memory back."""
         self.io.shutdown(wait=True)
-        self.windows.close()
+        self.reader.close()
         self.model = None
         self.prompts = []
         self.release_memory()
@@ -216,34 +215,24 @@ class Sam3Engine:
         return encoded
 
     def read(self, item: Item) -> Image.Image | ItemResult:
-        """An item's image (on a GPU its pixels also pinned for the copy), or its failure result."""
-        started = time.time()
+        """An item's image (on a GPU its pixels also pinned for the copy), or its failure result.
+        A window's image carries the whole image's size (``info[WHOLE_SIZE]``) and its nodata."""
+        picture = self.reader.read(item, draft_side=self.draft_side)  # windows: never draft-decoded
+        if isinstance(picture, ItemResult):
+            return picture
+        image = picture.image
         try:
-            if item.window is not None:
-                image = self.read_window(item, item.window)
-            else:
-                image = sources.read_for_engine(
-                    self.input_root / item.path, self.config, draft_side=self.draft_side
-                )
+            if picture.size is not None:
+                image.info[WHOLE_SIZE] = picture.size
+            if picture.valid is not None:  # nodata: cleared from its masks by the writer
+                image.info[VALID_KEY] = picture.valid
             if self.placer is not None:  # the image's exemplar boxes, in its own pixels
                 image.info[EXEMPLARS_KEY] = self.placer.boxes(item, image, image.info.get(WHOLE_SIZE))
             if self.torch_device.type == "cuda":
                 self._pinned_pixels[id(image)] = self._pinned(image)
             return image
-        except InvalidImageError as exc:
-            return self.failure(item, exc, started, Status.INVALID_INPUT)
         except Exception as exc:  # noqa: BLE001 - any per-image failure is that image's result
-            return self.failure(item, exc, started)
-
-    def read_window(self, item: Item, window: tuple[int, int, int, int]) -> Image.Image:
-        """A window of the item's upright image at full resolution (never draft-decoded), with the
-        whole image's size in ``info[WHOLE_SIZE]``."""
-        pixels, width, height, valid = self.windows.read(self.input_root / item.path, window)
-        image = Image.fromarray(np.ascontiguousarray(pixels), "RGB")
-        image.info[WHOLE_SIZE] = (width, height)
-        if valid is not None:  # nodata in a georeferenced tile: cleared from its masks (``write``)
-            image.info[sources.VALID_KEY] = valid
-        return image
+            return self.failure(item, exc, picture.started_at)
 
     def encode_images(self, images: Sequence[Image.Image]) -> EncodedImages:
         """Vision features of the images, each resized by the processor from its original size."""
@@ -382,8 +371,8 @@ class Sam3Engine:
             seg.labels,
             instances,
             size=image.info.get(WHOLE_SIZE) or imageio.original_size(image),
-            georef=sources.georef_of(image),
-            valid=sources.valid_of(image),
+            georef=georef_of(image),
+            valid=valid_of(image),
             started_at=started,
             areas=seg.areas,
         )
