@@ -38,9 +38,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from batchseg.config import RunConfig
-from batchseg.records import Item, ItemResult, Status, failure_result
-from batchseg.worker.contract import Capabilities, EngineSpec, HeartbeatFn
+from batchseg.records import Item, Status, failure_result
+from batchseg.worker.contract import Capabilities, EngineSpec, HeartbeatFn, Outcome, Segmentation
 
 OOM_HEADROOM = 256 * 1024 * 1024
 #: The file in a run's input folder that holds the test engines' settings (hidden: never an image).
@@ -52,6 +54,11 @@ def write_settings(folder: Path, **values: Any) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / SETTINGS_NAME).write_text(json.dumps(values), encoding="utf-8")
     return folder
+
+
+def found(width: int = 4, height: int = 3) -> Segmentation:
+    """Nothing found in an image of ``width`` x ``height`` (the worker writes its empty label map)."""
+    return Segmentation(np.zeros((height, width), np.uint16), [])
 
 
 def settings(config: RunConfig) -> dict[str, Any]:
@@ -77,17 +84,17 @@ class FaultyEngine:
             gpu_count=int(chosen.get("gpu_count", 1)) if cuda else 0,
         )
 
-    def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[ItemResult]:
-        results = [self._one(item) for item in items]
-        for result in results:
-            if result.status is Status.OK:
-                result.width = len(items)  # lets tests see the batch each item travelled in
-        return results
+    def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[Outcome]:
+        outcomes = [self._one(item) for item in items]
+        for k, outcome in enumerate(outcomes):
+            if isinstance(outcome, Segmentation):  # width: lets tests see the batch each item travelled in
+                outcomes[k] = found(width=len(items), height=outcome.labels.shape[0])
+        return outcomes
 
     def close(self) -> None:
         pass
 
-    def _one(self, item: Item) -> ItemResult:
+    def _one(self, item: Item) -> Outcome:
         kind = behaviour(item.path)
         if kind == "hang":
             while True:
@@ -107,14 +114,14 @@ class FaultyEngine:
             time.sleep(float(self.chosen.get("slow_s", 0.3)))
         if kind == "threads":
             time.sleep(float(self.chosen.get("slow_s", 0.3)))
-            return ItemResult(item.path, Status.OK, width=4, height=int(os.environ["OMP_NUM_THREADS"]))
+            return found(height=int(os.environ["OMP_NUM_THREADS"]))  # the threads it was given
         if kind == "await":
             assert self.state_dir is not None, "await needs the setting state_dir"
             while len(loads(self.state_dir)) < int(self.chosen["await_loads"]):
                 time.sleep(0.02)  # the pool's watchdog bounds a pool that never gets there
         if kind == "warn":
             warnings.warn(f"something to know about {item.path}", RuntimeWarning, stacklevel=1)
-        return ItemResult(item.path, Status.OK, width=4, height=3)
+        return found()
 
     def _first_attempt(self, item: Item) -> bool:
         assert self.state_dir is not None, "flaky images need the setting state_dir"
@@ -206,7 +213,7 @@ class HeartbeatEngine(FaultyEngine):
 
     heartbeat_every = 1
 
-    def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[ItemResult]:
+    def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[Outcome]:
         results = []
         for item in items:
             results.extend(super().process([item], heartbeat))
@@ -225,7 +232,7 @@ class StreamingEngine(FaultyEngine):
 
     heartbeat_every = 1
 
-    def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[ItemResult]:
+    def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[Outcome]:
         results = []
         for k, item in enumerate(items):
             heartbeat((), k + 1)
@@ -250,8 +257,8 @@ class SubBatchEngine(FaultyEngine):
         self.heartbeat_every = int(chosen.get("sub_batch", 2))
         super().__init__(chosen, slot)
 
-    def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[ItemResult]:
-        results: list[ItemResult] = []
+    def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[Outcome]:
+        results: list[Outcome] = []
         for start in range(0, len(items), self.heartbeat_every):
             part = items[start : start + self.heartbeat_every]
             heartbeat((), start + len(part))

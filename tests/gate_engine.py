@@ -15,16 +15,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from fault_engine import FaultyEngine, behaviour, load_faulty, settings
+from fault_engine import FaultyEngine, behaviour, found, load_faulty, settings
 
-from batchseg.records import Item, ItemResult, Status
-from batchseg.worker.contract import EngineSpec
+from batchseg.records import Item
+from batchseg.worker.contract import EngineSpec, Outcome
 
 _POLL_S = 0.05
 
 
 class GatedEngine(FaultyEngine):
-    def _one(self, item: Item) -> ItemResult:
+    def _one(self, item: Item) -> Outcome:
         kind = behaviour(item.path)
         if kind not in ("gate", "barrier"):
             return super()._one(item)
@@ -36,7 +36,7 @@ class GatedEngine(FaultyEngine):
             (state / f"arrived-{Path(item.path).name}").touch()
             count = int(self.chosen["barrier"])
             _wait_until(lambda: len(list(state.glob("arrived-*"))) >= count)
-        return ItemResult(item.path, Status.OK, width=4, height=3)
+        return found()
 
 
 def _wait_until(condition: Callable[[], bool]) -> None:

@@ -1,8 +1,8 @@
 """Engines that misbehave on purpose, for runs of ``python -m batchseg run --engine misbehaving_engines:F``.
 
-Each factory loads an engine that writes a real (empty) label map for every image and reports it
-``ok`` (after half a second for an image named ``slow...``), except for images whose name starts
-with ``bad``, where it does what its name says:
+Each factory loads an engine that finds nothing in every image (an empty label map, which the
+worker writes; ``ok``, after half a second for an image named ``slow...``), except for images whose
+name starts with ``bad``, where it does what its name says:
 
     hangs               starts writing the mask (a temp file), then sleeps forever (only the
                         watchdog ends it)
@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from batchseg import atomic, imageio
-from batchseg.records import Item, ItemResult, Status
-from batchseg.worker.contract import Capabilities, EngineSpec, HeartbeatFn
+from batchseg.records import Item
+from batchseg.worker.contract import Capabilities, EngineSpec, HeartbeatFn, Segmentation
 
 #: How long a held mask is waited for in these tests (the product's default is 30 s).
 HELD_PATIENCE_S = 0.4
@@ -42,7 +42,7 @@ class MisbehavingEngine:
         self.output_dir = spec.config.output_dir
         self.bad = bad
 
-    def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[ItemResult]:
+    def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[Segmentation]:
         return [self._one(item) for item in items]
 
     def close(self) -> None:
@@ -51,13 +51,12 @@ class MisbehavingEngine:
     def target(self, item: Item) -> str:
         return os.path.join(self.output_dir, imageio.mask_relpath(item.path))
 
-    def _one(self, item: Item) -> ItemResult:
+    def _one(self, item: Item) -> Segmentation:
         if item.path.startswith("bad") or self.bad is fails_the_same_way:
             self.bad(self, item)
         if item.path.startswith("slow"):
             time.sleep(0.5)
-        imageio.save_label_map(self.target(item), np.zeros((3, 4), np.uint16))
-        return ItemResult(item.path, Status.OK, width=4, height=3, mask_path=imageio.mask_relpath(item.path))
+        return Segmentation(np.zeros((3, 4), np.uint16), [])
 
 
 def hang(engine: MisbehavingEngine, item: Item) -> None:
@@ -107,7 +106,7 @@ def holds_masks(spec: EngineSpec, slot: int) -> MisbehavingEngine:
 
 
 def sam3_holding_masks(spec: EngineSpec, slot: int) -> Any:
-    """The real SAM3 engine, with the masks of bad images held open: its own write path decides."""
+    """The real SAM3 engine, with the masks of bad images held open: the worker's writer decides."""
     from batchseg.engines.sam3.engine import load_engine
 
     atomic.HELD_FILE_PATIENCE_S = HELD_PATIENCE_S

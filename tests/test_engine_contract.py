@@ -141,6 +141,51 @@ def test_the_documented_engine_runs_as_shown(tmp_path: Path) -> None:
         path=tmp_path,
     )
     assert refused.returncode == 1 and "roof" in refused.stdout + refused.stderr
+    # Pixels in: the same engine tiles, and a file that is not an image is the reader's failure.
+    (folder / "broken.png").write_bytes(b"not a png")
+    make_image(folder / "big.png", (150, 100), 7)
+    tiled = python_m_batchseg(*args[:5], tmp_path / "tiled", *args[6:], "--tile", "64", path=tmp_path)
+    assert tiled.returncode == 3, tiled.stdout + tiled.stderr
+    images, detections = read_manifests(tmp_path / "tiled")
+    check_masks(tmp_path / "tiled", images, detections)
+    by_path = {row["path"]: row for row in images}
+    assert by_path["broken.png"]["status"] == "invalid_input"
+    assert (by_path["big.png"]["status"], by_path["big.png"]["mask_path"]) == ("ok", "masks/big.png.tif")
+
+
+FORGER = """
+from batchseg.records import ItemResult, Status
+from batchseg.worker.contract import Capabilities
+
+
+class Forger:
+    capabilities = Capabilities(device="cpu forger")
+
+    def process(self, items, heartbeat):
+        return [ItemResult(item.path, Status.OK, width=60, height=40) for item in items]
+
+    def close(self):
+        pass
+
+
+def load(spec, slot):
+    return Forger()
+"""
+
+
+def test_an_engine_that_reports_ok_itself_fails_the_image(tmp_path: Path) -> None:
+    """An ok row needs the writer's files: an engine's own ok ItemResult (no label map behind it)
+    fails its image with EngineContractError instead of recording an ok the folder contradicts."""
+    (tmp_path / "forger.py").write_text(FORGER, encoding="utf-8")
+    folder, output = tmp_path / "in", tmp_path / "out"
+    make_image(folder / "a.png", (60, 40))
+    args = ("run", folder, "--engine", "forger:load", "--prompt", "roof", "--output", output)
+    done = python_m_batchseg(*args, path=tmp_path)
+    assert done.returncode == 3, done.stdout + done.stderr
+    (row,) = read_manifests(output)[0]
+    assert (row["status"], row["error_type"]) == ("error", "EngineContractError")
+    assert "a Segmentation, which the worker writes" in row["error_message"]
+    assert not (output / "masks").exists() or not any((output / "masks").iterdir())
 
 
 def draw_patches(path: Path, size: tuple[int, int]) -> None:

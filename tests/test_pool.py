@@ -62,7 +62,8 @@ def no_orphans() -> Iterator[None]:
 def make_spec(tmp_path: Path, **chosen: Any) -> EngineSpec:
     """A spec for the fault engine, its settings (state_dir: tmp_path) beside the inputs."""
     write_settings(tmp_path, state_dir=str(tmp_path), **chosen)
-    return EngineSpec(RunConfig(input=tmp_path, prompts=("roof",)), factory=FACTORY)
+    config = RunConfig(input=tmp_path, output=tmp_path / "out", prompts=("roof",))
+    return EngineSpec(config, factory=FACTORY)
 
 
 def items(*names: str) -> list[Item]:

@@ -28,7 +28,7 @@ import numpy as np
 from .. import imageio, rle
 from ..config import RunConfig
 from ..errors import OutputError
-from ..records import Detection, FailureCategory, Item, ItemResult, Status, failure_result
+from ..records import FINAL_FAILURES, Detection, FailureCategory, Item, ItemResult, Status, failure_result
 from ..tiles.labelmap import label_map_relpath, write_label_map
 from .contract import Outcome, Segmentation
 
@@ -58,9 +58,17 @@ class OutputWriter:
         self.device = device
 
     def result(self, item: Item, outcome: Outcome) -> ItemResult:
-        """The item's result: a failure as the engine gave it, a segmentation written."""
+        """The item's result: a failure as the engine gave it, a segmentation written. An engine's
+        own ``ok`` ItemResult is refused (the image fails): an ok row without the writer's files
+        would be a row the folder contradicts."""
         if isinstance(outcome, ItemResult):
-            return outcome
+            if outcome.status in FINAL_FAILURES:
+                return outcome
+            message = (
+                f"the engine returned a {outcome.status!s} ItemResult; an engine returns what it found "
+                "(a Segmentation, which the worker writes) or a failure (records.failure_result)"
+            )
+            return failure_result(item, Status.ERROR, error_type="EngineContractError", message=message)
         if isinstance(outcome, Segmentation):
             return self.write(item, outcome)
         raise TypeError(f"engine returned a {type(outcome).__name__}, not a Segmentation or an ItemResult")
@@ -279,12 +287,15 @@ class WritingBeat:
     def __init__(self, writer: OutputWriter, items: Sequence[Item], beat: Any) -> None:
         self.writer, self.items, self.beat = writer, items, beat
         self.done: dict[int, tuple[Outcome, ItemResult]] = {}  # by index: the outcome and its result
+        self.made: dict[int, ItemResult] = {}  # results ``write`` made, by id: passed back as outcomes
 
     def __call__(self, finished: Sequence[tuple[int, Outcome]] = (), reached: int | None = None) -> None:
         self.beat([(k, self.result(k, outcome)) for k, outcome in finished], reached)
 
     def write(self, item: Item, seg: Segmentation) -> ItemResult:
-        return self.writer.write(item, seg)
+        result = self.writer.write(item, seg)
+        self.made[id(result)] = result  # kept, so the id names this result until the task ends
+        return result
 
     def results(self, outcomes: Sequence[Outcome]) -> list[ItemResult]:
         """What ``Engine.process`` returned, one outcome per item, as results (written once)."""
@@ -295,7 +306,10 @@ class WritingBeat:
         known = self.done.get(index)
         if known is not None and known[0] is outcome:
             return known[1]
-        result = self.writer.result(self.items[index], outcome)
+        if isinstance(outcome, ItemResult) and self.made.get(id(outcome)) is outcome:
+            result = outcome  # written by ``write`` already
+        else:
+            result = self.writer.result(self.items[index], outcome)
         self.done[index] = (outcome, result)
         return result
 
