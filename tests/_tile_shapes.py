@@ -53,6 +53,7 @@ class Found:
     prompt: str
     score: float
     mask_rle: str
+    folded: tuple[str, ...] = ()  # prompts the tile's engine folded into it (--suppress-iou)
 
 
 def components(mask: np.ndarray) -> list[np.ndarray]:

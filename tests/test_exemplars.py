@@ -304,6 +304,33 @@ def test_one_object_under_two_prompts_is_folded_into_one(tmp_path: Path) -> None
     assert np.array_equal(painted(tmp_path / "out", "a.png") > 0, mask_of("red_a", "red_b", "blue"))
 
 
+def test_folding_holds_on_a_tiled_image(tmp_path: Path) -> None:
+    """The same picture in 64-pixel tiles: each tile folds its duplicates, the merge keeps what was
+    folded and folds again across tiles (``tiles.merge`` rule 6); the label map is the same."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(picture(("red_a", "red_b", "blue"))).save(folder / "a.png")
+    prompts = ("#c82828", "#cc2828", "#2828c8")
+    config = RunConfig(
+        input=folder,
+        output=tmp_path / "out",
+        engine=ENGINE,
+        workers=1,
+        prompts=prompts,
+        suppress_iou=0.5,
+        tile="64",
+    )
+    assert run(config).exit_code == 0
+    rows = found(tmp_path / "out")["a.png"]
+    assert sorted((r["prompt"], r["box_x0"], r["folded"] or []) for r in rows) == [
+        ("#2828c8", 5.0, []),
+        ("#c82828", 10.0, ["#cc2828"]),
+        ("#c82828", 70.0, ["#cc2828"]),
+    ]
+    labels = painted(tmp_path / "out", "a.png", ".tif")
+    assert np.array_equal(labels > 0, mask_of("red_a", "red_b", "blue"))
+
+
 def test_fold_duplicates_keeps_the_better_score() -> None:
     square = np.zeros((10, 10), bool)
     square[2:6, 2:6] = True

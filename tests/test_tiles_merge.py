@@ -168,6 +168,32 @@ def test_no_merging_across_prompts_or_below_the_threshold() -> None:
     assert len(merge_tiles(plan, results, match=0.2)) == 2  # a looser threshold joins the roofs
 
 
+def test_with_fold_iou_one_object_keeps_one_prompt_across_tiles() -> None:
+    """--suppress-iou on a tiled image: the disc one tile calls a roof and its neighbour a tree is
+    one object under the better score, naming the folded prompt (with what the tiles had folded
+    already); an object of another prompt that overlaps less than the threshold stays."""
+    plan = plan_tiles(1800, 1000, 1000, 200)
+    disc = Shape("disc", 900.0, 500.0, 60.0, 60.0)
+    shifted = Shape("disc", 960.0, 500.0, 60.0, 60.0)  # overlaps the disc by about a third
+    results = {
+        "r000c000": [Found("roof", 0.7, _window_rle(plan, "r000c000", disc), folded=("house",))],
+        "r000c001": [
+            Found("tree", 0.9, _window_rle(plan, "r000c001", disc, erode=3)),
+            Found("roof", 0.8, _window_rle(plan, "r000c001", shifted)),
+        ],
+    }
+    merged = merge_tiles(plan, results, fold_iou=0.5)
+    assert [(d.index, d.prompt, d.score, d.folded) for d in merged] == [
+        (1, "tree", 0.9, ("house", "roof")),
+        (2, "roof", 0.8, ()),
+    ]
+    unfolded = merge_tiles(plan, results)  # off: the roof keeps the rim of pixels the tree left it
+    listed = [(d.prompt, d.score, d.folded) for d in unfolded]
+    assert listed == [("tree", 0.9, ()), ("roof", 0.8, ()), ("roof", 0.7, ("house",))]
+    strict = merge_tiles(plan, results, fold_iou=0.99)  # the eroded view is not that close
+    assert [(d.prompt, d.score, d.folded) for d in strict] == listed
+
+
 def test_an_object_that_better_ones_cover_entirely_is_no_detection() -> None:
     """Two prompts on the same pixels: the better score owns them all, and the other object, left
     without a pixel, is dropped rather than kept as a row of area 0; numbering has no gap."""

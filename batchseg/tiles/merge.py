@@ -27,6 +27,11 @@ per-tile masks are the object cut to the window (the colour-threshold engine):
    had a detection folded into it. There is no cap: N is at most the sum of the tiles' detections
    (each tile capped by ``--max-detections`` before any upsampling).
 
+6. With ``fold_iou`` (``--suppress-iou``), one object under one prompt across tiles too: of two
+   objects of different prompts whose masks' IoU is at least ``fold_iou``, the better-scored one
+   keeps the object and names the other's prompt in ``folded`` (with the prompts its tiles'
+   detections had folded already), before rule 5 numbers them.
+
 A failure says where: ``MergeError`` names the tile being added, or the tiles of the object being
 made, and what went wrong (``describe``).
 """
@@ -43,11 +48,12 @@ import numpy as np
 
 from .. import rle
 from .grid import Tile, TilePlan
-from .sparse import SparseMask, boxes_meet, intersection_areas, piecewise_ratios, uncovered
+from .sparse import SparseMask, boxes_meet, intersection_areas, meeting_pairs, piecewise_ratios, uncovered
 
 __all__ = [
     "DEFAULT_MATCH",
     "MergeError",
+    "MergeRules",
     "MergedDetection",
     "TileDetection",
     "TileMerger",
@@ -109,6 +115,7 @@ class MergedDetection:
     area_px: int
     tiles: int
     mask: SparseMask
+    folded: tuple[str, ...] = ()  # prompts whose detection of this object was folded into it
 
     def mask_rle(self, width: int) -> str:
         """COCO RLE counts of ``label map == index`` over the whole image."""
@@ -126,15 +133,31 @@ class _Part:
     mask: SparseMask
     bbox: tuple[int, int, int, int]
     cut: bool
+    folded: tuple[str, ...] = ()  # prompts the tile's engine folded into this detection
     links: dict[int, float] = field(default_factory=dict)  # matched part key -> overlap ratio
 
 
+@dataclass(frozen=True)
+class MergeRules:
+    """How an image's tiles merge: ``match`` (rule 2) and ``fold_iou`` (rule 6; None: off)."""
+
+    match: float = DEFAULT_MATCH
+    fold_iou: float | None = None
+
+    def merger(self, plan: TilePlan) -> TileMerger:
+        return TileMerger(plan, match=self.match, fold_iou=self.fold_iou)
+
+
 def merge_tiles(
-    plan: TilePlan, results: Mapping[str, Sequence[TileDetection]], *, match: float = DEFAULT_MATCH
+    plan: TilePlan,
+    results: Mapping[str, Sequence[TileDetection]],
+    *,
+    match: float = DEFAULT_MATCH,
+    fold_iou: float | None = None,
 ) -> list[MergedDetection]:
     """Merge every tile's detections (``results[tile.id]``; a missing id is a tile without
     detections) into the image's detections, numbered 1..N by descending score."""
-    merger = TileMerger(plan, match=match)
+    merger = TileMerger(plan, match=match, fold_iou=fold_iou)
     for tile in plan.tiles:
         if tile.id in results:
             merger.add(tile.id, results[tile.id])
@@ -148,11 +171,13 @@ class TileMerger:
     tiles, so a dense image's merge is mostly done when its last tile is. The result does not
     depend on the order of ``add``: parts are keyed by their tile's place in the plan."""
 
-    def __init__(self, plan: TilePlan, *, match: float = DEFAULT_MATCH) -> None:
+    def __init__(
+        self, plan: TilePlan, *, match: float = DEFAULT_MATCH, fold_iou: float | None = None
+    ) -> None:
         if not 0.0 < match <= 1.0:
             raise ValueError(f"the match threshold must be in (0, 1], not {match}")
         # Nothing per tile here: a strip's 100,000 tiles cost nothing before they come.
-        self.plan, self.match = plan, match
+        self.plan, self.match, self.fold_iou = plan, match, fold_iou
         self._parts: dict[str, list[_Part]] = {}
 
     def __contains__(self, tile_id: object) -> bool:
@@ -187,6 +212,8 @@ class TileMerger:
             except Exception as exc:
                 raise MergeError(_group_where(group), exc) from exc
         try:
+            if self.fold_iou is not None:
+                objects = _fold(objects, self.fold_iou)
             return _number(self.plan, objects)
         except Exception as exc:
             raise MergeError(f"numbering the {len(objects)} merged objects", exc) from exc
@@ -222,7 +249,8 @@ def _parts(plan: TilePlan, tile: Tile, ordinal: int, detections: Sequence[TileDe
             or (bottom and y1 == tile.y1)
         )
         key = ordinal << _POSITION_BITS | position
-        parts.append(_Part(key, tile, det.prompt, float(det.score), mask, mask.bbox, bool(cut)))
+        folded = tuple(getattr(det, "folded", ()) or ())  # a Detection has them; the protocol need not
+        parts.append(_Part(key, tile, det.prompt, float(det.score), mask, mask.bbox, bool(cut), folded))
     return parts
 
 
@@ -295,6 +323,7 @@ class _Object:
     score: float
     mask: SparseMask
     tiles: set[str]
+    folded: set[str] = field(default_factory=set)
 
 
 def _objects(plan: TilePlan, group: list[_Part]) -> list[_Object]:
@@ -305,7 +334,8 @@ def _objects(plan: TilePlan, group: list[_Part]) -> list[_Object]:
         mask = group[0].mask.union(*(p.mask for p in group[1:])) if len(tiles) == 1 else _joined(plan, group)
         if not mask:  # cannot happen (parts have pixels, ``_joined`` keeps some), and must not pass unseen
             raise ValueError("the views of an object joined to an empty mask")
-        return [_Object(group[0].prompt, max(p.score for p in group), mask, tiles)]
+        folded = {name for p in group for name in p.folded}
+        return [_Object(group[0].prompt, max(p.score for p in group), mask, tiles, folded)]
     # Work through links, never all pairs: a dense scene's group can hold thousands of views
     # (measured: 72,900 tile detections took 45 s in an all-pairs loop here, now under one).
     remaining = {p.key: p for p in wholes}  # best score first
@@ -334,9 +364,8 @@ def _objects(plan: TilePlan, group: list[_Part]) -> list[_Object]:
     out = []
     for (best, views), parts in zip(objects, members, strict=True):
         central = min(views, key=lambda v: (-_edge_distance(plan, v), -v.score, v.key))
-        out.append(
-            _Object(best.prompt, max(p.score for p in parts), central.mask, {p.tile.id for p in parts})
-        )
+        tiles, folded = {p.tile.id for p in parts}, {name for p in parts for name in p.folded}
+        out.append(_Object(best.prompt, max(p.score for p in parts), central.mask, tiles, folded))
     return out
 
 
@@ -366,6 +395,40 @@ def _edge_distance(plan: TilePlan, part: _Part) -> int:
     return min((gap for inner, gap in gaps if inner), default=plan.side)
 
 
+def _fold(objects: list[_Object], iou: float) -> list[_Object]:
+    """Rule 6: best score first (ties: top, left, prompt), each object either kept or folded into
+    the best kept object of another prompt it overlaps by ``iou`` or more. Only objects whose boxes
+    meet are compared (found on a grid, as for rule 5)."""
+    boxed = [(o, o.mask.bbox) for o in objects if o.mask.bbox is not None]
+    boxed.sort(key=lambda ob: (-ob[0].score, ob[1][1], ob[1][0], ob[0].prompt))
+    ordered = [o for o, _ in boxed]
+    if len(ordered) < 2:
+        return ordered
+    boxes = np.array([box for _, box in boxed], np.int64)
+    later, earlier = meeting_pairs(boxes, _CELL)
+    pairs = [
+        (a, b)
+        for a, b in zip(later.tolist(), earlier.tolist(), strict=True)
+        if ordered[a].prompt != ordered[b].prompt
+    ]
+    shared = intersection_areas([(ordered[a].mask, ordered[b].mask) for a, b in pairs]).tolist()
+    areas = [o.mask.area for o in ordered]
+    partners: dict[int, list[int]] = {}  # each later object's better ones it overlaps enough, best first
+    for (a, b), inter in sorted(zip(pairs, shared, strict=True)):
+        if inter and inter >= iou * (areas[a] + areas[b] - inter):
+            partners.setdefault(a, []).append(b)
+    kept: list[_Object] = []
+    into: dict[int, _Object] = {}
+    for k, obj in enumerate(ordered):
+        target = next((into[b] for b in partners.get(k, ()) if b in into), None)
+        if target is None:
+            into[k] = obj
+            kept.append(obj)
+        else:
+            target.folded |= {obj.prompt, *obj.folded} - {target.prompt}
+    return kept
+
+
 def _number(plan: TilePlan, objects: list[_Object]) -> list[MergedDetection]:
     """Rule 5: order, indices, and the visible mask of each object (better scores own overlaps);
     an object without a visible pixel is no detection."""
@@ -376,7 +439,14 @@ def _number(plan: TilePlan, objects: list[_Object]) -> list[MergedDetection]:
     shown = [(o, box, v) for (o, box), v in zip(boxed, visible, strict=True) if v]
     return [
         MergedDetection(
-            k, o.prompt, o.score, (float(x0), float(y0), float(x1), float(y1)), v.area, len(o.tiles), v
+            k,
+            o.prompt,
+            o.score,
+            (float(x0), float(y0), float(x1), float(y1)),
+            v.area,
+            len(o.tiles),
+            v,
+            tuple(sorted(o.folded - {o.prompt})),
         )
         for k, (o, (x0, y0, x1, y1), v) in enumerate(shown, start=1)
     ]

@@ -38,7 +38,7 @@ from typing import IO, Any, NamedTuple
 
 from .. import rle
 from .grid import TilePlan, plan_tiles
-from .merge import MergedDetection, TileDetection, TileMerger, describe
+from .merge import MergedDetection, MergeRules, TileDetection, TileMerger, describe
 from .progress import TileProgress
 
 __all__ = ["MergeProcess", "RemoteMerge", "shared", "stop_shared"]
@@ -56,6 +56,7 @@ class _Row(NamedTuple):
     prompt: str
     score: float
     mask_rle: str
+    folded: tuple[str, ...] = ()
 
 
 class MergeProcess:
@@ -67,7 +68,7 @@ class MergeProcess:
         self._serial = 0
         self._open = False  # the image of ``_serial`` was begun and neither finished nor given up
 
-    def begin(self, plan: TilePlan, match: float, progress: TileProgress | None = None) -> RemoteMerge:
+    def begin(self, plan: TilePlan, rules: MergeRules, progress: TileProgress | None = None) -> RemoteMerge:
         """A new image's merge. With the image's ``progress``, a merge the helper has been following
         there (``follow``) goes on instead of a new one: its tiles are in already. An earlier image
         left unfinished ends the helper first (it may be deep in that image's merge)."""
@@ -76,17 +77,17 @@ class MergeProcess:
         self._ensure_started()
         self._serial += 1
         self._open = True
-        self._send(("begin", self._serial, _geometry(plan), match, *_where(progress)))
+        self._send(("begin", self._serial, _geometry(plan), rules, *_where(progress)))
         return RemoteMerge(self, self._serial)
 
-    def follow(self, progress: TileProgress, plan: TilePlan, match: float) -> None:
+    def follow(self, progress: TileProgress, plan: TilePlan, rules: MergeRules) -> None:
         """Have the helper merge the tiles kept in ``progress`` (by any worker) as they land, for
         when this worker merges the image: it reads the files it has not read yet now, and again at
         each later call. A worker that runs some tiles of an image spread over several workers
         calls it as it keeps them. The helper follows two images at most, and forgets one whose
         folder is gone (merged elsewhere)."""
         self._ensure_started()
-        self._send(("follow", 0, _geometry(plan), match, *_where(progress)))
+        self._send(("follow", 0, _geometry(plan), rules, *_where(progress)))
 
     @property
     def pid(self) -> int | None:
@@ -156,7 +157,10 @@ class RemoteMerge:
 
     def add(self, done: Mapping[str, Sequence[TileDetection]]) -> None:
         if done:
-            rows = {t: [_Row(d.prompt, float(d.score), d.mask_rle) for d in dets] for t, dets in done.items()}
+            rows = {
+                t: [_Row(d.prompt, float(d.score), d.mask_rle, tuple(getattr(d, "folded", ()))) for d in dets]
+                for t, dets in done.items()
+            }
             self._helper._send(("add", self._serial, rows))
 
     def result(self) -> tuple[list[MergedDetection], list[str]]:
@@ -256,9 +260,9 @@ def serve(inbox: IO[bytes], outbox: IO[bytes]) -> None:
             following.scan(*body)
         elif kind == "begin":
             serial = got
-            geometry, match, folder, key = body
-            merger, error = following.adopt(geometry, match, folder, key) or (
-                TileMerger(plan_tiles(*geometry), match=match),
+            geometry, rules, folder, key = body
+            merger, error = following.adopt(geometry, rules, folder, key) or (
+                rules.merger(plan_tiles(*geometry)),
                 "",
             )
         elif got != serial or merger is None:
@@ -351,15 +355,15 @@ class _Followed:
     """A merge fed from an image's folder of kept tiles: the files read, and what went wrong."""
 
     geometry: tuple[int, int, int, int]
-    match: float
+    rules: MergeRules
     progress: TileProgress
     merger: TileMerger
     seen: set[str] = field(default_factory=set)
     error: str = ""
 
-    def serves(self, geometry: tuple[int, int, int, int], match: float, key: Any) -> bool:
-        """Whether this is the merge of that plan, threshold and image (key of its kept tiles)."""
-        return (self.geometry, self.match, self.progress.key) == (geometry, match, key)
+    def serves(self, geometry: tuple[int, int, int, int], rules: MergeRules, key: Any) -> bool:
+        """Whether this is the merge of that plan, rules and image (key of its kept tiles)."""
+        return (self.geometry, self.rules, self.progress.key) == (geometry, rules, key)
 
 
 class _Following:
@@ -371,13 +375,13 @@ class _Following:
     def __init__(self) -> None:
         self.images: dict[str, _Followed] = {}
 
-    def scan(self, geometry: tuple[int, int, int, int], match: float, folder: str, key: Any) -> None:
+    def scan(self, geometry: tuple[int, int, int, int], rules: MergeRules, folder: str, key: Any) -> None:
         for other in [f for f in self.images if f != folder and not os.path.isdir(f)]:
             del self.images[other]
         followed = self.images.get(folder)
-        if followed is None or not followed.serves(geometry, match, key):
-            merger = TileMerger(plan_tiles(*geometry), match=match)
-            followed = _Followed(geometry, match, TileProgress(Path(folder), key), merger)
+        if followed is None or not followed.serves(geometry, rules, key):
+            merger = rules.merger(plan_tiles(*geometry))
+            followed = _Followed(geometry, rules, TileProgress(Path(folder), key), merger)
             self.images.pop(folder, None)
             self.images[folder] = followed
             while len(self.images) > self.LIMIT:
@@ -392,11 +396,11 @@ class _Following:
             followed.error = describe(exc)
 
     def adopt(
-        self, geometry: tuple[int, int, int, int], match: float, folder: str | None, key: Any
+        self, geometry: tuple[int, int, int, int], rules: MergeRules, folder: str | None, key: Any
     ) -> tuple[TileMerger, str] | None:
         """The merge followed for this image and its error, taken out of the list; None if none."""
         followed = self.images.pop(folder, None) if folder is not None else None
-        if followed is None or not followed.serves(geometry, match, key):
+        if followed is None or not followed.serves(geometry, rules, key):
             return None
         return followed.merger, followed.error
 

@@ -55,10 +55,7 @@ class TileProgress:
                 if data.get("key") != self.key:
                     continue
                 for tile_id, rows in data["tiles"].items():
-                    found[tile_id] = [
-                        Detection(p, int(i), float(s), (b[0], b[1], b[2], b[3]), int(a), str(r))
-                        for p, i, s, b, a, r in rows
-                    ]
+                    found[tile_id] = [_detection(*row) for row in rows]
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 continue  # unreadable: those tiles are simply run again
             seen.add(name)
@@ -95,7 +92,10 @@ class TileProgress:
     def save(self, first: str, tiles: Mapping[str, Sequence[Detection]]) -> None:
         """Keep a batch of finished tiles (named by its first tile); OSError when it cannot."""
         rows = {
-            tile_id: [[d.prompt, d.index, d.score, list(d.box), d.area_px, d.mask_rle] for d in detections]
+            tile_id: [
+                [d.prompt, d.index, d.score, list(d.box), d.area_px, d.mask_rle, list(d.folded)]
+                for d in detections
+            ]
             for tile_id, detections in tiles.items()
         }
         blob = json.dumps({"key": self.key, "tiles": rows}, separators=(",", ":")).encode()
@@ -113,3 +113,12 @@ class TileProgress:
             if parent.name == PROGRESS_DIR:
                 break
             parent = parent.parent
+
+
+def _detection(
+    prompt: str, index: int, score: float, box: list[float], area: int, counts: str, *folded: list[str]
+) -> Detection:
+    """A kept row; the prompts folded into it are its seventh field (absent in older files)."""
+    names = tuple(str(name) for name in folded[0]) if folded else ()
+    box4 = (box[0], box[1], box[2], box[3])
+    return Detection(prompt, int(index), float(score), box4, int(area), str(counts), folded=names)

@@ -148,7 +148,7 @@ def uncovered(masks: Sequence[SparseMask], boxes: np.ndarray, cell: int = 256) -
     if not masks:
         return []
     height = masks[0].height
-    later, earlier = _meeting_pairs(boxes, cell)
+    later, earlier = meeting_pairs(boxes, cell)
     if not later.size:
         return list(masks)
     every = _Concatenated(masks)
@@ -181,7 +181,7 @@ def uncovered(masks: Sequence[SparseMask], boxes: np.ndarray, cell: int = 256) -
     ]
 
 
-def _meeting_pairs(boxes: np.ndarray, cell: int) -> tuple[np.ndarray, np.ndarray]:
+def meeting_pairs(boxes: np.ndarray, cell: int) -> tuple[np.ndarray, np.ndarray]:
     """Every (later, earlier) pair of indices, later > earlier, whose boxes share a pixel."""
     boxes = np.asarray(boxes, np.int64).reshape(-1, 4)
     cx0, cy0 = boxes[:, 0] // cell, boxes[:, 1] // cell

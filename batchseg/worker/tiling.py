@@ -37,6 +37,7 @@ from ..tiles.grid import (
     plan_tiles,
     strip_refusal,
 )
+from ..tiles.merge import MergeRules
 from ..tiles.merge_process import RemoteMerge
 from ..tiles.progress import PROGRESS_DIR, TileProgress
 from ..tiles.windows import CONVERT_HINT, upright_size
@@ -84,10 +85,15 @@ class Tiler:
     fingerprint: str  # of the run's configuration: finished tiles kept on disk are for it only
     writer: OutputWriter  # writes the merged image's label map and makes its result
     gsd: float | None = None  # metres per pixel the model should see on georeferenced inputs
+    fold_iou: float | None = None  # --suppress-iou: duplicates across prompts folded across tiles too
     #: What ``_kept_ids`` read of an image's kept tiles, for its next tile (this process only).
     kept_files: dict[tuple[str, str], dict[str, tuple[tuple[int, int], frozenset[str]]]] = field(
         default_factory=dict, compare=False, repr=False
     )
+
+    @property
+    def rules(self) -> MergeRules:
+        return MergeRules(self.match, self.fold_iou)
 
     @classmethod
     def for_run(cls, config: RunConfig, capabilities: Capabilities) -> Tiler | None:
@@ -116,6 +122,7 @@ class Tiler:
             config.fingerprint(),
             OutputWriter(config, capabilities.device),
             config.gsd,
+            config.suppress_iou,
         )
 
     @staticmethod
@@ -212,7 +219,7 @@ class Tiler:
         ``running`` is called once, when the engine has reported tiles (or a batch came back)."""
         started = time.time()
         progress = self.progress(item, plan)
-        merging = merge_process.shared().begin(plan, self.match, progress)  # followed, if it was
+        merging = merge_process.shared().begin(plan, self.rules, progress)  # followed, if it was
         try:
             failed = self._run_tiles(item, plan, progress, run_tiles, merging, running)
             if failed is not None:
@@ -226,7 +233,7 @@ class Tiler:
             try:
                 merged, rles = merging.result()
                 detections = [
-                    Detection(m.prompt, m.index, m.score, m.box, m.area_px, rle, m.tiles)
+                    Detection(m.prompt, m.index, m.score, m.box, m.area_px, rle, m.tiles, folded=m.folded)
                     for m, rle in zip(merged, rles, strict=True)
                 ]
             except Exception as exc:  # noqa: BLE001 - a merge failure is this image's result
@@ -310,7 +317,7 @@ class Tiler:
         helper = merge_process.shared()
 
         def follow() -> None:
-            helper.follow(progress, plan, self.match)
+            helper.follow(progress, plan, self.rules)
 
         follow()
         handover = _Handover(progress, None, set(), None, kept=follow)  # the merge is another task's
