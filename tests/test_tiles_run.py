@@ -27,6 +27,7 @@ from _tile_shapes import Shape
 from PIL import Image
 
 from batchseg.errors import ConfigMismatchError
+from batchseg.records import Detection
 from batchseg.runner import run
 from batchseg.store.checkpoint import Checkpoint
 from batchseg.tiles.grid import TilePlan, plan_tiles
@@ -366,6 +367,19 @@ def test_the_tiles_kept_are_read_again_only_from_files_new_or_changed(tmp_path: 
     assert progress.kept_ids(known) == {"r001c000", "r001c001"}
     (progress.folder / "batch-r002c000.json").write_text("[1]")  # damaged: its tiles run again
     assert progress.kept_ids(known) == {"r001c000", "r001c001"} == set(progress.load())
+
+
+def test_kept_tiles_keep_the_prompts_folded_into_their_detections(tmp_path: Path) -> None:
+    """A kept tile's detections come back with their ``folded`` prompts (--suppress-iou), and a
+    file written before that field existed (six fields a row) still reads, with none."""
+    progress = TileProgress(tmp_path / "a.png", {"size_bytes": 1})
+    kept = Detection("roof", 1, 0.9, (0.0, 0.0, 4.0, 4.0), 16, "0g0", folded=("rooftop",))
+    progress.save("r000c000", {"r000c000": [kept]})
+    older = {"key": progress.key, "tiles": {"r000c001": [["tree", 1, 0.5, [1, 1, 2, 2], 1, "01"]]}}
+    (progress.folder / "batch-r000c001.json").write_text(json.dumps(older))
+    loaded = progress.load()
+    assert loaded["r000c000"] == [kept]
+    assert loaded["r000c001"] == [Detection("tree", 1, 0.5, (1, 1, 2, 2), 1, "01")]
 
 
 def test_the_next_tiled_image_is_prefetched_while_the_current_one_runs(tmp_path: Path) -> None:
