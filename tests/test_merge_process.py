@@ -24,7 +24,7 @@ from PIL import Image
 
 from batchseg.records import Detection
 from batchseg.tiles.grid import TilePlan, plan_tiles
-from batchseg.tiles.merge import merge_tiles
+from batchseg.tiles.merge import MergeRules, merge_tiles
 from batchseg.tiles.merge_process import MergeProcess
 from batchseg.tiles.progress import TileProgress
 
@@ -33,6 +33,8 @@ SHAPES = [
     Shape("ring", 2000, 1000, 250, 250, 0.5),  # across seams, with a hole
     Shape("rect", 2600, 1900, 700, 600),  # larger than a tile
 ]
+
+RULES = MergeRules(match=0.5)  # the default --tile-match, --suppress-iou off
 
 
 def _tiles(plan: TilePlan) -> dict[str, list[Found]]:
@@ -51,7 +53,7 @@ def helper() -> MergeProcess:
 
 
 def _merge(helper: MergeProcess, plan: TilePlan, tiles: dict[str, list[Found]]) -> tuple[list, list[str]]:  # type: ignore[type-arg]
-    merge = helper.begin(plan, 0.5)
+    merge = helper.begin(plan, RULES)
     ids = list(tiles)
     for first in range(0, len(ids), 4):  # a batch at a time, as the worker sends them
         merge.add({tile_id: tiles[tile_id] for tile_id in ids[first : first + 4]})
@@ -73,7 +75,7 @@ def test_the_helper_merges_as_the_worker_would(helper: MergeProcess) -> None:
 def test_an_image_dropped_half_way_leaves_nothing_behind(helper: MergeProcess) -> None:
     plan = plan_tiles(3000, 2500, 1008, 252)
     tiles = _tiles(plan)
-    failed = helper.begin(plan, 0.5)
+    failed = helper.begin(plan, RULES)
     failed.add(dict(list(tiles.items())[:3]))
     failed.close()  # a tile failed: the image is given up
     merged, _ = _merge(helper, plan, tiles)
@@ -95,7 +97,7 @@ def test_a_broken_mask_fails_that_image_only(helper: MergeProcess) -> None:
 def test_a_killed_helper_fails_its_image_and_the_next_image_gets_a_new_one(helper: MergeProcess) -> None:
     plan = plan_tiles(3000, 2500, 1008, 252)
     tiles = _tiles(plan)
-    merge = helper.begin(plan, 0.5)
+    merge = helper.begin(plan, RULES)
     merge.add(tiles)
     assert helper._proc is not None
     os.kill(helper._proc.pid, signal.SIGKILL)
@@ -113,6 +115,7 @@ BUSY = textwrap.dedent(
     import numpy as np
     from batchseg import rle
     from batchseg.tiles.grid import plan_tiles
+    from batchseg.tiles.merge import MergeRules
     from batchseg.tiles.merge_process import _Row
 
     def busy(helper):
@@ -123,7 +126,7 @@ BUSY = textwrap.dedent(
             x, y = k * 37 % 246, k * 53 % 246
             mask[y : y + 8, x : x + 8] = True
             rows.append(_Row("red", 0.5 + k / 1000, rle.encode(mask)))
-        merge = helper.begin(plan, 0.5)
+        merge = helper.begin(plan, MergeRules(match=0.5))
         merge.add({tile.id: rows for tile in plan.tiles})
         return merge
     """
@@ -301,11 +304,11 @@ def test_a_followed_merge_has_the_kept_tiles_of_every_worker_before_the_image_is
     ids = list(tiles)
     progress = _kept(tmp_path / "a")
     _save(progress, {i: tiles[i] for i in ids[:4]})
-    helper.follow(progress, plan, 0.5)
+    helper.follow(progress, plan, RULES)
     _save(progress, {i: tiles[i] for i in ids[4:-2]})  # another worker's, then this one's next keep
     _save(progress, {i: tiles[i] for i in ids[2:6]})  # a tile kept twice (a rerun) counts once
-    helper.follow(progress, plan, 0.5)
-    merge = helper.begin(plan, 0.5, progress)
+    helper.follow(progress, plan, RULES)
+    merge = helper.begin(plan, RULES, progress)
     merge.add({i: tiles[i] for i in ids[-2:]})  # only what was never kept
     merged, rles = merge.result()
     expected = merge_tiles(plan, tiles)
@@ -324,23 +327,23 @@ def test_a_followed_merge_is_not_taken_for_another_image_or_settings(
     half = {i: tiles[i] for i in ids[: len(ids) // 2]}
 
     def merged_alone(progress: TileProgress) -> list[tuple]:  # type: ignore[type-arg]
-        merge = helper.begin(plan, 0.5, progress)
+        merge = helper.begin(plan, RULES, progress)
         merge.add({i: tiles[i] for i in ids[-1:]})
         return _rows(merge.result()[0])
 
     alone = _rows(merge_tiles(plan, {i: tiles[i] for i in ids[-1:]}))
     a = _kept(tmp_path / "a")
     _save(a, half)
-    helper.follow(a, plan, 0.5)
+    helper.follow(a, plan, RULES)
     assert merged_alone(_kept(tmp_path / "a", key="changed")) == alone
-    helper.follow(a, plan, 0.5)
+    helper.follow(a, plan, RULES)
     folders = [tmp_path / name for name in ("b", "c", "d")]
     for folder in folders:
         progress = _kept(folder)
         _save(progress, half)
-        helper.follow(progress, plan, 0.5)
+        helper.follow(progress, plan, RULES)
     assert merged_alone(_kept(folders[0])) == alone  # a, then b: the oldest of four, dropped
     shutil.rmtree(folders[1])
-    helper.follow(_kept(folders[2]), plan, 0.5)
+    helper.follow(_kept(folders[2]), plan, RULES)
     assert merged_alone(_kept(folders[1])) == alone  # its folder went: dropped
     assert merged_alone(_kept(folders[2])) != alone  # still followed: half the tiles in
