@@ -25,13 +25,14 @@ TESTS_DIR = Path(__file__).resolve().parent
 
 
 def _cli(
-    folder: Path, output: Path, loads: Path, *extra: str, load_s: float = 0.0
+    folder: Path, output: Path, loads: Path, *extra: str, load_s: float = 0.0, ready_after: int = 0
 ) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
         "BATCHSEG_TEST_LOADS": str(loads),
         "BATCHSEG_TEST_LOAD_S": str(load_s),
+        "BATCHSEG_TEST_READY_AFTER": str(ready_after),
     }
     args = ["run", str(folder), "--engine", "counted_engine:load", "--prompt", "roof"]
     return subprocess.run(
@@ -66,14 +67,15 @@ def test_the_worker_started_before_discovery_is_the_one_that_processes(tmp_path:
 
 
 def test_with_two_workers_slot_0_loads_once(tmp_path: Path) -> None:
-    """The early worker is started as the pool starts slot 0 of two (half the cores each)."""
+    """The early worker is started as the pool starts slot 0 of two (half the cores each). No
+    load ends before two have begun, so both workers load whatever the machine's load."""
     folder, loads = tmp_path / "in", tmp_path / "loads"
     loads.mkdir()
     for k in range(4):
         make_image(folder / f"img_{k}.png", seed=k)
-    done = _cli(folder, tmp_path / "out", loads, "--workers", "2")
+    done = _cli(folder, tmp_path / "out", loads, "--workers", "2", ready_after=2)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert [slot for _pid, slot in _loads(loads)].count(0) == 1
+    assert sorted(slot for _pid, slot in _loads(loads)) == [0, 1]
 
 
 def test_nothing_to_do_stops_the_early_worker_without_waiting_for_its_load(tmp_path: Path) -> None:
