@@ -39,6 +39,7 @@ __all__ = [
     "in_order",
     "level_sizes",
     "nodata_tag",
+    "value_bytes",
     "write_cog",
     "write_cog_atomically",
 ]
@@ -69,6 +70,11 @@ class Tag:
     kind: int
     count: int
     data: bytes
+
+
+def value_bytes(kind: int, count: int) -> int:
+    """Bytes that ``count`` values of TIFF field type ``kind`` take."""
+    return count * _TYPE_SIZE[kind]
 
 
 def nodata_tag(value: int) -> Tag:

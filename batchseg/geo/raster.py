@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..atomic import atomic_write_bytes
-from ..cog import _TYPE_SIZE, Tag, nodata_tag, write_cog_atomically
+from ..cog import Tag, nodata_tag, value_bytes, write_cog_atomically
 from ._extra import missing_extra
 from .georef import Georef, world_file_text
 
@@ -63,7 +63,7 @@ def geotiff_tags(georef: Georef, nodata: int | None = 0) -> list[Tag]:
             raise ValueError("GDAL wrote a big-endian GeoTIFF")
         for tag in tif.pages.first.tags:
             if tag.code in GEO_TAGS:
-                size = tag.count * _TYPE_SIZE[int(tag.dtype)]
+                size = value_bytes(int(tag.dtype), tag.count)
                 raw = data[tag.valueoffset : tag.valueoffset + size]
                 tags.append(Tag(tag.code, int(tag.dtype), tag.count, raw))
     return tags + ([nodata_tag(nodata)] if nodata is not None else [])
