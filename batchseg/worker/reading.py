@@ -77,9 +77,14 @@ class Picture:
 
     def found(self, labels: np.ndarray, instances: list[Instance]) -> Segmentation:
         """What the engine found in this picture, as the worker's writer takes it."""
-        found = Segmentation(labels, instances, size=self.size, georef=self.georef, valid=self.valid)
-        found.started_at = self.started_at
-        return found
+        return Segmentation(
+            labels,
+            instances,
+            size=self.size,
+            georef=self.georef,
+            valid=self.valid,
+            started_at=self.started_at,
+        )
 
 
 class ImageReader:
