@@ -29,7 +29,9 @@ SAM3_ENGINE = "batchseg.engines.sam3.engine:load_engine"
 #: The engines batchseg ships; a registered engine cannot take one of these names.
 BUILT_IN_ENGINES = {"sam3": SAM3_ENGINE, "threshold": "batchseg.engines.threshold:load"}
 
-_TARGET_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+#: MODULE:FUNCTION, the function maybe an attribute of a class (``plugin:Engine.load``), as
+#: entry points may name it.
+_TARGET_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 _NAME_RE = re.compile(r"[A-Za-z_][\w.-]*")
 
 

@@ -100,6 +100,14 @@ def test_an_unknown_name_is_refused_with_the_known_names(tmp_path: Path) -> None
 
 ENGINE_MODULE = '''"""A third-party engine: the colour engine under another name."""
 from batchseg.engines.threshold import load as load
+
+
+class Plugin:
+    """Entry points may name a class's function (``colour_plugin:Plugin.load``)."""
+
+    @staticmethod
+    def load(spec, slot):
+        return load(spec, slot)
 '''
 
 
@@ -113,7 +121,10 @@ def registered_package(site: Path) -> Path:
     (info / "METADATA").write_text(
         "Metadata-Version: 2.1\nName: colour-plugin\nVersion: 1.0\n", encoding="utf-8"
     )
-    points = f"[{ENTRY_POINT_GROUP}]\ncolours = colour_plugin:load\nsam3 = colour_plugin:load\n"
+    points = (
+        f"[{ENTRY_POINT_GROUP}]\ncolours = colour_plugin:load\nsam3 = colour_plugin:load\n"
+        "colour-class = colour_plugin:Plugin.load\n"
+    )
     (info / "entry_points.txt").write_text(points, encoding="utf-8")
     return site
 
@@ -138,8 +149,13 @@ def test_an_engine_registered_by_a_package_runs_by_name(tmp_path: Path) -> None:
     assert [(r["status"], r["n_detections"]) for r in rows(output)] == [("ok", 1)]
     refused = batchseg("run", folder, "--output", tmp_path / "other", "--engine", "colour", "--prompt", "red")
     assert refused.returncode == ExitCode.USAGE
-    assert "the known names are colours, sam3, threshold" in refused.stderr
+    assert "the known names are colour-class, colours, sam3, threshold" in refused.stderr
     assert "did you mean 'colours'?" in refused.stderr and not (tmp_path / "other").exists()
+    by_method = batchseg(
+        "run", folder, "--output", tmp_path / "m", "--engine", "colour-class", "--prompt", "red"
+    )
+    assert by_method.returncode == ExitCode.OK, by_method.stdout + by_method.stderr
+    assert stored_engine(tmp_path / "m") == "colour_plugin:Plugin.load"
     # A package cannot take a built-in name: "sam3" stays batchseg's own.
     names = "from batchseg.engine_names import known_engines as k; print(k()['colours'], k()['sam3'])"
     seen = subprocess.run([sys.executable, "-c", names], env=env, capture_output=True, text=True, check=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 import numpy as np
 
@@ -163,10 +163,12 @@ def load_factory(spec: EngineSpec) -> EngineFactory:
         if not exc.name or not (module_name + ".").startswith(exc.name + "."):
             raise  # the engine's module is there; something it imports is not: a load failure
         raise ConfigError(f"--engine {spec.factory!r}: there is no module {module_name}") from exc
-    factory = getattr(module, func_name, None)
+    factory: object = module
+    for name in func_name.split("."):  # a class's method too (``plugin:Engine.load``)
+        factory = getattr(factory, name, None)
     if not callable(factory):
         raise ConfigError(f"--engine {spec.factory!r}: {module_name} has no function {func_name}")
-    return factory  # type: ignore[no-any-return]
+    return cast(EngineFactory, factory)
 
 
 def check_in_parent(factory: str, config: RunConfig) -> None:
