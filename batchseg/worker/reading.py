@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -70,9 +71,9 @@ class Picture:
     valid: np.ndarray | None = field(default=None, repr=False)
     started_at: float = field(default_factory=time.time)
 
-    @property
+    @cached_property
     def pixels(self) -> np.ndarray:
-        """Height x width x 3 uint8 (read-only: PIL's own buffer)."""
+        """Height x width x 3 uint8, read-only; made once (each ``np.asarray`` of an image copies)."""
         return np.asarray(self.image)
 
     def found(self, labels: np.ndarray, instances: list[Instance]) -> Segmentation:
