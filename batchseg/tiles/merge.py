@@ -101,6 +101,8 @@ class TileDetection(Protocol):
     def score(self) -> float: ...
     @property
     def mask_rle(self) -> str: ...
+    @property
+    def folded(self) -> tuple[str, ...]: ...  # prompts the tile's engine folded into it
 
 
 @dataclass(frozen=True, eq=False)
@@ -249,8 +251,9 @@ def _parts(plan: TilePlan, tile: Tile, ordinal: int, detections: Sequence[TileDe
             or (bottom and y1 == tile.y1)
         )
         key = ordinal << _POSITION_BITS | position
-        folded = tuple(getattr(det, "folded", ()) or ())  # a Detection has them; the protocol need not
-        parts.append(_Part(key, tile, det.prompt, float(det.score), mask, mask.bbox, bool(cut), folded))
+        parts.append(
+            _Part(key, tile, det.prompt, float(det.score), mask, mask.bbox, bool(cut), tuple(det.folded))
+        )
     return parts
 
 

@@ -158,7 +158,7 @@ class RemoteMerge:
     def add(self, done: Mapping[str, Sequence[TileDetection]]) -> None:
         if done:
             rows = {
-                t: [_Row(d.prompt, float(d.score), d.mask_rle, tuple(getattr(d, "folded", ()))) for d in dets]
+                t: [_Row(d.prompt, float(d.score), d.mask_rle, tuple(d.folded)) for d in dets]
                 for t, dets in done.items()
             }
             self._helper._send(("add", self._serial, rows))

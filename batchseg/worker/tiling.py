@@ -74,7 +74,7 @@ class Tiler:
 
     setting: TileSetting
     overlap: int  # for tiles of the configured side; a short image's smaller tiles clamp it
-    match: float
+    rules: MergeRules  # --tile-match, and --suppress-iou folding across tiles too
     model_input: int | None
     batch: int
     input_root: Path
@@ -85,15 +85,10 @@ class Tiler:
     fingerprint: str  # of the run's configuration: finished tiles kept on disk are for it only
     writer: OutputWriter  # writes the merged image's label map and makes its result
     gsd: float | None = None  # metres per pixel the model should see on georeferenced inputs
-    fold_iou: float | None = None  # --suppress-iou: duplicates across prompts folded across tiles too
     #: What ``_kept_ids`` read of an image's kept tiles, for its next tile (this process only).
     kept_files: dict[tuple[str, str], dict[str, tuple[tuple[int, int], frozenset[str]]]] = field(
         default_factory=dict, compare=False, repr=False
     )
-
-    @property
-    def rules(self) -> MergeRules:
-        return MergeRules(self.match, self.fold_iou)
 
     @classmethod
     def for_run(cls, config: RunConfig, capabilities: Capabilities) -> Tiler | None:
@@ -111,7 +106,7 @@ class Tiler:
         return cls(
             setting,
             overlap,
-            config.tile_match,
+            MergeRules(config.tile_match, config.suppress_iou),
             capabilities.model_input,
             max(1, capabilities.task_size),
             Path(config.input),
@@ -122,7 +117,6 @@ class Tiler:
             config.fingerprint(),
             OutputWriter(config, capabilities.device),
             config.gsd,
-            config.suppress_iou,
         )
 
     @staticmethod
