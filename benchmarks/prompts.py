@@ -1,6 +1,7 @@
 """The cost of each further prompt on the model side: the vision encoder once per image, then the
 prompt-side decoders (DETR encoder and decoder, scoring, mask decoder) once per prompt, run prompt
-by prompt or with the prompts sharing one pass (``batchseg.engines.sam3.prompt_rows``).
+by prompt as batchseg runs them (``apart``) or with the prompts sharing one pass (``shared``: the
+vision features repeated once per prompt, P x B rows in one pass).
 
     python benchmarks/prompts.py --device cuda --batch-size 16      # full-size SAM3, random weights
 
@@ -22,6 +23,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -52,7 +54,6 @@ def main() -> None:
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from batchseg.engines.sam3 import prompt_rows
     from batchseg.engines.sam3.model import load_model, resolve_dtype
     from batchseg.engines.sam3.pipeline import PromptText
     from batchseg.engines.sam3.speedups import speed_up
@@ -86,10 +87,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             chosen = texts[:count]
 
             def apart(chosen: list[Any] = chosen) -> Any:
-                return [prompt_rows.forward_texts(model, vision, [t], batch)[0] for t in chosen]
+                return [forward_texts(model, vision, [t], batch)[0] for t in chosen]
 
             def shared(chosen: list[Any] = chosen) -> Any:
-                return prompt_rows.forward_texts(model, vision, chosen, batch)
+                return forward_texts(model, vision, chosen, batch)
 
             apart_s = _timed(apart, args)
             if device.type == "cuda":
@@ -110,11 +111,37 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 report["counts"][count]["agreement"] = _agreement(apart(), shared())
 
         def one_prompt() -> Any:
-            return prompt_rows.forward_texts(model, vision, texts[:1], batch)
+            return forward_texts(model, vision, texts[:1], batch)
 
         report["parts_ms"] = _parts(model, one_prompt, batch)
         report["kernels"] = _kernels(one_prompt, batch)
     return report
+
+
+def forward_texts(model: Any, vision: Any, texts: list[Any], batch: int) -> list[Any]:
+    """``Sam3Model.forward`` of the prompts ``texts`` on the vision features of ``batch`` images in
+    one pass (prompt p's image b is row p * B + b); one output per prompt (its rows)."""
+    import torch
+
+    if len(texts) > 1:
+        fields = {k: v for k, v in vision.items() if k != "last_hidden_state"}
+        vision = type(vision)(**{k: _repeat(v, len(texts)) for k, v in fields.items()})
+    features = torch.cat([t.features.expand(batch, -1, -1) for t in texts])
+    mask = torch.cat([t.attention_mask.expand(batch, -1) for t in texts])
+    out = model(
+        vision_embeds=vision, text_embeds=SimpleNamespace(pooler_output=features), attention_mask=mask
+    )
+    names = ("pred_logits", "presence_logits", "pred_boxes", "pred_masks")
+    return [
+        SimpleNamespace(**{n: getattr(out, n)[p * batch : (p + 1) * batch] for n in names})
+        for p in range(len(texts))
+    ]
+
+
+def _repeat(value: Any, times: int) -> Any:
+    if isinstance(value, tuple):
+        return tuple(_repeat(v, times) for v in value)
+    return value.repeat(times, *([1] * (value.dim() - 1)))
 
 
 def _sync() -> None:

@@ -48,7 +48,6 @@ from .postprocess import (
     merge,
     score_outputs,
 )
-from .prompt_rows import forward_texts, prompts_per_pass
 from .sizing import batch_for_free_memory, task_size
 from .speedups import priority_stream, release_text_tower, speed_up
 from .task import Task, WriteFn
@@ -265,42 +264,38 @@ class Sam3Engine:
         return encoded
 
     def launch_prompts(self, encoded: EncodedImages) -> list[Scored]:
-        """Every prompt on the shared vision features, one ``Scored`` per prompt. Text-only prompts
-        share decoder passes (``prompt_rows``); a prompt with exemplar boxes in the sub-batch runs
-        its own. On a GPU this runs on the decoder stream after the encoder's work; the host waits
-        there only for that stream. ``encoded`` must stay referenced until the results are ``ready``."""
+        """Every prompt on the shared vision features, one ``Scored`` per prompt. On a GPU this runs
+        on the decoder stream after the encoder's work; the host waits there only for that stream.
+        ``encoded`` must stay referenced until the results are ``ready``."""
         stream = self._decode_stream
         batch = len(encoded.sizes)
-        scored: dict[int, Scored] = {}
-        with torch.cuda.stream(stream) if stream is not None else nullcontext(), torch.inference_mode():
+        scored = []
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
             if stream is not None:
                 stream.wait_event(encoded.done)
-            texts = []
-            for index in range(len(self.prompts)):
+            for index, text in enumerate(self.prompts):
+                threshold = threshold_of(self.config, text.prompt)
                 boxed = any(boxes.get(index) for boxes in encoded.boxes)
-                if boxed:
-                    outputs = forward_prompt(
-                        self.model, encoded.vision, self.prompts[index], encoded.boxes, index,
-                        encoded.sizes, self.boxes_only[index], self.dtype,
-                    )  # fmt: skip
-                    scored[index] = self._scored(outputs, index, encoded.sizes)
-                elif self.boxes_only[index]:  # a prompt of boxes alone, none in this sub-batch
-                    scored[index] = nothing_scored(index, batch, self.torch_device)
-                else:
-                    texts.append(index)
-            per_pass = prompts_per_pass(batch)
-            for start in range(0, len(texts), per_pass):
-                group = texts[start : start + per_pass]
-                passes = forward_texts(self.model, encoded.vision, [self.prompts[i] for i in group], batch)
-                for index, outputs in zip(group, passes, strict=True):
-                    scored[index] = self._scored(outputs, index, encoded.sizes)
-                del passes
-        return [scored[index] for index in range(len(self.prompts))]
-
-    def _scored(self, outputs: Any, index: int, sizes: Sequence[tuple[int, int]]) -> Scored:
-        if outputs is None:
-            return nothing_scored(index, len(sizes), self.torch_device)
-        return score_outputs(outputs, index, sizes, threshold_of(self.config, self.prompts[index].prompt))
+                with torch.inference_mode():
+                    if not boxed and self.boxes_only[index]:
+                        outputs = None  # a prompt of boxes alone, none in this sub-batch
+                    elif not boxed:  # text alone: one forward
+                        outputs = self.model(
+                            vision_embeds=encoded.vision,
+                            text_embeds=_TextEmbeds(text.features.expand(batch, -1, -1)),
+                            attention_mask=text.attention_mask.expand(batch, -1),
+                        )
+                    else:
+                        outputs = forward_prompt(
+                            self.model, encoded.vision, text, encoded.boxes, index, encoded.sizes,
+                            self.boxes_only[index], self.dtype,
+                        )  # fmt: skip
+                    if outputs is None:
+                        scored.append(nothing_scored(index, batch, self.torch_device))
+                    else:
+                        scored.append(score_outputs(outputs, index, encoded.sizes, threshold))
+                del outputs
+        return scored
 
     def select(self, scored: Sequence[Scored], sizes: Sequence[tuple[int, int]]) -> list[list[Candidates]]:
         """Per image, per prompt, the kept candidates (score filter and top-k done, so only their
@@ -441,6 +436,13 @@ class Sam3Engine:
         pixels = torch.empty((image.height, image.width, 3), dtype=torch.uint8, pin_memory=True)
         pixels.numpy()[...] = np.asarray(image)  # PIL's array is read-only: copied, not wrapped
         return pixels.permute(2, 0, 1)
+
+
+class _TextEmbeds:
+    """What ``Sam3Model.forward(text_embeds=...)`` reads: an object with ``pooler_output``."""
+
+    def __init__(self, pooler_output: torch.Tensor) -> None:
+        self.pooler_output = pooler_output
 
 
 def _sizes(images: Sequence[Image.Image]) -> list[tuple[int, int]]:
