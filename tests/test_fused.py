@@ -72,3 +72,38 @@ def test_a_fused_kernel_that_differs_is_refused(monkeypatch: pytest.MonkeyPatch)
         reason = fused.fuse_rope(torch.device("cuda"))
     assert reason is not None and "q differs" in reason
     assert _current() is original
+
+
+def _rope_inputs(shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, ...]:
+    """Queries and keys as the ViT makes them (a transposed view of one projection), and the
+    cos and sin of angles over the head's dimensions, repeated pairwise like transformers'."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, heads, seq, dim = shape
+    projected = torch.randn((rows, seq, 2, heads, dim), generator=generator).to(torch.bfloat16) * 3
+    q, k = (t.transpose(1, 2) for t in projected.unbind(2))
+    angles = (torch.rand((seq, dim // 2), generator=generator) * 40).repeat_interleave(2, dim=-1)
+    return q, k, angles.cos(), angles.sin()
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 576, 64), (1, 4, 5184, 64)])  # windowed, global layer
+def test_the_float32_kernel_gives_transformers_bits(shape: tuple[int, ...]) -> None:
+    q, k, cos, sin = _rope_inputs(shape, seed=len(shape) + shape[2])
+    original = getattr(_current(), "batchseg_original", _current())
+    want = original(q, k, cos, sin)
+    got = fused.rope_float32(q, k, cos, sin)
+    for a, b in zip(want, got, strict=True):
+        assert a.dtype == b.dtype == torch.bfloat16 and a.shape == b.shape
+        assert torch.equal(a, b)
+
+
+def test_the_kernel_in_the_inputs_dtype_is_within_a_step_of_it() -> None:
+    q, k, cos, sin = _rope_inputs((2, 4, 576, 64), seed=5)
+    want = fused.rope_float32(q, k, cos, sin)
+    got = fused.rope_in_dtype(q, k, cos, sin)
+    for x, a, b in zip((q, k), want, got, strict=True):
+        assert b.dtype == torch.bfloat16
+        # Three roundings of bfloat16 (8 significant bits) on two products and their sum: the error
+        # is a step of the products' size (x and its rotated pair), not of the result's.
+        terms = x.float().abs() + x.float().view(*x.shape[:-1], -1, 2).flip(-1).flatten(-2).abs()
+        assert bool(((a.float() - b.float()).abs() <= 2.0**-7 * terms).all())
+        assert not torch.equal(a, b)  # another rounding: a test that could tell them apart

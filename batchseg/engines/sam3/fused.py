@@ -3,9 +3,14 @@
 The ViT's rotary position embedding (transformers' ``apply_rotary_pos_emb_2d``) upcasts the
 queries and keys to float32 and runs about ten elementwise passes over them (upcast, rotate, two
 multiplies, add, downcast) in each of the 32 layers: a large share of the GPU's time
-(docs/performance.md). ``torch.compile`` of that one function fuses them into one read and one
-write per tensor, with the same float32 arithmetic; it compiles in seconds, far sooner than the
-whole backbone (``--compile``).
+(docs/performance.md). ``torch.compile`` of the embedding fuses them into one read and one write
+per tensor; it compiles in seconds, far sooner than the whole backbone (``--compile``).
+
+Which function is compiled matters (``KERNELS``, measured on an H100 by the benchmark
+``rope_kernels.py``): transformers' own, compiled as it is, reaches a seventh of the card's memory
+bandwidth; the same float32 products written without its stack of rotated halves (``rope_float32``:
+the sign of the rotation moved into the sine, the pairs swapped by a flip) give the same bits.
+``rope_in_dtype`` computes in the queries' own dtype (bfloat16): one rounding more per product.
 
 Only on CUDA devices Triton can compile for (compute capability 7.0 and newer, Triton installed);
 anywhere else, or if the fused function does not match the original, SAM3 keeps the original.
@@ -14,6 +19,7 @@ anywhere else, or if the fused function does not match the original, SAM3 keeps 
 from __future__ import annotations
 
 import importlib.util
+import os
 import types
 import warnings
 from collections.abc import Callable
@@ -52,7 +58,8 @@ def fuse_rope(device: torch.device) -> str | None:
     # A few small kernels: compiled in this process, rather than in a pool of compiler processes
     # started for them (more children for the watchdog's kills to leave behind).
     inductor_config.compile_threads = 1
-    fused = torch.compile(original)  # shapes: windowed and global layers, then dynamic
+    # Shapes: windowed and global layers, then dynamic.
+    fused = torch.compile(original if KERNEL == "transformers" else KERNELS[KERNEL])
     fused.batchseg_original = original  # type: ignore[attr-defined]
     try:
         error = _mismatch(original, fused, device)
@@ -65,6 +72,46 @@ def fuse_rope(device: torch.device) -> str | None:
         return reason
     module.apply_rotary_pos_emb_2d = fused
     return None
+
+
+def rope_float32(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' ``apply_rotary_pos_emb_2d``, the same float32 products and one rounding:
+    rotate(x) * sin, where rotate(x) = (-x1, x0) pairwise, is computed as swap(x) * (-sin0, sin1)
+    (a negation is exact, so the bits are the same)."""
+    signed = (sin.view(*sin.shape[:-1], -1, 2) * _SIGNS.to(sin.device, sin.dtype)).flatten(-2)
+    return _turned(q, cos, signed).type_as(q), _turned(k, cos, signed).type_as(k)
+
+
+def _turned(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    swapped = x.view(*x.shape[:-1], -1, 2).flip(-1).flatten(-2)
+    return x.float() * cos + swapped.float() * signed_sin
+
+
+def rope_in_dtype(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary embedding with the products in the queries' dtype (cos and sin rounded to it):
+    within one step of that dtype of transformers' float32 result."""
+    signed = (sin.view(*sin.shape[:-1], -1, 2) * _SIGNS.to(sin.device, sin.dtype)).flatten(-2)
+    cos, signed = cos.to(q.dtype), signed.to(q.dtype)
+
+    def turned(x: torch.Tensor) -> torch.Tensor:
+        return x * cos + x.view(*x.shape[:-1], -1, 2).flip(-1).flatten(-2) * signed
+
+    return turned(q), turned(k)
+
+
+_SIGNS = torch.tensor([-1.0, 1.0])
+
+#: The functions ``fuse_rope`` can compile; ``KERNEL`` is the one it does ("transformers":
+#: transformers' own function).
+KERNELS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
+    "float32": rope_float32,
+    "in_dtype": rope_in_dtype,
+}
+KERNEL = os.environ.get("BATCHSEG_ROPE_KERNEL", "float32")  # the variable: for benchmarks
 
 
 def restore_rope() -> None:
