@@ -107,3 +107,30 @@ def test_the_kernel_in_the_inputs_dtype_is_within_a_step_of_it() -> None:
         terms = x.float().abs() + x.float().view(*x.shape[:-1], -1, 2).flip(-1).flatten(-2).abs()
         assert bool(((a.float() - b.float()).abs() <= 2.0**-7 * terms).all())
         assert not torch.equal(a, b)  # another rounding: a test that could tell them apart
+
+
+def test_an_installed_kernel_runs_in_the_vit_and_is_undone(tiny_model: Path) -> None:
+    """``use_rope`` (what ``--compile`` traces): the ViT calls it, with transformers' bits."""
+    from _sam3 import noise_image
+
+    from batchseg.engines.sam3.model import load_model
+
+    model, processor = load_model(str(tiny_model), "cpu", "bfloat16")
+    pixels = processor(images=[noise_image(64, 48)], return_tensors="pt")["pixel_values"].to(torch.bfloat16)
+    original = _current()
+    with torch.inference_mode():
+        want = model.get_vision_features(pixel_values=pixels).fpn_hidden_states[0]
+    calls = []
+
+    def counted(*args: torch.Tensor, **kwargs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(1)
+        return fused.rope_float32(*args, **kwargs)
+
+    fused.use_rope(counted)
+    try:
+        with torch.inference_mode():
+            got = model.get_vision_features(pixel_values=pixels).fpn_hidden_states[0]
+    finally:
+        fused.restore_rope()
+    assert calls and torch.equal(got, want)
+    assert _current() is original

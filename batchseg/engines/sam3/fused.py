@@ -114,6 +114,19 @@ KERNELS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
 KERNEL = os.environ.get("BATCHSEG_ROPE_KERNEL", "float32")  # the variable: for benchmarks
 
 
+def use_rope(kernel: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Route SAM3's ViT rotary embedding through ``kernel`` as it is (not compiled here)."""
+    module = _sam3_module()
+    original = module.apply_rotary_pos_emb_2d
+    original = getattr(original, "batchseg_original", original)
+
+    def rope(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return kernel(*args, **kwargs)
+
+    rope.batchseg_original = original  # type: ignore[attr-defined]
+    module.apply_rotary_pos_emb_2d = rope
+
+
 def restore_rope() -> None:
     """Put transformers' own rotary embedding back (tests)."""
     module = _sam3_module()
