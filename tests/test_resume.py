@@ -51,9 +51,9 @@ from batchseg.prompt_values import ExemplarsKind
 from batchseg.runner import resolve_config, run
 from batchseg.store.checkpoint import Checkpoint
 
-# ---- kill -9 at 20 points, resume each time -------------------------------------------------------
+# ---- kill -9 at 11 points, resume each time -------------------------------------------------------
 
-N_IMAGES = 48
+N_IMAGES = 24
 SEED = 20260509
 #: Workers notice a dead parent within a second (they poll it); a little slack for busy cores.
 ORPHAN_GRACE_S = 5.0
@@ -72,14 +72,15 @@ class Kill:
 
 
 def _schedule(rng: random.Random) -> list[str]:
-    """20 kill triggers: startup and model load first, then inside the image loop, then the export.
+    """11 kill triggers: startup and model load first, then inside the image loop (an early kill
+    among them finds the rows an earlier kill left running), then the export.
 
     The first export kill comes while a few images are still pending, so it lands at the end of a
     run that processed images; the later ones land in runs with nothing left to do.
     """
-    middle = ["mid"] * 8 + ["commit"] * 3 + ["load"] * 2 + ["early"]
+    middle = ["mid"] * 3 + ["commit"] * 2 + ["early"]
     rng.shuffle(middle)
-    return ["early", "load", *middle, "export", "export", "export", "export"]
+    return ["early", "load", *middle, "export", "export", "export"]
 
 
 def _trigger(run: LiveRun, trigger: str, rng: random.Random, masks: Path, manifest: Path) -> None:
@@ -174,7 +175,7 @@ def _check_after_kill(
     durable.update(now_ok)
 
 
-def test_sigkill_at_20_points_resumes_without_losing_or_repeating_work(
+def test_sigkill_at_11_points_resumes_without_losing_or_repeating_work(
     tiny_model: Path, tmp_path: Path
 ) -> None:
     folder = tmp_path / "aerial"
@@ -204,10 +205,10 @@ def test_sigkill_at_20_points_resumes_without_losing_or_repeating_work(
             break
 
     summary = "\n".join(str(k) for k in kills)
-    assert len(kills) >= 20, summary
+    assert len(kills) >= 11, summary
     # The kills really are spread over a run's life.
     assert sum(k.before_ready for k in kills) >= 3, summary
-    assert sum(k.committed > 0 for k in kills) >= 6, summary
+    assert sum(k.committed > 0 for k in kills) >= 4, summary
     assert sum(k.export_temp for k in kills) >= 2, summary
     assert sum(bool(k.uncommitted) for k in kills) >= 1, "no kill landed between a mask and its commit"
 
