@@ -387,15 +387,16 @@ def test_gsd_sets_the_tile_side_from_the_ground_resolution(tmp_path: Path) -> No
     assert not (tmp_path / "o2").exists()
 
 
-def test_a_20000_pixel_tiled_geotiff_gives_one_polygon_per_object_across_seams(tmp_path: Path) -> None:
-    """A 20000x20000 tiled GeoTIFF (10 x 10 km at 0.5 m), --tile 1008 (729 tiles) spread over two
-    workers: a ring on the corner of four tiles, a rectangle larger than a tile, a square on a seam
-    and one inside a tile each come back as one polygon at their map coordinates, holes kept."""
-    side = 20000
+def test_a_10000_pixel_tiled_geotiff_gives_one_polygon_per_object_across_seams(tmp_path: Path) -> None:
+    """A 10000x10000 tiled GeoTIFF (5 x 5 km at 0.5 m, 3 x 3 windows of the polygon tracing),
+    --tile 1008 (169 tiles) spread over two workers: a ring on the corner of four tiles, a
+    rectangle larger than a tile (across a tracing window's edge too), a square on a seam and one
+    inside a tile each come back as one polygon at their map coordinates, holes kept."""
+    side = 10000
     x0, y0 = GRID.c, GRID.f
     boxes = {  # pixel boxes (col0, row0, col1, row1): red ones outline a hole, blue ones are solid
-        "red": [(858, 858, 1158, 1158, 100), (7000, 12690, 7300, 12830, 0)],  # the corner of 4 tiles; a seam
-        "blue": [(5000, 8000, 6500, 9200, 0), (15100, 15100, 15150, 15150, 0)],
+        "red": [(858, 858, 1158, 1158, 100), (7000, 2690, 7300, 2830, 0)],  # the corner of 4 tiles; a seam
+        "blue": [(5000, 8000, 6500, 9200, 0), (8296, 8296, 8346, 8346, 0)],
     }
     folder = tmp_path / "in"
     folder.mkdir()
