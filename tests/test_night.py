@@ -12,8 +12,9 @@ from pathlib import Path
 NIGHT = Path(__file__).parents[1] / "benchmarks" / "night.py"
 
 
-def test_the_small_night_is_all_ok_or_classified(tmp_path: Path) -> None:
-    command = [sys.executable, str(NIGHT), "--model", "tiny", "--device", "cpu", "--photos", "4",
+def test_the_small_night_is_all_ok_or_classified(tiny_model: Path, tmp_path: Path) -> None:
+    # The session's tiny SAM3 (what --model tiny builds) instead of a second build of it.
+    command = [sys.executable, str(NIGHT), "--model", str(tiny_model), "--device", "cpu", "--photos", "4",
                "--photo-size", "640x480", "--ortho-size", "1600", "--strip-size", "20000x40",
                "--tile", "512", "--work", str(tmp_path)]  # fmt: skip
     proc = subprocess.run(command, capture_output=True, text=True)
