@@ -403,7 +403,7 @@ def test_a_cluster_stopped_mid_run_ends_it_with_exit_1_and_a_fresh_ray_resumes_i
     whose GCS is away, 60 s, which says nothing); a resume on a freshly started cluster finishes
     without redoing an image."""
     address, nodes = own_cluster
-    names = [f"slow_{i:02d}.jpg" for i in range(40)]
+    names = [f"slow_{i:02d}.jpg" for i in range(24)]
     folder, out = _folder(tmp_path / "in", names), tmp_path / "out"
     (tmp_path / "s").mkdir()
     write_settings(folder, state_dir=str(tmp_path / "s"), slow_s=0.3)
