@@ -15,11 +15,10 @@ Variants: ``eager`` (transformers as it is), ``default`` (batchseg: backbone as 
 fused rotary embedding), ``flash``/``cudnn``/``efficient`` (the default with that attention kernel
 forced), ``compile`` (``--compile``), and from ``qkv`` on, the backbone changed in place (later
 variants keep it): ``qkv`` (one product for query, key and value), ``fp8`` (the backbone's linear
-layers in FP8); words join with ``-`` (``qkv-fp8-cudnn``). ``hfrope``, ``f32rope`` and ``dtrope``
-choose the function the fused rotary embedding compiles (transformers' own, ``fused.rope_float32``,
-``fused.rope_in_dtype``). ``--reference eager`` compares every variant with transformers' own path:
+layers in FP8); words join with ``-`` (``qkv-fp8-cudnn``). ``--reference eager`` compares every
+variant with transformers' own path:
 
-    python benchmarks/forward_profile.py --no-profile --reference eager --variants eager,hfrope,f32rope,dtrope
+    python benchmarks/forward_profile.py --no-profile --reference eager --variants eager,default,compile
 """
 
 from __future__ import annotations
@@ -189,14 +188,12 @@ def _sdpa(kind: str) -> Any:
 def _variants(model: Any, inputs: dict[str, Any], args: argparse.Namespace, tflop: float) -> dict[str, Any]:
     import torch
 
-    from batchseg.engines.sam3 import fused
     from batchseg.engines.sam3.fp8 import to_fp8
     from batchseg.engines.sam3.fused import fuse_qkv
     from batchseg.engines.sam3.speedups import speed_up
 
     rows: dict[str, Any] = {}
     reference: dict[str, torch.Tensor] | None = None
-    default_rope = fused.KERNEL
     original = model.vision_encoder.backbone
     original = getattr(original, "backbone", original)
     for variant in args.variants.split(","):
@@ -207,7 +204,6 @@ def _variants(model: Any, inputs: dict[str, Any], args: argparse.Namespace, tflo
         if "fp8" in words:
             to_fp8(original, torch.device(args.device))
         eager = variant == "eager"
-        fused.KERNEL = next((ROPES[w] for w in words if w in ROPES), default_rope)
         speed_up(
             model,
             torch.device(args.device),
@@ -239,10 +235,6 @@ def _variants(model: Any, inputs: dict[str, Any], args: argparse.Namespace, tflo
         rows[variant] = row
         print(variant, row, flush=True)
     return rows
-
-
-#: Variant words choosing the function the fused rotary embedding compiles (``fused.KERNELS``).
-ROPES = {"hfrope": "transformers", "f32rope": "float32", "dtrope": "in_dtype"}
 
 
 def _time(model: Any, inputs: dict[str, Any], iters: int) -> tuple[float, dict[str, Any]]:

@@ -3,14 +3,9 @@
 The ViT's rotary position embedding (transformers' ``apply_rotary_pos_emb_2d``) upcasts the
 queries and keys to float32 and runs about ten elementwise passes over them (upcast, rotate, two
 multiplies, add, downcast) in each of the 32 layers: a large share of the GPU's time
-(docs/performance.md). ``torch.compile`` of the embedding fuses them into one read and one write
-per tensor; it compiles in seconds, far sooner than the whole backbone (``--compile``).
-
-Which function is compiled matters (``KERNELS``, measured on an H100 by the benchmark
-``rope_kernels.py``): transformers' own, compiled as it is, reaches a seventh of the card's memory
-bandwidth; the same float32 products written without its stack of rotated halves (``rope_float32``:
-the sign of the rotation moved into the sine, the pairs swapped by a flip) give the same bits.
-``rope_in_dtype`` computes in the queries' own dtype (bfloat16): one rounding more per product.
+(docs/performance.md). ``torch.compile`` of that one function fuses them into one read and one
+write per tensor, with the same float32 arithmetic; it compiles in seconds, far sooner than the
+whole backbone (``--compile``).
 
 Only on CUDA devices Triton can compile for (compute capability 7.0 and newer, Triton installed);
 anywhere else, or if the fused function does not match the original, SAM3 keeps the original.
@@ -19,7 +14,6 @@ anywhere else, or if the fused function does not match the original, SAM3 keeps 
 from __future__ import annotations
 
 import importlib.util
-import os
 import types
 import warnings
 from collections.abc import Callable
@@ -38,10 +32,16 @@ def _sam3_module() -> Any:
     return modeling_sam3
 
 
-def fuse_rope(device: torch.device) -> str | None:
+def fuse_rope(device: torch.device, heads: int = 16, head_dim: int = 64) -> str | None:
     """Route SAM3's ViT rotary embedding through a fused kernel, process-wide (a worker holds one
     model). Returns None when done, else why not; a mismatch or a compile failure also warns.
-    Call ``restore_rope`` first where an earlier model in the process may have fused it."""
+    Call ``restore_rope`` first where an earlier model in the process may have fused it.
+
+    ``heads`` and ``head_dim`` are the ViT's (SAM3's 16 and 64): the check runs on them. The first
+    shapes a compiled function meets after its first decide which sizes its kernel takes as
+    variables: the batch and the tokens vary (windowed and global layers, short batches), the heads
+    and the head size must not. A check on another head size once made them variables, and the
+    kernel ran at a seventh of the speed (docs/performance.md)."""
     module = _sam3_module()
     original: Callable[..., Any] | None = getattr(module, "apply_rotary_pos_emb_2d", None)
     if original is None:
@@ -58,11 +58,10 @@ def fuse_rope(device: torch.device) -> str | None:
     # A few small kernels: compiled in this process, rather than in a pool of compiler processes
     # started for them (more children for the watchdog's kills to leave behind).
     inductor_config.compile_threads = 1
-    # Shapes: windowed and global layers, then dynamic.
-    fused = torch.compile(original if KERNEL == "transformers" else KERNELS[KERNEL])
+    fused = torch.compile(original)  # shapes: windowed and global layers, then dynamic
     fused.batchseg_original = original  # type: ignore[attr-defined]
     try:
-        error = _mismatch(original, fused, device)
+        error = _mismatch(original, fused, device, heads, head_dim)
     except Exception as exc:  # noqa: BLE001 - an optimisation: the original stays
         error = f"{type(exc).__name__}: {exc}"
     if error is not None:
@@ -74,59 +73,6 @@ def fuse_rope(device: torch.device) -> str | None:
     return None
 
 
-def rope_float32(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """transformers' ``apply_rotary_pos_emb_2d``, the same float32 products and one rounding:
-    rotate(x) * sin, where rotate(x) = (-x1, x0) pairwise, is computed as swap(x) * (-sin0, sin1)
-    (a negation is exact, so the bits are the same)."""
-    signed = (sin.view(*sin.shape[:-1], -1, 2) * _SIGNS.to(sin.device, sin.dtype)).flatten(-2)
-    return _turned(q, cos, signed).type_as(q), _turned(k, cos, signed).type_as(k)
-
-
-def _turned(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    swapped = x.view(*x.shape[:-1], -1, 2).flip(-1).flatten(-2)
-    return x.float() * cos + swapped.float() * signed_sin
-
-
-def rope_in_dtype(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rotary embedding with the products in the queries' dtype (cos and sin rounded to it):
-    within one step of that dtype of transformers' float32 result."""
-    signed = (sin.view(*sin.shape[:-1], -1, 2) * _SIGNS.to(sin.device, sin.dtype)).flatten(-2)
-    cos, signed = cos.to(q.dtype), signed.to(q.dtype)
-
-    def turned(x: torch.Tensor) -> torch.Tensor:
-        return x * cos + x.view(*x.shape[:-1], -1, 2).flip(-1).flatten(-2) * signed
-
-    return turned(q), turned(k)
-
-
-_SIGNS = torch.tensor([-1.0, 1.0])
-
-#: The functions ``fuse_rope`` can compile; ``KERNEL`` is the one it does ("transformers":
-#: transformers' own function).
-KERNELS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
-    "float32": rope_float32,
-    "in_dtype": rope_in_dtype,
-}
-KERNEL = os.environ.get("BATCHSEG_ROPE_KERNEL", "float32")  # the variable: for benchmarks
-
-
-def use_rope(kernel: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Route SAM3's ViT rotary embedding through ``kernel`` as it is (not compiled here)."""
-    module = _sam3_module()
-    original = module.apply_rotary_pos_emb_2d
-    original = getattr(original, "batchseg_original", original)
-
-    def rope(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return kernel(*args, **kwargs)
-
-    rope.batchseg_original = original  # type: ignore[attr-defined]
-    module.apply_rotary_pos_emb_2d = rope
-
-
 def restore_rope() -> None:
     """Put transformers' own rotary embedding back (tests)."""
     module = _sam3_module()
@@ -134,13 +80,16 @@ def restore_rope() -> None:
     module.apply_rotary_pos_emb_2d = getattr(current, "batchseg_original", current)
 
 
-def _mismatch(original: Callable[..., Any], fused: Callable[..., Any], device: torch.device) -> str | None:
-    """Both versions on random bfloat16 queries and keys shaped like a window of the ViT."""
+def _mismatch(
+    original: Callable[..., Any], fused: Callable[..., Any], device: torch.device, heads: int, head_dim: int
+) -> str | None:
+    """Both versions on random bfloat16 queries and keys of the ViT's heads, for 64 tokens."""
     generator = torch.Generator(device=device).manual_seed(0)
     q, k = (
-        torch.randn((2, 4, 64, 32), generator=generator, device=device).to(torch.bfloat16) for _ in range(2)
+        torch.randn((2, heads, 64, head_dim), generator=generator, device=device).to(torch.bfloat16)
+        for _ in range(2)
     )
-    angles = torch.rand((64, 32), generator=generator, device=device) * 6.3
+    angles = torch.rand((64, head_dim), generator=generator, device=device) * 6.3
     cos, sin = angles.cos(), angles.sin()
     with torch.inference_mode():
         want = original(q, k, cos, sin)

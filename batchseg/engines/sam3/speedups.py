@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .fused import fuse_rope, restore_rope, rope_float32, use_rope
+from .fused import fuse_rope, restore_rope
 
 __all__ = ["FixedBatchBackbone", "priority_stream", "release_text_tower", "speed_up"]
 
@@ -23,13 +23,12 @@ def speed_up(
 ) -> tuple[FixedBatchBackbone | None, bool]:
     """The CUDA speed-ups applied to ``model`` as batchseg runs it (the engine, and the model-only
     benchmark): the backbone wrapped at one batch size when compiled or captured, and the rotary
-    embedding fused (not with ``compile``, which fuses it anyway: it then traces
-    ``fused.rope_float32``, the same bits in a form it fuses well). Returns the wrapper, if any, and
+    embedding fused (not with ``compile``, which fuses it anyway). Returns the wrapper, if any, and
     whether the fused rotary embedding is in use."""
     restore_rope()  # a function of transformers' module, shared by the process
-    if compile and device.type == "cuda":
-        use_rope(rope_float32)
-    fused = fuse and not compile and fuse_rope(device) is None
+    vit = model.config.vision_config.backbone_config
+    heads = int(vit.num_attention_heads)
+    fused = fuse and not compile and fuse_rope(device, heads, int(vit.hidden_size) // heads) is None
     if device.type != "cuda" or not (compile or cuda_graphs):
         return None, fused
     backbone = FixedBatchBackbone(model.vision_encoder.backbone, batch, compile, cuda_graphs)
