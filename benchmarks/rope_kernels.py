@@ -53,7 +53,7 @@ def measure(how: str) -> None:
     for layer, (rows, seq) in {"windowed": (batch * 9, 576), "global": (batch, 5184)}.items():
         projected = torch.randn(rows, seq, 3, heads, dim, device=device, dtype=torch.bfloat16)
         q, k = (projected[:, :, i].transpose(1, 2) for i in range(2))
-        angles = (torch.rand(seq, dim // 2, device=device) * 40).repeat_interleave(2, dim=-1)
+        angles = (torch.rand(1, seq, dim // 2, device=device) * 40).repeat_interleave(2, dim=-1)
         cos, sin = angles.cos(), angles.sin()
         want = original(q, k, cos, sin)
         seconds = _timed(fn, (q, k, cos, sin))

@@ -72,3 +72,23 @@ def test_a_fused_kernel_that_differs_is_refused(monkeypatch: pytest.MonkeyPatch)
         reason = fused.fuse_rope(torch.device("cuda"))
     assert reason is not None and "q differs" in reason
     assert _current() is original
+
+
+def test_the_check_runs_on_the_vits_heads_and_catches_a_wrong_kernel() -> None:
+    """The check a fused kernel must pass (run here on the CPU, eagerly): its inputs are laid out as
+    the ViT's (the first shapes a compiled kernel meets decide which sizes stay fixed)."""
+    original = getattr(_current(), "batchseg_original", _current())
+    seen: list[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = []
+
+    def watched(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
+        seen.append((tuple(q.shape), q.stride(), tuple(cos.shape)))
+        return original(q, k, cos, sin)
+
+    assert fused._mismatch(original, watched, torch.device("cpu"), heads=16, head_dim=64) is None
+    # (batch, heads, tokens, head size), a transposed view of (batch, tokens, heads, head size).
+    assert seen == [((2, 16, 64, 64), (64 * 16 * 64, 64, 16 * 64, 1), (1, 64, 64))]
+
+    def wrong(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
+        return q * 2, k
+
+    assert "q differs" in (fused._mismatch(original, wrong, torch.device("cpu"), heads=16, head_dim=64) or "")

@@ -83,13 +83,16 @@ def restore_rope() -> None:
 def _mismatch(
     original: Callable[..., Any], fused: Callable[..., Any], device: torch.device, heads: int, head_dim: int
 ) -> str | None:
-    """Both versions on random bfloat16 queries and keys of the ViT's heads, for 64 tokens."""
+    """Both versions on random bfloat16 queries and keys laid out as the ViT's attention makes them
+    (a transposed view of each projection, its heads and head size; cos and sin of one row), for
+    64 tokens."""
     generator = torch.Generator(device=device).manual_seed(0)
-    q, k = (
-        torch.randn((2, heads, 64, head_dim), generator=generator, device=device).to(torch.bfloat16)
+    projected = (
+        torch.randn((2, 64, heads, head_dim), generator=generator, device=device).to(torch.bfloat16)
         for _ in range(2)
     )
-    angles = torch.rand((64, head_dim), generator=generator, device=device) * 6.3
+    q, k = (p.transpose(1, 2) for p in projected)
+    angles = torch.rand((1, 64, head_dim), generator=generator, device=device) * 6.3
     cos, sin = angles.cos(), angles.sin()
     with torch.inference_mode():
         want = original(q, k, cos, sin)
