@@ -66,25 +66,3 @@ def test_a_whole_source_reads_windows_of_the_viewed_image(tmp_path: Path, block_
     assert (source.width, source.height) == (2100, 1300)
     for x0, y0, x1, y1 in ((0, 0, 1008, 1008), (1092, 292, 2100, 1300), (5, 7, 6, 8)):
         assert np.array_equal(source.read((x0, y0, x1, y1)), whole[y0:y1, x0:x1])
-
-
-def test_an_upright_rgb_image_is_returned_as_decoded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No copy of the decoded pixels on the way out (a quarter of a second at 10000 x 10000); a
-    rotated photo still comes back upright, through a transposed copy."""
-    copies = []
-    copy = Image.Image.copy
-
-    def counted(self: Image.Image) -> Image.Image:
-        copies.append(self.size)
-        return copy(self)
-
-    monkeypatch.setattr(Image.Image, "copy", counted)
-    path = _photo(tmp_path / "a.jpg", (300, 200))
-    image = imageio.read_image(path, 10**8)
-    assert copies == [] and image.size == (300, 200) and image.mode == "RGB"
-    assert np.array_equal(np.asarray(image), np.asarray(Image.open(path).convert("RGB")))
-    rotated = tmp_path / "r.jpg"
-    exif = Image.Exif()
-    exif[0x0112] = 6  # the camera was turned: shown rotated 90 degrees clockwise
-    Image.open(path).save(rotated, exif=exif, quality=95)
-    assert imageio.read_image(rotated, 10**8).size == (200, 300)
