@@ -206,6 +206,8 @@ def test_nodata_never_carries_a_detection(geo_run: tuple[Path, Any]) -> None:
     detections = pq.read_table(output / "manifest" / "detections.parquet").to_pylist()
     (det,) = [d for d in detections if d["path"] == "nodata16.tif"]
     assert (det["prompt"], det["area_px"]) == ("black", 800)
+    # The engine found one black patch, nodata and square together; its box is the square's.
+    assert [det[k] for k in ("box_x0", "box_y0", "box_x1", "box_y1")] == [50, 20, 70, 60]
 
 
 def test_missing_extra_with_a_geotiff_stops_with_exit_1(tmp_path: Path) -> None:

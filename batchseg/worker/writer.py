@@ -127,8 +127,9 @@ class OutputWriter:
 
     def _describe(self, item: Item, seg: Segmentation) -> tuple[np.ndarray, list[Detection]]:
         """The label map to write and each detection (RLE, area, box in the whole image's frame)."""
+        shrunk = np.zeros(len(seg.instances), bool)
         if seg.valid is not None:  # nodata pixels never carry a detection
-            labels, instances, areas = drop_nodata(seg.labels, seg.instances, seg.valid)
+            labels, instances, areas, shrunk = drop_nodata(seg.labels, seg.instances, seg.valid)
         else:  # nor does a detection whose pixels all went to better-scored ones
             counted = seg.areas
             if counted is None:
@@ -136,10 +137,13 @@ class OutputWriter:
             labels, instances, areas = drop_unpainted(seg.labels, seg.instances, counted)
         left, top = (float(item.window[0]), float(item.window[1])) if item.window is not None else (0.0, 0.0)
         counts = rle.encode_labels(labels, n_labels=len(instances))
-        found = _boxes(labels, len(instances)) if any(i.box is None for i in instances) else []
+        needed = shrunk.any() or any(i.box is None for i in instances)
+        found = _boxes(labels, len(instances)) if needed else []
         detections = []
         for k, inst in enumerate(instances, start=1):
             x0, y0, x1, y1 = inst.box if inst.box is not None else found[k]
+            if shrunk[k - 1]:  # nodata took some of its pixels: its box stops where they stop
+                x0, y0, x1, y1 = _within(inst.box or found[k], found[k])
             box = (x0 + left, y0 + top, x1 + left, y1 + top)
             area = int(areas[k - 1])
             detections.append(Detection(inst.prompt, k, inst.score, box, area, counts[k], folded=inst.folded))
@@ -197,13 +201,25 @@ def _boxes(labels: np.ndarray, n: int) -> list[tuple[float, float, float, float]
 
 def drop_nodata(
     labels: np.ndarray, instances: Sequence[T], valid: np.ndarray
-) -> tuple[np.ndarray, list[T], np.ndarray]:
+) -> tuple[np.ndarray, list[T], np.ndarray, np.ndarray]:
     """``labels`` with the pixels where ``valid`` is False (nodata, from ``valid_of`` or a tile's
-    read) cleared, the instances that still have pixels (renumbered 1..N in their order) and each
-    one's pixel count: nodata never carries a detection."""
+    read) cleared, the instances that still have pixels (renumbered 1..N in their order), each
+    one's pixel count, and whether it lost pixels to nodata: nodata never carries a detection."""
+    before = np.bincount(labels.ravel(), minlength=len(instances) + 1)[1:]
     labels = np.where(valid, labels, 0).astype(labels.dtype)
-    counts = np.bincount(labels.ravel(), minlength=len(instances) + 1)
-    return drop_unpainted(labels, instances, counts[1:].astype(np.int64))
+    after = np.bincount(labels.ravel(), minlength=len(instances) + 1)[1:].astype(np.int64)
+    kept = after > 0
+    labels, instances, areas = drop_unpainted(labels, instances, after)
+    return labels, instances, areas, (after < before)[kept]
+
+
+def _within(
+    box: tuple[float, float, float, float], extent: tuple[float, float, float, float]
+) -> tuple[float, float, float, float]:
+    """``box`` cut to ``extent`` (the pixels a detection kept); the extent where they do not meet."""
+    x0, y0 = max(box[0], extent[0]), max(box[1], extent[1])
+    x1, y1 = min(box[2], extent[2]), min(box[3], extent[3])
+    return (x0, y0, x1, y1) if x0 < x1 and y0 < y1 else extent
 
 
 def drop_unpainted(
