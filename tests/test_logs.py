@@ -295,5 +295,8 @@ def test_library_messages_go_to_the_log_with_their_image_not_to_the_console(tmp_
         assert f"{folder / name}: tifffile error: <TiffTag.fromfile> raised" in log, log
     assert f"{folder / 'lzw.tif'}: libtiff error: Using code not yet in table" in log, log
     assert f"{folder / 'geo.tif'}: gdal warning: CPLE 1: TIFFFetchNormalTag" in log, log
+    # The parent's too (the previews sample the images by window): every library line names one.
+    library = [line for line in log.splitlines() if "gdal warning" in line or "tifffile error" in line]
+    assert all(f"{folder}{os.sep}" in line for line in library), library
     from_workers = [line for line in log.splitlines() if "worker_warning" in line]
     assert from_workers and all(f"{folder}{os.sep}" in line for line in from_workers), from_workers

@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ..atomic import atomic_path
 from ..config import RunConfig
 from ..imageio import open_header, original_size, read_image, safe_output_path
+from ..logs import about_image
 from ..records import ItemResult, Status
 from ..store.folder import preview_relpath
 
@@ -301,7 +302,8 @@ def write_preview(
 ) -> Path:
     """Render and write ``previews/<rel>.jpg`` atomically; returns its path."""
     target = safe_output_path(spec.output_dir, preview_relpath(rel))
-    image = render_preview(spec, rel, mask_path, detections)
+    with about_image(spec.input_dir / rel):  # what GDAL says while sampling the image names it
+        image = render_preview(spec, rel, mask_path, detections)
     with atomic_path(target) as tmp:
         image.save(tmp, "JPEG", quality=JPEG_QUALITY)
     return target
