@@ -142,12 +142,7 @@ def capture_library_output(sink: Callable[[str], None]) -> Callable[[], None]:
     """For a worker: from now on warnings (any thread) and log records reach ``sink`` as lines
     naming the image being read, instead of the console (the worker sends them to the run log).
     Returns what puts things back."""
-
-    def show(message: Warning | str, category: type[Warning], *_where: object, **_kw: object) -> None:
-        sink(_about(f"{category.__name__}: {message}"))  # the filters still decide what is shown
-
-    previous = warnings.showwarning
-    warnings.showwarning = show
+    undo_warnings = _warnings_to(sink)
     handler = _LibraryHandler(sink, skip_own=False)
     root = logging.getLogger()
     root.addHandler(handler)
@@ -156,6 +151,22 @@ def capture_library_output(sink: Callable[[str], None]) -> Callable[[], None]:
     def undo() -> None:
         undo_libtiff()
         root.removeHandler(handler)
+        undo_warnings()
+
+    return undo
+
+
+def _warnings_to(sink: Callable[[str], None]) -> Callable[[], None]:
+    """Python warnings (any thread) to ``sink`` as one line naming the image being read, instead of
+    the console; the warning filters still decide what is shown. Returns what puts things back."""
+
+    def show(message: Warning | str, category: type[Warning], *_where: object, **_kw: object) -> None:
+        sink(_about(f"{category.__name__}: {message}"))
+
+    previous = warnings.showwarning
+    warnings.showwarning = show
+
+    def undo() -> None:
         if warnings.showwarning is show:
             warnings.showwarning = previous
 
@@ -340,6 +351,7 @@ class RunLog:
         self._package_level: int | None = None
         self._library: _LibraryHandler | None = None
         self._undo_libtiff: Callable[[], None] = lambda: None
+        self._undo_warnings: Callable[[], None] = lambda: None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -365,6 +377,7 @@ class RunLog:
         self._library = _LibraryHandler(self._logger.warning, skip_own=True)
         logging.getLogger().addHandler(self._library)
         self._undo_libtiff = _libtiff_errors_to(self._logger.warning)
+        self._undo_warnings = _warnings_to(self._logger.warning)  # a night's record is its log
         prune_logs(log_dir, self.keep, protect=self.path)
         return self
 
@@ -374,6 +387,7 @@ class RunLog:
         if handler is None:
             return
         if self._library is not None:
+            self._undo_warnings()
             self._undo_libtiff()
             logging.getLogger().removeHandler(self._library)
             self._library = None

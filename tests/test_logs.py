@@ -119,6 +119,26 @@ def test_package_logger_records_land_in_the_file_while_open(tmp_path: Path) -> N
     assert logging.getLogger().handlers == root_handlers_before  # no basicConfig, nothing global left
 
 
+def test_warnings_in_the_parent_go_to_the_log_naming_their_image(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A warning the parent meets during a run (a library reading an image for a preview, say)
+    is in the run log, not only on a console nobody reads at night; put back after the run."""
+    import warnings
+
+    from batchseg.logs import about_image
+
+    before = warnings.showwarning
+    with RunLog(tmp_path / "logs", now=NOW) as log, warnings.catch_warnings():
+        warnings.simplefilter("always")
+        with about_image(tmp_path / "odd.png"):
+            warnings.warn("palette with transparency", UserWarning, stacklevel=1)
+    assert warnings.showwarning is before
+    content = read_log(log)
+    assert f"{tmp_path / 'odd.png'}: UserWarning: palette with transparency" in content
+    assert "palette" not in capsys.readouterr().err
+
+
 def test_exception_in_block_is_logged_with_traceback_and_reraised(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="boom"), RunLog(tmp_path / "logs", now=NOW) as log:
         raise RuntimeError("boom\x1b[0m")
