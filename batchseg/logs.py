@@ -276,7 +276,8 @@ class _CleanFormatter(logging.Formatter):
     """One record = one line with escaped controls; a traceback follows as indented ``|`` lines."""
 
     def format(self, record: logging.LogRecord) -> str:
-        stamp = _dt.datetime.fromtimestamp(record.created).astimezone().isoformat(timespec="seconds")
+        # Milliseconds: the report's rate of a short run is measured between two of these stamps.
+        stamp = _dt.datetime.fromtimestamp(record.created).astimezone().isoformat(timespec="milliseconds")
         line = f"{stamp} {record.levelname:<7} {clean(record.getMessage())}"
         detail = getattr(record, "detail", None)
         if record.exc_info and not detail:

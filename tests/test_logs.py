@@ -21,7 +21,7 @@ from batchseg.errors import OutputError, StoppedEarly
 from batchseg.logs import RunLog, clean, prune_logs, safe_echo
 
 NOW = dt.datetime(2025, 3, 1, 2, 0, 5)
-LINE_START = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d (INFO |WARNING|ERROR) ")
+LINE_START = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d (INFO |WARNING|ERROR) ")
 
 NASTY_NAMES = [
     "carriage\rreturn.jpg",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -414,19 +415,20 @@ def stamp(line: str) -> float:
 
 def latest_session(output: Path, images: pa.Table) -> tuple[float, list[str]]:
     """The latest session's rate (images finished per second between its log's first line and
-    its summary line), and the paths it finished. Log stamps are whole seconds, cut down: an image
-    of the session finished at or after its start stamp and before its end stamp + 1."""
+    its summary line), and the paths it finished. Log stamps are milliseconds, cut down: an image
+    of the session finished at or after its start stamp and before its end stamp + 1 ms."""
     sessions = []
     for log in (output / "logs").glob("*.log"):
         lines = log.read_text(encoding="utf-8").splitlines()
         (summary,) = [line for line in lines if " summary " in line]
+        assert re.match(r"^\S+T\d\d:\d\d:\d\d\.\d{3}[+-]", summary), summary
         sessions.append((stamp(lines[0]), stamp(summary)))
     start, end = max(sessions)
     assert end - start >= 1  # the engine's load alone took a second
     paths = [
         row["path"]
         for row in images.select(["path", "finished_at"]).to_pylist()
-        if row["finished_at"] is not None and start <= row["finished_at"].timestamp() < end + 1
+        if row["finished_at"] is not None and start <= row["finished_at"].timestamp() < end + 0.001
     ]
     return len(paths) / (end - start), paths
 
@@ -513,3 +515,33 @@ def test_images_per_second_counts_only_the_latest_session(tmp_path: Path) -> Non
     assert paths == ["broken.png"]
     data = collect_report(output)
     assert data.images_per_s == pytest.approx(rate, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "step"),
+    [
+        ("2026-03-01T02:00:05+01:00", "2026-03-01T02:00:09+01:00", 1.0),  # a log of 0.2.0 and before
+        ("2026-03-01T02:00:05.250+01:00", "2026-03-01T02:00:09.125+01:00", 0.001),
+    ],
+)
+def test_a_sessions_span_is_read_at_its_stamps_resolution(
+    tmp_path: Path, start: str, end: str, step: float
+) -> None:
+    """The rate of a short run rests on two stamps: milliseconds now; whole seconds in older logs
+    still read, counting an image up to the end of the summary's second."""
+    from batchseg.report.data import _rate, read_session
+
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "20260301-020005.log").write_text(
+        f"{start} INFO    batchseg 0.2.0 run started; Python 3.11\n"
+        f"{end} INFO    summary ok 3, error 0; 0m04s elapsed; exit code 0\n",
+        encoding="utf-8",
+    )
+    session = read_session(tmp_path)
+    assert session is not None and session.step == step
+    assert session.ended is not None and session.started is not None
+    assert session.ended - session.started == pytest.approx(4.0 if step == 1 else 3.875)
+    finished = np.array([session.started + 1, session.ended, session.ended + 0.5 * step])
+    assert _rate(finished - 1, finished, session) == pytest.approx(3 / (session.ended - session.started))
+    late = np.array([session.ended + step])  # a stamp later than the summary's: another session's
+    assert _rate(late - 1, late, session) is None

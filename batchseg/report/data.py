@@ -45,7 +45,7 @@ COUNT_BUCKETS = (
     ("51-100", 51, 100),
     (">100", 101, 2**31),
 )
-_STAMP = r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d)"
+_STAMP = r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?[+-]\d\d:\d\d)"
 _SUMMARY_RE = re.compile(_STAMP + r" INFO +summary .*; ([0-9hms]+) elapsed; exit code (\d+)$")
 _START_RE = re.compile(_STAMP + r" INFO +batchseg \S+ run started")
 _READY_RE = re.compile(r" worker_ready: \S+ ready on (.+)$")
@@ -58,6 +58,7 @@ class LogSession:
     log_path: str  # relative to the output folder
     started: float | None = None
     ended: float | None = None
+    step: float = 1.0  # the stamps' resolution: whole seconds in older logs, else milliseconds
     elapsed: str | None = None
     exit_code: int | None = None
     devices: list[str] = field(default_factory=list)
@@ -181,10 +182,11 @@ def _rate(started: np.ndarray, finished: np.ndarray, session: LogSession | None)
     else from the first start to the last finish in the manifest."""
     if session is not None and session.started is not None and session.ended is not None:
         span = session.ended - session.started
-        # Log stamps are whole seconds, cut down: the session's images finished at or after its
-        # start stamp and before its end stamp + 1. A second before the start belongs to the session
-        # before (a retry right after a run counted that run's last images as its own).
-        done = np.count_nonzero((finished >= session.started) & (finished < session.ended + 1))
+        # Log stamps are cut down to their resolution (milliseconds; whole seconds in older logs):
+        # the session's images finished at or after its start stamp and before its end stamp plus
+        # one step. Anything before the start belongs to the session before (a retry right after a
+        # run counted that run's last images as its own).
+        done = np.count_nonzero((finished >= session.started) & (finished < session.ended + session.step))
         return done / span if span > 0 and done else None
     first, last = _min(started), _max(finished)
     if first is None or last is None or last <= first:
@@ -298,6 +300,7 @@ def read_session(output_dir: Path) -> LogSession | None:
     for line in text.splitlines():
         if session.started is None and (m := _START_RE.match(line)):
             session.started = _parse_stamp(m.group(1))
+            session.step = 1.0 if "." not in m.group(1) else 0.001
         elif m := _SUMMARY_RE.match(line):
             session.ended = _parse_stamp(m.group(1))
             session.elapsed, session.exit_code = m.group(2), int(m.group(3))
