@@ -75,8 +75,11 @@ def _build(
     dtype: str,
 ) -> None:
     import torch
+    import transformers
     from transformers import CLIPTokenizer, Sam3ImageProcessor, Sam3Model, Sam3Processor
 
+    # Its "Writing model shards" bar would land in the middle of `batchseg demo`'s output.
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     folder.mkdir(parents=True, exist_ok=True)
     # Save beside the target, then move file by file: a build killed half-way never leaves a folder
     # that looks complete, and two concurrent builds write identical files.
