@@ -66,3 +66,39 @@ def test_a_whole_source_reads_windows_of_the_viewed_image(tmp_path: Path, block_
     assert (source.width, source.height) == (2100, 1300)
     for x0, y0, x1, y1 in ((0, 0, 1008, 1008), (1092, 292, 2100, 1300), (5, 7, 6, 8)):
         assert np.array_equal(source.read((x0, y0, x1, y1)), whole[y0:y1, x0:x1])
+
+
+@pytest.mark.parametrize("kind", ["upright", "rotated", "grey", "cmyk"])
+def test_read_pixels_gives_read_images_pixels_without_a_copy(
+    tmp_path: Path, kind: str, block_size: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a big image in tiles is read from: the pixels ``read_image`` gives, every mode and
+    orientation; for an upright RGB JPEG no whole-image copy on the way, and alive after the file's
+    image is closed and its memory could be handed out again."""
+    imageio.configure_pillow(10**8)
+    path = _photo(tmp_path / "a.jpg", (300, 200))
+    if kind != "upright":
+        picture = Image.open(path)
+        exif = Image.Exif()
+        if kind == "rotated":
+            exif[0x0112] = 6  # shown turned 90 degrees clockwise
+        converted = {"rotated": picture, "grey": picture.convert("L"), "cmyk": picture.convert("CMYK")}[kind]
+        path = tmp_path / f"{kind}.jpg"
+        converted.save(path, exif=exif, quality=95)
+    want = np.asarray(imageio.read_image(path, 10**8))
+    copies = []
+    copy = Image.Image.copy
+
+    def counted(self: Image.Image) -> Image.Image:
+        copies.append(self.size)
+        return copy(self)
+
+    monkeypatch.setattr(Image.Image, "copy", counted)
+    got = imageio.read_pixels(path, 10**8)
+    gc.collect()
+    for _ in range(5):
+        Image.new("RGB", (300, 200), (9, 9, 9)).load()
+    assert got.shape == want.shape and np.array_equal(got, want), kind
+    assert not got.flags.writeable
+    if kind == "upright":
+        assert copies == []

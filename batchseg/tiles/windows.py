@@ -66,7 +66,7 @@ class WholeSource:
     """An image decoded whole (formats that cannot be read in parts), windows cut from it."""
 
     def __init__(self, path: str | os.PathLike[str], max_pixels: int) -> None:
-        self._pixels = imageio.pixels_view(imageio.read_image(path, max_pixels))
+        self._pixels = imageio.read_pixels(path, max_pixels)
         self.height, self.width = self._pixels.shape[:2]
 
     def read(self, window: tuple[int, int, int, int]) -> np.ndarray:
