@@ -143,7 +143,7 @@ class OutputWriter:
         for k, inst in enumerate(instances, start=1):
             x0, y0, x1, y1 = inst.box if inst.box is not None else found[k]
             if shrunk[k - 1]:  # nodata took some of its pixels: its box stops where they stop
-                x0, y0, x1, y1 = _within(inst.box or found[k], found[k])
+                x0, y0, x1, y1 = _within((x0, y0, x1, y1), found[k])
             box = (x0 + left, y0 + top, x1 + left, y1 + top)
             area = int(areas[k - 1])
             detections.append(Detection(inst.prompt, k, inst.score, box, area, counts[k], folded=inst.folded))
