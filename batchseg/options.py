@@ -288,7 +288,7 @@ class RunOptions:
     compile: bool = option(
         Flag(),
         False,
-        help="CUDA: torch.compile the whole backbone (about a minute per worker, then ~8% faster).",
+        help="CUDA: torch.compile the backbone's layers (seconds per worker, then a few % faster).",
         reader=ENGINE,
         retry=True,
     )
@@ -306,6 +306,13 @@ class RunOptions:
         reader=ENGINE,
         retry=True,
         default_text="on where Triton runs",
+    )
+    fuse_gelu: bool = option(
+        Flag(),
+        True,
+        help="CUDA: the backbone MLPs' GELU (tanh form) inside their first product's kernel.",
+        reader=ENGINE,
+        retry=True,
     )
     timeout: float = option(
         Duration(),

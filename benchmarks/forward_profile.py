@@ -13,10 +13,12 @@ Prints (and writes ``forward_profile.json`` in ``--work``):
 
 Variants: ``eager`` (transformers as it is), ``default`` (batchseg: backbone as a CUDA graph,
 fused rotary embedding), ``flash``/``cudnn``/``efficient`` (the default with that attention kernel
-forced), ``compile`` (``--compile``), and from ``qkv`` on, the backbone changed in place (later
-variants keep it): ``qkv`` (one product for query, key and value), ``fp8`` (the backbone's linear
-layers in FP8); words join with ``-`` (``qkv-fp8-cudnn``). ``--reference eager`` compares every
-variant with transformers' own path:
+forced), ``compile`` (``--compile``: each ViT layer compiled, the backbone still a CUDA graph;
+``compile-max`` with inductor's autotuned products, minutes to compile), ``nogelu (the MLPs' GELU
+as transformers runs it, not in their first product's kernel), and from ``qkv`` on, the backbone
+changed in place (later variants keep it): ``qkv`` (one product for query, key and value), ``fp8``
+(the backbone's linear layers in FP8); words join with ``-`` (``qkv-fp8-cudnn``).
+``--reference eager`` compares every variant with transformers' own path:
 
     python benchmarks/forward_profile.py --no-profile --reference eager --variants eager,default,compile
 """
@@ -61,6 +63,7 @@ def main() -> None:
     )
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--reference", default=None, help="the variant the others are compared with")
+    parser.add_argument("--profile-variant", default="default", choices=("default", "compile"))
     args = parser.parse_args()
 
     import torch
@@ -73,7 +76,9 @@ def main() -> None:
     report: dict[str, Any] = {"device": _device_name(args.device), "torch": torch.__version__}
     report["tflop_per_img"], report["flop_by_group"] = _flops(model, inputs)
     if not args.no_profile:
-        report["profile"] = _profile(model, inputs, args.batch_size, report["flop_by_group"])
+        report["profile"] = _profile(
+            model, inputs, args.batch_size, report["flop_by_group"], args.profile_variant
+        )
     report["variants"] = _variants(model, inputs, args, report["tflop_per_img"])
     args.work.mkdir(parents=True, exist_ok=True)
     (args.work / "forward_profile.json").write_text(json.dumps(report, indent=1))
@@ -134,14 +139,19 @@ def _group(kernel: str) -> str:
     return "other"
 
 
-def _profile(model: Any, inputs: dict[str, Any], batch: int, flop: dict[str, float]) -> dict[str, Any]:
-    """GPU time per kernel group over 3 forwards (fused rotary embedding, no graph)."""
+def _profile(
+    model: Any, inputs: dict[str, Any], batch: int, flop: dict[str, float], variant: str
+) -> dict[str, Any]:
+    """GPU time per kernel group over 3 forwards (the default path or compiled layers, no graph)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from batchseg.engines.sam3.speedups import speed_up
 
-    speed_up(model, torch.device("cuda"), batch, compile=False, cuda_graphs=False, fuse=True)
+    layers = variant == "compile"
+    speed_up(model, torch.device("cuda"), batch, compile=False, cuda_graphs=False, fuse=not layers, gelu=True)
+    if layers:
+        _compile_layers(model.vision_encoder.backbone, "default")
     with torch.inference_mode():
         for _ in range(2):
             model(**inputs)
@@ -171,7 +181,25 @@ def _profile(model: Any, inputs: dict[str, Any], batch: int, flop: dict[str, flo
     top.sort(reverse=True)
     rows["total_ms_per_img"] = round(sum(per_group.values()) / 1000 / images, 3)  # type: ignore[assignment]
     rows["top_kernels"] = [(round(us / 1000 / images, 3), k[:110]) for us, k in top[:25]]  # type: ignore[assignment]
+    if layers:
+        _compile_layers(model.vision_encoder.backbone, None)
     return rows
+
+
+def _compile_layers(backbone: Any, mode: str | None) -> None:
+    """Each ViT layer compiled in place (``mode`` None: back to eager). The layers share one
+    compiled graph per kind (windowed, global): their weights are the graph's inputs."""
+    import torch
+
+    for name in ("cache_size_limit", "recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 64)
+    backbone = getattr(backbone, "backbone", backbone)
+    for layer in backbone.layers:
+        if mode is None:
+            layer._compiled_call_impl = None
+        else:
+            layer.compile(dynamic=False, mode=None if mode == "default" else mode)
 
 
 def _sdpa(kind: str) -> Any:
@@ -199,6 +227,7 @@ def _variants(model: Any, inputs: dict[str, Any], args: argparse.Namespace, tflo
     for variant in args.variants.split(","):
         model.vision_encoder.backbone = original
         words = set(variant.split("-"))
+        _compile_layers(original, None)  # a compiled variant compiles the layers in place
         if "qkv" in words:
             fuse_qkv(original)  # in place: later variants keep it
         if "fp8" in words:
@@ -208,14 +237,17 @@ def _variants(model: Any, inputs: dict[str, Any], args: argparse.Namespace, tflo
             model,
             torch.device(args.device),
             args.batch_size,
-            compile=variant == "compile",
+            compile="compile" in words,
             cuda_graphs=not eager,
             fuse=not eager,
+            gelu=not eager and "nogelu" not in words,
         )
+        if "max" in words:
+            _compile_layers(original, "max-autotune-no-cudagraphs")
         kernel = next((w for w in ("flash", "cudnn", "efficient") if w in words), "auto")
         with _sdpa(kernel), torch.inference_mode():
             try:
-                seconds, outputs = _time(model, inputs, args.iters)
+                seconds, outputs, first_s = _time(model, inputs, args.iters)
             except Exception as exc:  # noqa: BLE001 - a backend this GPU lacks: say so, go on
                 rows[variant] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
                 continue
@@ -225,6 +257,7 @@ def _variants(model: Any, inputs: dict[str, Any], args: argparse.Namespace, tflo
             "ms_per_img": round(1000 / rate, 2),
             "tflop_per_s": round(tflop * rate, 1),
             "of_peak": _of_peak(tflop * rate),
+            "first_call_s": round(first_s, 2),
         }
         first = ("default", "flash", "cudnn", "efficient") if args.reference is None else (args.reference,)
         if reference is None and variant in first:
@@ -237,22 +270,27 @@ def _variants(model: Any, inputs: dict[str, Any], args: argparse.Namespace, tflo
     return rows
 
 
-def _time(model: Any, inputs: dict[str, Any], iters: int) -> tuple[float, dict[str, Any]]:
+def _time(model: Any, inputs: dict[str, Any], iters: int) -> tuple[float, dict[str, Any], float]:
+    """Median seconds a forward, the outputs, and the first call's seconds (compilation and
+    capture included)."""
     import torch
 
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     out = None
     times = []
+    first = 0.0
     for i in range(3 + iters):
         sync()
         start = time.perf_counter()
         out = model(**inputs)
         sync()
+        if i == 0:
+            first = time.perf_counter() - start
         if i >= 3:
             times.append(time.perf_counter() - start)
     assert out is not None
     kept = {k: out[k].float().clone() for k in ("pred_logits", "pred_boxes", "pred_masks")}
-    return float(np.median(times)), kept
+    return float(np.median(times)), kept, first
 
 
 def _agreement(ref: dict[str, Any], got: dict[str, Any]) -> dict[str, float]:

@@ -62,7 +62,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     dtype, _ = resolve_dtype(args.device, args.dtype)
     model, processor = load_model(str(build_model(args.model, args.work / "models")), args.device, dtype)
     device = torch.device(args.device)
-    speed_up(model, device, args.batch_size, compile=False, cuda_graphs=True, fuse=True)
+    speed_up(model, device, args.batch_size, compile=False, cuda_graphs=True, fuse=True, gelu=True)
     folder = make_images(args.work / "images-2048x1536", args.batch_size, (2048, 1536))
     images = [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.jpg"))[: args.batch_size]]
     pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(device, getattr(torch, dtype))

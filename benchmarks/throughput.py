@@ -141,6 +141,7 @@ def phase_model_only(args: argparse.Namespace) -> dict[str, Any]:
         compile=args.compile,
         cuda_graphs=not args.no_cuda_graphs,
         fuse=not args.no_fuse_rope,
+        gelu=not args.no_fuse_gelu,
     )
     batch = processor(
         images=[Image.open(first).convert("RGB")] * args.batch_size,
@@ -264,6 +265,8 @@ def phase_end_to_end(args: argparse.Namespace, exemplars: int = 0) -> dict[str, 
         command.append("--no-cuda-graphs")
     if args.no_fuse_rope:
         command.append("--no-fuse-rope")
+    if args.no_fuse_gelu:
+        command.append("--no-fuse-gelu")
     for flag, value in (
         ("--batch-size", args.batch_size),
         ("--threads", args.threads),
@@ -399,6 +402,8 @@ def run_phase(name: str, args: argparse.Namespace) -> dict[str, Any]:
         command.append("--no-cuda-graphs")
     if args.no_fuse_rope:
         command.append("--no-fuse-rope")
+    if args.no_fuse_gelu:
+        command.append("--no-fuse-gelu")
     print(f"== {name}", flush=True)
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -434,7 +439,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"Hardware: {report['hardware']}; model: {report['model']}; images: {report['images']} "
         f"JPEG {report['image_size']}; batch size {report['batch_size']}; dtype {report['dtype']}; "
         f"compile {report.get('compile')}; CUDA graphs {report.get('cuda_graphs')}; "
-        f"fused RoPE {report.get('fuse_rope')}",
+        f"fused RoPE {report.get('fuse_rope')}; GELU in the product {report.get('fuse_gelu')}",
         "",
         "| what | img/s | ms/img | notes |",
         "| --- | ---: | ---: | --- |",
@@ -496,6 +501,9 @@ def main() -> None:
     parser.add_argument(
         "--no-fuse-rope", action="store_true", help="transformers' own rotary embedding (CUDA)"
     )
+    parser.add_argument(
+        "--no-fuse-gelu", action="store_true", help="transformers' own GELU in the backbone's MLPs (CUDA)"
+    )
     parser.add_argument("--phases", default="model_only,end_to_end,naive")
     parser.add_argument("--work", type=Path, default=Path(".bench"))
     parser.add_argument("--out", type=Path, default=None, help="folder for throughput.json/.md [--work]")
@@ -524,6 +532,7 @@ def main() -> None:
         "compile": args.compile,
         "cuda_graphs": args.device.startswith("cuda") and not args.no_cuda_graphs,
         "fuse_rope": args.device.startswith("cuda") and not (args.no_fuse_rope or args.compile),
+        "fuse_gelu": args.device.startswith("cuda") and not args.no_fuse_gelu,
     }
     for name in ("model_only", "end_to_end", "naive"):
         report[name] = run_phase(name, args) if name in args.phases.split(",") else {"error": "not run"}

@@ -153,7 +153,7 @@ def main() -> None:
             ns = argparse.Namespace(
                 model_dir=args.model_dir, images_dir=tiles, device=args.device, dtype=args.dtype,
                 batch_size=args.batch_size or 16, iters=10, warmup=3, threads=args.threads, compile=False,
-                no_cuda_graphs=False, no_fuse_rope=False,
+                no_cuda_graphs=False, no_fuse_rope=False, no_fuse_gelu=False,
             )  # fmt: skip
             result = phase_model_only(ns)
             report[phase] = {"tiles_per_s": round(result["img_per_s"], 2), "batch_size": result["batch_size"]}

@@ -1,7 +1,9 @@
-"""One product for query, key and value, and the FP8 backbone: same answers as transformers' own."""
+"""One product for query, key and value, GELU in the product's epilogue, and the FP8 backbone:
+the same answers as transformers' own, within what each change's arithmetic allows."""
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 
 import pytest
@@ -51,6 +53,56 @@ def test_fused_qkv_uses_the_fused_weights(tiny_model: Path) -> None:
             with torch.no_grad():
                 m.qkv.weight.mul_(0.5)
     assert not torch.allclose(_forward(model, processor), before)
+
+
+def _refuse(*_: object) -> None:
+    raise AssertionError("the fused MLP called fc1 as a module")
+
+
+def test_gelu_in_the_product_gives_the_same_outputs(tiny_model: Path) -> None:
+    model, processor = load_model(str(tiny_model), "cpu", "float32")
+    backbone = model.vision_encoder.backbone
+    before = _forward(model, processor)
+    mlps = [layer.mlp for layer in backbone.layers]
+    assert fused.fuse_gelu(backbone) == len(mlps) > 0
+    assert fused.fuse_gelu(backbone) == 0  # already fused: nothing to do
+    for mlp in mlps:
+        mlp.fc1.forward = _refuse  # the fused path reads fc1's weights, never calls it
+    after = _forward(model, processor)
+    # On a CPU the product's GELU is the exact one (cuBLAS's epilogue, on a GPU, is tanh's: the
+    # CUDA test below): the same arithmetic in another order.
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuBLAS's GELU epilogue needs a GPU")
+def test_gelu_in_the_cuda_product_is_within_tanh_of_the_exact_one() -> None:
+    torch.manual_seed(0)
+    config = type(
+        "Config",
+        (),
+        {"hidden_act": "gelu", "hidden_size": 1024, "intermediate_size": 4736, "hidden_dropout": 0.0},
+    )()
+    mlp = fused._sam3_module().Sam3MLP(config).cuda().to(torch.bfloat16).eval()
+    x = torch.randn((2, 24, 24, 1024), device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        exact = mlp(x).float()
+        mlp.forward = types.MethodType(fused._gelu_mlp, mlp)
+        got = mlp(x).float()
+    # tanh's GELU is within 4.7e-4 of the exact one; bfloat16 rounds the 4736 inner values anyway.
+    assert float((got - exact).norm() / exact.norm()) < 1e-2
+
+
+def test_gelu_fusion_leaves_an_fp8_product_alone(tiny_model: Path) -> None:
+    """An MLP whose first product is no longer an ``nn.Linear`` keeps transformers' path."""
+    model, _ = load_model(str(tiny_model), "cpu", "float32")
+    backbone = model.vision_encoder.backbone
+    fused.fuse_gelu(backbone)
+    mlp = backbone.layers[0].mlp
+    linear = mlp.fc1
+    mlp.fc1 = torch.nn.Sequential(linear)  # stands for a replaced product: not an nn.Linear
+    x = torch.randn((1, 3, 3, linear.in_features))
+    with torch.inference_mode():
+        torch.testing.assert_close(mlp(x), mlp.fc2(torch.nn.functional.gelu(linear(x))))
 
 
 def test_fp8_refuses_the_cpu_and_leaves_the_model_alone(tiny_model: Path) -> None:

@@ -129,6 +129,7 @@ class Sam3Engine:
             compile=config.compile,
             cuda_graphs=config.cuda_graphs,
             fuse=config.fuse_rope,
+            gelu=config.fuse_gelu,
         )
         self.ladder = OutOfMemoryLadder(self, batch, self._backbone)
         if self._backbone is not None:

@@ -1,9 +1,10 @@
 """The CUDA speed-ups of the SAM3 engine, apart from the per-image pipeline they speed up.
 
-The vision backbone at one batch size (``FixedBatchBackbone``: compiled and/or replayed as a CUDA
-graph), the high-priority streams the decoders and post-processing run on (``priority_stream``),
-and the fused rotary embedding (``fused.py``). ``speed_up`` applies them for the engine and for the
-model-only benchmark alike. What each one brought is in docs/performance.md.
+The vision backbone at one batch size (``FixedBatchBackbone``: its layers compiled and/or replayed
+as a CUDA graph), the high-priority streams the decoders and post-processing run on
+(``priority_stream``), and the fused kernels (``fused.py``: the rotary embedding, the MLPs' GELU).
+``speed_up`` applies them for the engine and for the model-only benchmark alike. What each one
+brought is in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -13,27 +14,59 @@ from typing import Any
 
 import torch
 
-from .fused import fuse_rope, restore_rope
+from .fused import fuse_gelu, fuse_rope, restore_gelu, restore_rope
 
-__all__ = ["FixedBatchBackbone", "priority_stream", "release_text_tower", "speed_up"]
+__all__ = ["FixedBatchBackbone", "compile_layers", "priority_stream", "release_text_tower", "speed_up"]
 
 
 def speed_up(
-    model: Any, device: torch.device, batch: int, *, compile: bool, cuda_graphs: bool, fuse: bool
+    model: Any,
+    device: torch.device,
+    batch: int,
+    *,
+    compile: bool,
+    cuda_graphs: bool,
+    fuse: bool,
+    gelu: bool,
 ) -> tuple[FixedBatchBackbone | None, bool]:
     """The CUDA speed-ups applied to ``model`` as batchseg runs it (the engine, and the model-only
-    benchmark): the backbone wrapped at one batch size when compiled or captured, and the rotary
-    embedding fused (not with ``compile``, which fuses it anyway). Returns the wrapper, if any, and
-    whether the fused rotary embedding is in use."""
+    benchmark): the backbone wrapped at one batch size when compiled or captured, the rotary
+    embedding fused (``fuse``; not with ``compile``, which fuses it anyway) and the MLPs' GELU made
+    part of their first product (``gelu``). Returns the wrapper, if any, and whether the fused
+    rotary embedding is in use."""
     restore_rope()  # a function of transformers' module, shared by the process
     vit = model.config.vision_config.backbone_config
     heads = int(vit.num_attention_heads)
     fused = fuse and not compile and fuse_rope(device, heads, int(vit.hidden_size) // heads) is None
+    restore_gelu(model.vision_encoder.backbone)
+    if gelu and device.type == "cuda":
+        fuse_gelu(model.vision_encoder.backbone)
     if device.type != "cuda" or not (compile or cuda_graphs):
         return None, fused
     backbone = FixedBatchBackbone(model.vision_encoder.backbone, batch, compile, cuda_graphs)
     model.vision_encoder.backbone = backbone
     return backbone, fused
+
+
+def compile_layers(backbone: torch.nn.Module) -> int:
+    """``torch.compile`` each layer of the ViT in place, at fixed shapes; returns how many.
+
+    The 32 layers share two compiled graphs (windowed and global attention: the weights are the
+    graphs' inputs), compiled in seconds where the whole backbone took about a minute, and faster
+    too: the norms, residual adds, window partitions and rotary embedding of a layer are fused
+    around its products and attention (docs/performance.md has both). Each new batch size compiles
+    again, which is why a compiled backbone pads short batches."""
+    import torch._dynamo.config as dynamo_config
+
+    # One cache entry per graph kind and batch size; the default limit (8) would fall back to
+    # eager after a few halvings of the batch.
+    for name in ("cache_size_limit", "recompile_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(int(getattr(dynamo_config, name)), 64))
+    layers = list(getattr(backbone, "layers", ()))
+    for layer in layers:
+        layer.compile(dynamic=False)
+    return len(layers)
 
 
 def release_text_tower(model: Any, device: torch.device) -> None:
@@ -57,14 +90,20 @@ class FixedBatchBackbone(torch.nn.Module):
     """The ViT backbone run at one batch size, so that it can be compiled once and captured once: a
     short batch is padded and its output cut back when compiled, and runs as it comes otherwise.
 
-    ``compile``: ``torch.compile`` of the whole backbone (about a minute of compilation per worker).
+    ``compile``: ``torch.compile`` of each ViT layer in place (``compile_layers``).
     ``graph``: the backbone's kernels are captured once as a CUDA graph and replayed with one
     launch, so the thread that runs the model spends no time launching its several hundred kernels
     per sub-batch and is free to decode and post-process the previous sub-batch meanwhile (it
     shares the GIL with the I/O threads). The graph keeps its own memory for the backbone's
-    activations. Out of memory while capturing is raised (the engine halves the batch, and the
-    next call captures at the new size); any other capture failure warns and falls back to
+    activations. A short sub-batch (the last tiles of an image: 40 tiles are 16, 16 and 8) gets a
+    graph of its own size, up to ``SHORT_GRAPHS`` sizes, in the same memory pool (the graphs are
+    replayed one at a time and each output is copied out at once), instead of launching its
+    kernels one by one. Out of memory while capturing is raised (the engine halves the batch, and
+    the next call captures at the new size); any other capture failure warns and falls back to
     launching as usual."""
+
+    #: Short sub-batch sizes captured as graphs of their own, beyond the full batch.
+    SHORT_GRAPHS = 4
 
     def __init__(
         self, backbone: torch.nn.Module, batch: int, compile: bool = False, graph: bool = False
@@ -72,10 +111,13 @@ class FixedBatchBackbone(torch.nn.Module):
         super().__init__()
         self.backbone = backbone
         self.compiled = compile
-        self.run = torch.compile(backbone) if compile else backbone
+        if compile:
+            compile_layers(backbone)
+        self.run = backbone
         self.graph = graph
         self._batch = batch
-        self._captured: tuple[torch.cuda.CUDAGraph, torch.Tensor, Any] | None = None
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, Any]] = {}
+        self._pool: Any = None  # the memory pool the graphs share, once the first is captured
 
     @property
     def batch(self) -> int:
@@ -85,7 +127,13 @@ class FixedBatchBackbone(torch.nn.Module):
     def batch(self, batch: int) -> None:
         # A new size: compiled again (once) and captured again on the next call.
         self._batch = batch
-        self._captured = None
+        self._graphs = {}
+        self._pool = None
+
+    @property
+    def _captured(self) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, Any] | None:
+        """The graph of the full batch, if captured."""
+        return self._graphs.get(self._batch)
 
     def get_input_embeddings(self) -> Any:
         backbone: Any = self.backbone  # a transformers model: nn.Module's typing does not know it
@@ -93,25 +141,34 @@ class FixedBatchBackbone(torch.nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, **kwargs: Any) -> Any:
         n = pixel_values.shape[0]
-        if n > self._batch or (n < self._batch and not self.compiled):
-            # As it comes: a sub-batch made before the batch was halved, or a short one without
-            # compilation (an image retried alone costs one image, not a padded batch).
+        if n > self._batch:  # a sub-batch made before the batch was halved: as it comes
             return self.run(pixel_values, **kwargs)
-        if self.graph and not kwargs:
-            if self._captured is None:
-                self._capture(pixel_values)
-            if self._captured is not None:
-                return self._replay(pixel_values)
-        if n < self._batch:
-            pad = pixel_values.new_zeros((self._batch - n, *pixel_values.shape[1:]))
-            pixel_values = torch.cat([pixel_values, pad])
-        out = self.run(pixel_values, **kwargs)
-        if n < self._batch:
-            out.last_hidden_state = out.last_hidden_state[:n]
+        # A compiled backbone pads a short batch to its one compiled size; a graph can be
+        # captured at the short size instead (cheaper than computing padding rows).
+        size = self._batch if self.compiled else n
+        if self.graph and not kwargs and self._may_capture(size):
+            if size not in self._graphs:
+                self._capture(pixel_values, size)
+            if size in self._graphs:
+                return self._replay(pixel_values, size)
+        if n == self._batch or not self.compiled:
+            # Without compilation a short batch runs as it comes: an image retried alone costs one
+            # image, not a padded batch.
+            return self.run(pixel_values, **kwargs)
+        pad = pixel_values.new_zeros((self._batch - n, *pixel_values.shape[1:]))
+        out = self.run(torch.cat([pixel_values, pad]), **kwargs)
+        out.last_hidden_state = out.last_hidden_state[:n]
         return out
 
-    def _replay(self, pixel_values: torch.Tensor) -> Any:
-        graph, static_in, static_out = self._captured  # type: ignore[misc]
+    def _may_capture(self, size: int) -> bool:
+        """Whether a sub-batch of ``size`` images replays a graph: the full batch always, a short
+        one while fewer than ``SHORT_GRAPHS`` short sizes have their own."""
+        if size == self._batch or size in self._graphs:
+            return True
+        return len([k for k in self._graphs if k != self._batch]) < self.SHORT_GRAPHS
+
+    def _replay(self, pixel_values: torch.Tensor, size: int) -> Any:
+        graph, static_in, static_out = self._graphs[size]
         n = pixel_values.shape[0]
         # Images are independent in the ViT: rows past n (a short compiled batch) only cost time.
         static_in[:n].copy_(pixel_values)
@@ -119,8 +176,8 @@ class FixedBatchBackbone(torch.nn.Module):
         # The next replay overwrites the graph's output while this sub-batch waits to be decoded.
         return type(static_out)(last_hidden_state=static_out.last_hidden_state[:n].clone())
 
-    def _capture(self, like: torch.Tensor) -> None:
-        static_in = torch.zeros((self._batch, *like.shape[1:]), dtype=like.dtype, device=like.device)
+    def _capture(self, like: torch.Tensor, size: int) -> None:
+        static_in = torch.zeros((size, *like.shape[1:]), dtype=like.dtype, device=like.device)
         try:
             # Lazy initialisations (and compilation) must happen before the capture, on a side stream.
             side = torch.cuda.Stream(like.device)  # type: ignore[no-untyped-call]
@@ -131,7 +188,7 @@ class FixedBatchBackbone(torch.nn.Module):
             torch.cuda.current_stream(like.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()  # type: ignore[no-untyped-call, unused-ignore]
             # thread_local: the I/O threads may pin host memory while the model's thread captures.
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 static_out = self.run(static_in)
         except torch.cuda.OutOfMemoryError:
             # The engine halves the batch, which captures again at the smaller size.
@@ -148,4 +205,6 @@ class FixedBatchBackbone(torch.nn.Module):
                 stacklevel=3,
             )
             return
-        self._captured = (graph, static_in, static_out)
+        self._graphs[size] = (graph, static_in, static_out)
+        if self._pool is None:
+            self._pool = graph.pool()
