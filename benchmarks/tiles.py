@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from throughput import build_model, make_images, phase_model_only  # noqa: E402
+from throughput import add_compute_rate, build_model, make_images, phase_model_only  # noqa: E402
 
 from batchseg.tiles import parse_overlap, plan_tiles  # noqa: E402
 
@@ -157,6 +157,7 @@ def main() -> None:
             )  # fmt: skip
             result = phase_model_only(ns)
             report[phase] = {"tiles_per_s": round(result["img_per_s"], 2), "batch_size": result["batch_size"]}
+            report[phase].update({k: result[k] for k in ("tflop_per_img", "tflop_per_s", "of_peak")})
         elif phase in ("sparse", "dense"):
             folder = make_jpegs(
                 args.work / f"jpegs-{width}x{height}-n{args.jpegs}", args.jpegs, (width, height)
@@ -173,6 +174,7 @@ def main() -> None:
             if phase in report:
                 ratio = report[phase]["tiles_per_s"] / report["model_only"]["tiles_per_s"]
                 report[phase]["vs_model_only"] = round(ratio, 3)
+                add_compute_rate(report[phase], report["model_only"], "tiles_per_s")
     out = args.out or args.work / "tiles.json"
     out.write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
