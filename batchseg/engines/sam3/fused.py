@@ -145,10 +145,13 @@ def fuse_gelu(backbone: torch.nn.Module) -> int:
     by at most 4.7e-4 (at x = -2.7), half a bfloat16 step of a value of 0.125; the effect on the
     model's outputs is measured against bfloat16's own noise (docs/performance.md)."""
     module = _sam3_module()
+    layer_type, mlp_type = getattr(module, "Sam3ViTLayer", None), getattr(module, "Sam3MLP", None)
+    if layer_type is None or mlp_type is None or not hasattr(torch, "_addmm_activation"):
+        return 0  # another transformers or torch: their own MLPs, unchanged
     fused = 0
     for layer in backbone.modules():
         mlp = getattr(layer, "mlp", None)
-        if not isinstance(layer, module.Sam3ViTLayer) or not isinstance(mlp, module.Sam3MLP):
+        if not isinstance(layer, layer_type) or not isinstance(mlp, mlp_type):
             continue
         if "forward" in vars(mlp) or getattr(mlp.config, "hidden_act", None) != "gelu":
             continue
