@@ -14,7 +14,7 @@ Prints (and writes ``forward_profile.json`` in ``--work``):
 Variants: ``eager`` (transformers as it is), ``default`` (batchseg: backbone as a CUDA graph,
 fused rotary embedding), ``flash``/``cudnn``/``efficient`` (the default with that attention kernel
 forced), ``compile`` (``--compile``: each ViT layer compiled, the backbone still a CUDA graph;
-``compile-max`` with inductor's autotuned products, minutes to compile), ``nogelu (the MLPs' GELU
+``compile-max`` with inductor's autotuned products, minutes to compile), ``nogelu`` (the MLPs' GELU
 as transformers runs it, not in their first product's kernel), and from ``qkv`` on, the backbone
 changed in place (later variants keep it): ``qkv`` (one product for query, key and value), ``fp8``
 (the backbone's linear layers in FP8); words join with ``-`` (``qkv-fp8-cudnn``).
@@ -187,19 +187,18 @@ def _profile(
 
 
 def _compile_layers(backbone: Any, mode: str | None) -> None:
-    """Each ViT layer compiled in place (``mode`` None: back to eager). The layers share one
-    compiled graph per kind (windowed, global): their weights are the graph's inputs."""
-    import torch
+    """Each ViT layer compiled in place as ``--compile`` does (``mode`` "default"), with another
+    inductor mode, or back to eager (None)."""
+    from batchseg.engines.sam3.speedups import compile_layers
 
-    for name in ("cache_size_limit", "recompile_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, 64)
     backbone = getattr(backbone, "backbone", backbone)
+    if mode is not None:
+        compile_layers(backbone)
     for layer in backbone.layers:
         if mode is None:
             layer._compiled_call_impl = None
-        else:
-            layer.compile(dynamic=False, mode=None if mode == "default" else mode)
+        elif mode != "default":
+            layer.compile(dynamic=False, mode=mode)
 
 
 def _sdpa(kind: str) -> Any:
