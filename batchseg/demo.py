@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import random
-import subprocess
-import sys
 from pathlib import Path
 from typing import TextIO
 
 from PIL import Image, ImageDraw
 
 from .config import RunConfig
+from .engines.demo import DEMO_ENGINE
 from .runner import RunSummary, run
 
 __all__ = ["make_sample_images", "run_demo"]
@@ -39,18 +38,10 @@ def make_sample_images(folder: Path, count: int = 6, seed: int = 0) -> list[Path
     return paths
 
 
-def build_demo_model(folder: Path) -> Path:
-    """Built in a short child process, so this process never imports torch."""
-    code = (
-        "import sys, pathlib; from batchseg.random_sam3 import build_tiny_checkpoint as b; "
-        "b(pathlib.Path(sys.argv[1]))"
-    )
-    subprocess.run([sys.executable, "-c", code, str(folder)], check=True)
-    return folder
-
-
 def run_demo(root: Path, stream: TextIO | None = None) -> RunSummary:
-    model = build_demo_model(root / "demo-model")
+    # Built by the run's worker (``engines.demo``): torch and transformers are imported once.
+    model = root / "demo-model"
+    model.mkdir(parents=True, exist_ok=True)
     images = root / "demo-images"
     if not images.exists():
         make_sample_images(images)
@@ -67,4 +58,4 @@ def run_demo(root: Path, stream: TextIO | None = None) -> RunSummary:
         # of tiles. The demo shows the run, not tiling.
         tile="off",
     )
-    return run(config, stream=stream)
+    return run(config, factory=DEMO_ENGINE, stream=stream)
