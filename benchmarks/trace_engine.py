@@ -11,6 +11,13 @@ doing meanwhile (each engine step is wrapped in a ``record_function`` label). ``
 writes the Chrome trace (open it in ui.perfetto.dev). ``--ops N`` lists the N operators with the
 most GPU time (run it with ``--no-cuda-graphs``: a replayed graph hides its operators), and
 ``--no-cuda-graphs``, ``--no-fuse-rope``, ``--no-priority`` and ``--compile`` compare settings.
+
+``--tiled`` traces a folder of big images instead, run as the worker runs a task of them
+(``worker.process.run_items`` with the run's ``Tiler``: tiles, the merge helper, the label map), so
+the GPU's gaps between one image's last tile and the next image's first are attributed too:
+
+    python benchmarks/trace_engine.py --model-dir .bench/models/full-bf16 \
+        --images-dir .bench/jpegs-6000x4000 --batch-size 16 --tiled --tasks 8
 """
 
 from __future__ import annotations
@@ -21,11 +28,23 @@ import json
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 #: Engine methods whose time on the model's thread is attributed to GPU gaps.
-STEPS = ("process", "encode_images", "launch_prompts", "land", "postprocess", "finish", "read")
+STEPS = ("process", "encode_images", "launch_prompts", "land", "postprocess", "finish", "read", "prefetch")
+#: The worker's steps around a tiled image (``--tiled``): class, method.
+TILED_STEPS = (
+    ("batchseg.worker.tiling:Tiler", "plan"),
+    ("batchseg.worker.tiling:Tiler", "progress"),
+    ("batchseg.worker.tile_stream:TileStream", "run"),
+    ("batchseg.worker.tile_stream:TileStream", "_finish"),
+    ("batchseg.worker.tile_stream:Handover", "keep"),
+    ("batchseg.tiles.merge_process:MergeProcess", "begin"),
+    ("batchseg.tiles.merge_process:RemoteMerge", "result"),
+    ("batchseg.worker.writer:OutputWriter", "write_merged"),
+)
 
 
 DURATIONS: dict[str, list[float]] = defaultdict(list)
@@ -45,11 +64,14 @@ def _quiet(*_args: Any) -> None:
 
 
 def _label(engine: Any, name: str) -> None:
+    """Wrap ``engine.name`` (an object's method, or a class's function) in a profiler label."""
     import torch
 
     method = getattr(engine, name, None)
     if method is None:
         return
+    if isinstance(engine, type):  # a class: its function, called with self
+        method = engine.__dict__[name]
 
     @functools.wraps(method)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
@@ -143,6 +165,54 @@ def analyse(prof: Any) -> dict[str, Any]:
     }
 
 
+TILE = 1008
+
+
+def _plan_of(path: Path) -> Any:
+    from PIL import Image
+
+    from batchseg.tiles import parse_overlap, plan_tiles
+
+    with Image.open(path) as image:
+        return plan_tiles(*image.size, TILE, parse_overlap(None, TILE))
+
+
+def _tiled(engine: Any, config: Any, writer: Any, paths: list[Path], tasks: int) -> tuple[Any, list[Any]]:
+    """``process`` and its tasks for ``--tiled``: one image a task for the warm-up, then ``tasks``
+    images in one task, run by the worker's own ``run_items`` (heartbeats drained by a thread)."""
+    import importlib
+    import threading
+    from multiprocessing import Pipe
+
+    from batchseg.records import Item
+    from batchseg.worker.task_items import Beat, run_items
+    from batchseg.worker.tiling import Tiler
+
+    for where, name in TILED_STEPS:
+        module, cls = where.split(":")
+        _label(getattr(importlib.import_module(module), cls), name)
+    tiler = Tiler.for_run(config, engine.capabilities)
+    ours, theirs = Pipe()
+
+    def drain() -> None:
+        while True:
+            try:
+                theirs.recv()
+            except (EOFError, OSError):
+                return
+
+    threading.Thread(target=drain, daemon=True).start()
+    if len(paths) < tasks + 1:
+        raise SystemExit(f"--tiled --tasks {tasks} needs {tasks + 1} images in the folder")
+    items = [Item(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
+
+    def process(task: list[Any]) -> list[Any]:
+        beat = Beat(ours, 1, engine.capabilities, live=True)
+        return run_items(engine, engine.capabilities, task, beat, tiler, writer)
+
+    return process, [items[:1], items[1 : tasks + 1]]
+
+
 def top_ops(prof: Any, n: int) -> dict[str, float]:
     """The ``n`` operators (with their input shapes) whose own kernels ran longest on the GPU."""
     rows = [
@@ -172,6 +242,7 @@ def main() -> None:
     parser.add_argument("--no-cuda-graphs", action="store_true", help="launch the backbone's kernels")
     parser.add_argument("--no-fuse-rope", action="store_true", help="transformers' own rotary embedding")
     parser.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval (s)")
+    parser.add_argument("--tiled", action="store_true", help="big images as tiles: --tasks images")
     args = parser.parse_args()
 
     import sys
@@ -205,6 +276,8 @@ def main() -> None:
         cuda_graphs=not args.no_cuda_graphs,
         fuse_rope=not args.no_fuse_rope,
     )
+    if args.tiled:
+        config = replace(config, tile=str(TILE))
     engine = load_engine(EngineSpec(config=config), 0)
     for name in STEPS:
         _label(engine, name)
@@ -219,6 +292,9 @@ def main() -> None:
     def process(task: list[Any]) -> list[Any]:  # as the worker runs it: label maps written
         writing = WritingBeat(writer, task, _quiet)
         return writing.results(engine.process(task, writing))
+
+    if args.tiled:
+        process, tasks = _tiled(engine, config, writer, paths, args.tasks)
 
     process(tasks[0])  # warm-up: allocator, cuDNN/cuBLAS choices
     DURATIONS.clear()
@@ -235,6 +311,9 @@ def main() -> None:
     if args.ops:
         report["top_ops_self_gpu_ms"] = top_ops(prof, args.ops)
     images = sum(len(t) for t in tasks[1:])
+    if args.tiled:
+        report["tiles_per_image"] = tiles = len(_plan_of(paths[0]).tiles)
+        report["tiles_per_s_profiled"] = round(images * tiles / seconds, 1)
     detections = sum(len(r.detections) for r in results) / max(1, len(results))
     report.update(
         images=images,

@@ -13,6 +13,8 @@ later window hangs (a run killed mid-image at a known point, however slow the ma
 to FILE, and every image the engine's window reader opens as ``name thread``.
 ``BATCHSEG_TEST_KEEP_EACH=1``: every tile reported is kept on disk at once (the worker's keep
 interval set to 0), so a tile reported is a tile kept, however fast or slow the machine.
+``BATCHSEG_TEST_BATCHES=FILE``: each call of ``process`` appends a JSON line: its items' paths, and
+when it started and ended (``time.time()``).
 ``BATCHSEG_TEST_CRASH_ONCE=FILE``: the first batch of two or more windows that any worker runs
 (FILE created exclusively, holding the batch's first window) reports its first window, then the
 worker SIGKILLs itself before the second, as the out-of-memory killer would.
@@ -20,6 +22,7 @@ worker SIGKILLs itself before the second, as the out-of-memory killer would.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -32,7 +35,7 @@ from batchseg.engines.threshold import ThresholdEngine
 from batchseg.engines.threshold import load as load_threshold
 from batchseg.records import Item
 from batchseg.tiles import windows as source_module
-from batchseg.worker import tiling
+from batchseg.worker import tile_stream
 from batchseg.worker.contract import EngineSpec, HeartbeatFn, Outcome
 
 
@@ -51,10 +54,20 @@ class PoisonEngine:
         if self.prefetched:
             self._log_opens(self.prefetched)
         if os.environ.get("BATCHSEG_TEST_KEEP_EACH"):
-            tiling.KEEP_EVERY_S = 0.0  # read at each report: every tile reported is written at once
+            tile_stream.KEEP_EVERY_S = 0.0  # read at each report: every tile reported is written at once
         self.crash_once = os.environ.get("BATCHSEG_TEST_CRASH_ONCE")
+        self.batches = os.environ.get("BATCHSEG_TEST_BATCHES")
 
     def process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[Outcome]:
+        started = time.time()
+        results = self._process(items, heartbeat)
+        if self.batches:
+            with open(self.batches, "a", encoding="utf-8") as fh:
+                line = {"paths": [item.path for item in items], "start": started, "end": time.time()}
+                fh.write(json.dumps(line) + "\n")
+        return results
+
+    def _process(self, items: Sequence[Item], heartbeat: HeartbeatFn) -> list[Outcome]:
         for item in items:
             if item.window is not None and item.window[:2] == self.poison:
                 raise RuntimeError(f"poisoned window {item.window}")

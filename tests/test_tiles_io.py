@@ -377,9 +377,10 @@ def test_the_next_image_is_opened_beside_the_current_one_and_read_as_without(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``WindowReader.prefetch``: the next image is decoded in a thread of its own, once; its
-    windows are what a reader without prefetch gives; a prefetched image that is not asked for is
-    dropped (and closed) by the next prefetch or by ``close``; a broken file fails at ``read`` as
-    it would have."""
+    windows are what a reader without prefetch gives; the image before stays open beside it (its
+    last tiles may still be read while the next image's first are), the one before that is closed;
+    a prefetched image that is not asked for is dropped (and closed) by the next prefetch or by
+    ``close``; a broken file fails at ``read`` as it would have."""
     rng = np.random.default_rng(2)
     paths = []
     for name in ("a.jpg", "b.jpg", "c.jpg"):
@@ -397,6 +398,9 @@ def test_the_next_image_is_opened_beside_the_current_one_and_read_as_without(
         source.close = lambda: (closed.append(Path(path).name), real_close())  # type: ignore[method-assign]
         return source
 
+    def left_open(name: str) -> int:
+        return [n for n, _ in opened].count(name) - closed.count(name)
+
     monkeypatch.setattr(source_module, "open_source", recording_open)
     window = (50, 40, 250, 240)
     plain = source_module.WindowReader(10**8)
@@ -410,23 +414,23 @@ def test_the_next_image_is_opened_beside_the_current_one_and_read_as_without(
     got = reader.read(paths[1], window)[0]
     assert np.array_equal(got, expected["b.jpg"])
     assert [name for name, _ in opened] == ["a.jpg", "b.jpg"]
-    assert opened[1][1].startswith("batchseg-prefetch") and "a.jpg" in closed
+    assert opened[1][1].startswith("batchseg-prefetch") and closed == []
+    assert np.array_equal(reader.read(paths[0], window)[0], expected["a.jpg"])  # still open: not again
     reader.prefetch(paths[2])
-    reader.prefetch(paths[0])  # c was not asked for: dropped (cancelled, or closed once opened)
+    reader.prefetch(
+        tmp_path / "broken.jpg"
+    )  # c was not asked for: dropped (cancelled, or closed once opened)
     time.sleep(0.5)
-
-    def left_open(name: str) -> int:
-        return [n for n, _ in opened].count(name) - closed.count(name)
-
     assert left_open("c.jpg") == 0
-    assert np.array_equal(reader.read(paths[0], window)[0], expected["a.jpg"])
-    reader.prefetch(tmp_path / "broken.jpg")
     with pytest.raises(InvalidImageError):
         reader.read(tmp_path / "broken.jpg", window)
-    reader.prefetch(paths[2])
+    assert np.array_equal(reader.read(paths[2], window)[0], expected["c.jpg"])
+    assert closed.count("b.jpg") == 1 and left_open("a.jpg") == 1  # b was asked for longest ago
+    assert [name for name, _ in opened].count("a.jpg") == 1
+    reader.prefetch(paths[1])
     reader.close()
     time.sleep(0.5)
-    assert left_open("c.jpg") == 0 and left_open("a.jpg") == 0  # nothing kept after close()
+    assert all(left_open(name) == 0 for name in ("a.jpg", "b.jpg", "c.jpg"))  # nothing kept after close()
 
 
 #: Compressions Pillow writes a TIFF in (one strip per few rows), each read by window at --tile 512.

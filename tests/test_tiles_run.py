@@ -254,6 +254,38 @@ def test_a_poison_tile_fails_its_image_naming_the_tile(tmp_path: Path) -> None:
     assert images["a.png"]["status"] == "ok" and len([d for d in detections if d["path"] == "a.png"]) == 1
 
 
+def test_tiled_images_run_as_one_stream_and_a_poison_tile_fails_only_its_image(tmp_path: Path) -> None:
+    """Three tiled images of one task (9, 12 and 9 tiles, batches of 6): the engine gets the last
+    tiles of one image with the first of the next in one batch (its pipeline carries on), each
+    image's result is made as soon as its last tile is in (before the batch holding it ends), and a
+    poisoned tile of the middle image fails that image alone, its tiles not yet run dropped."""
+    folder = one_disc(tmp_path)
+    shutil.copy(folder / "a.png", folder / "c.png")
+    # Wider than a.png: its last column of tiles starts at x 1592, a window the others do not have.
+    Image.fromarray(draw([Shape("disc", 1200, 500, 90, 90)], 2600, 1800)).save(folder / "b.png")
+    output, batches, windows = tmp_path / "out", tmp_path / "batches.jsonl", tmp_path / "windows.txt"
+    done = batchseg(
+        "run", folder, "--output", output, "--engine", "poison_engine:load", "--prompt", "red",
+        "--tile", "1008", "--max-attempts", "1",
+        env={"BATCHSEG_TEST_POISON": "1512,756", "BATCHSEG_TEST_BATCHES": str(batches),
+             "BATCHSEG_TEST_WINDOWS": str(windows), "BATCHSEG_TEST_TASK_SIZE": "6"},
+    )  # fmt: skip
+    assert done.returncode == 3, done.stdout + done.stderr
+    calls = [json.loads(line) for line in batches.read_text().splitlines()]
+    stream = [c for c in calls if len(c["paths"]) > 1]  # the poisoned batch's tiles then run alone
+    assert [sorted(set(c["paths"])) for c in stream[:2]] == [["a.png"], ["a.png", "b.png"]]
+    images, detections = manifests(output)
+    assert images["a.png"]["status"] == images["c.png"]["status"] == "ok"
+    assert images["a.png"]["finished_at"].timestamp() < stream[1]["end"]  # told within that batch
+    row = images["b.png"]
+    assert row["status"] == "error"
+    assert row["error_message"].startswith("tile r001c002 (window x 1512-2520, y 756-1764): poisoned window")
+    assert len(windows.read_text().split()) < 27  # b's tiles after the poisoned batch did not run
+    for name in ("a.png", "c.png"):
+        assert len([d for d in detections if d["path"] == name]) == 1
+    assert not [d for d in detections if d["path"] == "b.png"]
+
+
 def test_a_merge_that_fails_fails_its_image_and_the_next_attempt_runs_every_tile(tmp_path: Path) -> None:
     """A kept tile whose mask cannot be read (a damaged file) breaks the image's merge in the merge
     helper: the image gets ``error`` saying so, the run goes on, and its kept tiles are dropped so

@@ -367,17 +367,21 @@ def _upright_size(path: str | os.PathLike[str]) -> tuple[int, int, bool]:
 
 
 class WindowReader:
-    """Windows of one image at a time, for an engine given windowed items: the image is opened
-    (``open_source``) when a window of it is first asked for and kept until a window of another
-    image is, so the tiles of an image cost one decode (a JPEG) or only their chunks (a tiled
-    TIFF). ``prefetch`` opens the next image in a thread of its own meanwhile. Safe to share
-    between I/O threads."""
+    """Windows of a few images at a time, for an engine given windowed items: an image is opened
+    (``open_source``) when a window of it is first asked for and kept while windows of it may
+    still come, so the tiles of an image cost one decode (a JPEG) or only their chunks (a tiled
+    TIFF). The worker streams one image's tiles after another's, and the reading threads may read
+    the first tiles of the next image before the last ones of this: the ``OPEN`` images asked for
+    last stay open, the one before them is closed. ``prefetch`` opens the next image in a thread
+    of its own meanwhile. Safe to share between I/O threads."""
+
+    #: Images kept open at once (beside a prefetched one).
+    OPEN = 2
 
     def __init__(self, max_pixels: int, max_tiled_pixels: int = DEFAULT_MAX_TILED_PIXELS) -> None:
         self.max_pixels, self.max_tiled_pixels = max_pixels, max_tiled_pixels
         self._lock = threading.Lock()
-        self._path: str | None = None
-        self._source: ImageSource | None = None
+        self._sources: dict[str, ImageSource] = {}  # the images open, the one asked for last at the end
         self._next: tuple[str, Future[ImageSource]] | None = None
         self._opener: ThreadPoolExecutor | None = None
 
@@ -388,13 +392,7 @@ class WindowReader:
         mask where a georeferenced input has nodata in it, else None); ValueError for a window
         outside the image, InvalidImageError for an image that cannot be read."""
         with self._lock, about_image(path):
-            key = os.fspath(path)
-            if self._source is None or self._path != key:
-                self.close_unlocked()
-                prefetched = self._prefetched(key)
-                self._source = prefetched if prefetched is not None else self._open(key)
-                self._path = key
-            source = self._source
+            source = self._source(os.fspath(path))
             x0, y0, x1, y1 = window
             if not (0 <= x0 < x1 <= source.width and 0 <= y0 < y1 <= source.height):
                 raise ValueError(f"window {window} is not inside the {source.width}x{source.height} image")
@@ -404,6 +402,16 @@ class WindowReader:
                 return pixels, source.width, source.height, valid
             return source.read(window), source.width, source.height, None
 
+    def _source(self, key: str) -> ImageSource:
+        source = self._sources.pop(key, None)
+        if source is None:
+            prefetched = self._prefetched(key)
+            source = prefetched if prefetched is not None else self._open(key)
+            while len(self._sources) >= self.OPEN:  # the image asked for longest ago
+                self._sources.pop(next(iter(self._sources))).close()
+        self._sources[key] = source
+        return source
+
     def prefetch(self, path: str | os.PathLike[str]) -> None:
         """Start opening ``path`` in a thread of its own (a JPEG is decoded whole then), for the
         image whose windows come next: its decode overlaps the current image's tiles instead of
@@ -411,7 +419,7 @@ class WindowReader:
         opening fails, ``read`` opens it again and meets the error as it would have."""
         key = os.fspath(path)
         with self._lock:
-            if key == self._path or (self._next is not None and self._next[0] == key):
+            if key in self._sources or (self._next is not None and self._next[0] == key):
                 return
             self._drop_next()
             if self._opener is None:
@@ -436,16 +444,12 @@ class WindowReader:
             if not future.cancel():  # running or done: its source is closed once it is there
                 future.add_done_callback(_close_opened)
 
-    def close_unlocked(self) -> None:
-        """Close the current image (a prefetched one stays)."""
-        if self._source is not None:
-            self._source.close()
-        self._source, self._path = None, None
-
     def close(self) -> None:
-        """Close the current image and drop a prefetched one: nothing is kept."""
+        """Close the images open and drop a prefetched one: nothing is kept."""
         with self._lock:
-            self.close_unlocked()
+            sources, self._sources = self._sources, {}
+            for source in sources.values():
+                source.close()
             self._drop_next()
             if self._opener is not None:  # its thread ends (after an opening under way, if any)
                 self._opener.shutdown(wait=False)

@@ -14,26 +14,21 @@ import sys
 import threading
 import time
 import traceback
-import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import replace
+from collections.abc import Sequence
 from multiprocessing.connection import Connection, wait
 
 from ..errors import BatchsegError, ConfigError
-from ..logs import about_image, capture_library_output
-from ..records import FINAL_FAILURES, FailureCategory, Item, ItemResult, Status, failure_result
+from ..records import Item, ItemResult, Status, failure_result
 from ..tiles import merge_process
-from ..tiles.grid import TilePlan, plan_tiles
 from .contract import Capabilities, Engine, EngineSpec, load_factory
-from .messages import Ack, Done, Heartbeat, LoadFailed, Ready, Task, Threads
-from .tiling import Arrived, RunTiles, Tiler
-from .writer import OutputWriter, WritingBeat
+from .messages import Ack, Done, LoadFailed, Ready, Task, Threads
+from .task_items import Beat, collect_warnings, run_items, send_quietly, take_notes
+from .tiling import Tiler
+from .writer import OutputWriter
 
 __all__ = [
     "THREAD_ENV_VARS",
     "configure_openmp",
-    "run_items",
-    "run_task",
     "serve_connection",
     "set_torch_threads",
     "worker_main",
@@ -66,7 +61,7 @@ def serve_connection(spec: EngineSpec, slot: int, conn: Connection, threads: int
     writer = OutputWriter(spec.config, capabilities.device)
     # While serving tasks, warnings go to the pool (the run log); while loading and closing, with
     # no message to carry them, to stderr as usual.
-    restore = _collect_warnings()
+    restore = collect_warnings()
     try:
         _serve(engine, capabilities, conn, tiler, writer)
     finally:
@@ -89,9 +84,9 @@ def _load(
     except BaseException as exc:  # noqa: BLE001 - whatever the factory raises must reach the pool
         detail = str(exc) if isinstance(exc, BatchsegError) else f"{type(exc).__name__}: {exc}"
         trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        _send_quietly(conn, LoadFailed(detail, trace, config_error=isinstance(exc, ConfigError)))
+        send_quietly(conn, LoadFailed(detail, trace, config_error=isinstance(exc, ConfigError)))
         return None
-    if not _send_quietly(conn, Ready(os.getpid(), capabilities)):
+    if not send_quietly(conn, Ready(os.getpid(), capabilities)):
         return None
     return engine, capabilities, tiler
 
@@ -119,258 +114,12 @@ def _serve(
             continue
         if not isinstance(message, Task):
             return  # Shutdown
-        if not _send_quietly(conn, Ack(message.task_id)):
+        if not send_quietly(conn, Ack(message.task_id)):
             return
-        beat = _Beat(conn, message.task_id, capabilities, live=capabilities.heartbeat_every > 0)
+        beat = Beat(conn, message.task_id, capabilities, live=capabilities.heartbeat_every > 0)
         results = run_items(engine, capabilities, message.items, beat, tiler, writer, message.may_split)
         if not _send_done(conn, message.task_id, message.items, results, capabilities):
             return
-
-
-def run_items(
-    engine: Engine,
-    capabilities: Capabilities,
-    items: Sequence[Item],
-    heartbeat: _Beat,
-    tiler: Tiler | None,
-    writer: OutputWriter,
-    may_split: bool = False,
-) -> list[ItemResult]:
-    """Run a task's items; never raises. Whole images go in runs of consecutive items through
-    ``run_task``; an image the tiler plans as tiles runs through its tiles here (``Tiler.run``) or,
-    with ``may_split``, is answered with its tiles for the pool to spread (``Tiler.split``); tiles
-    the pool sent run one image's at a time (``Tiler.run_tile_items``), and an image whose tiles are
-    all in is merged (``Tiler.run`` again, finding them on disk)."""
-    plans = [_plan(tiler, item) if item.part is None else None for item in items] if tiler else []
-    if tiler is None or all(p is None and i.part is None for p, i in zip(plans, items, strict=True)):
-        return run_task(engine, capabilities, items, heartbeat, writer)
-    results: list[ItemResult] = []
-    whole: list[int] = []
-    tiles: list[int] = []
-    run_tiles = _tile_runner(engine, capabilities, heartbeat, writer)
-
-    def flush() -> None:
-        if whole:
-            batch = [items[i] for i in whole]
-            results.extend(run_task(engine, capabilities, batch, heartbeat.shifted(whole[0]), writer))
-            whole.clear()
-        if tiles:
-            heartbeat((), tiles[-1] + 1)
-            started = time.time()
-            batch = [items[i] for i in tiles]
-            try:
-                done = tiler.run_tile_items(batch, run_tiles)
-            except Exception as exc:  # noqa: BLE001 - the worker never raises across the pipe
-                done = [failure_result(tile, Status.ERROR, exc=exc) for tile in batch]
-            for result in done:
-                _stamp(result, capabilities, started, time.time())
-            results.extend(done)
-            heartbeat(list(zip(tiles, done, strict=True)))
-            tiles.clear()
-
-    for k, (item, plan) in enumerate(zip(items, plans, strict=True)):
-        if item.part is not None and item.part.key is not None:  # a tile the pool sent
-            if whole or (tiles and items[tiles[0]].path != item.path):
-                flush()
-            tiles.append(k)
-            continue
-        if plan is None and item.part is None:
-            if tiles:
-                flush()
-            whole.append(k)
-            continue
-        flush()
-        heartbeat((), k + 1)  # nothing past this image is touched yet
-        upcoming = items[k + 1] if k + 1 < len(items) and isinstance(plans[k + 1], TilePlan) else None
-        started = time.time()
-        try:
-            with about_image(tiler.input_root / item.path):  # what libraries say names it
-                result = _tiled_image(tiler, item, plan, may_split, run_tiles, _prefetcher(engine, upcoming))
-        except Exception as exc:  # noqa: BLE001 - the worker never raises across the pipe
-            result = failure_result(item, Status.ERROR, exc=exc)
-        _stamp(result, capabilities, started, time.time())
-        results.append(result)
-        heartbeat([(k, result)])
-    flush()
-    return results
-
-
-def _plan(tiler: Tiler, item: Item) -> TilePlan | ItemResult | None:
-    with about_image(tiler.input_root / item.path):  # a header a library finds odd names its image
-        return tiler.plan(item)
-
-
-def _tiled_image(
-    tiler: Tiler,
-    item: Item,
-    plan: TilePlan | ItemResult | None,
-    may_split: bool,
-    run_tiles: RunTiles,
-    running: Callable[[], None] | None = None,
-) -> ItemResult:
-    """One image planned as tiles (or refused by the plan), or the merge of one the pool spread;
-    ``running`` is called once its tiles run here (not for an image spread over the workers)."""
-    if isinstance(plan, ItemResult):
-        return plan
-    if item.part is not None:  # every tile is in: the merge
-        return tiler.run(replace(item, part=None), plan_tiles(*item.part.plan), run_tiles)
-    assert plan is not None
-    if may_split:
-        answer = tiler.split(item, plan)
-        if answer is not None:
-            return answer
-    return tiler.run(item, plan, run_tiles, running)
-
-
-def _prefetcher(engine: Engine, upcoming: Item | None) -> Callable[[], None] | None:
-    """What tells an engine that has ``prefetch`` (see ``Engine``) that the image ``upcoming``
-    runs as tiles next; called once the current image's tiles run (its own decode is done then)."""
-    prefetch = getattr(engine, "prefetch", None)
-    if prefetch is None or upcoming is None:
-        return None
-    item = upcoming
-
-    def tell() -> None:
-        try:
-            prefetch(item)
-        except Exception as exc:  # noqa: BLE001 - a hint: the image is read when its tiles come anyway
-            warnings.warn(f"prefetch of {item.path} failed: {exc!r}", RuntimeWarning, stacklevel=2)
-
-    return tell
-
-
-def _tile_runner(
-    engine: Engine, capabilities: Capabilities, heartbeat: _Beat, writer: OutputWriter
-) -> RunTiles:
-    def run_tiles(items: Sequence[Item], arrived: Arrived | None = None) -> list[ItemResult]:
-        beat = _TileBeat(heartbeat.conn, heartbeat.task_id, capabilities, arrived=arrived)
-        done = run_task(engine, capabilities, items, beat, writer)
-        beat()  # the watchdog's budget is per batch of tiles
-        return done
-
-    return run_tiles
-
-
-def run_task(
-    engine: Engine, capabilities: Capabilities, items: Sequence[Item], heartbeat: _Beat, writer: OutputWriter
-) -> list[ItemResult]:
-    """Run the engine on a batch; never raises.
-
-    When ``engine.process`` raises on a batch of several items, each item it has not already
-    reported through ``heartbeat`` is run again on its own, so only the image that raises fails.
-    """
-    try:
-        return _process(engine, capabilities, items, heartbeat, writer)
-    except BaseException as exc:  # noqa: BLE001 - the worker never raises across the pipe
-        if len(items) == 1:
-            return [failure_result(items[0], Status.ERROR, exc=exc, device=capabilities.device)]
-    streamed = heartbeat.sent
-    return [
-        streamed[k]
-        if k in streamed
-        else run_task(engine, capabilities, [item], heartbeat.shifted(k), writer)[0]
-        for k, item in enumerate(items)
-    ]
-
-
-def _process(
-    engine: Engine, capabilities: Capabilities, items: Sequence[Item], heartbeat: _Beat, writer: OutputWriter
-) -> list[ItemResult]:
-    """The engine's outcomes, each segmentation written (``writer``) as it is reported or returned."""
-    started = time.time()
-    writing = WritingBeat(writer, items, heartbeat)
-    outcomes = engine.process(items, writing)
-    if not isinstance(outcomes, list) or len(outcomes) != len(items):
-        count = len(outcomes) if isinstance(outcomes, list) else type(outcomes).__name__
-        raise TypeError(f"engine returned {count} results for {len(items)} items")
-    results = writing.results(outcomes)
-    finished = time.time()
-    for result in results:
-        _stamp(result, capabilities, started, finished)
-    return results
-
-
-def _stamp(result: object, capabilities: Capabilities, started: float, finished: float) -> None:
-    """Check a result and fill in what the engine left out (worker, device, times, category)."""
-    if not isinstance(result, ItemResult):
-        raise TypeError(f"engine returned a {type(result).__name__}, not an ItemResult")
-    result.worker_pid = result.worker_pid or os.getpid()
-    result.device = result.device or capabilities.device
-    result.started_at = result.started_at if result.started_at is not None else started
-    result.finished_at = result.finished_at if result.finished_at is not None else finished
-    if result.status in FINAL_FAILURES and result.category is None:
-        result.category = FailureCategory.IMAGE
-
-
-class _Beat:
-    """The ``heartbeat`` an engine's ``process`` gets: ``beat(finished=(), reached=None)`` sends a
-    Heartbeat with the results finished since the last one (index in the task, result). Remembers
-    what it sent, so a task that fails later reruns none of those items. Not ``live`` (the engine
-    declared ``heartbeat_every=0``): a no-op."""
-
-    def __init__(
-        self, conn: Connection, task_id: int, capabilities: Capabilities, live: bool, offset: int = 0
-    ) -> None:
-        self.conn, self.task_id, self.capabilities = conn, task_id, capabilities
-        self.live, self.offset = live, offset
-        self.started = time.time()
-        self.sent: dict[int, ItemResult] = {}  # by index in the call to process
-
-    def __call__(self, finished: Sequence[tuple[int, ItemResult]] = (), reached: int | None = None) -> None:
-        if not self.live:
-            return
-        now = time.time()
-        for _index, result in finished:
-            _stamp(result, self.capabilities, self.started, now)
-        results = tuple((self.offset + index, result) for index, result in finished)
-        where = None if reached is None else self.offset + reached
-        notes = _take_notes()
-        try:
-            self.conn.send(Heartbeat(self.task_id, results, where, notes))
-        except (EOFError, OSError):
-            return  # the pool is gone; the worker ends at its next receive
-        except Exception:  # noqa: BLE001 - an unpicklable result: it will travel in Done instead
-            _send_quietly(self.conn, Heartbeat(self.task_id, (), where, notes))
-            return
-        self.sent.update(finished)
-
-    def shifted(self, offset: int) -> _Beat:
-        """The heartbeat for item ``offset`` of this task run on its own."""
-        return _Beat(self.conn, self.task_id, self.capabilities, self.live, self.offset + offset)
-
-
-class _TileBeat(_Beat):
-    """The heartbeat of a batch of tiles: restarts the watchdog's clock and keeps what the engine
-    reported (so a failing batch reruns only the tiles not reported), but sends no results: a
-    tile's result is not an image's. The tiles reported go to ``arrived`` (index in the batch,
-    result) at once, so the image's merge goes on while the engine runs the next sub-batch."""
-
-    def __init__(
-        self,
-        conn: Connection,
-        task_id: int,
-        capabilities: Capabilities,
-        offset: int = 0,
-        arrived: Arrived | None = None,
-    ) -> None:
-        super().__init__(conn, task_id, capabilities, True, offset)
-        self.arrived = arrived
-
-    def __call__(self, finished: Sequence[tuple[int, ItemResult]] = (), reached: int | None = None) -> None:
-        now = time.time()
-        for _index, result in finished:
-            _stamp(result, self.capabilities, self.started, now)
-        self.sent.update(finished)
-        if finished and self.arrived is not None:
-            try:
-                self.arrived([(self.offset + index, result) for index, result in finished])
-            except Exception as exc:  # noqa: BLE001 - the engine must not see it; the tiler adds them later
-                message = f"finished tiles not handed on as they came: {exc!r}"
-                warnings.warn(message, RuntimeWarning, stacklevel=2)
-        _send_quietly(self.conn, Heartbeat(self.task_id, (), None, _take_notes()))
-
-    def shifted(self, offset: int) -> _TileBeat:
-        return _TileBeat(self.conn, self.task_id, self.capabilities, self.offset + offset, self.arrived)
 
 
 def _send_done(
@@ -380,7 +129,7 @@ def _send_done(
     results: list[ItemResult],
     capabilities: Capabilities,
 ) -> bool:
-    notes = _take_notes()
+    notes = take_notes()
     try:
         conn.send(Done(task_id, results, notes))
         return True
@@ -389,33 +138,7 @@ def _send_done(
     except Exception as exc:  # noqa: BLE001 - an unpicklable result must not kill the worker
         # Pickling happens before any byte is written, so the pipe is still clean here.
         failed = [failure_result(item, Status.ERROR, exc=exc, device=capabilities.device) for item in items]
-        return _send_quietly(conn, Done(task_id, failed, notes))
-
-
-#: Warnings and library messages of this worker (by any thread), each naming the image being
-#: read, sent with its next Heartbeat or Done, so they reach the run log instead of a console
-#: nobody reads at night, where a folder of odd TIFFs printed thousands of lines over the progress.
-_NOTES: list[str] = []
-
-
-def _collect_warnings() -> Callable[[], None]:
-    """Keep shown warnings and library log records for the next message; returns what undoes it."""
-    return capture_library_output(_NOTES.append)  # list.append is atomic: any thread
-
-
-def _take_notes() -> tuple[str, ...]:
-    count = len(_NOTES)  # only these: another thread may append meanwhile
-    taken = tuple(_NOTES[:count])
-    del _NOTES[:count]
-    return taken
-
-
-def _send_quietly(conn: Connection, message: object) -> bool:
-    try:
-        conn.send(message)
-        return True
-    except (EOFError, OSError):
-        return False
+        return send_quietly(conn, Done(task_id, failed, notes))
 
 
 def configure_openmp(threads: int | None) -> None:

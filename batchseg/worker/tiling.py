@@ -7,29 +7,28 @@ after each batch); ``tiles.TileMerger``, in a helper process fed as the engine r
 finished (``tiles.merge_process``; for an image spread over several workers, the helper follows
 the image's kept tiles on disk), makes one detection per object, and the worker's
 ``writer.OutputWriter`` writes the label map as a tiled TIFF and makes the image's one
-``ItemResult``, as for a whole image. A failing tile fails the image, naming the
-tile and its window. Torch-free: this runs in the worker, above any engine.
+``ItemResult``, as for a whole image. A task's consecutive tiled images run as one stream of tiles
+(``tile_stream.TileStream``), so the engine does not empty its pipeline at each image's edge. A
+failing tile fails its image, naming the tile and its window. Torch-free: this runs in the worker,
+above any engine.
 """
 
 from __future__ import annotations
 
 import json
-import time
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from .. import __version__, imageio
 from ..config import RunConfig
 from ..errors import BadValueError, ConfigError, InvalidImageError
 from ..geo.detect import looks_georeferenced
-from ..records import Detection, Item, ItemResult, Split, Status, failure_result, part_failure
+from ..records import Item, ItemResult, Split, Status, failure_result
 from ..tiles import merge_process
 from ..tiles.grid import (
     MIN_SIDE,
-    Tile,
     TilePlan,
     TileSetting,
     parse_overlap,
@@ -38,10 +37,10 @@ from ..tiles.grid import (
     strip_refusal,
 )
 from ..tiles.merge import MergeRules
-from ..tiles.merge_process import RemoteMerge
 from ..tiles.progress import PROGRESS_DIR, TileProgress
 from ..tiles.windows import CONVERT_HINT, upright_size
 from .contract import Capabilities
+from .tile_stream import Arrived, Handover, RunTiles, TileStream
 from .writer import OutputWriter
 
 if TYPE_CHECKING:
@@ -51,21 +50,6 @@ if TYPE_CHECKING:
 GSD_MODEL_INPUT = 1008
 
 __all__ = ["Arrived", "RunTiles", "Tiler"]
-
-#: ``arrived(finished)``: tiles of a batch that the engine reported finished, as (index in the
-#: batch, result), told while the batch still runs.
-Arrived = Callable[[Sequence[tuple[int, ItemResult]]], None]
-
-#: Finished tiles are written to disk (for a resume) at most this often while a batch runs, and at
-#: its end: on a GPU a dense image's tiles then go to disk beside the engine, in a few files.
-KEEP_EVERY_S = 1.0
-
-
-class RunTiles(Protocol):
-    """The engine on one batch of windowed items, one result each; ``arrived`` hears of the tiles
-    as the engine reports them (its heartbeats), before the batch ends."""
-
-    def __call__(self, items: Sequence[Item], arrived: Arrived | None = None) -> list[ItemResult]: ...
 
 
 @dataclass(frozen=True)
@@ -206,72 +190,14 @@ class Tiler:
             return None
         return max(MIN_SIDE, round((self.model_input or GSD_MODEL_INPUT) * self.gsd / pixel))
 
-    def run(
-        self, item: Item, plan: TilePlan, run_tiles: RunTiles, running: Callable[[], None] | None = None
-    ) -> ItemResult:
-        """Every tile of ``item`` through the engine, merged into the image's one result;
-        ``running`` is called once, when the engine has reported tiles (or a batch came back)."""
-        started = time.time()
-        progress = self.progress(item, plan)
-        merging = merge_process.shared().begin(plan, self.rules, progress)  # followed, if it was
-        try:
-            failed = self._run_tiles(item, plan, progress, run_tiles, merging, running)
-            if failed is not None:
-                tile, result = failed
-                return part_failure(item, "tile", tile.id, tile.window, result, started)
-            try:
-                georef = _georef(self.input_root / item.path)  # the label map lands on the source grid
-            except InvalidImageError as exc:
-                bad = Status.INVALID_INPUT
-                return failure_result(item, bad, exc=exc, device=self.device, started_at=started)
-            try:
-                merged, rles = merging.result()
-                detections = [
-                    Detection(m.prompt, m.index, m.score, m.box, m.area_px, rle, m.tiles, folded=m.folded)
-                    for m, rle in zip(merged, rles, strict=True)
-                ]
-            except Exception as exc:  # noqa: BLE001 - a merge failure is this image's result
-                # Its kept tiles go too: one of them may be what broke it (a damaged file), and
-                # keeping them would fail the image the same way at every attempt.
-                progress.clear()
-                return failure_result(item, Status.ERROR, exc=exc, device=self.device, started_at=started)
-        finally:
-            merging.close()
-        result = self.writer.write_merged(
-            item, (plan.width, plan.height), merged, detections, georef, started
-        )
-        if result.status is Status.OK:
-            progress.clear()
-        return result
+    def run(self, item: Item, plan: TilePlan, run_tiles: RunTiles) -> ItemResult:
+        """Every tile of ``item`` through the engine (those not kept on disk already), merged into
+        the image's one result. A task's consecutive tiled images run as one ``TileStream``."""
+        return TileStream(self, [(item, plan)], run_tiles).run()[0]
 
-    def _run_tiles(
-        self,
-        item: Item,
-        plan: TilePlan,
-        progress: TileProgress,
-        run_tiles: RunTiles,
-        merging: RemoteMerge,
-        running: Callable[[], None] | None = None,
-    ) -> tuple[Tile, ItemResult] | None:
-        """The tiles not kept on disk through the engine, a batch at a time, each finished one to
-        the merge as the engine reports it; the first failing tile and its result, or None when
-        all are in."""
-        found = progress.load()  # tiles finished before a kill, a crash or a failing tile
-        merging.add(found)
-        handover = _Handover(progress, merging, set(found), len(plan.tiles), running=running)
-        todo = [t for t in plan.tiles if t.id not in found]
-        for first in range(0, len(todo), self.batch):
-            batch = todo[first : first + self.batch]
-            arrived = handover.arrived_of([t.id for t in batch])
-            results = run_tiles([replace(item, window=t.window) for t in batch], arrived)
-            pairs = list(zip(batch, results, strict=True))
-            handover.take({tile.id: res.detections for tile, res in pairs if res.status is Status.OK})
-            handover.keep()
-            handover.tell_running()
-            failed = [(tile, result) for tile, result in pairs if result.status is not Status.OK]
-            if failed:  # the image fails; its finished tiles stay kept for the next attempt
-                return failed[0]
-        return None
+    def georef_of(self, item: Item) -> Georef | None:
+        """The input's georeference, None for a plain image (looked for without the geo extra)."""
+        return _georef(self.input_root / item.path)
 
     def split(self, item: Item, plan: TilePlan) -> ItemResult | None:
         """The answer for an image planned as tiles when the pool spreads them: the tiles not yet
@@ -314,7 +240,7 @@ class Tiler:
             helper.follow(progress, plan, self.rules)
 
         follow()
-        handover = _Handover(progress, None, set(), None, kept=follow)  # the merge is another task's
+        handover = Handover(progress, {}, None, kept=follow)  # the merge is another task's
         results = run_tiles([replace(item, part=None) for item in items], handover.arrived_of(ids))
         handover.take({i: r.detections for i, r in zip(ids, results, strict=True) if r.status is Status.OK})
         handover.keep()
@@ -341,69 +267,6 @@ class Tiler:
         }
         folder = imageio.safe_output_path(self.output_dir, f"{PROGRESS_DIR}/{item.path}")
         return TileProgress(folder, key)
-
-
-class _Handover:
-    """Finished tiles of one image on their way: to the merge (if any) as they come, and to disk for
-    a resume, at most every ``KEEP_EVERY_S`` while a batch runs and at its end. The tiles that
-    complete the image's ``total`` are not kept: its merge ends at once (no ``total``: the image is
-    merged by another task, everything is kept). Each tile is taken once."""
-
-    def __init__(
-        self,
-        progress: TileProgress,
-        merging: RemoteMerge | None,
-        taken: set[str],
-        total: int | None,
-        kept: Callable[[], None] | None = None,
-        running: Callable[[], None] | None = None,
-    ) -> None:
-        self.progress, self.merging, self.taken, self.total = progress, merging, taken, total
-        self.kept = kept  # told after each file written
-        self.running = running  # told once, when the first tiles are in
-        self.unkept: dict[str, list[Detection]] = {}
-        self.kept_at = time.monotonic()
-
-    def arrived_of(self, batch: Sequence[str]) -> Arrived:
-        """What hears of the finished tiles of ``batch`` (their ids) while the engine runs it."""
-
-        def arrived(finished: Sequence[tuple[int, ItemResult]]) -> None:
-            self.take({batch[i]: r.detections for i, r in finished if r.status is Status.OK})
-            if time.monotonic() - self.kept_at >= KEEP_EVERY_S:
-                self.keep()
-            self.tell_running()
-
-        return arrived
-
-    def tell_running(self) -> None:
-        running, self.running = self.running, None
-        if running is not None:
-            running()
-
-    def take(self, done: dict[str, list[Detection]]) -> None:
-        new = {tile_id: dets for tile_id, dets in done.items() if tile_id not in self.taken}
-        if not new:
-            return
-        if self.merging is not None:
-            self.merging.add(new)
-        self.taken.update(new)
-        self.unkept.update(new)
-
-    def keep(self) -> None:
-        """Write the tiles taken since the last keep, in a file named by the first of them (a tile
-        is taken once, so no later file overwrites it); a folder that cannot be written only costs
-        them on resume."""
-        unkept, self.unkept, self.kept_at = self.unkept, {}, time.monotonic()
-        if not unkept or (self.total is not None and len(self.taken) >= self.total):
-            return
-        try:
-            self.progress.save(next(iter(unkept)), unkept)
-        except OSError as exc:
-            folder = self.progress.folder
-            warnings.warn(f"finished tiles not kept in {folder}: {exc}", RuntimeWarning, stacklevel=2)
-            return
-        if self.kept is not None:
-            self.kept()
 
 
 def _georef(path: Path) -> Georef | None:
