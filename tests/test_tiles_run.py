@@ -286,6 +286,51 @@ def test_tiled_images_run_as_one_stream_and_a_poison_tile_fails_only_its_image(t
     assert not [d for d in detections if d["path"] == "b.png"]
 
 
+def test_a_run_killed_mid_stream_keeps_the_image_it_finished_and_resumes_the_next(tmp_path: Path) -> None:
+    """Two tiled images streamed in batches of 6 (9 tiles each): the run is killed once the
+    second batch (a's last three tiles, b's first three) is done. a was finished and recorded
+    within that batch; the resumed run does not touch it, and runs only b's six other tiles."""
+    folder = one_disc(tmp_path)
+    shutil.copy(folder / "a.png", folder / "b.png")
+    output, windows, batches = tmp_path / "out", tmp_path / "windows.txt", tmp_path / "batches.jsonl"
+    args = ["run", folder, "--engine", "poison_engine:load", "--prompt", "red", "--tile", "1008"]
+    env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    live = start_run(
+        [*args, "--output", output],
+        tmp_path / "console.txt",
+        cwd=tmp_path,
+        env={
+            **env,
+            "BATCHSEG_TEST_WINDOWS": str(windows),
+            "BATCHSEG_TEST_TASK_SIZE": "6",
+            "BATCHSEG_TEST_KEEP_EACH": "1",
+            "BATCHSEG_TEST_STALL_AFTER": "12",  # the first tile of the third batch hangs
+        },
+    )
+    kept = output / "tiles-in-progress" / "b.png"
+
+    def a_recorded_and_b_kept() -> bool:
+        try:
+            with Checkpoint.open_existing(output, read_only=True) as cp:
+                settled = cp.is_settled("a.png")
+        except Exception:  # noqa: BLE001 - not created yet, or busy: ask again
+            return False
+        return settled and len(_kept_windows(kept, plan_tiles(2500, 1800, 1008, 252))) == 3
+
+    assert wait_until(a_recorded_and_b_kept, 60, while_alive=live), live.output()
+    live.kill()
+    assert len(windows.read_text().split()) == 12
+    again = batchseg(*args, "--output", output, env={"BATCHSEG_TEST_BATCHES": str(batches)})
+    assert again.returncode == 0, again.stdout + again.stderr
+    ran = [path for line in batches.read_text().splitlines() for path in json.loads(line)["paths"]]
+    assert ran == ["b.png"] * 6
+    images, detections = manifests(output)
+    assert images["a.png"]["status"] == images["b.png"]["status"] == "ok"
+    for name in ("a.png", "b.png"):
+        found = [d for d in detections if d["path"] == name]
+        assert_exact([Shape("disc", 1200, 500, 90, 90)], found, 2500, 1800)
+
+
 def test_a_merge_that_fails_fails_its_image_and_the_next_attempt_runs_every_tile(tmp_path: Path) -> None:
     """A kept tile whose mask cannot be read (a damaged file) breaks the image's merge in the merge
     helper: the image gets ``error`` saying so, the run goes on, and its kept tiles are dropped so
@@ -739,9 +784,9 @@ def _windows(plan: TilePlan) -> list[str]:
     return [f"{t.window[0]},{t.window[1]}" for t in plan.tiles]
 
 
-def _kept_windows(kept: Path) -> list[tuple[int, int]]:
+def _kept_windows(kept: Path, plan: TilePlan | None = None) -> list[tuple[int, int]]:
     """The windows' origins of the tiles kept on disk, from their ids and the run's tile plan."""
-    plan = plan_tiles(2500, 1800, 500, 100)
+    plan = plan or plan_tiles(2500, 1800, 500, 100)
     ids = []
     for file in kept.glob("batch-*.json"):
         try:
