@@ -77,6 +77,7 @@ class Tiler(Protocol):
 class _Image:
     """One image of the stream: its tiles, where they are kept, and how it ended."""
 
+    position: int  # in the stream
     item: Item
     plan: TilePlan
     handover: Handover
@@ -109,15 +110,15 @@ class TileStream:
     ) -> None:
         self.tiler, self.run_tiles = tiler, run_tiles
         self.finished, self.touched, self.prefetch = finished, touched, prefetch
-        self.images = [self._image(item, plan) for item, plan in images]
+        self.images = [self._image(k, item, plan) for k, (item, plan) in enumerate(images)]
         self.current = 0  # the image whose merge runs (the ones before it are finished)
         self.merging: RemoteMerge | None = None
         self.hinted: set[int] = set()  # the images ``prefetch`` was told of
 
-    def _image(self, item: Item, plan: TilePlan) -> _Image:
+    def _image(self, position: int, item: Item, plan: TilePlan) -> _Image:
         progress = self.tiler.progress(item, plan)
         found = progress.load()  # tiles finished before a kill, a crash or a failing tile
-        return _Image(item, plan, Handover(progress, found, len(plan.tiles)))
+        return _Image(position, item, plan, Handover(progress, found, len(plan.tiles)))
 
     def run(self) -> list[ItemResult]:
         try:
@@ -140,7 +141,7 @@ class TileStream:
         while todo:
             batch, todo = todo[: self.tiler.batch], todo[self.tiler.batch :]
             if self.touched is not None:
-                self.touched(self.images.index(batch[-1][0]))
+                self.touched(batch[-1][0].position)
             items = [replace(image.item, window=tile.window) for image, tile in batch]
             results = self.run_tiles(items, self._arrived_of(batch))
             self._take(batch, list(enumerate(results)))
@@ -176,7 +177,7 @@ class TileStream:
                 image.failed = (tile, result)
         for image, tiles in by_image.items():
             image.handover.take(tiles)
-        for index in sorted({self.images.index(batch[i][0]) for i, _ in done}):
+        for index in sorted({batch[i][0].position for i, _ in done}):
             self._read_ahead(index)
 
     def _read_ahead(self, index: int) -> None:
@@ -187,8 +188,8 @@ class TileStream:
             self.prefetch(self.images[index + 1].item)
 
     def _begin(self) -> None:
-        """The current image's merge begins (with its tiles in so far), and the image after it is
-        opened ahead; an image whose tiles are all in already (kept on disk) is finished at once."""
+        """The current image's merge begins (with its tiles in so far); an image whose tiles are
+        all in already (kept on disk), or that failed, is finished at once and the next begins."""
         while self.current < len(self.images):
             image = self.images[self.current]
             image.started = time.time()  # its share of the stream's time starts when the one before ends
@@ -228,7 +229,7 @@ class TileStream:
 
     def _tell(self, image: _Image) -> None:
         if self.finished is not None and image.result is not None:
-            self.finished(self.images.index(image), image.result)
+            self.finished(image.position, image.result)
 
     def _result(self, image: _Image, merging: RemoteMerge | None) -> ItemResult:
         item, plan, progress, started = image.item, image.plan, image.handover.progress, image.started
