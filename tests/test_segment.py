@@ -327,7 +327,12 @@ def test_cuda_graph_backbone_matches_launching_its_kernels(
     again = written(graphed, todo)
     assert graphed._backbone._captured is not None and graphed._backbone.batch == 1
     assert sorted(graphed._backbone._graphs) == [1]
-    for x, y in zip(_scores(again), _scores(expected), strict=True):
+    # Against the eager backbone at the same batch: a product over 1 image and over 2 may round
+    # differently, and at threshold 0 a mask a few pixels apart can be covered or not.
+    single = engine_for(
+        tiny_model, images, tmp_path / "single", prompts, device="cuda", batch_size=1, cuda_graphs=False
+    )
+    for x, y in zip(_scores(again), _scores(written(single, todo)), strict=True):
         assert np.allclose(x, y, atol=1e-4)
 
 
