@@ -38,9 +38,9 @@ def run_items(
     """Run a task's items; never raises. Whole images go in runs of consecutive items through
     ``run_task``; consecutive images the tiler plans as tiles run here as one stream of tiles
     (``TileStream``, each image's result sent as it is made) or, with ``may_split``, are answered
-    with their tiles for the pool to spread (``Tiler.split``); tiles
-    the pool sent run one image's at a time (``Tiler.run_tile_items``), and an image whose tiles are
-    all in is merged (``Tiler.run`` again, finding them on disk)."""
+    with their tiles for the pool to spread (``Tiler.split``); tiles the pool sent run one image's
+    at a time (``Tiler.run_tile_items``), and an image whose tiles are all in is merged
+    (``Tiler.run`` again, finding them on disk)."""
     plans = [_plan(tiler, item) if item.part is None else None for item in items] if tiler else []
     if tiler is None or all(p is None and i.part is None for p, i in zip(plans, items, strict=True)):
         return run_task(engine, capabilities, items, heartbeat, writer)
