@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import tifffile
-from _runs import start_run, wait_until
+from _runs import LiveRun, start_run, wait_until
 from _storage import make_config
 from _tile_shapes import Shape
 from PIL import Image
@@ -68,6 +68,13 @@ def batchseg(*args: str | Path, env: dict[str, str] | None = None) -> subprocess
     environ["PYTHONPATH"] = os.pathsep.join([str(TESTS), environ.get("PYTHONPATH", "")])
     command = [sys.executable, "-m", "batchseg", *(str(a) for a in args)]
     return subprocess.run(command, capture_output=True, text=True, env=environ, timeout=300, check=False)
+
+
+def start_batchseg(args: list[str | Path], tmp_path: Path, hooks: dict[str, str]) -> LiveRun:
+    """``batchseg ARGS`` started in the background (to be killed), the test engines importable
+    and their ``hooks`` (``BATCHSEG_TEST_*``) set."""
+    path = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    return start_run(args, tmp_path / "console.txt", cwd=tmp_path, env={"PYTHONPATH": path, **hooks})
 
 
 def one_disc(tmp_path: Path) -> Path:
@@ -294,13 +301,10 @@ def test_a_run_killed_mid_stream_keeps_the_image_it_finished_and_resumes_the_nex
     shutil.copy(folder / "a.png", folder / "b.png")
     output, windows, batches = tmp_path / "out", tmp_path / "windows.txt", tmp_path / "batches.jsonl"
     args = ["run", folder, "--engine", "poison_engine:load", "--prompt", "red", "--tile", "1008"]
-    env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    live = start_run(
+    live = start_batchseg(
         [*args, "--output", output],
-        tmp_path / "console.txt",
-        cwd=tmp_path,
-        env={
-            **env,
+        tmp_path,
+        {
             "BATCHSEG_TEST_WINDOWS": str(windows),
             "BATCHSEG_TEST_TASK_SIZE": "6",
             "BATCHSEG_TEST_KEEP_EACH": "1",
@@ -654,15 +658,12 @@ def test_a_killed_run_resumes_a_half_done_image_without_redoing_finished_tiles(
         "--workers",
         workers,
     ]
-    env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     output = tmp_path / "out"
     kept = output / "tiles-in-progress" / "a.png"
-    live = start_run(
+    live = start_batchseg(
         [*args, "--output", output],
-        tmp_path / "console.txt",
-        cwd=tmp_path,
-        env={
-            **env,
+        tmp_path,
+        {
             "BATCHSEG_TEST_WINDOWS": str(windows),
             "BATCHSEG_TEST_SLEEP": "0.1",
             "BATCHSEG_TEST_TASK_SIZE": task_size,
@@ -725,12 +726,10 @@ def test_an_image_changed_while_half_tiled_is_tiled_afresh_on_resume(
     args += ["--hash"] if change == "content" else []
     output, windows = tmp_path / "out", tmp_path / "windows.txt"
     kept = output / "tiles-in-progress" / "a.tif"
-    live = start_run(
+    live = start_batchseg(
         [*args, "--output", output],
-        tmp_path / "console.txt",
-        cwd=tmp_path,
-        env={
-            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        tmp_path,
+        {
             "BATCHSEG_TEST_WINDOWS": str(windows),
             "BATCHSEG_TEST_KEEP_EACH": "1",  # each tile reported is kept: 20 kept at the stall
             "BATCHSEG_TEST_STALL_AFTER": "20",

@@ -159,11 +159,14 @@ def _stream(
     def touched(index: int) -> None:
         heartbeat((), positions[index] + 1)
 
-    images = [(items[k], plans[k]) for k in positions]
-    assert all(isinstance(plan, TilePlan) for _, plan in images)
+    images = []
+    for k in positions:
+        plan = plans[k]
+        assert isinstance(plan, TilePlan), "only images planned as tiles are streamed"
+        images.append((items[k], plan))
     stream = TileStream(
         tiler,
-        [(item, plan) for item, plan in images if isinstance(plan, TilePlan)],
+        images,
         run_tiles,
         finished=finished,
         touched=touched,
