@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -62,11 +62,19 @@ class ImageSource(Protocol):
     def close(self) -> None: ...
 
 
+#: A decoder an engine may offer for images decoded whole: their (height, width, 3) uint8 upright
+#: pixels, or None where it does not decode that file (``imageio.read_pixels`` does then).
+WholeDecoder = Callable[[str], "np.ndarray | None"]
+
+
 class WholeSource:
     """An image decoded whole (formats that cannot be read in parts), windows cut from it."""
 
-    def __init__(self, path: str | os.PathLike[str], max_pixels: int) -> None:
-        self._pixels = imageio.read_pixels(path, max_pixels)
+    def __init__(
+        self, path: str | os.PathLike[str], max_pixels: int, decode: WholeDecoder | None = None
+    ) -> None:
+        pixels = decode(os.fspath(path)) if decode is not None else None
+        self._pixels = pixels if pixels is not None else imageio.read_pixels(path, max_pixels)
         self.height, self.width = self._pixels.shape[:2]
 
     def read(self, window: tuple[int, int, int, int]) -> np.ndarray:
@@ -178,20 +186,26 @@ def open_source(
     max_pixels: int,
     max_tiled_pixels: int = DEFAULT_MAX_TILED_PIXELS,
     bands: Sequence[int] | None = None,
+    decode: WholeDecoder | None = None,
 ) -> ImageSource:
     """The image at ``path`` as a windowed source; ``InvalidImageError`` with a sentence (and a
     conversion to run) when it is too big for how it can be read. A georeferenced input (GeoTIFF
     keys or a world file) is a ``geo.raster_windows.GeoSource``: ``bands`` (``--bands``) and one stretch per
-    image, its ``valid(window)`` says where nodata must carry no detection."""
+    image, its ``valid(window)`` says where nodata must carry no detection. ``decode`` is tried first
+    for an image decoded whole (the engine's GPU JPEG decoder)."""
     from ..remote import localize
 
     path = localize(path)  # an object in S3: its /vsis3/ path (georeferenced TIFF) or a local copy
     with about_image(path):  # what tifffile, rasterio or libtiff say names the image
-        return _open_source(path, max_pixels, max_tiled_pixels, bands)
+        return _open_source(path, max_pixels, max_tiled_pixels, bands, decode)
 
 
 def _open_source(
-    path: str | os.PathLike[str], max_pixels: int, max_tiled_pixels: int, bands: Sequence[int] | None
+    path: str | os.PathLike[str],
+    max_pixels: int,
+    max_tiled_pixels: int,
+    bands: Sequence[int] | None,
+    decode: WholeDecoder | None,
 ) -> ImageSource:
     geo = _geo_source(path, bands, max_tiled_pixels)
     if geo is not None:
@@ -213,7 +227,7 @@ def _open_source(
         if _by_window(source) and _check_decodable(source, max_pixels):
             return source
         source.close()
-    return _whole(path, max_pixels)
+    return _whole(path, max_pixels, decode)
 
 
 def _geo_source(
@@ -277,14 +291,14 @@ def _check_decodable(source: TiffSource, max_pixels: int) -> bool:
         ) from exc
 
 
-def _whole(path: str | os.PathLike[str], max_pixels: int) -> ImageSource:
+def _whole(path: str | os.PathLike[str], max_pixels: int, decode: WholeDecoder | None = None) -> ImageSource:
     width, height = _header_size(path)
     if width * height > max_pixels:
         raise InvalidImageError(
             f"The image is {width} x {height} = {width * height:,} pixels, more than the limit of "
             f"{max_pixels:,} (--max-pixels) for a format that must be decoded whole; {CONVERT_HINT}."
         )
-    return WholeSource(path, max_pixels)
+    return WholeSource(path, max_pixels, decode)
 
 
 def _header_size(path: str | os.PathLike[str]) -> tuple[int, int]:
@@ -378,8 +392,14 @@ class WindowReader:
     #: Images kept open at once (beside a prefetched one).
     OPEN = 2
 
-    def __init__(self, max_pixels: int, max_tiled_pixels: int = DEFAULT_MAX_TILED_PIXELS) -> None:
+    def __init__(
+        self,
+        max_pixels: int,
+        max_tiled_pixels: int = DEFAULT_MAX_TILED_PIXELS,
+        decode: WholeDecoder | None = None,
+    ) -> None:
         self.max_pixels, self.max_tiled_pixels = max_pixels, max_tiled_pixels
+        self.decode = decode  # tried first for images decoded whole (``open_source``)
         self._lock = threading.Lock()
         self._sources: dict[str, ImageSource] = {}  # the images open, the one asked for last at the end
         self._next: tuple[str, Future[ImageSource]] | None = None
@@ -427,7 +447,9 @@ class WindowReader:
             self._next = (key, self._opener.submit(self._open, key))
 
     def _open(self, key: str) -> ImageSource:
-        return open_source(key, max_pixels=self.max_pixels, max_tiled_pixels=self.max_tiled_pixels)
+        return open_source(
+            key, max_pixels=self.max_pixels, max_tiled_pixels=self.max_tiled_pixels, decode=self.decode
+        )
 
     def _prefetched(self, key: str) -> ImageSource | None:
         if self._next is None or self._next[0] != key:

@@ -35,7 +35,7 @@ from ..geo._extra import raster_unreadable
 from ..geo.detect import looks_georeferenced
 from ..records import Item, ItemResult, Status, failure_result
 from ..remote import localize
-from ..tiles.windows import WindowReader
+from ..tiles.windows import WholeDecoder, WindowReader
 from .contract import Instance, Segmentation
 
 if TYPE_CHECKING:
@@ -92,10 +92,11 @@ class ImageReader:
     """Reads the items of a run's input for an engine; safe to share between I/O threads. ``close``
     lets go of the image a tiled item kept open."""
 
-    def __init__(self, config: RunConfig) -> None:
+    def __init__(self, config: RunConfig, decode: WholeDecoder | None = None) -> None:
         self.config = config
         self.root = Path(config.input)
-        self.windows = WindowReader(config.max_pixels, config.max_tiled_pixels)
+        # ``decode``: the engine's own decoder for images cut into tiles from their whole pixels.
+        self.windows = WindowReader(config.max_pixels, config.max_tiled_pixels, decode)
 
     def read(self, item: Item, *, draft_side: int | None = None) -> Picture | ItemResult:
         """The item's ``Picture``, or its failure. ``draft_side``: a whole JPEG may be decoded at a

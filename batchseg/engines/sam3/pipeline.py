@@ -35,6 +35,7 @@ from ...values import show
 from ...worker.contract import Capabilities, HeartbeatFn, Instance, Outcome, Segmentation
 from ...worker.reading import VALID_KEY, ImageReader, georef_of, valid_of
 from .exemplar_boxes import EXEMPLARS_KEY, VISUAL_TEXT, Boxes, Placer, forward_prompt, nothing_scored
+from .gpu_jpeg import GpuJpeg
 from .ladder import OutOfMemoryLadder
 from .model import max_prompt_tokens, resolve_device
 from .postprocess import (
@@ -163,7 +164,8 @@ class Sam3Engine:
         self._post_stream = priority_stream(self.torch_device) if cuda else None
         self.io = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="batchseg-io")
         # Pixels in: whole images and windows (a tiled image stays open while its windows are read).
-        self.reader = ImageReader(config)
+        # On a GPU a big JPEG cut into tiles is decoded there (``gpu_jpeg``), not by Pillow.
+        self.reader = ImageReader(config, GpuJpeg(self.torch_device) if cuda else None)
 
     @property
     def max_batch(self) -> int:

@@ -1,0 +1,145 @@
+"""Big JPEGs decoded on the GPU (nvJPEG through torchvision), for the tiles of a run on CUDA.
+
+A JPEG cannot be read in parts: the tiles of one are cut from the whole decoded image. Pillow
+(libjpeg-turbo, one core) takes about 0.9 s for a 10000 x 10000 JPEG, and for a lone image, or
+the first of a task, the first tile waits for all of it. nvJPEG decodes it on the GPU in a small
+fraction of that; the pixels then come back to host memory, where the tiles are cut from them as
+from Pillow's decode, so nothing after the decode changes.
+
+Only a JPEG whose upright RGB image is what nvJPEG gives is decoded here: YCbCr or grey, stored
+upright (no EXIF orientation to apply) and complete (ends with its end-of-image marker; Pillow
+refuses a cut-short file, and this decode must not accept one). Anything else, and any failure
+(no nvJPEG in this torchvision, too little free GPU memory, an error of nvJPEG), gives None: Pillow
+decodes the file then, with its own checks and messages.
+
+nvJPEG's inverse DCT and chroma upsampling are not libjpeg-turbo's, so pixels differ from Pillow's
+by a few levels (``benchmarks/tiles.py --decode``); a CPU run and a GPU run already differ more
+than that in their arithmetic.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+from ... import imageio
+
+__all__ = ["GpuJpeg", "plain_jpeg_size"]
+
+log = logging.getLogger(__name__)
+
+#: Device memory a decode may take, in bytes of the decoded RGB image: the planar result, its
+#: interleaved copy and nvJPEG's own buffers.
+WORKING_COPIES = 3
+#: Device memory left free beside a decode, for the model running meanwhile.
+HEADROOM = 1 << 30
+#: Images smaller than this (pixels) stay with Pillow: their decode is short and overlapped anyway.
+MIN_PIXELS = 4_000_000
+#: nvJPEG errors after which the run's JPEGs all go to Pillow (a driver or build that cannot).
+MAX_FAILURES = 3
+
+
+def plain_jpeg_size(path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """(width, height) of a JPEG whose upright RGB pixels nvJPEG gives as they are: baseline or
+    progressive, YCbCr or grey, no EXIF orientation other than top-left, ending with its
+    end-of-image marker; else None. Reads the header and the file's last bytes only."""
+    try:
+        with imageio.open_header(path) as im:
+            if im.format not in ("JPEG", "MPO") or im.mode not in ("RGB", "L"):
+                return None
+            if im.getexif().get(0x0112, 1) != 1 or "transparency" in im.info:
+                return None
+            size = im.size
+        with open(path, "rb") as fh:
+            fh.seek(-2, os.SEEK_END)
+            if fh.read(2) != b"\xff\xd9":
+                return None
+    except Exception:  # noqa: BLE001 - anything odd: Pillow decodes it and says what is wrong
+        return None
+    return size
+
+
+class GpuJpeg:
+    """``decode(path)``: the (height, width, 3) uint8 pixels of a big plain JPEG decoded on
+    ``device``, or None where Pillow must decode it. Called from the reading and prefetch threads;
+    one decode at a time, on a stream of its own, so the model's queue never waits for it and it
+    waits for nothing of the model's."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._lock = threading.Lock()
+        self._stream: Any = None
+        self._decode: Any = _nvjpeg()
+        self.decoded = 0
+        self.failures = 0
+
+    def __call__(self, path: str | os.PathLike[str]) -> np.ndarray | None:
+        if self._decode is None:
+            return None
+        size = plain_jpeg_size(path)
+        if size is None or size[0] * size[1] < MIN_PIXELS:
+            return None
+        width, height = size
+        with self._lock:
+            if not self._room_for(width * height * 3):
+                return None
+            try:
+                pixels = self._decoded(np.fromfile(path, np.uint8))
+            except torch.cuda.OutOfMemoryError:
+                return None  # the model took the memory meanwhile: Pillow's turn, this time
+            except Exception as exc:  # noqa: BLE001 - nvJPEG's errors: Pillow decodes it instead
+                self._failed(path, exc)
+                return None
+        if pixels.shape != (height, width, 3):
+            return None
+        self.decoded += 1
+        return pixels
+
+    def _failed(self, path: str | os.PathLike[str], exc: Exception) -> None:
+        """A file nvJPEG refuses is Pillow's; a decoder that keeps failing is given up for the run."""
+        self.failures += 1
+        log.info("nvJPEG could not decode %s (%s); Pillow decodes it", os.fspath(path), exc)
+        if self.failures >= MAX_FAILURES:
+            self._decode = None
+
+    def _room_for(self, nbytes: int) -> bool:
+        free, _total = torch.cuda.mem_get_info(self.device)
+        return free > WORKING_COPIES * nbytes + HEADROOM
+
+    def _decoded(self, data: np.ndarray) -> np.ndarray:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+        with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+            planar = self._decode(torch.from_numpy(data), device=self.device)
+            interleaved = planar.permute(1, 2, 0).contiguous()
+            del planar
+            # .cpu() waits for this stream only. Its blocks are reused by the next decode on it,
+            # after that wait: nothing queued elsewhere can still read them.
+            return interleaved.cpu().numpy()  # type: ignore[no-any-return]
+
+
+def _nvjpeg() -> Any:
+    """torchvision's GPU JPEG decoder as ``decode(data, device=...)`` giving RGB, or None where
+    this torchvision has none (built without nvJPEG, or its image decoding removed) or where
+    ``BATCHSEG_NVJPEG=0`` asks for Pillow."""
+    if os.environ.get("BATCHSEG_NVJPEG", "1") == "0":
+        return None
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:
+        return None
+    if not hasattr(torch.ops.image, "decode_jpegs_cuda"):
+        return None
+    # torchvision 0.29 warns that its image decoding moves to TorchCodec; this decoder still works.
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.io\.image")
+
+    def decode(data: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)  # type: ignore[no-any-return]
+
+    return decode
