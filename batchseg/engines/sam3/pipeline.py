@@ -14,6 +14,7 @@ failure. Per-image problems come back as results: ``invalid_input`` for unreadab
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -164,8 +165,12 @@ class Sam3Engine:
         self._post_stream = priority_stream(self.torch_device) if cuda else None
         self.io = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="batchseg-io")
         # Pixels in: whole images and windows (a tiled image stays open while its windows are read).
-        # On a GPU a big JPEG cut into tiles is decoded there (``gpu_jpeg``), not by Pillow.
-        self.reader = ImageReader(config, GpuJpeg(self.torch_device) if cuda else None)
+        # On a GPU a big JPEG cut into tiles is decoded there (``gpu_jpeg``), not by Pillow; nvJPEG
+        # loads meanwhile, unless no image is cut into tiles in this run.
+        jpeg = GpuJpeg(self.torch_device) if cuda else None
+        self.reader = ImageReader(config, jpeg)
+        if jpeg is not None and (config.tile or "auto") != "off":
+            threading.Thread(target=jpeg.warm, name="batchseg-nvjpeg", daemon=True).start()
 
     @property
     def max_batch(self) -> int:
@@ -399,8 +404,9 @@ class Sam3Engine:
     # --- device memory ------------------------------------------------------------------------
 
     def warm_up(self) -> None:
-        """The backbone once at full batch (compiled and captured here); out of memory halves the
-        batch until it fits (at batch 1 the images' own fallbacks take over)."""
+        """The backbone once at full batch (compiled and captured here), then the prompts' decoders
+        on its features; out of memory halves the batch until it fits (at batch 1 the images' own
+        fallbacks take over)."""
         size = self.processor.image_processor.size
         pixels: torch.Tensor | None = None
         while True:
@@ -408,7 +414,8 @@ class Sam3Engine:
             try:
                 with torch.inference_mode():
                     pixels = torch.zeros(shape, dtype=self.dtype, device=self.torch_device)
-                    self.model.get_vision_features(pixel_values=pixels)
+                    vision = self.model.get_vision_features(pixel_values=pixels)
+                self._warm_decoders(vision, (int(size["height"]), int(size["width"])))
                 return
             except torch.cuda.OutOfMemoryError:
                 pass  # retried outside the except block, once the failed attempt's memory is free
@@ -417,6 +424,20 @@ class Sam3Engine:
             if self.max_batch == 1:
                 return
             self.ladder.halve(self.max_batch)
+
+    def _warm_decoders(self, vision: Any, size: tuple[int, int]) -> None:
+        """Every prompt's decoders once, on their own stream as a task runs them: the first use of
+        their kernels there (cuDNN attention plans, cuBLAS on a new stream) is paid in the load,
+        not by the first image, which for one big image cut into tiles is most of the run."""
+        batch = self.max_batch
+        encoded = EncodedImages(vision, [size] * batch, boxes=[{} for _ in range(batch)])
+        if self._decode_stream is not None:
+            encoded.done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            encoded.done.record()
+        scored = self.launch_prompts(encoded)
+        if self.torch_device.type == "cuda":
+            torch.cuda.synchronize(self.torch_device)
+        del scored
 
     def release_memory(self) -> None:
         """Hand the CUDA cache back (after a failure, before the images go again)."""
