@@ -10,6 +10,8 @@ tiles of the same size, wall time and the worker's peak RSS, for big JPEGs and a
     python benchmarks/tiles.py --model full --device cuda --tiff-size 20000 --phases tiff_dense --workers 2
     # CPU: the tiny model on a 6000x4000 image
     python benchmarks/tiles.py --model tiny --device cpu --jpeg-size 6000x4000 --jpegs 1 --phases sparse
+    # the big JPEG's decode alone: Pillow, and nvJPEG on a GPU (seconds, levels from Pillow's pixels)
+    python benchmarks/tiles.py --device cuda --jpegs 1 --phases decode
 
 Every run writes its JSON line to ``--out`` (tiles.json). Tiles per image come from the same plan the
 run uses (``batchseg.tiles.plan_tiles``); the rate is tiles over the span from the first image's
@@ -123,6 +125,42 @@ def run_tiled(args: argparse.Namespace, folder: Path, threshold: float) -> dict[
     }
 
 
+def time_decoders(path: Path, device: str, runs: int = 3) -> dict[str, Any]:
+    """Seconds to decode one big JPEG into the pixels its tiles are cut from: Pillow (what a CPU
+    run uses) and, on a GPU, nvJPEG (``gpu_jpeg``: loaded first, as the engine does at its start),
+    and how far nvJPEG's pixels are from Pillow's (levels of 0..255)."""
+    from batchseg import imageio
+
+    def timed(decode: Any) -> tuple[list[float], Any]:
+        times, pixels = [], None
+        for _ in range(runs):
+            start = time.perf_counter()
+            pixels = decode()
+            times.append(round(time.perf_counter() - start, 3))
+        return times, pixels
+
+    pillow_s, pillow = timed(lambda: imageio.read_pixels(path, 10**10))
+    report: dict[str, Any] = {"image": path.name, "pillow_s": pillow_s}
+    if device.startswith("cuda"):
+        import torch
+
+        from batchseg.engines.sam3.gpu_jpeg import GpuJpeg
+
+        decoder = GpuJpeg(torch.device(device))
+        start = time.perf_counter()
+        decoder.warm()
+        report["nvjpeg_load_s"] = round(time.perf_counter() - start, 3)
+        report["nvjpeg_s"], nvjpeg = timed(lambda: decoder(str(path)))
+        if nvjpeg is not None:
+            diff = np.abs(nvjpeg.astype(np.int16) - pillow.astype(np.int16))
+            report["levels_from_pillow"] = {
+                "mean": round(float(diff.mean()), 3),
+                "p99_9": float(np.percentile(diff[::7, ::7], 99.9)),
+                "max": int(diff.max()),
+            }
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -146,6 +184,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     args.model_dir = build_model(args.model, args.work / "models")
     width, height = (int(v) for v in args.jpeg_size.split("x"))
+    jpegs = args.work / f"jpegs-{width}x{height}-n{args.jpegs}"
     report: dict[str, Any] = {}
     for phase in args.phases.split(","):
         if phase == "model_only":
@@ -159,15 +198,16 @@ def main() -> None:
             report[phase] = {"tiles_per_s": round(result["img_per_s"], 2), "batch_size": result["batch_size"]}
             report[phase].update({k: result[k] for k in ("tflop_per_img", "tflop_per_s", "of_peak")})
         elif phase in ("sparse", "dense"):
-            folder = make_jpegs(
-                args.work / f"jpegs-{width}x{height}-n{args.jpegs}", args.jpegs, (width, height)
-            )
+            folder = make_jpegs(jpegs, args.jpegs, (width, height))
             report[phase] = run_tiled(args, folder, 0.3 if phase == "sparse" else 0.0)
         elif phase in ("tiff", "tiff_dense"):  # read by window: no whole-image decode
             folder = args.work / (f"tiff-{args.tiff_size}" + (f"-n{args.tiffs}" if args.tiffs > 1 else ""))
             for i in range(args.tiffs):
                 make_tiled_tiff(folder / ("ortho.tif" if i == 0 else f"ortho_{i:02d}.tif"), args.tiff_size, i)
             report[phase] = run_tiled(args, folder, 0.3 if phase == "tiff" else 0.0)
+        elif phase == "decode":
+            folder = make_jpegs(jpegs, args.jpegs, (width, height))
+            report[phase] = time_decoders(sorted(folder.glob("*.jpg"))[0], args.device)
         print(json.dumps({phase: report[phase]}), flush=True)
     if "model_only" in report:
         for phase in ("sparse", "dense", "tiff", "tiff_dense"):
@@ -176,6 +216,7 @@ def main() -> None:
                 report[phase]["vs_model_only"] = round(ratio, 3)
                 add_compute_rate(report[phase], report["model_only"], "tiles_per_s")
     out = args.out or args.work / "tiles.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
 
