@@ -133,6 +133,16 @@ class Sam3Engine:
             fuse=config.fuse_rope,
             gelu=config.fuse_gelu,
         )
+        self._pinned_pixels: dict[int, torch.Tensor] = {}  # uint8 pixels ``read`` left in pinned memory
+        # On a GPU the vision encoder runs on the current stream, the prompts' decoders and the
+        # post-processing on streams of their own: the decoders hold a blocking copy (a host wait
+        # for their stream) and post-processing waits for its results, and neither may leave the
+        # device without queued work (see ``task.Task``).
+        self._decode_stream = priority_stream(self.torch_device) if cuda else None
+        # Decode sub-batch k-1 after queuing sub-batch k's encoder (see ``task.Task``). A CPU has no
+        # queue to keep full, so there each sub-batch is decoded at once: one in memory, not two.
+        self.overlap = cuda
+        self._post_stream = priority_stream(self.torch_device) if cuda else None
         self.ladder = OutOfMemoryLadder(self, batch, self._backbone)
         if self._backbone is not None:
             # Compile and capture during the load (its own timeout), not in the first image's.
@@ -153,16 +163,6 @@ class Sam3Engine:
         self.draft_side = 2 * max(
             self.processor.image_processor.size["height"], self.processor.image_processor.size["width"]
         )
-        self._pinned_pixels: dict[int, torch.Tensor] = {}  # uint8 pixels ``read`` left in pinned memory
-        # On a GPU the vision encoder runs on the current stream, the prompts' decoders and the
-        # post-processing on streams of their own: the decoders hold a blocking copy (a host wait
-        # for their stream) and post-processing waits for its results, and neither may leave the
-        # device without queued work (see ``task.Task``).
-        self._decode_stream = priority_stream(self.torch_device) if cuda else None
-        # Decode sub-batch k-1 after queuing sub-batch k's encoder (see ``task.Task``). A CPU has no
-        # queue to keep full, so there each sub-batch is decoded at once: one in memory, not two.
-        self.overlap = cuda
-        self._post_stream = priority_stream(self.torch_device) if cuda else None
         self.io = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="batchseg-io")
         # Pixels in: whole images and windows (a tiled image stays open while its windows are read).
         # On a GPU a big JPEG cut into tiles is decoded there (``gpu_jpeg``), not by Pillow; nvJPEG
