@@ -83,13 +83,16 @@ def test_a_windows_image_comes_from_the_decoder_given_or_else_from_pillow(tmp_pa
 def test_nvjpeg_pixels_are_pillows_within_a_few_levels(tmp_path: Path, progressive: bool) -> None:
     path = _save(_photo(3000, 2000), tmp_path / "big.jpg", progressive=progressive)
     decoder = GpuJpeg(torch.device("cuda"))
+    assert decoder(str(path)) is None  # nvJPEG still loading: Pillow decodes it, nothing waits
+    decoder.warm()
     pixels = decoder(str(path))
     assert pixels is not None and decoder.decoded == 1
     pillow = imageio.read_pixels(path, 10**9)
     assert pixels.shape == pillow.shape and pixels.dtype == np.uint8
     diff = np.abs(pixels.astype(np.int16) - pillow.astype(np.int16))
-    # nvJPEG upsamples chroma otherwise than libjpeg-turbo: a few levels at colour edges. On the
-    # benchmark's 10000x10000 JPEG (H100): mean 0.11, 99.9th percentile 3, largest 13.
+    # nvJPEG upsamples chroma otherwise than libjpeg-turbo: a few levels at colour edges. Measured
+    # on an H100: this image mean 0.20, 99th percentile 6, largest 41 (at a saturated edge); the
+    # benchmark's 10000x10000 JPEG mean 0.11, 99.9th percentile 3, largest 13.
     stats = (diff.mean(), np.percentile(diff, 99), diff.max())
     print("nvJPEG against Pillow: mean, 99th percentile, largest", stats)
     assert diff.mean() < 1.0 and np.percentile(diff, 99) <= 8, stats
@@ -98,6 +101,7 @@ def test_nvjpeg_pixels_are_pillows_within_a_few_levels(tmp_path: Path, progressi
 @pytest.mark.skipif(not HAS_CUDA, reason="nvJPEG needs a CUDA GPU")
 def test_what_nvjpeg_must_not_decode_goes_to_pillow_with_its_errors(tmp_path: Path) -> None:
     decoder = GpuJpeg(torch.device("cuda"))
+    decoder.warm()
     big = _photo(3000, 2000)
     assert decoder(str(_save(big.convert("CMYK"), tmp_path / "cmyk.jpg"))) is None
     assert decoder(str(_save(_photo(800, 600), tmp_path / "small.jpg"))) is None  # Pillow's is quick

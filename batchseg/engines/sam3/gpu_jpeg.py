@@ -83,10 +83,11 @@ class GpuJpeg:
         self._decode: Any = _nvjpeg()
         self.decoded = 0
         self.failures = 0
+        self.loaded = threading.Event()  # set by ``warm``
 
     def __call__(self, path: str | os.PathLike[str]) -> np.ndarray | None:
-        if self._decode is None:
-            return None
+        if self._decode is None or not self.loaded.is_set():
+            return None  # still loading (``warm``): Pillow's, rather than wait
         size = plain_jpeg_size(path)
         if size is None or size[0] * size[1] < MIN_PIXELS:
             return None
@@ -160,17 +161,19 @@ class GpuJpeg:
 
     def warm(self) -> None:
         """Load nvJPEG and make its buffers now (about 1 s on an H100), from a thread of the
-        engine's while it starts: the first big JPEG's decode would pay it otherwise."""
-        if self._decode is None:
-            return
-        sample = io.BytesIO()
-        Image.new("RGB", (64, 64), (90, 120, 150)).save(sample, "JPEG")
-        with self._lock:
-            try:
+        engine's while it starts. Until this ends every JPEG is Pillow's: no decode waits for it."""
+        try:
+            if self._decode is None:
+                return
+            sample = io.BytesIO()
+            Image.new("RGB", (64, 64), (90, 120, 150)).save(sample, "JPEG")
+            with self._lock:
                 self._decoded(np.frombuffer(sample.getvalue(), np.uint8).copy())
-            except Exception as exc:  # noqa: BLE001 - nvJPEG cannot here: Pillow decodes all
-                log.info("nvJPEG is not available (%s); Pillow decodes the JPEGs", exc)
-                self._decode = None
+        except Exception as exc:  # noqa: BLE001 - nvJPEG cannot here: Pillow decodes all
+            log.info("nvJPEG is not available (%s); Pillow decodes the JPEGs", exc)
+            self._decode = None
+        finally:
+            self.loaded.set()
 
 
 def _nvjpeg() -> Any:
