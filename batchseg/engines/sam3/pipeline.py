@@ -110,14 +110,6 @@ class Sam3Engine:
         self.dtype_reason = dtype_reason
         self.device = _describe_device(device, dtype)
         self.input_root = Path(config.input)
-        # On a GPU a big JPEG cut into tiles is decoded there (``gpu_jpeg``), not by Pillow. nvJPEG
-        # loads (about 1 s) while the prompts are encoded and the speed-ups applied, unless no
-        # image is cut into tiles in this run; the warm-up's capture waits for it (``warm_up``).
-        jpeg = GpuJpeg(self.torch_device) if self.torch_device.type == "cuda" else None
-        self._jpeg_loading: threading.Thread | None = None
-        if jpeg is not None and (config.tile or "auto") != "off":
-            self._jpeg_loading = threading.Thread(target=jpeg.warm, name="batchseg-nvjpeg", daemon=True)
-            self._jpeg_loading.start()
         self.output_dir = Path(config.output_dir)
         # --prompt, then the prompts the exemplar boxes add (those run only where they have boxes).
         self.exemplars = load_exemplars(config)
@@ -152,8 +144,6 @@ class Sam3Engine:
         self.overlap = cuda
         self._post_stream = priority_stream(self.torch_device) if cuda else None
         self.ladder = OutOfMemoryLadder(self, batch, self._backbone)
-        if self._jpeg_loading is not None:
-            self._jpeg_loading.join()  # no other thread's CUDA work while the backbone is captured
         if self._backbone is not None:
             # Compile and capture during the load (its own timeout), not in the first image's.
             self.warm_up()
@@ -175,7 +165,13 @@ class Sam3Engine:
         )
         self.io = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="batchseg-io")
         # Pixels in: whole images and windows (a tiled image stays open while its windows are read).
+        # On a GPU a big JPEG cut into tiles is decoded there (``gpu_jpeg``), not by Pillow. nvJPEG
+        # loads (about 1 s) in a thread from here, after the backbone's capture, unless no image
+        # is cut into tiles in this run; until it is loaded Pillow decodes, nothing waits for it.
+        jpeg = GpuJpeg(self.torch_device) if cuda else None
         self.reader = ImageReader(config, jpeg)
+        if jpeg is not None and (config.tile or "auto") != "off":
+            threading.Thread(target=jpeg.warm, name="batchseg-nvjpeg", daemon=True).start()
 
     @property
     def max_batch(self) -> int:
