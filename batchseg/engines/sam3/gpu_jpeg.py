@@ -1,10 +1,11 @@
 """Big JPEGs decoded on the GPU (nvJPEG through torchvision), for the tiles of a run on CUDA.
 
 A JPEG cannot be read in parts: the tiles of one are cut from the whole decoded image. Pillow
-(libjpeg-turbo, one core) takes about 0.9 s for a 10000 x 10000 JPEG, and for a lone image, or
-the first of a task, the first tile waits for all of it. nvJPEG decodes it on the GPU in a small
-fraction of that; the pixels then come back to host memory, where the tiles are cut from them as
-from Pillow's decode, so nothing after the decode changes.
+(libjpeg-turbo, one core) took 0.73 s for a 10000 x 10000 JPEG on an H100's host, and for the
+first image of a task the first tile waits for all of it. nvJPEG took 0.12 s, the copy back to
+host memory included; the tiles are cut from those pixels as from Pillow's, so nothing after the
+decode changes. Loading nvJPEG takes about 1 s (``warm``, in a thread once the engine is ready);
+until then every JPEG is Pillow's.
 
 Only a JPEG whose upright RGB image is what nvJPEG gives is decoded here: YCbCr or grey, stored
 upright (no EXIF orientation to apply) and complete (ends with its end-of-image marker; Pillow
@@ -13,8 +14,8 @@ refuses a cut-short file, and this decode must not accept one). Anything else, a
 decodes the file then, with its own checks and messages.
 
 nvJPEG's inverse DCT and chroma upsampling are not libjpeg-turbo's, so pixels differ from Pillow's
-by a few levels (``benchmarks/tiles.py --decode``); a CPU run and a GPU run already differ more
-than that in their arithmetic.
+by a few levels at colour edges (``benchmarks/tiles.py --phases decode``: mean 0.11, largest 13 on
+its JPEG); a CPU run and a GPU run already differ more than that in their arithmetic.
 """
 
 from __future__ import annotations
