@@ -224,6 +224,30 @@ def test_out_of_memory_in_the_warm_up_halves_the_batch_until_it_fits(
     assert_same(written(engine, task), reference)
 
 
+def test_the_warm_up_runs_the_prompts_decoders_and_halves_the_batch_when_they_do_not_fit(
+    tiny_model: Path, folder: Path, task: list[Item], reference: list[ItemResult], tmp_path: Path
+) -> None:
+    """The decoders run once in the warm-up too (their first use is paid in the load, not by the
+    first image): a batch whose decoders do not fit is halved there, like the backbone's."""
+    engine = make_engine(tiny_model, folder, tmp_path, batch_size=8)
+    tried: list[int] = []
+    forward = engine.model.forward
+
+    def no_room_above_two(*args: Any, **kwargs: Any) -> Any:
+        tried.append(kwargs["attention_mask"].shape[0])
+        if tried[-1] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return forward(*args, **kwargs)
+
+    engine.model.forward = no_room_above_two
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        engine.warm_up()
+    engine.model.forward = forward
+    assert tried == [8, 4] + [2] * len(engine.prompts) and engine.max_batch == 2  # every prompt at 2
+    assert_same(written(engine, task), reference)
+
+
 @pytest.mark.parametrize("overlap", [True, False])
 def test_each_image_is_timed_by_its_own_sub_batch(
     tiny_model: Path, folder: Path, task: list[Item], tmp_path: Path, overlap: bool
