@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -231,7 +232,8 @@ def test_the_warm_up_runs_the_prompts_decoders_and_halves_the_batch_when_they_do
     first image): a batch whose decoders do not fit is halved there, like the backbone's."""
     engine = make_engine(tiny_model, folder, tmp_path, batch_size=8)
     tried: list[int] = []
-    forward = engine.model.forward
+    forward, vision = engine.model.forward, engine.model.get_vision_features
+    features: list[weakref.ref[Any]] = []
 
     def no_room_above_two(*args: Any, **kwargs: Any) -> Any:
         tried.append(kwargs["attention_mask"].shape[0])
@@ -239,11 +241,20 @@ def test_the_warm_up_runs_the_prompts_decoders_and_halves_the_batch_when_they_do
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
         return forward(*args, **kwargs)
 
+    def freed_before_the_next_try(**kwargs: Any) -> Any:
+        # The features of the batch whose decoders did not fit are memory the smaller one needs.
+        assert all(ref() is None for ref in features), "the failed attempt's features are still held"
+        out = vision(**kwargs)
+        features.append(weakref.ref(out))
+        return out
+
     engine.model.forward = no_room_above_two
+    engine.model.get_vision_features = freed_before_the_next_try
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         engine.warm_up()
-    engine.model.forward = forward
+    engine.model.forward, engine.model.get_vision_features = forward, vision
+    assert len(features) == 3
     assert tried == [8, 4] + [2] * len(engine.prompts) and engine.max_batch == 2  # every prompt at 2
     assert_same(written(engine, task), reference)
 

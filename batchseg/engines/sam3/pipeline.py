@@ -410,6 +410,7 @@ class Sam3Engine:
         fallbacks take over)."""
         size = self.processor.image_processor.size
         pixels: torch.Tensor | None = None
+        vision: Any = None
         while True:
             shape = (self.max_batch, 3, size["height"], size["width"])
             try:
@@ -420,7 +421,7 @@ class Sam3Engine:
                 return
             except torch.cuda.OutOfMemoryError:
                 pass  # retried outside the except block, once the failed attempt's memory is free
-            pixels = None
+            pixels = vision = None  # the features of a backbone that fitted, when the decoders did not
             self.release_memory()
             if self.max_batch == 1:
                 return
