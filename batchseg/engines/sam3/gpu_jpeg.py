@@ -58,7 +58,7 @@ def plain_jpeg_size(path: str | os.PathLike[str]) -> tuple[int, int] | None:
         with imageio.open_header(path) as im:
             if im.format not in ("JPEG", "MPO") or im.mode not in ("RGB", "L"):
                 return None
-            if im.getexif().get(0x0112, 1) != 1 or "transparency" in im.info:
+            if im.getexif().get(0x0112, 1) != 1:
                 return None
             size = im.size
         with open(path, "rb") as fh:

@@ -436,10 +436,9 @@ class Sam3Engine:
         if self._decode_stream is not None:
             encoded.done = torch.cuda.Event()  # type: ignore[no-untyped-call]
             encoded.done.record()
-        scored = self.launch_prompts(encoded)
+        _held = self.launch_prompts(encoded)  # its results, like ``encoded``, held until the device is done
         if self.torch_device.type == "cuda":
             torch.cuda.synchronize(self.torch_device)
-        del scored
 
     def release_memory(self) -> None:
         """Hand the CUDA cache back (after a failure, before the images go again)."""
