@@ -15,9 +15,9 @@ Prints one JSON object (also written to ``--work``/prompts.json):
 - ``agreement``: shared against apart on the same features (largest score and box difference,
   smallest mask IoU of the 20 best queries of each image and prompt).
 
-``--compile-decoders MODE`` first compiles the prompt-side modules (``PARTS`` but the pixel decoder,
-each with ``torch.compile(mode=MODE)``) and reports the seconds its first pass took
-(``compile_s``) and their agreement with the eager modules (``compiled_agreement``).
+``--compile`` first compiles the prompt-side modules as ``batchseg run --compile`` does
+(``speedups.compile_decoders``) and reports the seconds their first pass took (``compile_s``) and
+their agreement with the eager modules (``compiled_agreement``).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--counts", default="1,2,4")
     parser.add_argument("--work", type=Path, default=Path(".bench"))
-    parser.add_argument("--compile-decoders", default=None, help="a torch.compile mode, e.g. default")
+    parser.add_argument("--compile", action="store_true", help="compile the decoders as --compile does")
     args = parser.parse_args()
     report = measure(args)
     print(json.dumps(report, indent=1))
@@ -87,8 +87,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "vision_ms": round(1000 * vision_s / batch, 3),
             "counts": {},
         }
-        if args.compile_decoders:
-            report.update(_compile_decoders(model, vision, texts[:1], batch, args.compile_decoders))
+        if args.compile:
+            report.update(_compile_decoders(model, vision, texts[:1], batch))
         one = None
         for count in (int(c) for c in args.counts.split(",")):
             chosen = texts[:count]
@@ -120,24 +120,24 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         def one_prompt() -> Any:
             return forward_texts(model, vision, texts[:1], batch)
 
-        if not args.compile_decoders:  # a compiled module's forward hooks do not all run
+        if not args.compile:  # a compiled module's forward hooks do not all run
             report["parts_ms"] = _parts(model, one_prompt, batch)
         report["kernels"] = _kernels(one_prompt, batch)
     return report
 
 
-def _compile_decoders(model: Any, vision: Any, texts: list[Any], batch: int, mode: str) -> dict[str, Any]:
-    """Compile the prompt-side modules in place; the first compiled pass's seconds and how the
-    compiled pass agrees with the eager one on the same features."""
+def _compile_decoders(model: Any, vision: Any, texts: list[Any], batch: int) -> dict[str, Any]:
+    """Compile the prompt-side modules in place (``speedups.compile_decoders``); the first compiled
+    pass's seconds and how the compiled pass agrees with the eager one on the same features."""
+    from batchseg.engines.sam3.speedups import compile_decoders
+
     eager = forward_texts(model, vision, texts, batch)
-    for name in PARTS[:-1]:
-        model.get_submodule(name).compile(mode=mode, dynamic=False)
+    compile_decoders(model)
     _sync()
     start = time.perf_counter()
     compiled = forward_texts(model, vision, texts, batch)
     _sync()
     return {
-        "compile_mode": mode,
         "compile_s": round(time.perf_counter() - start, 1),
         "compiled_agreement": _agreement(eager, compiled),
     }

@@ -111,6 +111,15 @@ class Sam3Engine:
         self.device = _describe_device(device, dtype)
         self.input_root = Path(config.input)
         self.output_dir = Path(config.output_dir)
+        # On a GPU a big JPEG cut into tiles is decoded there (``gpu_jpeg``), not by Pillow. nvJPEG
+        # loads (about 1 s) in a thread while the prompts are encoded and the speed-ups applied,
+        # unless no image is cut into tiles in this run; the backbone's capture waits for it (below).
+        # A JPEG read before it is loaded is Pillow's: nothing else waits for it.
+        jpeg = GpuJpeg(self.torch_device) if self.torch_device.type == "cuda" else None
+        loading = None
+        if jpeg is not None and (config.tile or "auto") != "off":
+            loading = threading.Thread(target=jpeg.warm, name="batchseg-nvjpeg", daemon=True)
+            loading.start()
         # --prompt, then the prompts the exemplar boxes add (those run only where they have boxes).
         self.exemplars = load_exemplars(config)
         names = run_prompts(config, self.exemplars)
@@ -144,6 +153,8 @@ class Sam3Engine:
         self.overlap = cuda
         self._post_stream = priority_stream(self.torch_device) if cuda else None
         self.ladder = OutOfMemoryLadder(self, batch, self._backbone)
+        if loading is not None:
+            loading.join()  # no CUDA work of another thread while the backbone is captured
         if self._backbone is not None:
             # Compile and capture during the load (its own timeout), not in the first image's.
             self.warm_up()
@@ -165,13 +176,7 @@ class Sam3Engine:
         )
         self.io = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="batchseg-io")
         # Pixels in: whole images and windows (a tiled image stays open while its windows are read).
-        # On a GPU a big JPEG cut into tiles is decoded there (``gpu_jpeg``), not by Pillow. nvJPEG
-        # loads (about 1 s) in a thread from here, after the backbone's capture, unless no image
-        # is cut into tiles in this run; until it is loaded Pillow decodes, nothing waits for it.
-        jpeg = GpuJpeg(self.torch_device) if cuda else None
         self.reader = ImageReader(config, jpeg)
-        if jpeg is not None and (config.tile or "auto") != "off":
-            threading.Thread(target=jpeg.warm, name="batchseg-nvjpeg", daemon=True).start()
 
     @property
     def max_batch(self) -> int:
@@ -414,10 +419,12 @@ class Sam3Engine:
         while True:
             shape = (self.max_batch, 3, size["height"], size["width"])
             try:
-                with torch.inference_mode():
-                    pixels = torch.zeros(shape, dtype=self.dtype, device=self.torch_device)
-                    vision = self.model.get_vision_features(pixel_values=pixels)
-                self._warm_decoders(vision, (int(size["height"]), int(size["width"])))
+                pixels = torch.zeros(shape, dtype=self.dtype, device=self.torch_device)
+                for n in self._warm_sizes():
+                    vision = None  # the previous size's features, before the next are made
+                    with torch.inference_mode():
+                        vision = self.model.get_vision_features(pixel_values=pixels[:n])
+                    self._warm_decoders(vision, n, (int(size["height"]), int(size["width"])))
                 return
             except torch.cuda.OutOfMemoryError:
                 pass  # retried outside the except block, once the failed attempt's memory is free
@@ -427,11 +434,19 @@ class Sam3Engine:
                 return
             self.ladder.halve(self.max_batch)
 
-    def _warm_decoders(self, vision: Any, size: tuple[int, int]) -> None:
+    def _warm_sizes(self) -> list[int]:
+        """The sub-batch sizes the warm-up runs: the full batch, and with ``--compile`` (the
+        decoders compiled) also half of it and one image, so that the decoders' compilations for a
+        short sub-batch (its size made dynamic) and for a single image happen in the load too."""
+        full = self.max_batch
+        if not (self.config.compile and self.torch_device.type == "cuda"):
+            return [full]
+        return sorted({full, max(full // 2, 1), 1}, reverse=True)
+
+    def _warm_decoders(self, vision: Any, batch: int, size: tuple[int, int]) -> None:
         """Every prompt's decoders once, on their own stream as a task runs them: the first use of
         their kernels there (cuDNN attention plans, cuBLAS on a new stream) is paid in the load,
         not by the first image, which for one big image cut into tiles is most of the run."""
-        batch = self.max_batch
         encoded = EncodedImages(vision, [size] * batch, boxes=[{} for _ in range(batch)])
         if self._decode_stream is not None:
             encoded.done = torch.cuda.Event()  # type: ignore[no-untyped-call]
