@@ -3,9 +3,10 @@
     python benchmarks/trace_engine.py --model-dir .bench/models/full-bf16 \
         --images-dir .bench/images-2048x1536 --batch-size 16 --tasks 1 [--task-size 128]
 
-Runs one warm-up task, then profiles ``--tasks`` tasks of the engine's preferred size (or
-``--task-size`` images: a 512-image trace is large) with reads, forward passes, post-processing and
-writes as in a real run, without the pool. Prints the task's wall time,
+Runs one warm-up task (none with ``--cold``: a fresh worker's first task), then profiles
+``--tasks`` tasks of the engine's preferred size (or ``--task-size`` images: a 512-image trace is
+large) with reads, forward passes, post-processing and writes as in a real run, without the pool.
+Prints the task's wall time,
 the time the GPU ran kernels, and the GPU's idle time split by what the thread running the model was
 doing meanwhile (each engine step is wrapped in a ``record_function`` label). ``--trace FILE`` also
 writes the Chrome trace (open it in ui.perfetto.dev). ``--ops N`` lists the N operators with the
@@ -243,6 +244,7 @@ def main() -> None:
     parser.add_argument("--no-fuse-rope", action="store_true", help="transformers' own rotary embedding")
     parser.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval (s)")
     parser.add_argument("--tiled", action="store_true", help="big images as tiles: --tasks images")
+    parser.add_argument("--cold", action="store_true", help="no warm-up task: a fresh worker's first")
     args = parser.parse_args()
 
     import sys
@@ -296,7 +298,8 @@ def main() -> None:
     if args.tiled:
         process, tasks = _tiled(engine, config, writer, paths, args.tasks)
 
-    process(tasks[0])  # warm-up: allocator, cuDNN/cuBLAS choices
+    if not args.cold:
+        process(tasks[0])  # warm-up: allocator, cuDNN/cuBLAS choices
     DURATIONS.clear()
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     sync()

@@ -184,6 +184,27 @@ def test_cpu_device_pick() -> None:
     assert pick_device("cpu", slot=3) == "cpu"
 
 
+def _same_detections(x: ItemResult, y: ItemResult, prompt: str) -> None:
+    """``prompt``'s detections of one image on two devices pair up by score (within 1e-3; near-equal
+    scores of two prompts may swap places, so each prompt's are paired on their own). At threshold 0
+    the low-scored masks lie under the better ones, and a pixel that rounds the other way between
+    devices can leave one of them unpainted (dropped) on one device only: an unpaired detection
+    must be such a sliver, at most two per prompt."""
+    left = sorted((d.score, d.area_px) for d in x.detections if d.prompt == prompt)
+    right = sorted((d.score, d.area_px) for d in y.detections if d.prompt == prompt)
+    assert left and right
+    unpaired = []
+    for score, area_px in left:
+        match = min(right, key=lambda r: abs(r[0] - score), default=None)
+        if match is not None and abs(match[0] - score) <= 1e-3:
+            right.remove(match)
+        else:
+            unpaired.append((score, area_px))
+    unpaired += right
+    sliver = x.width * x.height // 50
+    assert len(unpaired) <= 2 and all(a <= sliver for _, a in unpaired), (unpaired, sliver)
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_cuda_engine_agrees_with_cpu(tiny_model: Path, images: Path, tmp_path: Path) -> None:
     gpu = engine_for(tiny_model, images, tmp_path / "gpu", ("roof", "tree"), device="cuda")
@@ -194,13 +215,8 @@ def test_cuda_engine_agrees_with_cpu(tiny_model: Path, images: Path, tmp_path: P
     assert on_gpu[2].status is Status.INVALID_INPUT
     for x, y in zip(on_gpu[:2], on_cpu[:2], strict=True):
         check_consistent(x, tmp_path / "gpu")
-        # Threshold 0 keeps every query; near-equal scores of two prompts may swap places between
-        # devices, so each prompt's scores are compared as a sorted list.
         for prompt in ("roof", "tree"):
-            gpu_scores = sorted(d.score for d in x.detections if d.prompt == prompt)
-            cpu_scores = sorted(d.score for d in y.detections if d.prompt == prompt)
-            assert len(gpu_scores) == len(cpu_scores) > 0
-            assert np.allclose(gpu_scores, cpu_scores, atol=1e-3)
+            _same_detections(x, y, prompt)
     auto = engine_for(tiny_model, images, tmp_path / "auto", ("roof",), device="cuda", dtype="auto")
     check_consistent(written(auto, items("a.png"))[0], tmp_path / "auto")
 
