@@ -123,11 +123,11 @@ class FixedBatchBackbone(torch.nn.Module):
     per sub-batch and is free to decode and post-process the previous sub-batch meanwhile (it
     shares the GIL with the I/O threads). The graph keeps its own memory for the backbone's
     activations. A short sub-batch (the last tiles of an image: 40 tiles are 16, 16 and 8) gets a
-    graph of its own size from the second time that size comes, up to ``SHORT_GRAPHS`` sizes, in
-    the same memory pool (the graphs are replayed one at a time and each output is copied out at
-    once), instead of launching its kernels one by one. Out of memory while capturing is raised
-    (the engine halves the batch, and the next call captures at the new size); any other capture
-    failure warns and falls back to launching as usual."""
+    graph of its own size, up to ``SHORT_GRAPHS`` sizes, in the same memory pool (the graphs are
+    replayed one at a time and each output is copied out at once), instead of launching its
+    kernels one by one. Out of memory while capturing is raised (the engine halves the batch, and
+    the next call captures at the new size); any other capture failure warns and falls back to
+    launching as usual."""
 
     #: Short sub-batch sizes captured as graphs of their own, beyond the full batch.
     SHORT_GRAPHS = 4
@@ -145,7 +145,6 @@ class FixedBatchBackbone(torch.nn.Module):
         self._batch = batch
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, Any]] = {}
         self._pool: Any = None  # the memory pool the graphs share, once the first is captured
-        self._short_seen: dict[int, int] = {}  # how often each short size has come
 
     @property
     def batch(self) -> int:
@@ -157,7 +156,6 @@ class FixedBatchBackbone(torch.nn.Module):
         self._batch = batch
         self._graphs = {}
         self._pool = None
-        self._short_seen = {}
 
     @property
     def _captured(self) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, Any] | None:
@@ -191,16 +189,10 @@ class FixedBatchBackbone(torch.nn.Module):
 
     def _may_capture(self, size: int) -> bool:
         """Whether a sub-batch of ``size`` images replays a graph: the full batch always, a short
-        one from the second time its size comes, while fewer than ``SHORT_GRAPHS`` short sizes have
-        their own. The first time it runs as it comes: a capture costs two more passes and the
-        capture itself, which one image's last tiles (or a folder's last images) would not win
-        back."""
+        one while fewer than ``SHORT_GRAPHS`` short sizes have their own."""
         if size == self._batch or size in self._graphs:
             return True
-        if len([k for k in self._graphs if k != self._batch]) >= self.SHORT_GRAPHS:
-            return False
-        self._short_seen[size] = self._short_seen.get(size, 0) + 1
-        return self._short_seen[size] >= 2
+        return len([k for k in self._graphs if k != self._batch]) < self.SHORT_GRAPHS
 
     def _replay(self, pixel_values: torch.Tensor, size: int) -> Any:
         graph, static_in, static_out = self._graphs[size]
