@@ -20,7 +20,6 @@ from batchseg import imageio
 from batchseg.config import RunConfig
 from batchseg.engines.sam3.engine import load_engine
 from batchseg.engines.sam3.pipeline import Sam3Engine, pick_device
-from batchseg.engines.sam3.speedups import DECODERS
 from batchseg.errors import ConfigError
 from batchseg.records import Item, ItemResult, Status
 from batchseg.rle import area, decode
@@ -201,7 +200,7 @@ def _same_detections(x: ItemResult, y: ItemResult, prompt: str) -> None:
         else:
             unpaired.append((score, area_px))
     unpaired += right
-    sliver = x.width * x.height // 50
+    sliver = x.width * x.height // 200  # 0.5% of the image
     assert len(unpaired) <= 2 and all(a <= sliver for _, a in unpaired), (unpaired, sliver)
 
 
@@ -308,34 +307,6 @@ def test_compiled_backbone_pads_short_batches(tiny_model: Path, images: Path, tm
     for x, y in zip(written(fast, todo), written(plain, todo), strict=True):
         check_consistent(x, tmp_path / "fast")
         assert np.allclose([d.score for d in x.detections], [d.score for d in y.detections], atol=1e-3)
-
-
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own internals
-@pytest.mark.filterwarnings("ignore::FutureWarning")
-@pytest.mark.filterwarnings("ignore::UserWarning")  # inductor: TF32 available but off (float32 here)
-def test_compiled_decoders_compile_in_the_load_and_match_the_eager_ones(
-    tiny_model: Path, images: Path, tmp_path: Path
-) -> None:
-    """--compile also compiles the prompts' decoders: every sub-batch size a task can bring (here
-    3 of a batch of 4, then 1) runs on what the load compiled, and the results of two prompts
-    match the eager engine's."""
-    import torch._dynamo.utils
-
-    prompts = ("roof", "car")
-    plain = engine_for(tiny_model, images, tmp_path / "plain", prompts, device="cuda", batch_size=4)
-    fast = engine_for(
-        tiny_model, images, tmp_path / "fast", prompts, device="cuda", batch_size=4, compile=True
-    )
-    assert all(fast.model.get_submodule(name)._compiled_call_impl is not None for name in DECODERS)
-    compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    for i in range(2):
-        save_noise_image(images / f"more{i}.png", 90 + 7 * i, 60 + 5 * i, seed=20 + i)
-    for todo in (items("a.png", "sub/b.jpg", "more0.png"), items("more1.png")):
-        for x, y in zip(written(fast, todo), written(plain, todo), strict=True):
-            check_consistent(x, tmp_path / "fast")
-            assert np.allclose(_scores([x]), _scores([y]), atol=1e-3)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled  # nothing compiled since
 
 
 def _scores(results: list[ItemResult]) -> list[list[float]]:

@@ -419,12 +419,10 @@ class Sam3Engine:
         while True:
             shape = (self.max_batch, 3, size["height"], size["width"])
             try:
-                pixels = torch.zeros(shape, dtype=self.dtype, device=self.torch_device)
-                for n in self._warm_sizes():
-                    vision = None  # the previous size's features, before the next are made
-                    with torch.inference_mode():
-                        vision = self.model.get_vision_features(pixel_values=pixels[:n])
-                    self._warm_decoders(vision, n, (int(size["height"]), int(size["width"])))
+                with torch.inference_mode():
+                    pixels = torch.zeros(shape, dtype=self.dtype, device=self.torch_device)
+                    vision = self.model.get_vision_features(pixel_values=pixels)
+                self._warm_decoders(vision, (int(size["height"]), int(size["width"])))
                 return
             except torch.cuda.OutOfMemoryError:
                 pass  # retried outside the except block, once the failed attempt's memory is free
@@ -434,19 +432,11 @@ class Sam3Engine:
                 return
             self.ladder.halve(self.max_batch)
 
-    def _warm_sizes(self) -> list[int]:
-        """The sub-batch sizes the warm-up runs: the full batch, and with ``--compile`` (the
-        decoders compiled) also half of it and one image, so that the decoders' compilations for a
-        short sub-batch (its size made dynamic) and for a single image happen in the load too."""
-        full = self.max_batch
-        if not (self.config.compile and self.torch_device.type == "cuda"):
-            return [full]
-        return sorted({full, max(full // 2, 1), 1}, reverse=True)
-
-    def _warm_decoders(self, vision: Any, batch: int, size: tuple[int, int]) -> None:
+    def _warm_decoders(self, vision: Any, size: tuple[int, int]) -> None:
         """Every prompt's decoders once, on their own stream as a task runs them: the first use of
         their kernels there (cuDNN attention plans, cuBLAS on a new stream) is paid in the load,
         not by the first image, which for one big image cut into tiles is most of the run."""
+        batch = self.max_batch
         encoded = EncodedImages(vision, [size] * batch, boxes=[{} for _ in range(batch)])
         if self._decode_stream is not None:
             encoded.done = torch.cuda.Event()  # type: ignore[no-untyped-call]

@@ -16,15 +16,7 @@ import torch
 
 from .fused import fuse_gelu, fuse_rope, restore_gelu, restore_rope
 
-__all__ = [
-    "DECODERS",
-    "FixedBatchBackbone",
-    "compile_decoders",
-    "compile_layers",
-    "priority_stream",
-    "release_text_tower",
-    "speed_up",
-]
+__all__ = ["FixedBatchBackbone", "compile_layers", "priority_stream", "release_text_tower", "speed_up"]
 
 
 def speed_up(
@@ -51,8 +43,6 @@ def speed_up(
         fuse_gelu(model.vision_encoder.backbone)
     if device.type != "cuda" or not (compile or cuda_graphs):
         return None, fused
-    if compile:
-        compile_decoders(model)
     backbone = FixedBatchBackbone(model.vision_encoder.backbone, batch, compile, cuda_graphs)
     model.vision_encoder.backbone = backbone
     return backbone, fused
@@ -78,22 +68,6 @@ def compile_layers(backbone: torch.nn.Module) -> int:
     for layer in layers:
         layer.compile(dynamic=False)
     return len(layers)
-
-
-#: The prompt-side modules ``--compile`` compiles: they run once per prompt and sub-batch.
-DECODERS = ("detr_encoder", "detr_decoder", "dot_product_scoring", "mask_decoder")
-
-
-def compile_decoders(model: Any) -> None:
-    """``torch.compile`` the prompt-side decoders in place: their norms, residual adds and
-    elementwise passes are fused around the products and attention, about a quarter off a
-    prompt's decoding (docs/performance.md). Shapes are left to torch: the first call compiles at
-    the full batch (the engine's warm-up), and a second batch size (a short sub-batch, exemplar
-    boxes, a halved batch) compiles once more with that size dynamic, not once per size."""
-    for name in DECODERS:
-        module = getattr(model, name, None)
-        if module is not None:
-            module.compile()
 
 
 def release_text_tower(model: Any, device: torch.device) -> None:
