@@ -4,8 +4,9 @@ A JPEG cannot be read in parts: the tiles of one are cut from the whole decoded 
 (libjpeg-turbo, one core) took 0.73 s for a 10000 x 10000 JPEG on an H100's host, and for the
 first image of a task the first tile waits for all of it. nvJPEG took 0.12 s, the copy back to
 host memory included; the tiles are cut from those pixels as from Pillow's, so nothing after the
-decode changes. Loading nvJPEG takes about 1 s (``warm``, in a thread once the engine is ready);
-until then every JPEG is Pillow's.
+decode changes. Loading nvJPEG takes about 1 s (``warm``, in a thread while the engine encodes
+its prompts and applies its speed-ups; the backbone's capture waits for it); a JPEG read before
+then is Pillow's.
 
 Only a JPEG whose upright RGB image is what nvJPEG gives is decoded here: YCbCr or grey, stored
 upright (no EXIF orientation to apply) and complete (ends with its end-of-image marker; Pillow
@@ -162,7 +163,7 @@ class GpuJpeg:
 
     def warm(self) -> None:
         """Load nvJPEG and make its buffers now (about 1 s on an H100), from a thread of the
-        engine's while it starts. Until this ends every JPEG is Pillow's: no decode waits for it."""
+        engine's while it loads. Until this ends every JPEG is Pillow's: no decode waits for it."""
         try:
             if self._decode is None:
                 return
