@@ -130,8 +130,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _compile_decoders(model: Any, vision: Any, texts: list[Any], batch: int) -> dict[str, Any]:
-    """Compile the prompt-side modules in place; the first compiled
-    pass's seconds and how the compiled pass agrees with the eager one on the same features."""
+    """Compile the prompt-side modules in place; the first compiled pass's seconds, how the
+    compiled pass agrees with the eager one on the same features, and its time before and after
+    passes at other batch sizes."""
     eager = forward_texts(model, vision, texts, batch)
     for name in PARTS[:-1]:
         # Shapes left to torch: a second batch size compiles once more with the size dynamic.

@@ -6,12 +6,12 @@
 Runs one warm-up task (none with ``--cold``: a fresh worker's first task), then profiles
 ``--tasks`` tasks of the engine's preferred size (or ``--task-size`` images: a 512-image trace is
 large) with reads, forward passes, post-processing and writes as in a real run, without the pool.
-Prints the task's wall time,
-the time the GPU ran kernels, and the GPU's idle time split by what the thread running the model was
-doing meanwhile (each engine step is wrapped in a ``record_function`` label). ``--trace FILE`` also
-writes the Chrome trace (open it in ui.perfetto.dev). ``--ops N`` lists the N operators with the
-most GPU time (run it with ``--no-cuda-graphs``: a replayed graph hides its operators), and
-``--no-cuda-graphs``, ``--no-fuse-rope``, ``--no-priority`` and ``--compile`` compare settings.
+Prints the task's wall time, the time the GPU ran kernels, and the GPU's idle time split by what the
+thread running the model was doing meanwhile (each engine step is wrapped in a ``record_function``
+label). ``--trace FILE`` also writes the Chrome trace (open it in ui.perfetto.dev). ``--ops N``
+lists the N operators with the most GPU time (run it with ``--no-cuda-graphs``: a replayed graph
+hides its operators), and ``--no-cuda-graphs``, ``--no-fuse-rope``, ``--no-priority`` and
+``--compile`` compare settings.
 
 ``--tiled`` traces a folder of big images instead, run as the worker runs a task of them
 (``worker.process.run_items`` with the run's ``Tiler``: tiles, the merge helper, the label map), so

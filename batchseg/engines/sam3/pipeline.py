@@ -63,6 +63,10 @@ WHOLE_SIZE = "batchseg_whole_size"
 IO_THREADS = int(os.environ.get("BATCHSEG_IO_THREADS", 0)) or max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
+#: Seconds the engine's load waits for nvJPEG's (about 1 s) before the backbone's capture.
+NVJPEG_WAIT_S = 30.0
+
+
 def plan_gpu_use(device: torch.device) -> int:
     """Images per forward pass that the free memory of ``device`` allows (``sizing``)."""
     free, _total = torch.cuda.mem_get_info(device)
@@ -154,7 +158,10 @@ class Sam3Engine:
         self._post_stream = priority_stream(self.torch_device) if cuda else None
         self.ladder = OutOfMemoryLadder(self, batch, self._backbone)
         if loading is not None:
-            loading.join()  # no CUDA work of another thread while the backbone is captured
+            # No CUDA work of another thread while the backbone is captured; a load that hangs
+            # (a driver's fault) holds the worker's load up for at most NVJPEG_WAIT_S, and its
+            # JPEGs are Pillow's meanwhile.
+            loading.join(NVJPEG_WAIT_S)
         if self._backbone is not None:
             # Compile and capture during the load (its own timeout), not in the first image's.
             self.warm_up()
