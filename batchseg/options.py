@@ -288,7 +288,7 @@ class RunOptions:
     compile: bool = option(
         Flag(),
         False,
-        help="CUDA: torch.compile the backbone's layers (seconds per worker, then a few % faster).",
+        help="CUDA: torch.compile the ViT's layers and the prompts' decoders (slower start, then faster).",
         reader=ENGINE,
         retry=True,
     )

@@ -15,12 +15,12 @@ Prints one JSON object (also written to ``--work``/prompts.json):
 - ``agreement``: shared against apart on the same features (largest score and box difference,
   smallest mask IoU of the 20 best queries of each image and prompt).
 
-``--compile`` first compiles the prompt-side modules (``PARTS`` but the pixel decoder, which the
-mask decoder holds) and reports the seconds their first pass took (``compile_s``), their agreement
+``--compile`` first compiles the prompt-side modules as ``batchseg run --compile`` does
+(``speedups.compile_decoders``: ``PARTS`` but the pixel decoder, which the mask decoder holds) and
+reports the seconds their first pass took (``compile_s``), their agreement
 with the eager modules (``compiled_agreement``) and their time at the full batch before
 (``static_ms``) and after (``after_short_sizes_ms``) passes at half the batch and at one image
-(which make the batch size dynamic), as an engine that ran short sub-batches would have them.
-``batchseg run --compile`` does not compile them (yet): docs/performance.md says why.
+(which make the batch size dynamic), as the engine's warm-up leaves them.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--counts", default="1,2,4")
     parser.add_argument("--work", type=Path, default=Path(".bench"))
-    parser.add_argument("--compile", action="store_true", help="torch.compile the prompt-side decoders")
+    parser.add_argument("--compile", action="store_true", help="compile the decoders as --compile does")
     args = parser.parse_args()
     report = measure(args)
     print(json.dumps(report, indent=1))
@@ -133,10 +133,10 @@ def _compile_decoders(model: Any, vision: Any, texts: list[Any], batch: int) -> 
     """Compile the prompt-side modules in place; the first compiled pass's seconds, how the
     compiled pass agrees with the eager one on the same features, and its time before and after
     passes at other batch sizes."""
+    from batchseg.engines.sam3.speedups import compile_decoders
+
     eager = forward_texts(model, vision, texts, batch)
-    for name in PARTS[:-1]:
-        # Shapes left to torch: a second batch size compiles once more with the size dynamic.
-        model.get_submodule(name).compile()
+    compile_decoders(model)
     _sync()
     start = time.perf_counter()
     compiled = forward_texts(model, vision, texts, batch)
@@ -145,8 +145,8 @@ def _compile_decoders(model: Any, vision: Any, texts: list[Any], batch: int) -> 
         "compile_s": round(time.perf_counter() - start, 1),
         "compiled_agreement": _agreement(eager, compiled),
     }
-    # An engine would also meet half a batch and one image (the batch size then dynamic); the
-    # passes measured after this run on what that leaves.
+    # The engine's warm-up also runs half a batch and one image (the batch size then dynamic);
+    # the passes measured after this run on what that leaves, as in the engine.
     one = SimpleNamespace(iters=5)
     report["static_ms"] = round(
         1000 * _timed(lambda: forward_texts(model, vision, texts, batch), one) / batch, 3

@@ -20,6 +20,7 @@ from batchseg import imageio
 from batchseg.config import RunConfig
 from batchseg.engines.sam3.engine import load_engine
 from batchseg.engines.sam3.pipeline import Sam3Engine, pick_device
+from batchseg.engines.sam3.speedups import compile_decoders, decoders_compiled, warm_sizes
 from batchseg.errors import ConfigError
 from batchseg.records import Item, ItemResult, Status
 from batchseg.rle import area, decode
@@ -307,6 +308,51 @@ def test_compiled_backbone_pads_short_batches(tiny_model: Path, images: Path, tm
     for x, y in zip(written(fast, todo), written(plain, todo), strict=True):
         check_consistent(x, tmp_path / "fast")
         assert np.allclose([d.score for d in x.detections], [d.score for d in y.detections], atol=1e-3)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own internals
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.filterwarnings("ignore::UserWarning")  # inductor: TF32 available but off (float32 here)
+@pytest.mark.parametrize(
+    "device, prompts",
+    [
+        # One prompt: its DETR encoder compiled again at the first full sub-batch. 45 s of CPU
+        # compilation on 2 cores, so only with -m slow on a CPU.
+        pytest.param("cpu", ("roof",), marks=pytest.mark.slow),
+        pytest.param("cuda", ("roof",), marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")),
+        pytest.param(
+            "cuda", ("roof", "car"), marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+        ),
+    ],
+)
+def test_compiled_decoders_compile_in_the_warm_up_and_match_the_eager_ones(
+    tiny_model: Path, images: Path, tmp_path: Path, device: str, prompts: tuple[str, ...]
+) -> None:
+    """--compile also compiles the prompts' decoders (on a GPU; here on the CPU too, by hand):
+    after the warm-up, every sub-batch size a task can bring (a full one, 3 of a batch of 4, one
+    image) runs on code compiled in the load, and the results match the eager engine's."""
+    import torch._dynamo.utils
+
+    plain = engine_for(tiny_model, images, tmp_path / "plain", prompts, device=device, batch_size=4)
+    fast = engine_for(
+        tiny_model, images, tmp_path / "fast", prompts, device=device, batch_size=4, compile=True
+    )
+    if device == "cpu":  # speed_up compiles them on CUDA only; the warm-up is the engine's own
+        compile_decoders(fast.model)
+        fast.warm_up()
+    assert decoders_compiled(fast.model) and warm_sizes(fast.model, 4) == [4, 2, 1, 4]
+    compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for i in range(3):
+        save_noise_image(images / f"more{i}.png", 90 + 7 * i, 60 + 5 * i, seed=20 + i)
+    for todo in (
+        items("a.png", "sub/b.jpg", "more0.png", "more1.png"),
+        items("a.png", "sub/b.jpg", "more2.png"),
+        items("more1.png"),
+    ):
+        for x, y in zip(written(fast, todo), written(plain, todo), strict=True):
+            check_consistent(x, tmp_path / "fast")
+            assert np.allclose(_scores([x]), _scores([y]), atol=1e-3)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled  # nothing compiled since
 
 
 def _scores(results: list[ItemResult]) -> list[list[float]]:

@@ -178,6 +178,18 @@ class GpuJpeg:
             self.loaded.set()
 
 
+def load_in_background(device: torch.device, tiled: bool) -> tuple[GpuJpeg | None, threading.Thread | None]:
+    """The decoder for a run on ``device`` (None off CUDA) and the thread loading it (``warm``),
+    started now unless no image is cut into tiles in this run (``tiled``). The engine starts it
+    before encoding its prompts and joins it before the backbone's capture."""
+    jpeg = GpuJpeg(device) if device.type == "cuda" else None
+    if jpeg is None or not tiled:
+        return jpeg, None
+    loading = threading.Thread(target=jpeg.warm, name="batchseg-nvjpeg", daemon=True)
+    loading.start()
+    return jpeg, loading
+
+
 def _nvjpeg() -> Any:
     """torchvision's GPU JPEG decoder as ``decode(data, device=...)`` giving RGB, or None where
     this torchvision has none (built without nvJPEG, or its image decoding removed) or where

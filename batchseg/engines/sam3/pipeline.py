@@ -14,7 +14,6 @@ failure. Per-image problems come back as results: ``invalid_input`` for unreadab
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -36,7 +35,7 @@ from ...values import show
 from ...worker.contract import Capabilities, HeartbeatFn, Instance, Outcome, Segmentation
 from ...worker.reading import VALID_KEY, ImageReader, georef_of, valid_of
 from .exemplar_boxes import EXEMPLARS_KEY, VISUAL_TEXT, Boxes, Placer, forward_prompt, nothing_scored
-from .gpu_jpeg import GpuJpeg
+from .gpu_jpeg import load_in_background
 from .ladder import OutOfMemoryLadder
 from .model import max_prompt_tokens, resolve_device
 from .postprocess import (
@@ -51,7 +50,7 @@ from .postprocess import (
     score_outputs,
 )
 from .sizing import batch_for_free_memory, task_size
-from .speedups import priority_stream, release_text_tower, speed_up
+from .speedups import priority_stream, release_text_tower, speed_up, warm_sizes
 from .task import Task, WriteFn
 
 __all__ = ["EncodedImages", "PromptText", "Sam3Engine", "pick_device", "plan_gpu_use"]
@@ -115,15 +114,9 @@ class Sam3Engine:
         self.device = _describe_device(device, dtype)
         self.input_root = Path(config.input)
         self.output_dir = Path(config.output_dir)
-        # On a GPU a big JPEG cut into tiles is decoded there (``gpu_jpeg``), not by Pillow. nvJPEG
-        # loads (about 1 s) in a thread while the prompts are encoded and the speed-ups applied,
-        # unless no image is cut into tiles in this run; the backbone's capture waits for it (below).
-        # A JPEG read before it is loaded is Pillow's: nothing else waits for it.
-        jpeg = GpuJpeg(self.torch_device) if self.torch_device.type == "cuda" else None
-        loading = None
-        if jpeg is not None and (config.tile or "auto") != "off":
-            loading = threading.Thread(target=jpeg.warm, name="batchseg-nvjpeg", daemon=True)
-            loading.start()
+        # On a GPU a big JPEG cut into tiles is decoded there by nvJPEG (``gpu_jpeg``), which loads
+        # (about 1 s) while the prompts are encoded and the speed-ups applied; until then, Pillow.
+        jpeg, loading = load_in_background(self.torch_device, (config.tile or "auto") != "off")
         # --prompt, then the prompts the exemplar boxes add (those run only where they have boxes).
         self.exemplars = load_exemplars(config)
         names = run_prompts(config, self.exemplars)
@@ -428,8 +421,11 @@ class Sam3Engine:
             try:
                 with torch.inference_mode():
                     pixels = torch.zeros(shape, dtype=self.dtype, device=self.torch_device)
-                    vision = self.model.get_vision_features(pixel_values=pixels)
-                self._warm_decoders(vision, (int(size["height"]), int(size["width"])))
+                for n in warm_sizes(self.model, self.max_batch):
+                    vision = None  # the previous size's features, before the next are made
+                    with torch.inference_mode():
+                        vision = self.model.get_vision_features(pixel_values=pixels[:n])
+                    self._warm_decoders(vision, n, (int(size["height"]), int(size["width"])))
                 return
             except torch.cuda.OutOfMemoryError:
                 pass  # retried outside the except block, once the failed attempt's memory is free
@@ -439,11 +435,10 @@ class Sam3Engine:
                 return
             self.ladder.halve(self.max_batch)
 
-    def _warm_decoders(self, vision: Any, size: tuple[int, int]) -> None:
+    def _warm_decoders(self, vision: Any, batch: int, size: tuple[int, int]) -> None:
         """Every prompt's decoders once, on their own stream as a task runs them: the first use of
         their kernels there (cuDNN attention plans, cuBLAS on a new stream) is paid in the load,
         not by the first image, which for one big image cut into tiles is most of the run."""
-        batch = self.max_batch
         encoded = EncodedImages(vision, [size] * batch, boxes=[{} for _ in range(batch)])
         if self._decode_stream is not None:
             encoded.done = torch.cuda.Event()  # type: ignore[no-untyped-call]

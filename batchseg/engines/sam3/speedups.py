@@ -16,7 +16,16 @@ import torch
 
 from .fused import fuse_gelu, fuse_rope, restore_gelu, restore_rope
 
-__all__ = ["FixedBatchBackbone", "compile_layers", "priority_stream", "release_text_tower", "speed_up"]
+__all__ = [
+    "FixedBatchBackbone",
+    "compile_decoders",
+    "compile_layers",
+    "decoders_compiled",
+    "priority_stream",
+    "release_text_tower",
+    "speed_up",
+    "warm_sizes",
+]
 
 
 def speed_up(
@@ -43,6 +52,8 @@ def speed_up(
         fuse_gelu(model.vision_encoder.backbone)
     if device.type != "cuda" or not (compile or cuda_graphs):
         return None, fused
+    if compile:
+        compile_decoders(model)
     backbone = FixedBatchBackbone(model.vision_encoder.backbone, batch, compile, cuda_graphs)
     model.vision_encoder.backbone = backbone
     return backbone, fused
@@ -68,6 +79,38 @@ def compile_layers(backbone: torch.nn.Module) -> int:
     for layer in layers:
         layer.compile(dynamic=False)
     return len(layers)
+
+
+#: The prompt-side modules ``--compile`` compiles: they run once per prompt and sub-batch.
+DECODERS = ("detr_encoder", "detr_decoder", "dot_product_scoring", "mask_decoder")
+
+
+def compile_decoders(model: Any) -> None:
+    """``torch.compile`` the prompt-side decoders in place: their norms, residual adds and
+    elementwise passes are fused around the products and attention, about a quarter off a
+    prompt's decoding (docs/performance.md). Shapes are left to torch: a second batch size
+    compiles once more with the size dynamic, not once per size. The engine's warm-up meets the
+    sizes a run brings (``warm_sizes``), so nothing compiles after the load."""
+    for name in DECODERS:
+        getattr(model, name).compile()
+
+
+def decoders_compiled(model: Any) -> bool:
+    """Whether ``compile_decoders`` compiled ``model``'s decoders."""
+    return getattr(model.detr_encoder, "_compiled_call_impl", None) is not None
+
+
+def warm_sizes(model: Any, full: int) -> list[int]:
+    """The sub-batch sizes the engine's warm-up runs: the full batch, and with compiled decoders
+    then half of it, one image and the full batch again. The half makes the batch size dynamic in
+    their compiled code and one image has code of its own, so a run's short sub-batches compile
+    nothing. The full batch comes again because with one prompt the DETR encoder's first pass
+    left no compiled code for it (transformers 5.25, found with ``TORCH_LOGS=recompiles``): the
+    run's first full sub-batch compiled again, a stall of seconds on a GPU."""
+    if not decoders_compiled(model):
+        return [full]
+    sizes = [full, max(full // 2, 1), 1, full]
+    return [n for k, n in enumerate(sizes) if k == 0 or n != sizes[k - 1]]
 
 
 def release_text_tower(model: Any, device: torch.device) -> None:
