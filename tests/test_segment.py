@@ -185,11 +185,11 @@ def test_cpu_device_pick() -> None:
 
 
 def _same_detections(x: ItemResult, y: ItemResult, prompt: str) -> None:
-    """``prompt``'s detections of one image on two devices pair up by score (within 1e-3; near-equal
-    scores of two prompts may swap places, so each prompt's are paired on their own). At threshold 0
-    the low-scored masks lie under the better ones, and a pixel that rounds the other way between
-    devices can leave one of them unpainted (dropped) on one device only: an unpaired detection
-    must be such a sliver, at most two per prompt."""
+    """``prompt``'s detections of one image from two engines (two devices, or compiled and eager)
+    pair up by score (within 1e-3; near-equal scores of two prompts may swap places, so each
+    prompt's are paired on their own). At threshold 0 the low-scored masks lie under the better
+    ones, and a pixel that rounds the other way can leave one of them unpainted (dropped) on one
+    side only: an unpaired detection must be such a sliver, at most two per prompt."""
     left = sorted((d.score, d.area_px) for d in x.detections if d.prompt == prompt)
     right = sorted((d.score, d.area_px) for d in y.detections if d.prompt == prompt)
     assert left and right
@@ -351,7 +351,8 @@ def test_compiled_decoders_compile_in_the_warm_up_and_match_the_eager_ones(
     ):
         for x, y in zip(written(fast, todo), written(plain, todo), strict=True):
             check_consistent(x, tmp_path / "fast")
-            assert np.allclose(_scores([x]), _scores([y]), atol=1e-3)
+            for prompt in prompts:
+                _same_detections(x, y, prompt)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled  # nothing compiled since
 
 
