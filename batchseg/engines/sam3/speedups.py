@@ -1,7 +1,8 @@
 """The CUDA speed-ups of the SAM3 engine, apart from the per-image pipeline they speed up.
 
 The vision backbone at one batch size (``FixedBatchBackbone``: its layers compiled and/or replayed
-as a CUDA graph), the high-priority streams the decoders and post-processing run on
+as a CUDA graph), the prompts' decoders compiled (``compile_decoders``, with ``warm_sizes`` for
+the engine's warm-up), the high-priority streams the decoders and post-processing run on
 (``priority_stream``), and the fused kernels (``fused.py``: the rotary embedding, the MLPs' GELU).
 ``speed_up`` applies them for the engine and for the model-only benchmark alike. What each one
 brought is in docs/performance.md.
@@ -39,9 +40,10 @@ def speed_up(
     gelu: bool,
 ) -> tuple[FixedBatchBackbone | None, bool]:
     """The CUDA speed-ups applied to ``model`` as batchseg runs it (the engine, and the model-only
-    benchmark): the backbone wrapped at one batch size when compiled or captured, the rotary
-    embedding fused (``fuse``; not with ``compile``, which fuses it anyway) and the MLPs' GELU made
-    part of their first product (``gelu``). Returns the wrapper, if any, and whether the fused
+    benchmark): the backbone wrapped at one batch size when compiled or captured, the prompts'
+    decoders compiled too with ``compile``, the rotary embedding fused (``fuse``; not with
+    ``compile``, which fuses it anyway) and the MLPs' GELU made part of their first product
+    (``gelu``). Returns the wrapper, if any, and whether the fused
     rotary embedding is in use."""
     restore_rope()  # a function of transformers' module, shared by the process
     vit = model.config.vision_config.backbone_config
