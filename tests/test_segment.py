@@ -307,7 +307,7 @@ def test_compiled_backbone_pads_short_batches(tiny_model: Path, images: Path, tm
     todo = items("a.png", "sub/b.jpg", "c.png")  # batches of 2, then 1 (padded)
     for x, y in zip(written(fast, todo), written(plain, todo), strict=True):
         check_consistent(x, tmp_path / "fast")
-        assert np.allclose([d.score for d in x.detections], [d.score for d in y.detections], atol=1e-3)
+        _same_detections(x, y, "roof")  # the decoders are compiled too: a sliver may differ
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own internals
