@@ -43,8 +43,7 @@ def speed_up(
     benchmark): the backbone wrapped at one batch size when compiled or captured, the prompts'
     decoders compiled too with ``compile``, the rotary embedding fused (``fuse``; not with
     ``compile``, which fuses it anyway) and the MLPs' GELU made part of their first product
-    (``gelu``). Returns the wrapper, if any, and whether the fused
-    rotary embedding is in use."""
+    (``gelu``). Returns the wrapper, if any, and whether the fused rotary embedding is in use."""
     restore_rope()  # a function of transformers' module, shared by the process
     vit = model.config.vision_config.backbone_config
     heads = int(vit.num_attention_heads)
