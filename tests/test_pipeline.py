@@ -128,6 +128,32 @@ def test_sub_batches_equal_images_alone_and_report_as_they_go(
         assert result is results[index]
 
 
+def test_a_short_sub_batch_is_padded_to_the_full_batch_the_first_time_its_size_comes(
+    tiny_model: Path, folder: Path, task: list[Item], reference: list[ItemResult], tmp_path: Path
+) -> None:
+    """On a GPU a short size's first run would capture a graph and plan cuDNN's kernels for it
+    (``Sam3Engine.pad_rows``): the first time, its rows are padded to the full batch, which is
+    decoded whole and post-processed for its real images only; the next time it runs as it is."""
+    engine = make_engine(tiny_model, folder, tmp_path, batch_size=3)
+    engine.pad_short = True  # on by default where the backbone is captured or compiled (a GPU)
+    rows: list[int] = []
+    vision = engine.model.get_vision_features
+
+    def counted(pixel_values: torch.Tensor, **kwargs: Any) -> Any:
+        rows.append(pixel_values.shape[0])
+        return vision(pixel_values=pixel_values, **kwargs)
+
+    engine.model.get_vision_features = counted
+    landed: list[int] = []
+    wrap(engine, "land", lambda scored, sizes, *rest: landed.append(len(sizes)))
+    assert_same(written(engine, task), reference)  # 7 images: 3, 3 and 1 padded with 2
+    assert rows == [3, 3, 3] and landed == [3, 3, 1]
+    assert_same(written(engine, task), reference)  # the size of 1 came before: as it is
+    assert rows[3:] == [3, 3, 1] and landed[3:] == [3, 3, 1]
+    # A lone image the ladder retries is never padded (the path of out-of-memory recoveries).
+    assert len(engine.segment([engine.read(task[0])])) == 1 and rows[-1] == 1
+
+
 @pytest.mark.parametrize("overlap", [True, False])
 def test_out_of_memory_while_decoding_halves_the_batch_for_good(
     tiny_model: Path,

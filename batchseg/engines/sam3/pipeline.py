@@ -65,6 +65,10 @@ IO_THREADS = int(os.environ.get("BATCHSEG_IO_THREADS", 0)) or max(1, min(8, (os.
 #: Seconds the engine's load waits for nvJPEG's (about 1 s) before the backbone's capture.
 NVJPEG_WAIT_S = 30.0
 
+#: ``0`` runs a short sub-batch at its own size the first time its size comes too (see
+#: ``Sam3Engine.pad_rows``): a benchmark's comparison.
+PAD_SHORT = os.environ.get("BATCHSEG_PAD_SHORT", "1") != "0"
+
 
 def plan_gpu_use(device: torch.device) -> int:
     """Images per forward pass that the free memory of ``device`` allows (``sizing``)."""
@@ -97,6 +101,14 @@ class EncodedImages:
     sizes: list[tuple[int, int]]
     done: Any = None  # torch.cuda.Event recorded after the vision encoder's work, on a GPU
     boxes: list[Boxes] = field(default_factory=list)  # each image's exemplar boxes per prompt
+    #: Images the batch holds; rows past it pad a short sub-batch (``Sam3Engine.pad_rows``) and
+    #: are decoded but never post-processed. None: every row is an image.
+    real: int | None = None
+
+    @property
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """The sizes of the batch's images, padding rows left out."""
+        return self.sizes[: self.real]
 
 
 class Sam3Engine:
@@ -150,6 +162,10 @@ class Sam3Engine:
         self.overlap = cuda
         self._post_stream = priority_stream(self.torch_device) if cuda else None
         self.ladder = OutOfMemoryLadder(self, batch, self._backbone)
+        # Short sub-batch sizes a task has run (``pad_rows``); padding only where the backbone is
+        # captured or compiled at the full batch (a GPU).
+        self.pad_short = PAD_SHORT and self._backbone is not None
+        self._short_sizes: set[int] = set()
         if loading is not None:
             # No CUDA work of another thread while the backbone is captured; a load that hangs
             # (a driver's fault) holds the worker's load up for at most NVJPEG_WAIT_S, and its
@@ -248,8 +264,22 @@ class Sam3Engine:
         except Exception as exc:  # noqa: BLE001 - any per-image failure is that image's result
             return self.failure(item, exc, picture.started_at)
 
-    def encode_images(self, images: Sequence[Image.Image]) -> EncodedImages:
-        """Vision features of the images, each resized by the processor from its original size."""
+    def pad_rows(self, n: int) -> int:
+        """Rows to add to a task's sub-batch of ``n`` images: up to the full batch the first time a
+        short size comes, none after. A short size's first run would capture the backbone's graph
+        for it and make cuDNN's attention plans for the decoders at that size: 1.2 s of the host's
+        time for the 9 last tiles of a 10000x10000 JPEG on an H100 (``benchmarks/trace_engine.py
+        --cold``), against about 0.12 s of the device's for 7 padding rows. An image's last tiles
+        or a run's last images come once; a size that comes again is worth its graph."""
+        full = self.max_batch  # the backbone's batch too (the ladder halves both)
+        if not self.pad_short or n >= full or n in self._short_sizes:
+            return 0
+        self._short_sizes.add(n)
+        return full - n
+
+    def encode_images(self, images: Sequence[Image.Image], pad: int = 0) -> EncodedImages:
+        """Vision features of the images, each resized by the processor from its original size;
+        ``pad`` rows repeat the last image (``pad_rows``)."""
         # On a GPU the processor's resize runs there too: a large image is resized in a
         # millisecond instead of tens on the CPU that also feeds the next image.
         if self.torch_device.type == "cuda":
@@ -268,10 +298,13 @@ class Sam3Engine:
             raise RuntimeError(f"the processor saw sizes {seen}, the images are {_sizes(images)}")
         pixels = batch["pixel_values"].to(self.torch_device, self.dtype)
         with torch.inference_mode():
+            if pad:
+                pixels = torch.cat([pixels, pixels[-1:].expand(pad, *pixels.shape[1:])])
             vision = self.model.get_vision_features(pixel_values=pixels)
         # Masks and boxes are made at the full size, also for a JPEG decoded at a reduced scale.
         full = [imageio.original_size(image)[::-1] for image in images]
-        encoded = EncodedImages(vision, full, boxes=[image.info.get(EXEMPLARS_KEY) or {} for image in images])
+        boxes = [image.info.get(EXEMPLARS_KEY) or {} for image in images]
+        encoded = EncodedImages(vision, full + full[-1:] * pad, boxes=boxes + [{}] * pad, real=len(images))
         if self._decode_stream is not None:
             encoded.done = torch.cuda.Event()  # type: ignore[no-untyped-call]
             encoded.done.record()
@@ -319,7 +352,7 @@ class Sam3Engine:
 
     def decode_prompts(self, encoded: EncodedImages) -> list[list[Candidates]]:
         """``launch_prompts`` then ``select``: the kept candidates of every image and prompt."""
-        return self.select(self.launch_prompts(encoded), encoded.sizes)
+        return self.select(self.launch_prompts(encoded), encoded.image_sizes)
 
     def postprocess(self, parts: Sequence[Candidates], size: tuple[int, int]) -> ImageSegmentation:
         """One image's candidates of every prompt -> its label map, detections in label order."""
@@ -367,7 +400,7 @@ class Sam3Engine:
     def decode(self, encoded: EncodedImages, post_on_cpu: bool = False) -> list[ImageSegmentation]:
         """Decode every prompt on encoded images and post-process them."""
         scored = self.launch_prompts(encoded)
-        return self.land(scored, encoded.sizes, post_on_cpu=post_on_cpu)
+        return self.land(scored, encoded.image_sizes, post_on_cpu=post_on_cpu)
 
     def found(self, item: Item, image: Image.Image, seg: ImageSegmentation, started: float) -> Segmentation:
         """One image's (or window's) instances as the worker's writer takes them; ``image`` (from

@@ -43,7 +43,9 @@ class _Engine(Protocol):
 
     def read(self, item: Item) -> Image.Image | ItemResult: ...
 
-    def encode_images(self, images: Sequence[Image.Image]) -> Any: ...
+    def pad_rows(self, n: int) -> int: ...
+
+    def encode_images(self, images: Sequence[Image.Image], pad: int = 0) -> Any: ...
 
     def decode(self, encoded: Any) -> list[ImageSegmentation]: ...
 
@@ -142,7 +144,8 @@ class Task:
         failure: Failure | None = None
         queued: _Flight | None = None
         try:
-            queued = _Flight(positions, self.engine.encode_images([self.held[i] for i in positions]))
+            images = [self.held[i] for i in positions]
+            queued = _Flight(positions, self.engine.encode_images(images, self.engine.pad_rows(len(images))))
         except torch.cuda.OutOfMemoryError:
             failure = Failure.OUT_OF_MEMORY
         except Exception:  # noqa: BLE001 - one bad image must not fail its neighbours
