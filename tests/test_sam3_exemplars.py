@@ -227,3 +227,30 @@ def test_a_tiled_run_through_the_pool_gives_each_tile_its_boxes(tiny_model: Path
         return sorted(r["score"] for r in table)
 
     assert scores(boxes, "boxed") != scores(None, "text")
+
+
+def test_a_padded_sub_batch_gives_its_images_their_own_boxes(
+    tiny_model: Path, images: Path, tmp_path: Path
+) -> None:
+    """A short sub-batch padded to the full batch (``Sam3Engine.pad_rows``, on by default on a
+    GPU) repeats its last image, boxes included; its images' results are those of a run without
+    padding."""
+    boxes = boxes_file(tmp_path, ["a.png,20,10,70,50,1,roof"])
+    todo = [Item("c.png", 0, 0), Item("a.png", 0, 0)]
+    padded = engine_for(tiny_model, images, ("roof",), boxes, batch_size=3)
+    padded.pad_short = True
+    rows: list[int] = []
+    forward = padded.model.forward
+
+    def counted(**kwargs: Any) -> Any:  # the decoders' calls: rows of vision features each
+        rows.append(kwargs["vision_embeds"].fpn_hidden_states[0].shape[0])
+        return forward(**kwargs)
+
+    padded.model.forward = counted
+    got = written(padded, todo)
+    # The rows with boxes first (a and the padding row, its copy), then those without (c).
+    assert rows == [2, 1]
+    want = written(engine_for(tiny_model, images, ("roof",), boxes, batch_size=3), todo)
+    for x, y in zip(got, want, strict=True):
+        assert kept_from(scores_of(x, "roof"), scores_of(y, "roof"))
+        assert len(x.detections) == len(y.detections)

@@ -17,7 +17,7 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,7 @@ class EncodedImages:
 
     vision: Any  # Sam3VisionEncoderOutput
     sizes: list[tuple[int, int]]
+    _: KW_ONLY  # the rest by name: a list given in the wrong place would pass unseen
     done: Any = None  # torch.cuda.Event recorded after the vision encoder's work, on a GPU
     boxes: list[Boxes] = field(default_factory=list)  # each image's exemplar boxes per prompt
     #: Images the batch holds; rows past it pad a short sub-batch (``Sam3Engine.pad_rows``) and
@@ -304,7 +305,11 @@ class Sam3Engine:
         # Masks and boxes are made at the full size, also for a JPEG decoded at a reduced scale.
         full = [imageio.original_size(image)[::-1] for image in images]
         boxes = [image.info.get(EXEMPLARS_KEY) or {} for image in images]
-        encoded = EncodedImages(vision, full + full[-1:] * pad, boxes=boxes + [{}] * pad, real=len(images))
+        # Padding rows are the last image again, its exemplar boxes too: they take its path through
+        # the decoders, at the full batch's size.
+        encoded = EncodedImages(
+            vision, full + full[-1:] * pad, boxes=boxes + boxes[-1:] * pad, real=len(images)
+        )
         if self._decode_stream is not None:
             encoded.done = torch.cuda.Event()  # type: ignore[no-untyped-call]
             encoded.done.record()
