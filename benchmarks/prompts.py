@@ -62,8 +62,8 @@ def main() -> None:
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    from batchseg.engines.sam3.features import PromptText
     from batchseg.engines.sam3.model import load_model, resolve_dtype
-    from batchseg.engines.sam3.pipeline import PromptText
     from batchseg.engines.sam3.speedups import speed_up
 
     args.work.mkdir(parents=True, exist_ok=True)

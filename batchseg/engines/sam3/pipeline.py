@@ -17,7 +17,6 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,8 @@ from ...records import Item, ItemResult, Status, failure_result
 from ...values import show
 from ...worker.contract import Capabilities, HeartbeatFn, Instance, Outcome, Segmentation
 from ...worker.reading import VALID_KEY, ImageReader, georef_of, valid_of
-from .exemplar_boxes import EXEMPLARS_KEY, VISUAL_TEXT, Boxes, Placer, forward_prompt, nothing_scored
+from .exemplar_boxes import EXEMPLARS_KEY, VISUAL_TEXT, Placer, forward_prompt, nothing_scored
+from .features import EncodedImages, PromptText, TextEmbeds
 from .gpu_jpeg import load_in_background
 from .ladder import OutOfMemoryLadder
 from .model import max_prompt_tokens, resolve_device
@@ -53,7 +53,7 @@ from .sizing import batch_for_free_memory, task_size
 from .speedups import priority_stream, release_text_tower, speed_up, warm_sizes
 from .task import Task, WriteFn
 
-__all__ = ["EncodedImages", "PromptText", "Sam3Engine", "pick_device", "plan_gpu_use"]
+__all__ = ["Sam3Engine", "pick_device", "plan_gpu_use"]
 
 #: ``image.info`` key of a window's image: (width, height) of the whole upright image.
 WHOLE_SIZE = "batchseg_whole_size"
@@ -82,34 +82,6 @@ def pick_device(device: str, slot: int) -> str:
     if resolved == "cuda":
         return f"cuda:{slot % torch.cuda.device_count()}"
     return resolved
-
-
-@dataclass
-class PromptText:
-    """One prompt's text features, computed once per worker and reused for every image."""
-
-    prompt: str
-    features: torch.Tensor  # (1, tokens, hidden): the text encoder output after projection
-    attention_mask: torch.Tensor  # (1, tokens)
-
-
-@dataclass
-class EncodedImages:
-    """Vision features of a batch of images, with each image's original (height, width)."""
-
-    vision: Any  # Sam3VisionEncoderOutput
-    sizes: list[tuple[int, int]]
-    _: KW_ONLY  # the rest by name: a list given in the wrong place would pass unseen
-    done: Any = None  # torch.cuda.Event recorded after the vision encoder's work, on a GPU
-    boxes: list[Boxes] = field(default_factory=list)  # each image's exemplar boxes per prompt
-    #: Images the batch holds; rows past it pad a short sub-batch (``Sam3Engine.pad_rows``) and
-    #: are decoded but never post-processed. None: every row is an image.
-    real: int | None = None
-
-    @property
-    def image_sizes(self) -> list[tuple[int, int]]:
-        """The sizes of the batch's images, padding rows left out."""
-        return self.sizes[: self.real]
 
 
 class Sam3Engine:
@@ -334,7 +306,7 @@ class Sam3Engine:
                     elif not boxed:  # text alone: one forward
                         outputs = self.model(
                             vision_embeds=encoded.vision,
-                            text_embeds=_TextEmbeds(text.features.expand(batch, -1, -1)),
+                            text_embeds=TextEmbeds(text.features.expand(batch, -1, -1)),
                             attention_mask=text.attention_mask.expand(batch, -1),
                         )
                     else:
@@ -506,13 +478,6 @@ class Sam3Engine:
         pixels = torch.empty((image.height, image.width, 3), dtype=torch.uint8, pin_memory=True)
         pixels.numpy()[...] = np.asarray(image)  # PIL's array is read-only: copied, not wrapped
         return pixels.permute(2, 0, 1)
-
-
-class _TextEmbeds:
-    """What ``Sam3Model.forward(text_embeds=...)`` reads: an object with ``pooler_output``."""
-
-    def __init__(self, pooler_output: torch.Tensor) -> None:
-        self.pooler_output = pooler_output
 
 
 def _sizes(images: Sequence[Image.Image]) -> list[tuple[int, int]]:

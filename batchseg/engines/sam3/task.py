@@ -65,7 +65,7 @@ class _Flight:
     """A sub-batch encoded (its vision encoder queued on the device) and not yet decoded."""
 
     positions: list[int]  # in the task
-    encoded: Any  # pipeline.EncodedImages; None once decoded or failed: the vision features are freed
+    encoded: Any  # features.EncodedImages; None once decoded or failed: the vision features are freed
 
 
 class Task:
