@@ -25,6 +25,7 @@ from ... import imageio
 from ...exemplars import ExemplarSet, Placed, within
 from ...records import Item
 from ...worker.reading import georef_of
+from .features import Box, Boxes, TextEmbeds
 from .postprocess import Scored
 
 __all__ = ["EXEMPLARS_KEY", "VISUAL_TEXT", "Placer", "forward_prompt", "nothing_scored"]
@@ -35,10 +36,6 @@ EXEMPLARS_KEY = "batchseg_exemplars"
 VISUAL_TEXT = "visual"
 #: Label of a padding row (``Sam3Model.forward``'s convention).
 PAD_LABEL = -10
-
-Box = tuple[float, float, float, float]
-#: Per prompt index: the boxes (pixel edges in the image's frame) and whether each is positive.
-Boxes = dict[int, list[tuple[Box, bool]]]
 
 
 @dataclass
@@ -164,7 +161,7 @@ def forward_prompt(
             extra = {"input_boxes": boxes, "input_boxes_labels": labels}
         outputs = model(
             vision_embeds=features,
-            text_embeds=SimpleNamespace(pooler_output=text.features.expand(len(rows), -1, -1)),
+            text_embeds=TextEmbeds(text.features.expand(len(rows), -1, -1)),
             attention_mask=text.attention_mask.expand(len(rows), -1),
             **extra,
         )

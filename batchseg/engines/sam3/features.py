@@ -8,9 +8,11 @@ from typing import Any
 
 import torch
 
-from .exemplar_boxes import Boxes
+__all__ = ["Box", "Boxes", "EncodedImages", "PromptText", "TextEmbeds"]
 
-__all__ = ["EncodedImages", "PromptText", "TextEmbeds"]
+Box = tuple[float, float, float, float]
+#: Per prompt index: the boxes (pixel edges in the image's frame) and whether each is positive.
+Boxes = dict[int, list[tuple[Box, bool]]]
 
 
 @dataclass
