@@ -4,6 +4,7 @@ from the code now; the README's links lead to files that exist."""
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import re
 import shutil
@@ -37,8 +38,15 @@ def build(root: Path, site: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_reference_pages_are_what_the_code_gives() -> None:
-    stale = generator().stale()
-    assert not stale, f"run `python docs/gen_reference.py`: out of date: {stale}"
+    gen = generator()
+    stale = gen.stale()
+    pages = gen.pages()
+    diffs = [
+        "".join(difflib.unified_diff((DOCS / p).read_text(encoding="utf-8").splitlines(True),
+                                     pages[p].splitlines(True), p, "the code now", n=1))[:3000]
+        for p in stale if p in pages and (DOCS / p).exists()
+    ]  # fmt: skip
+    assert not stale, f"run `python docs/gen_reference.py`: out of date: {stale}\n" + "\n".join(diffs)
 
 
 def test_the_generator_check_says_so_for_a_stale_page(tmp_path: Path) -> None:

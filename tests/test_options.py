@@ -123,9 +123,16 @@ def base_args(opt: Option, folder: Path) -> list[str]:
     return args + ([] if opt.name == "prompts" else ["--prompt", "p"])
 
 
+def command_context(name: str, args: list[str]) -> click.Context:
+    """``batchseg NAME ARGS`` parsed as a real call parses it: under the group's context, whose
+    settings (``-h``) the command takes. Click caches a command's help option the first time it
+    is made, so a context without the group's would drop ``-h`` from every later ``--help``."""
+    root = cli.make_context("batchseg", [], resilient_parsing=True)
+    return cli.commands[name].make_context(name, list(args), parent=root)
+
+
 def parse_run(args: list[str]) -> RunConfig:
-    command = cli.commands["run"]
-    with command.make_context("run", list(args)) as ctx:
+    with command_context("run", args) as ctx:
         return run_config(ctx)
 
 
@@ -152,7 +159,7 @@ def test_a_value_means_the_same_as_flag_variable_job_key_and_for_retry(
     assert getattr(from_flags, name) == getattr(from_env, name) == getattr(from_job, name) == expected
     assert opt.kind.from_text(text) == expected
     if opt.retry:
-        with cli.commands["retry"].make_context("retry", [str(tmp_path), *flags]) as ctx:
+        with command_context("retry", [str(tmp_path), *flags]) as ctx:
             assert ctx.params[name] == expected
 
 
